@@ -1,0 +1,783 @@
+//! The storage conformance suite: one function per rule of the [`Storage`] contract.
+//!
+//! Every backend runs every case through [`storage_conformance!`](crate::storage_conformance),
+//! each on a fresh store, so a failure names the backend and the rule. Backends in other crates
+//! enable the `conformance` feature of `queuectl-core` in their dev-dependencies.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+use time::macros::datetime;
+
+use crate::config::ConfigError;
+use crate::error::StorageError;
+use crate::job::{Job, JobId, JobState, NewJob, Timestamp};
+use crate::storage::{AttemptReport, ListQuery, Settlement, Storage, StorageExt, WorkerInfo};
+
+/// A fresh store for one case.
+pub trait Harness {
+    /// The store under test.
+    fn store(&self) -> Arc<dyn Storage>;
+    /// Another handle on the same data, as a new process would open it; `None` for backends
+    /// whose data does not outlive the handle.
+    fn reopen(&self) -> Option<Arc<dyn Storage>>;
+}
+
+/// Stamps out one `#[test]` per conformance case for a backend.
+///
+/// `$make` is an expression building a fresh [`Harness`] for each case.
+#[macro_export]
+macro_rules! storage_conformance {
+    ($make:expr) => {
+        $crate::storage_conformance!(@cases $make;
+            enqueue_and_get,
+            unset_fields_take_config_defaults,
+            duplicate_id_is_refused_and_changes_nothing,
+            invalid_job_is_refused,
+            claim_orders_by_priority_then_due_time_then_enqueue_order,
+            jobs_not_yet_due_are_not_claimed,
+            claim_charges_an_attempt_and_leases,
+            claim_is_exclusive_across_threads_and_handles,
+            stale_lease_token_is_refused,
+            complete_records_the_result,
+            fail_waits_out_backoff_then_dies_after_max_retries,
+            heartbeat_extends_the_lease,
+            expired_leases_are_recovered,
+            dead_workers_jobs_are_recovered,
+            release_does_not_charge_the_attempt,
+            dlq_retry_and_clear,
+            list_filters_and_pages_in_enqueue_order,
+            counts_per_state,
+            purge_removes_old_completed_jobs_only,
+            config_round_trip,
+            worker_registry_and_stop_request,
+            waiters_wake_on_change,
+            everything_survives_a_reopen
+        );
+    };
+    (@cases $make:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $case() {
+                let harness = $make;
+                $crate::conformance::$case(&harness);
+            }
+        )*
+    };
+}
+
+/// A fixed instant all cases count from.
+pub fn t0() -> Timestamp {
+    datetime!(2026-01-01 00:00:00 UTC)
+}
+
+fn at(secs: i64) -> Timestamp {
+    t0() + time::Duration::seconds(secs)
+}
+
+const LEASE: Duration = Duration::from_secs(30);
+
+fn job(id: &str) -> NewJob {
+    NewJob::new(format!("echo {id}")).id(id).unwrap()
+}
+
+fn id(s: &str) -> JobId {
+    JobId::new(s).unwrap()
+}
+
+fn ids(jobs: &[Job]) -> Vec<&str> {
+    jobs.iter().map(|j| j.id.as_str()).collect()
+}
+
+fn failed(message: &str) -> AttemptReport {
+    AttemptReport {
+        exit_code: Some(1),
+        output: Some(format!("{message}\n")),
+        error: Some(message.to_owned()),
+    }
+}
+
+fn claim_one(store: &dyn Storage, now: Timestamp) -> Job {
+    let mut claimed = store.claim("w1", 1, LEASE, now).unwrap();
+    assert_eq!(claimed.len(), 1, "expected one due job at {now}");
+    claimed.pop().unwrap()
+}
+
+/// `enqueue` stores a pending job that `get` returns unchanged.
+pub fn enqueue_and_get(h: &dyn Harness) {
+    let store = h.store();
+    let job = store
+        .enqueue(job("a").priority(5).max_retries(7), at(0))
+        .unwrap();
+    assert_eq!(job.id.as_str(), "a");
+    assert_eq!(job.command, "echo a");
+    assert_eq!(job.state, JobState::Pending);
+    assert_eq!(job.attempts, 0);
+    assert_eq!(job.max_retries, 7);
+    assert_eq!(job.priority, 5);
+    assert_eq!(
+        (job.created_at, job.updated_at, job.run_at),
+        (at(0), at(0), at(0))
+    );
+    assert!(job.lease.is_none());
+    assert_eq!(store.get(&job.id).unwrap(), job);
+    assert!(matches!(
+        store.get(&id("missing")),
+        Err(StorageError::NotFound { .. })
+    ));
+    let generated = store.enqueue(NewJob::new("true"), at(0)).unwrap();
+    let other = store.enqueue(NewJob::new("true"), at(0)).unwrap();
+    assert_ne!(generated.id, other.id);
+    assert_eq!(store.get(&generated.id).unwrap(), generated);
+}
+
+/// Unset `max_retries` and `timeout` come from the stored config at enqueue time.
+pub fn unset_fields_take_config_defaults(h: &dyn Harness) {
+    let store = h.store();
+    let before = store.enqueue(job("before"), at(0)).unwrap();
+    assert_eq!(before.max_retries, 3);
+    assert_eq!(before.timeout, Some(Duration::from_secs(30)));
+    store
+        .update_config(&mut |c| {
+            c.set("max-retries", "5")?;
+            c.set("job-timeout", "0")
+        })
+        .unwrap();
+    let after = store.enqueue(job("after"), at(1)).unwrap();
+    assert_eq!(after.max_retries, 5);
+    assert_eq!(after.timeout, None);
+    let explicit = store
+        .enqueue(job("explicit").timeout(Duration::from_millis(1500)), at(1))
+        .unwrap();
+    assert_eq!(explicit.timeout, Some(Duration::from_millis(1500)));
+    assert_eq!(store.get(&id("before")).unwrap().max_retries, 3);
+}
+
+/// A duplicate id, in the store or within a batch, refuses the whole batch.
+pub fn duplicate_id_is_refused_and_changes_nothing(h: &dyn Harness) {
+    let store = h.store();
+    store.enqueue(job("a"), at(0)).unwrap();
+    let err = store.enqueue(job("a"), at(1)).unwrap_err();
+    assert!(matches!(&err, StorageError::AlreadyExists { id } if id.as_str() == "a"));
+    let err = store
+        .enqueue_batch(vec![job("b"), job("c"), job("a")], at(1))
+        .unwrap_err();
+    assert!(matches!(err, StorageError::AlreadyExists { .. }));
+    let err = store
+        .enqueue_batch(vec![job("d"), job("d")], at(1))
+        .unwrap_err();
+    assert!(matches!(err, StorageError::AlreadyExists { .. }));
+    assert_eq!(ids(&store.list(&ListQuery::all()).unwrap()), ["a"]);
+    assert_eq!(store.get(&id("a")).unwrap().created_at, at(0));
+}
+
+/// A blank command is refused, and the batch holding it with it.
+pub fn invalid_job_is_refused(h: &dyn Harness) {
+    let store = h.store();
+    let err = store
+        .enqueue_batch(vec![job("ok"), NewJob::new("   ")], at(0))
+        .unwrap_err();
+    assert!(matches!(err, StorageError::InvalidJob(_)), "{err:?}");
+    assert_eq!(store.counts().unwrap().total(), 0);
+}
+
+/// Due jobs are claimed by priority (high first), then due time, then enqueue order.
+pub fn claim_orders_by_priority_then_due_time_then_enqueue_order(h: &dyn Harness) {
+    let store = h.store();
+    store
+        .enqueue_batch(
+            vec![
+                job("low-early").priority(-1).run_at(at(0)),
+                job("mid-late").run_at(at(5)),
+                job("mid-early").run_at(at(1)),
+                job("mid-late-2").run_at(at(5)),
+                job("high").priority(10).run_at(at(9)),
+                job("mid-earliest").run_at(at(0)),
+            ],
+            at(0),
+        )
+        .unwrap();
+    let mut order = Vec::new();
+    for _ in 0..3 {
+        for job in store.claim("w", 2, LEASE, at(10)).unwrap() {
+            order.push(job.id.as_str().to_owned());
+        }
+    }
+    assert_eq!(
+        order,
+        [
+            "high",
+            "mid-earliest",
+            "mid-early",
+            "mid-late",
+            "mid-late-2",
+            "low-early"
+        ]
+    );
+    assert!(store.claim("w", 5, LEASE, at(10)).unwrap().is_empty());
+}
+
+/// A job is not claimed before its `run_at`, and `next_due` says when it will be.
+pub fn jobs_not_yet_due_are_not_claimed(h: &dyn Harness) {
+    let store = h.store();
+    assert_eq!(store.next_due().unwrap(), None);
+    store.enqueue(job("later").run_at(at(60)), at(0)).unwrap();
+    store
+        .enqueue(job("later-high").priority(9).run_at(at(90)), at(0))
+        .unwrap();
+    assert_eq!(store.next_due().unwrap(), Some(at(60)));
+    assert!(store.claim("w", 10, LEASE, at(59)).unwrap().is_empty());
+    assert_eq!(
+        ids(&store.claim("w", 10, LEASE, at(60)).unwrap()),
+        ["later"]
+    );
+    assert_eq!(store.next_due().unwrap(), Some(at(90)));
+    assert_eq!(
+        ids(&store.claim("w", 10, LEASE, at(90)).unwrap()),
+        ["later-high"]
+    );
+    assert_eq!(store.next_due().unwrap(), None);
+}
+
+/// A claim moves the job to `processing`, counts the attempt and issues a lease.
+pub fn claim_charges_an_attempt_and_leases(h: &dyn Harness) {
+    let store = h.store();
+    store.enqueue(job("a"), at(0)).unwrap();
+    let claimed = claim_one(&*store, at(1));
+    assert_eq!(claimed.state, JobState::Processing);
+    assert_eq!(claimed.attempts, 1);
+    assert_eq!(claimed.started_at, Some(at(1)));
+    let lease = claimed
+        .lease
+        .clone()
+        .expect("a claimed job carries its lease");
+    assert_eq!(lease.worker, "w1");
+    assert_eq!(lease.job_id.as_str(), "a");
+    assert_eq!(lease.expires_at, at(1) + LEASE);
+    assert_eq!(store.get(&id("a")).unwrap(), claimed);
+    assert!(store.claim("w2", 1, LEASE, at(2)).unwrap().is_empty());
+}
+
+/// Threads claiming at once (through separate handles where the backend has them) claim every
+/// job exactly once.
+pub fn claim_is_exclusive_across_threads_and_handles(h: &dyn Harness) {
+    const JOBS: usize = 200;
+    const THREADS: usize = 4;
+    let store = h.store();
+    let batch = (0..JOBS).map(|i| job(&format!("j{i}"))).collect();
+    store.enqueue_batch(batch, at(0)).unwrap();
+    let barrier = Arc::new(Barrier::new(THREADS));
+    let handles: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let store = if t % 2 == 1 {
+                h.reopen().unwrap_or_else(|| h.store())
+            } else {
+                h.store()
+            };
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                let mut mine = Vec::new();
+                loop {
+                    let claimed = store.claim(&format!("w{t}"), 3, LEASE, at(1)).unwrap();
+                    if claimed.is_empty() {
+                        return mine;
+                    }
+                    mine.extend(claimed.into_iter().map(|j| j.id));
+                }
+            })
+        })
+        .collect();
+    let mut seen = HashSet::new();
+    for handle in handles {
+        for id in handle.join().unwrap() {
+            assert!(seen.insert(id.clone()), "{id} was claimed twice");
+        }
+    }
+    assert_eq!(seen.len(), JOBS);
+    assert_eq!(store.counts().unwrap().processing, JOBS);
+}
+
+/// After a lease is lost, its holder can neither settle nor extend it, and the new holder's
+/// work is untouched.
+pub fn stale_lease_token_is_refused(h: &dyn Harness) {
+    let store = h.store();
+    store.enqueue(job("a"), at(0)).unwrap();
+    let first = claim_one(&*store, at(0)).lease.unwrap();
+    assert_eq!(store.recover_expired(at(31)).unwrap().len(), 1);
+    let second = claim_one(&*store, at(32)).lease.unwrap();
+    assert_ne!(first.token, second.token);
+    for settlement in [
+        Settlement::Complete {
+            lease: first.clone(),
+            report: AttemptReport::default(),
+        },
+        Settlement::Fail {
+            lease: first.clone(),
+            report: failed("x"),
+            retry_at: at(40),
+        },
+        Settlement::Release {
+            lease: first.clone(),
+        },
+    ] {
+        let err = store.settle_one(settlement, at(33)).unwrap_err();
+        assert!(matches!(err, StorageError::LeaseLost { .. }), "{err:?}");
+    }
+    assert!(matches!(
+        store.heartbeat(&first, LEASE, at(33)),
+        Err(StorageError::LeaseLost { .. })
+    ));
+    let current = store.get(&id("a")).unwrap();
+    assert_eq!(current.state, JobState::Processing);
+    assert_eq!(current.lease.as_ref().unwrap().token, second.token);
+    store
+        .complete(&second, AttemptReport::default(), at(34))
+        .unwrap();
+    assert!(matches!(
+        store.complete(&second, AttemptReport::default(), at(35)),
+        Err(StorageError::LeaseLost { .. })
+    ));
+}
+
+/// `complete` records exit code and output, and ends the lease.
+pub fn complete_records_the_result(h: &dyn Harness) {
+    let store = h.store();
+    store.enqueue(job("a"), at(0)).unwrap();
+    let lease = claim_one(&*store, at(1)).lease.unwrap();
+    let report = AttemptReport {
+        exit_code: Some(0),
+        output: Some("hello\n".into()),
+        error: None,
+    };
+    let done = store.complete(&lease, report, at(2)).unwrap();
+    assert_eq!(done.state, JobState::Completed);
+    assert_eq!(done.exit_code, Some(0));
+    assert_eq!(done.output.as_deref(), Some("hello\n"));
+    assert_eq!(done.finished_at, Some(at(2)));
+    assert_eq!(done.updated_at, at(2));
+    assert!(done.lease.is_none());
+    assert_eq!(store.get(&id("a")).unwrap(), done);
+    assert!(store.claim("w", 1, LEASE, at(3)).unwrap().is_empty());
+}
+
+/// A failure makes the job `failed` until `retry_at`; after `max_retries` failed attempts it is
+/// `dead`.
+pub fn fail_waits_out_backoff_then_dies_after_max_retries(h: &dyn Harness) {
+    let store = h.store();
+    store.enqueue(job("a").max_retries(2), at(0)).unwrap();
+    let lease = claim_one(&*store, at(0)).lease.unwrap();
+    let after_first = store.fail(&lease, failed("first"), at(2), at(0)).unwrap();
+    assert_eq!(after_first.state, JobState::Failed);
+    assert_eq!(after_first.attempts, 1);
+    assert_eq!(after_first.run_at, at(2));
+    assert_eq!(after_first.last_error.as_deref(), Some("first"));
+    assert_eq!(after_first.exit_code, Some(1));
+    assert_eq!(store.next_due().unwrap(), Some(at(2)));
+    assert!(store.claim("w", 1, LEASE, at(1)).unwrap().is_empty());
+    let second = claim_one(&*store, at(2));
+    assert_eq!(second.attempts, 2);
+    let dead = store
+        .fail(&second.lease.unwrap(), failed("second"), at(6), at(3))
+        .unwrap();
+    assert_eq!(dead.state, JobState::Dead);
+    assert_eq!(dead.last_error.as_deref(), Some("second"));
+    assert!(store.claim("w", 1, LEASE, at(100)).unwrap().is_empty());
+    assert_eq!(store.next_due().unwrap(), None);
+
+    // max_retries 0: the job still gets its first attempt, and its first failure is final.
+    store.enqueue(job("once").max_retries(0), at(10)).unwrap();
+    let lease = claim_one(&*store, at(10)).lease.unwrap();
+    let dead = store.fail(&lease, failed("x"), at(12), at(10)).unwrap();
+    assert_eq!(dead.state, JobState::Dead);
+}
+
+/// A heartbeat moves the lease's expiry, so the job is not recovered at the old one.
+pub fn heartbeat_extends_the_lease(h: &dyn Harness) {
+    let store = h.store();
+    store.enqueue(job("a"), at(0)).unwrap();
+    let lease = claim_one(&*store, at(0)).lease.unwrap();
+    store.heartbeat(&lease, LEASE, at(20)).unwrap();
+    assert_eq!(
+        store.get(&id("a")).unwrap().lease.unwrap().expires_at,
+        at(20) + LEASE
+    );
+    assert!(store.recover_expired(at(31)).unwrap().is_empty());
+    assert_eq!(store.recover_expired(at(50)).unwrap().len(), 1);
+}
+
+/// An expired lease sends the job back to `pending` with the attempt still charged, or to
+/// `dead` when that was its last.
+pub fn expired_leases_are_recovered(h: &dyn Harness) {
+    let store = h.store();
+    store.enqueue(job("a").max_retries(2), at(0)).unwrap();
+    store.enqueue(job("b"), at(0)).unwrap();
+    claim_one(&*store, at(0));
+    claim_one(&*store, at(10));
+    let recovered = store.recover_expired(at(30)).unwrap();
+    assert_eq!(ids(&recovered), ["a"]);
+    let a = store.get(&id("a")).unwrap();
+    assert_eq!((a.state, a.attempts), (JobState::Pending, 1));
+    assert!(a.lease.is_none());
+    assert!(a.last_error.unwrap().contains("lease expired"));
+    assert_eq!(store.get(&id("b")).unwrap().state, JobState::Processing);
+    let again = claim_one(&*store, at(31));
+    assert_eq!((again.id.as_str(), again.attempts), ("a", 2));
+    let recovered = store.recover_expired(at(100)).unwrap();
+    assert_eq!(recovered.len(), 2);
+    assert_eq!(store.get(&id("a")).unwrap().state, JobState::Dead);
+    assert_eq!(store.get(&id("b")).unwrap().state, JobState::Pending);
+}
+
+/// `recover_worker` recovers only that worker's jobs, at once.
+pub fn dead_workers_jobs_are_recovered(h: &dyn Harness) {
+    let store = h.store();
+    store
+        .enqueue_batch(vec![job("a"), job("b"), job("c")], at(0))
+        .unwrap();
+    store.claim("dead", 2, LEASE, at(0)).unwrap();
+    store.claim("alive", 1, LEASE, at(0)).unwrap();
+    let recovered = store.recover_worker("dead", at(1)).unwrap();
+    assert_eq!(ids(&recovered), ["a", "b"]);
+    assert!(recovered.iter().all(|j| j.state == JobState::Pending));
+    assert_eq!(store.get(&id("c")).unwrap().state, JobState::Processing);
+}
+
+/// A released job is `pending` again and its attempt is not charged.
+pub fn release_does_not_charge_the_attempt(h: &dyn Harness) {
+    let store = h.store();
+    store.enqueue(job("a"), at(0)).unwrap();
+    let lease = claim_one(&*store, at(1)).lease.unwrap();
+    let released = store.release(&lease, at(2)).unwrap();
+    assert_eq!((released.state, released.attempts), (JobState::Pending, 0));
+    assert!(released.lease.is_none());
+    assert_eq!(claim_one(&*store, at(3)).attempts, 1);
+}
+
+/// `retry_dead` gives dead jobs a fresh set of attempts; `clear_dead` deletes them.
+pub fn dlq_retry_and_clear(h: &dyn Harness) {
+    let store = h.store();
+    for name in ["d1", "d2", "d3"] {
+        store.enqueue(job(name).max_retries(1), at(0)).unwrap();
+        let lease = claim_one(&*store, at(0)).lease.unwrap();
+        store.fail(&lease, failed("no"), at(1), at(0)).unwrap();
+    }
+    store.enqueue(job("alive"), at(0)).unwrap();
+    assert_eq!(store.counts().unwrap().dead, 3);
+
+    let err = store
+        .retry_dead(Some(&[id("d1"), id("alive")]), at(5))
+        .unwrap_err();
+    assert!(matches!(err, StorageError::InvalidState { .. }), "{err:?}");
+    let err = store.retry_dead(Some(&[id("nope")]), at(5)).unwrap_err();
+    assert!(matches!(err, StorageError::NotFound { .. }), "{err:?}");
+    assert_eq!(
+        store.counts().unwrap().dead,
+        3,
+        "refused retries change nothing"
+    );
+
+    let retried = store.retry_dead(Some(&[id("d1")]), at(5)).unwrap();
+    assert_eq!(ids(&retried), ["d1"]);
+    let d1 = store.get(&id("d1")).unwrap();
+    assert_eq!(
+        (d1.state, d1.attempts, d1.run_at),
+        (JobState::Pending, 0, at(5))
+    );
+    assert_eq!(d1.last_error.as_deref(), Some("no"), "history is kept");
+
+    let all = store.retry_dead(None, at(6)).unwrap();
+    assert_eq!(ids(&all), ["d2", "d3"]);
+    assert_eq!(store.counts().unwrap().dead, 0);
+
+    for job in store.claim("w", 4, LEASE, at(6)).unwrap() {
+        store
+            .fail(&job.lease.unwrap(), failed("again"), at(7), at(6))
+            .unwrap();
+    }
+    assert_eq!(store.counts().unwrap().dead, 3);
+    assert_eq!(store.clear_dead().unwrap(), 3);
+    assert!(matches!(
+        store.get(&id("d1")),
+        Err(StorageError::NotFound { .. })
+    ));
+    assert_eq!(ids(&store.list(&ListQuery::all()).unwrap()), ["alive"]);
+    assert_eq!(store.clear_dead().unwrap(), 0);
+}
+
+/// `list` filters by state and pages through results in enqueue order.
+pub fn list_filters_and_pages_in_enqueue_order(h: &dyn Harness) {
+    let store = h.store();
+    let batch = (0..10)
+        .map(|i| job(&format!("j{i}")).priority(i % 3))
+        .collect();
+    store.enqueue_batch(batch, at(0)).unwrap();
+    store.claim("w", 3, LEASE, at(1)).unwrap(); // j2, j5, j8 (priority 2)
+    let all = store.list(&ListQuery::all()).unwrap();
+    assert_eq!(all.len(), 10);
+    assert_eq!(ids(&all)[..3], ["j0", "j1", "j2"]);
+    let processing = store.list(&ListQuery::state(JobState::Processing)).unwrap();
+    assert_eq!(ids(&processing), ["j2", "j5", "j8"]);
+    let page = store
+        .list(&ListQuery {
+            state: Some(JobState::Pending),
+            offset: 2,
+            limit: Some(3),
+        })
+        .unwrap();
+    assert_eq!(ids(&page), ["j3", "j4", "j6"]);
+    assert!(
+        store
+            .list(&ListQuery::state(JobState::Dead))
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// `counts` follows every transition.
+pub fn counts_per_state(h: &dyn Harness) {
+    let store = h.store();
+    let batch = ["a", "b", "c", "d"].map(job).to_vec();
+    store.enqueue_batch(batch, at(0)).unwrap();
+    let claimed = store.claim("w", 3, LEASE, at(0)).unwrap();
+    let lease = |i: usize| claimed[i].lease.clone().unwrap();
+    store
+        .complete(&lease(0), AttemptReport::default(), at(1))
+        .unwrap();
+    store.fail(&lease(1), failed("x"), at(9), at(1)).unwrap();
+    let counts = store.counts().unwrap();
+    assert_eq!(
+        (
+            counts.pending,
+            counts.processing,
+            counts.completed,
+            counts.failed,
+            counts.dead
+        ),
+        (1, 1, 1, 1, 0)
+    );
+    assert_eq!(counts.total(), 4);
+    assert_eq!(counts.get(JobState::Failed), 1);
+}
+
+/// `purge_completed` deletes completed jobs that finished before the cutoff, nothing else.
+pub fn purge_removes_old_completed_jobs_only(h: &dyn Harness) {
+    let store = h.store();
+    store
+        .enqueue_batch(vec![job("old"), job("new"), job("pending")], at(0))
+        .unwrap();
+    let claimed = store.claim("w", 2, LEASE, at(0)).unwrap();
+    store
+        .complete(
+            claimed[0].lease.as_ref().unwrap(),
+            AttemptReport::default(),
+            at(10),
+        )
+        .unwrap();
+    store
+        .complete(
+            claimed[1].lease.as_ref().unwrap(),
+            AttemptReport::default(),
+            at(100),
+        )
+        .unwrap();
+    assert_eq!(store.purge_completed(at(50)).unwrap(), 1);
+    assert_eq!(
+        ids(&store.list(&ListQuery::all()).unwrap()),
+        ["new", "pending"]
+    );
+    assert_eq!(store.purge_completed(at(50)).unwrap(), 0);
+}
+
+/// Settings round-trip, and a refused update changes nothing.
+pub fn config_round_trip(h: &dyn Harness) {
+    let store = h.store();
+    assert_eq!(store.config().unwrap(), crate::Config::default());
+    let updated = store
+        .update_config(&mut |c| c.set("backoff-base", "3"))
+        .unwrap();
+    assert_eq!(updated.backoff_base, 3.0);
+    assert_eq!(store.config().unwrap(), updated);
+    let err = store
+        .update_config(&mut |c| {
+            c.set("max-retries", "9")?;
+            c.set("worker-count", "0")
+        })
+        .unwrap_err();
+    assert!(
+        matches!(err, StorageError::Config(ConfigError::InvalidValue { .. })),
+        "{err:?}"
+    );
+    assert_eq!(
+        store.config().unwrap(),
+        updated,
+        "a refused update changes nothing"
+    );
+}
+
+/// Workers register, heartbeat and deregister; a stop request reaches every registered worker
+/// but not workers that register afterwards.
+pub fn worker_registry_and_stop_request(h: &dyn Harness) {
+    let store = h.store();
+    let worker = |id: &str| WorkerInfo {
+        id: id.to_owned(),
+        hostname: "host".to_owned(),
+        pid: 42,
+        concurrency: 2,
+        started_at: at(0),
+        last_seen: at(0),
+        stop_requested: false,
+    };
+    store.register_worker(worker("w1")).unwrap();
+    store.register_worker(worker("w2")).unwrap();
+    assert!(!store.worker_heartbeat("w1", at(5)).unwrap());
+    let listed = store.workers().unwrap();
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed[0].last_seen, at(5));
+    assert_eq!(store.request_stop().unwrap(), 2);
+    store.register_worker(worker("w3")).unwrap();
+    assert!(store.worker_heartbeat("w1", at(6)).unwrap());
+    assert!(store.worker_heartbeat("w2", at(6)).unwrap());
+    assert!(!store.worker_heartbeat("w3", at(6)).unwrap());
+    store.deregister_worker("w1").unwrap();
+    store.deregister_worker("never-registered").unwrap();
+    assert!(matches!(
+        store.worker_heartbeat("w1", at(7)),
+        Err(StorageError::UnknownWorker { .. })
+    ));
+    let left: Vec<_> = store.workers().unwrap().into_iter().map(|w| w.id).collect();
+    assert_eq!(left, ["w2", "w3"]);
+}
+
+/// A waiter on `wait_for_change` wakes when another thread changes the store.
+pub fn waiters_wake_on_change(h: &dyn Harness) {
+    let store = h.store();
+    let seen = store.change_version().unwrap();
+    assert_eq!(
+        store
+            .wait_for_change(seen, Duration::from_millis(1))
+            .unwrap(),
+        seen,
+        "no change, no new version"
+    );
+    let writer = h.reopen().unwrap_or_else(|| h.store());
+    let started = Arc::new(Barrier::new(2));
+    let go = started.clone();
+    let thread = std::thread::spawn(move || {
+        go.wait();
+        writer.enqueue(job("wake"), at(0)).unwrap();
+    });
+    started.wait();
+    let mut version = seen;
+    // Generous timeout: it is a bound, the wake-up is the event.
+    for _ in 0..100 {
+        version = store
+            .wait_for_change(seen, Duration::from_millis(100))
+            .unwrap();
+        if version != seen {
+            break;
+        }
+    }
+    thread.join().unwrap();
+    assert_ne!(version, seen, "the waiter saw the change");
+    assert_eq!(store.get(&id("wake")).unwrap().state, JobState::Pending);
+}
+
+/// Every kind of change is visible through a newly opened handle (durable backends).
+pub fn everything_survives_a_reopen(h: &dyn Harness) {
+    let store = h.store();
+    if h.reopen().is_none() {
+        return; // not a durable backend
+    }
+    store
+        .enqueue_batch(
+            vec![
+                job("done"),
+                job("fails"),
+                job("running"),
+                job("later").run_at(at(500)),
+            ],
+            at(0),
+        )
+        .unwrap();
+    store.enqueue(job("dead").max_retries(1), at(0)).unwrap();
+    store.enqueue(job("purged"), at(0)).unwrap();
+    let claimed = store.claim("w", 5, LEASE, at(1)).unwrap();
+    let lease = |name: &str| {
+        claimed
+            .iter()
+            .find(|j| j.id.as_str() == name)
+            .unwrap()
+            .lease
+            .clone()
+            .unwrap()
+    };
+    store
+        .complete(&lease("done"), AttemptReport::default(), at(2))
+        .unwrap();
+    store
+        .fail(&lease("fails"), failed("oops"), at(9), at(2))
+        .unwrap();
+    store
+        .fail(&lease("dead"), failed("fatal"), at(9), at(2))
+        .unwrap();
+    store
+        .complete(&lease("purged"), AttemptReport::default(), at(1))
+        .unwrap();
+    store.purge_completed(at(2)).unwrap();
+    store
+        .update_config(&mut |c| c.set("max-retries", "8"))
+        .unwrap();
+    store
+        .register_worker(WorkerInfo {
+            id: "w".into(),
+            hostname: "h".into(),
+            pid: 1,
+            concurrency: 1,
+            started_at: at(0),
+            last_seen: at(0),
+            stop_requested: false,
+        })
+        .unwrap();
+    store.request_stop().unwrap();
+
+    let reopened = h.reopen().unwrap();
+    let all = ListQuery::all();
+    assert_eq!(reopened.list(&all).unwrap(), store.list(&all).unwrap());
+    assert_eq!(reopened.counts().unwrap(), store.counts().unwrap());
+    assert_eq!(reopened.config().unwrap(), store.config().unwrap());
+    assert_eq!(reopened.workers().unwrap(), store.workers().unwrap());
+    assert_eq!(reopened.next_due().unwrap(), Some(at(9)));
+    // The reopened handle keeps working with the state it loaded: the lease still fences.
+    reopened
+        .complete(&lease("running"), AttemptReport::default(), at(3))
+        .unwrap();
+    assert_eq!(
+        store.get(&id("running")).unwrap().state,
+        JobState::Completed
+    );
+    assert!(matches!(
+        store.get(&id("purged")),
+        Err(StorageError::NotFound { .. })
+    ));
+}
+
+/// The conformance suite for [`crate::MemoryStorage`].
+#[cfg(test)]
+mod memory {
+    use super::*;
+
+    struct Memory(Arc<crate::MemoryStorage>);
+
+    impl Harness for Memory {
+        fn store(&self) -> Arc<dyn Storage> {
+            self.0.clone()
+        }
+        fn reopen(&self) -> Option<Arc<dyn Storage>> {
+            None
+        }
+    }
+
+    crate::storage_conformance!(Memory(Arc::new(crate::MemoryStorage::new())));
+}

@@ -1,0 +1,5 @@
+//! `FileStorage`: the durable embedded default.
+
+/// A store in a directory on local disk.
+#[derive(Debug)]
+pub struct FileStorage {}

@@ -1,0 +1,449 @@
+//! The job record, its states and the description of a job to enqueue.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+/// A point in time, always UTC. Serialised as RFC 3339 (`2026-01-02T03:04:05.123Z`).
+pub type Timestamp = OffsetDateTime;
+
+/// The current time in UTC. Storage never calls this itself: callers pass `now` in.
+pub fn now() -> Timestamp {
+    OffsetDateTime::now_utc()
+}
+
+/// Longest job id accepted.
+pub const MAX_ID_LEN: usize = 128;
+
+/// A job's identifier.
+///
+/// Ids are 1 to [`MAX_ID_LEN`] characters from `[A-Za-z0-9._-]` and do not start with `.` or
+/// `-`, so an id can never name a path outside a store or be mistaken for a command-line flag.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct JobId(String);
+
+impl JobId {
+    /// Validates `id` and wraps it.
+    pub fn new(id: impl Into<String>) -> Result<Self, InvalidJob> {
+        let id = id.into();
+        let valid_chars = id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        if id.is_empty()
+            || id.len() > MAX_ID_LEN
+            || !valid_chars
+            || id.starts_with('.')
+            || id.starts_with('-')
+        {
+            return Err(InvalidJob::Id { id });
+        }
+        Ok(Self(id))
+    }
+
+    /// A fresh id that is unique across processes and machines with overwhelming probability:
+    /// the time in microseconds followed by 48 random bits (ids sort roughly by creation time).
+    pub fn generate() -> Self {
+        let micros = (now().unix_timestamp_nanos() / 1_000) as u64;
+        let random = random_u64() & 0xffff_ffff_ffff;
+        Self(format!("{micros:014x}-{random:012x}"))
+    }
+
+    /// The id as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for JobId {
+    type Err = InvalidJob;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::new(s)
+    }
+}
+
+impl TryFrom<String> for JobId {
+    type Error = InvalidJob;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Self::new(s)
+    }
+}
+
+impl From<JobId> for String {
+    fn from(id: JobId) -> Self {
+        id.0
+    }
+}
+
+/// 64 bits from a per-process random seed and a counter: unique tokens and ids without a
+/// global random number generator or an extra dependency.
+pub(crate) fn random_u64() -> u64 {
+    use std::collections::hash_map::RandomState;
+    use std::hash::{BuildHasher, Hasher};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    static SEED: std::sync::OnceLock<RandomState> = std::sync::OnceLock::new();
+    let mut hasher = SEED.get_or_init(RandomState::new).build_hasher();
+    hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    hasher.write_i128(now().unix_timestamp_nanos());
+    hasher.write_u32(std::process::id());
+    hasher.finish()
+}
+
+/// Where a job is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Waiting to run (possibly not before its `run_at`).
+    Pending,
+    /// Claimed by a worker, which holds its lease.
+    Processing,
+    /// Finished successfully.
+    Completed,
+    /// The last attempt failed; the job waits out its backoff until `run_at`, then runs again.
+    Failed,
+    /// Failed `max_retries` times: in the dead letter queue.
+    Dead,
+}
+
+impl JobState {
+    /// Every state, in lifecycle order.
+    pub const ALL: [JobState; 5] = [
+        JobState::Pending,
+        JobState::Processing,
+        JobState::Completed,
+        JobState::Failed,
+        JobState::Dead,
+    ];
+
+    /// The lowercase name used in JSON and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Pending => "pending",
+            JobState::Processing => "processing",
+            JobState::Completed => "completed",
+            JobState::Failed => "failed",
+            JobState::Dead => "dead",
+        }
+    }
+
+    /// Whether a job in this state may be claimed once it is due.
+    pub fn is_runnable(self) -> bool {
+        matches!(self, JobState::Pending | JobState::Failed)
+    }
+
+    pub(crate) fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for JobState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for JobState {
+    type Err = InvalidJob;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        JobState::ALL
+            .into_iter()
+            .find(|state| state.as_str() == s)
+            .ok_or_else(|| InvalidJob::State {
+                state: s.to_owned(),
+            })
+    }
+}
+
+/// The proof that a worker owns a running job.
+///
+/// A claim issues a lease with a fresh random `token`. Completing, failing, releasing or
+/// extending a job requires the current token: a worker whose lease expired and whose job was
+/// handed to another worker gets [`crate::StorageError::LeaseLost`] instead of overwriting the
+/// new owner's work (fencing).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Lease {
+    /// The job the lease is on.
+    pub job_id: JobId,
+    /// The worker holding it.
+    pub worker: String,
+    /// Fencing token, unique per claim.
+    pub token: u64,
+    /// When the lease runs out unless extended by a heartbeat.
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: Timestamp,
+}
+
+/// A job as stored.
+///
+/// `id`, `command`, `state`, `attempts`, `max_retries`, `created_at` and `updated_at` are the
+/// public contract of the JSON form; the other fields are additions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    /// Unique id.
+    pub id: JobId,
+    /// The shell command (or, for in-process executors, the task name and argument).
+    pub command: String,
+    /// Current state.
+    pub state: JobState,
+    /// Attempts started so far (a claim counts one; a release gives it back).
+    pub attempts: u32,
+    /// The job goes to the dead letter queue when an attempt fails and `attempts` has reached
+    /// this number: `max_retries` counts total failed attempts, and a job always gets its first.
+    pub max_retries: u32,
+    /// When it was enqueued.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: Timestamp,
+    /// When its record last changed.
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: Timestamp,
+    /// Higher runs first among due jobs.
+    pub priority: i32,
+    /// Not run before this instant (for a `failed` job: when its backoff ends).
+    #[serde(with = "time::serde::rfc3339")]
+    pub run_at: Timestamp,
+    /// Longest an attempt may run, in seconds (`null`: no limit).
+    #[serde(with = "opt_secs", default)]
+    pub timeout: Option<Duration>,
+    /// The error of the last failed attempt.
+    pub last_error: Option<String>,
+    /// The exit code of the last attempt, if it exited.
+    pub exit_code: Option<i32>,
+    /// The captured output (stdout then stderr, tail kept) of the last attempt.
+    pub output: Option<String>,
+    /// When the last attempt started.
+    #[serde(with = "time::serde::rfc3339::option", default)]
+    pub started_at: Option<Timestamp>,
+    /// When the last attempt finished.
+    #[serde(with = "time::serde::rfc3339::option", default)]
+    pub finished_at: Option<Timestamp>,
+    /// The lease, while `processing`.
+    pub lease: Option<Lease>,
+    /// Enqueue order within the store (ties in priority and due time run in this order).
+    pub seq: u64,
+}
+
+impl Job {
+    /// Whether the job may be claimed at `now`.
+    pub fn is_due(&self, now: Timestamp) -> bool {
+        self.state.is_runnable() && self.run_at <= now
+    }
+}
+
+/// Serde for `Option<Duration>` as fractional seconds.
+mod opt_secs {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(value: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(d) => s.serialize_f64(d.as_secs_f64()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let secs = Option::<f64>::deserialize(d)?;
+        secs.map(|s| {
+            Duration::try_from_secs_f64(s)
+                .map_err(|e| serde::de::Error::custom(format!("invalid timeout {s}: {e}")))
+        })
+        .transpose()
+    }
+}
+
+/// A job to enqueue. Unset fields take the store's configured defaults.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewJob {
+    /// Id; `None` generates one.
+    pub id: Option<JobId>,
+    /// Command to run; must not be empty.
+    pub command: String,
+    /// Failed attempts before the job is dead; `None` uses the `max-retries` setting.
+    pub max_retries: Option<u32>,
+    /// Higher runs first.
+    pub priority: i32,
+    /// Not before this instant; `None` means now.
+    pub run_at: Option<Timestamp>,
+    /// Per-attempt time limit; `None` uses the `job-timeout` setting.
+    pub timeout: Option<Duration>,
+}
+
+impl NewJob {
+    /// A job running `command`, with defaults for everything else.
+    pub fn new(command: impl Into<String>) -> Self {
+        Self {
+            id: None,
+            command: command.into(),
+            max_retries: None,
+            priority: 0,
+            run_at: None,
+            timeout: None,
+        }
+    }
+
+    /// Sets the id (validated).
+    pub fn id(mut self, id: impl Into<String>) -> Result<Self, InvalidJob> {
+        self.id = Some(JobId::new(id)?);
+        Ok(self)
+    }
+
+    /// Sets the number of failed attempts after which the job is dead.
+    pub fn max_retries(mut self, max_retries: u32) -> Self {
+        self.max_retries = Some(max_retries);
+        self
+    }
+
+    /// Sets the priority (higher first).
+    pub fn priority(mut self, priority: i32) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    /// Runs the job no earlier than `at`.
+    pub fn run_at(mut self, at: Timestamp) -> Self {
+        self.run_at = Some(at);
+        self
+    }
+
+    /// Limits each attempt to `timeout`.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Checks what can be checked without the store.
+    pub fn validate(&self) -> Result<(), InvalidJob> {
+        if self.command.trim().is_empty() {
+            return Err(InvalidJob::EmptyCommand);
+        }
+        if self.command.contains('\0') {
+            return Err(InvalidJob::NulInCommand);
+        }
+        Ok(())
+    }
+}
+
+/// A job description that cannot be accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidJob {
+    /// The id has characters outside `[A-Za-z0-9._-]`, is empty, too long, or starts with `.`/`-`.
+    #[error(
+        "invalid job id {id:?}: use 1 to {MAX_ID_LEN} characters from A-Z a-z 0-9 . _ - (not starting with . or -)"
+    )]
+    Id {
+        /// The rejected id.
+        id: String,
+    },
+    /// The command is empty or blank.
+    #[error("the job's command is empty")]
+    EmptyCommand,
+    /// The command contains a NUL byte, which no shell can receive.
+    #[error("the job's command contains a NUL byte")]
+    NulInCommand,
+    /// Not one of the five state names.
+    #[error("unknown job state {state:?}: expected pending, processing, completed, failed or dead")]
+    State {
+        /// The rejected name.
+        state: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_restricted_to_a_safe_set() {
+        for good in ["a", "job1", "A.b_c-9", &"x".repeat(MAX_ID_LEN)] {
+            assert!(JobId::new(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../etc",
+            "a/b",
+            "-rf",
+            "a b",
+            "é",
+            &"x".repeat(MAX_ID_LEN + 1),
+        ] {
+            assert!(
+                matches!(JobId::new(bad), Err(InvalidJob::Id { .. })),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn generated_ids_are_valid_and_distinct() {
+        let ids: std::collections::HashSet<_> = (0..1000).map(|_| JobId::generate()).collect();
+        assert_eq!(ids.len(), 1000);
+        for id in &ids {
+            JobId::new(id.as_str()).unwrap();
+        }
+    }
+
+    #[test]
+    fn contract_fields_serialise_with_their_names_and_utc_times() {
+        let at = time::macros::datetime!(2026-01-02 03:04:05 UTC);
+        let job = Job {
+            id: JobId::new("job1").unwrap(),
+            command: "echo hi".into(),
+            state: JobState::Pending,
+            attempts: 0,
+            max_retries: 3,
+            created_at: at,
+            updated_at: at,
+            priority: 0,
+            run_at: at,
+            timeout: Some(Duration::from_millis(1500)),
+            last_error: None,
+            exit_code: None,
+            output: None,
+            started_at: None,
+            finished_at: None,
+            lease: None,
+            seq: 1,
+        };
+        let value = serde_json::to_value(&job).unwrap();
+        assert_eq!(value["id"], "job1");
+        assert_eq!(value["command"], "echo hi");
+        assert_eq!(value["state"], "pending");
+        assert_eq!(value["attempts"], 0);
+        assert_eq!(value["max_retries"], 3);
+        assert_eq!(value["created_at"], "2026-01-02T03:04:05Z");
+        assert_eq!(value["updated_at"], "2026-01-02T03:04:05Z");
+        assert_eq!(value["timeout"], 1.5);
+        let back: Job = serde_json::from_value(value).unwrap();
+        assert_eq!(back, job);
+    }
+
+    #[test]
+    fn states_parse_from_their_names_only() {
+        for state in JobState::ALL {
+            assert_eq!(state.as_str().parse::<JobState>().unwrap(), state);
+        }
+        assert!("running".parse::<JobState>().is_err());
+    }
+
+    #[test]
+    fn blank_commands_are_refused() {
+        assert_eq!(NewJob::new("  ").validate(), Err(InvalidJob::EmptyCommand));
+        assert_eq!(
+            NewJob::new("a\0b").validate(),
+            Err(InvalidJob::NulInCommand)
+        );
+        assert!(NewJob::new("true").validate().is_ok());
+    }
+}

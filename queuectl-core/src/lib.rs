@@ -1,0 +1,54 @@
+//! A background job queue: durable storage, shell and in-process executors, exponential
+//! backoff with a dead letter queue, and a worker pool.
+//!
+//! ```
+//! use std::time::Duration;
+//! use queuectl_core::{Event, FnExecutor, MemoryStorage, NewJob, StorageExt, WorkerPool, now};
+//! use std::sync::Arc;
+//!
+//! let store = Arc::new(MemoryStorage::new());
+//! store.enqueue(NewJob::new("greet").id("hello")?, now())?;
+//!
+//! let executor = Arc::new(FnExecutor::new(|job| {
+//!     println!("running {}", job.command);
+//!     Ok(())
+//! }));
+//! let pool = WorkerPool::builder(store.clone(), executor).workers(2).start()?;
+//! // Wait for the job to finish, then stop the pool gracefully.
+//! let completed = pool.events().iter().find_map(|event| match event {
+//!     Event::Completed { job, .. } => Some(job),
+//!     _ => None,
+//! });
+//! assert_eq!(completed.unwrap().as_str(), "hello");
+//! pool.shutdown()?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+#![deny(missing_docs)]
+
+pub mod backoff;
+pub mod config;
+mod error;
+pub mod executor;
+pub mod file;
+pub mod job;
+mod memory;
+pub mod pool;
+pub mod shell;
+mod state;
+pub mod storage;
+
+pub use backoff::{BackoffPolicy, Exponential, Fixed};
+pub use config::{Config, ConfigError};
+pub use error::{Result, StorageError};
+pub use executor::{CancelSignal, Executor, ExecutorError, FnExecutor, Outcome, Status};
+
+pub use job::{InvalidJob, Job, JobId, JobState, Lease, NewJob, Timestamp, now};
+pub use memory::MemoryStorage;
+
+pub use shell::ShellExecutor;
+pub use storage::{
+    AttemptReport, ListQuery, Settlement, StateCounts, Storage, StorageExt, WorkerInfo,
+};
+
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;

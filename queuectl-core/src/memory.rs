@@ -1,0 +1,162 @@
+//! `MemoryStorage`: the whole queue in one process's memory.
+
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::config::{Config, ConfigError};
+use crate::error::Result;
+use crate::job::{Job, JobId, Lease, NewJob, Timestamp};
+use crate::state::QueueState;
+use crate::storage::{ListQuery, Settlement, StateCounts, Storage, WorkerInfo};
+
+/// A [`Storage`] kept in memory: fast, shared between threads, gone when the process exits.
+///
+/// For tests, embedding and benchmarks. Claiming costs O(log n) in the number of jobs: due jobs
+/// sit in an ordered index.
+#[derive(Debug, Default)]
+pub struct MemoryStorage {
+    inner: Mutex<Inner>,
+    changed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    state: QueueState,
+    version: u64,
+}
+
+impl MemoryStorage {
+    /// An empty store with default settings.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Runs a read-only operation.
+    fn read<T>(&self, f: impl FnOnce(&QueueState) -> T) -> T {
+        f(&self.inner.lock().state)
+    }
+
+    /// Runs a mutating operation, then wakes every waiter.
+    fn write<T>(&self, f: impl FnOnce(&mut QueueState) -> T) -> T {
+        let mut inner = self.inner.lock();
+        let out = f(&mut inner.state);
+        inner.version += 1;
+        drop(inner);
+        self.changed.notify_all();
+        out
+    }
+}
+
+impl Storage for MemoryStorage {
+    fn enqueue_batch(&self, jobs: Vec<NewJob>, now: Timestamp) -> Result<Vec<Job>> {
+        self.write(|s| s.enqueue_batch(jobs, now))
+    }
+
+    fn claim(
+        &self,
+        worker: &str,
+        max: usize,
+        lease_for: Duration,
+        now: Timestamp,
+    ) -> Result<Vec<Job>> {
+        Ok(self.write(|s| s.claim(worker, max, lease_for, now)))
+    }
+
+    fn extend_leases(
+        &self,
+        leases: &[Lease],
+        lease_for: Duration,
+        now: Timestamp,
+    ) -> Result<Vec<JobId>> {
+        Ok(self.write(|s| s.extend_leases(leases, lease_for, now)))
+    }
+
+    fn settle(&self, settlements: Vec<Settlement>, now: Timestamp) -> Result<Vec<Result<Job>>> {
+        Ok(self.write(|s| s.settle(settlements, now)))
+    }
+
+    fn recover_expired(&self, now: Timestamp) -> Result<Vec<Job>> {
+        Ok(self.write(|s| s.recover_expired(now)))
+    }
+
+    fn recover_worker(&self, worker: &str, now: Timestamp) -> Result<Vec<Job>> {
+        Ok(self.write(|s| s.recover_worker(worker, now)))
+    }
+
+    fn get(&self, id: &JobId) -> Result<Job> {
+        self.read(|s| s.get(id))
+    }
+
+    fn list(&self, query: &ListQuery) -> Result<Vec<Job>> {
+        Ok(self.read(|s| s.list(query)))
+    }
+
+    fn counts(&self) -> Result<StateCounts> {
+        Ok(self.read(|s| s.counts()))
+    }
+
+    fn next_due(&self) -> Result<Option<Timestamp>> {
+        Ok(self.read(|s| s.next_due()))
+    }
+
+    fn retry_dead(&self, ids: Option<&[JobId]>, now: Timestamp) -> Result<Vec<Job>> {
+        self.write(|s| s.retry_dead(ids, now))
+    }
+
+    fn clear_dead(&self) -> Result<usize> {
+        Ok(self.write(|s| s.clear_dead()))
+    }
+
+    fn purge_completed(&self, finished_before: Timestamp) -> Result<usize> {
+        Ok(self.write(|s| s.purge_completed(finished_before)))
+    }
+
+    fn config(&self) -> Result<Config> {
+        Ok(self.read(|s| s.config().clone()))
+    }
+
+    fn update_config(
+        &self,
+        update: &mut dyn FnMut(&mut Config) -> Result<(), ConfigError>,
+    ) -> Result<Config> {
+        self.write(|s| s.update_config(update))
+    }
+
+    fn register_worker(&self, worker: WorkerInfo) -> Result<()> {
+        self.write(|s| s.register_worker(worker));
+        Ok(())
+    }
+
+    fn worker_heartbeat(&self, worker: &str, now: Timestamp) -> Result<bool> {
+        self.write(|s| s.worker_heartbeat(worker, now))
+    }
+
+    fn deregister_worker(&self, worker: &str) -> Result<()> {
+        self.write(|s| s.deregister_worker(worker));
+        Ok(())
+    }
+
+    fn workers(&self) -> Result<Vec<WorkerInfo>> {
+        Ok(self.read(|s| s.workers()))
+    }
+
+    fn request_stop(&self) -> Result<usize> {
+        Ok(self.write(|s| s.request_stop()))
+    }
+
+    fn change_version(&self) -> Result<u64> {
+        Ok(self.inner.lock().version)
+    }
+
+    fn wait_for_change(&self, seen: u64, timeout: Duration) -> Result<u64> {
+        let deadline = Instant::now() + timeout;
+        let mut inner = self.inner.lock();
+        while inner.version == seen {
+            if self.changed.wait_until(&mut inner, deadline).timed_out() {
+                break;
+            }
+        }
+        Ok(inner.version)
+    }
+}

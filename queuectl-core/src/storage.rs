@@ -1,0 +1,328 @@
+//! The `Storage` trait: the job state machine every backend implements.
+
+use std::fmt::Debug;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Config, ConfigError};
+use crate::error::{Result, StorageError};
+use crate::job::{Job, JobId, JobState, Lease, NewJob, Timestamp};
+
+/// What happened in an attempt, recorded on the job.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AttemptReport {
+    /// Exit code, if the command exited.
+    pub exit_code: Option<i32>,
+    /// Captured output (already capped by the executor).
+    pub output: Option<String>,
+    /// Why it failed (`None` on success).
+    pub error: Option<String>,
+}
+
+/// The end of an attempt, as reported to the store by the lease holder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settlement {
+    /// The attempt succeeded: the job becomes `completed`.
+    Complete {
+        /// The lease of the attempt.
+        lease: Lease,
+        /// What the attempt produced.
+        report: AttemptReport,
+    },
+    /// The attempt failed: the job becomes `failed` until `retry_at`, or `dead` when it has
+    /// used `max_retries` attempts.
+    Fail {
+        /// The lease of the attempt.
+        lease: Lease,
+        /// What the attempt produced.
+        report: AttemptReport,
+        /// When the job may run again (ignored when it dies).
+        retry_at: Timestamp,
+    },
+    /// The attempt was abandoned before it finished (forced shutdown): the job goes back to
+    /// `pending` and the attempt is not charged.
+    Release {
+        /// The lease of the attempt.
+        lease: Lease,
+    },
+}
+
+impl Settlement {
+    /// The lease being settled.
+    pub fn lease(&self) -> &Lease {
+        match self {
+            Settlement::Complete { lease, .. }
+            | Settlement::Fail { lease, .. }
+            | Settlement::Release { lease } => lease,
+        }
+    }
+}
+
+/// Which jobs `list` returns.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListQuery {
+    /// Only jobs in this state.
+    pub state: Option<JobState>,
+    /// Skip this many matching jobs.
+    pub offset: usize,
+    /// At most this many jobs.
+    pub limit: Option<usize>,
+}
+
+impl ListQuery {
+    /// Every job.
+    pub fn all() -> Self {
+        Self::default()
+    }
+
+    /// Jobs in `state`.
+    pub fn state(state: JobState) -> Self {
+        Self {
+            state: Some(state),
+            ..Self::default()
+        }
+    }
+}
+
+/// How many jobs are in each state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateCounts {
+    /// Waiting to run.
+    pub pending: usize,
+    /// Running.
+    pub processing: usize,
+    /// Done.
+    pub completed: usize,
+    /// Waiting out a backoff.
+    pub failed: usize,
+    /// In the dead letter queue.
+    pub dead: usize,
+}
+
+impl StateCounts {
+    /// The count for `state`.
+    pub fn get(&self, state: JobState) -> usize {
+        match state {
+            JobState::Pending => self.pending,
+            JobState::Processing => self.processing,
+            JobState::Completed => self.completed,
+            JobState::Failed => self.failed,
+            JobState::Dead => self.dead,
+        }
+    }
+
+    /// All jobs.
+    pub fn total(&self) -> usize {
+        self.pending + self.processing + self.completed + self.failed + self.dead
+    }
+}
+
+/// A worker process (or embedded pool) registered in the store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    /// Unique id, chosen by the worker.
+    pub id: String,
+    /// Host it runs on.
+    pub hostname: String,
+    /// Its process id on that host.
+    pub pid: u32,
+    /// How many jobs it runs at once.
+    pub concurrency: usize,
+    /// When it registered.
+    #[serde(with = "time::serde::rfc3339")]
+    pub started_at: Timestamp,
+    /// Its last heartbeat.
+    #[serde(with = "time::serde::rfc3339")]
+    pub last_seen: Timestamp,
+    /// Whether it has been asked to stop.
+    pub stop_requested: bool,
+}
+
+/// Persistent job storage: the queue's single state machine.
+///
+/// # Contract
+/// - **Atomicity.** Every method is one atomic transition: other callers, in this process or
+///   any other sharing the store, see all of it or none of it. Batch methods are all or
+///   nothing unless they return a result per item.
+/// - **Time.** `now` is an argument; an implementation never reads the clock to decide what
+///   is due or expired, so behaviour is reproducible (a database backend may use its own
+///   clock consistently instead, and says so).
+/// - **Claiming** is the only way into `processing`. It picks due `pending`/`failed` jobs by
+///   priority (high first), then due time (`run_at`), then enqueue order; charges one attempt;
+///   and issues a lease with a fresh token. No job is ever held by two leases.
+/// - **Fencing.** `settle` and `extend_leases` compare the lease token with the stored one; a
+///   mismatch (or a job no longer `processing`) is [`StorageError::LeaseLost`] and changes
+///   nothing.
+/// - **Failure.** A failed attempt makes the job `dead` when `attempts >= max_retries`
+///   (`max_retries` counts failed attempts in total; every job gets its first attempt),
+///   otherwise `failed` with `run_at = retry_at`. A `failed` job is claimed like a `pending`
+///   one once it is due.
+/// - **Recovery.** A `processing` job whose lease expired goes back to `pending` (the attempt
+///   stays charged, so a job that keeps killing its worker ends `dead`).
+/// - **Durability.** When a mutating method returns `Ok`, the change survives a crash of the
+///   process (durable backends) and is visible to every other caller.
+/// - **Refusals** (duplicate id, unknown job, wrong state, lost lease, invalid setting) are
+///   typed errors and change nothing.
+pub trait Storage: Send + Sync + Debug {
+    /// Adds jobs, all or nothing. Unset fields take the stored [`Config`]'s defaults; a missing
+    /// id is generated. A duplicate id (in the store or within the batch) is
+    /// [`StorageError::AlreadyExists`].
+    fn enqueue_batch(&self, jobs: Vec<NewJob>, now: Timestamp) -> Result<Vec<Job>>;
+
+    /// Claims up to `max` due jobs for `worker`, each leased until `now + lease_for`.
+    /// The returned jobs are `processing`, with `attempts` already incremented and `lease` set.
+    fn claim(
+        &self,
+        worker: &str,
+        max: usize,
+        lease_for: Duration,
+        now: Timestamp,
+    ) -> Result<Vec<Job>>;
+
+    /// Extends each still-valid lease to `now + lease_for`. Returns the ids of the jobs whose
+    /// lease was lost (those must be abandoned by the caller).
+    fn extend_leases(
+        &self,
+        leases: &[Lease],
+        lease_for: Duration,
+        now: Timestamp,
+    ) -> Result<Vec<JobId>>;
+
+    /// Ends attempts. The outer error is a failure of the store (nothing was applied); the
+    /// inner results say, per settlement, the job's new record or why it was refused.
+    fn settle(&self, settlements: Vec<Settlement>, now: Timestamp) -> Result<Vec<Result<Job>>>;
+
+    /// Returns every `processing` job whose lease expired at or before `now` to `pending`
+    /// (or `dead` when its attempts are used up). Returns the recovered jobs.
+    fn recover_expired(&self, now: Timestamp) -> Result<Vec<Job>>;
+
+    /// Recovers, as if their leases had expired, all jobs leased by `worker` (known to be dead).
+    fn recover_worker(&self, worker: &str, now: Timestamp) -> Result<Vec<Job>>;
+
+    /// The job with this id.
+    fn get(&self, id: &JobId) -> Result<Job>;
+
+    /// Jobs matching `query`, in enqueue order.
+    fn list(&self, query: &ListQuery) -> Result<Vec<Job>>;
+
+    /// How many jobs are in each state.
+    fn counts(&self) -> Result<StateCounts>;
+
+    /// The earliest `run_at` of a `pending` or `failed` job, if any: when work is next due.
+    fn next_due(&self) -> Result<Option<Timestamp>>;
+
+    /// Moves dead jobs back to `pending` with `attempts` reset to 0 (a full new set of
+    /// retries). `ids: None` retries every dead job. A named job that is not dead is
+    /// [`StorageError::InvalidState`]; an unknown one [`StorageError::NotFound`]; either refuses
+    /// the whole call.
+    fn retry_dead(&self, ids: Option<&[JobId]>, now: Timestamp) -> Result<Vec<Job>>;
+
+    /// Deletes every dead job. Returns how many.
+    fn clear_dead(&self) -> Result<usize>;
+
+    /// Deletes completed jobs that finished before `finished_before`. Returns how many.
+    fn purge_completed(&self, finished_before: Timestamp) -> Result<usize>;
+
+    /// The stored settings (defaults when none were set).
+    fn config(&self) -> Result<Config>;
+
+    /// Changes the settings atomically: `update` edits a copy of the current settings; if it
+    /// returns `Err`, nothing is stored.
+    fn update_config(
+        &self,
+        update: &mut dyn FnMut(&mut Config) -> Result<(), ConfigError>,
+    ) -> Result<Config>;
+
+    /// Registers (or re-registers) a worker.
+    fn register_worker(&self, worker: WorkerInfo) -> Result<()>;
+
+    /// Records a heartbeat of `worker` at `now`. Returns whether it has been asked to stop.
+    /// An unknown worker is [`StorageError::UnknownWorker`].
+    fn worker_heartbeat(&self, worker: &str, now: Timestamp) -> Result<bool>;
+
+    /// Removes a worker from the registry (unknown ids are ignored).
+    fn deregister_worker(&self, worker: &str) -> Result<()>;
+
+    /// Every registered worker, by id.
+    fn workers(&self) -> Result<Vec<WorkerInfo>>;
+
+    /// Asks every currently registered worker to stop. Returns how many were asked.
+    fn request_stop(&self) -> Result<usize>;
+
+    /// A number that changes whenever the store changes (in any process).
+    fn change_version(&self) -> Result<u64>;
+
+    /// Blocks until [`Storage::change_version`] differs from `seen`, or `timeout` passes.
+    /// Returns the current version. Must not busy-wait.
+    fn wait_for_change(&self, seen: u64, timeout: Duration) -> Result<u64>;
+}
+
+/// Conveniences over [`Storage`], implemented for every store.
+pub trait StorageExt: Storage {
+    /// Adds one job.
+    fn enqueue(&self, job: NewJob, now: Timestamp) -> Result<Job> {
+        let mut jobs = self.enqueue_batch(vec![job], now)?;
+        Ok(jobs.pop().expect("enqueue_batch returns one job per input"))
+    }
+
+    /// Marks the leased job `completed`.
+    fn complete(&self, lease: &Lease, report: AttemptReport, now: Timestamp) -> Result<Job> {
+        self.settle_one(
+            Settlement::Complete {
+                lease: lease.clone(),
+                report,
+            },
+            now,
+        )
+    }
+
+    /// Marks the leased job `failed` until `retry_at`, or `dead`.
+    fn fail(
+        &self,
+        lease: &Lease,
+        report: AttemptReport,
+        retry_at: Timestamp,
+        now: Timestamp,
+    ) -> Result<Job> {
+        self.settle_one(
+            Settlement::Fail {
+                lease: lease.clone(),
+                report,
+                retry_at,
+            },
+            now,
+        )
+    }
+
+    /// Hands the leased job back without charging the attempt.
+    fn release(&self, lease: &Lease, now: Timestamp) -> Result<Job> {
+        self.settle_one(
+            Settlement::Release {
+                lease: lease.clone(),
+            },
+            now,
+        )
+    }
+
+    /// Settles one attempt.
+    fn settle_one(&self, settlement: Settlement, now: Timestamp) -> Result<Job> {
+        self.settle(vec![settlement], now)?
+            .pop()
+            .expect("settle returns one result per settlement")
+    }
+
+    /// Extends one lease; [`StorageError::LeaseLost`] if it was lost.
+    fn heartbeat(&self, lease: &Lease, lease_for: Duration, now: Timestamp) -> Result<()> {
+        let lost = self.extend_leases(std::slice::from_ref(lease), lease_for, now)?;
+        if lost.is_empty() {
+            Ok(())
+        } else {
+            Err(StorageError::LeaseLost {
+                id: lease.job_id.clone(),
+            })
+        }
+    }
+}
+
+impl<S: Storage + ?Sized> StorageExt for S {}
