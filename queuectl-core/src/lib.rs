@@ -42,8 +42,10 @@ pub use config::{Config, ConfigError};
 pub use error::{Result, StorageError};
 pub use executor::{CancelSignal, Executor, ExecutorError, FnExecutor, Outcome, Status};
 
+pub use file::FileStorage;
 pub use job::{InvalidJob, Job, JobId, JobState, Lease, NewJob, Timestamp, now};
 pub use memory::MemoryStorage;
+pub use pool::{Event, PoolError, Stopper, Summary, WorkerPool, WorkerPoolBuilder};
 
 pub use shell::ShellExecutor;
 pub use storage::{

@@ -1,1 +1,985 @@
-//! The worker pool.
+//! The worker pool: a dispatcher that claims jobs and N executor threads that run them.
+//!
+//! ```text
+//!              claim (≤ free slots)              jobs (bounded)
+//!   Storage ◀──────────────────────▶ dispatcher ─────────────────▶ executor threads ×N
+//!      ▲        settle (batched)          ▲   ◀─────────────────────────┘ outcomes
+//!      │ wait_for_change                  │ wake / control (graceful, forced)
+//!    waker thread ────────────────────────┘
+//! ```
+//!
+//! The dispatcher is the only thread that talks to storage about jobs. It also heartbeats the
+//! leases of running jobs and the worker's registration, runs the recovery tick (expired leases,
+//! workers on this host whose process is gone), purges old completed jobs, and obeys a stop
+//! request recorded in storage. Because jobs run on other threads, none of this waits for a
+//! long job.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError, select};
+
+use crate::backoff::BackoffPolicy;
+use crate::config::Config;
+use crate::error::StorageError;
+use crate::executor::{CancelSignal, Canceller, Executor, Outcome, Status, cancel_pair};
+use crate::job::{Job, JobId, JobState, Lease, Timestamp, now};
+use crate::storage::{AttemptReport, Settlement, Storage, WorkerInfo};
+
+/// Something the pool did, for live output and for tests to wait on.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// The pool registered and is running.
+    Started {
+        /// Its worker id.
+        worker: String,
+        /// Executor threads.
+        threads: usize,
+    },
+    /// A job was claimed and handed to an executor thread.
+    Claimed {
+        /// The job.
+        job: JobId,
+        /// The attempt number (1 for the first).
+        attempt: u32,
+        /// Its command.
+        command: String,
+    },
+    /// An attempt succeeded.
+    Completed {
+        /// The job.
+        job: JobId,
+        /// The attempt number.
+        attempt: u32,
+        /// How long it ran.
+        duration: Duration,
+    },
+    /// An attempt failed; the job will run again after `retry_in`.
+    Failed {
+        /// The job.
+        job: JobId,
+        /// The attempt number.
+        attempt: u32,
+        /// Why.
+        error: String,
+        /// The backoff before the next attempt.
+        retry_in: Duration,
+    },
+    /// An attempt failed and it was the job's last: the job is in the dead letter queue.
+    Dead {
+        /// The job.
+        job: JobId,
+        /// The attempt number.
+        attempt: u32,
+        /// Why.
+        error: String,
+    },
+    /// A running job was handed back unfinished (forced shutdown); its attempt is not charged.
+    Released {
+        /// The job.
+        job: JobId,
+    },
+    /// The pool lost a job's lease (it was presumed dead); its result was discarded.
+    LeaseLost {
+        /// The job.
+        job: JobId,
+    },
+    /// The recovery tick returned a job abandoned by a dead worker to the queue.
+    Recovered {
+        /// The job.
+        job: JobId,
+        /// Its state now (`pending`, or `dead` if that was its last attempt).
+        state: JobState,
+    },
+    /// Completed jobs past their retention were deleted.
+    Purged {
+        /// How many.
+        count: usize,
+    },
+    /// The pool began to stop.
+    Stopping {
+        /// Whether running jobs are being killed (`true`) or allowed to finish.
+        forced: bool,
+        /// Why: "requested", "stop request in storage", "idle", "storage failure".
+        reason: &'static str,
+    },
+    /// A storage operation failed; the pool retries it.
+    StorageError {
+        /// What the pool was doing.
+        op: &'static str,
+        /// The error and its causes.
+        error: String,
+    },
+    /// The pool has stopped; no more events follow.
+    Stopped,
+}
+
+/// Why the pool could not start or ended abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// A thread could not be spawned.
+    #[error("could not spawn the {what} thread")]
+    Spawn {
+        /// Which thread.
+        what: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The store failed in a way the pool cannot work around.
+    #[error("storage failed while the pool was {op}")]
+    Storage {
+        /// What the pool was doing.
+        op: &'static str,
+        /// The error.
+        source: StorageError,
+    },
+    /// A pool thread panicked.
+    #[error("the {what} thread panicked")]
+    Panicked {
+        /// Which thread.
+        what: &'static str,
+    },
+    /// Invalid builder settings.
+    #[error("invalid worker pool setting: {0}")]
+    Invalid(String),
+}
+
+/// What a pool did over its life.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Attempts that succeeded.
+    pub completed: usize,
+    /// Attempts that failed and will be retried.
+    pub failed: usize,
+    /// Attempts that failed for the last time.
+    pub dead: usize,
+    /// Jobs handed back unfinished.
+    pub released: usize,
+    /// Results discarded because the lease was lost.
+    pub lost: usize,
+}
+
+/// Configures and starts a [`WorkerPool`].
+#[derive(Debug)]
+pub struct WorkerPoolBuilder {
+    storage: Arc<dyn Storage>,
+    executor: Arc<dyn Executor>,
+    workers: usize,
+    backoff: Arc<dyn BackoffPolicy>,
+    lease: Duration,
+    heartbeat: Option<Duration>,
+    recovery: Option<Duration>,
+    retention: Option<Duration>,
+    worker_id: Option<String>,
+    exit_when_idle: bool,
+    shutdown_timeout: Option<Duration>,
+    events: bool,
+}
+
+impl WorkerPoolBuilder {
+    /// Takes worker count, backoff, lease timeout and retention from stored settings.
+    pub fn config(mut self, config: &Config) -> Self {
+        self.workers = config.worker_count;
+        self.backoff = Arc::new(config.backoff());
+        self.lease = config.lease_duration();
+        self.retention = config.completed_retention();
+        self
+    }
+
+    /// Executor threads, i.e. jobs run at once (default 1).
+    pub fn workers(mut self, workers: usize) -> Self {
+        self.workers = workers;
+        self
+    }
+
+    /// The backoff after failed attempts (default: `2 ^ attempts` seconds, capped at 1 hour).
+    pub fn backoff(mut self, backoff: impl BackoffPolicy + 'static) -> Self {
+        self.backoff = Arc::new(backoff);
+        self
+    }
+
+    /// How long a claim stays valid without a heartbeat (default 30 s).
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// How often leases and the worker registration are renewed (default: a third of the lease).
+    pub fn heartbeat_interval(mut self, every: Duration) -> Self {
+        self.heartbeat = Some(every);
+        self
+    }
+
+    /// How often expired leases and dead workers are looked for (default: half the lease,
+    /// at most 5 s).
+    pub fn recovery_interval(mut self, every: Duration) -> Self {
+        self.recovery = Some(every);
+        self
+    }
+
+    /// Deletes completed jobs older than this, checked every few minutes (default: never).
+    pub fn retention(mut self, retention: Option<Duration>) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// The id the pool registers under (default: `host-pid-random`).
+    pub fn worker_id(mut self, id: impl Into<String>) -> Self {
+        self.worker_id = Some(id.into());
+        self
+    }
+
+    /// Stop gracefully once nothing runs and no job is due (default: keep waiting for work).
+    pub fn exit_when_idle(mut self, exit: bool) -> Self {
+        self.exit_when_idle = exit;
+        self
+    }
+
+    /// After a graceful stop begins, force it when jobs are still running after this long.
+    pub fn shutdown_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.shutdown_timeout = timeout;
+        self
+    }
+
+    /// Whether to produce [`Event`]s (default `true`). Events are buffered until read: turn
+    /// them off when nothing reads [`WorkerPool::events`].
+    pub fn events(mut self, enabled: bool) -> Self {
+        self.events = enabled;
+        self
+    }
+
+    /// Registers the worker, recovers expired leases and starts the threads.
+    pub fn start(self) -> Result<WorkerPool, PoolError> {
+        if self.workers == 0 {
+            return Err(PoolError::Invalid("workers must be at least 1".into()));
+        }
+        if self.lease.is_zero() {
+            return Err(PoolError::Invalid(
+                "the lease must be longer than zero".into(),
+            ));
+        }
+        let hostname = hostname();
+        let id = self.worker_id.clone().unwrap_or_else(|| {
+            format!(
+                "{hostname}-{}-{:04x}",
+                std::process::id(),
+                crate::job::random_u64() & 0xffff
+            )
+        });
+        let started = now();
+        self.storage
+            .register_worker(WorkerInfo {
+                id: id.clone(),
+                hostname: hostname.clone(),
+                pid: std::process::id(),
+                concurrency: self.workers,
+                started_at: started,
+                last_seen: started,
+                stop_requested: false,
+            })
+            .map_err(|source| PoolError::Storage {
+                op: "registering",
+                source,
+            })?;
+
+        let (events_tx, events_rx) = crossbeam_channel::unbounded();
+        let events_tx = self.events.then_some(events_tx);
+        let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<Job>(self.workers);
+        let (outcomes_tx, outcomes_rx) = crossbeam_channel::unbounded();
+        let (control_tx, control_rx) = crossbeam_channel::unbounded();
+        let (wake_tx, wake_rx) = crossbeam_channel::bounded(1);
+        let (canceller, cancel) = cancel_pair();
+        let (waker_stop, waker_done) = cancel_pair();
+
+        let mut threads = Vec::with_capacity(self.workers + 2);
+        let spawn_result = (|| {
+            for n in 0..self.workers {
+                let runner = Runner {
+                    executor: self.executor.clone(),
+                    jobs: jobs_rx.clone(),
+                    outcomes: outcomes_tx.clone(),
+                    cancel: cancel.clone(),
+                };
+                threads.push(spawn(
+                    format!("queuectl-exec-{n}"),
+                    "executor",
+                    move || runner.run(),
+                )?);
+            }
+            let storage = self.storage.clone();
+            spawn("queuectl-waker".into(), "waker", move || {
+                waker(&*storage, &wake_tx, &waker_done)
+            })?;
+            Ok(())
+        })();
+        drop(outcomes_tx);
+        let lease = self.lease;
+        let mut dispatcher = Dispatcher {
+            storage: self.storage.clone(),
+            backoff: self.backoff.clone(),
+            id: id.clone(),
+            hostname,
+            workers: self.workers,
+            lease,
+            heartbeat_every: self.heartbeat.unwrap_or(lease / 3),
+            recovery_every: self
+                .recovery
+                .unwrap_or_else(|| (lease / 2).min(Duration::from_secs(5))),
+            retention: self.retention,
+            exit_when_idle: self.exit_when_idle,
+            shutdown_timeout: self.shutdown_timeout,
+            jobs: Some(jobs_tx),
+            outcomes: outcomes_rx,
+            control: control_rx,
+            wake: wake_rx,
+            events: events_tx,
+            canceller,
+            waker_stop,
+            running: HashMap::new(),
+            unsettled: Vec::new(),
+            stopping: None,
+            summary: Summary::default(),
+        };
+        if let Err(error) = spawn_result {
+            // Dropping the dispatcher closes the jobs channel: started threads exit.
+            drop(dispatcher);
+            let _ = self.storage.deregister_worker(&id);
+            return Err(error);
+        }
+        let handle = spawn("queuectl-dispatch".into(), "dispatcher", move || {
+            let result = dispatcher.run();
+            dispatcher.finish();
+            result
+        });
+        let dispatcher = match handle {
+            Ok(handle) => handle,
+            Err(error) => {
+                let _ = self.storage.deregister_worker(&id);
+                return Err(error);
+            }
+        };
+        Ok(WorkerPool {
+            id,
+            events: events_rx,
+            control: control_tx,
+            dispatcher,
+            threads,
+        })
+    }
+}
+
+fn spawn<T: Send + 'static>(
+    name: String,
+    what: &'static str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<JoinHandle<T>, PoolError> {
+    std::thread::Builder::new()
+        .name(name)
+        .spawn(f)
+        .map_err(|source| PoolError::Spawn { what, source })
+}
+
+/// The host name, for worker ids and dead-worker detection.
+pub fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Control {
+    Graceful,
+    Forced,
+}
+
+/// Asks a running pool to stop, from any thread (a signal handler's thread, say).
+#[derive(Debug, Clone)]
+pub struct Stopper(Sender<Control>);
+
+impl Stopper {
+    /// Stop claiming; let running jobs finish.
+    pub fn graceful(&self) {
+        // The pool may already be gone: then there is nothing to stop.
+        let _ = self.0.send(Control::Graceful);
+    }
+
+    /// Kill running jobs and hand them back to the queue.
+    pub fn forced(&self) {
+        let _ = self.0.send(Control::Forced);
+    }
+}
+
+/// A running pool of workers. See the [module docs](self).
+#[derive(Debug)]
+pub struct WorkerPool {
+    id: String,
+    events: Receiver<Event>,
+    control: Sender<Control>,
+    dispatcher: JoinHandle<Result<Summary, PoolError>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl WorkerPool {
+    /// A builder for a pool running `executor` on jobs from `storage`.
+    pub fn builder(storage: Arc<dyn Storage>, executor: Arc<dyn Executor>) -> WorkerPoolBuilder {
+        WorkerPoolBuilder {
+            storage,
+            executor,
+            workers: 1,
+            backoff: Arc::new(Config::default().backoff()),
+            lease: Duration::from_secs(30),
+            heartbeat: None,
+            recovery: None,
+            retention: None,
+            worker_id: None,
+            exit_when_idle: false,
+            shutdown_timeout: None,
+            events: true,
+        }
+    }
+
+    /// The id this pool registered under.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The pool's events, ending with [`Event::Stopped`].
+    pub fn events(&self) -> &Receiver<Event> {
+        &self.events
+    }
+
+    /// A handle that stops the pool from another thread.
+    pub fn stopper(&self) -> Stopper {
+        Stopper(self.control.clone())
+    }
+
+    /// Stops gracefully (running jobs finish) and waits.
+    pub fn shutdown(self) -> Result<Summary, PoolError> {
+        self.stopper().graceful();
+        self.join()
+    }
+
+    /// Stops now: running jobs are killed and handed back without charging the attempt.
+    pub fn shutdown_now(self) -> Result<Summary, PoolError> {
+        self.stopper().forced();
+        self.join()
+    }
+
+    /// Waits until the pool stops (by a [`Stopper`], a stop request in storage, or idleness).
+    pub fn join(self) -> Result<Summary, PoolError> {
+        let result = self
+            .dispatcher
+            .join()
+            .map_err(|_| PoolError::Panicked { what: "dispatcher" })?;
+        for thread in self.threads {
+            thread
+                .join()
+                .map_err(|_| PoolError::Panicked { what: "executor" })?;
+        }
+        result
+    }
+}
+
+/// One finished attempt, sent from an executor thread to the dispatcher.
+struct Finished {
+    job: Job,
+    outcome: Result<Outcome, String>,
+}
+
+struct Runner {
+    executor: Arc<dyn Executor>,
+    jobs: Receiver<Job>,
+    outcomes: Sender<Finished>,
+    cancel: CancelSignal,
+}
+
+impl Runner {
+    fn run(self) {
+        for job in self.jobs.iter() {
+            let outcome = self
+                .executor
+                .execute(&job, &self.cancel)
+                .map_err(|e| error_chain(&e));
+            if self.outcomes.send(Finished { job, outcome }).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Forwards storage changes (from any process) to the dispatcher as wake-ups, until `done`
+/// fires. Not joined: it notices `done` within one wait.
+fn waker(storage: &dyn Storage, wake: &Sender<()>, done: &CancelSignal) {
+    let mut seen = storage.change_version().unwrap_or(0);
+    while !done.is_cancelled() {
+        match storage.wait_for_change(seen, Duration::from_millis(500)) {
+            Ok(version) if version != seen => {
+                seen = version;
+                if let Err(TrySendError::Disconnected(())) = wake.try_send(()) {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            // A failing store is reported by the dispatcher's own calls; back off here.
+            Err(_) => {
+                let _ = done.receiver().recv_timeout(Duration::from_millis(500));
+            }
+        }
+    }
+}
+
+struct Stopping {
+    forced: bool,
+    deadline: Option<Instant>,
+}
+
+struct Dispatcher {
+    storage: Arc<dyn Storage>,
+    backoff: Arc<dyn BackoffPolicy>,
+    id: String,
+    hostname: String,
+    workers: usize,
+    lease: Duration,
+    heartbeat_every: Duration,
+    recovery_every: Duration,
+    retention: Option<Duration>,
+    exit_when_idle: bool,
+    shutdown_timeout: Option<Duration>,
+    jobs: Option<Sender<Job>>,
+    outcomes: Receiver<Finished>,
+    control: Receiver<Control>,
+    wake: Receiver<()>,
+    events: Option<Sender<Event>>,
+    canceller: Canceller,
+    waker_stop: Canceller,
+    /// Leases of the jobs handed to executors, by job id.
+    running: HashMap<JobId, Lease>,
+    /// Settlements not yet accepted by storage (it failed); retried each turn.
+    unsettled: Vec<(Settlement, Finished)>,
+    stopping: Option<Stopping>,
+    summary: Summary,
+}
+
+const PURGE_EVERY: Duration = Duration::from_secs(300);
+
+impl Dispatcher {
+    fn emit(&self, event: Event) {
+        if let Some(events) = &self.events {
+            // Nobody listening any more is fine.
+            let _ = events.send(event);
+        }
+    }
+
+    fn storage_error(&self, op: &'static str, error: &StorageError) {
+        self.emit(Event::StorageError {
+            op,
+            error: error_chain(error),
+        });
+    }
+
+    fn run(&mut self) -> Result<Summary, PoolError> {
+        self.emit(Event::Started {
+            worker: self.id.clone(),
+            threads: self.workers,
+        });
+        self.recover();
+        let mut next_heartbeat = Instant::now() + self.heartbeat_every;
+        let mut next_recovery = Instant::now() + self.recovery_every;
+        let mut next_purge = Instant::now();
+        loop {
+            self.settle_finished();
+            if let Some(stopping) = &self.stopping {
+                if self.running.is_empty() && self.unsettled.is_empty() {
+                    return Ok(self.summary);
+                }
+                if !stopping.forced && stopping.deadline.is_some_and(|d| Instant::now() >= d) {
+                    self.begin_stop(true, "shutdown timeout");
+                }
+            }
+            let now_instant = Instant::now();
+            if now_instant >= next_heartbeat {
+                self.heartbeat()?;
+                next_heartbeat = now_instant + self.heartbeat_every;
+            }
+            if now_instant >= next_recovery {
+                self.recover();
+                next_recovery = now_instant + self.recovery_every;
+            }
+            if now_instant >= next_purge {
+                self.purge();
+                next_purge = now_instant + PURGE_EVERY;
+            }
+            let mut wait_until = next_heartbeat.min(next_recovery);
+            if self.stopping.is_none() {
+                let claimed = self.claim()?;
+                if self.running.len() < self.workers && claimed == 0 {
+                    // Idle slots and nothing was due: sleep until the next due job or a wake.
+                    match self.storage.next_due() {
+                        Ok(Some(due)) => {
+                            let until_due = (due - now()).max(time::Duration::ZERO);
+                            let until_due = Duration::try_from(until_due).unwrap_or_default();
+                            wait_until = wait_until.min(Instant::now() + until_due);
+                        }
+                        Ok(None) if self.exit_when_idle && self.running.is_empty() => {
+                            self.begin_stop(false, "idle");
+                            continue;
+                        }
+                        Ok(None) => {}
+                        Err(error) => self.storage_error("looking for due jobs", &error),
+                    }
+                }
+            }
+            if !self.unsettled.is_empty() {
+                wait_until = wait_until.min(Instant::now() + Duration::from_millis(200));
+            }
+            if let Some(deadline) = self.stopping.as_ref().and_then(|s| s.deadline) {
+                wait_until = wait_until.min(deadline);
+            }
+            self.wait(wait_until);
+        }
+    }
+
+    /// Blocks until an outcome, a control message, a storage change or `until`.
+    fn wait(&mut self, until: Instant) {
+        let timeout = until.saturating_duration_since(Instant::now());
+        select! {
+            recv(self.outcomes) -> finished => {
+                if let Ok(finished) = finished {
+                    self.settle_batch(vec![finished]);
+                }
+            }
+            recv(self.control) -> control => match control {
+                Ok(Control::Graceful) => {
+                    let forced = self.stopping.is_some();
+                    // A second graceful request escalates, like a second Ctrl+C.
+                    self.begin_stop(forced, "requested");
+                }
+                Ok(Control::Forced) => self.begin_stop(true, "requested"),
+                Err(_) => {}
+            },
+            recv(self.wake) -> _ => {}
+            default(timeout) => {}
+        }
+    }
+
+    fn begin_stop(&mut self, forced: bool, reason: &'static str) {
+        if self.stopping.as_ref().is_some_and(|s| s.forced || !forced) {
+            return;
+        }
+        self.emit(Event::Stopping { forced, reason });
+        if forced {
+            self.canceller.cancel();
+        }
+        self.stopping = Some(Stopping {
+            forced,
+            deadline: if forced {
+                None
+            } else {
+                self.shutdown_timeout.map(|t| Instant::now() + t)
+            },
+        });
+    }
+
+    /// Claims jobs for free slots and hands them to executors. Returns how many.
+    fn claim(&mut self) -> Result<usize, PoolError> {
+        let free = self.workers.saturating_sub(self.running.len());
+        if free == 0 {
+            return Ok(0);
+        }
+        let claimed = match self.storage.claim(&self.id, free, self.lease, now()) {
+            Ok(claimed) => claimed,
+            Err(error) => return self.tolerate("claiming jobs", error).map(|()| 0),
+        };
+        let count = claimed.len();
+        for job in claimed {
+            let Some(lease) = job.lease.clone() else {
+                continue;
+            };
+            self.emit(Event::Claimed {
+                job: job.id.clone(),
+                attempt: job.attempts,
+                command: job.command.clone(),
+            });
+            self.running.insert(job.id.clone(), lease);
+            if let Some(jobs) = &self.jobs {
+                // Cannot block: the channel holds `workers` jobs and we never have more.
+                if jobs.send(job).is_err() {
+                    return Err(PoolError::Panicked { what: "executor" });
+                }
+            }
+        }
+        Ok(count)
+    }
+
+    /// Settles whatever executors have finished, in one storage call.
+    fn settle_finished(&mut self) {
+        let finished: Vec<Finished> = self.outcomes.try_iter().collect();
+        if !finished.is_empty() || !self.unsettled.is_empty() {
+            self.settle_batch(finished);
+        }
+    }
+
+    fn settle_batch(&mut self, mut finished: Vec<Finished>) {
+        finished.extend(self.outcomes.try_iter());
+        let at = now();
+        let mut batch: Vec<(Settlement, Finished)> = std::mem::take(&mut self.unsettled);
+        for done in finished {
+            let Some(lease) = self.running.get(&done.job.id).cloned() else {
+                continue;
+            };
+            batch.push((self.settlement(lease, &done, at), done));
+        }
+        let settlements = batch.iter().map(|(s, _)| s.clone()).collect();
+        let results = match self.storage.settle(settlements, at) {
+            Ok(results) => results,
+            Err(error) => {
+                self.storage_error("recording job results", &error);
+                if matches!(error, StorageError::Poisoned { .. }) {
+                    // Nothing will be recorded again; the leases will expire and the jobs
+                    // run elsewhere. Stop taking work.
+                    self.begin_stop(true, "storage failure");
+                    for (_, done) in batch {
+                        self.running.remove(&done.job.id);
+                    }
+                } else {
+                    self.unsettled = batch;
+                }
+                return;
+            }
+        };
+        for ((settlement, done), result) in batch.into_iter().zip(results) {
+            self.running.remove(&done.job.id);
+            self.report(&settlement, &done, result);
+        }
+    }
+
+    fn settlement(&self, lease: Lease, done: &Finished, at: Timestamp) -> Settlement {
+        let (report, status) = match &done.outcome {
+            Ok(outcome) => (
+                AttemptReport {
+                    exit_code: outcome.exit_code,
+                    output: (!outcome.output.is_empty()).then(|| outcome.output.clone()),
+                    error: outcome.error_message(),
+                },
+                Some(&outcome.status),
+            ),
+            Err(error) => (
+                AttemptReport {
+                    exit_code: None,
+                    output: None,
+                    error: Some(error.clone()),
+                },
+                None,
+            ),
+        };
+        match status {
+            Some(Status::Succeeded) => Settlement::Complete { lease, report },
+            Some(Status::Cancelled) => Settlement::Release { lease },
+            Some(Status::Failed(_) | Status::TimedOut(_)) | None => {
+                let delay = self.backoff.delay(&done.job.id, done.job.attempts);
+                Settlement::Fail {
+                    lease,
+                    report,
+                    retry_at: at + delay,
+                }
+            }
+        }
+    }
+
+    fn report(&mut self, settlement: &Settlement, done: &Finished, result: crate::Result<Job>) {
+        let job = done.job.id.clone();
+        let attempt = done.job.attempts;
+        let job_after = match result {
+            Ok(job_after) => job_after,
+            Err(StorageError::LeaseLost { .. }) => {
+                self.summary.lost += 1;
+                self.emit(Event::LeaseLost { job });
+                return;
+            }
+            Err(error) => {
+                self.storage_error("recording a job result", &error);
+                return;
+            }
+        };
+        let error = job_after.last_error.clone().unwrap_or_default();
+        match (settlement, job_after.state) {
+            (Settlement::Complete { .. }, _) => {
+                self.summary.completed += 1;
+                let duration = done
+                    .outcome
+                    .as_ref()
+                    .map(|o| o.duration)
+                    .unwrap_or_default();
+                self.emit(Event::Completed {
+                    job,
+                    attempt,
+                    duration,
+                });
+            }
+            (Settlement::Release { .. }, _) => {
+                self.summary.released += 1;
+                self.emit(Event::Released { job });
+            }
+            (Settlement::Fail { .. }, JobState::Dead) => {
+                self.summary.dead += 1;
+                self.emit(Event::Dead {
+                    job,
+                    attempt,
+                    error,
+                });
+            }
+            (Settlement::Fail { retry_at, .. }, _) => {
+                self.summary.failed += 1;
+                let retry_in =
+                    Duration::try_from(*retry_at - job_after.updated_at).unwrap_or_default();
+                self.emit(Event::Failed {
+                    job,
+                    attempt,
+                    error,
+                    retry_in,
+                });
+            }
+        }
+    }
+
+    /// Renews the leases of running jobs and the worker registration; obeys a stored stop.
+    fn heartbeat(&mut self) -> Result<(), PoolError> {
+        let at = now();
+        let leases: Vec<Lease> = self.running.values().cloned().collect();
+        if !leases.is_empty() {
+            match self.storage.extend_leases(&leases, self.lease, at) {
+                Ok(lost) => {
+                    for id in lost {
+                        // The job belongs to someone else now: its result will be refused.
+                        self.emit(Event::LeaseLost { job: id });
+                    }
+                }
+                Err(error) => self.tolerate("renewing leases", error)?,
+            }
+        }
+        match self.storage.worker_heartbeat(&self.id, at) {
+            Ok(true) => self.begin_stop(false, "stop request in storage"),
+            Ok(false) => {}
+            Err(StorageError::UnknownWorker { .. }) => {
+                // Someone deregistered us (presumed dead): register again.
+                let info = self.info(at);
+                if let Err(error) = self.storage.register_worker(info) {
+                    self.tolerate("registering", error)?;
+                }
+            }
+            Err(error) => self.tolerate("heartbeating", error)?,
+        }
+        Ok(())
+    }
+
+    fn info(&self, at: Timestamp) -> WorkerInfo {
+        WorkerInfo {
+            id: self.id.clone(),
+            hostname: self.hostname.clone(),
+            pid: std::process::id(),
+            concurrency: self.workers,
+            started_at: at,
+            last_seen: at,
+            stop_requested: false,
+        }
+    }
+
+    /// Reports a storage error and decides whether the pool can go on.
+    fn tolerate(&mut self, op: &'static str, error: StorageError) -> Result<(), PoolError> {
+        self.storage_error(op, &error);
+        if matches!(error, StorageError::Poisoned { .. }) {
+            self.begin_stop(true, "storage failure");
+        }
+        Ok(())
+    }
+
+    fn recover(&mut self) {
+        let at = now();
+        let stale_after = self.lease * 3;
+        match recover_abandoned(&*self.storage, &self.hostname, stale_after, at) {
+            Ok(jobs) => {
+                for job in jobs {
+                    self.emit(Event::Recovered {
+                        job: job.id,
+                        state: job.state,
+                    });
+                }
+            }
+            Err(error) => self.storage_error("recovering abandoned jobs", &error),
+        }
+    }
+
+    fn purge(&mut self) {
+        let Some(retention) = self.retention else {
+            return;
+        };
+        match self.storage.purge_completed(now() - retention) {
+            Ok(0) => {}
+            Ok(count) => self.emit(Event::Purged { count }),
+            Err(error) => self.storage_error("purging completed jobs", &error),
+        }
+    }
+
+    /// Closes the pool: stops executor threads, deregisters, emits `Stopped`.
+    fn finish(&mut self) {
+        // Closing the jobs channel ends the executor threads.
+        self.jobs = None;
+        self.waker_stop.cancel();
+        if let Err(error) = self.storage.deregister_worker(&self.id) {
+            self.storage_error("deregistering", &error);
+        }
+        self.emit(Event::Stopped);
+    }
+}
+
+/// Returns to the queue every job abandoned by a dead worker: leases that expired, and the jobs
+/// of workers on `hostname` whose process no longer exists (no need to wait for their leases).
+/// Workers silent for longer than `stale_after` are deregistered.
+pub fn recover_abandoned(
+    storage: &dyn Storage,
+    hostname: &str,
+    stale_after: Duration,
+    at: Timestamp,
+) -> crate::Result<Vec<Job>> {
+    let mut recovered = Vec::new();
+    for worker in storage.workers()? {
+        let dead_here = worker.hostname == hostname
+            && worker.pid != std::process::id()
+            && !process_exists(worker.pid);
+        let silent = at - worker.last_seen > stale_after;
+        if dead_here || silent {
+            recovered.extend(storage.recover_worker(&worker.id, at)?);
+            storage.deregister_worker(&worker.id)?;
+        }
+    }
+    recovered.extend(storage.recover_expired(at)?);
+    Ok(recovered)
+}
+
+/// Whether a process with this pid exists on this host.
+fn process_exists(pid: u32) -> bool {
+    let Ok(pid) = i32::try_from(pid) else {
+        return false;
+    };
+    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
+        Ok(()) => true,
+        // It exists but belongs to someone else.
+        Err(nix::errno::Errno::EPERM) => true,
+        Err(_) => false,
+    }
+}
+
+/// An error and its causes on one line: `a: b: c`.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

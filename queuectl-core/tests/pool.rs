@@ -1,0 +1,503 @@
+//! The worker pool over `MemoryStorage`: every test waits on pool events or channels, each wait
+//! bounded by a timeout.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, bounded, select, unbounded};
+use parking_lot::Mutex;
+use queuectl_core::{
+    BackoffPolicy, CancelSignal, Event, Executor, ExecutorError, FnExecutor, Job, JobId, JobState,
+    MemoryStorage, NewJob, Outcome, Status, Storage, StorageExt, WorkerPool, now,
+};
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+fn store() -> Arc<MemoryStorage> {
+    Arc::new(MemoryStorage::new())
+}
+
+fn enqueue(store: &MemoryStorage, id: &str) {
+    store
+        .enqueue(NewJob::new(id).id(id).unwrap(), now())
+        .unwrap();
+}
+
+/// Collects events until `stop` matches one (returned last). Panics on timeout.
+fn events_until(events: &Receiver<Event>, mut stop: impl FnMut(&Event) -> bool) -> Vec<Event> {
+    let deadline = Instant::now() + TIMEOUT;
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match events.recv_timeout(left) {
+            Ok(event) => {
+                let done = stop(&event);
+                seen.push(event);
+                if done {
+                    return seen;
+                }
+            }
+            Err(_) => panic!("timed out waiting for an event; saw {seen:#?}"),
+        }
+    }
+}
+
+fn count_completed(events: &Receiver<Event>, n: usize) -> Vec<Event> {
+    let mut done = 0;
+    events_until(events, |e| {
+        if matches!(e, Event::Completed { .. }) {
+            done += 1;
+        }
+        done == n
+    })
+}
+
+/// An executor whose jobs block until the test lets them go, and which reports starts.
+#[derive(Debug)]
+struct Gate {
+    started: Sender<JobId>,
+    release: Receiver<()>,
+}
+
+impl Executor for Gate {
+    fn execute(&self, job: &Job, cancel: &CancelSignal) -> Result<Outcome, ExecutorError> {
+        self.started.send(job.id.clone()).unwrap();
+        let started = Instant::now();
+        select! {
+            recv(self.release) -> _ => Ok(Outcome::succeeded(started.elapsed())),
+            recv(cancel.receiver()) -> _ => Ok(Outcome {
+                status: Status::Cancelled,
+                exit_code: None,
+                duration: started.elapsed(),
+                output: String::new(),
+            }),
+        }
+    }
+}
+
+fn gate() -> (Arc<Gate>, Receiver<JobId>, Sender<()>) {
+    let (started_tx, started_rx) = unbounded();
+    let (release_tx, release_rx) = unbounded();
+    let gate = Gate {
+        started: started_tx,
+        release: release_rx,
+    };
+    (Arc::new(gate), started_rx, release_tx)
+}
+
+fn recv<T>(rx: &Receiver<T>) -> T {
+    rx.recv_timeout(TIMEOUT).expect("timed out")
+}
+
+#[test]
+fn runs_every_job_exactly_once_across_workers() {
+    const JOBS: usize = 500;
+    let store = store();
+    let runs = Arc::new(Mutex::new(HashMap::<String, usize>::new()));
+    let batch = (0..JOBS).map(|i| NewJob::new(format!("job{i}"))).collect();
+    store.enqueue_batch(batch, now()).unwrap();
+    let counter = runs.clone();
+    let executor = FnExecutor::new(move |job| {
+        *counter.lock().entry(job.command.clone()).or_default() += 1;
+        Ok(())
+    });
+    let pool = WorkerPool::builder(store.clone(), Arc::new(executor))
+        .workers(4)
+        .start()
+        .unwrap();
+    count_completed(pool.events(), JOBS);
+    let summary = pool.shutdown().unwrap();
+    assert_eq!(summary.completed, JOBS);
+    let runs = runs.lock();
+    assert_eq!(runs.len(), JOBS);
+    assert!(runs.values().all(|&n| n == 1), "a job ran twice");
+    assert_eq!(store.counts().unwrap().completed, JOBS);
+}
+
+#[derive(Debug, Default)]
+struct RecordingBackoff(Mutex<Vec<u32>>);
+
+impl BackoffPolicy for RecordingBackoff {
+    fn delay(&self, _job: &JobId, attempts: u32) -> Duration {
+        self.0.lock().push(attempts);
+        Duration::from_millis(attempts as u64)
+    }
+}
+
+#[derive(Debug)]
+struct SharedBackoff(Arc<RecordingBackoff>);
+
+impl BackoffPolicy for SharedBackoff {
+    fn delay(&self, job: &JobId, attempts: u32) -> Duration {
+        self.0.delay(job, attempts)
+    }
+}
+
+#[test]
+fn failing_job_retries_with_backoff_then_goes_to_the_dlq() {
+    let store = store();
+    store
+        .enqueue(NewJob::new("boom").id("f").unwrap().max_retries(3), now())
+        .unwrap();
+    let backoff = Arc::new(RecordingBackoff::default());
+    let executor = FnExecutor::new(|_| Err("always fails".into()));
+    let pool = WorkerPool::builder(store.clone(), Arc::new(executor))
+        .backoff(SharedBackoff(backoff.clone()))
+        .start()
+        .unwrap();
+    let events = events_until(pool.events(), |e| matches!(e, Event::Dead { .. }));
+    pool.shutdown().unwrap();
+    let outcomes: Vec<_> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Failed {
+                attempt, retry_in, ..
+            } => Some(format!("failed {attempt} retry in {retry_in:?}")),
+            Event::Dead { attempt, error, .. } => Some(format!("dead {attempt}: {error}")),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            "failed 1 retry in 1ms",
+            "failed 2 retry in 2ms",
+            "dead 3: always fails"
+        ]
+    );
+    assert_eq!(*backoff.0.lock(), [1, 2, 3]);
+    let job = store.get(&JobId::new("f").unwrap()).unwrap();
+    assert_eq!((job.state, job.attempts), (JobState::Dead, 3));
+    assert_eq!(job.last_error.as_deref(), Some("always fails"));
+}
+
+#[test]
+fn panicking_and_erroring_jobs_fail_without_killing_the_worker() {
+    #[derive(Debug)]
+    struct Broken;
+    impl Executor for Broken {
+        fn execute(&self, job: &Job, _: &CancelSignal) -> Result<Outcome, ExecutorError> {
+            Err(ExecutorError::Spawn {
+                id: job.id.clone(),
+                source: std::io::Error::other("no such shell"),
+            })
+        }
+    }
+    let store = store();
+    store
+        .enqueue(NewJob::new("x").id("a").unwrap().max_retries(1), now())
+        .unwrap();
+    let pool = WorkerPool::builder(store.clone(), Arc::new(Broken))
+        .start()
+        .unwrap();
+    let events = events_until(pool.events(), |e| matches!(e, Event::Dead { .. }));
+    let Some(Event::Dead { error, .. }) = events.last() else {
+        unreachable!()
+    };
+    assert_eq!(error, "could not start the command of job a: no such shell");
+
+    // The same pool goes on running jobs afterwards.
+    enqueue(&store, "b");
+    events_until(pool.events(), |e| matches!(e, Event::Dead { .. }));
+    pool.shutdown().unwrap();
+
+    let store = Arc::new(MemoryStorage::new());
+    store
+        .enqueue(NewJob::new("panic").max_retries(1), now())
+        .unwrap();
+    enqueue(&store, "fine");
+    let executor = FnExecutor::new(|job| {
+        if job.command == "panic" {
+            panic!("job exploded");
+        }
+        Ok(())
+    });
+    let pool = WorkerPool::builder(store.clone(), Arc::new(executor))
+        .start()
+        .unwrap();
+    let events = events_until(pool.events(), |e| matches!(e, Event::Completed { .. }));
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::Dead { error, .. } if error == "panicked: job exploded"))
+    );
+    pool.shutdown().unwrap();
+}
+
+#[test]
+fn graceful_shutdown_finishes_running_jobs_and_claims_no_more() {
+    let store = store();
+    enqueue(&store, "running");
+    let (gate, started, release) = gate();
+    let pool = WorkerPool::builder(store.clone(), gate).start().unwrap();
+    assert_eq!(recv(&started).as_str(), "running");
+    enqueue(&store, "waiting");
+    let stopper = pool.stopper();
+    let events = pool.events().clone();
+    let joiner = std::thread::spawn(move || pool.join());
+    stopper.graceful();
+    events_until(&events, |e| {
+        matches!(e, Event::Stopping { forced: false, .. })
+    });
+    release.send(()).unwrap();
+    let summary = joiner.join().unwrap().unwrap();
+    assert_eq!(summary.completed, 1);
+    let state = |id: &str| store.get(&JobId::new(id).unwrap()).unwrap().state;
+    assert_eq!(state("running"), JobState::Completed);
+    assert_eq!(state("waiting"), JobState::Pending);
+    assert!(store.workers().unwrap().is_empty(), "deregistered");
+}
+
+#[test]
+fn forced_shutdown_cancels_running_jobs_and_hands_them_back() {
+    let store = store();
+    enqueue(&store, "long");
+    let (gate, started, _release) = gate();
+    let pool = WorkerPool::builder(store.clone(), gate).start().unwrap();
+    recv(&started);
+    let events = pool.events().clone();
+    let summary = pool.shutdown_now().unwrap();
+    assert_eq!(summary.released, 1);
+    let job = store.get(&JobId::new("long").unwrap()).unwrap();
+    assert_eq!((job.state, job.attempts), (JobState::Pending, 0));
+    let seen: Vec<_> = events.try_iter().collect();
+    assert!(seen.iter().any(|e| matches!(e, Event::Released { .. })));
+    assert_eq!(seen.last(), Some(&Event::Stopped));
+}
+
+#[test]
+fn second_graceful_request_escalates_to_forced() {
+    let store = store();
+    enqueue(&store, "long");
+    let (gate, started, _release) = gate();
+    let pool = WorkerPool::builder(store.clone(), gate).start().unwrap();
+    recv(&started);
+    let stopper = pool.stopper();
+    stopper.graceful();
+    events_until(pool.events(), |e| {
+        matches!(e, Event::Stopping { forced: false, .. })
+    });
+    stopper.graceful();
+    events_until(pool.events(), |e| {
+        matches!(e, Event::Stopping { forced: true, .. })
+    });
+    assert_eq!(pool.join().unwrap().released, 1);
+}
+
+#[test]
+fn idle_pool_wakes_on_new_work_without_waiting_for_a_tick() {
+    let store = store();
+    let pool = WorkerPool::builder(store.clone(), Arc::new(FnExecutor::new(|_| Ok(()))))
+        .heartbeat_interval(Duration::from_secs(3600))
+        .recovery_interval(Duration::from_secs(3600))
+        .start()
+        .unwrap();
+    events_until(pool.events(), |e| matches!(e, Event::Started { .. }));
+    enqueue(&store, "late");
+    count_completed(pool.events(), 1);
+    pool.shutdown().unwrap();
+}
+
+#[test]
+fn scheduled_job_runs_once_due() {
+    let store = store();
+    let due = now() + Duration::from_millis(300);
+    store
+        .enqueue(NewJob::new("x").id("later").unwrap().run_at(due), now())
+        .unwrap();
+    let pool = WorkerPool::builder(store.clone(), Arc::new(FnExecutor::new(|_| Ok(()))))
+        .heartbeat_interval(Duration::from_secs(3600))
+        .recovery_interval(Duration::from_secs(3600))
+        .start()
+        .unwrap();
+    count_completed(pool.events(), 1);
+    let job = store.get(&JobId::new("later").unwrap()).unwrap();
+    assert!(job.started_at.unwrap() >= due, "ran before it was due");
+    pool.shutdown().unwrap();
+}
+
+#[test]
+fn jobs_run_in_priority_order() {
+    let store = store();
+    for (id, priority) in [("low", -5), ("normal", 0), ("urgent", 10), ("high", 5)] {
+        store
+            .enqueue(NewJob::new(id).id(id).unwrap().priority(priority), now())
+            .unwrap();
+    }
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let log = order.clone();
+    let executor = FnExecutor::new(move |job| {
+        log.lock().push(job.command.clone());
+        Ok(())
+    });
+    let pool = WorkerPool::builder(store, Arc::new(executor))
+        .exit_when_idle(true)
+        .start()
+        .unwrap();
+    assert_eq!(pool.join().unwrap().completed, 4);
+    assert_eq!(*order.lock(), ["urgent", "high", "normal", "low"]);
+}
+
+#[test]
+fn recovery_tick_returns_jobs_of_a_silent_worker() {
+    let store = store();
+    enqueue(&store, "orphan");
+    // A worker that claimed the job, then vanished without heartbeating.
+    store
+        .claim("ghost", 1, Duration::from_millis(100), now())
+        .unwrap();
+    let pool = WorkerPool::builder(store.clone(), Arc::new(FnExecutor::new(|_| Ok(()))))
+        .lease(Duration::from_secs(5))
+        .recovery_interval(Duration::from_millis(50))
+        .start()
+        .unwrap();
+    let events = count_completed(pool.events(), 1);
+    assert!(events.iter().any(|e| matches!(
+        e,
+        Event::Recovered { job, state: JobState::Pending } if job.as_str() == "orphan"
+    )));
+    let job = store.get(&JobId::new("orphan").unwrap()).unwrap();
+    assert_eq!((job.state, job.attempts), (JobState::Completed, 2));
+    pool.shutdown().unwrap();
+}
+
+#[test]
+fn jobs_of_a_dead_process_on_this_host_are_recovered_at_once() {
+    let store = store();
+    enqueue(&store, "orphan");
+    // A registered worker whose process has exited: its lease is long, but its pid is gone.
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead_pid = child.id();
+    child.wait().unwrap();
+    store
+        .register_worker(queuectl_core::WorkerInfo {
+            id: "dead-worker".into(),
+            hostname: queuectl_core::pool::hostname(),
+            pid: dead_pid,
+            concurrency: 1,
+            started_at: now(),
+            last_seen: now(),
+            stop_requested: false,
+        })
+        .unwrap();
+    store
+        .claim("dead-worker", 1, Duration::from_secs(3600), now())
+        .unwrap();
+    let pool = WorkerPool::builder(store.clone(), Arc::new(FnExecutor::new(|_| Ok(()))))
+        .start()
+        .unwrap();
+    count_completed(pool.events(), 1);
+    let ids: Vec<_> = store.workers().unwrap().into_iter().map(|w| w.id).collect();
+    assert_eq!(ids, [pool.id()], "the dead worker was deregistered");
+    pool.shutdown().unwrap();
+}
+
+#[test]
+fn heartbeats_keep_a_long_job_leased() {
+    let store = store();
+    enqueue(&store, "long");
+    let (gate, started, release) = gate();
+    let lease = Duration::from_millis(300);
+    let pool = WorkerPool::builder(store.clone(), gate)
+        .lease(lease)
+        .heartbeat_interval(Duration::from_millis(50))
+        .start()
+        .unwrap();
+    recv(&started);
+    let claimed_at = Instant::now();
+    // Let three lease lengths pass (waiting on the event stream, which stays quiet).
+    while claimed_at.elapsed() < lease * 3 {
+        if let Ok(event) = pool.events().recv_timeout(lease) {
+            assert!(
+                !matches!(event, Event::LeaseLost { .. } | Event::Recovered { .. }),
+                "{event:?}"
+            );
+        }
+    }
+    assert!(
+        store.recover_expired(now()).unwrap().is_empty(),
+        "lease was kept alive"
+    );
+    release.send(()).unwrap();
+    count_completed(pool.events(), 1);
+    pool.shutdown().unwrap();
+}
+
+#[test]
+fn a_worker_that_lost_its_lease_cannot_overwrite_the_new_owner() {
+    let store = store();
+    enqueue(&store, "contested");
+    let (gate, started, release) = gate();
+    let pool = WorkerPool::builder(store.clone(), gate)
+        .heartbeat_interval(Duration::from_secs(3600))
+        .start()
+        .unwrap();
+    recv(&started);
+    // The store decides the pool is dead and gives the job to someone else.
+    store.recover_worker(pool.id(), now()).unwrap();
+    let other = store
+        .claim("other", 1, Duration::from_secs(60), now())
+        .unwrap();
+    assert_eq!(other.len(), 1);
+    release.send(()).unwrap();
+    events_until(pool.events(), |e| matches!(e, Event::LeaseLost { .. }));
+    let job = store.get(&JobId::new("contested").unwrap()).unwrap();
+    assert_eq!(job.state, JobState::Processing);
+    assert_eq!(job.lease.unwrap().worker, "other");
+    pool.shutdown_now().unwrap();
+}
+
+#[test]
+fn stop_request_in_storage_stops_the_pool_gracefully() {
+    let store = store();
+    let pool = WorkerPool::builder(store.clone(), Arc::new(FnExecutor::new(|_| Ok(()))))
+        .heartbeat_interval(Duration::from_millis(20))
+        .start()
+        .unwrap();
+    events_until(pool.events(), |e| matches!(e, Event::Started { .. }));
+    assert_eq!(store.workers().unwrap().len(), 1);
+    assert_eq!(store.request_stop().unwrap(), 1);
+    events_until(pool.events(), |e| {
+        matches!(
+            e,
+            Event::Stopping {
+                forced: false,
+                reason: "stop request in storage"
+            }
+        )
+    });
+    pool.join().unwrap();
+    assert!(store.workers().unwrap().is_empty());
+}
+
+#[test]
+fn builder_refuses_zero_workers() {
+    let err = WorkerPool::builder(store(), Arc::new(FnExecutor::new(|_| Ok(()))))
+        .workers(0)
+        .start()
+        .unwrap_err();
+    assert!(err.to_string().contains("at least 1"), "{err}");
+}
+
+#[test]
+fn exit_when_idle_drains_the_queue_then_stops() {
+    let store = store();
+    for i in 0..20 {
+        enqueue(&store, &format!("j{i}"));
+    }
+    let (tx, rx) = bounded(100);
+    let executor = FnExecutor::new(move |job| {
+        tx.send(job.id.clone()).unwrap();
+        Ok(())
+    });
+    let pool = WorkerPool::builder(store.clone(), Arc::new(executor))
+        .workers(3)
+        .exit_when_idle(true)
+        .start()
+        .unwrap();
+    let summary = pool.join().unwrap();
+    assert_eq!(summary.completed, 20);
+    assert_eq!(rx.try_iter().count(), 20);
+    assert_eq!(store.counts().unwrap().completed, 20);
+}
