@@ -151,6 +151,13 @@ pub fn unset_fields_take_config_defaults(h: &dyn Harness) {
         .enqueue(job("explicit").timeout(Duration::from_millis(1500)), at(1))
         .unwrap();
     assert_eq!(explicit.timeout, Some(Duration::from_millis(1500)));
+    store
+        .update_config(&mut |c| c.set("job-timeout", "30"))
+        .unwrap();
+    let unlimited = store
+        .enqueue(job("unlimited").timeout(Duration::ZERO), at(1))
+        .unwrap();
+    assert_eq!(unlimited.timeout, None, "zero asks for no limit");
     assert_eq!(store.get(&id("before")).unwrap().max_retries, 3);
 }
 

@@ -274,7 +274,7 @@ pub struct NewJob {
     pub priority: i32,
     /// Not before this instant; `None` means now.
     pub run_at: Option<Timestamp>,
-    /// Per-attempt time limit; `None` uses the `job-timeout` setting.
+    /// Per-attempt time limit; `None` uses the `job-timeout` setting, zero means no limit.
     pub timeout: Option<Duration>,
 }
 
@@ -315,7 +315,7 @@ impl NewJob {
         self
     }
 
-    /// Limits each attempt to `timeout`.
+    /// Limits each attempt to `timeout` (zero: no limit, whatever the setting says).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
         self

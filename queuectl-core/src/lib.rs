@@ -34,6 +34,7 @@ pub mod job;
 mod memory;
 pub mod pool;
 pub mod shell;
+pub mod spec;
 mod state;
 pub mod storage;
 
@@ -48,6 +49,7 @@ pub use memory::MemoryStorage;
 pub use pool::{Event, PoolError, Stopper, Summary, WorkerPool, WorkerPoolBuilder};
 
 pub use shell::ShellExecutor;
+pub use spec::{JobSpec, SpecError};
 pub use storage::{
     AttemptReport, ListQuery, Settlement, StateCounts, Storage, StorageExt, WorkerInfo,
 };

@@ -216,7 +216,11 @@ impl QueueState {
                 updated_at: now,
                 priority: new.priority,
                 run_at: new.run_at.unwrap_or(now),
-                timeout: new.timeout.or_else(|| self.config.job_timeout()),
+                timeout: match new.timeout {
+                    Some(limit) if limit.is_zero() => None,
+                    Some(limit) => Some(limit),
+                    None => self.config.job_timeout(),
+                },
                 last_error: None,
                 exit_code: None,
                 output: None,

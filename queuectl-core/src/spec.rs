@@ -1,0 +1,153 @@
+//! The JSON description of a job, as `queuectl enqueue` accepts it.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::job::{InvalidJob, JobId, NewJob, Timestamp};
+
+/// A job as written by a user: `{"id": "job1", "command": "echo hi", "priority": 5}`.
+///
+/// Fields: `command` (required), `id`, `max_retries`, `priority`, `run_at` (RFC 3339) or
+/// `delay` (seconds), `timeout` (seconds, 0 for none). Unknown fields are refused, so a typo
+/// never silently drops a setting.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// Unique id; generated when missing.
+    pub id: Option<String>,
+    /// The shell command.
+    pub command: Option<String>,
+    /// Failed attempts before the job is dead (default: the `max-retries` setting).
+    pub max_retries: Option<u32>,
+    /// Higher runs first (default 0).
+    pub priority: Option<i32>,
+    /// Not before this instant.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub run_at: Option<Timestamp>,
+    /// Not before this many seconds from now.
+    pub delay: Option<f64>,
+    /// Per-attempt time limit in seconds; 0 means none (default: the `job-timeout` setting).
+    pub timeout: Option<f64>,
+}
+
+/// Why a job description was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    /// Not valid JSON, a wrong type, or an unknown field.
+    #[error("invalid job JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    /// The JSON was valid but the job is not.
+    #[error(transparent)]
+    Invalid(#[from] InvalidJob),
+    /// `command` is missing.
+    #[error("the job has no \"command\"")]
+    MissingCommand,
+    /// Both `run_at` and `delay` were given.
+    #[error("give either \"run_at\" or \"delay\", not both")]
+    RunAtAndDelay,
+    /// A number of seconds that is negative, not finite or absurdly large.
+    #[error("invalid \"{field}\": {value} (expected seconds from 0 to 31536000)")]
+    Seconds {
+        /// The field.
+        field: &'static str,
+        /// The value given.
+        value: f64,
+    },
+}
+
+const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
+
+fn seconds(field: &'static str, value: f64) -> Result<Duration, SpecError> {
+    if value.is_finite() && (0.0..=MAX_SECONDS).contains(&value) {
+        Ok(Duration::from_secs_f64(value))
+    } else {
+        Err(SpecError::Seconds { field, value })
+    }
+}
+
+impl JobSpec {
+    /// Parses one JSON object.
+    pub fn parse(json: &str) -> Result<Self, SpecError> {
+        Ok(serde_json::from_str(json)?)
+    }
+
+    /// Validates the spec and turns it into a [`NewJob`], resolving `delay` against `now`.
+    /// A `timeout` of 0 means no limit, overriding the configured default.
+    pub fn into_new_job(self, now: Timestamp) -> Result<NewJob, SpecError> {
+        let command = self.command.ok_or(SpecError::MissingCommand)?;
+        let mut job = NewJob::new(command);
+        job.validate()?;
+        if let Some(id) = self.id {
+            job.id = Some(JobId::new(id)?);
+        }
+        job.max_retries = self.max_retries;
+        job.priority = self.priority.unwrap_or(0);
+        job.run_at = match (self.run_at, self.delay) {
+            (Some(_), Some(_)) => return Err(SpecError::RunAtAndDelay),
+            (Some(at), None) => Some(at),
+            (None, Some(delay)) => Some(now + seconds("delay", delay)?),
+            (None, None) => None,
+        };
+        job.timeout = self.timeout.map(|t| seconds("timeout", t)).transpose()?;
+        Ok(job)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    fn parse(json: &str) -> Result<NewJob, SpecError> {
+        JobSpec::parse(json)?.into_new_job(datetime!(2026-01-01 0:00 UTC))
+    }
+
+    #[test]
+    fn full_spec_becomes_a_new_job() {
+        let job = parse(
+            r#"{"id":"a1","command":"echo hi","max_retries":5,"priority":-2,"delay":1.5,"timeout":10}"#,
+        )
+        .unwrap();
+        assert_eq!(job.id.unwrap().as_str(), "a1");
+        assert_eq!(job.command, "echo hi");
+        assert_eq!(job.max_retries, Some(5));
+        assert_eq!(job.priority, -2);
+        assert_eq!(job.run_at, Some(datetime!(2026-01-01 0:00:01.5 UTC)));
+        assert_eq!(job.timeout, Some(Duration::from_secs(10)));
+        let at = parse(r#"{"command":"x","run_at":"2026-02-03T04:05:06Z"}"#).unwrap();
+        assert_eq!(at.run_at, Some(datetime!(2026-02-03 4:05:06 UTC)));
+        assert_eq!(
+            parse(r#"{"command":"x","timeout":0}"#).unwrap().timeout,
+            Some(Duration::ZERO)
+        );
+    }
+
+    #[test]
+    fn bad_specs_are_refused_with_a_reason() {
+        let cases = [
+            ("not json", "invalid job JSON"),
+            ("[1]", "invalid job JSON"),
+            (r#"{"id":"a"}"#, "no \"command\""),
+            (r#"{"command":""}"#, "empty"),
+            (r#"{"command":"x","id":"../x"}"#, "invalid job id"),
+            (
+                r#"{"command":"x","colour":"red"}"#,
+                "unknown field `colour`",
+            ),
+            (r#"{"command":"x","max_retries":-1}"#, "invalid job JSON"),
+            (r#"{"command":"x","priority":"high"}"#, "invalid job JSON"),
+            (r#"{"command":"x","run_at":"tomorrow"}"#, "invalid job JSON"),
+            (r#"{"command":"x","delay":-1}"#, "invalid \"delay\""),
+            (r#"{"command":"x","timeout":1e99}"#, "invalid \"timeout\""),
+            (
+                r#"{"command":"x","delay":1,"run_at":"2026-01-01T00:00:00Z"}"#,
+                "not both",
+            ),
+        ];
+        for (json, expected) in cases {
+            let err = parse(json).unwrap_err().to_string();
+            assert!(err.contains(expected), "{json}: {err}");
+        }
+    }
+}
