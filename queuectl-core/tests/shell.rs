@@ -1,0 +1,521 @@
+//! `ShellExecutor` end to end: real shells, real process groups, real signals.
+//!
+//! Waits are bounded: ordering comes from FIFOs the job writes to (never from sleeps), and
+//! polling loops only observe that a process has died.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+use nix::sys::signal::{Signal, kill};
+use nix::sys::stat::Mode;
+use nix::unistd::{Pid, mkfifo};
+use queuectl_core::executor::{Canceller, cancel_pair};
+use queuectl_core::shell::JOB_ID_VAR;
+use queuectl_core::{
+    CancelSignal, Executor, ExecutorError, Job, MemoryStorage, NewJob, Outcome, ShellExecutor,
+    Status, StorageExt, now,
+};
+
+/// Upper bound of every wait in these tests.
+const LONG: Duration = Duration::from_secs(10);
+
+fn job(id: &str, command: &str) -> Job {
+    let mut job = MemoryStorage::new()
+        .enqueue(NewJob::new(command).id(id).unwrap(), now())
+        .unwrap();
+    job.attempts = 1;
+    job.timeout = None;
+    job
+}
+
+fn run(exec: &ShellExecutor, job: &Job) -> Outcome {
+    exec.execute(job, &CancelSignal::never()).unwrap()
+}
+
+/// Runs `f` on a thread; fails the test if it takes longer than `LONG`.
+fn within<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(LONG)
+        .unwrap_or_else(|e| panic!("{what}: {e}"))
+}
+
+/// A FIFO at `dir/name` and a channel receiving what is written to it (by one writer).
+fn fifo(dir: &Path, name: &str) -> (PathBuf, Receiver<String>) {
+    let path = dir.join(name);
+    mkfifo(&path, Mode::S_IRUSR | Mode::S_IWUSR).unwrap();
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let reader = path.clone();
+    thread::spawn(move || {
+        let _ = tx.send(fs::read_to_string(reader).unwrap());
+    });
+    (path, rx)
+}
+
+fn recv(what: &str, rx: &Receiver<String>) -> String {
+    rx.recv_timeout(LONG)
+        .unwrap_or_else(|e| panic!("{what}: {e}"))
+}
+
+/// Whether `pid` is a live process (a zombie counts as dead: in a container, nobody may reap
+/// an orphan).
+fn is_running(pid: i32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim_start().chars().next());
+            !matches!(state, Some('Z' | 'X'))
+        }
+        Err(_) if Path::new("/proc/self/stat").exists() => false,
+        Err(_) => kill(Pid::from_raw(pid), None).is_ok(),
+    }
+}
+
+/// Waits (bounded) for `pid` to die; kills it and fails if it does not.
+fn assert_gone(pid: i32) {
+    let deadline = Instant::now() + LONG;
+    while is_running(pid) {
+        if Instant::now() > deadline {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            panic!("process {pid} is still running");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn pid(text: &str) -> i32 {
+    text.trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("not a pid {text:?}: {e}"))
+}
+
+/// Starts `job` on a thread with a fresh cancel signal; returns the canceller and the outcome.
+fn start_cancellable(
+    exec: ShellExecutor,
+    job: Job,
+) -> (Canceller, Receiver<Result<Outcome, ExecutorError>>) {
+    let (canceller, signal) = cancel_pair();
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    thread::spawn(move || {
+        let _ = tx.send(exec.execute(&job, &signal));
+    });
+    (canceller, rx)
+}
+
+#[test]
+fn exit_code_zero_succeeds_with_stdout_and_stderr_in_order() {
+    let outcome = run(
+        &ShellExecutor::new(),
+        &job("ok", "echo out; echo err >&2; echo out again"),
+    );
+    assert_eq!(outcome.status, Status::Succeeded);
+    assert_eq!(outcome.exit_code, Some(0));
+    assert_eq!(outcome.output, "out\nerr\nout again\n");
+    assert!(outcome.duration < LONG);
+}
+
+#[test]
+fn non_zero_exit_is_a_failure_with_its_code() {
+    let outcome = run(&ShellExecutor::new(), &job("three", "echo trying; exit 3"));
+    assert_eq!(outcome.status, Status::Failed("exited with code 3".into()));
+    assert_eq!(outcome.exit_code, Some(3));
+    assert_eq!(outcome.output, "trying\n");
+    assert_eq!(outcome.error_message().unwrap(), "exited with code 3");
+}
+
+#[test]
+fn unknown_command_is_exit_127_not_an_error() {
+    let outcome = run(
+        &ShellExecutor::new(),
+        &job("missing", "queuectl-no-such-command-xyz --flag"),
+    );
+    assert_eq!(
+        outcome.status,
+        Status::Failed("exited with code 127".into())
+    );
+    assert_eq!(outcome.exit_code, Some(127));
+    assert!(outcome.output.contains("not found"), "{:?}", outcome.output);
+    assert!(
+        outcome.output.starts_with("queuectl-job:"),
+        "{:?}",
+        outcome.output
+    );
+}
+
+#[test]
+fn death_by_signal_is_a_failure_without_exit_code() {
+    let outcome = run(&ShellExecutor::new(), &job("killed", "kill -9 $$"));
+    assert_eq!(
+        outcome.status,
+        Status::Failed("killed by signal SIGKILL (9)".into())
+    );
+    assert_eq!(outcome.exit_code, None);
+}
+
+#[test]
+fn the_command_is_passed_as_an_argument_not_spliced_into_the_script() {
+    // Quotes, `$1`, a trailing comment and a newline all keep their shell meaning.
+    let outcome = run(
+        &ShellExecutor::new(),
+        &job(
+            "quoting",
+            "set -- 'a b' \"c\"; echo \"$#:$1:$2\" # comment\necho 'it''s'",
+        ),
+    );
+    assert_eq!(outcome.status, Status::Succeeded);
+    assert_eq!(outcome.output, "2:a b:c\nits\n");
+}
+
+#[test]
+fn a_shell_that_cannot_start_is_a_spawn_error() {
+    let err = ShellExecutor::new()
+        .shell("/nonexistent/queuectl-sh")
+        .execute(&job("noshell", "true"), &CancelSignal::never())
+        .unwrap_err();
+    match err {
+        ExecutorError::Spawn { id, .. } => assert_eq!(id.as_str(), "noshell"),
+        other => panic!("expected a spawn error, got {other:?}"),
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let err = ShellExecutor::new()
+        .working_dir(dir.path().join("missing"))
+        .execute(&job("nodir", "true"), &CancelSignal::never())
+        .unwrap_err();
+    assert!(
+        matches!(&err, ExecutorError::Spawn { id, .. } if id.as_str() == "nodir"),
+        "{err:?}"
+    );
+    assert_eq!(err.to_string(), "could not start the command of job nodir");
+}
+
+#[test]
+fn job_id_attempt_and_extra_environment_are_set() {
+    let exec = ShellExecutor::new()
+        .env("GREETING", "hello there")
+        .env(JOB_ID_VAR, "cannot override");
+    let mut job = job(
+        "env-job",
+        "echo \"$QUEUECTL_JOB_ID|$QUEUECTL_ATTEMPT|$GREETING|$PATH\"",
+    );
+    job.attempts = 2;
+    let outcome = run(&exec, &job);
+    let path = std::env::var("PATH").unwrap_or_default();
+    assert_eq!(outcome.output, format!("env-job|2|hello there|{path}\n"));
+}
+
+#[test]
+fn working_dir_is_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let outcome = run(
+        &ShellExecutor::new().working_dir(dir.path()),
+        &job("cwd", "pwd -P"),
+    );
+    let expected = dir.path().canonicalize().unwrap();
+    assert_eq!(outcome.output, format!("{}\n", expected.display()));
+}
+
+#[test]
+fn stdin_is_dev_null_and_the_lifeline_is_not_inherited() {
+    // `cat` would block if its stdin were the lifeline (which only closes after the job).
+    let mut job = job(
+        "stdin",
+        "cat; read line || echo eof; \
+         if { true <&3; } 2>/dev/null; then echo fd3 open; else echo fd3 closed; fi",
+    );
+    job.timeout = Some(LONG);
+    let outcome = within("the attempt", move || run(&ShellExecutor::new(), &job));
+    assert_eq!(outcome.status, Status::Succeeded);
+    assert_eq!(outcome.output, "eof\nfd3 closed\n");
+}
+
+#[test]
+#[cfg(target_os = "linux")]
+fn the_job_runs_in_its_own_process_group() {
+    // Field 5 of /proc/PID/stat is the process group.
+    let outcome = run(
+        &ShellExecutor::new(),
+        &job("pgrp", "echo $$; cut -d' ' -f5 /proc/$$/stat"),
+    );
+    let lines: Vec<&str> = outcome.output.lines().collect();
+    assert_eq!(lines.len(), 2, "{:?}", outcome.output);
+    let (leader, group) = (pid(lines[0]), pid(lines[1]));
+    assert_eq!(leader, group, "the job's shell leads its own group");
+    assert_ne!(group, nix::unistd::getpgrp().as_raw());
+}
+
+#[test]
+fn a_megabyte_of_output_does_not_block_and_keeps_the_tail() {
+    // 1 MiB on stdout plus a marker on stderr; the default cap is 64 KiB.
+    let command = "head -c 1048576 /dev/zero | tr '\\0' 'x'; echo; echo end-marker >&2";
+    let mut job = job("chatty", command);
+    job.timeout = Some(LONG);
+    let outcome = within("the attempt", move || run(&ShellExecutor::new(), &job));
+    assert_eq!(outcome.status, Status::Succeeded);
+    let total = 1048576 + 1 + "end-marker\n".len();
+    let dropped = total - 64 * 1024;
+    let header = format!("[... {dropped} bytes truncated]\n");
+    assert!(
+        outcome.output.starts_with(&header),
+        "{:.80}",
+        outcome.output
+    );
+    assert_eq!(outcome.output.len(), header.len() + 64 * 1024);
+    assert!(outcome.output.ends_with("xxx\nend-marker\n"));
+}
+
+#[test]
+fn output_limit_is_configurable() {
+    let exec = ShellExecutor::new().output_limit(10);
+    let outcome = run(&exec, &job("capped", "printf 0123456789abcdef"));
+    assert_eq!(outcome.output, "[... 6 bytes truncated]\n6789abcdef");
+    let outcome = run(&exec, &job("fits", "printf 0123456789"));
+    assert_eq!(outcome.output, "0123456789");
+}
+
+#[test]
+fn output_is_lossy_utf8() {
+    let outcome = run(
+        &ShellExecutor::new(),
+        &job("bytes", "printf 'caf\\303\\251 \\377\\n'"),
+    );
+    assert_eq!(outcome.output, "café \u{fffd}\n");
+}
+
+#[test]
+fn leftover_background_processes_are_killed_when_the_job_exits() {
+    // The grandchild keeps stdout open; the attempt must still end at once, with the job's
+    // own exit code.
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("pid");
+    let command = format!(
+        "sleep 30 & echo $! > {}; echo done; exit 5",
+        pid_file.display()
+    );
+    let started = Instant::now();
+    let job = job("leftovers", &command);
+    let outcome = within("the attempt", move || run(&ShellExecutor::new(), &job));
+    assert!(started.elapsed() < Duration::from_secs(3), "{outcome:?}");
+    assert_eq!(outcome.status, Status::Failed("exited with code 5".into()));
+    assert_eq!(outcome.exit_code, Some(5));
+    assert_eq!(outcome.output, "done\n");
+    assert_gone(pid(&fs::read_to_string(pid_file).unwrap()));
+}
+
+#[test]
+fn timeout_kills_the_whole_process_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("pid");
+    // The limit leaves the shell ample time to write the pid file before it fires.
+    let limit = Duration::from_secs(1);
+    let mut job = job(
+        "slow",
+        &format!("sleep 30 & echo $! > {}; wait", pid_file.display()),
+    );
+    job.timeout = Some(limit);
+    let outcome = within("the attempt", move || run(&ShellExecutor::new(), &job));
+    assert_eq!(outcome.status, Status::TimedOut(limit));
+    assert_eq!(outcome.exit_code, None);
+    assert_eq!(outcome.error_message().unwrap(), "timed out after 1.000s");
+    // Every process died of SIGTERM, so the 5 s grace period was not waited out.
+    assert!(outcome.duration >= limit, "{outcome:?}");
+    assert!(
+        outcome.duration < limit + Duration::from_secs(3),
+        "{outcome:?}"
+    );
+    assert_gone(pid(&fs::read_to_string(pid_file).unwrap()));
+}
+
+#[test]
+fn cancel_stops_the_job_and_its_grandchildren() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ready, ready_rx) = fifo(dir.path(), "ready");
+    let job = job(
+        "cancelled",
+        &format!("sleep 30 & echo $! > {}; wait", ready.display()),
+    );
+    let (mut canceller, outcome) = start_cancellable(ShellExecutor::new(), job);
+    let grandchild = pid(&recv("the grandchild's pid", &ready_rx));
+    assert!(is_running(grandchild));
+
+    canceller.cancel();
+    let outcome = outcome.recv_timeout(LONG).unwrap().unwrap();
+    assert_eq!(outcome.status, Status::Cancelled);
+    assert_eq!(outcome.exit_code, None);
+    assert!(outcome.duration < Duration::from_secs(3), "{outcome:?}");
+    assert_gone(grandchild);
+}
+
+#[test]
+fn a_cancelled_signal_does_not_start_the_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("ran");
+    let (mut canceller, signal) = cancel_pair();
+    canceller.cancel();
+    let outcome = ShellExecutor::new()
+        .execute(
+            &job("never", &format!("touch {}", marker.display())),
+            &signal,
+        )
+        .unwrap();
+    assert_eq!(outcome.status, Status::Cancelled);
+    assert!(!marker.exists());
+}
+
+#[test]
+fn sigterm_comes_first_and_the_job_may_clean_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ready, ready_rx) = fifo(dir.path(), "ready");
+    let job = job(
+        "graceful",
+        &format!(
+            "trap 'echo cleaning up; exit 7' TERM; echo ready > {}; \
+             while :; do sleep 1; done",
+            ready.display()
+        ),
+    );
+    // The default 5 s grace is not waited out: the attempt ends when the job does.
+    let (mut canceller, outcome) = start_cancellable(ShellExecutor::new(), job);
+    recv("readiness", &ready_rx);
+    let cancelled_at = Instant::now();
+    canceller.cancel();
+    let outcome = outcome.recv_timeout(LONG).unwrap().unwrap();
+    assert!(cancelled_at.elapsed() < Duration::from_secs(3));
+    assert_eq!(outcome.status, Status::Cancelled);
+    assert_eq!(outcome.exit_code, Some(7));
+    // (Some shells first report that `sleep` was terminated.)
+    assert!(
+        outcome.output.ends_with("cleaning up\n"),
+        "{:?}",
+        outcome.output
+    );
+}
+
+#[test]
+fn sigkill_follows_when_the_grace_period_is_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ready, ready_rx) = fifo(dir.path(), "ready");
+    let grace = Duration::from_millis(300);
+    // SIGTERM is ignored by the shell and inherited as ignored by `sleep`.
+    let job = job(
+        "stubborn",
+        &format!("trap '' TERM; echo ready > {}; sleep 30", ready.display()),
+    );
+    let (mut canceller, outcome) = start_cancellable(ShellExecutor::new().kill_grace(grace), job);
+    recv("readiness", &ready_rx);
+    let cancelled_at = Instant::now();
+    canceller.cancel();
+    let outcome = outcome.recv_timeout(LONG).unwrap().unwrap();
+    let took = cancelled_at.elapsed();
+    assert!(took >= grace, "killed after {took:?}");
+    assert!(
+        took < grace + Duration::from_secs(3),
+        "killed after {took:?}"
+    );
+    assert_eq!(outcome.status, Status::Cancelled);
+    assert_eq!(outcome.exit_code, None);
+}
+
+#[test]
+fn the_grace_period_covers_the_whole_group_not_just_the_shell() {
+    // The shell dies of SIGTERM at once; its grandchild ignores SIGTERM and must still be
+    // killed when the grace period is over.
+    let dir = tempfile::tempdir().unwrap();
+    let (ready, ready_rx) = fifo(dir.path(), "ready");
+    let grace = Duration::from_millis(300);
+    let job = job(
+        "stubborn-child",
+        &format!(
+            "sh -c 'trap \"\" TERM; echo $$ > {}; exec sleep 30' & wait",
+            ready.display()
+        ),
+    );
+    let (mut canceller, outcome) = start_cancellable(ShellExecutor::new().kill_grace(grace), job);
+    let grandchild = pid(&recv("the grandchild's pid", &ready_rx));
+    let cancelled_at = Instant::now();
+    canceller.cancel();
+    let outcome = outcome.recv_timeout(LONG).unwrap().unwrap();
+    let took = cancelled_at.elapsed();
+    assert_eq!(outcome.status, Status::Cancelled);
+    assert!(took >= grace, "ended after {took:?}");
+    assert_gone(grandchild);
+}
+
+#[test]
+fn concurrent_attempts_stay_apart() {
+    let exec = ShellExecutor::new();
+    thread::scope(|scope| {
+        let handles: Vec<_> = (0..8)
+            .map(|i| {
+                let exec = &exec;
+                scope.spawn(move || {
+                    let job = job(
+                        &format!("job-{i}"),
+                        "echo \"$QUEUECTL_JOB_ID\"; exit $((3 + 0))",
+                    );
+                    run(exec, &job)
+                })
+            })
+            .collect();
+        for (i, handle) in handles.into_iter().enumerate() {
+            let outcome = handle.join().unwrap();
+            assert_eq!(outcome.output, format!("job-{i}\n"));
+            assert_eq!(outcome.exit_code, Some(3));
+        }
+    });
+}
+
+/// Environment variable that turns [`helper_worker_process`] into a real worker for
+/// [`worker_death_kills_the_job`]: the FIFO to report the job's pids on.
+const HELPER_FIFO: &str = "QUEUECTL_TEST_SHELL_HELPER_FIFO";
+
+/// Not a test on its own: when [`worker_death_kills_the_job`] re-runs this test binary with
+/// `HELPER_FIFO` set, this plays the worker process that gets killed. Without it, it returns.
+#[test]
+fn helper_worker_process() {
+    let Some(fifo) = std::env::var_os(HELPER_FIFO) else {
+        return;
+    };
+    let fifo = Path::new(&fifo).display().to_string();
+    let job = job("orphan", &format!("sleep 30 & echo $$ $! > {fifo}; wait"));
+    // Blocks until the parent test kills this process.
+    let outcome = ShellExecutor::new().execute(&job, &CancelSignal::never());
+    panic!("the job should have run until this process was killed: {outcome:?}");
+}
+
+/// The product rule: when a worker process dies, even by SIGKILL, the commands it started
+/// must not run on unobserved.
+#[test]
+fn worker_death_kills_the_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pids_fifo, pids_rx) = fifo(dir.path(), "pids");
+    let mut worker = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "helper_worker_process", "--nocapture"])
+        .env(HELPER_FIFO, &pids_fifo)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pids = recv("the job's pids", &pids_rx);
+    let pids: Vec<i32> = pids.split_whitespace().map(pid).collect();
+    let [shell, grandchild] = pids[..] else {
+        panic!("expected two pids, got {pids:?}");
+    };
+    assert!(is_running(shell) && is_running(grandchild));
+
+    worker.kill().unwrap();
+    let status = worker.wait().unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9)
+    );
+    assert_gone(grandchild);
+    assert_gone(shell);
+}
