@@ -218,7 +218,8 @@ pub struct Job {
     pub last_error: Option<String>,
     /// The exit code of the last attempt, if it exited.
     pub exit_code: Option<i32>,
-    /// The captured output (stdout then stderr, tail kept) of the last attempt.
+    /// The captured output (stdout and stderr interleaved as written, tail kept) of the last
+    /// attempt.
     pub output: Option<String>,
     /// When the last attempt started.
     #[serde(with = "time::serde::rfc3339::option", default)]

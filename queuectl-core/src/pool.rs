@@ -341,6 +341,8 @@ impl WorkerPoolBuilder {
             unsettled: Vec::new(),
             stopping: None,
             summary: Summary::default(),
+            woken: false,
+            last_stop_check: Instant::now(),
         };
         if let Err(error) = spawn_result {
             // Dropping the dispatcher closes the jobs channel: started threads exit.
@@ -561,9 +563,14 @@ struct Dispatcher {
     unsettled: Vec<(Settlement, Finished)>,
     stopping: Option<Stopping>,
     summary: Summary,
+    /// Storage changed since the last look for a stop request.
+    woken: bool,
+    last_stop_check: Instant,
 }
 
 const PURGE_EVERY: Duration = Duration::from_secs(300);
+/// Least time between two reads of the stop flag prompted by storage changes.
+const STOP_CHECK_EVERY: Duration = Duration::from_millis(50);
 
 impl Dispatcher {
     fn emit(&self, event: Event) {
@@ -600,6 +607,13 @@ impl Dispatcher {
                 }
             }
             let now_instant = Instant::now();
+            if self.woken && now_instant >= self.last_stop_check + STOP_CHECK_EVERY {
+                // `worker stop` writes to storage, which wakes us: notice it now rather than at
+                // the next heartbeat.
+                self.woken = false;
+                self.last_stop_check = now_instant;
+                self.check_stop_request();
+            }
             if now_instant >= next_heartbeat {
                 self.heartbeat()?;
                 next_heartbeat = now_instant + self.heartbeat_every;
@@ -632,6 +646,9 @@ impl Dispatcher {
                     }
                 }
             }
+            if self.woken && self.stopping.is_none() {
+                wait_until = wait_until.min(self.last_stop_check + STOP_CHECK_EVERY);
+            }
             if !self.unsettled.is_empty() {
                 wait_until = wait_until.min(Instant::now() + Duration::from_millis(200));
             }
@@ -660,7 +677,7 @@ impl Dispatcher {
                 Ok(Control::Forced) => self.begin_stop(true, "requested"),
                 Err(_) => {}
             },
-            recv(self.wake) -> _ => {}
+            recv(self.wake) -> _ => self.woken = true,
             default(timeout) => {}
         }
     }
@@ -873,6 +890,20 @@ impl Dispatcher {
             Err(error) => self.tolerate("heartbeating", error)?,
         }
         Ok(())
+    }
+
+    fn check_stop_request(&mut self) {
+        if self.stopping.is_some() {
+            return;
+        }
+        match self.storage.workers() {
+            Ok(workers) => {
+                if workers.iter().any(|w| w.id == self.id && w.stop_requested) {
+                    self.begin_stop(false, "stop request in storage");
+                }
+            }
+            Err(error) => self.storage_error("looking for a stop request", &error),
+        }
     }
 
     fn info(&self, at: Timestamp) -> WorkerInfo {

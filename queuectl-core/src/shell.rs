@@ -27,7 +27,7 @@
 //! ```sh
 //! exec 3<&0 </dev/null
 //! trap '' HUP INT TERM
-//! ( read _ <&3; kill -KILL 0 ) >/dev/null 2>&1 &
+//! ( ( read _ <&3; kill -KILL 0 ) >/dev/null 2>&1 & )
 //! trap - HUP INT TERM
 //! exec 3<&-
 //! eval "$1"
@@ -40,7 +40,9 @@
 //! timeout; the leader restores the dispositions it started with before running the command.
 //! Background lists get `/dev/null` as standard input, hence the copy of the lifeline on
 //! descriptor 3, which the command does not inherit: it sees `/dev/null` as its standard
-//! input. The command is passed as `$1`, never spliced into the script.
+//! input. The watcher is started from a subshell that exits at once, so it is not a job of the
+//! shell running the command: a bare `wait`, `jobs` or `$!` in the command never sees it. The
+//! command is passed as `$1`, never spliced into the script.
 //!
 //! # Limits
 //!
@@ -91,7 +93,7 @@ const DEFAULT_OUTPUT_DRAIN: Duration = Duration::from_secs(2);
 /// The script the leader shell runs; see the module documentation.
 const LIFELINE_SCRIPT: &str = "exec 3<&0 </dev/null; \
      trap '' HUP INT TERM; \
-     ( read _ <&3; kill -KILL 0 ) >/dev/null 2>&1 & \
+     ( ( read _ <&3; kill -KILL 0 ) >/dev/null 2>&1 & ) ; \
      trap - HUP INT TERM; \
      exec 3<&-; \
      eval \"$1\"";

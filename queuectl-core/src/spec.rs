@@ -35,8 +35,14 @@ pub struct JobSpec {
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
     /// Not valid JSON, a wrong type, or an unknown field.
-    #[error("invalid job JSON: {0}")]
-    Json(#[from] serde_json::Error),
+    #[error("invalid job JSON")]
+    Json(#[source] serde_json::Error),
+    /// Valid JSON, but not an object.
+    #[error("a job must be a JSON object like {{\"command\": \"echo hi\"}}, not {found}")]
+    NotAnObject {
+        /// What was given instead: "an array", "a string", …
+        found: &'static str,
+    },
     /// The JSON was valid but the job is not.
     #[error(transparent)]
     Invalid(#[from] InvalidJob),
@@ -69,7 +75,18 @@ fn seconds(field: &'static str, value: f64) -> Result<Duration, SpecError> {
 impl JobSpec {
     /// Parses one JSON object.
     pub fn parse(json: &str) -> Result<Self, SpecError> {
-        Ok(serde_json::from_str(json)?)
+        let value: serde_json::Value = serde_json::from_str(json).map_err(SpecError::Json)?;
+        let found = match &value {
+            serde_json::Value::Object(_) => {
+                return serde_json::from_value(value).map_err(SpecError::Json);
+            }
+            serde_json::Value::Array(_) => "an array",
+            serde_json::Value::String(_) => "a string",
+            serde_json::Value::Number(_) => "a number",
+            serde_json::Value::Bool(_) => "a boolean",
+            serde_json::Value::Null => "null",
+        };
+        Err(SpecError::NotAnObject { found })
     }
 
     /// Validates the spec and turns it into a [`NewJob`], resolving `delay` against `now`.
@@ -99,6 +116,10 @@ mod tests {
     use super::*;
     use time::macros::datetime;
 
+    fn queuectl_chain(err: &SpecError) -> String {
+        crate::pool::error_chain(err)
+    }
+
     fn parse(json: &str) -> Result<NewJob, SpecError> {
         JobSpec::parse(json)?.into_new_job(datetime!(2026-01-01 0:00 UTC))
     }
@@ -127,7 +148,12 @@ mod tests {
     fn bad_specs_are_refused_with_a_reason() {
         let cases = [
             ("not json", "invalid job JSON"),
-            ("[1]", "invalid job JSON"),
+            ("[1]", "not an array"),
+            (
+                r#"["x","echo hi",null,null,null,null,null]"#,
+                "not an array",
+            ),
+            ("\"echo hi\"", "not a string"),
             (r#"{"id":"a"}"#, "no \"command\""),
             (r#"{"command":""}"#, "empty"),
             (r#"{"command":"x","id":"../x"}"#, "invalid job id"),
@@ -146,8 +172,9 @@ mod tests {
             ),
         ];
         for (json, expected) in cases {
-            let err = parse(json).unwrap_err().to_string();
-            assert!(err.contains(expected), "{json}: {err}");
+            let err = parse(json).unwrap_err();
+            let text = queuectl_chain(&err);
+            assert!(text.contains(expected), "{json}: {text}");
         }
     }
 }

@@ -131,6 +131,19 @@ fn non_zero_exit_is_a_failure_with_its_code() {
 }
 
 #[test]
+fn the_lifeline_watcher_is_invisible_to_wait_and_jobs() {
+    // A bare `wait` waits for the command's own background jobs only; `jobs` lists none of ours.
+    let outcome = within("bare wait", || {
+        run(
+            &ShellExecutor::new(),
+            &job("waits", "jobs; sleep 0.1 & wait; echo waited"),
+        )
+    });
+    assert!(outcome.is_success(), "{outcome:?}");
+    assert_eq!(outcome.output, "waited\n");
+}
+
+#[test]
 fn unknown_command_is_exit_127_not_an_error() {
     let outcome = run(
         &ShellExecutor::new(),

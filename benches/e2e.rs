@@ -1,0 +1,219 @@
+//! End-to-end figures for the `queuectl` binary on the embedded file store, in one run:
+//!
+//! 1. shell drain: 1,000 `true` jobs through `worker start --count 2`, next to the raw rate of
+//!    running `sh -c true` two at a time on the same machine, and their ratio;
+//! 2. CLI enqueue: median milliseconds per `queuectl enqueue` process;
+//! 3. pickup latency: enqueue in one process → the job starts in an idle worker process;
+//! 4. crash recovery: SIGKILL a worker mid-job → seconds until the job completes elsewhere.
+//!
+//! Run with `cargo bench -p queuectl-cli --bench e2e` (set `E2E_JOBS` to change the drain size).
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_queuectl");
+
+fn queuectl(home: &Path) -> Command {
+    let mut command = Command::new(BIN);
+    command.env("QUEUECTL_HOME", home);
+    command
+}
+
+fn run(home: &Path, args: &[&str]) -> String {
+    let output = queuectl(home).args(args).output().expect("run queuectl");
+    assert!(
+        output.status.success(),
+        "queuectl {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("utf-8 output")
+}
+
+fn enqueue_many(home: &Path, lines: &str) {
+    let mut child = queuectl(home)
+        .args(["enqueue", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn enqueue");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(lines.as_bytes())
+        .expect("write jobs");
+    assert!(child.wait().expect("wait enqueue").success());
+}
+
+/// A worker whose stderr lines arrive on a channel.
+struct Worker {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Worker {
+    fn start(home: &Path, args: &[&str]) -> Worker {
+        let mut child = queuectl(home)
+            .args(["worker", "start"])
+            .args(args)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn worker");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let worker = Worker { child, lines };
+        worker.wait_for("[started]");
+        worker
+    }
+
+    fn wait_for(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self
+                .lines
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("worker never printed {needle:?}"));
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn raw_shell_rate(jobs: usize) -> f64 {
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for _ in 0..2 {
+            scope.spawn(|| {
+                for _ in 0..jobs / 2 {
+                    let status = Command::new("sh").args(["-c", "true"]).status();
+                    assert!(status.expect("sh").success());
+                }
+            });
+        }
+    });
+    jobs as f64 / started.elapsed().as_secs_f64()
+}
+
+fn shell_drain(jobs: usize) -> f64 {
+    let home = tempfile::tempdir().expect("temp dir");
+    let lines: String = (0..jobs).map(|_| "{\"command\":\"true\"}\n").collect();
+    enqueue_many(home.path(), &lines);
+    let started = Instant::now();
+    let status = queuectl(home.path())
+        .args(["worker", "start", "--count", "2", "--exit-when-idle"])
+        .stderr(Stdio::null())
+        .status()
+        .expect("worker");
+    let elapsed = started.elapsed();
+    assert!(status.success());
+    let status: Value = serde_json::from_str(&run(home.path(), &["status", "--json"])).unwrap();
+    assert_eq!(status["counts"]["completed"], jobs, "every job completed");
+    jobs as f64 / elapsed.as_secs_f64()
+}
+
+fn cli_enqueue_median_ms(samples: usize) -> f64 {
+    let home = tempfile::tempdir().expect("temp dir");
+    run(home.path(), &["status"]);
+    let mut times: Vec<f64> = (0..samples)
+        .map(|_| {
+            let started = Instant::now();
+            run(home.path(), &["enqueue", r#"{"command":"true"}"#]);
+            started.elapsed().as_secs_f64() * 1000.0
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[samples / 2]
+}
+
+/// Milliseconds from a job's `created_at` (taken by the enqueueing process) to its
+/// `started_at` (taken by the worker process when it claimed the job).
+fn pickup_latency_ms(samples: usize) -> (f64, f64) {
+    let home = tempfile::tempdir().expect("temp dir");
+    let worker = Worker::start(home.path(), &["--count", "1"]);
+    let mut latencies = Vec::with_capacity(samples);
+    for i in 0..samples {
+        let id = format!("p{i}");
+        run(
+            home.path(),
+            &["enqueue", &format!(r#"{{"id":"{id}","command":"true"}}"#)],
+        );
+        worker.wait_for(&format!("[completed] job {id} "));
+        let job: Value = serde_json::from_str(&run(home.path(), &["show", &id, "--json"])).unwrap();
+        let parse = |field: &str| {
+            time::OffsetDateTime::parse(
+                job[field].as_str().expect("timestamp"),
+                &time::format_description::well_known::Rfc3339,
+            )
+            .expect("RFC 3339")
+        };
+        let latency = parse("started_at") - parse("created_at");
+        latencies.push(latency.as_seconds_f64() * 1000.0);
+    }
+    latencies.sort_by(f64::total_cmp);
+    let p99 = latencies[(samples * 99).div_ceil(100) - 1];
+    (latencies[samples / 2], p99)
+}
+
+/// Seconds from SIGKILL of the worker running a job to the job completing on another worker,
+/// and how much of that was the job's own second run.
+fn crash_recovery_secs() -> (f64, f64) {
+    let home = tempfile::tempdir().expect("temp dir");
+    run(
+        home.path(),
+        &["enqueue", r#"{"id":"victim","command":"sleep 1"}"#],
+    );
+    let mut doomed = Worker::start(home.path(), &["--count", "1"]);
+    doomed.wait_for("[running] job victim");
+    let rescuer = Worker::start(home.path(), &["--count", "1"]);
+    let killed = Instant::now();
+    doomed.child.kill().expect("SIGKILL the worker");
+    doomed.child.wait().expect("reap the worker");
+    rescuer.wait_for("[running] job victim");
+    let restarted = killed.elapsed().as_secs_f64();
+    rescuer.wait_for("[completed] job victim");
+    (killed.elapsed().as_secs_f64(), restarted)
+}
+
+fn main() {
+    // `cargo bench` passes --bench; filters are not supported by this harness.
+    let jobs: usize = std::env::var("E2E_JOBS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1000);
+    println!("queuectl end-to-end figures ({jobs} jobs for the drain)");
+    let raw = raw_shell_rate(jobs);
+    let drain = shell_drain(jobs);
+    println!("shell drain        {drain:>10.0} jobs/s");
+    println!("raw sh -c true ×2  {raw:>10.0} jobs/s");
+    println!("drain / raw        {:>10.2}", drain / raw);
+    let enqueue = cli_enqueue_median_ms(101);
+    println!("CLI enqueue        {enqueue:>10.2} ms median per process");
+    let (p50, p99) = pickup_latency_ms(100);
+    println!("pickup latency     {p50:>10.2} ms p50   {p99:.2} ms p99");
+    let (recovered, restarted) = crash_recovery_secs();
+    println!(
+        "crash recovery     {recovered:>10.2} s to completion elsewhere \
+         (restarted after {restarted:.2} s; the job itself takes 1 s)"
+    );
+}

@@ -1,0 +1,154 @@
+//! The command line, as clap parses it.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use queuectl_core::JobState;
+
+/// A background job queue: enqueue shell commands, run them on workers, retry failures with
+/// exponential backoff, and keep the ones that never succeed in a dead letter queue.
+#[derive(Debug, Parser)]
+#[command(name = "queuectl", version, propagate_version = true)]
+pub struct Cli {
+    /// The queue's data directory [default: the platform data directory, e.g.
+    /// ~/.local/share/queuectl].
+    #[arg(long, global = true, env = "QUEUECTL_HOME", value_name = "DIR")]
+    pub home: Option<PathBuf>,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Add a job: queuectl enqueue '{"id":"job1","command":"echo hi"}'.
+    ///
+    /// Fields: command (required), id, max_retries, priority (higher first), run_at (RFC 3339)
+    /// or delay (seconds), timeout (seconds, 0 for none). Prints the job's id. With "-", reads
+    /// one JSON job per line from standard input and adds all of them or none.
+    Enqueue {
+        /// The job as a JSON object, or "-" for JSON lines on standard input.
+        job: String,
+        /// Print the stored job(s) as JSON instead of the id(s).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run or stop workers.
+    #[command(subcommand)]
+    Worker(WorkerCommand),
+    /// Show how many jobs are in each state, the live workers and the settings.
+    Status(JsonFlag),
+    /// List jobs, oldest first.
+    List {
+        /// Only jobs in this state.
+        #[arg(long, value_parser = parse_state)]
+        state: Option<JobState>,
+        /// At most this many jobs.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Print a JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one job in full, with its last error and output.
+    Show {
+        /// The job's id.
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The dead letter queue: jobs that failed max-retries times.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+    /// Read and change settings.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Delete completed jobs that finished long enough ago.
+    Purge {
+        /// Delete those that finished more than this many seconds ago [default: the
+        /// completed-retention setting].
+        #[arg(long, value_name = "SECONDS")]
+        older_than: Option<f64>,
+    },
+}
+
+/// `worker` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum WorkerCommand {
+    /// Run workers in the foreground until Ctrl+C, SIGTERM or `queuectl worker stop`.
+    ///
+    /// The first signal stops claiming and lets running jobs finish; a second one kills them
+    /// and hands them back to the queue.
+    Start {
+        /// How many jobs run at once [default: the worker-count setting].
+        #[arg(long, short = 'c')]
+        count: Option<usize>,
+        /// Exit once no job is running or due, instead of waiting for more.
+        #[arg(long)]
+        exit_when_idle: bool,
+    },
+    /// Ask every running worker on this queue to finish its jobs and exit, and wait for it.
+    Stop {
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 120.0, value_name = "SECONDS")]
+        timeout: f64,
+        /// Return at once instead of waiting for the workers to exit.
+        #[arg(long)]
+        no_wait: bool,
+    },
+}
+
+/// `dlq` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// List dead jobs.
+    List(JsonFlag),
+    /// Move dead jobs back to pending, with a fresh set of retries.
+    Retry {
+        /// The jobs to retry.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        ids: Vec<String>,
+        /// Retry every dead job.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Delete every dead job.
+    Clear,
+}
+
+/// `config` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Show every setting with its value.
+    Show(JsonFlag),
+    /// Print one setting's value.
+    Get {
+        /// The setting, e.g. max-retries.
+        key: String,
+    },
+    /// Change a setting.
+    Set {
+        /// The setting, e.g. max-retries.
+        key: String,
+        /// Its new value.
+        // A negative number is a value to refuse with a reason, not an unknown flag.
+        #[arg(allow_negative_numbers = true)]
+        value: String,
+    },
+}
+
+/// `--json`.
+#[derive(Debug, Args)]
+pub struct JsonFlag {
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_state(s: &str) -> Result<JobState, String> {
+    s.parse()
+        .map_err(|e: queuectl_core::InvalidJob| e.to_string())
+}

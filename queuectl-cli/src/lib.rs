@@ -1,0 +1,54 @@
+//! The `queuectl` command line: parses arguments, calls `queuectl-core`, renders the results.
+//!
+//! Exit codes: 0 success, 1 refused or failed (with one `error:` line on stderr and its
+//! causes), 2 usage error. Data goes to stdout, diagnostics to stderr; a closed stdout
+//! (`queuectl list | head -1`) is not an error.
+
+mod app;
+mod args;
+mod render;
+mod worker;
+
+use std::io::{self, Write};
+use std::process::ExitCode;
+
+use clap::Parser;
+
+pub use app::CliError;
+pub use args::Cli;
+
+/// Runs the command line of this process and returns its exit code.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            // Help and version go to stdout with status 0; usage errors to stderr with 2.
+            let _ = error.print();
+            return ExitCode::from(if error.use_stderr() { 2 } else { 0 });
+        }
+    };
+    let stdout = io::stdout();
+    let mut out = stdout.lock();
+    let result = app::run(cli, &mut out).and_then(|()| out.flush().map_err(CliError::Output));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) if error.is_broken_pipe() => ExitCode::SUCCESS,
+        Err(error) => {
+            let mut stderr = io::stderr().lock();
+            let mut said = error.to_string();
+            let _ = writeln!(stderr, "error: {said}");
+            let mut source = std::error::Error::source(&error);
+            while let Some(cause) = source {
+                // Some errors repeat their source in their own message (`invalid job JSON:
+                // {0}`): say each cause once.
+                let cause_text = cause.to_string();
+                if !said.ends_with(&cause_text) {
+                    let _ = writeln!(stderr, "caused by: {cause_text}");
+                }
+                said = cause_text;
+                source = cause.source();
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

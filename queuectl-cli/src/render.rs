@@ -1,0 +1,159 @@
+//! Human-readable output: tables and details. JSON output is serde's.
+
+use std::fmt::Write;
+
+use queuectl_core::{Config, Job, StateCounts, Timestamp, WorkerInfo};
+use time::format_description::well_known::Rfc3339;
+
+/// A timestamp to the second, e.g. `2026-11-29T04:13:29Z`.
+pub fn ts(at: Timestamp) -> String {
+    let at = at.replace_nanosecond(0).unwrap_or(at);
+    at.format(&Rfc3339).unwrap_or_else(|_| at.to_string())
+}
+
+fn cut(text: &str, width: usize) -> String {
+    let one_line = text.replace(['\n', '\r', '\t'], " ");
+    if one_line.chars().count() <= width {
+        one_line
+    } else {
+        let kept: String = one_line.chars().take(width.saturating_sub(1)).collect();
+        format!("{kept}…")
+    }
+}
+
+/// One row per job.
+pub fn job_table(jobs: &[Job]) -> String {
+    let mut rows = vec![[
+        "ID".to_owned(),
+        "STATE".to_owned(),
+        "ATTEMPTS".to_owned(),
+        "PRIORITY".to_owned(),
+        "UPDATED".to_owned(),
+        "COMMAND".to_owned(),
+    ]];
+    for job in jobs {
+        rows.push([
+            job.id.to_string(),
+            job.state.to_string(),
+            format!("{}/{}", job.attempts, job.max_retries),
+            job.priority.to_string(),
+            ts(job.updated_at),
+            cut(&job.command, 60),
+        ]);
+    }
+    if jobs.is_empty() {
+        return "no jobs\n".to_owned();
+    }
+    let mut widths = [0; 6];
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut text = String::new();
+    for row in &rows {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            if i + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                let _ = write!(line, "{cell:<width$}  ", width = widths[i]);
+            }
+        }
+        text.push_str(line.trim_end());
+        text.push('\n');
+    }
+    text
+}
+
+/// Every field of one job.
+pub fn job_detail(job: &Job) -> String {
+    let mut text = String::new();
+    let mut field = |name: &str, value: &dyn std::fmt::Display| {
+        let _ = writeln!(text, "{name:<12} {value}");
+    };
+    field("id", &job.id);
+    field("command", &job.command);
+    field("state", &job.state);
+    field(
+        "attempts",
+        &format!("{} of {}", job.attempts, job.max_retries),
+    );
+    field("priority", &job.priority);
+    field("created", &ts(job.created_at));
+    field("updated", &ts(job.updated_at));
+    field("run at", &ts(job.run_at));
+    let timeout = job
+        .timeout
+        .map(|t| format!("{}s", t.as_secs_f64()))
+        .unwrap_or_else(|| "none".into());
+    field("timeout", &timeout);
+    if let Some(at) = job.started_at {
+        field("started", &ts(at));
+    }
+    if let Some(at) = job.finished_at {
+        field("finished", &ts(at));
+    }
+    if let Some(lease) = &job.lease {
+        field(
+            "worker",
+            &format!("{} (lease until {})", lease.worker, ts(lease.expires_at)),
+        );
+    }
+    if let Some(code) = job.exit_code {
+        field("exit code", &code);
+    }
+    if let Some(error) = &job.last_error {
+        field("last error", error);
+    }
+    if let Some(output) = &job.output {
+        let _ = writeln!(text, "output:");
+        for line in output.lines() {
+            let _ = writeln!(text, "  {line}");
+        }
+    }
+    text
+}
+
+/// Counts, workers and settings.
+pub fn status(counts: &StateCounts, workers: &[WorkerInfo], config: &Config) -> String {
+    let mut text = String::from("Jobs\n");
+    for state in queuectl_core::JobState::ALL {
+        let _ = writeln!(text, "  {:<12} {}", state.as_str(), counts.get(state));
+    }
+    let _ = writeln!(text, "  {:<12} {}", "total", counts.total());
+    let _ = writeln!(text, "\nWorkers: {} active", workers.len());
+    for worker in workers {
+        let stopping = if worker.stop_requested {
+            "  (stopping)"
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            text,
+            "  {}  pid {} on {}, {} at once, since {}, seen {}{stopping}",
+            worker.id,
+            worker.pid,
+            worker.hostname,
+            worker.concurrency,
+            ts(worker.started_at),
+            ts(worker.last_seen),
+        );
+    }
+    text.push_str("\nConfiguration\n");
+    text.push_str(&self::config(config));
+    text
+}
+
+/// Every setting and its value.
+pub fn config(config: &Config) -> String {
+    let mut text = String::new();
+    for (setting, value) in config.entries() {
+        let _ = writeln!(
+            text,
+            "  {:<20} {:<10} {}",
+            setting.key, value, setting.description
+        );
+    }
+    text
+}

@@ -1,0 +1,181 @@
+//! `worker start` and `worker stop`.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use queuectl_core::pool::{hostname, recover_abandoned};
+use queuectl_core::{Event, FileStorage, ShellExecutor, Storage, WorkerPool, now};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+use crate::app::{CliError, Result};
+use crate::render::ts;
+
+/// `eprintln!` that drops the line when stderr is closed instead of panicking: a worker whose
+/// log reader went away (`worker start 2>&1 | head`) keeps running its jobs.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+/// Runs a pool of shell workers in the foreground until it is stopped.
+pub fn start(store: Arc<FileStorage>, count: Option<usize>, exit_when_idle: bool) -> Result {
+    let config = store.config()?;
+    let executor = ShellExecutor::new().output_limit(config.output_limit);
+    let pool = WorkerPool::builder(store, Arc::new(executor))
+        .config(&config)
+        .workers(count.unwrap_or(config.worker_count))
+        .exit_when_idle(exit_when_idle)
+        .start()?;
+
+    // Signals become stop requests: the first lets running jobs finish, a second kills them.
+    let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(CliError::Signals)?;
+    let signal_handle = signals.handle();
+    let stopper = pool.stopper();
+    let signal_thread = std::thread::Builder::new()
+        .name("queuectl-signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                let name = if signal == SIGINT {
+                    "SIGINT"
+                } else {
+                    "SIGTERM"
+                };
+                say!("{} [signal] {name} received", ts(now()));
+                stopper.graceful();
+            }
+        })
+        .map_err(CliError::Signals)?;
+
+    for event in pool.events().iter() {
+        let stopped = event == Event::Stopped;
+        say!("{} {}", ts(now()), describe(&event));
+        if stopped {
+            break;
+        }
+    }
+    let result = pool.join();
+    signal_handle.close();
+    // The thread ends as soon as the handle is closed.
+    let _ = signal_thread.join();
+    let summary = result?;
+    say!(
+        "{} [stopped] {} completed, {} failed, {} dead, {} handed back",
+        ts(now()),
+        summary.completed,
+        summary.failed,
+        summary.dead,
+        summary.released
+    );
+    Ok(())
+}
+
+/// One line of worker output.
+fn describe(event: &Event) -> String {
+    match event {
+        Event::Started { worker, threads } => {
+            format!("[started] worker {worker} running up to {threads} job(s) at once")
+        }
+        Event::Claimed {
+            job,
+            attempt,
+            command,
+        } => format!("[running] job {job} (attempt {attempt}): {command}"),
+        Event::Completed { job, duration, .. } => {
+            format!("[completed] job {job} in {:.3}s", duration.as_secs_f64())
+        }
+        Event::Failed {
+            job,
+            attempt,
+            error,
+            retry_in,
+        } => format!(
+            "[retry] job {job} attempt {attempt} failed: {error}; retrying in {:.1}s",
+            retry_in.as_secs_f64()
+        ),
+        Event::Dead {
+            job,
+            attempt,
+            error,
+        } => format!("[dead] job {job} failed for good after {attempt} attempt(s): {error}"),
+        Event::Released { job } => format!("[released] job {job} handed back to the queue"),
+        Event::LeaseLost { job } => {
+            format!("[lost] job {job}: lease lost, its result was discarded")
+        }
+        Event::Recovered { job, state } => {
+            format!("[recovered] job {job} abandoned by a dead worker is {state} again")
+        }
+        Event::Purged { count } => format!("[purged] {count} old completed job(s)"),
+        Event::Stopping {
+            forced: false,
+            reason: "idle",
+        } => "[stopping] nothing left to run".to_owned(),
+        Event::Stopping {
+            forced: false,
+            reason,
+        } => format!(
+            "[stopping] ({reason}) claiming no more jobs; waiting for running ones \
+             (Ctrl+C again to kill them)"
+        ),
+        Event::Stopping {
+            forced: true,
+            reason,
+        } => {
+            format!("[stopping] ({reason}) killing running jobs and handing them back")
+        }
+        Event::StorageError { op, error } => format!("[error] {op}: {error}"),
+        Event::Stopped => "[stopped] worker exited".to_owned(),
+    }
+}
+
+/// Asks every registered worker to stop and waits until they have deregistered.
+pub fn stop(store: &dyn Storage, timeout: Duration, no_wait: bool) -> Result {
+    let config = store.config()?;
+    let stale_after = config.lease_duration() * 3;
+    // Workers that died without deregistering would never answer: clear them out first.
+    recover_abandoned(store, &hostname(), stale_after, now())?;
+    let asked = store.request_stop()?;
+    if asked == 0 {
+        eprintln!("no workers are running");
+        return Ok(());
+    }
+    let waiting: HashSet<String> = store
+        .workers()?
+        .into_iter()
+        .filter(|w| w.stop_requested)
+        .map(|w| w.id)
+        .collect();
+    eprintln!("asked {asked} worker(s) to stop; they finish their running jobs first");
+    if no_wait {
+        return Ok(());
+    }
+    let deadline = Instant::now() + timeout;
+    loop {
+        let version = store.change_version()?;
+        recover_abandoned(store, &hostname(), stale_after, now())?;
+        let left: Vec<String> = store
+            .workers()?
+            .into_iter()
+            .filter(|w| waiting.contains(&w.id))
+            .map(|w| w.id)
+            .collect();
+        if left.is_empty() {
+            eprintln!("all workers stopped");
+            return Ok(());
+        }
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return Err(CliError::Refused(format!(
+                "{} worker(s) still running after {:.0}s: {}",
+                left.len(),
+                timeout.as_secs_f64(),
+                left.join(", ")
+            )));
+        }
+        // Wakes on any change (a worker deregistering); the cap re-checks for dead workers.
+        store.wait_for_change(version, remaining.min(Duration::from_secs(1)))?;
+    }
+}

@@ -1,0 +1,768 @@
+//! End-to-end tests of the `queuectl` binary: each test has its own temporary home, runs real
+//! worker processes, and waits on the events they print instead of sleeping.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+use support::{BIN, Queue, eventually, states};
+
+/// `list --json` as (id, state) pairs.
+fn list(q: &Queue) -> Vec<(String, String)> {
+    states(&q.json(&["list"]))
+}
+
+#[test]
+fn basic_job_completes() {
+    let q = Queue::new();
+    let out = q
+        .cmd(["enqueue", r#"{"id":"job1","command":"echo hello"}"#])
+        .run();
+    assert_eq!(out.stdout, "job1\n");
+    assert_eq!(list(&q), [("job1".into(), "pending".into())]);
+
+    let out = q.cmd(["worker", "start", "--exit-when-idle"]).run();
+    assert_eq!(out.stdout, "", "worker output goes to stderr");
+    assert!(
+        out.stderr.contains("[completed] job job1"),
+        "{}",
+        out.stderr
+    );
+
+    let jobs = q.json(&["list"]);
+    assert_eq!(jobs.as_array().unwrap().len(), 1);
+    assert_eq!(jobs[0]["id"], "job1");
+    assert_eq!(jobs[0]["state"], "completed");
+    assert_eq!(jobs[0]["attempts"], 1);
+
+    let job = q.job("job1");
+    assert_eq!(job["state"], "completed");
+    assert_eq!(job["exit_code"], 0);
+    assert_eq!(job["output"].as_str().unwrap().trim_end(), "hello");
+    // The seven public fields are there, with RFC 3339 UTC times.
+    for field in [
+        "id",
+        "command",
+        "state",
+        "attempts",
+        "max_retries",
+        "created_at",
+        "updated_at",
+    ] {
+        assert!(!job[field].is_null(), "missing {field}: {job}");
+    }
+    assert!(job["created_at"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(job["command"], "echo hello");
+
+    // The human view shows the output too.
+    let text = q.run(&["show", "job1"]);
+    assert!(
+        text.contains("completed") && text.contains("hello"),
+        "{text}"
+    );
+}
+
+#[test]
+fn failing_job_backs_off_exponentially_then_dies() {
+    let q = Queue::new();
+    q.config_set("backoff-base", "2");
+    q.config_set("max-retries", "3");
+    q.enqueue(r#"{"id":"flaky","command":"echo attempt $QUEUECTL_ATTEMPT; exit 1"}"#);
+
+    let mut worker = q.worker(&[]);
+    let starts: Vec<Instant> = (1..=3)
+        .map(|n| {
+            worker
+                .wait_for(&format!("[running] job flaky (attempt {n})"))
+                .at
+        })
+        .collect();
+    let dead = worker.wait_for("[dead] job flaky");
+    assert!(dead.text.contains("after 3 attempt(s)"), "{}", dead.text);
+    let retries = worker.seen_containing("[retry] job flaky");
+    assert_eq!(retries.len(), 2, "{}", worker.transcript());
+    assert!(
+        retries[0].text.contains("retrying in 2.0s"),
+        "{}",
+        retries[0].text
+    );
+    assert!(
+        retries[1].text.contains("retrying in 4.0s"),
+        "{}",
+        retries[1].text
+    );
+
+    // delay = base ^ attempts: 2 s after the first attempt, 4 s after the second.
+    for (gap, expected) in [(starts[1] - starts[0], 2.0), (starts[2] - starts[1], 4.0)] {
+        let gap = gap.as_secs_f64();
+        assert!(
+            gap >= 0.9 * expected && gap <= expected + 1.5,
+            "gap between attempts was {gap:.2}s, expected about {expected}s\n{}",
+            worker.transcript()
+        );
+    }
+
+    let dlq = q.json(&["dlq", "list"]);
+    let dlq = dlq.as_array().unwrap();
+    assert_eq!(dlq.len(), 1, "{dlq:?}");
+    assert_eq!(dlq[0]["id"], "flaky");
+    assert_eq!(dlq[0]["state"], "dead");
+    assert_eq!(dlq[0]["attempts"], 3);
+    assert_eq!(dlq[0]["exit_code"], 1);
+    assert_eq!(dlq[0]["output"].as_str().unwrap().trim_end(), "attempt 3");
+    assert!(worker.is_running(), "a dead job does not stop the worker");
+
+    // Back from the DLQ with a fresh set of retries, and then gone with `dlq clear`.
+    let out = q.cmd(["dlq", "retry", "flaky"]).run();
+    assert_eq!(out.stdout, "flaky\n");
+    worker.wait_for("[running] job flaky (attempt 1)");
+    worker.wait_for("[retry] job flaky attempt 1");
+    drop(worker);
+    let out = q.cmd(["dlq", "clear"]).run();
+    assert_eq!(
+        out.stdout, "0\n",
+        "the job is failed, not dead: nothing to clear"
+    );
+}
+
+#[test]
+fn many_jobs_across_three_worker_processes_run_exactly_once() {
+    const JOBS: usize = 60;
+    let q = Queue::new();
+    let log = q.scratch("ran.log");
+    let input: String = (0..JOBS)
+        .map(|n| {
+            format!(
+                "{{\"id\":\"j{n:02}\",\"command\":\"echo $QUEUECTL_JOB_ID >> '{}'\"}}\n",
+                log.display()
+            )
+        })
+        .collect();
+    let out = q.cmd(["enqueue", "-"]).stdin(input).run();
+    assert_eq!(out.stdout.lines().count(), JOBS);
+
+    let mut workers: Vec<_> = (0..3).map(|_| q.worker(&["--count", "2"])).collect();
+    for worker in &mut workers {
+        worker.wait_for("[started]");
+    }
+    eventually("every job completed", || {
+        q.status()["counts"]["completed"] == JOBS
+    });
+    let counts = &q.status()["counts"];
+    assert_eq!(counts["pending"], 0);
+    assert_eq!(counts["processing"], 0);
+    assert_eq!(counts["failed"], 0);
+    assert_eq!(counts["dead"], 0);
+
+    q.cmd(["worker", "stop"]).run();
+    let mut claims = 0;
+    for worker in &mut workers {
+        assert!(worker.wait_exit().success());
+        claims += worker.seen_containing("[running]").len();
+    }
+    assert_eq!(claims, JOBS, "each job claimed once in all");
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    let mut runs: BTreeMap<&str, usize> = BTreeMap::new();
+    for id in text.lines() {
+        *runs.entry(id).or_default() += 1;
+    }
+    assert_eq!(runs.len(), JOBS, "every job ran: {runs:?}");
+    assert!(runs.values().all(|&n| n == 1), "a job ran twice: {runs:?}");
+    for job in q.json(&["list"]).as_array().unwrap() {
+        assert_eq!(job["attempts"], 1, "{job}");
+    }
+}
+
+#[test]
+fn killed_worker_job_is_recovered_and_its_first_attempt_does_not_run_on() {
+    let q = Queue::new();
+    q.config_set("lease-timeout", "2");
+    let log = q.scratch("attempts.log");
+    let pids = q.scratch("pid");
+    // Records the pid of its `sleep` in pid.ATTEMPT, then logs its start and end.
+    let command = format!(
+        "echo start $QUEUECTL_ATTEMPT >> '{0}'; sleep 3 & pid=$!; echo $pid > '{1}.tmp'; \
+         mv '{1}.tmp' '{1}'.$QUEUECTL_ATTEMPT; wait $pid; echo done $QUEUECTL_ATTEMPT >> '{0}'",
+        log.display(),
+        pids.display()
+    );
+    q.enqueue(&serde_json::json!({ "id": "long", "command": command }).to_string());
+
+    let mut first = q.worker(&[]);
+    first.wait_for("[running] job long (attempt 1)");
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    let sleep_pid = support::read_pid(&pids.with_extension("1"));
+    assert!(read().contains("start 1"));
+    first.kill_and_reap();
+    let killed_at = Instant::now();
+    // The dead worker's job does not run on unobserved.
+    eventually("the killed worker's job to end", || {
+        support::process_gone(sleep_pid)
+    });
+
+    let mut second = q.worker(&[]);
+    second.wait_for("[running] job long (attempt 2)");
+    second.wait_for("[completed] job long");
+    // The first attempt would have finished its `sleep 3` by now had it survived the kill.
+    assert!(killed_at.elapsed() > Duration::from_secs(3));
+    assert_eq!(
+        read(),
+        "start 1\nstart 2\ndone 2\n",
+        "the orphaned attempt ran on"
+    );
+
+    let job = q.job("long");
+    assert_eq!(job["state"], "completed");
+    assert_eq!(job["attempts"], 2);
+    assert_eq!(
+        q.json(&["list", "--state", "processing"]),
+        Value::Array(vec![])
+    );
+    let status = q.status();
+    assert_eq!(status["counts"]["processing"], 0);
+    let workers = status["workers"].as_array().unwrap();
+    assert_eq!(
+        workers.len(),
+        1,
+        "the killed worker is deregistered: {workers:?}"
+    );
+    assert_eq!(workers[0]["pid"], second.pid().as_raw());
+}
+
+#[test]
+fn jobs_survive_a_restart() {
+    let q = Queue::new();
+    q.config_set("max-retries", "1");
+    q.enqueue(r#"{"id":"ok","command":"echo fine"}"#);
+    q.enqueue(r#"{"id":"bad","command":"exit 3"}"#);
+    q.enqueue(r#"{"id":"later","command":"echo later","delay":3600}"#);
+    q.enqueue(r#"{"id":"prio","command":"echo p","priority":7,"delay":3600}"#);
+
+    let mut worker = q.worker(&[]);
+    worker.wait_for("[completed] job ok");
+    worker.wait_for("[dead] job bad");
+    worker.signal(Signal::SIGTERM);
+    assert!(worker.wait_exit().success());
+    drop(worker);
+
+    // Every process has exited; new ones see the same jobs in the same states.
+    let before = q.json(&["list"]);
+    let expected: Vec<(String, String)> = [
+        ("ok", "completed"),
+        ("bad", "dead"),
+        ("later", "pending"),
+        ("prio", "pending"),
+    ]
+    .map(|(id, state)| (id.to_owned(), state.to_owned()))
+    .into();
+    assert_eq!(states(&before), expected);
+    let after = q.json(&["list"]);
+    assert_eq!(before, after, "a second invocation reads the same records");
+    assert_eq!(after[1]["exit_code"], 3);
+    assert_eq!(after[3]["priority"], 7);
+    assert_eq!(q.run(&["config", "get", "max-retries"]), "1\n");
+    let counts = &q.status()["counts"];
+    assert_eq!(
+        (
+            counts["pending"].as_u64(),
+            counts["completed"].as_u64(),
+            counts["dead"].as_u64()
+        ),
+        (Some(2), Some(1), Some(1))
+    );
+}
+
+#[test]
+fn sigterm_lets_the_running_job_finish_and_claims_no_more() {
+    let q = Queue::new();
+    q.enqueue(r#"{"id":"first","command":"sleep 1.5; echo finished"}"#);
+    q.enqueue(r#"{"id":"second","command":"echo second"}"#);
+
+    let mut worker = q.worker(&["--count", "1"]);
+    worker.wait_for("[running] job first");
+    worker.signal(Signal::SIGTERM);
+    let status = worker.wait_exit();
+    assert!(status.success(), "{status}\n{}", worker.transcript());
+    assert_eq!(
+        worker.seen_containing("[completed] job first").len(),
+        1,
+        "{}",
+        worker.transcript()
+    );
+    assert!(worker.seen_containing("[running] job second").is_empty());
+
+    let first = q.job("first");
+    assert_eq!(first["state"], "completed");
+    assert_eq!(first["output"].as_str().unwrap().trim_end(), "finished");
+    let second = q.job("second");
+    assert_eq!(second["state"], "pending");
+    assert_eq!(second["attempts"], 0);
+    assert_eq!(q.status()["workers"], Value::Array(vec![]));
+}
+
+#[test]
+fn ctrl_c_reaches_the_worker_but_not_its_job() {
+    let q = Queue::new();
+    let started = q.scratch("started");
+    let command = format!("touch '{}'; sleep 1; echo survived", started.display());
+    q.enqueue(&serde_json::json!({ "id": "job", "command": command }).to_string());
+    let mut worker = q.worker(&[]);
+    worker.wait_for("[running] job job");
+    // Only once the command runs: a signal sent while the shell is being spawned (before it
+    // has left the worker's group) still reaches it.
+    eventually("the job to start", || started.exists());
+    // A terminal sends SIGINT to its whole foreground group; the job runs in a group of its
+    // own, so only the worker hears it and lets the job finish.
+    worker.signal_group(Signal::SIGINT);
+    worker.wait_for("[signal] SIGINT");
+    assert!(worker.wait_exit().success(), "{}", worker.transcript());
+    assert_eq!(worker.seen_containing("[completed] job job").len(), 1);
+    let job = q.job("job");
+    assert_eq!(job["state"], "completed");
+    assert_eq!(job["output"].as_str().unwrap().trim_end(), "survived");
+}
+
+#[test]
+fn second_signal_kills_the_job_and_hands_it_back_uncharged() {
+    let q = Queue::new();
+    let pid_file = q.scratch("pid");
+    let command = format!(
+        "sleep 20 & pid=$!; echo $pid > '{0}.tmp'; mv '{0}.tmp' '{0}'; wait $pid",
+        pid_file.display()
+    );
+    q.enqueue(&serde_json::json!({ "id": "long", "command": command }).to_string());
+    let mut worker = q.worker(&[]);
+    worker.wait_for("[running] job long");
+    let sleep_pid = support::read_pid(&pid_file);
+    worker.signal(Signal::SIGTERM);
+    worker.wait_for("[stopping]");
+    let second = Instant::now();
+    worker.signal(Signal::SIGINT);
+    worker.wait_for("[released] job long");
+    assert!(worker.wait_exit().success(), "{}", worker.transcript());
+    assert!(second.elapsed() < Duration::from_secs(10));
+
+    let job = q.job("long");
+    assert_eq!(job["state"], "pending");
+    assert_eq!(
+        job["attempts"], 0,
+        "a forced stop does not charge the attempt"
+    );
+    assert_eq!(q.status()["workers"], Value::Array(vec![]));
+    assert!(
+        support::process_gone(sleep_pid),
+        "the job was killed, not left behind"
+    );
+}
+
+#[test]
+fn worker_stop_stops_every_worker_process() {
+    let q = Queue::new();
+    q.config_set("lease-timeout", "1");
+    let mut a = q.worker(&[]);
+    let mut b = q.worker(&["--count", "2"]);
+    a.wait_for("[started]");
+    b.wait_for("[started]");
+    assert_eq!(q.status()["workers"].as_array().unwrap().len(), 2);
+
+    let out = q.cmd(["worker", "stop", "--timeout", "20"]).run();
+    assert_eq!(out.stdout, "");
+    assert!(out.stderr.contains("asked 2 worker(s)"), "{}", out.stderr);
+    assert!(a.wait_exit().success(), "{}", a.transcript());
+    assert!(b.wait_exit().success(), "{}", b.transcript());
+    assert_eq!(q.status()["workers"], Value::Array(vec![]));
+
+    let out = q.cmd(["worker", "stop"]).run();
+    assert!(out.stderr.contains("no workers"), "{}", out.stderr);
+}
+
+#[test]
+fn invalid_command_dies_without_crashing_the_worker() {
+    let q = Queue::new();
+    q.enqueue(r#"{"id":"bad","command":"definitely-not-a-command-xyz","max_retries":1}"#);
+    q.enqueue(r#"{"id":"good","command":"echo still here"}"#);
+
+    let mut worker = q.worker(&[]);
+    worker.wait_for("[dead] job bad");
+    worker.wait_for("[completed] job good");
+    assert!(worker.is_running());
+
+    let bad = q.job("bad");
+    assert_eq!(bad["state"], "dead");
+    assert_eq!(bad["attempts"], 1);
+    assert_eq!(bad["exit_code"], 127);
+    assert!(!bad["last_error"].is_null(), "{bad}");
+    assert!(
+        bad["output"].as_str().unwrap_or("").contains("not found"),
+        "the shell's complaint is kept: {bad}"
+    );
+    assert_eq!(q.job("good")["state"], "completed");
+}
+
+#[test]
+fn bad_input_is_refused_and_changes_nothing() {
+    let q = Queue::new();
+    q.enqueue(r#"{"id":"existing","command":"echo hi"}"#);
+    let before = (q.json(&["list"]), q.json(&["config", "show"]));
+
+    let stdin_batch = "{\"id\":\"b1\",\"command\":\"echo 1\"}\n\
+                       {\"id\":\"b2\",\"command\":\"\"}\n\
+                       {\"id\":\"b3\",\"command\":\"echo 3\"}\n";
+    // (args, stdin, exit code, part of the error message)
+    let cases: &[(&[&str], Option<&str>, i32, &str)] = &[
+        (&["enqueue", "not json"], None, 1, "invalid job JSON"),
+        (&["enqueue", "[1]"], None, 1, "invalid job JSON"),
+        (&["enqueue", r#""a string""#], None, 1, "invalid job JSON"),
+        (&["enqueue", r#"{"id":"x"}"#], None, 1, "no \"command\""),
+        (
+            &["enqueue", r#"{"command":""}"#],
+            None,
+            1,
+            "command is empty",
+        ),
+        (
+            &["enqueue", r#"{"command":"   "}"#],
+            None,
+            1,
+            "command is empty",
+        ),
+        (
+            &["enqueue", r#"{"command":"x","colour":"red"}"#],
+            None,
+            1,
+            "unknown field `colour`",
+        ),
+        (
+            &["enqueue", r#"{"id":"../x","command":"x"}"#],
+            None,
+            1,
+            "invalid job id",
+        ),
+        (
+            &["enqueue", r#"{"id":"a b","command":"x"}"#],
+            None,
+            1,
+            "invalid job id",
+        ),
+        (
+            &["enqueue", r#"{"command":"x","max_retries":-1}"#],
+            None,
+            1,
+            "invalid job JSON",
+        ),
+        (
+            &["enqueue", r#"{"id":"existing","command":"x"}"#],
+            None,
+            1,
+            "job existing already exists",
+        ),
+        (
+            &["enqueue", r#"{"command":"x","run_at":"tomorrow"}"#],
+            None,
+            1,
+            "invalid job JSON",
+        ),
+        (
+            &["enqueue", r#"{"command":"x","delay":-1}"#],
+            None,
+            1,
+            "invalid \"delay\"",
+        ),
+        (&["enqueue", "-"], Some(stdin_batch), 1, "line 2"),
+        (
+            &["enqueue", "-"],
+            Some("{\"id\":\"c1\",\"command\":\"x\"}\n{\"id\":\"c1\",\"command\":\"y\"}\n"),
+            1,
+            "already exists",
+        ),
+        (
+            &["config", "set", "max-retries", "-1"],
+            None,
+            1,
+            "invalid value",
+        ),
+        (
+            &["config", "set", "max-retries", "many"],
+            None,
+            1,
+            "invalid value",
+        ),
+        (
+            &["config", "set", "backoff-base", "0"],
+            None,
+            1,
+            "invalid value",
+        ),
+        (
+            &["config", "set", "nope", "1"],
+            None,
+            1,
+            "unknown config key",
+        ),
+        (&["config", "get", "nope"], None, 1, "unknown config key"),
+        (&["list", "--state", "bogus"], None, 2, "bogus"),
+        (&["frobnicate"], None, 2, "frobnicate"),
+        (&["show", "missing-id"], None, 1, "job missing-id not found"),
+        (&["show", "../etc"], None, 1, "invalid job id"),
+        (
+            &["dlq", "retry", "missing-id"],
+            None,
+            1,
+            "job missing-id not found",
+        ),
+        (&["dlq", "retry", "existing"], None, 1, "it is pending"),
+        (&["dlq", "retry"], None, 2, "required"),
+    ];
+    for (args, stdin, code, message) in cases {
+        let mut cmd = q.cmd(*args).status(*code);
+        if let Some(input) = stdin {
+            cmd = cmd.stdin(*input);
+        }
+        let out = cmd.run();
+        assert_eq!(out.stdout, "", "{args:?} printed on stdout");
+        let first = out.stderr.lines().next().unwrap_or("");
+        assert!(
+            first.starts_with("error: "),
+            "{args:?}: stderr does not start with `error: `:\n{}",
+            out.stderr
+        );
+        assert!(
+            out.stderr.contains(message),
+            "{args:?}: expected {message:?} in:\n{}",
+            out.stderr
+        );
+        if *code == 1 {
+            // One `error:` line, then only its causes, each said once.
+            let lines: Vec<&str> = out.stderr.lines().collect();
+            assert!(
+                lines[1..].iter().all(|l| l.starts_with("caused by: ")),
+                "{args:?}:\n{}",
+                out.stderr
+            );
+            for pair in lines.windows(2) {
+                let said = pair[0].split_once(": ").map_or("", |(_, m)| m);
+                let cause = pair[1].trim_start_matches("caused by: ");
+                assert!(
+                    !said.ends_with(cause),
+                    "{args:?}: a cause repeats the line before it:\n{}",
+                    out.stderr
+                );
+            }
+        }
+        let after = (q.json(&["list"]), q.json(&["config", "show"]));
+        assert_eq!(after, before, "{args:?} changed the store");
+    }
+}
+
+#[test]
+fn job_timeout_kills_the_command() {
+    let q = Queue::new();
+    q.config_set("job-timeout", "1");
+    let marker = q.scratch("survived");
+    let command = format!("sleep 30; touch '{}'", marker.display());
+    q.enqueue(
+        &serde_json::json!({ "id": "slow", "command": command, "max_retries": 1 }).to_string(),
+    );
+    assert_eq!(q.job("slow")["timeout"], 1.0);
+
+    let started = Instant::now();
+    let mut worker = q.worker(&[]);
+    worker.wait_for("[running] job slow");
+    let dead = worker.wait_for("[dead] job slow");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the timeout did not stop the job"
+    );
+    assert!(dead.text.contains("timed out"), "{}", dead.text);
+    let job = q.job("slow");
+    assert_eq!(job["state"], "dead");
+    assert!(
+        job["last_error"].as_str().unwrap().contains("timed out"),
+        "{job}"
+    );
+    assert!(!marker.exists());
+}
+
+#[test]
+fn closed_stdout_is_not_an_error() {
+    let q = Queue::new();
+    let input: String = (0..2000)
+        .map(|n| format!("{{\"id\":\"pipe-{n:04}\",\"command\":\"echo {n}\"}}\n"))
+        .collect();
+    q.cmd(["enqueue", "-"]).stdin(input).run();
+
+    for args in ["list", "list --json", "status", "dlq list"] {
+        let status_file = q.scratch("status");
+        let script = format!("{{ \"$0\" --home \"$1\" {args}; echo $? > \"$2\"; }} | head -1",);
+        let out = support::run_sh(
+            &script,
+            &[BIN.as_ref(), q.home().as_os_str(), status_file.as_os_str()],
+        );
+        assert!(out.status.success());
+        assert_eq!(out.stdout.lines().count(), 1, "{args}: {}", out.stdout);
+        assert_eq!(
+            out.stderr, "",
+            "`queuectl {args} | head -1` printed an error"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&status_file).unwrap().trim(),
+            "0",
+            "`queuectl {args}` exit status"
+        );
+    }
+}
+
+#[test]
+fn worker_keeps_working_when_its_log_reader_goes_away() {
+    let q = Queue::new();
+    let input: String = (0..3)
+        .map(|n| format!("{{\"id\":\"w{n}\",\"command\":\"sleep 0.2\"}}\n"))
+        .collect();
+    q.cmd(["enqueue", "-"]).stdin(input).run();
+    let status_file = q.scratch("status");
+    // `head` exits after the first line; the worker's next lines meet a closed pipe.
+    let script = "{ \"$0\" --home \"$1\" worker start --exit-when-idle 2>&1; echo $? > \"$2\"; } \
+                  | head -1";
+    let out = support::run_sh(
+        script,
+        &[BIN.as_ref(), q.home().as_os_str(), status_file.as_os_str()],
+    );
+    assert!(out.status.success());
+    assert!(out.stdout.contains("[started]"), "{}", out.stdout);
+    assert_eq!(
+        std::fs::read_to_string(&status_file).unwrap().trim(),
+        "0",
+        "the worker's exit status"
+    );
+    for (id, state) in list(&q) {
+        assert_eq!(state, "completed", "{id}");
+    }
+}
+
+#[test]
+fn json_output_is_json_only() {
+    let q = Queue::new();
+    for args in [&["list"][..], &["dlq", "list"]] {
+        let out = q.cmd(args).args(["--json"]).run();
+        assert_eq!(out.stdout.trim_end(), "[]");
+        assert_eq!(out.stderr, "");
+    }
+
+    q.config_set("max-retries", "1");
+    let out = q
+        .cmd(["enqueue", "--json", r#"{"id":"a","command":"echo a"}"#])
+        .run();
+    assert_eq!(out.json()["id"], "a");
+    q.enqueue(r#"{"id":"b","command":"exit 1"}"#);
+    q.cmd(["worker", "start", "--exit-when-idle"]).run();
+
+    for args in [
+        &["status", "--json"][..],
+        &["list", "--json"],
+        &["list", "--json", "--state", "dead"],
+        &["show", "a", "--json"],
+        &["config", "show", "--json"],
+        &["dlq", "list", "--json"],
+    ] {
+        let out = q.cmd(args).run();
+        let value = out.json();
+        assert!(value.is_object() || value.is_array(), "{args:?}: {value}");
+        assert_eq!(out.stderr, "", "{args:?}");
+    }
+    let status = q.status();
+    assert_eq!(status["counts"]["completed"], 1);
+    assert_eq!(status["counts"]["dead"], 1);
+    assert_eq!(status["total"], 2);
+    assert_eq!(status["config"]["max-retries"], 1);
+    let dead = q.json(&["dlq", "list"]);
+    assert_eq!(states(&dead), [("b".to_owned(), "dead".to_owned())]);
+    let limited = q.json(&["list", "--limit", "1"]);
+    assert_eq!(states(&limited), [("a".to_owned(), "completed".to_owned())]);
+}
+
+#[test]
+fn config_set_persists_and_show_lists_every_key() {
+    let q = Queue::new();
+    const KEYS: [&str; 8] = [
+        "max-retries",
+        "backoff-base",
+        "backoff-cap",
+        "worker-count",
+        "job-timeout",
+        "lease-timeout",
+        "completed-retention",
+        "output-limit",
+    ];
+    assert_eq!(q.run(&["config", "get", "max-retries"]), "3\n");
+
+    let out = q.cmd(["config", "set", "max-retries", "5"]).run();
+    assert_eq!(out.stdout, "");
+    q.config_set("backoff-base", "3");
+    q.config_set("worker-count", "4");
+    assert_eq!(q.run(&["config", "get", "max-retries"]), "5\n");
+    assert_eq!(q.run(&["config", "get", "backoff-base"]), "3\n");
+    assert_eq!(q.run(&["config", "get", "worker-count"]), "4\n");
+
+    let shown = q.json(&["config", "show"]);
+    let object = shown.as_object().unwrap();
+    for key in KEYS {
+        assert!(
+            object.contains_key(key),
+            "config show --json lacks {key}: {shown}"
+        );
+    }
+    assert_eq!(object.len(), KEYS.len(), "{shown}");
+    assert_eq!(shown["max-retries"], 5);
+    let text = q.run(&["config", "show"]);
+    for key in KEYS {
+        assert!(text.contains(key), "config show lacks {key}:\n{text}");
+    }
+
+    // New jobs take the setting.
+    q.enqueue(r#"{"id":"j","command":"true"}"#);
+    assert_eq!(q.job("j")["max_retries"], 5);
+    // QUEUECTL_HOME names the same store as --home.
+    let out = support::Cmd::without_home()
+        .env("QUEUECTL_HOME", q.home())
+        .args(["config", "get", "max-retries"])
+        .run();
+    assert_eq!(out.stdout, "5\n");
+}
+
+#[test]
+fn enqueue_from_stdin_adds_every_line() {
+    let q = Queue::new();
+    let input = "{\"id\":\"one\",\"command\":\"echo 1\"}\n\
+                 \n\
+                 {\"command\":\"echo 2\",\"priority\":5}\n\
+                 {\"id\":\"three\",\"command\":\"echo 3\",\"max_retries\":0}\n";
+    let out = q.cmd(["enqueue", "-"]).stdin(input).run();
+    let ids: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(ids.len(), 3, "{}", out.stdout);
+    assert_eq!(ids[0], "one");
+    assert_eq!(ids[2], "three");
+    assert!(!ids[1].is_empty());
+
+    let listed: Vec<String> = states(&q.json(&["list"]))
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(listed, ids);
+    assert_eq!(q.job(ids[1])["priority"], 5);
+    assert_eq!(q.job("three")["max_retries"], 0);
+
+    // The higher priority job runs first.
+    let out = q.cmd(["worker", "start", "--exit-when-idle"]).run();
+    let running: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.contains("[running]"))
+        .collect();
+    assert_eq!(running.len(), 3, "{}", out.stderr);
+    assert!(running[0].contains(ids[1]), "{}", out.stderr);
+}
