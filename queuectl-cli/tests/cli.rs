@@ -416,8 +416,14 @@ fn bad_input_is_refused_and_changes_nothing() {
     // (args, stdin, exit code, part of the error message)
     let cases: &[(&[&str], Option<&str>, i32, &str)] = &[
         (&["enqueue", "not json"], None, 1, "invalid job JSON"),
-        (&["enqueue", "[1]"], None, 1, "invalid job JSON"),
-        (&["enqueue", r#""a string""#], None, 1, "invalid job JSON"),
+        (&["enqueue", "[1]"], None, 1, "must be a JSON object"),
+        (
+            &["enqueue", r#"["x","echo hi",null,null,null,null,null]"#],
+            None,
+            1,
+            "not an array",
+        ),
+        (&["enqueue", r#""a string""#], None, 1, "not a string"),
         (&["enqueue", r#"{"id":"x"}"#], None, 1, "no \"command\""),
         (
             &["enqueue", r#"{"command":""}"#],

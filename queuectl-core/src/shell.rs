@@ -524,10 +524,18 @@ fn wait_without_reaping(child: &mut Child) -> io::Result<Option<ExitStatus>> {
 fn exit_status(exit: ExitStatus) -> (Status, Option<i32>) {
     match (exit.code(), exit.signal()) {
         (Some(0), _) => (Status::Succeeded, Some(0)),
-        (Some(code), _) => (
-            Status::Failed(format!("exited with code {code}")),
-            Some(code),
-        ),
+        (Some(code), _) => {
+            // The shell's conventions for commands it could not run.
+            let hint = match code {
+                126 => " (command not executable)",
+                127 => " (command not found)",
+                _ => "",
+            };
+            (
+                Status::Failed(format!("exited with code {code}{hint}")),
+                Some(code),
+            )
+        }
         (None, Some(signal)) => {
             let mut message = match Signal::try_from(signal) {
                 Ok(name) => format!("killed by signal {} ({signal})", name.as_str()),

@@ -151,7 +151,7 @@ fn unknown_command_is_exit_127_not_an_error() {
     );
     assert_eq!(
         outcome.status,
-        Status::Failed("exited with code 127".into())
+        Status::Failed("exited with code 127 (command not found)".into())
     );
     assert_eq!(outcome.exit_code, Some(127));
     assert!(outcome.output.contains("not found"), "{:?}", outcome.output);
