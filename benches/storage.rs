@@ -148,6 +148,9 @@ fn history_size(c: &mut Criterion) {
     group.finish();
 }
 
+/// Jobs claimed ahead of the executor threads, so claims and completions are batched.
+const PREFETCH: usize = 256;
+
 /// Jobs per second through a pool with a no-op in-process executor.
 fn pool(c: &mut Criterion) {
     let mut group = c.benchmark_group("pool");
@@ -168,6 +171,7 @@ fn pool(c: &mut Criterion) {
                             Arc::new(FnExecutor::new(|_| Ok(()))),
                         )
                         .workers(workers)
+                        .prefetch(PREFETCH)
                         .exit_when_idle(true)
                         .events(false)
                         .start()

@@ -43,7 +43,7 @@ pub use config::{Config, ConfigError};
 pub use error::{Result, StorageError};
 pub use executor::{CancelSignal, Executor, ExecutorError, FnExecutor, Outcome, Status};
 
-pub use file::FileStorage;
+pub use file::{Durability, FileOptions, FileStorage, RecoveryWarning};
 pub use job::{InvalidJob, Job, JobId, JobState, Lease, NewJob, Timestamp, now};
 pub use memory::MemoryStorage;
 pub use pool::{Event, PoolError, Stopper, Summary, WorkerPool, WorkerPoolBuilder};

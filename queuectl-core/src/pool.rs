@@ -167,6 +167,7 @@ pub struct WorkerPoolBuilder {
     storage: Arc<dyn Storage>,
     executor: Arc<dyn Executor>,
     workers: usize,
+    prefetch: usize,
     backoff: Arc<dyn BackoffPolicy>,
     lease: Duration,
     heartbeat: Option<Duration>,
@@ -191,6 +192,14 @@ impl WorkerPoolBuilder {
     /// Executor threads, i.e. jobs run at once (default 1).
     pub fn workers(mut self, workers: usize) -> Self {
         self.workers = workers;
+        self
+    }
+
+    /// Jobs claimed ahead of free executor threads (default 0). Prefetching saves a storage
+    /// round trip per job for short jobs; its cost is that prefetched jobs wait for this pool
+    /// even when another worker is idle. A graceful stop hands unstarted jobs back.
+    pub fn prefetch(mut self, jobs: usize) -> Self {
+        self.prefetch = jobs;
         self
     }
 
@@ -286,10 +295,12 @@ impl WorkerPoolBuilder {
 
         let (events_tx, events_rx) = crossbeam_channel::unbounded();
         let events_tx = self.events.then_some(events_tx);
-        let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<Job>(self.workers);
+        let capacity = self.workers + self.prefetch;
+        let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<Job>(capacity);
         let (outcomes_tx, outcomes_rx) = crossbeam_channel::unbounded();
         let (control_tx, control_rx) = crossbeam_channel::unbounded();
         let (wake_tx, wake_rx) = crossbeam_channel::bounded(1);
+        let (arm_tx, arm_rx) = crossbeam_channel::bounded(1);
         let (canceller, cancel) = cancel_pair();
         let (waker_stop, waker_done) = cancel_pair();
 
@@ -310,7 +321,7 @@ impl WorkerPoolBuilder {
             }
             let storage = self.storage.clone();
             spawn("queuectl-waker".into(), "waker", move || {
-                waker(&*storage, &wake_tx, &waker_done)
+                waker(&*storage, &arm_rx, &wake_tx, &waker_done)
             })?;
             Ok(())
         })();
@@ -322,6 +333,7 @@ impl WorkerPoolBuilder {
             id: id.clone(),
             hostname,
             workers: self.workers,
+            capacity,
             lease,
             heartbeat_every: self.heartbeat.unwrap_or(lease / 3),
             recovery_every: self
@@ -331,9 +343,11 @@ impl WorkerPoolBuilder {
             exit_when_idle: self.exit_when_idle,
             shutdown_timeout: self.shutdown_timeout,
             jobs: Some(jobs_tx),
+            unstarted: jobs_rx.clone(),
             outcomes: outcomes_rx,
             control: control_rx,
             wake: wake_rx,
+            arm: arm_tx,
             events: events_tx,
             canceller,
             waker_stop,
@@ -431,6 +445,7 @@ impl WorkerPool {
             storage,
             executor,
             workers: 1,
+            prefetch: 0,
             backoff: Arc::new(Config::default().backoff()),
             lease: Duration::from_secs(30),
             heartbeat: None,
@@ -512,22 +527,31 @@ impl Runner {
     }
 }
 
-/// Forwards storage changes (from any process) to the dispatcher as wake-ups, until `done`
-/// fires. Not joined: it notices `done` within one wait.
-fn waker(storage: &dyn Storage, wake: &Sender<()>, done: &CancelSignal) {
-    let mut seen = storage.change_version().unwrap_or(0);
-    while !done.is_cancelled() {
-        match storage.wait_for_change(seen, Duration::from_millis(500)) {
-            Ok(version) if version != seen => {
-                seen = version;
-                if let Err(TrySendError::Disconnected(())) = wake.try_send(()) {
-                    return;
+/// Forwards storage changes (from any process) to the dispatcher as wake-ups. The dispatcher
+/// arms it with the version it last saw when it runs out of work, so a busy pool is not woken
+/// by its own writes. Ends when `done` fires; not joined: it notices within one wait.
+fn waker(storage: &dyn Storage, arm: &Receiver<u64>, wake: &Sender<()>, done: &CancelSignal) {
+    loop {
+        let seen = select! {
+            recv(arm) -> seen => match seen {
+                Ok(seen) => seen,
+                Err(_) => return,
+            },
+            recv(done.receiver()) -> _ => return,
+        };
+        while !done.is_cancelled() {
+            match storage.wait_for_change(seen, Duration::from_millis(500)) {
+                Ok(version) if version != seen => {
+                    if let Err(TrySendError::Disconnected(())) = wake.try_send(()) {
+                        return;
+                    }
+                    break;
                 }
-            }
-            Ok(_) => {}
-            // A failing store is reported by the dispatcher's own calls; back off here.
-            Err(_) => {
-                let _ = done.receiver().recv_timeout(Duration::from_millis(500));
+                Ok(_) => {}
+                // A failing store is reported by the dispatcher's own calls; back off here.
+                Err(_) => {
+                    let _ = done.receiver().recv_timeout(Duration::from_millis(500));
+                }
             }
         }
     }
@@ -544,6 +568,8 @@ struct Dispatcher {
     id: String,
     hostname: String,
     workers: usize,
+    /// Jobs handed out at most: executor threads plus prefetch.
+    capacity: usize,
     lease: Duration,
     heartbeat_every: Duration,
     recovery_every: Duration,
@@ -551,9 +577,12 @@ struct Dispatcher {
     exit_when_idle: bool,
     shutdown_timeout: Option<Duration>,
     jobs: Option<Sender<Job>>,
+    /// The executors' end of `jobs`, to take back jobs no executor has started.
+    unstarted: Receiver<Job>,
     outcomes: Receiver<Finished>,
     control: Receiver<Control>,
     wake: Receiver<()>,
+    arm: Sender<u64>,
     events: Option<Sender<Event>>,
     canceller: Canceller,
     waker_stop: Canceller,
@@ -628,8 +657,8 @@ impl Dispatcher {
             }
             let mut wait_until = next_heartbeat.min(next_recovery);
             if self.stopping.is_none() {
-                let claimed = self.claim()?;
-                if self.running.len() < self.workers && claimed == 0 {
+                let (asked, claimed) = self.claim()?;
+                if claimed < asked && self.running.len() < self.capacity {
                     // Idle slots and nothing was due: sleep until the next due job or a wake.
                     match self.storage.next_due() {
                         Ok(Some(due)) => {
@@ -637,7 +666,9 @@ impl Dispatcher {
                             let until_due = Duration::try_from(until_due).unwrap_or_default();
                             wait_until = wait_until.min(Instant::now() + until_due);
                         }
-                        Ok(None) if self.exit_when_idle && self.running.is_empty() => {
+                        Ok(None)
+                            if self.exit_when_idle && self.running.is_empty() && claimed == 0 =>
+                        {
                             self.begin_stop(false, "idle");
                             continue;
                         }
@@ -698,18 +729,44 @@ impl Dispatcher {
                 self.shutdown_timeout.map(|t| Instant::now() + t)
             },
         });
+        // Prefetched jobs no executor has started go back to the queue, uncharged.
+        let unstarted: Vec<Job> = self.unstarted.try_iter().collect();
+        if !unstarted.is_empty() {
+            let finished = unstarted
+                .into_iter()
+                .map(|job| Finished {
+                    job,
+                    outcome: Ok(Outcome {
+                        status: Status::Cancelled,
+                        exit_code: None,
+                        duration: Duration::ZERO,
+                        output: String::new(),
+                    }),
+                })
+                .collect();
+            self.settle_batch(finished);
+        }
     }
 
-    /// Claims jobs for free slots and hands them to executors. Returns how many.
-    fn claim(&mut self) -> Result<usize, PoolError> {
-        let free = self.workers.saturating_sub(self.running.len());
+    /// Claims jobs for free slots and hands them to executors. Returns how many it asked for
+    /// and how many it got; when it got fewer, the waker is armed to report the next change.
+    fn claim(&mut self) -> Result<(usize, usize), PoolError> {
+        let free = self.capacity.saturating_sub(self.running.len());
         if free == 0 {
-            return Ok(0);
+            return Ok((0, 0));
         }
+        let version = match self.storage.change_version() {
+            Ok(version) => version,
+            Err(error) => return self.tolerate("claiming jobs", error).map(|()| (free, 0)),
+        };
         let claimed = match self.storage.claim(&self.id, free, self.lease, now()) {
             Ok(claimed) => claimed,
-            Err(error) => return self.tolerate("claiming jobs", error).map(|()| 0),
+            Err(error) => return self.tolerate("claiming jobs", error).map(|()| (free, 0)),
         };
+        if claimed.len() < free {
+            // Full means an earlier arming is still pending: it will wake us as well.
+            let _ = self.arm.try_send(version);
+        }
         let count = claimed.len();
         for job in claimed {
             let Some(lease) = job.lease.clone() else {
@@ -722,13 +779,13 @@ impl Dispatcher {
             });
             self.running.insert(job.id.clone(), lease);
             if let Some(jobs) = &self.jobs {
-                // Cannot block: the channel holds `workers` jobs and we never have more.
+                // Cannot block: the channel holds `capacity` jobs and we never have more out.
                 if jobs.send(job).is_err() {
                     return Err(PoolError::Panicked { what: "executor" });
                 }
             }
         }
-        Ok(count)
+        Ok((free, count))
     }
 
     /// Settles whatever executors have finished, in one storage call.
@@ -770,6 +827,12 @@ impl Dispatcher {
         for ((settlement, done), result) in batch.into_iter().zip(results) {
             self.running.remove(&done.job.id);
             self.report(&settlement, &done, result);
+        }
+        // A busy pool is not woken by storage changes: look for a stop request before the
+        // freed slots are filled again.
+        if Instant::now() >= self.last_stop_check + STOP_CHECK_EVERY {
+            self.last_stop_check = Instant::now();
+            self.check_stop_request();
         }
     }
 

@@ -19,7 +19,9 @@ use crate::storage::{AttemptReport, ListQuery, Settlement, StateCounts, WorkerIn
 
 /// One change to the state, as persisted by durable backends.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
+// Externally tagged (`{"put":{"job":…}}`): serde decodes it without buffering, which is most
+// of the time it takes to open a large store.
+#[serde(rename_all = "snake_case")]
 pub(crate) enum Change {
     /// Insert or replace a job.
     Put { job: Job },
@@ -104,11 +106,6 @@ impl QueueState {
             });
         }
         changes
-    }
-
-    /// Number of jobs held.
-    pub(crate) fn len(&self) -> usize {
-        self.jobs.len()
     }
 
     // ----- indexes -----

@@ -80,7 +80,7 @@ fn fixture_v1_loads_with_its_contents() {
     let lease = running.lease.clone().unwrap();
     assert_eq!(lease.worker, "w1");
     assert_eq!(lease.expires_at, at(4) + LEASE, "extended by a heartbeat");
-    assert_eq!(lease.token, 0x0cbd_2e69_5dc5_41fd);
+    assert_eq!(lease.token, 0x41e3_bcdc_eca3_e8d9);
 
     let later = get("later");
     assert_eq!(later.run_at, at(3600));

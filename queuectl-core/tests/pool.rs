@@ -502,3 +502,60 @@ fn exit_when_idle_drains_the_queue_then_stops() {
     assert_eq!(rx.try_iter().count(), 20);
     assert_eq!(store.counts().unwrap().completed, 20);
 }
+
+#[test]
+fn graceful_stop_hands_back_prefetched_jobs_unstarted_and_uncharged() {
+    let store = store();
+    for i in 0..6 {
+        enqueue(&store, &format!("j{i}"));
+    }
+    let (gate, started, release) = gate();
+    let pool = WorkerPool::builder(store.clone(), gate)
+        .prefetch(3)
+        .start()
+        .unwrap();
+    assert_eq!(recv(&started).as_str(), "j0");
+    // One running, three prefetched, two left in the queue.
+    assert_eq!(store.counts().unwrap().processing, 4);
+    let stopper = pool.stopper();
+    let events = pool.events().clone();
+    let joiner = std::thread::spawn(move || pool.join());
+    stopper.graceful();
+    events_until(&events, |e| matches!(e, Event::Stopping { .. }));
+    release.send(()).unwrap();
+    let summary = joiner.join().unwrap().unwrap();
+    assert_eq!((summary.completed, summary.released), (1, 3));
+    let counts = store.counts().unwrap();
+    assert_eq!(
+        (counts.completed, counts.pending, counts.processing),
+        (1, 5, 0)
+    );
+    let pending = store
+        .list(&queuectl_core::ListQuery::state(JobState::Pending))
+        .unwrap();
+    assert!(pending.iter().all(|j| j.attempts == 0));
+}
+
+#[test]
+fn prefetching_pool_runs_every_job_once() {
+    const JOBS: usize = 300;
+    let store = store();
+    let batch = (0..JOBS).map(|i| NewJob::new(format!("job{i}"))).collect();
+    store.enqueue_batch(batch, now()).unwrap();
+    let runs = Arc::new(Mutex::new(HashMap::<String, usize>::new()));
+    let counter = runs.clone();
+    let executor = FnExecutor::new(move |job| {
+        *counter.lock().entry(job.command.clone()).or_default() += 1;
+        Ok(())
+    });
+    let pool = WorkerPool::builder(store.clone(), Arc::new(executor))
+        .workers(2)
+        .prefetch(32)
+        .exit_when_idle(true)
+        .start()
+        .unwrap();
+    assert_eq!(pool.join().unwrap().completed, JOBS);
+    let runs = runs.lock();
+    assert_eq!(runs.len(), JOBS);
+    assert!(runs.values().all(|&n| n == 1));
+}

@@ -102,8 +102,9 @@ pub struct FileOptions {
     /// When records are forced to disk.
     pub durability: Durability,
     /// The journal is compacted into a new snapshot when it is larger than both this many
-    /// bytes and twice the snapshot, so the work of compaction stays proportional to the
-    /// operations that caused it.
+    /// bytes and the snapshot. A compaction rewrites the state only after at least as many
+    /// bytes of operations were appended (O(1) amortised per operation), and opening never
+    /// reads more than about twice the state.
     pub compact_min_bytes: u64,
     /// Fault injection for tests: not part of the stable API.
     #[doc(hidden)]
@@ -433,6 +434,7 @@ impl FileStorage {
     /// the changes it recorded as one journal record.
     fn write<T>(&self, f: impl FnOnce(&mut QueueState) -> T) -> Result<T> {
         self.locked_write(|store, replica| {
+            store.compact_if_due(replica)?;
             let out = f(&mut replica.state);
             let changes = replica.state.take_changes();
             if !changes.is_empty() {
@@ -456,7 +458,7 @@ impl FileStorage {
     }
 
     /// Brings the replica up to date with the files, under the OS lock. With `exclusive`, also
-    /// prepares the journal for an append (and compacts when due).
+    /// repairs the journal so it can take an append.
     fn catch_up<'a>(&self, inner: &'a mut Inner, exclusive: bool) -> Result<&'a mut Replica> {
         // A replica whose tail fails to read is dropped: the next access rebuilds it.
         let current = match inner.replica.take() {
@@ -471,7 +473,7 @@ impl FileStorage {
         };
         let replica = inner.replica.insert(current);
         if exclusive {
-            self.prepare_append(replica)?;
+            self.repair(replica)?;
         }
         Ok(replica)
     }
@@ -599,8 +601,8 @@ impl FileStorage {
     }
 
     /// Makes the journal ready to take an append: replaces a stale one, cuts off a torn
-    /// record, and compacts when the journal has outgrown the snapshot.
-    fn prepare_append(&self, replica: &mut Replica) -> Result<()> {
+    /// record.
+    fn repair(&self, replica: &mut Replica) -> Result<()> {
         if replica.stale {
             self.replace_journal(replica)?;
         } else if replica.torn {
@@ -610,8 +612,14 @@ impl FileStorage {
             })?;
             replica.torn = false;
         }
-        let threshold = (2 * replica.snapshot_len).max(self.options.compact_min_bytes);
-        if replica.offset > threshold {
+        Ok(())
+    }
+
+    /// Compacts when the journal has outgrown the snapshot (see
+    /// [`FileOptions::compact_min_bytes`]). Done by mutations only, before their append, so
+    /// opening or reading a store never pays for it.
+    fn compact_if_due(&self, replica: &mut Replica) -> Result<()> {
+        if replica.offset > replica.snapshot_len.max(self.options.compact_min_bytes) {
             self.compact_replica(replica)?;
         }
         Ok(())
