@@ -41,6 +41,7 @@ macro_rules! storage_conformance {
             claim_is_exclusive_across_threads_and_handles,
             stale_lease_token_is_refused,
             complete_records_the_result,
+            settle_and_claim_is_one_step,
             fail_waits_out_backoff_then_dies_after_max_retries,
             heartbeat_extends_the_lease,
             expired_leases_are_recovered,
@@ -367,6 +368,49 @@ pub fn complete_records_the_result(h: &dyn Harness) {
     assert!(done.lease.is_none());
     assert_eq!(store.get(&id("a")).unwrap(), done);
     assert!(store.claim("w", 1, LEASE, at(3)).unwrap().is_empty());
+}
+
+/// `settle_and_claim` settles first, then claims from what is due, and refuses per item.
+pub fn settle_and_claim_is_one_step(h: &dyn Harness) {
+    let store = h.store();
+    store
+        .enqueue_batch(vec![job("a"), job("b").max_retries(1), job("c")], at(0))
+        .unwrap();
+    let claimed = store.claim("w", 2, LEASE, at(0)).unwrap();
+    let lease = |i: usize| claimed[i].lease.clone().unwrap();
+    let stale = crate::Lease {
+        token: lease(0).token ^ 1,
+        ..lease(0)
+    };
+    let (settled, next) = store
+        .settle_and_claim(
+            vec![
+                Settlement::Complete {
+                    lease: stale,
+                    report: AttemptReport::default(),
+                },
+                Settlement::Complete {
+                    lease: lease(0),
+                    report: AttemptReport::default(),
+                },
+                Settlement::Release { lease: lease(1) },
+            ],
+            "w",
+            5,
+            LEASE,
+            at(1),
+        )
+        .unwrap();
+    assert!(matches!(settled[0], Err(StorageError::LeaseLost { .. })));
+    assert_eq!(settled[1].as_ref().unwrap().state, JobState::Completed);
+    assert_eq!(settled[2].as_ref().unwrap().state, JobState::Pending);
+    // The released job is due again and is claimed in the same step, with "c".
+    assert_eq!(ids(&next), ["b", "c"]);
+    assert!(next.iter().all(|j| j.state == JobState::Processing));
+    let (settled, none) = store
+        .settle_and_claim(Vec::new(), "w", 0, LEASE, at(2))
+        .unwrap();
+    assert!(settled.is_empty() && none.is_empty());
 }
 
 /// A failure makes the job `failed` until `retry_at`; after `max_retries` failed attempts it is

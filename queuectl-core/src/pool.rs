@@ -357,6 +357,7 @@ impl WorkerPoolBuilder {
             summary: Summary::default(),
             woken: false,
             last_stop_check: Instant::now(),
+            fatal: None,
         };
         if let Err(error) = spawn_result {
             // Dropping the dispatcher closes the jobs channel: started threads exit.
@@ -595,6 +596,8 @@ struct Dispatcher {
     /// Storage changed since the last look for a stop request.
     woken: bool,
     last_stop_check: Instant,
+    /// An error that ends the pool, found where it could not be returned.
+    fatal: Option<PoolError>,
 }
 
 const PURGE_EVERY: Duration = Duration::from_secs(300);
@@ -602,22 +605,23 @@ const PURGE_EVERY: Duration = Duration::from_secs(300);
 const STOP_CHECK_EVERY: Duration = Duration::from_millis(50);
 
 impl Dispatcher {
-    fn emit(&self, event: Event) {
+    /// Sends the event `make` builds, if anyone asked for events (it is not built otherwise).
+    fn emit(&self, make: impl FnOnce() -> Event) {
         if let Some(events) = &self.events {
             // Nobody listening any more is fine.
-            let _ = events.send(event);
+            let _ = events.send(make());
         }
     }
 
     fn storage_error(&self, op: &'static str, error: &StorageError) {
-        self.emit(Event::StorageError {
+        self.emit(|| Event::StorageError {
             op,
             error: error_chain(error),
         });
     }
 
     fn run(&mut self) -> Result<Summary, PoolError> {
-        self.emit(Event::Started {
+        self.emit(|| Event::Started {
             worker: self.id.clone(),
             threads: self.workers,
         });
@@ -627,6 +631,10 @@ impl Dispatcher {
         let mut next_purge = Instant::now();
         loop {
             self.settle_finished();
+            if let Some(error) = self.fatal.take() {
+                self.begin_stop(true, "executor failure");
+                return Err(error);
+            }
             if let Some(stopping) = &self.stopping {
                 if self.running.is_empty() && self.unsettled.is_empty() {
                     return Ok(self.summary);
@@ -717,7 +725,7 @@ impl Dispatcher {
         if self.stopping.as_ref().is_some_and(|s| s.forced || !forced) {
             return;
         }
-        self.emit(Event::Stopping { forced, reason });
+        self.emit(|| Event::Stopping { forced, reason });
         if forced {
             self.canceller.cancel();
         }
@@ -749,7 +757,7 @@ impl Dispatcher {
     }
 
     /// Claims jobs for free slots and hands them to executors. Returns how many it asked for
-    /// and how many it got; when it got fewer, the waker is armed to report the next change.
+    /// and how many it got.
     fn claim(&mut self) -> Result<(usize, usize), PoolError> {
         let free = self.capacity.saturating_sub(self.running.len());
         if free == 0 {
@@ -763,16 +771,23 @@ impl Dispatcher {
             Ok(claimed) => claimed,
             Err(error) => return self.tolerate("claiming jobs", error).map(|()| (free, 0)),
         };
-        if claimed.len() < free {
+        let count = claimed.len();
+        self.hand_out(claimed, free, version)?;
+        Ok((free, count))
+    }
+
+    /// Gives claimed jobs to the executors. When fewer than `asked` came, arms the waker with
+    /// the store `version` read before the claim, so the next change wakes the dispatcher.
+    fn hand_out(&mut self, claimed: Vec<Job>, asked: usize, version: u64) -> Result<(), PoolError> {
+        if claimed.len() < asked {
             // Full means an earlier arming is still pending: it will wake us as well.
             let _ = self.arm.try_send(version);
         }
-        let count = claimed.len();
         for job in claimed {
             let Some(lease) = job.lease.clone() else {
                 continue;
             };
-            self.emit(Event::Claimed {
+            self.emit(|| Event::Claimed {
                 job: job.id.clone(),
                 attempt: job.attempts,
                 command: job.command.clone(),
@@ -785,7 +800,7 @@ impl Dispatcher {
                 }
             }
         }
-        Ok((free, count))
+        Ok(())
     }
 
     /// Settles whatever executors have finished, in one storage call.
@@ -806,9 +821,25 @@ impl Dispatcher {
             };
             batch.push((self.settlement(lease, &done, at), done));
         }
+        // Refill the slots this batch frees in the same storage call (one fsync, not two).
+        let want = if self.stopping.is_none() {
+            let busy = self.running.len() - batch.len();
+            self.capacity.saturating_sub(busy)
+        } else {
+            0
+        };
+        let version = if want > 0 {
+            self.storage.change_version().ok()
+        } else {
+            None
+        };
+        let want = if version.is_some() { want } else { 0 };
         let settlements = batch.iter().map(|(s, _)| s.clone()).collect();
-        let results = match self.storage.settle(settlements, at) {
-            Ok(results) => results,
+        let settled = self
+            .storage
+            .settle_and_claim(settlements, &self.id, want, self.lease, at);
+        let (results, claimed) = match settled {
+            Ok(settled) => settled,
             Err(error) => {
                 self.storage_error("recording job results", &error);
                 if matches!(error, StorageError::Poisoned { .. }) {
@@ -827,6 +858,11 @@ impl Dispatcher {
         for ((settlement, done), result) in batch.into_iter().zip(results) {
             self.running.remove(&done.job.id);
             self.report(&settlement, &done, result);
+        }
+        if let Some(version) = version
+            && let Err(error) = self.hand_out(claimed, want, version)
+        {
+            self.fatal.get_or_insert(error);
         }
         // A busy pool is not woken by storage changes: look for a stop request before the
         // freed slots are filled again.
@@ -876,7 +912,7 @@ impl Dispatcher {
             Ok(job_after) => job_after,
             Err(StorageError::LeaseLost { .. }) => {
                 self.summary.lost += 1;
-                self.emit(Event::LeaseLost { job });
+                self.emit(|| Event::LeaseLost { job });
                 return;
             }
             Err(error) => {
@@ -893,7 +929,7 @@ impl Dispatcher {
                     .as_ref()
                     .map(|o| o.duration)
                     .unwrap_or_default();
-                self.emit(Event::Completed {
+                self.emit(|| Event::Completed {
                     job,
                     attempt,
                     duration,
@@ -901,11 +937,11 @@ impl Dispatcher {
             }
             (Settlement::Release { .. }, _) => {
                 self.summary.released += 1;
-                self.emit(Event::Released { job });
+                self.emit(|| Event::Released { job });
             }
             (Settlement::Fail { .. }, JobState::Dead) => {
                 self.summary.dead += 1;
-                self.emit(Event::Dead {
+                self.emit(|| Event::Dead {
                     job,
                     attempt,
                     error,
@@ -915,7 +951,7 @@ impl Dispatcher {
                 self.summary.failed += 1;
                 let retry_in =
                     Duration::try_from(*retry_at - job_after.updated_at).unwrap_or_default();
-                self.emit(Event::Failed {
+                self.emit(|| Event::Failed {
                     job,
                     attempt,
                     error,
@@ -934,7 +970,7 @@ impl Dispatcher {
                 Ok(lost) => {
                     for id in lost {
                         // The job belongs to someone else now: its result will be refused.
-                        self.emit(Event::LeaseLost { job: id });
+                        self.emit(|| Event::LeaseLost { job: id });
                     }
                 }
                 Err(error) => self.tolerate("renewing leases", error)?,
@@ -996,7 +1032,7 @@ impl Dispatcher {
         match recover_abandoned(&*self.storage, &self.hostname, stale_after, at) {
             Ok(jobs) => {
                 for job in jobs {
-                    self.emit(Event::Recovered {
+                    self.emit(|| Event::Recovered {
                         job: job.id,
                         state: job.state,
                     });
@@ -1012,7 +1048,7 @@ impl Dispatcher {
         };
         match self.storage.purge_completed(now() - retention) {
             Ok(0) => {}
-            Ok(count) => self.emit(Event::Purged { count }),
+            Ok(count) => self.emit(|| Event::Purged { count }),
             Err(error) => self.storage_error("purging completed jobs", &error),
         }
     }
@@ -1025,7 +1061,7 @@ impl Dispatcher {
         if let Err(error) = self.storage.deregister_worker(&self.id) {
             self.storage_error("deregistering", &error);
         }
-        self.emit(Event::Stopped);
+        self.emit(|| Event::Stopped);
     }
 }
 

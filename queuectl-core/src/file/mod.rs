@@ -809,6 +809,20 @@ impl Storage for FileStorage {
         self.write(|s| s.settle(settlements, now))
     }
 
+    fn settle_and_claim(
+        &self,
+        settlements: Vec<Settlement>,
+        worker: &str,
+        max: usize,
+        lease_for: Duration,
+        now: Timestamp,
+    ) -> Result<(Vec<Result<Job>>, Vec<Job>)> {
+        self.write(|s| {
+            let settled = s.settle(settlements, now);
+            (settled, s.claim(worker, max, lease_for, now))
+        })
+    }
+
     fn recover_expired(&self, now: Timestamp) -> Result<Vec<Job>> {
         self.write(|s| s.recover_expired(now))
     }
