@@ -101,7 +101,8 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result {
         Command::Worker(WorkerCommand::Start {
             count,
             exit_when_idle,
-        }) => worker::start(store, count, exit_when_idle),
+            prefetch,
+        }) => worker::start(store, count, exit_when_idle, prefetch),
         Command::Worker(WorkerCommand::Stop { timeout, no_wait }) => {
             worker::stop(&*store, seconds("--timeout", timeout)?, no_wait)
         }

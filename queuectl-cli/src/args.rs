@@ -89,6 +89,10 @@ pub enum WorkerCommand {
         /// Exit once no job is running or due, instead of waiting for more.
         #[arg(long)]
         exit_when_idle: bool,
+        /// Claim up to this many jobs ahead of free workers: faster for many short jobs, but
+        /// those jobs wait for this process even if another worker is idle.
+        #[arg(long, default_value_t = 0)]
+        prefetch: usize,
     },
     /// Ask every running worker on this queue to finish its jobs and exit, and wait for it.
     Stop {

@@ -22,13 +22,19 @@ macro_rules! say {
 }
 
 /// Runs a pool of shell workers in the foreground until it is stopped.
-pub fn start(store: Arc<FileStorage>, count: Option<usize>, exit_when_idle: bool) -> Result {
+pub fn start(
+    store: Arc<FileStorage>,
+    count: Option<usize>,
+    exit_when_idle: bool,
+    prefetch: usize,
+) -> Result {
     let config = store.config()?;
     let executor = ShellExecutor::new().output_limit(config.output_limit);
     let pool = WorkerPool::builder(store, Arc::new(executor))
         .config(&config)
         .workers(count.unwrap_or(config.worker_count))
         .exit_when_idle(exit_when_idle)
+        .prefetch(prefetch)
         .start()?;
 
     // Signals become stop requests: the first lets running jobs finish, a second kills them.

@@ -40,9 +40,22 @@ type ReadyKey = (Reverse<i32>, Timestamp, u64);
 /// All jobs, settings and workers, with the indexes that make claiming O(log n).
 #[derive(Debug, Default)]
 pub(crate) struct QueueState {
-    jobs: HashMap<JobId, Job>,
-    /// Enqueue order: seq → id.
-    order: BTreeMap<u64, JobId>,
+    /// Every job by its enqueue sequence number, so iteration is in enqueue order.
+    jobs: BTreeMap<u64, Job>,
+    /// Job id → sequence number.
+    ids: HashMap<JobId, u64>,
+    index: Index,
+    next_seq: u64,
+    config: Config,
+    workers: BTreeMap<String, WorkerInfo>,
+    /// Whether transitions record their changes (durable backends).
+    record: bool,
+    changes: Vec<Change>,
+}
+
+/// The orders claiming and recovery need, by sequence number; derived from the jobs.
+#[derive(Debug, Default)]
+struct Index {
     /// Runnable jobs not yet known to be due, by due time.
     scheduled: BTreeSet<(Timestamp, u64)>,
     /// Runnable jobs that were due at the last claim, in claim order.
@@ -50,12 +63,29 @@ pub(crate) struct QueueState {
     /// Processing jobs by lease expiry.
     leases: BTreeSet<(Timestamp, u64)>,
     counts: [usize; 5],
-    next_seq: u64,
-    config: Config,
-    workers: BTreeMap<String, WorkerInfo>,
-    /// Whether transitions record their changes (durable backends).
-    record: bool,
-    changes: Vec<Change>,
+}
+
+impl Index {
+    fn insert(&mut self, job: &Job) {
+        self.counts[job.state.index()] += 1;
+        if job.state.is_runnable() {
+            self.scheduled.insert((job.run_at, job.seq));
+        }
+        if let (JobState::Processing, Some(lease)) = (job.state, &job.lease) {
+            self.leases.insert((lease.expires_at, job.seq));
+        }
+    }
+
+    fn remove(&mut self, job: &Job) {
+        self.counts[job.state.index()] -= 1;
+        if job.state.is_runnable() && !self.scheduled.remove(&(job.run_at, job.seq)) {
+            self.ready
+                .remove(&(Reverse(job.priority), job.run_at, job.seq));
+        }
+        if let (JobState::Processing, Some(lease)) = (job.state, &job.lease) {
+            self.leases.remove(&(lease.expires_at, job.seq));
+        }
+    }
 }
 
 impl QueueState {
@@ -75,9 +105,11 @@ impl QueueState {
     /// Applies a persisted change (replay). Never records.
     pub(crate) fn apply(&mut self, change: Change) {
         match change {
-            Change::Put { job } => self.index_put(job),
+            Change::Put { job } => self.insert(job),
             Change::Remove { id } => {
-                self.index_remove(&id);
+                if let Some(&seq) = self.ids.get(&id) {
+                    self.delete(seq);
+                }
             }
             Change::Config { config } => self.config = config,
             Change::PutWorker { worker } => {
@@ -95,10 +127,8 @@ impl QueueState {
         changes.push(Change::Config {
             config: self.config.clone(),
         });
-        for id in self.order.values() {
-            changes.push(Change::Put {
-                job: self.jobs[id].clone(),
-            });
+        for job in self.jobs.values() {
+            changes.push(Change::Put { job: job.clone() });
         }
         for worker in self.workers.values() {
             changes.push(Change::PutWorker {
@@ -108,7 +138,7 @@ impl QueueState {
         changes
     }
 
-    // ----- indexes -----
+    // ----- storage of jobs -----
 
     fn record(&mut self, change: impl FnOnce() -> Change) {
         if self.record {
@@ -116,76 +146,80 @@ impl QueueState {
         }
     }
 
-    fn put(&mut self, job: Job) {
-        if self.record {
-            self.changes.push(Change::Put { job: job.clone() });
+    /// Inserts a job, replacing any job with the same id (replay), without recording.
+    fn insert(&mut self, job: Job) {
+        if let Some(&old) = self.ids.get(&job.id) {
+            self.delete(old);
         }
-        self.index_put(job);
-    }
-
-    fn remove(&mut self, id: &JobId) {
-        if self.index_remove(id).is_some() {
-            self.record(|| Change::Remove { id: id.clone() });
-        }
-    }
-
-    fn index_put(&mut self, job: Job) {
-        self.index_remove(&job.id);
         self.next_seq = self.next_seq.max(job.seq + 1);
-        self.counts[job.state.index()] += 1;
-        self.order.insert(job.seq, job.id.clone());
-        if job.state.is_runnable() {
-            self.scheduled.insert((job.run_at, job.seq));
-        }
-        if let (JobState::Processing, Some(lease)) = (job.state, &job.lease) {
-            self.leases.insert((lease.expires_at, job.seq));
-        }
-        self.jobs.insert(job.id.clone(), job);
+        self.index.insert(&job);
+        self.ids.insert(job.id.clone(), job.seq);
+        self.jobs.insert(job.seq, job);
     }
 
-    fn index_remove(&mut self, id: &JobId) -> Option<Job> {
-        let job = self.jobs.remove(id)?;
-        self.counts[job.state.index()] -= 1;
-        self.order.remove(&job.seq);
-        if job.state.is_runnable() {
-            self.scheduled.remove(&(job.run_at, job.seq));
-            self.ready
-                .remove(&(Reverse(job.priority), job.run_at, job.seq));
-        }
-        if let Some(lease) = &job.lease {
-            self.leases.remove(&(lease.expires_at, job.seq));
-        }
+    /// Deletes the job with sequence number `seq`, without recording.
+    fn delete(&mut self, seq: u64) -> Option<Job> {
+        let job = self.jobs.remove(&seq)?;
+        self.ids.remove(&job.id);
+        self.index.remove(&job);
         Some(job)
     }
 
-    fn by_seq(&self, seq: u64) -> &Job {
-        &self.jobs[&self.order[&seq]]
+    /// Deletes a job and records it.
+    fn remove(&mut self, seq: u64) {
+        if let Some(job) = self.delete(seq) {
+            self.record(|| Change::Remove { id: job.id });
+        }
+    }
+
+    /// Changes the job with sequence number `seq` in place (never its id or seq), keeps the
+    /// indexes in step and records the result.
+    fn update(&mut self, seq: u64, change: impl FnOnce(&mut Job)) -> &Job {
+        let job = self
+            .jobs
+            .get_mut(&seq)
+            .expect("the indexes only hold sequence numbers of stored jobs");
+        self.index.remove(job);
+        change(job);
+        self.index.insert(job);
+        if self.record {
+            self.changes.push(Change::Put { job: job.clone() });
+        }
+        job
     }
 
     /// Moves runnable jobs due at `now` from `scheduled` to `ready`.
     fn promote(&mut self, now: Timestamp) {
-        while let Some(&(run_at, seq)) = self.scheduled.first() {
+        while let Some(&(run_at, seq)) = self.index.scheduled.first() {
             if run_at > now {
                 break;
             }
-            self.scheduled.pop_first();
-            let priority = self.by_seq(seq).priority;
-            self.ready.insert((Reverse(priority), run_at, seq));
+            self.index.scheduled.pop_first();
+            let priority = self.jobs[&seq].priority;
+            self.index.ready.insert((Reverse(priority), run_at, seq));
         }
     }
 
-    fn leased_job(&self, lease: &Lease) -> Result<&Job> {
-        match self.jobs.get(&lease.job_id) {
-            Some(job)
-                if job.state == JobState::Processing
-                    && job.lease.as_ref().is_some_and(|l| l.token == lease.token) =>
-            {
-                Ok(job)
-            }
-            _ => Err(StorageError::LeaseLost {
+    /// The sequence number of the job `lease` holds, if the lease is still its current one.
+    fn leased(&self, lease: &Lease) -> Result<u64> {
+        self.ids
+            .get(&lease.job_id)
+            .copied()
+            .filter(|seq| {
+                let job = &self.jobs[seq];
+                job.state == JobState::Processing
+                    && job.lease.as_ref().is_some_and(|l| l.token == lease.token)
+            })
+            .ok_or_else(|| StorageError::LeaseLost {
                 id: lease.job_id.clone(),
-            }),
-        }
+            })
+    }
+
+    fn seq_of(&self, id: &JobId) -> Result<u64> {
+        self.ids
+            .get(id)
+            .copied()
+            .ok_or_else(|| StorageError::NotFound { id: id.clone() })
     }
 
     // ----- transitions -----
@@ -196,7 +230,7 @@ impl QueueState {
         for new in jobs {
             new.validate()?;
             let id = new.id.clone().unwrap_or_else(JobId::generate);
-            if self.jobs.contains_key(&id) || !ids.insert(id.clone()) {
+            if self.ids.contains_key(&id) || !ids.insert(id.clone()) {
                 return Err(StorageError::AlreadyExists { id });
             }
             prepared.push((id, new));
@@ -226,7 +260,8 @@ impl QueueState {
                 lease: None,
                 seq: self.next_seq,
             };
-            self.put(job.clone());
+            self.record(|| Change::Put { job: job.clone() });
+            self.insert(job.clone());
             created.push(job);
         }
         Ok(created)
@@ -243,7 +278,7 @@ impl QueueState {
         let mut picked = Vec::new();
         // A job in `ready` was due at an earlier claim's `now`; with a `now` that went
         // backwards (another process's clock read) it may not be due yet: skip it.
-        for &(_, run_at, seq) in &self.ready {
+        for &(_, run_at, seq) in &self.index.ready {
             if picked.len() == max {
                 break;
             }
@@ -251,24 +286,25 @@ impl QueueState {
                 picked.push(seq);
             }
         }
-        let mut claimed = Vec::with_capacity(picked.len());
-        for seq in picked {
-            let mut job = self.by_seq(seq).clone();
-            job.state = JobState::Processing;
-            job.attempts = job.attempts.saturating_add(1);
-            job.started_at = Some(now);
-            job.finished_at = None;
-            job.updated_at = now;
-            job.lease = Some(Lease {
-                job_id: job.id.clone(),
-                worker: worker.to_owned(),
-                token: random_u64(),
-                expires_at: now + lease_for,
-            });
-            self.put(job.clone());
-            claimed.push(job);
-        }
-        claimed
+        picked
+            .into_iter()
+            .map(|seq| {
+                self.update(seq, |job| {
+                    job.state = JobState::Processing;
+                    job.attempts = job.attempts.saturating_add(1);
+                    job.started_at = Some(now);
+                    job.finished_at = None;
+                    job.updated_at = now;
+                    job.lease = Some(Lease {
+                        job_id: job.id.clone(),
+                        worker: worker.to_owned(),
+                        token: random_u64(),
+                        expires_at: now + lease_for,
+                    });
+                })
+                .clone()
+            })
+            .collect()
     }
 
     pub(crate) fn extend_leases(
@@ -279,13 +315,13 @@ impl QueueState {
     ) -> Vec<JobId> {
         let mut lost = Vec::new();
         for lease in leases {
-            match self.leased_job(lease) {
-                Ok(job) => {
-                    let mut job = job.clone();
-                    if let Some(l) = job.lease.as_mut() {
-                        l.expires_at = now + lease_for;
-                    }
-                    self.put(job);
+            match self.leased(lease) {
+                Ok(seq) => {
+                    self.update(seq, |job| {
+                        if let Some(l) = job.lease.as_mut() {
+                            l.expires_at = now + lease_for;
+                        }
+                    });
                 }
                 Err(_) => lost.push(lease.job_id.clone()),
             }
@@ -305,9 +341,7 @@ impl QueueState {
     }
 
     fn settle_one(&mut self, settlement: Settlement, now: Timestamp) -> Result<Job> {
-        let mut job = self.leased_job(settlement.lease())?.clone();
-        job.lease = None;
-        job.updated_at = now;
+        let seq = self.leased(settlement.lease())?;
         let record = |job: &mut Job, report: AttemptReport| {
             job.finished_at = Some(now);
             job.exit_code = report.exit_code;
@@ -316,35 +350,38 @@ impl QueueState {
                 job.last_error = report.error;
             }
         };
-        match settlement {
-            Settlement::Complete { report, .. } => {
-                record(&mut job, report);
-                job.state = JobState::Completed;
-            }
-            Settlement::Fail {
-                report, retry_at, ..
-            } => {
-                record(&mut job, report);
-                if job.attempts >= job.max_retries {
-                    job.state = JobState::Dead;
-                } else {
-                    job.state = JobState::Failed;
-                    job.run_at = retry_at;
+        let job = self.update(seq, |job| {
+            job.lease = None;
+            job.updated_at = now;
+            match settlement {
+                Settlement::Complete { report, .. } => {
+                    record(job, report);
+                    job.state = JobState::Completed;
+                }
+                Settlement::Fail {
+                    report, retry_at, ..
+                } => {
+                    record(job, report);
+                    if job.attempts >= job.max_retries {
+                        job.state = JobState::Dead;
+                    } else {
+                        job.state = JobState::Failed;
+                        job.run_at = retry_at;
+                    }
+                }
+                Settlement::Release { .. } => {
+                    job.state = JobState::Pending;
+                    job.attempts = job.attempts.saturating_sub(1);
+                    job.run_at = job.run_at.min(now);
                 }
             }
-            Settlement::Release { .. } => {
-                job.state = JobState::Pending;
-                job.attempts = job.attempts.saturating_sub(1);
-                job.run_at = job.run_at.min(now);
-            }
-        }
-        self.put(job.clone());
-        Ok(job)
+        });
+        Ok(job.clone())
     }
 
     pub(crate) fn recover_expired(&mut self, now: Timestamp) -> Vec<Job> {
         let mut expired = Vec::new();
-        for &(expires_at, seq) in &self.leases {
+        for &(expires_at, seq) in &self.index.leases {
             if expires_at > now {
                 break;
             }
@@ -358,11 +395,12 @@ impl QueueState {
 
     pub(crate) fn recover_worker(&mut self, worker: &str, now: Timestamp) -> Vec<Job> {
         let owned: Vec<u64> = self
+            .index
             .leases
             .iter()
             .map(|&(_, seq)| seq)
-            .filter(|&seq| {
-                self.by_seq(seq)
+            .filter(|seq| {
+                self.jobs[seq]
                     .lease
                     .as_ref()
                     .is_some_and(|l| l.worker == worker)
@@ -375,35 +413,31 @@ impl QueueState {
     }
 
     fn recover(&mut self, seq: u64, why: &str, now: Timestamp) -> Job {
-        let mut job = self.by_seq(seq).clone();
-        let worker = job.lease.take().map(|l| l.worker).unwrap_or_default();
-        job.last_error = Some(format!(
-            "attempt {} abandoned: {why} (worker {worker})",
-            job.attempts
-        ));
-        job.state = if job.attempts >= job.max_retries {
-            JobState::Dead
-        } else {
-            JobState::Pending
-        };
-        job.run_at = now;
-        job.finished_at = Some(now);
-        job.updated_at = now;
-        self.put(job.clone());
-        job
+        self.update(seq, |job| {
+            let worker = job.lease.take().map(|l| l.worker).unwrap_or_default();
+            job.last_error = Some(format!(
+                "attempt {} abandoned: {why} (worker {worker})",
+                job.attempts
+            ));
+            job.state = if job.attempts >= job.max_retries {
+                JobState::Dead
+            } else {
+                JobState::Pending
+            };
+            job.run_at = now;
+            job.finished_at = Some(now);
+            job.updated_at = now;
+        })
+        .clone()
     }
 
     pub(crate) fn get(&self, id: &JobId) -> Result<Job> {
-        self.jobs
-            .get(id)
-            .cloned()
-            .ok_or_else(|| StorageError::NotFound { id: id.clone() })
+        Ok(self.jobs[&self.seq_of(id)?].clone())
     }
 
     pub(crate) fn list(&self, query: &ListQuery) -> Vec<Job> {
-        self.order
+        self.jobs
             .values()
-            .map(|id| &self.jobs[id])
             .filter(|job| query.state.is_none_or(|s| job.state == s))
             .skip(query.offset)
             .take(query.limit.unwrap_or(usize::MAX))
@@ -412,7 +446,7 @@ impl QueueState {
     }
 
     pub(crate) fn counts(&self) -> StateCounts {
-        let c = &self.counts;
+        let c = &self.index.counts;
         StateCounts {
             pending: c[JobState::Pending.index()],
             processing: c[JobState::Processing.index()],
@@ -423,8 +457,8 @@ impl QueueState {
     }
 
     pub(crate) fn next_due(&self) -> Option<Timestamp> {
-        let ready = self.ready.first().map(|&(_, run_at, _)| run_at);
-        let scheduled = self.scheduled.first().map(|&(run_at, _)| run_at);
+        let ready = self.index.ready.first().map(|&(_, run_at, _)| run_at);
+        let scheduled = self.index.scheduled.first().map(|&(run_at, _)| run_at);
         match (ready, scheduled) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -432,67 +466,69 @@ impl QueueState {
     }
 
     pub(crate) fn retry_dead(&mut self, ids: Option<&[JobId]>, now: Timestamp) -> Result<Vec<Job>> {
-        let targets: Vec<JobId> = match ids {
+        let targets: Vec<u64> = match ids {
             Some(ids) => {
+                let mut seqs = Vec::with_capacity(ids.len());
                 for id in ids {
-                    let job = self.get(id)?;
-                    if job.state != JobState::Dead {
+                    let seq = self.seq_of(id)?;
+                    let state = self.jobs[&seq].state;
+                    if state != JobState::Dead {
                         return Err(StorageError::InvalidState {
                             id: id.clone(),
-                            state: job.state,
+                            state,
                             op: "retry",
                         });
                     }
+                    seqs.push(seq);
                 }
-                ids.to_vec()
+                seqs
             }
-            None => self.ids_in(JobState::Dead),
+            None => self.seqs_in(JobState::Dead),
         };
         let mut retried = Vec::with_capacity(targets.len());
-        for id in targets {
-            let mut job = self.jobs[&id].clone();
-            if job.state != JobState::Dead {
+        for seq in targets {
+            if self.jobs[&seq].state != JobState::Dead {
                 continue; // named twice in `ids`
             }
-            job.state = JobState::Pending;
-            job.attempts = 0;
-            job.run_at = now;
-            job.updated_at = now;
-            self.put(job.clone());
-            retried.push(job);
+            let job = self.update(seq, |job| {
+                job.state = JobState::Pending;
+                job.attempts = 0;
+                job.run_at = now;
+                job.updated_at = now;
+            });
+            retried.push(job.clone());
         }
         Ok(retried)
     }
 
-    fn ids_in(&self, state: JobState) -> Vec<JobId> {
-        self.order
+    fn seqs_in(&self, state: JobState) -> Vec<u64> {
+        self.jobs
             .values()
-            .filter(|id| self.jobs[*id].state == state)
-            .cloned()
+            .filter(|job| job.state == state)
+            .map(|job| job.seq)
             .collect()
     }
 
     pub(crate) fn clear_dead(&mut self) -> usize {
-        let dead = self.ids_in(JobState::Dead);
-        for id in &dead {
-            self.remove(id);
+        let dead = self.seqs_in(JobState::Dead);
+        for &seq in &dead {
+            self.remove(seq);
         }
         dead.len()
     }
 
     pub(crate) fn purge_completed(&mut self, finished_before: Timestamp) -> usize {
-        let old: Vec<JobId> = self
-            .order
+        let old: Vec<u64> = self
+            .jobs
             .values()
-            .filter(|id| {
-                let job = &self.jobs[*id];
+            .filter(|job| {
                 job.state == JobState::Completed
                     && job.finished_at.unwrap_or(job.updated_at) < finished_before
             })
-            .cloned()
+            .map(|job| job.seq)
             .collect();
-        for id in &old {
-            self.remove(id);
+        for &seq in &old {
+            self.remove(seq);
         }
         old.len()
     }
