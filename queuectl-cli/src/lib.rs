@@ -35,17 +35,10 @@ pub fn main() -> ExitCode {
         Err(error) if error.is_broken_pipe() => ExitCode::SUCCESS,
         Err(error) => {
             let mut stderr = io::stderr().lock();
-            let mut said = error.to_string();
-            let _ = writeln!(stderr, "error: {said}");
+            let _ = writeln!(stderr, "error: {error}");
             let mut source = std::error::Error::source(&error);
             while let Some(cause) = source {
-                // Some errors repeat their source in their own message (`invalid job JSON:
-                // {0}`): say each cause once.
-                let cause_text = cause.to_string();
-                if !said.ends_with(&cause_text) {
-                    let _ = writeln!(stderr, "caused by: {cause_text}");
-                }
-                said = cause_text;
+                let _ = writeln!(stderr, "caused by: {cause}");
                 source = cause.source();
             }
             ExitCode::FAILURE
