@@ -222,7 +222,7 @@ impl WorkerPoolBuilder {
     }
 
     /// How often expired leases and dead workers are looked for (default: half the lease,
-    /// at most 5 s).
+    /// at most 1 s: the tick is a cheap look at the worker registry).
     pub fn recovery_interval(mut self, every: Duration) -> Self {
         self.recovery = Some(every);
         self
@@ -338,7 +338,7 @@ impl WorkerPoolBuilder {
             heartbeat_every: self.heartbeat.unwrap_or(lease / 3),
             recovery_every: self
                 .recovery
-                .unwrap_or_else(|| (lease / 2).min(Duration::from_secs(5))),
+                .unwrap_or_else(|| (lease / 2).min(Duration::from_secs(1))),
             retention: self.retention,
             exit_when_idle: self.exit_when_idle,
             shutdown_timeout: self.shutdown_timeout,
