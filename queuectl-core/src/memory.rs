@@ -84,10 +84,7 @@ impl Storage for MemoryStorage {
         lease_for: Duration,
         now: Timestamp,
     ) -> Result<(Vec<Result<Job>>, Vec<Job>)> {
-        Ok(self.write(|s| {
-            let settled = s.settle(settlements, now);
-            (settled, s.claim(worker, max, lease_for, now))
-        }))
+        Ok(self.write(|s| s.settle_and_claim(settlements, worker, max, lease_for, now)))
     }
 
     fn recover_expired(&self, now: Timestamp) -> Result<Vec<Job>> {

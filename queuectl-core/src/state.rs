@@ -340,6 +340,18 @@ impl QueueState {
             .collect()
     }
 
+    pub(crate) fn settle_and_claim(
+        &mut self,
+        settlements: Vec<Settlement>,
+        worker: &str,
+        max: usize,
+        lease_for: Duration,
+        now: Timestamp,
+    ) -> (Vec<Result<Job>>, Vec<Job>) {
+        let settled = self.settle(settlements, now);
+        (settled, self.claim(worker, max, lease_for, now))
+    }
+
     fn settle_one(&mut self, settlement: Settlement, now: Timestamp) -> Result<Job> {
         let seq = self.leased(settlement.lease())?;
         let record = |job: &mut Job, report: AttemptReport| {
