@@ -712,6 +712,16 @@ pub fn waiters_wake_on_change(h: &dyn Harness) {
         seen,
         "no change, no new version"
     );
+    // Operations that change nothing leave the version alone, so an idle worker that looks
+    // for work is not woken by its own look.
+    assert!(store.claim("w", 5, LEASE, at(0)).unwrap().is_empty());
+    assert!(store.recover_expired(at(0)).unwrap().is_empty());
+    assert_eq!(store.clear_dead().unwrap(), 0);
+    assert_eq!(
+        store.change_version().unwrap(),
+        seen,
+        "a no-op changed the version"
+    );
     let writer = h.reopen().unwrap_or_else(|| h.store());
     let started = Arc::new(Barrier::new(2));
     let go = started.clone();

@@ -147,6 +147,15 @@ pub trait Executor: Send + Sync + fmt::Debug {
     fn execute(&self, job: &Job, cancel: &CancelSignal) -> Result<Outcome, ExecutorError>;
 }
 
+/// The message of a panic payload (`&str` or `String`, as `panic!` makes them).
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".to_owned())
+}
+
 type JobFn = dyn Fn(&Job) -> Result<(), String> + Send + Sync;
 
 /// Runs jobs as Rust closures in the worker's own thread: `Ok(())` is success, `Err(message)`
@@ -172,7 +181,16 @@ impl fmt::Debug for FnExecutor {
 }
 
 impl Executor for FnExecutor {
-    fn execute(&self, job: &Job, _cancel: &CancelSignal) -> Result<Outcome, ExecutorError> {
+    fn execute(&self, job: &Job, cancel: &CancelSignal) -> Result<Outcome, ExecutorError> {
+        // A closure cannot be interrupted, but one cancelled before it starts is not started.
+        if cancel.is_cancelled() {
+            return Ok(Outcome {
+                status: Status::Cancelled,
+                exit_code: None,
+                duration: Duration::ZERO,
+                output: String::new(),
+            });
+        }
         let started = Instant::now();
         let result = catch_unwind(AssertUnwindSafe(|| (self.run)(job)));
         let duration = started.elapsed();
@@ -180,12 +198,7 @@ impl Executor for FnExecutor {
             Ok(Ok(())) => Outcome::succeeded(duration),
             Ok(Err(message)) => Outcome::failed(message, duration),
             Err(panic) => {
-                let message = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "non-string panic payload".to_owned());
-                Outcome::failed(format!("panicked: {message}"), duration)
+                Outcome::failed(format!("panicked: {}", panic_message(&*panic)), duration)
             }
         })
     }

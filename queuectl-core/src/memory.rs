@@ -23,7 +23,6 @@ pub struct MemoryStorage {
 #[derive(Debug, Default)]
 struct Inner {
     state: QueueState,
-    version: u64,
 }
 
 impl MemoryStorage {
@@ -37,13 +36,16 @@ impl MemoryStorage {
         f(&self.inner.lock().state)
     }
 
-    /// Runs a mutating operation, then wakes every waiter.
+    /// Runs a mutating operation, then wakes every waiter if it changed anything.
     fn write<T>(&self, f: impl FnOnce(&mut QueueState) -> T) -> T {
         let mut inner = self.inner.lock();
+        let before = inner.state.revision();
         let out = f(&mut inner.state);
-        inner.version += 1;
+        let changed = inner.state.revision() != before;
         drop(inner);
-        self.changed.notify_all();
+        if changed {
+            self.changed.notify_all();
+        }
         out
     }
 }
@@ -157,17 +159,23 @@ impl Storage for MemoryStorage {
     }
 
     fn change_version(&self) -> Result<u64> {
-        Ok(self.inner.lock().version)
+        Ok(self.inner.lock().state.revision())
     }
 
     fn wait_for_change(&self, seen: u64, timeout: Duration) -> Result<u64> {
-        let deadline = Instant::now() + timeout;
         let mut inner = self.inner.lock();
-        while inner.version == seen {
-            if self.changed.wait_until(&mut inner, deadline).timed_out() {
-                break;
+        // A timeout too long to represent as an instant is as good as forever.
+        let deadline = Instant::now().checked_add(timeout);
+        while inner.state.revision() == seen {
+            match deadline {
+                Some(deadline) => {
+                    if self.changed.wait_until(&mut inner, deadline).timed_out() {
+                        break;
+                    }
+                }
+                None => self.changed.wait(&mut inner),
             }
         }
-        Ok(inner.version)
+        Ok(inner.state.revision())
     }
 }

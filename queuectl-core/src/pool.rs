@@ -15,6 +15,7 @@
 //! long job.
 
 use std::collections::HashMap;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -24,7 +25,9 @@ use crossbeam_channel::{Receiver, Sender, TrySendError, select};
 use crate::backoff::BackoffPolicy;
 use crate::config::Config;
 use crate::error::StorageError;
-use crate::executor::{CancelSignal, Canceller, Executor, Outcome, Status, cancel_pair};
+use crate::executor::{
+    CancelSignal, Canceller, Executor, Outcome, Status, cancel_pair, panic_message,
+};
 use crate::job::{Job, JobId, JobState, Lease, Timestamp, now};
 use crate::storage::{AttemptReport, Settlement, Storage, WorkerInfo};
 
@@ -161,6 +164,10 @@ pub struct Summary {
     pub lost: usize,
 }
 
+const MAX_WORKERS: usize = 4096;
+const MAX_PREFETCH: usize = 1_000_000;
+const MAX_LEASE: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// Configures and starts a [`WorkerPool`].
 #[derive(Debug)]
 pub struct WorkerPoolBuilder {
@@ -259,16 +266,34 @@ impl WorkerPoolBuilder {
         self
     }
 
+    fn validate(&self) -> Result<(), PoolError> {
+        let invalid = |what: &str| Err(PoolError::Invalid(what.to_owned()));
+        if !(1..=MAX_WORKERS).contains(&self.workers) {
+            return invalid("workers must be from 1 to 4096");
+        }
+        if self.prefetch > MAX_PREFETCH {
+            return invalid("prefetch must be at most 1000000");
+        }
+        if self.lease.is_zero() || self.lease > MAX_LEASE {
+            return invalid("the lease must be longer than zero and at most a week");
+        }
+        if self
+            .heartbeat
+            .is_some_and(|h| h.is_zero() || h >= self.lease)
+        {
+            return invalid(
+                "the heartbeat interval must be longer than zero and shorter than the lease",
+            );
+        }
+        if self.recovery.is_some_and(|r| r.is_zero()) {
+            return invalid("the recovery interval must be longer than zero");
+        }
+        Ok(())
+    }
+
     /// Registers the worker, recovers expired leases and starts the threads.
     pub fn start(self) -> Result<WorkerPool, PoolError> {
-        if self.workers == 0 {
-            return Err(PoolError::Invalid("workers must be at least 1".into()));
-        }
-        if self.lease.is_zero() {
-            return Err(PoolError::Invalid(
-                "the lease must be longer than zero".into(),
-            ));
-        }
+        self.validate()?;
         let hostname = hostname();
         let id = self.worker_id.clone().unwrap_or_else(|| {
             format!(
@@ -296,12 +321,11 @@ impl WorkerPoolBuilder {
         let (events_tx, events_rx) = crossbeam_channel::unbounded();
         let events_tx = self.events.then_some(events_tx);
         let capacity = self.workers + self.prefetch;
-        let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<Job>(capacity);
+        let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<Assignment>(capacity);
         let (outcomes_tx, outcomes_rx) = crossbeam_channel::unbounded();
         let (control_tx, control_rx) = crossbeam_channel::unbounded();
         let (wake_tx, wake_rx) = crossbeam_channel::bounded(1);
         let (arm_tx, arm_rx) = crossbeam_channel::bounded(1);
-        let (canceller, cancel) = cancel_pair();
         let (waker_stop, waker_done) = cancel_pair();
 
         let mut threads = Vec::with_capacity(self.workers + 2);
@@ -311,7 +335,6 @@ impl WorkerPoolBuilder {
                     executor: self.executor.clone(),
                     jobs: jobs_rx.clone(),
                     outcomes: outcomes_tx.clone(),
-                    cancel: cancel.clone(),
                 };
                 threads.push(spawn(
                     format!("queuectl-exec-{n}"),
@@ -349,13 +372,17 @@ impl WorkerPoolBuilder {
             wake: wake_rx,
             arm: arm_tx,
             events: events_tx,
-            canceller,
             waker_stop,
             running: HashMap::new(),
+            current: HashMap::new(),
+            lost_jobs: HashMap::new(),
+            parked: Vec::new(),
             unsettled: Vec::new(),
+            settle_failures: 0,
             stopping: None,
             summary: Summary::default(),
-            woken: false,
+            seen_version: None,
+            stop_check_due: false,
             last_stop_check: Instant::now(),
             fatal: None,
         };
@@ -501,26 +528,53 @@ impl WorkerPool {
     }
 }
 
-/// One finished attempt, sent from an executor thread to the dispatcher.
+/// A job given to an executor thread, with the signal that cancels this attempt alone.
+struct Assignment {
+    job: Job,
+    cancel: CancelSignal,
+}
+
+/// One finished attempt, sent from an executor thread to the dispatcher. `job.lease` is the
+/// lease of the attempt.
 struct Finished {
     job: Job,
     outcome: Result<Outcome, String>,
 }
 
+impl Finished {
+    /// An attempt that never ran: it is handed back to the queue uncharged.
+    fn unstarted(job: Job) -> Self {
+        Self {
+            job,
+            outcome: Ok(Outcome {
+                status: Status::Cancelled,
+                exit_code: None,
+                duration: Duration::ZERO,
+                output: String::new(),
+            }),
+        }
+    }
+
+    fn token(&self) -> Option<u64> {
+        self.job.lease.as_ref().map(|l| l.token)
+    }
+}
+
 struct Runner {
     executor: Arc<dyn Executor>,
-    jobs: Receiver<Job>,
+    jobs: Receiver<Assignment>,
     outcomes: Sender<Finished>,
-    cancel: CancelSignal,
 }
 
 impl Runner {
     fn run(self) {
-        for job in self.jobs.iter() {
-            let outcome = self
-                .executor
-                .execute(&job, &self.cancel)
-                .map_err(|e| error_chain(&e));
+        for Assignment { job, cancel } in self.jobs.iter() {
+            // A panicking executor fails the attempt; the thread, and its slot, live on.
+            let outcome =
+                match catch_unwind(AssertUnwindSafe(|| self.executor.execute(&job, &cancel))) {
+                    Ok(result) => result.map_err(|e| error_chain(&e)),
+                    Err(panic) => Err(format!("the executor panicked: {}", panic_message(&*panic))),
+                };
             if self.outcomes.send(Finished { job, outcome }).is_err() {
                 return;
             }
@@ -528,12 +582,13 @@ impl Runner {
     }
 }
 
-/// Forwards storage changes (from any process) to the dispatcher as wake-ups. The dispatcher
-/// arms it with the version it last saw when it runs out of work, so a busy pool is not woken
-/// by its own writes. Ends when `done` fires; not joined: it notices within one wait.
+/// Forwards storage changes (from any process) to the dispatcher as wake-ups. Before each
+/// wait the dispatcher arms it with the store version it has seen, so it is woken by what
+/// happens after, not by its own earlier writes. Ends when `done` fires; not joined: it
+/// notices within one wait.
 fn waker(storage: &dyn Storage, arm: &Receiver<u64>, wake: &Sender<()>, done: &CancelSignal) {
     loop {
-        let seen = select! {
+        let mut seen = select! {
             recv(arm) -> seen => match seen {
                 Ok(seen) => seen,
                 Err(_) => return,
@@ -541,6 +596,10 @@ fn waker(storage: &dyn Storage, arm: &Receiver<u64>, wake: &Sender<()>, done: &C
             recv(done.receiver()) -> _ => return,
         };
         while !done.is_cancelled() {
+            // A newer arming replaces the one being waited on.
+            if let Ok(newer) = arm.try_recv() {
+                seen = newer;
+            }
             match storage.wait_for_change(seen, Duration::from_millis(500)) {
                 Ok(version) if version != seen => {
                     if let Err(TrySendError::Disconnected(())) = wake.try_send(()) {
@@ -563,6 +622,14 @@ struct Stopping {
     deadline: Option<Instant>,
 }
 
+/// An attempt this pool holds a lease for: running, queued for an executor, or parked.
+struct Attempt {
+    lease: Lease,
+    canceller: Canceller,
+    /// The store reported the lease lost: the attempt is cancelled and its result dropped.
+    lost: bool,
+}
+
 struct Dispatcher {
     storage: Arc<dyn Storage>,
     backoff: Arc<dyn BackoffPolicy>,
@@ -577,24 +644,34 @@ struct Dispatcher {
     retention: Option<Duration>,
     exit_when_idle: bool,
     shutdown_timeout: Option<Duration>,
-    jobs: Option<Sender<Job>>,
+    jobs: Option<Sender<Assignment>>,
     /// The executors' end of `jobs`, to take back jobs no executor has started.
-    unstarted: Receiver<Job>,
+    unstarted: Receiver<Assignment>,
     outcomes: Receiver<Finished>,
     control: Receiver<Control>,
     wake: Receiver<()>,
     arm: Sender<u64>,
     events: Option<Sender<Event>>,
-    canceller: Canceller,
     waker_stop: Canceller,
-    /// Leases of the jobs handed to executors, by job id.
-    running: HashMap<JobId, Lease>,
-    /// Settlements not yet accepted by storage (it failed); retried each turn.
+    /// Every attempt this pool holds a lease for, by lease token.
+    running: HashMap<u64, Attempt>,
+    /// The attempt (lease token) of each job whose lease this pool still holds.
+    current: HashMap<JobId, u64>,
+    /// Jobs with a lost attempt still running here, and how many such attempts.
+    lost_jobs: HashMap<JobId, usize>,
+    /// Claimed again while a lost attempt of the same job still runs here: they start when it
+    /// has ended, so a job never runs twice at once in this pool.
+    parked: Vec<Assignment>,
+    /// Settlements storage did not accept (it failed); retried each turn.
     unsettled: Vec<(Settlement, Finished)>,
+    /// Consecutive failed attempts to record results.
+    settle_failures: u32,
     stopping: Option<Stopping>,
     summary: Summary,
-    /// Storage changed since the last look for a stop request.
-    woken: bool,
+    /// The store version when the dispatcher last looked.
+    seen_version: Option<u64>,
+    /// The store changed since the last look for a stop request.
+    stop_check_due: bool,
     last_stop_check: Instant,
     /// An error that ends the pool, found where it could not be returned.
     fatal: Option<PoolError>,
@@ -603,6 +680,9 @@ struct Dispatcher {
 const PURGE_EVERY: Duration = Duration::from_secs(300);
 /// Least time between two reads of the stop flag prompted by storage changes.
 const STOP_CHECK_EVERY: Duration = Duration::from_millis(50);
+/// Failed attempts to record results, 200 ms apart, before the pool gives up and stops.
+const MAX_SETTLE_FAILURES: u32 = 25;
+const SETTLE_RETRY: Duration = Duration::from_millis(200);
 
 impl Dispatcher {
     /// Sends the event `make` builds, if anyone asked for events (it is not built otherwise).
@@ -632,11 +712,11 @@ impl Dispatcher {
         loop {
             self.settle_finished();
             if let Some(error) = self.fatal.take() {
-                self.begin_stop(true, "executor failure");
+                self.abandon();
                 return Err(error);
             }
             if let Some(stopping) = &self.stopping {
-                if self.running.is_empty() && self.unsettled.is_empty() {
+                if self.running.is_empty() {
                     return Ok(self.summary);
                 }
                 if !stopping.forced && stopping.deadline.is_some_and(|d| Instant::now() >= d) {
@@ -644,15 +724,8 @@ impl Dispatcher {
                 }
             }
             let now_instant = Instant::now();
-            if self.woken && now_instant >= self.last_stop_check + STOP_CHECK_EVERY {
-                // `worker stop` writes to storage, which wakes us: notice it now rather than at
-                // the next heartbeat.
-                self.woken = false;
-                self.last_stop_check = now_instant;
-                self.check_stop_request();
-            }
             if now_instant >= next_heartbeat {
-                self.heartbeat()?;
+                self.heartbeat();
                 next_heartbeat = now_instant + self.heartbeat_every;
             }
             if now_instant >= next_recovery {
@@ -663,20 +736,20 @@ impl Dispatcher {
                 self.purge();
                 next_purge = now_instant + PURGE_EVERY;
             }
+            self.poll_stop_request();
             let mut wait_until = next_heartbeat.min(next_recovery);
             if self.stopping.is_none() {
-                let (asked, claimed) = self.claim()?;
-                if claimed < asked && self.running.len() < self.capacity {
-                    // Idle slots and nothing was due: sleep until the next due job or a wake.
+                let (asked, claimed) = self.claim();
+                if claimed < asked {
+                    // Free slots and nothing more was due: sleep until the next due job or a
+                    // change in the store.
                     match self.storage.next_due() {
                         Ok(Some(due)) => {
                             let until_due = (due - now()).max(time::Duration::ZERO);
                             let until_due = Duration::try_from(until_due).unwrap_or_default();
                             wait_until = wait_until.min(Instant::now() + until_due);
                         }
-                        Ok(None)
-                            if self.exit_when_idle && self.running.is_empty() && claimed == 0 =>
-                        {
+                        Ok(None) if self.exit_when_idle && self.running.is_empty() => {
                             self.begin_stop(false, "idle");
                             continue;
                         }
@@ -685,16 +758,56 @@ impl Dispatcher {
                     }
                 }
             }
-            if self.woken && self.stopping.is_none() {
+            if self.stop_check_due && self.stopping.is_none() {
                 wait_until = wait_until.min(self.last_stop_check + STOP_CHECK_EVERY);
             }
             if !self.unsettled.is_empty() {
-                wait_until = wait_until.min(Instant::now() + Duration::from_millis(200));
+                wait_until = wait_until.min(Instant::now() + SETTLE_RETRY);
             }
             if let Some(deadline) = self.stopping.as_ref().and_then(|s| s.deadline) {
                 wait_until = wait_until.min(deadline);
             }
+            self.arm_waker();
             self.wait(wait_until);
+        }
+    }
+
+    /// Notes a change of the store version (any process's write) and arms the waker with it.
+    fn arm_waker(&mut self) {
+        if let Ok(version) = self.storage.change_version() {
+            self.note_version(version);
+            // Full means an arming is pending; the waker takes the newest one.
+            let _ = self.arm.try_send(version);
+        }
+    }
+
+    fn note_version(&mut self, version: u64) {
+        if self.seen_version != Some(version) {
+            self.seen_version = Some(version);
+            self.stop_check_due = true;
+        }
+    }
+
+    /// Looks for a stop request in storage if the store changed since the last look, at most
+    /// every [`STOP_CHECK_EVERY`]: `worker stop` is noticed promptly, busy or idle.
+    fn poll_stop_request(&mut self) {
+        if self.stopping.is_some() {
+            return;
+        }
+        if let Ok(version) = self.storage.change_version() {
+            self.note_version(version);
+        }
+        if self.stop_check_due && Instant::now() >= self.last_stop_check + STOP_CHECK_EVERY {
+            self.stop_check_due = false;
+            self.last_stop_check = Instant::now();
+            match self.storage.workers() {
+                Ok(workers) => {
+                    if workers.iter().any(|w| w.id == self.id && w.stop_requested) {
+                        self.begin_stop(false, "stop request in storage");
+                    }
+                }
+                Err(error) => self.storage_error("looking for a stop request", &error),
+            }
         }
     }
 
@@ -716,7 +829,7 @@ impl Dispatcher {
                 Ok(Control::Forced) => self.begin_stop(true, "requested"),
                 Err(_) => {}
             },
-            recv(self.wake) -> _ => self.woken = true,
+            recv(self.wake) -> _ => {}
             default(timeout) => {}
         }
     }
@@ -724,10 +837,6 @@ impl Dispatcher {
     fn begin_stop(&mut self, forced: bool, reason: &'static str) {
         if self.stopping.as_ref().is_some_and(|s| s.forced || !forced) {
             return;
-        }
-        self.emit(|| Event::Stopping { forced, reason });
-        if forced {
-            self.canceller.cancel();
         }
         self.stopping = Some(Stopping {
             forced,
@@ -737,52 +846,48 @@ impl Dispatcher {
                 self.shutdown_timeout.map(|t| Instant::now() + t)
             },
         });
-        // Prefetched jobs no executor has started go back to the queue, uncharged.
-        let unstarted: Vec<Job> = self.unstarted.try_iter().collect();
-        if !unstarted.is_empty() {
-            let finished = unstarted
-                .into_iter()
-                .map(|job| Finished {
-                    job,
-                    outcome: Ok(Outcome {
-                        status: Status::Cancelled,
-                        exit_code: None,
-                        duration: Duration::ZERO,
-                        output: String::new(),
-                    }),
-                })
-                .collect();
-            self.settle_batch(finished);
+        if forced {
+            for attempt in self.running.values_mut() {
+                attempt.canceller.cancel();
+            }
         }
+        // Jobs no executor has started go back to the queue, uncharged.
+        let mut unstarted: Vec<Finished> = self
+            .unstarted
+            .try_iter()
+            .chain(self.parked.drain(..))
+            .map(|a| Finished::unstarted(a.job))
+            .collect();
+        if !unstarted.is_empty() {
+            unstarted.extend(self.outcomes.try_iter());
+            self.settle_batch(unstarted);
+        }
+        self.emit(|| Event::Stopping { forced, reason });
     }
 
     /// Claims jobs for free slots and hands them to executors. Returns how many it asked for
     /// and how many it got.
-    fn claim(&mut self) -> Result<(usize, usize), PoolError> {
+    fn claim(&mut self) -> (usize, usize) {
         let free = self.capacity.saturating_sub(self.running.len());
         if free == 0 {
-            return Ok((0, 0));
+            return (0, 0);
         }
-        let version = match self.storage.change_version() {
-            Ok(version) => version,
-            Err(error) => return self.tolerate("claiming jobs", error).map(|()| (free, 0)),
-        };
-        let claimed = match self.storage.claim(&self.id, free, self.lease, now()) {
-            Ok(claimed) => claimed,
-            Err(error) => return self.tolerate("claiming jobs", error).map(|()| (free, 0)),
-        };
-        let count = claimed.len();
-        self.hand_out(claimed, free, version)?;
-        Ok((free, count))
+        match self.storage.claim(&self.id, free, self.lease, now()) {
+            Ok(claimed) => {
+                let count = claimed.len();
+                self.hand_out(claimed);
+                (free, count)
+            }
+            Err(error) => {
+                self.tolerate("claiming jobs", error);
+                (free, 0)
+            }
+        }
     }
 
-    /// Gives claimed jobs to the executors. When fewer than `asked` came, arms the waker with
-    /// the store `version` read before the claim, so the next change wakes the dispatcher.
-    fn hand_out(&mut self, claimed: Vec<Job>, asked: usize, version: u64) -> Result<(), PoolError> {
-        if claimed.len() < asked {
-            // Full means an earlier arming is still pending: it will wake us as well.
-            let _ = self.arm.try_send(version);
-        }
+    /// Gives claimed jobs to the executors (or parks them behind a lost attempt of the same
+    /// job that is still running here).
+    fn hand_out(&mut self, claimed: Vec<Job>) {
         for job in claimed {
             let Some(lease) = job.lease.clone() else {
                 continue;
@@ -792,15 +897,30 @@ impl Dispatcher {
                 attempt: job.attempts,
                 command: job.command.clone(),
             });
-            self.running.insert(job.id.clone(), lease);
-            if let Some(jobs) = &self.jobs {
-                // Cannot block: the channel holds `capacity` jobs and we never have more out.
-                if jobs.send(job).is_err() {
-                    return Err(PoolError::Panicked { what: "executor" });
-                }
+            let (canceller, cancel) = cancel_pair();
+            if let Some(old) = self.current.insert(job.id.clone(), lease.token) {
+                // The store handed out a job this pool is still running: the old attempt's
+                // lease was lost.
+                self.mark_lost(old);
+            }
+            let behind_lost = !self.lost_jobs.is_empty() && self.lost_jobs.contains_key(&job.id);
+            self.running.insert(
+                lease.token,
+                Attempt {
+                    lease,
+                    canceller,
+                    lost: false,
+                },
+            );
+            let assignment = Assignment { job, cancel };
+            if behind_lost {
+                self.parked.push(assignment);
+            } else if let Some(jobs) = &self.jobs {
+                // Cannot block: the channel holds `capacity` jobs and we never have more out;
+                // cannot fail: `self.unstarted` keeps it connected.
+                let _ = jobs.send(assignment);
             }
         }
-        Ok(())
     }
 
     /// Settles whatever executors have finished, in one storage call.
@@ -816,24 +936,29 @@ impl Dispatcher {
         let at = now();
         let mut batch: Vec<(Settlement, Finished)> = std::mem::take(&mut self.unsettled);
         for done in finished {
-            let Some(lease) = self.running.get(&done.job.id).cloned() else {
+            let Some(token) = done.token() else { continue };
+            let Some(attempt) = self.running.get(&token) else {
                 continue;
             };
-            batch.push((self.settlement(lease, &done, at), done));
+            if attempt.lost {
+                // Already reported; the job belongs to someone else now.
+                self.end_lost_attempt(token, &done.job.id);
+                continue;
+            }
+            let settlement = self.settlement(attempt.lease.clone(), &done, at);
+            batch.push((settlement, done));
         }
-        // Refill the slots this batch frees in the same storage call (one fsync, not two).
+        if batch.is_empty() {
+            return;
+        }
+        // Look for a stop request before refilling the slots this batch frees.
+        self.poll_stop_request();
         let want = if self.stopping.is_none() {
-            let busy = self.running.len() - batch.len();
+            let busy = self.running.len().saturating_sub(batch.len());
             self.capacity.saturating_sub(busy)
         } else {
             0
         };
-        let version = if want > 0 {
-            self.storage.change_version().ok()
-        } else {
-            None
-        };
-        let want = if version.is_some() { want } else { 0 };
         let settlements = batch.iter().map(|(s, _)| s.clone()).collect();
         let settled = self
             .storage
@@ -842,33 +967,83 @@ impl Dispatcher {
             Ok(settled) => settled,
             Err(error) => {
                 self.storage_error("recording job results", &error);
-                if matches!(error, StorageError::Poisoned { .. }) {
-                    // Nothing will be recorded again; the leases will expire and the jobs
-                    // run elsewhere. Stop taking work.
-                    self.begin_stop(true, "storage failure");
-                    for (_, done) in batch {
-                        self.running.remove(&done.job.id);
+                self.settle_failures += 1;
+                let poisoned = matches!(error, StorageError::Poisoned { .. });
+                if poisoned || self.settle_failures >= MAX_SETTLE_FAILURES {
+                    // Results cannot be recorded: stop. The leases expire and the jobs run
+                    // again elsewhere.
+                    for (_, done) in &batch {
+                        if let Some(token) = done.token() {
+                            self.untrack(token);
+                        }
                     }
+                    self.fatal.get_or_insert(PoolError::Storage {
+                        op: "recording job results",
+                        source: error,
+                    });
                 } else {
                     self.unsettled = batch;
                 }
                 return;
             }
         };
+        self.settle_failures = 0;
         for ((settlement, done), result) in batch.into_iter().zip(results) {
-            self.running.remove(&done.job.id);
+            if let Some(token) = done.token() {
+                self.untrack(token);
+            }
             self.report(&settlement, &done, result);
         }
-        if let Some(version) = version
-            && let Err(error) = self.hand_out(claimed, want, version)
+        self.hand_out(claimed);
+    }
+
+    /// Forgets an attempt.
+    fn untrack(&mut self, token: u64) {
+        if let Some(attempt) = self.running.remove(&token)
+            && self.current.get(&attempt.lease.job_id) == Some(&token)
         {
-            self.fatal.get_or_insert(error);
+            self.current.remove(&attempt.lease.job_id);
         }
-        // A busy pool is not woken by storage changes: look for a stop request before the
-        // freed slots are filled again.
-        if Instant::now() >= self.last_stop_check + STOP_CHECK_EVERY {
-            self.last_stop_check = Instant::now();
-            self.check_stop_request();
+    }
+
+    /// Marks an attempt whose lease was lost, and cancels it: its job belongs to someone else.
+    fn mark_lost(&mut self, token: u64) {
+        let Some(attempt) = self.running.get_mut(&token) else {
+            return;
+        };
+        if attempt.lost {
+            return;
+        }
+        attempt.lost = true;
+        attempt.canceller.cancel();
+        let job = attempt.lease.job_id.clone();
+        if self.current.get(&job) == Some(&token) {
+            self.current.remove(&job);
+        }
+        *self.lost_jobs.entry(job.clone()).or_default() += 1;
+        self.emit(|| Event::LeaseLost { job });
+    }
+
+    /// Forgets a lost attempt that has ended and starts what was parked behind it.
+    fn end_lost_attempt(&mut self, token: u64, job: &JobId) {
+        self.untrack(token);
+        self.summary.lost += 1;
+        if let Some(count) = self.lost_jobs.get_mut(job) {
+            *count -= 1;
+            if *count == 0 {
+                self.lost_jobs.remove(job);
+            }
+        }
+        if self.lost_jobs.contains_key(job) {
+            return;
+        }
+        let (ready, still_parked): (Vec<_>, Vec<_>) =
+            self.parked.drain(..).partition(|a| &a.job.id == job);
+        self.parked = still_parked;
+        for assignment in ready {
+            if let Some(jobs) = &self.jobs {
+                let _ = jobs.send(assignment);
+            }
         }
     }
 
@@ -899,7 +1074,9 @@ impl Dispatcher {
                 Settlement::Fail {
                     lease,
                     report,
-                    retry_at: at + delay,
+                    retry_at: at
+                        .checked_add(time::Duration::try_from(delay).unwrap_or(time::Duration::MAX))
+                        .unwrap_or(at),
                 }
             }
         }
@@ -961,19 +1138,24 @@ impl Dispatcher {
         }
     }
 
-    /// Renews the leases of running jobs and the worker registration; obeys a stored stop.
-    fn heartbeat(&mut self) -> Result<(), PoolError> {
+    /// Renews the leases of this pool's attempts and its registration; obeys a stored stop.
+    /// An attempt whose lease was lost is cancelled at once: its job belongs to someone else.
+    fn heartbeat(&mut self) {
         let at = now();
-        let leases: Vec<Lease> = self.running.values().cloned().collect();
+        let leases: Vec<Lease> = self
+            .running
+            .values()
+            .filter(|a| !a.lost)
+            .map(|a| a.lease.clone())
+            .collect();
         if !leases.is_empty() {
             match self.storage.extend_leases(&leases, self.lease, at) {
                 Ok(lost) => {
                     for id in lost {
-                        // The job belongs to someone else now: its result will be refused.
-                        self.emit(|| Event::LeaseLost { job: id });
+                        self.lose(&id);
                     }
                 }
-                Err(error) => self.tolerate("renewing leases", error)?,
+                Err(error) => self.tolerate("renewing leases", error),
             }
         }
         match self.storage.worker_heartbeat(&self.id, at) {
@@ -983,25 +1165,32 @@ impl Dispatcher {
                 // Someone deregistered us (presumed dead): register again.
                 let info = self.info(at);
                 if let Err(error) = self.storage.register_worker(info) {
-                    self.tolerate("registering", error)?;
+                    self.tolerate("registering", error);
                 }
             }
-            Err(error) => self.tolerate("heartbeating", error)?,
+            Err(error) => self.tolerate("heartbeating", error),
         }
-        Ok(())
     }
 
-    fn check_stop_request(&mut self) {
-        if self.stopping.is_some() {
-            return;
+    /// Cancels this pool's attempt of `job`, whose lease the store reports lost.
+    fn lose(&mut self, job: &JobId) {
+        if let Some(&token) = self.current.get(job) {
+            self.mark_lost(token);
         }
-        match self.storage.workers() {
-            Ok(workers) => {
-                if workers.iter().any(|w| w.id == self.id && w.stop_requested) {
-                    self.begin_stop(false, "stop request in storage");
-                }
+        // A lost attempt that was still queued for an executor will come back cancelled
+        // without having run; one that was parked never started: end it now.
+        let (lost_parked, kept): (Vec<_>, Vec<_>) = self.parked.drain(..).partition(|a| {
+            a.job.lease.as_ref().is_some_and(|l| {
+                self.running
+                    .get(&l.token)
+                    .is_some_and(|attempt| attempt.lost)
+            })
+        });
+        self.parked = kept;
+        for assignment in lost_parked {
+            if let Some(token) = assignment.job.lease.as_ref().map(|l| l.token) {
+                self.end_lost_attempt(token, &assignment.job.id);
             }
-            Err(error) => self.storage_error("looking for a stop request", &error),
         }
     }
 
@@ -1017,13 +1206,14 @@ impl Dispatcher {
         }
     }
 
-    /// Reports a storage error and decides whether the pool can go on.
-    fn tolerate(&mut self, op: &'static str, error: StorageError) -> Result<(), PoolError> {
+    /// Reports a storage error the pool can work around (the operation is retried later);
+    /// a poisoned store ends the pool.
+    fn tolerate(&mut self, op: &'static str, error: StorageError) {
         self.storage_error(op, &error);
         if matches!(error, StorageError::Poisoned { .. }) {
-            self.begin_stop(true, "storage failure");
+            self.fatal
+                .get_or_insert(PoolError::Storage { op, source: error });
         }
-        Ok(())
     }
 
     fn recover(&mut self) {
@@ -1046,11 +1236,25 @@ impl Dispatcher {
         let Some(retention) = self.retention else {
             return;
         };
-        match self.storage.purge_completed(now() - retention) {
+        let Some(cutoff) =
+            now().checked_sub(time::Duration::try_from(retention).unwrap_or(time::Duration::MAX))
+        else {
+            return;
+        };
+        match self.storage.purge_completed(cutoff) {
             Ok(0) => {}
             Ok(count) => self.emit(|| Event::Purged { count }),
             Err(error) => self.storage_error("purging completed jobs", &error),
         }
+    }
+
+    /// Ends the pool after a fatal error: kills running attempts and forgets them (their
+    /// leases expire and the jobs run again elsewhere).
+    fn abandon(&mut self) {
+        self.begin_stop(true, "storage failure");
+        self.running.clear();
+        self.current.clear();
+        self.unsettled.clear();
     }
 
     /// Closes the pool: stops executor threads, deregisters, emits `Stopped`.
@@ -1067,7 +1271,8 @@ impl Dispatcher {
 
 /// Returns to the queue every job abandoned by a dead worker: leases that expired, and the jobs
 /// of workers on `hostname` whose process no longer exists (no need to wait for their leases).
-/// Workers silent for longer than `stale_after` are deregistered.
+/// Workers silent for longer than `stale_after` are deregistered, but their jobs keep their
+/// leases until they expire: a silent worker may be alive with a longer lease than ours.
 pub fn recover_abandoned(
     storage: &dyn Storage,
     hostname: &str,
@@ -1079,9 +1284,10 @@ pub fn recover_abandoned(
         let dead_here = worker.hostname == hostname
             && worker.pid != std::process::id()
             && !process_exists(worker.pid);
-        let silent = at - worker.last_seen > stale_after;
-        if dead_here || silent {
+        if dead_here {
             recovered.extend(storage.recover_worker(&worker.id, at)?);
+            storage.deregister_worker(&worker.id)?;
+        } else if at - worker.last_seen > stale_after {
             storage.deregister_worker(&worker.id)?;
         }
     }

@@ -51,6 +51,8 @@ pub(crate) struct QueueState {
     /// Whether transitions record their changes (durable backends).
     record: bool,
     changes: Vec<Change>,
+    /// Counts changes of any kind; unchanged by operations that change nothing.
+    revision: u64,
 }
 
 /// The orders claiming and recovery need, by sequence number; derived from the jobs.
@@ -97,6 +99,11 @@ impl QueueState {
         }
     }
 
+    /// A number that changes exactly when the state does.
+    pub(crate) fn revision(&self) -> u64 {
+        self.revision
+    }
+
     /// The changes recorded since the last call.
     pub(crate) fn take_changes(&mut self) -> Vec<Change> {
         std::mem::take(&mut self.changes)
@@ -141,6 +148,7 @@ impl QueueState {
     // ----- storage of jobs -----
 
     fn record(&mut self, change: impl FnOnce() -> Change) {
+        self.revision += 1;
         if self.record {
             self.changes.push(change());
         }
@@ -151,6 +159,7 @@ impl QueueState {
         if let Some(&old) = self.ids.get(&job.id) {
             self.delete(old);
         }
+        self.revision += 1;
         self.next_seq = self.next_seq.max(job.seq + 1);
         self.index.insert(&job);
         self.ids.insert(job.id.clone(), job.seq);
@@ -160,6 +169,7 @@ impl QueueState {
     /// Deletes the job with sequence number `seq`, without recording.
     fn delete(&mut self, seq: u64) -> Option<Job> {
         let job = self.jobs.remove(&seq)?;
+        self.revision += 1;
         self.ids.remove(&job.id);
         self.index.remove(&job);
         Some(job)
@@ -182,6 +192,7 @@ impl QueueState {
         self.index.remove(job);
         change(job);
         self.index.insert(job);
+        self.revision += 1;
         if self.record {
             self.changes.push(Change::Put { job: job.clone() });
         }

@@ -86,6 +86,17 @@ fn gate() -> (Arc<Gate>, Receiver<JobId>, Sender<()>) {
     (Arc::new(gate), started_rx, release_tx)
 }
 
+/// Runs `f` (a pool's join or shutdown) on a thread; fails the test if it takes longer than
+/// `TIMEOUT`, so a pool that cannot stop fails instead of hanging the suite.
+fn within<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = bounded(1);
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(TIMEOUT)
+        .expect("the pool did not stop in time")
+}
+
 fn recv<T>(rx: &Receiver<T>) -> T {
     rx.recv_timeout(TIMEOUT).expect("timed out")
 }
@@ -107,7 +118,7 @@ fn runs_every_job_exactly_once_across_workers() {
         .start()
         .unwrap();
     count_completed(pool.events(), JOBS);
-    let summary = pool.shutdown().unwrap();
+    let summary = within(move || pool.shutdown()).unwrap();
     assert_eq!(summary.completed, JOBS);
     let runs = runs.lock();
     assert_eq!(runs.len(), JOBS);
@@ -147,7 +158,7 @@ fn failing_job_retries_with_backoff_then_goes_to_the_dlq() {
         .start()
         .unwrap();
     let events = events_until(pool.events(), |e| matches!(e, Event::Dead { .. }));
-    pool.shutdown().unwrap();
+    within(move || pool.shutdown()).unwrap();
     let outcomes: Vec<_> = events
         .iter()
         .filter_map(|e| match e {
@@ -200,7 +211,7 @@ fn panicking_and_erroring_jobs_fail_without_killing_the_worker() {
     // The same pool goes on running jobs afterwards.
     enqueue(&store, "b");
     events_until(pool.events(), |e| matches!(e, Event::Dead { .. }));
-    pool.shutdown().unwrap();
+    within(move || pool.shutdown()).unwrap();
 
     let store = Arc::new(MemoryStorage::new());
     store
@@ -222,7 +233,7 @@ fn panicking_and_erroring_jobs_fail_without_killing_the_worker() {
             .iter()
             .any(|e| matches!(e, Event::Dead { error, .. } if error == "panicked: job exploded"))
     );
-    pool.shutdown().unwrap();
+    within(move || pool.shutdown()).unwrap();
 }
 
 #[test]
@@ -235,7 +246,7 @@ fn graceful_shutdown_finishes_running_jobs_and_claims_no_more() {
     enqueue(&store, "waiting");
     let stopper = pool.stopper();
     let events = pool.events().clone();
-    let joiner = std::thread::spawn(move || pool.join());
+    let joiner = std::thread::spawn(move || within(move || pool.join()));
     stopper.graceful();
     events_until(&events, |e| {
         matches!(e, Event::Stopping { forced: false, .. })
@@ -257,7 +268,7 @@ fn forced_shutdown_cancels_running_jobs_and_hands_them_back() {
     let pool = WorkerPool::builder(store.clone(), gate).start().unwrap();
     recv(&started);
     let events = pool.events().clone();
-    let summary = pool.shutdown_now().unwrap();
+    let summary = within(move || pool.shutdown_now()).unwrap();
     assert_eq!(summary.released, 1);
     let job = store.get(&JobId::new("long").unwrap()).unwrap();
     assert_eq!((job.state, job.attempts), (JobState::Pending, 0));
@@ -282,13 +293,14 @@ fn second_graceful_request_escalates_to_forced() {
     events_until(pool.events(), |e| {
         matches!(e, Event::Stopping { forced: true, .. })
     });
-    assert_eq!(pool.join().unwrap().released, 1);
+    assert_eq!(within(move || pool.join()).unwrap().released, 1);
 }
 
 #[test]
 fn idle_pool_wakes_on_new_work_without_waiting_for_a_tick() {
     let store = store();
     let pool = WorkerPool::builder(store.clone(), Arc::new(FnExecutor::new(|_| Ok(()))))
+        .lease(Duration::from_secs(7200))
         .heartbeat_interval(Duration::from_secs(3600))
         .recovery_interval(Duration::from_secs(3600))
         .start()
@@ -296,7 +308,7 @@ fn idle_pool_wakes_on_new_work_without_waiting_for_a_tick() {
     events_until(pool.events(), |e| matches!(e, Event::Started { .. }));
     enqueue(&store, "late");
     count_completed(pool.events(), 1);
-    pool.shutdown().unwrap();
+    within(move || pool.shutdown()).unwrap();
 }
 
 #[test]
@@ -307,6 +319,7 @@ fn scheduled_job_runs_once_due() {
         .enqueue(NewJob::new("x").id("later").unwrap().run_at(due), now())
         .unwrap();
     let pool = WorkerPool::builder(store.clone(), Arc::new(FnExecutor::new(|_| Ok(()))))
+        .lease(Duration::from_secs(7200))
         .heartbeat_interval(Duration::from_secs(3600))
         .recovery_interval(Duration::from_secs(3600))
         .start()
@@ -314,7 +327,7 @@ fn scheduled_job_runs_once_due() {
     count_completed(pool.events(), 1);
     let job = store.get(&JobId::new("later").unwrap()).unwrap();
     assert!(job.started_at.unwrap() >= due, "ran before it was due");
-    pool.shutdown().unwrap();
+    within(move || pool.shutdown()).unwrap();
 }
 
 #[test]
@@ -335,7 +348,7 @@ fn jobs_run_in_priority_order() {
         .exit_when_idle(true)
         .start()
         .unwrap();
-    assert_eq!(pool.join().unwrap().completed, 4);
+    assert_eq!(within(move || pool.join()).unwrap().completed, 4);
     assert_eq!(*order.lock(), ["urgent", "high", "normal", "low"]);
 }
 
@@ -359,7 +372,7 @@ fn recovery_tick_returns_jobs_of_a_silent_worker() {
     )));
     let job = store.get(&JobId::new("orphan").unwrap()).unwrap();
     assert_eq!((job.state, job.attempts), (JobState::Completed, 2));
-    pool.shutdown().unwrap();
+    within(move || pool.shutdown()).unwrap();
 }
 
 #[test]
@@ -390,7 +403,7 @@ fn jobs_of_a_dead_process_on_this_host_are_recovered_at_once() {
     count_completed(pool.events(), 1);
     let ids: Vec<_> = store.workers().unwrap().into_iter().map(|w| w.id).collect();
     assert_eq!(ids, [pool.id()], "the dead worker was deregistered");
-    pool.shutdown().unwrap();
+    within(move || pool.shutdown()).unwrap();
 }
 
 #[test]
@@ -421,7 +434,7 @@ fn heartbeats_keep_a_long_job_leased() {
     );
     release.send(()).unwrap();
     count_completed(pool.events(), 1);
-    pool.shutdown().unwrap();
+    within(move || pool.shutdown()).unwrap();
 }
 
 #[test]
@@ -430,6 +443,7 @@ fn a_worker_that_lost_its_lease_cannot_overwrite_the_new_owner() {
     enqueue(&store, "contested");
     let (gate, started, release) = gate();
     let pool = WorkerPool::builder(store.clone(), gate)
+        .lease(Duration::from_secs(7200))
         .heartbeat_interval(Duration::from_secs(3600))
         .start()
         .unwrap();
@@ -445,7 +459,7 @@ fn a_worker_that_lost_its_lease_cannot_overwrite_the_new_owner() {
     let job = store.get(&JobId::new("contested").unwrap()).unwrap();
     assert_eq!(job.state, JobState::Processing);
     assert_eq!(job.lease.unwrap().worker, "other");
-    pool.shutdown_now().unwrap();
+    within(move || pool.shutdown_now()).unwrap();
 }
 
 #[test]
@@ -453,6 +467,7 @@ fn stop_request_in_storage_stops_the_pool_gracefully() {
     let store = store();
     // Heartbeats are an hour apart: the request is noticed because it wakes the pool.
     let pool = WorkerPool::builder(store.clone(), Arc::new(FnExecutor::new(|_| Ok(()))))
+        .lease(Duration::from_secs(7200))
         .heartbeat_interval(Duration::from_secs(3600))
         .start()
         .unwrap();
@@ -468,7 +483,7 @@ fn stop_request_in_storage_stops_the_pool_gracefully() {
             }
         )
     });
-    pool.join().unwrap();
+    within(move || pool.join()).unwrap();
     assert!(store.workers().unwrap().is_empty());
 }
 
@@ -478,7 +493,7 @@ fn builder_refuses_zero_workers() {
         .workers(0)
         .start()
         .unwrap_err();
-    assert!(err.to_string().contains("at least 1"), "{err}");
+    assert!(err.to_string().contains("workers must be from 1"), "{err}");
 }
 
 #[test]
@@ -497,7 +512,7 @@ fn exit_when_idle_drains_the_queue_then_stops() {
         .exit_when_idle(true)
         .start()
         .unwrap();
-    let summary = pool.join().unwrap();
+    let summary = within(move || pool.join()).unwrap();
     assert_eq!(summary.completed, 20);
     assert_eq!(rx.try_iter().count(), 20);
     assert_eq!(store.counts().unwrap().completed, 20);
@@ -519,7 +534,7 @@ fn graceful_stop_hands_back_prefetched_jobs_unstarted_and_uncharged() {
     assert_eq!(store.counts().unwrap().processing, 4);
     let stopper = pool.stopper();
     let events = pool.events().clone();
-    let joiner = std::thread::spawn(move || pool.join());
+    let joiner = std::thread::spawn(move || within(move || pool.join()));
     stopper.graceful();
     events_until(&events, |e| matches!(e, Event::Stopping { .. }));
     release.send(()).unwrap();
@@ -554,8 +569,314 @@ fn prefetching_pool_runs_every_job_once() {
         .exit_when_idle(true)
         .start()
         .unwrap();
-    assert_eq!(pool.join().unwrap().completed, JOBS);
+    assert_eq!(within(move || pool.join()).unwrap().completed, JOBS);
     let runs = runs.lock();
     assert_eq!(runs.len(), JOBS);
     assert!(runs.values().all(|&n| n == 1));
+}
+
+/// Counts how many attempts of each job run at once; each blocks until cancelled or released.
+#[derive(Debug)]
+struct Overlap {
+    running: Mutex<HashMap<JobId, usize>>,
+    most: Mutex<usize>,
+    started: Sender<JobId>,
+    release: Receiver<()>,
+}
+
+impl Executor for Overlap {
+    fn execute(&self, job: &Job, cancel: &CancelSignal) -> Result<Outcome, ExecutorError> {
+        {
+            let mut running = self.running.lock();
+            let n = running.entry(job.id.clone()).or_default();
+            *n += 1;
+            let mut most = self.most.lock();
+            *most = (*most).max(*n);
+        }
+        self.started.send(job.id.clone()).unwrap();
+        let status = select! {
+            recv(self.release) -> _ => Status::Succeeded,
+            recv(cancel.receiver()) -> _ => Status::Cancelled,
+        };
+        *self.running.lock().get_mut(&job.id).unwrap() -= 1;
+        Ok(Outcome {
+            status,
+            exit_code: None,
+            duration: Duration::ZERO,
+            output: String::new(),
+        })
+    }
+}
+
+#[test]
+fn a_lost_lease_cancels_the_attempt_and_the_job_never_runs_twice_here() {
+    let store = store();
+    enqueue(&store, "contested");
+    let (started_tx, started) = unbounded();
+    let (release_tx, release) = unbounded();
+    let executor = Arc::new(Overlap {
+        running: Mutex::new(HashMap::new()),
+        most: Mutex::new(0),
+        started: started_tx,
+        release,
+    });
+    let pool = WorkerPool::builder(store.clone(), executor.clone())
+        .workers(2)
+        .lease(Duration::from_secs(60))
+        .heartbeat_interval(Duration::from_millis(50))
+        .start()
+        .unwrap();
+    assert_eq!(recv(&started).as_str(), "contested");
+    // The store gives up on the pool (as if it had been frozen): the job is pending again,
+    // and the pool's free slot claims it again while the first attempt still runs.
+    store.recover_worker(pool.id(), now()).unwrap();
+    let events = events_until(pool.events(), |e| matches!(e, Event::LeaseLost { .. }));
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::Claimed { attempt: 2, .. })),
+        "{events:#?}"
+    );
+    // The heartbeat cancelled the first attempt; only then does the second one start.
+    assert_eq!(recv(&started).as_str(), "contested");
+    release_tx.send(()).unwrap();
+    count_completed(pool.events(), 1);
+    within(move || pool.shutdown()).unwrap();
+    assert_eq!(*executor.most.lock(), 1, "two attempts ran at once");
+    let job = store.get(&JobId::new("contested").unwrap()).unwrap();
+    assert_eq!((job.state, job.attempts), (JobState::Completed, 2));
+}
+
+#[test]
+fn a_panicking_executor_fails_the_attempt_and_the_pool_goes_on() {
+    #[derive(Debug)]
+    struct Panics;
+    impl Executor for Panics {
+        fn execute(&self, job: &Job, _: &CancelSignal) -> Result<Outcome, ExecutorError> {
+            if job.command == "boom" {
+                panic!("executor bug");
+            }
+            Ok(Outcome::succeeded(Duration::ZERO))
+        }
+    }
+    let store = store();
+    store
+        .enqueue(
+            NewJob::new("boom").id("boom").unwrap().max_retries(1),
+            now(),
+        )
+        .unwrap();
+    let pool = WorkerPool::builder(store.clone(), Arc::new(Panics))
+        .start()
+        .unwrap();
+    let events = events_until(pool.events(), |e| matches!(e, Event::Dead { .. }));
+    let Some(Event::Dead { error, .. }) = events.last() else {
+        unreachable!()
+    };
+    assert_eq!(error, "the executor panicked: executor bug");
+    enqueue(&store, "fine");
+    count_completed(pool.events(), 1);
+    within(move || pool.shutdown()).unwrap();
+}
+
+/// A store whose results can never be recorded.
+#[derive(Debug)]
+struct Broken(MemoryStorage);
+
+impl Broken {
+    fn fail<T>() -> queuectl_core::Result<T> {
+        Err(queuectl_core::StorageError::Io {
+            op: "append to",
+            path: "/gone/journal".into(),
+            source: std::io::Error::other("the disk went away"),
+        })
+    }
+}
+
+impl Storage for Broken {
+    fn enqueue_batch(
+        &self,
+        jobs: Vec<NewJob>,
+        now: queuectl_core::Timestamp,
+    ) -> queuectl_core::Result<Vec<Job>> {
+        self.0.enqueue_batch(jobs, now)
+    }
+    fn claim(
+        &self,
+        worker: &str,
+        max: usize,
+        lease_for: Duration,
+        now: queuectl_core::Timestamp,
+    ) -> queuectl_core::Result<Vec<Job>> {
+        self.0.claim(worker, max, lease_for, now)
+    }
+    fn extend_leases(
+        &self,
+        leases: &[queuectl_core::Lease],
+        lease_for: Duration,
+        now: queuectl_core::Timestamp,
+    ) -> queuectl_core::Result<Vec<JobId>> {
+        self.0.extend_leases(leases, lease_for, now)
+    }
+    fn settle(
+        &self,
+        _: Vec<queuectl_core::Settlement>,
+        _: queuectl_core::Timestamp,
+    ) -> queuectl_core::Result<Vec<queuectl_core::Result<Job>>> {
+        Self::fail()
+    }
+    fn recover_expired(&self, now: queuectl_core::Timestamp) -> queuectl_core::Result<Vec<Job>> {
+        self.0.recover_expired(now)
+    }
+    fn recover_worker(
+        &self,
+        worker: &str,
+        now: queuectl_core::Timestamp,
+    ) -> queuectl_core::Result<Vec<Job>> {
+        self.0.recover_worker(worker, now)
+    }
+    fn get(&self, id: &JobId) -> queuectl_core::Result<Job> {
+        self.0.get(id)
+    }
+    fn list(&self, query: &queuectl_core::ListQuery) -> queuectl_core::Result<Vec<Job>> {
+        self.0.list(query)
+    }
+    fn counts(&self) -> queuectl_core::Result<queuectl_core::StateCounts> {
+        self.0.counts()
+    }
+    fn next_due(&self) -> queuectl_core::Result<Option<queuectl_core::Timestamp>> {
+        self.0.next_due()
+    }
+    fn retry_dead(
+        &self,
+        ids: Option<&[JobId]>,
+        now: queuectl_core::Timestamp,
+    ) -> queuectl_core::Result<Vec<Job>> {
+        self.0.retry_dead(ids, now)
+    }
+    fn clear_dead(&self) -> queuectl_core::Result<usize> {
+        self.0.clear_dead()
+    }
+    fn purge_completed(&self, before: queuectl_core::Timestamp) -> queuectl_core::Result<usize> {
+        self.0.purge_completed(before)
+    }
+    fn config(&self) -> queuectl_core::Result<queuectl_core::Config> {
+        self.0.config()
+    }
+    fn update_config(
+        &self,
+        update: &mut dyn FnMut(
+            &mut queuectl_core::Config,
+        ) -> Result<(), queuectl_core::ConfigError>,
+    ) -> queuectl_core::Result<queuectl_core::Config> {
+        self.0.update_config(update)
+    }
+    fn register_worker(&self, worker: queuectl_core::WorkerInfo) -> queuectl_core::Result<()> {
+        self.0.register_worker(worker)
+    }
+    fn worker_heartbeat(
+        &self,
+        worker: &str,
+        now: queuectl_core::Timestamp,
+    ) -> queuectl_core::Result<bool> {
+        self.0.worker_heartbeat(worker, now)
+    }
+    fn deregister_worker(&self, worker: &str) -> queuectl_core::Result<()> {
+        self.0.deregister_worker(worker)
+    }
+    fn workers(&self) -> queuectl_core::Result<Vec<queuectl_core::WorkerInfo>> {
+        self.0.workers()
+    }
+    fn request_stop(&self) -> queuectl_core::Result<usize> {
+        self.0.request_stop()
+    }
+    fn change_version(&self) -> queuectl_core::Result<u64> {
+        self.0.change_version()
+    }
+    fn wait_for_change(&self, seen: u64, timeout: Duration) -> queuectl_core::Result<u64> {
+        self.0.wait_for_change(seen, timeout)
+    }
+}
+
+#[test]
+fn a_pool_that_cannot_record_results_gives_up_and_stops() {
+    let store = Arc::new(Broken(MemoryStorage::new()));
+    store
+        .enqueue(NewJob::new("x").id("x").unwrap(), now())
+        .unwrap();
+    let pool = WorkerPool::builder(store.clone(), Arc::new(FnExecutor::new(|_| Ok(()))))
+        .start()
+        .unwrap();
+    let events = pool.events().clone();
+    let err = within(move || pool.join()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            queuectl_core::PoolError::Storage {
+                op: "recording job results",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let seen: Vec<_> = events.try_iter().collect();
+    assert!(seen.iter().any(|e| matches!(e, Event::StorageError { .. })));
+    assert_eq!(seen.last(), Some(&Event::Stopped));
+    // The job was never recorded as done: its lease will expire and it will run again.
+    let job = store.get(&JobId::new("x").unwrap()).unwrap();
+    assert_eq!(job.state, JobState::Processing);
+}
+
+#[test]
+fn a_busy_pool_notices_a_stop_request_before_starting_more_work() {
+    let store = store();
+    enqueue(&store, "first");
+    enqueue(&store, "second");
+    let (gate, started, release) = gate();
+    let pool = WorkerPool::builder(store.clone(), gate)
+        .lease(Duration::from_secs(7200))
+        .heartbeat_interval(Duration::from_secs(3600))
+        .start()
+        .unwrap();
+    assert_eq!(recv(&started).as_str(), "first");
+    store.request_stop().unwrap();
+    // No heartbeat for an hour: the change in the store wakes the busy pool.
+    events_until(pool.events(), |e| {
+        matches!(
+            e,
+            Event::Stopping {
+                reason: "stop request in storage",
+                ..
+            }
+        )
+    });
+    release.send(()).unwrap();
+    let summary = within(move || pool.join()).unwrap();
+    assert_eq!(summary.completed, 1);
+    let second = store.get(&JobId::new("second").unwrap()).unwrap();
+    assert_eq!((second.state, second.attempts), (JobState::Pending, 0));
+}
+
+#[test]
+fn an_idle_pool_does_not_write_to_its_store() {
+    let store = store();
+    let pool = WorkerPool::builder(store.clone(), Arc::new(FnExecutor::new(|_| Ok(()))))
+        .start()
+        .unwrap();
+    events_until(pool.events(), |e| matches!(e, Event::Started { .. }));
+    // Registration changed the store; idling must not: a look for work that finds none
+    // changes nothing, so it wakes nobody, the pool itself included.
+    let version = store.change_version().unwrap();
+    // Let several recovery ticks pass (the event stream stays quiet meanwhile).
+    assert!(
+        pool.events()
+            .recv_timeout(Duration::from_millis(600))
+            .is_err()
+    );
+    assert_eq!(
+        store.change_version().unwrap(),
+        version,
+        "the idle pool wrote to the store"
+    );
+    within(move || pool.shutdown()).unwrap();
 }
