@@ -193,9 +193,13 @@ pub trait Storage: Send + Sync + Debug {
     /// inner results say, per settlement, the job's new record or why it was refused.
     fn settle(&self, settlements: Vec<Settlement>, now: Timestamp) -> Result<Vec<Result<Job>>>;
 
-    /// Settles attempts, then claims up to `max` due jobs for `worker`, as one atomic step: a
-    /// worker refilling the slots it just freed makes one round trip (one fsync) instead of two.
-    /// The results are those of [`Storage::settle`] and [`Storage::claim`].
+    /// Settles attempts, then claims up to `max` due jobs for `worker`: a worker refilling the
+    /// slots it just freed makes one round trip (one fsync) instead of two. The results are
+    /// those of [`Storage::settle`] and [`Storage::claim`].
+    ///
+    /// The built-in stores do both in one atomic step. This default makes two calls; when the
+    /// claim fails after the settlements were recorded, it returns them with no claimed jobs
+    /// (the claim is simply not made), so a caller never records an attempt twice.
     fn settle_and_claim(
         &self,
         settlements: Vec<Settlement>,
@@ -205,11 +209,13 @@ pub trait Storage: Send + Sync + Debug {
         now: Timestamp,
     ) -> Result<(Vec<Result<Job>>, Vec<Job>)> {
         let settled = self.settle(settlements, now)?;
-        let claimed = if max == 0 {
-            Vec::new()
-        } else {
-            self.claim(worker, max, lease_for, now)?
-        };
+        if max == 0 {
+            return Ok((settled, Vec::new()));
+        }
+        // The settlements are recorded: report them even if there is nothing to claim now.
+        let claimed = self
+            .claim(worker, max, lease_for, now)
+            .unwrap_or_default();
         Ok((settled, claimed))
     }
 
