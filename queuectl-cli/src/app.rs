@@ -3,7 +3,6 @@
 use std::io::{self, BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use queuectl_core::pool::{PoolError, hostname, recover_abandoned};
 use queuectl_core::{
@@ -102,9 +101,14 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result {
             count,
             exit_when_idle,
             prefetch,
-        }) => worker::start(store, count, exit_when_idle, prefetch),
+        }) => worker::start(
+            store,
+            count.map(usize::from),
+            exit_when_idle,
+            prefetch as usize,
+        ),
         Command::Worker(WorkerCommand::Stop { timeout, no_wait }) => {
-            worker::stop(&*store, seconds("--timeout", timeout)?, no_wait)
+            worker::stop(&*store, timeout, no_wait)
         }
         Command::Status(flag) => status(&*store, flag.json, out),
         Command::List { state, limit, json } => {
@@ -134,16 +138,23 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result {
         Command::Config(command) => config(&*store, command, out),
         Command::Purge { older_than } => {
             let older_than = match older_than {
-                Some(secs) => seconds("--older-than", secs)?,
+                Some(older_than) => older_than,
                 None => store.config()?.completed_retention().ok_or_else(|| {
                     CliError::Refused(
                         "completed-retention is 0 (keep forever): pass --older-than SECONDS".into(),
                     )
                 })?,
             };
-            let purged = store.purge_completed(now() - older_than)?;
+            // Past the earliest representable time nothing can have finished: purge nothing.
+            let cutoff = time::Duration::try_from(older_than)
+                .ok()
+                .and_then(|d| now().checked_sub(d));
+            let purged = match cutoff {
+                Some(cutoff) => store.purge_completed(cutoff)?,
+                None => 0,
+            };
             writeln!(out, "{purged}")?;
-            eprintln!("purged {purged} completed job(s)");
+            say!("purged {purged} completed job(s)");
             Ok(())
         }
     }
@@ -158,14 +169,9 @@ fn default_home() -> Result<PathBuf> {
 fn open(home: &Path) -> Result<Arc<FileStorage>> {
     let store = FileStorage::open(home)?;
     for warning in store.recovery_warnings() {
-        eprintln!("warning: {warning}");
+        say!("warning: {warning}");
     }
     Ok(Arc::new(store))
-}
-
-fn seconds(flag: &str, secs: f64) -> Result<Duration> {
-    Duration::try_from_secs_f64(secs)
-        .map_err(|_| CliError::Refused(format!("{flag} must be a number of seconds, not {secs}")))
 }
 
 /// Returns jobs abandoned by dead workers to the queue before showing anything, so that what is
@@ -254,13 +260,13 @@ fn dlq(store: &dyn Storage, command: DlqCommand, out: &mut dyn Write) -> Result 
             for job in &retried {
                 writeln!(out, "{}", job.id)?;
             }
-            eprintln!("moved {} job(s) back to pending", retried.len());
+            say!("moved {} job(s) back to pending", retried.len());
             Ok(())
         }
         DlqCommand::Clear => {
             let cleared = store.clear_dead()?;
             writeln!(out, "{cleared}")?;
-            eprintln!("deleted {cleared} dead job(s)");
+            say!("deleted {cleared} dead job(s)");
             Ok(())
         }
     }
@@ -283,7 +289,7 @@ fn config(store: &dyn Storage, command: ConfigCommand, out: &mut dyn Write) -> R
         }
         ConfigCommand::Set { key, value } => {
             let config = store.update_config(&mut |c| c.set(&key, &value))?;
-            eprintln!("{key} = {}", config.get(&key)?);
+            say!("{key} = {}", config.get(&key)?);
             Ok(())
         }
     }

@@ -1,6 +1,7 @@
 //! The command line, as clap parses it.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use queuectl_core::JobState;
@@ -70,8 +71,8 @@ pub enum Command {
     Purge {
         /// Delete those that finished more than this many seconds ago [default: the
         /// completed-retention setting].
-        #[arg(long, value_name = "SECONDS")]
-        older_than: Option<f64>,
+        #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
+        older_than: Option<Duration>,
     },
 }
 
@@ -84,21 +85,21 @@ pub enum WorkerCommand {
     /// and hands them back to the queue.
     Start {
         /// How many jobs run at once [default: the worker-count setting].
-        #[arg(long, short = 'c')]
-        count: Option<usize>,
+        #[arg(long, short = 'c', value_parser = clap::value_parser!(u16).range(1..=4096))]
+        count: Option<u16>,
         /// Exit once no job is running or due, instead of waiting for more.
         #[arg(long)]
         exit_when_idle: bool,
         /// Claim up to this many jobs ahead of free workers: faster for many short jobs, but
         /// those jobs wait for this process even if another worker is idle.
-        #[arg(long, default_value_t = 0)]
-        prefetch: usize,
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=100_000))]
+        prefetch: u32,
     },
     /// Ask every running worker on this queue to finish its jobs and exit, and wait for it.
     Stop {
         /// Give up waiting after this many seconds.
-        #[arg(long, default_value_t = 120.0, value_name = "SECONDS")]
-        timeout: f64,
+        #[arg(long, default_value = "120", value_name = "SECONDS", value_parser = parse_seconds)]
+        timeout: Duration,
         /// Return at once instead of waiting for the workers to exit.
         #[arg(long)]
         no_wait: bool,
@@ -150,6 +151,17 @@ pub struct JsonFlag {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Seconds as a duration: a number from 0 to one year.
+fn parse_seconds(s: &str) -> Result<Duration, String> {
+    const YEAR: f64 = 365.0 * 24.0 * 3600.0;
+    match s.parse::<f64>() {
+        Ok(secs) if secs.is_finite() && (0.0..=YEAR).contains(&secs) => {
+            Ok(Duration::from_secs_f64(secs))
+        }
+        _ => Err(format!("expected seconds from 0 to {YEAR}, not {s:?}")),
+    }
 }
 
 fn parse_state(s: &str) -> Result<JobState, String> {

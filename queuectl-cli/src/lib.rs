@@ -4,6 +4,15 @@
 //! causes), 2 usage error. Data goes to stdout, diagnostics to stderr; a closed stdout
 //! (`queuectl list | head -1`) is not an error.
 
+/// Writes a diagnostic line to stderr. Unlike `eprintln!`, a closed stderr (`2>&1 | head`)
+/// drops the line instead of panicking: diagnostics never make a command fail.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod app;
 mod args;
 mod render;

@@ -12,15 +12,6 @@ use signal_hook::iterator::Signals;
 use crate::app::{CliError, Result};
 use crate::render::ts;
 
-/// `eprintln!` that drops the line when stderr is closed instead of panicking: a worker whose
-/// log reader went away (`worker start 2>&1 | head`) keeps running its jobs.
-macro_rules! say {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stderr(), $($arg)*);
-    }};
-}
-
 /// Runs a pool of shell workers in the foreground until it is stopped.
 pub fn start(
     store: Arc<FileStorage>,
@@ -145,7 +136,7 @@ pub fn stop(store: &dyn Storage, timeout: Duration, no_wait: bool) -> Result {
     recover_abandoned(store, &hostname(), stale_after, now())?;
     let asked = store.request_stop()?;
     if asked == 0 {
-        eprintln!("no workers are running");
+        say!("no workers are running");
         return Ok(());
     }
     let waiting: HashSet<String> = store
@@ -154,10 +145,11 @@ pub fn stop(store: &dyn Storage, timeout: Duration, no_wait: bool) -> Result {
         .filter(|w| w.stop_requested)
         .map(|w| w.id)
         .collect();
-    eprintln!("asked {asked} worker(s) to stop; they finish their running jobs first");
+    say!("asked {asked} worker(s) to stop; they finish their running jobs first");
     if no_wait {
         return Ok(());
     }
+    // `--timeout` is at most a year, which an `Instant` always holds.
     let deadline = Instant::now() + timeout;
     loop {
         let version = store.change_version()?;
@@ -169,7 +161,7 @@ pub fn stop(store: &dyn Storage, timeout: Duration, no_wait: bool) -> Result {
             .map(|w| w.id)
             .collect();
         if left.is_empty() {
-            eprintln!("all workers stopped");
+            say!("all workers stopped");
             return Ok(());
         }
         let remaining = deadline.saturating_duration_since(Instant::now());

@@ -16,6 +16,15 @@ pub fn now() -> Timestamp {
     OffsetDateTime::now_utc()
 }
 
+/// `at + duration`, or the latest representable instant when that would overflow: a lease
+/// or a backoff that long never ends, which is what asking for it means.
+pub fn later(at: Timestamp, duration: Duration) -> Timestamp {
+    time::Duration::try_from(duration)
+        .ok()
+        .and_then(|d| at.checked_add(d))
+        .unwrap_or_else(|| time::PrimitiveDateTime::MAX.assume_utc())
+}
+
 /// Longest job id accepted.
 pub const MAX_ID_LEN: usize = 128;
 

@@ -28,7 +28,7 @@ use crate::error::StorageError;
 use crate::executor::{
     CancelSignal, Canceller, Executor, Outcome, Status, cancel_pair, panic_message,
 };
-use crate::job::{Job, JobId, JobState, Lease, Timestamp, now};
+use crate::job::{Job, JobId, JobState, Lease, Timestamp, later, now};
 use crate::storage::{AttemptReport, Settlement, Storage, WorkerInfo};
 
 /// Something the pool did, for live output and for tests to wait on.
@@ -747,7 +747,9 @@ impl Dispatcher {
                         Ok(Some(due)) => {
                             let until_due = (due - now()).max(time::Duration::ZERO);
                             let until_due = Duration::try_from(until_due).unwrap_or_default();
-                            wait_until = wait_until.min(Instant::now() + until_due);
+                            if let Some(due) = Instant::now().checked_add(until_due) {
+                                wait_until = wait_until.min(due);
+                            }
                         }
                         Ok(None) if self.exit_when_idle && self.running.is_empty() => {
                             self.begin_stop(false, "idle");
@@ -843,7 +845,8 @@ impl Dispatcher {
             deadline: if forced {
                 None
             } else {
-                self.shutdown_timeout.map(|t| Instant::now() + t)
+                self.shutdown_timeout
+                    .and_then(|t| Instant::now().checked_add(t))
             },
         });
         if forced {
@@ -1074,9 +1077,7 @@ impl Dispatcher {
                 Settlement::Fail {
                     lease,
                     report,
-                    retry_at: at
-                        .checked_add(time::Duration::try_from(delay).unwrap_or(time::Duration::MAX))
-                        .unwrap_or(at),
+                    retry_at: later(at, delay),
                 }
             }
         }

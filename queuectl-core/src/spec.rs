@@ -102,7 +102,8 @@ impl JobSpec {
         job.priority = self.priority.unwrap_or(0);
         job.run_at = match (self.run_at, self.delay) {
             (Some(_), Some(_)) => return Err(SpecError::RunAtAndDelay),
-            (Some(at), None) => Some(at),
+            // Stored in UTC whatever offset it was written with.
+            (Some(at), None) => Some(at.to_offset(time::UtcOffset::UTC)),
             (None, Some(delay)) => Some(now + seconds("delay", delay)?),
             (None, None) => None,
         };
@@ -138,6 +139,10 @@ mod tests {
         assert_eq!(job.timeout, Some(Duration::from_secs(10)));
         let at = parse(r#"{"command":"x","run_at":"2026-02-03T04:05:06Z"}"#).unwrap();
         assert_eq!(at.run_at, Some(datetime!(2026-02-03 4:05:06 UTC)));
+        let offset = parse(r#"{"command":"x","run_at":"2026-02-03T06:05:06+02:00"}"#).unwrap();
+        let utc = offset.run_at.unwrap();
+        assert_eq!(utc, datetime!(2026-02-03 4:05:06 UTC));
+        assert_eq!(utc.offset(), time::UtcOffset::UTC);
         assert_eq!(
             parse(r#"{"command":"x","timeout":0}"#).unwrap().timeout,
             Some(Duration::ZERO)

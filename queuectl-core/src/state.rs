@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, ConfigError};
 use crate::error::{Result, StorageError};
-use crate::job::{Job, JobId, JobState, Lease, NewJob, Timestamp, random_u64};
+use crate::job::{Job, JobId, JobState, Lease, NewJob, Timestamp, later, random_u64};
 use crate::storage::{AttemptReport, ListQuery, Settlement, StateCounts, WorkerInfo};
 
 /// One change to the state, as persisted by durable backends.
@@ -310,7 +310,7 @@ impl QueueState {
                         job_id: job.id.clone(),
                         worker: worker.to_owned(),
                         token: random_u64(),
-                        expires_at: now + lease_for,
+                        expires_at: later(now, lease_for),
                     });
                 })
                 .clone()
@@ -330,7 +330,7 @@ impl QueueState {
                 Ok(seq) => {
                     self.update(seq, |job| {
                         if let Some(l) = job.lease.as_mut() {
-                            l.expires_at = now + lease_for;
+                            l.expires_at = later(now, lease_for);
                         }
                     });
                 }
