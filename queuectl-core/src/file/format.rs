@@ -124,7 +124,8 @@ enum Frame<'a> {
 /// The torn/corrupt distinction is the recovery rule of `docs/file-format.md`: an append writes
 /// one whole frame at the end of the file, so an interrupted one leaves a prefix of it. A prefix
 /// of a body contains no byte below 0x20 (compact JSON escapes control characters), while a
-/// following frame header (length < 16 MiB) does, so a damaged length field that claims to run
+/// following frame header does (the high byte of its length is below 0x20 for any frame under
+/// 512 MiB), so a damaged length field that claims to run
 /// over later records is caught instead of swallowing them as a "tail".
 fn read_frame(buf: &[u8]) -> Frame<'_> {
     if buf.is_empty() {

@@ -6,8 +6,9 @@
 //!   before the operation returns;
 //! - `snapshot`: the whole state as of the start of the journal's generation, rewritten by
 //!   compaction (temp file, fsync, rename, directory fsync);
-//! - `lock`: the file every access locks with `flock` (it is never replaced, unlike the other
-//!   two, so every process always locks the same inode).
+//! - `lock`: the file every write locks exclusively, and every read that must catch up locks
+//!   shared (it is never replaced, unlike the other two, so every process always locks the
+//!   same inode).
 //!
 //! Each handle keeps a replica of the state (the job state machine shared with
 //! [`MemoryStorage`](crate::MemoryStorage)) and catches up with other handles and processes by
@@ -631,12 +632,29 @@ impl FileStorage {
         let mut record = Vec::with_capacity(512 * changes.len());
         format::encode(&Record::Batch(changes), &mut record)
             .map_err(io_error("encode a record for", path))?;
-        self.io(IoPoint::AppendJournal, "append to", path, || {
-            replica.journal.write_all_at(&record, replica.offset)
-        })?;
-        replica.offset += record.len() as u64;
-        replica.unsynced = true;
-        self.sync_journal(replica, false)
+        let start = replica.offset;
+        let appended = self
+            .io(IoPoint::AppendJournal, "append to", path, || {
+                replica.journal.write_all_at(&record, start)
+            })
+            .and_then(|()| {
+                replica.offset = start + record.len() as u64;
+                replica.unsynced = true;
+                self.sync_journal(replica, false)
+            });
+        if appended.is_err() {
+            // The operation reports failure, so no one may act on it: take the record back
+            // while the exclusive lock still keeps every other reader out. If even that fails,
+            // say so instead: the journal may then hold the record.
+            replica.offset = start;
+            self.io(
+                IoPoint::TruncateJournal,
+                "remove a failed record from",
+                path,
+                || replica.journal.set_len(start),
+            )?;
+        }
+        appended
     }
 
     /// Fsyncs the journal if the durability option asks for it now (or `force`).
