@@ -17,6 +17,14 @@
 //! The leader is reaped only after the last signal to its group has been sent: while it is an
 //! unreaped zombie its pid cannot be reused, so the executor never signals a stranger's group.
 //!
+//! The thread calling [`execute`](Executor::execute) watches the attempt itself, starting no
+//! thread of its own: on Linux it sleeps in `poll` on a pidfd of the leader (readable once the
+//! leader has exited, which leaves it unreaped) and on the output pipe, reading the output as
+//! it comes, and wakes up at least every 50 ms to look at the cancel signal. Where pidfds are
+//! not available (other systems, Linux before 5.3, sandboxes forbidding `pidfd_open`), a helper
+//! thread per attempt waits for the leader with `waitid(WNOWAIT)` and closes a pipe the
+//! attempt polls instead.
+//!
 //! # The lifeline
 //!
 //! The worker itself may die, even by `SIGKILL`, and a job must then not run on unobserved
@@ -55,6 +63,10 @@ use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::io::{self, PipeReader, PipeWriter, Read};
+use std::mem;
+#[cfg(target_os = "linux")]
+use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -62,8 +74,9 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, select};
+use crossbeam_channel::SendError;
 use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use parking_lot::Mutex;
@@ -89,6 +102,9 @@ pub const ATTEMPT_VAR: &str = "QUEUECTL_ATTEMPT";
 /// How long the output is still read after the job's process group has been killed. Only a
 /// process that left the group can keep the pipe open that long.
 const DEFAULT_OUTPUT_DRAIN: Duration = Duration::from_secs(2);
+
+/// Longest time an attempt goes without looking at its [`CancelSignal`].
+const CANCEL_CHECK: Duration = Duration::from_millis(50);
 
 /// The script the leader shell runs; see the module documentation.
 const LIFELINE_SCRIPT: &str = "exec 3<&0 </dev/null; \
@@ -131,6 +147,10 @@ pub struct ShellExecutor {
     env: Vec<(OsString, OsString)>,
     working_dir: Option<PathBuf>,
     output_drain: Duration,
+    /// Whether the leader is watched through a pidfd when possible; tests turn it off to
+    /// exercise the fallback.
+    #[cfg(target_os = "linux")]
+    use_pidfd: bool,
 }
 
 impl Default for ShellExecutor {
@@ -150,6 +170,8 @@ impl ShellExecutor {
             env: Vec::new(),
             working_dir: None,
             output_drain: DEFAULT_OUTPUT_DRAIN,
+            #[cfg(target_os = "linux")]
+            use_pidfd: true,
         }
     }
 
@@ -247,129 +269,110 @@ impl Executor for ShellExecutor {
     }
 }
 
-/// One running attempt. Dropping it on an error path still cleans up: the lifeline closes (the
-/// watcher kills the group) and the waiter thread reaps the leader once it has exited.
+/// What [`Attempt::wait`] waits for, besides its deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Until {
+    /// The leader's exit.
+    Exited,
+    /// The end of the output: every writer has closed the pipe.
+    Closed,
+}
+
+/// What ended [`Attempt::wait`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wake {
+    /// The leader exited.
+    Exited,
+    /// Every writer closed the output pipe.
+    Closed,
+    /// The deadline passed.
+    Deadline,
+    /// The cancel signal fired.
+    Cancelled,
+}
+
+/// One running attempt, watched from the thread that runs it. Dropping it on an error path
+/// still cleans up: the lifeline closes first (the watcher kills the group), then the leader
+/// is reaped in the background once it has exited.
 struct Attempt<'a> {
     exec: &'a ShellExecutor,
     job: &'a Job,
-    /// The job's process group; its id is the leader's pid.
-    group: Pid,
     started: Instant,
-    lifeline: PipeWriter,
-    /// Reports once that the leader has exited (it stays a zombie until `reap` drops).
-    exited: Receiver<io::Result<()>>,
-    /// Dropping it lets the waiter thread reap the leader.
-    reap: Sender<()>,
-    waiter: JoinHandle<io::Result<ExitStatus>>,
-    output: OutputCapture,
+    /// The write end of the lifeline, `None` once closed. Declared before `leader` so that it
+    /// is dropped first.
+    lifeline: Option<PipeWriter>,
+    leader: Leader,
+    output: Output,
 }
 
 impl<'a> Attempt<'a> {
     fn start(exec: &'a ShellExecutor, job: &'a Job) -> Result<Self, ExecutorError> {
-        let failed = |what: &str, source: io::Error| ExecutorError::Spawn {
+        let (output_read, output_write) = io::pipe().map_err(|e| ExecutorError::Spawn {
             id: job.id.clone(),
-            source: context(what, source),
-        };
-        // Both helper threads start before the process does, so that nothing can fail between
-        // starting it and watching it.
-        let (output_read, output_write) =
-            io::pipe().map_err(|e| failed("create the output pipe", e))?;
-        let output = OutputCapture::start(output_read, exec.output_limit)
-            .map_err(|e| failed("start the output reader thread", e))?;
-        let (child_tx, child_rx) = crossbeam_channel::bounded::<Child>(1);
-        let (exited_tx, exited) = crossbeam_channel::bounded(1);
-        let (reap, reap_rx) = crossbeam_channel::bounded(0);
-        let waiter = thread::Builder::new()
-            .name("queuectl-job-wait".into())
-            .spawn(move || wait_for_leader(child_rx, exited_tx, reap_rx))
-            .map_err(|e| failed("start the waiter thread", e))?;
-
+            source: context("create the output pipe", e),
+        })?;
         let started = Instant::now();
         let (child, lifeline) = exec.spawn(job, output_write)?;
-        // A pid is a positive `pid_t`; `Child::id` merely returns it as `u32`.
-        let group = Pid::from_raw(child.id() as i32);
-        if child_tx.send(child).is_err() {
-            // The waiter thread ended without waiting: impossible short of a bug. Returning
-            // drops the child and the lifeline, so the watcher kills the group.
+        let mut leader = Leader::new(child);
+        #[cfg(target_os = "linux")]
+        let watched = leader.watch(exec.use_pidfd);
+        #[cfg(not(target_os = "linux"))]
+        let watched = leader.watch();
+        if let Err(source) = watched {
+            // The watcher kills the group once the lifeline has closed; dropping the leader then
+            // reaps it in the background.
+            drop(lifeline);
+            drop(leader);
             return Err(ExecutorError::Process {
                 op: "wait for",
                 id: job.id.clone(),
-                source: io::Error::other("the waiter thread ended before the process started"),
+                source,
             });
         }
         Ok(Self {
             exec,
             job,
-            group,
             started,
-            lifeline,
-            exited,
-            reap,
-            waiter,
-            output,
+            lifeline: Some(lifeline),
+            leader,
+            output: Output::new(output_read, exec.output_limit),
         })
     }
 
-    fn run(self, cancel: &CancelSignal) -> Result<Outcome, ExecutorError> {
+    fn run(mut self, cancel: &CancelSignal) -> Result<Outcome, ExecutorError> {
         let limit = self.job.timeout;
-        let deadline = limit.map_or_else(crossbeam_channel::never, crossbeam_channel::after);
-        let stopped = select! {
-            recv(self.exited) -> notice => {
-                self.leader_exited(notice)?;
-                None
-            }
-            recv(cancel.receiver()) -> _ => Some(Status::Cancelled),
-            recv(deadline) -> _ => Some(Status::TimedOut(limit.unwrap_or_default())),
-        };
-        let stopped = match stopped {
+        // A limit too large to be added to an instant is no limit.
+        let deadline = limit.and_then(|limit| self.started.checked_add(limit));
+        let stopped = match self.wait(Until::Exited, deadline, Some(cancel))? {
+            Wake::Exited | Wake::Closed => None,
             // The job may have exited just as the stop came: then it simply finished.
-            Some(status) => match self.exited.try_recv() {
-                Ok(notice) => {
-                    self.leader_exited(Ok(notice))?;
-                    None
-                }
-                Err(TryRecvError::Empty) => {
-                    self.terminate()?;
-                    Some(status)
-                }
-                Err(TryRecvError::Disconnected) => return Err(self.waiter_lost()),
-            },
-            None => None,
+            _ if self.has_exited()? => None,
+            wake => {
+                self.terminate()?;
+                Some(match wake {
+                    Wake::Cancelled => Status::Cancelled,
+                    _ => Status::TimedOut(limit.unwrap_or_default()),
+                })
+            }
         };
         let duration = self.started.elapsed();
 
         // The leader has exited but is not reaped yet, so the group id is still ours: kill
         // whatever the job left running (a no-op after `terminate`).
         self.signal(Signal::SIGKILL)?;
-        let Attempt {
-            exec,
-            job,
-            lifeline,
-            reap,
-            waiter,
-            output,
-            ..
-        } = self;
-        drop(lifeline);
-        let output = output.finish(exec.output_drain);
-        drop(reap);
-        let exit = match waiter.join() {
-            Ok(Ok(exit)) => exit,
-            Ok(Err(source)) => {
-                return Err(ExecutorError::Process {
-                    op: "wait for",
-                    id: job.id.clone(),
-                    source,
-                });
-            }
-            Err(_) => {
-                return Err(ExecutorError::Process {
-                    op: "wait for",
-                    id: job.id.clone(),
-                    source: io::Error::other("the waiter thread panicked"),
-                });
-            }
-        };
+        drop(self.lifeline.take());
+        let drain = self.exec.output_drain;
+        if self.wait(Until::Closed, Instant::now().checked_add(drain), None)? != Wake::Closed {
+            self.output.tail.note(format!(
+                "output capture stopped: a process outside the job's process group still held \
+                 its output open {drain:?} after the job ended"
+            ));
+            self.output.abandon();
+        }
+        let exit = self
+            .leader
+            .reap()
+            .map_err(|source| self.process_error("wait for", source))?;
         let (status, exit_code) = match stopped {
             Some(status) => (status, exit.code()),
             None => exit_status(exit),
@@ -378,65 +381,106 @@ impl<'a> Attempt<'a> {
             status,
             exit_code,
             duration,
-            output,
+            output: self.output.tail.render(),
         })
     }
 
     /// Stops a running job: `SIGTERM` to the group, then `SIGKILL` once the whole group has
     /// finished or the grace period is over. Returns once the leader has exited, which after
     /// `SIGKILL` only a process stuck in the kernel (uninterruptible sleep) can delay.
-    fn terminate(&self) -> Result<(), ExecutorError> {
+    fn terminate(&mut self) -> Result<(), ExecutorError> {
         self.signal(Signal::SIGTERM)?;
         let grace_over = Instant::now().checked_add(self.exec.kill_grace);
-        let leader_exited = match grace_over {
-            Some(deadline) => self.exited.recv_deadline(deadline),
-            None => self
-                .exited
-                .recv()
-                .map_err(|_| RecvTimeoutError::Disconnected),
-        };
-        match leader_exited {
-            Ok(notice) => {
-                self.leader_exited(Ok(notice))?;
-                // The rest of the group may still be cleaning up: give it what remains of the
-                // grace period. Its processes hold the output pipe, so its closing tells
-                // that they are done (the watcher does not hold it).
-                self.output.wait_closed(grace_over);
-                self.signal(Signal::SIGKILL)
+        if self.wait(Until::Exited, grace_over, None)? == Wake::Exited {
+            // The rest of the group may still be cleaning up: give it what remains of the grace
+            // period. Its processes hold the output pipe, so its closing tells that they are
+            // done (the watcher does not hold it).
+            self.wait(Until::Closed, grace_over, None)?;
+            self.signal(Signal::SIGKILL)
+        } else {
+            self.signal(Signal::SIGKILL)?;
+            self.wait(Until::Exited, None, None)?;
+            Ok(())
+        }
+    }
+
+    /// Reads the job's output until the first of: `until`, `deadline`, and `cancel` firing,
+    /// which is checked at least every [`CANCEL_CHECK`]. In between, the thread sleeps in
+    /// `poll` on the output pipe and (for [`Until::Exited`]) the leader's exit notice.
+    fn wait(
+        &mut self,
+        until: Until,
+        deadline: Option<Instant>,
+        cancel: Option<&CancelSignal>,
+    ) -> Result<Wake, ExecutorError> {
+        loop {
+            if until == Until::Closed && self.output.pipe.is_none() {
+                return Ok(Wake::Closed);
             }
-            Err(RecvTimeoutError::Timeout) => {
-                self.signal(Signal::SIGKILL)?;
-                match self.exited.recv() {
-                    Ok(notice) => self.leader_exited(Ok(notice)),
-                    Err(_) => Err(self.waiter_lost()),
+            if cancel.is_some_and(CancelSignal::is_cancelled) {
+                return Ok(Wake::Cancelled);
+            }
+            let mut timeout = None;
+            if let Some(deadline) = deadline {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Ok(Wake::Deadline);
+                }
+                timeout = Some(left);
+            }
+            if cancel.is_some() {
+                timeout = Some(timeout.map_or(CANCEL_CHECK, |left| left.min(CANCEL_CHECK)));
+            }
+            let exit_fd = match until {
+                Until::Exited => match self.leader.exit_fd() {
+                    Some(fd) => Some(fd),
+                    None => return Ok(Wake::Exited),
+                },
+                Until::Closed => None,
+            };
+            let output_fd = self.output.pipe.as_ref().map(AsFd::as_fd);
+            let mut fds: Vec<PollFd<'_>> = exit_fd
+                .into_iter()
+                .chain(output_fd)
+                .map(|fd| PollFd::new(fd, PollFlags::POLLIN))
+                .collect();
+            debug_assert!(!fds.is_empty() || timeout.is_some(), "a wait without end");
+            let timeout = timeout.map_or(PollTimeout::NONE, |left| {
+                // Rounded up, so that the deadline has passed when `poll` times out.
+                PollTimeout::try_from(left.as_nanos().div_ceil(1_000_000))
+                    .unwrap_or(PollTimeout::MAX)
+            });
+            match poll(&mut fds, timeout) {
+                Ok(_) | Err(Errno::EINTR) => {}
+                Err(errno) => {
+                    let source = context("poll the job's shell and output", errno.into());
+                    return Err(self.process_error("wait for", source));
                 }
             }
-            Err(RecvTimeoutError::Disconnected) => Err(self.waiter_lost()),
+            // Unknown flags count as an event: the check below finds out what happened.
+            let mut ready = fds.iter().map(|fd| fd.any().unwrap_or(true));
+            let exit_ready = exit_fd.is_some() && ready.next().unwrap_or(false);
+            let output_ready = output_fd.is_some() && ready.next().unwrap_or(false);
+            drop(fds);
+            if exit_ready
+                && self
+                    .leader
+                    .has_exited(true)
+                    .map_err(|source| self.process_error("wait for", source))?
+            {
+                return Ok(Wake::Exited);
+            }
+            if output_ready {
+                self.output.read();
+            }
         }
     }
 
-    /// Checks the waiter thread's report that the leader exited.
-    fn leader_exited(
-        &self,
-        notice: Result<io::Result<()>, crossbeam_channel::RecvError>,
-    ) -> Result<(), ExecutorError> {
-        match notice {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(source)) => Err(ExecutorError::Process {
-                op: "wait for",
-                id: self.job.id.clone(),
-                source,
-            }),
-            Err(_) => Err(self.waiter_lost()),
-        }
-    }
-
-    fn waiter_lost(&self) -> ExecutorError {
-        ExecutorError::Process {
-            op: "wait for",
-            id: self.job.id.clone(),
-            source: io::Error::other("the waiter thread ended without reporting the exit"),
-        }
+    /// Whether the leader has exited, without waiting.
+    fn has_exited(&mut self) -> Result<bool, ExecutorError> {
+        self.leader
+            .has_exited(false)
+            .map_err(|source| self.process_error("wait for", source))
     }
 
     /// Sends `signal` to the job's process group. A group that no longer exists (`ESRCH`) is
@@ -444,48 +488,237 @@ impl<'a> Attempt<'a> {
     /// the group may be signalled by us) fails the attempt with [`ExecutorError::Process`]; the
     /// lifeline still closes when the attempt is dropped.
     fn signal(&self, signal: Signal) -> Result<(), ExecutorError> {
-        match killpg(self.group, signal) {
+        let group = self.leader.pid;
+        match killpg(group, signal) {
             Ok(()) | Err(Errno::ESRCH) => Ok(()),
-            Err(errno) => Err(ExecutorError::Process {
-                op: "signal",
-                id: self.job.id.clone(),
-                source: context(
-                    format!("send {} to process group {}", signal.as_str(), self.group),
+            Err(errno) => Err(self.process_error(
+                "signal",
+                context(
+                    format!("send {} to process group {group}", signal.as_str()),
                     errno.into(),
                 ),
-            }),
+            )),
+        }
+    }
+
+    fn process_error(&self, op: &'static str, source: io::Error) -> ExecutorError {
+        ExecutorError::Process {
+            op,
+            id: self.job.id.clone(),
+            source,
         }
     }
 }
 
-/// The waiter thread: waits for the leader to exit, reports it, then reaps it once the
-/// attempt no longer signals its group (when `reap` disconnects).
-fn wait_for_leader(
-    child: Receiver<Child>,
-    exited: Sender<io::Result<()>>,
-    reap: Receiver<()>,
-) -> io::Result<ExitStatus> {
-    let Ok(mut child) = child.recv() else {
-        return Err(io::Error::other("no process was started"));
-    };
-    let reaped = match wait_without_reaping(&mut child) {
-        Ok(reaped) => {
-            // A send fails only when the attempt has already given up (an error path); the
-            // child is still reaped below.
-            let _ = exited.send(Ok(()));
-            reaped
+/// The attempt's shell, leader of the job's process group, and how its exit is observed.
+struct Leader {
+    /// Its pid, which is also the id of the job's process group.
+    pid: Pid,
+    state: LeaderState,
+}
+
+/// What a waiter thread returns: the leader, and how waiting for it went (with its status if
+/// it had to be reaped for that).
+type Waited = (Child, io::Result<Option<ExitStatus>>);
+
+enum LeaderState {
+    /// Started, not watched yet.
+    Started(Child),
+    /// Watched through a pidfd, which becomes readable when the leader exits (Linux 5.3 and
+    /// later).
+    #[cfg(target_os = "linux")]
+    Pidfd(Child, OwnedFd),
+    /// Watched by a helper thread, which closes the other end of `notice` once the leader has
+    /// exited.
+    Thread {
+        notice: PipeReader,
+        waiter: JoinHandle<Option<Waited>>,
+    },
+    /// Exited and, unless `status` is known, a zombie until [`Leader::reap`].
+    Exited(Child, Option<ExitStatus>),
+    /// Reaped.
+    Reaped,
+}
+
+impl Leader {
+    fn new(child: Child) -> Self {
+        Self {
+            // A pid is a positive `pid_t`; `Child::id` merely returns it as `u32`.
+            pid: Pid::from_raw(child.id() as i32),
+            state: LeaderState::Started(child),
         }
-        Err(error) => {
-            let _ = exited.send(Err(error));
-            None
+    }
+
+    /// Starts watching for the leader's exit: through a pidfd where possible (and `use_pidfd`),
+    /// else with a helper thread.
+    fn watch(&mut self, #[cfg(target_os = "linux")] use_pidfd: bool) -> io::Result<()> {
+        let child = match mem::replace(&mut self.state, LeaderState::Reaped) {
+            LeaderState::Started(child) => child,
+            watched => {
+                self.state = watched;
+                return Ok(());
+            }
+        };
+        #[cfg(target_os = "linux")]
+        if use_pidfd {
+            use rustix::process::{Pid as RawPid, PidfdFlags, pidfd_open};
+            // Race-free: the child is ours and not reaped, so its pid cannot have been reused.
+            // The pidfd is close-on-exec. Fails before Linux 5.3, or where a sandbox forbids
+            // the call: then a thread watches instead.
+            if let Ok(pidfd) = pidfd_open(RawPid::from_child(&child), PidfdFlags::empty()) {
+                self.state = LeaderState::Pidfd(child, pidfd);
+                return Ok(());
+            }
+        }
+        let (state, watched) = watch_with_thread(child);
+        self.state = state;
+        watched
+    }
+
+    /// The descriptor that polls readable once the leader has exited; `None` once it is known
+    /// to have exited.
+    fn exit_fd(&self) -> Option<BorrowedFd<'_>> {
+        match &self.state {
+            #[cfg(target_os = "linux")]
+            LeaderState::Pidfd(_, pidfd) => Some(pidfd.as_fd()),
+            LeaderState::Thread { notice, .. } => Some(notice.as_fd()),
+            LeaderState::Started(_) | LeaderState::Exited(..) | LeaderState::Reaped => None,
+        }
+    }
+
+    /// Whether the leader has exited, without waiting and without reaping it. `notified`: its
+    /// [`exit_fd`](Self::exit_fd) polled readable.
+    fn has_exited(&mut self, notified: bool) -> io::Result<bool> {
+        let (state, exited) = match mem::replace(&mut self.state, LeaderState::Reaped) {
+            // A pidfd polls readable only once the process has exited.
+            #[cfg(target_os = "linux")]
+            LeaderState::Pidfd(child, _) if notified => {
+                (LeaderState::Exited(child, None), Ok(true))
+            }
+            #[cfg(target_os = "linux")]
+            LeaderState::Pidfd(child, pidfd) => {
+                use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
+                let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT | WaitPidFlag::WNOHANG;
+                match waitid(Id::Pid(self.pid), flags) {
+                    Ok(WaitStatus::StillAlive) => (LeaderState::Pidfd(child, pidfd), Ok(false)),
+                    Ok(_) => (LeaderState::Exited(child, None), Ok(true)),
+                    Err(errno) => (
+                        LeaderState::Pidfd(child, pidfd),
+                        Err(context("wait for the job's shell to exit", errno.into())),
+                    ),
+                }
+            }
+            LeaderState::Thread { notice, waiter } if notified || waiter.is_finished() => {
+                drop(notice);
+                // The thread closes the notice just before it returns.
+                match waiter.join() {
+                    Ok(Some((child, Ok(status)))) => (LeaderState::Exited(child, status), Ok(true)),
+                    Ok(Some((child, Err(error)))) => (LeaderState::Started(child), Err(error)),
+                    Ok(None) => (
+                        LeaderState::Reaped,
+                        Err(io::Error::other("the waiter thread never got the process")),
+                    ),
+                    Err(_) => (
+                        LeaderState::Reaped,
+                        Err(io::Error::other("the waiter thread panicked")),
+                    ),
+                }
+            }
+            state @ LeaderState::Exited(..) => (state, Ok(true)),
+            state => (state, Ok(false)),
+        };
+        self.state = state;
+        exited
+    }
+
+    /// Reaps the leader, which has exited, and returns how it ended. Until then its pid, the
+    /// id of the job's process group, cannot be reused.
+    fn reap(&mut self) -> io::Result<ExitStatus> {
+        match mem::replace(&mut self.state, LeaderState::Reaped) {
+            LeaderState::Exited(_, Some(status)) => Ok(status),
+            LeaderState::Exited(mut child, None) => child.wait(),
+            state => {
+                self.state = state;
+                Err(io::Error::other("the job's shell has not exited"))
+            }
+        }
+    }
+}
+
+/// Dropping a leader that has not been reaped (an error path) reaps it in the background once
+/// it has exited; it is up to the attempt to have closed the lifeline first, so that it does.
+impl Drop for Leader {
+    fn drop(&mut self) {
+        let state = mem::replace(&mut self.state, LeaderState::Reaped);
+        if matches!(state, LeaderState::Reaped | LeaderState::Exited(_, Some(_))) {
+            return;
+        }
+        let ours = Arc::new(Mutex::new(Some(state)));
+        let theirs = Arc::clone(&ours);
+        let reaper = thread::Builder::new()
+            .name("queuectl-job-reap".into())
+            .spawn(move || reap_in_any_state(theirs.lock().take()));
+        if reaper.is_err() {
+            reap_in_any_state(ours.lock().take());
+        }
+    }
+}
+
+/// Blocks until the leader in `state` has exited, and reaps it.
+fn reap_in_any_state(state: Option<LeaderState>) {
+    let mut child = match state {
+        Some(LeaderState::Started(child) | LeaderState::Exited(child, None)) => child,
+        #[cfg(target_os = "linux")]
+        Some(LeaderState::Pidfd(child, _)) => child,
+        Some(LeaderState::Thread { waiter, .. }) => match waiter.join() {
+            Ok(Some((child, Ok(None) | Err(_)))) => child,
+            _ => return,
+        },
+        Some(LeaderState::Exited(_, Some(_)) | LeaderState::Reaped) | None => return,
+    };
+    let _ = child.wait();
+}
+
+/// Hands `child` to a new thread that waits for it to exit and then closes the write end of
+/// the pipe whose read end the returned [`LeaderState::Thread`] holds. On error the child is
+/// returned unwatched.
+fn watch_with_thread(child: Child) -> (LeaderState, io::Result<()>) {
+    let (notice, notify) = match io::pipe() {
+        Ok(pipe) => pipe,
+        Err(e) => {
+            return (
+                LeaderState::Started(child),
+                Err(context("create a pipe", e)),
+            );
         }
     };
-    drop(exited);
-    // Nothing is ever sent: the attempt drops its sender when the leader may be reaped.
-    let _ = reap.recv();
-    match reaped {
-        Some(status) => Ok(status),
-        None => child.wait(),
+    // The thread starts before it gets the child, so that a failure to start it leaves the
+    // child with us.
+    let (send_child, child_rx) = crossbeam_channel::bounded::<Child>(1);
+    let waiter = thread::Builder::new()
+        .name("queuectl-job-wait".into())
+        .spawn(move || {
+            let mut child = child_rx.recv().ok()?;
+            let waited = wait_without_reaping(&mut child);
+            drop(notify);
+            Some((child, waited))
+        });
+    let waiter = match waiter {
+        Ok(waiter) => waiter,
+        Err(e) => {
+            let error = context("start the waiter thread", e);
+            return (LeaderState::Started(child), Err(error));
+        }
+    };
+    match send_child.send(child) {
+        Ok(()) => (LeaderState::Thread { notice, waiter }, Ok(())),
+        // Only a thread that already ended could refuse it.
+        Err(SendError(child)) => (
+            LeaderState::Started(child),
+            Err(io::Error::other(
+                "the waiter thread ended before the process started",
+            )),
+        ),
     }
 }
 
@@ -550,70 +783,54 @@ fn exit_status(exit: ExitStatus) -> (Status, Option<i32>) {
     }
 }
 
-/// Collects a job's output on a helper thread, so that a chatty job never blocks on a full
-/// pipe.
-struct OutputCapture {
-    tail: Arc<Mutex<Tail>>,
-    /// Disconnects when the reader thread has seen end-of-file.
-    closed: Receiver<()>,
+/// The read end of the job's output pipe and what has been read from it. It is read by the
+/// attempt's own thread whenever it polls readable, so that a chatty job never blocks on a
+/// full pipe.
+struct Output {
+    /// `None` once every writer has closed the pipe (or reading it failed).
+    pipe: Option<PipeReader>,
+    tail: Tail,
 }
 
-impl OutputCapture {
-    fn start(mut pipe: PipeReader, limit: usize) -> io::Result<Self> {
-        let tail = Arc::new(Mutex::new(Tail::new(limit)));
-        let shared = Arc::clone(&tail);
-        let (closed_tx, closed) = crossbeam_channel::bounded::<()>(0);
-        thread::Builder::new()
-            .name("queuectl-job-output".into())
-            .spawn(move || {
-                let _closed = closed_tx;
-                let mut buf = vec![0; 64 * 1024];
-                loop {
-                    match pipe.read(&mut buf) {
-                        Ok(0) => break,
-                        Ok(n) => shared.lock().push(&buf[..n]),
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(e) => {
-                            shared
-                                .lock()
-                                .note(format!("reading the output failed: {e}"));
-                            break;
-                        }
-                    }
-                }
-            })?;
-        Ok(Self { tail, closed })
+/// Size of the buffer the output is read into.
+const READ_BUFFER: usize = 16 * 1024;
+
+impl Output {
+    fn new(pipe: PipeReader, limit: usize) -> Self {
+        Self {
+            pipe: Some(pipe),
+            tail: Tail::new(limit),
+        }
     }
 
-    /// Waits until every writer has closed the output pipe or `deadline` (`None`: forever)
-    /// has passed; returns whether the pipe closed.
-    fn wait_closed(&self, deadline: Option<Instant>) -> bool {
-        // Nothing is ever sent: the reader thread drops its sender at end-of-file.
-        match deadline {
-            Some(deadline) => !matches!(
-                self.closed.recv_deadline(deadline),
-                Err(RecvTimeoutError::Timeout)
-            ),
-            None => {
-                let _ = self.closed.recv();
-                true
+    /// Reads once from the pipe, which must have polled readable (or closed), so that the
+    /// read does not block.
+    fn read(&mut self) {
+        let Some(pipe) = &mut self.pipe else {
+            return;
+        };
+        let mut buf = [0; READ_BUFFER];
+        match pipe.read(&mut buf) {
+            Ok(0) => self.pipe = None,
+            Ok(n) => self.tail.push(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                self.tail.note(format!("reading the output failed: {e}"));
+                self.pipe = None;
             }
         }
     }
 
-    /// The captured output, after waiting up to `drain` for the pipe to close.
-    fn finish(self, drain: Duration) -> String {
-        let closed = self.wait_closed(Instant::now().checked_add(drain));
-        let mut tail = self.tail.lock();
-        if !closed {
-            // The reader thread stays blocked until that process closes the pipe; it only
-            // appends to a buffer nobody reads any more.
-            tail.note(format!(
-                "output capture stopped: a process outside the job's process group still held \
-                 its output open {drain:?} after the job ended"
-            ));
+    /// Stops capturing. A process that escaped the group still holds the pipe: a thread
+    /// reads and discards what it writes until it closes it, so that it does not get `EPIPE`
+    /// or `SIGPIPE` for the attempt having ended.
+    fn abandon(&mut self) {
+        if let Some(mut pipe) = self.pipe.take() {
+            // Should the thread not start, the pipe merely closes.
+            let _ = thread::Builder::new()
+                .name("queuectl-job-output".into())
+                .spawn(move || io::copy(&mut pipe, &mut io::sink()));
         }
-        tail.render()
     }
 }
 
@@ -893,6 +1110,166 @@ mod tests {
         let exit = within("the leader's exit", move || child.wait().unwrap());
         assert_eq!(exit.signal(), Some(Signal::SIGKILL as i32));
         assert_gone(grandchild);
+    }
+
+    /// An executor that watches its leaders with a helper thread, as where pidfds are not
+    /// available.
+    fn threaded() -> ShellExecutor {
+        ShellExecutor {
+            #[cfg(target_os = "linux")]
+            use_pidfd: false,
+            ..ShellExecutor::new()
+        }
+    }
+
+    #[test]
+    fn without_pidfds_a_thread_watches_the_leader() {
+        let outcome = within("the attempt", || {
+            threaded().execute(
+                &job("echo out; echo err >&2; exit 4"),
+                &CancelSignal::never(),
+            )
+        })
+        .unwrap();
+        assert_eq!(outcome.status, Status::Failed("exited with code 4".into()));
+        assert_eq!(outcome.exit_code, Some(4));
+        assert_eq!(outcome.output, "out\nerr\n");
+
+        let outcome = within("the attempt", || {
+            threaded().execute(&job("kill -9 $$"), &CancelSignal::never())
+        })
+        .unwrap();
+        assert_eq!(
+            outcome.status,
+            Status::Failed("killed by signal SIGKILL (9)".into())
+        );
+    }
+
+    #[test]
+    fn without_pidfds_timeouts_and_leftovers_still_kill_the_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("pid");
+        let command = format!("sleep 30 & echo $! > {}; exit 5", pid_file.display());
+        let outcome = within("the attempt", move || {
+            threaded().execute(&job(&command), &CancelSignal::never())
+        })
+        .unwrap();
+        assert_eq!(outcome.exit_code, Some(5));
+        assert_gone(
+            std::fs::read_to_string(&pid_file)
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap(),
+        );
+
+        let limit = Duration::from_millis(300);
+        let mut slow = job(&format!(
+            "sleep 30 & echo $! > {}; wait",
+            pid_file.display()
+        ));
+        slow.timeout = Some(limit);
+        let outcome = within("the attempt", move || {
+            threaded().execute(&slow, &CancelSignal::never())
+        })
+        .unwrap();
+        assert_eq!(outcome.status, Status::TimedOut(limit));
+        assert!(outcome.duration >= limit, "{outcome:?}");
+        assert_gone(
+            std::fs::read_to_string(&pid_file)
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap(),
+        );
+    }
+
+    #[test]
+    fn without_pidfds_cancel_stops_the_job() {
+        let (mut canceller, signal) = crate::executor::cancel_pair();
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        thread::spawn(move || {
+            let _ = tx.send(threaded().execute(&job("echo started; sleep 30"), &signal));
+        });
+        canceller.cancel();
+        let outcome = rx.recv_timeout(LONG).unwrap().unwrap();
+        assert_eq!(outcome.status, Status::Cancelled);
+    }
+
+    /// The cleanup on error paths: an attempt dropped while its job runs closes the lifeline,
+    /// so that the whole group dies, and the leader is reaped, not left a zombie.
+    #[test]
+    fn a_dropped_attempt_kills_the_group_and_reaps_the_leader() {
+        for exec in [ShellExecutor::new(), threaded()] {
+            let job = job("sleep 30 & echo $$ $!; wait");
+            let mut attempt = Attempt::start(&exec, &job).unwrap();
+            let mut pids = String::new();
+            while !pids.ends_with('\n') {
+                let pipe = attempt.output.pipe.as_mut().unwrap();
+                let mut buf = [0; 64];
+                let n = pipe.read(&mut buf).unwrap();
+                assert!(n > 0, "the job ended early: {pids:?}");
+                pids.push_str(std::str::from_utf8(&buf[..n]).unwrap());
+            }
+            let pids: Vec<i32> = pids
+                .split_whitespace()
+                .map(|p| p.parse().unwrap())
+                .collect();
+            let [leader, grandchild] = pids[..] else {
+                panic!("expected two pids, got {pids:?}");
+            };
+            drop(attempt);
+            assert_gone(grandchild);
+            let deadline = Instant::now() + LONG;
+            while std::path::Path::new(&format!("/proc/{leader}")).exists() {
+                assert!(Instant::now() < deadline, "{leader} was not reaped");
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// A process that escaped the group may keep writing to the job's output after the
+    /// attempt has given up on it, without getting `SIGPIPE`.
+    #[test]
+    fn an_escaped_process_can_still_write_after_capture_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let go = dir.path().join("go");
+        let done = dir.path().join("done");
+        for fifo in [&go, &done] {
+            nix::unistd::mkfifo(fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        }
+        // The escaped shell waits for the test to let it write to its standard error (the
+        // job's output), then reports whether that worked. As in the test above, the command
+        // substitution returns once it has left the group.
+        let command = format!(
+            "pid=$(setsid sh -c 'echo $$; exec >/dev/null; read _ < {go}; echo late >&2; \
+             echo written > {done}' &); echo started",
+            go = go.display(),
+            done = done.display(),
+        );
+        let exec = ShellExecutor {
+            output_drain: Duration::from_millis(100),
+            ..ShellExecutor::new()
+        };
+        let outcome = within("the attempt", move || {
+            exec.execute(&job(&command), &CancelSignal::never())
+        })
+        .unwrap();
+        assert!(
+            outcome.output.starts_with("started\n"),
+            "{:?}",
+            outcome.output
+        );
+        assert!(
+            outcome.output.contains("output capture stopped"),
+            "{:?}",
+            outcome.output
+        );
+        let report = within("the late write", move || {
+            std::fs::write(&go, "go\n").unwrap();
+            std::fs::read_to_string(&done).unwrap()
+        });
+        assert_eq!(report, "written\n");
     }
 
     /// A process that leaves the group and keeps the output open cannot hold the attempt.

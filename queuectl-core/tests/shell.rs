@@ -303,6 +303,24 @@ fn output_is_lossy_utf8() {
 }
 
 #[test]
+fn a_job_that_closes_its_output_early_still_runs_to_its_end() {
+    // Once its output is closed, the job waits for the test, which can only get through to
+    // it while the attempt still runs.
+    let dir = tempfile::tempdir().unwrap();
+    let go = dir.path().join("go");
+    mkfifo(&go, Mode::S_IRUSR | Mode::S_IWUSR).unwrap();
+    let command = format!(
+        "echo before; exec >&- 2>&-; read line < {}; exit \"$line\"",
+        go.display()
+    );
+    let (_canceller, outcome) = start_cancellable(ShellExecutor::new(), job("closes", &command));
+    within("the job's read", move || fs::write(go, "6\n").unwrap());
+    let outcome = outcome.recv_timeout(LONG).unwrap().unwrap();
+    assert_eq!(outcome.status, Status::Failed("exited with code 6".into()));
+    assert_eq!(outcome.output, "before\n");
+}
+
+#[test]
 fn leftover_background_processes_are_killed_when_the_job_exits() {
     // The grandchild keeps stdout open; the attempt must still end at once, with the job's
     // own exit code.
