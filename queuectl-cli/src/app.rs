@@ -126,8 +126,9 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result {
             }
         }
         Command::Show { id, json } => {
+            let id = JobId::new(id).map_err(SpecError::from)?;
             recover(&*store)?;
-            let job = store.get(&JobId::new(id).map_err(SpecError::from)?)?;
+            let job = store.get(&id)?;
             if json {
                 print_json(out, &job)
             } else {

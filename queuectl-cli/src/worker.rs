@@ -19,6 +19,10 @@ pub fn start(
     exit_when_idle: bool,
     prefetch: usize,
 ) -> Result {
+    // Signals become stop requests: the first lets running jobs finish, a second kills them.
+    // Installed before the pool starts, so a failure leaves nothing running.
+    let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(CliError::Signals)?;
+    let signal_handle = signals.handle();
     let config = store.config()?;
     let executor = ShellExecutor::new().output_limit(config.output_limit);
     let pool = WorkerPool::builder(store, Arc::new(executor))
@@ -27,10 +31,6 @@ pub fn start(
         .exit_when_idle(exit_when_idle)
         .prefetch(prefetch)
         .start()?;
-
-    // Signals become stop requests: the first lets running jobs finish, a second kills them.
-    let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(CliError::Signals)?;
-    let signal_handle = signals.handle();
     let stopper = pool.stopper();
     let signal_thread = std::thread::Builder::new()
         .name("queuectl-signals".into())

@@ -41,7 +41,7 @@ pub enum Event {
         /// Executor threads.
         threads: usize,
     },
-    /// A job was claimed and handed to an executor thread.
+    /// A job was claimed for this pool (with prefetch, it may wait for a free thread).
     Claimed {
         /// The job.
         job: JobId,
@@ -105,7 +105,8 @@ pub enum Event {
     Stopping {
         /// Whether running jobs are being killed (`true`) or allowed to finish.
         forced: bool,
-        /// Why: "requested", "stop request in storage", "idle", "storage failure".
+        /// Why: "requested", "stop request in storage", "idle", "shutdown timeout" or
+        /// "storage failure".
         reason: &'static str,
     },
     /// A storage operation failed; the pool retries it.

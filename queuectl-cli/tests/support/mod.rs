@@ -47,7 +47,8 @@ impl Queue {
         self.home.path()
     }
 
-    /// A scratch path next to (not inside) the store, for files jobs write.
+    /// A scratch path in a `scratch` folder of the home directory (the store ignores it), for
+    /// files jobs write.
     pub fn scratch(&self, name: &str) -> PathBuf {
         let dir = self.home.path().join("scratch");
         std::fs::create_dir_all(&dir).expect("create scratch dir");

@@ -281,19 +281,28 @@ fn create_dir(dir: &Path) -> Result<()> {
     if dir.is_dir() {
         return Ok(());
     }
+    // The directories about to be created, deepest first: each one's entry must reach the disk
+    // (an fsync of its parent), or a power failure could lose the store with its acknowledged
+    // jobs.
+    let missing: Vec<&Path> = dir
+        .ancestors()
+        .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
+        .collect();
     DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
         .map_err(io_error("create directory", dir))?;
-    // Make the new directory's entry durable, as the files in it will be.
-    let parent = match dir.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent,
-        _ => Path::new("."),
-    };
-    File::open(parent)
-        .and_then(|f| f.sync_all())
-        .map_err(io_error("fsync", parent))
+    for created in missing {
+        let parent = match created.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent,
+            _ => Path::new("."),
+        };
+        File::open(parent)
+            .and_then(|f| f.sync_all())
+            .map_err(io_error("fsync", parent))?;
+    }
+    Ok(())
 }
 
 impl FileStorage {
