@@ -213,9 +213,7 @@ pub trait Storage: Send + Sync + Debug {
             return Ok((settled, Vec::new()));
         }
         // The settlements are recorded: report them even if there is nothing to claim now.
-        let claimed = self
-            .claim(worker, max, lease_for, now)
-            .unwrap_or_default();
+        let claimed = self.claim(worker, max, lease_for, now).unwrap_or_default();
         Ok((settled, claimed))
     }
 
