@@ -115,13 +115,14 @@ fn raw_shell_rate(jobs: usize) -> f64 {
     jobs as f64 / started.elapsed().as_secs_f64()
 }
 
-fn shell_drain(jobs: usize) -> f64 {
+fn shell_drain(jobs: usize, prefetch: u32) -> f64 {
     let home = tempfile::tempdir().expect("temp dir");
     let lines: String = (0..jobs).map(|_| "{\"command\":\"true\"}\n").collect();
     enqueue_many(home.path(), &lines);
     let started = Instant::now();
     let status = queuectl(home.path())
         .args(["worker", "start", "--count", "2", "--exit-when-idle"])
+        .args(["--prefetch", &prefetch.to_string()])
         .stderr(Stdio::null())
         .status()
         .expect("worker");
@@ -203,10 +204,15 @@ fn main() {
         .unwrap_or(1000);
     println!("queuectl end-to-end figures ({jobs} jobs for the drain)");
     let raw = raw_shell_rate(jobs);
-    let drain = shell_drain(jobs);
+    let drain = shell_drain(jobs, 0);
+    let prefetched = shell_drain(jobs, 2);
     println!("shell drain        {drain:>10.0} jobs/s");
     println!("raw sh -c true ×2  {raw:>10.0} jobs/s");
     println!("drain / raw        {:>10.2}", drain / raw);
+    println!(
+        "with --prefetch 2  {prefetched:>10.0} jobs/s ({:.2} of raw)",
+        prefetched / raw
+    );
     let enqueue = cli_enqueue_median_ms(101);
     println!("CLI enqueue        {enqueue:>10.2} ms median per process");
     let (p50, p99) = pickup_latency_ms(100);
