@@ -623,6 +623,14 @@ struct Stopping {
     deadline: Option<Instant>,
 }
 
+/// How an attempt ended, as the dispatcher reports it.
+#[derive(Debug, Clone, Copy)]
+enum Ended {
+    Completed,
+    Released,
+    Failed { retry_at: Timestamp },
+}
+
 /// An attempt this pool holds a lease for: running, queued for an executor, or parked.
 struct Attempt {
     lease: Lease,
@@ -664,7 +672,7 @@ struct Dispatcher {
     /// has ended, so a job never runs twice at once in this pool.
     parked: Vec<Assignment>,
     /// Settlements storage did not accept (it failed); retried each turn.
-    unsettled: Vec<(Settlement, Finished)>,
+    unsettled: Vec<Finished>,
     /// Consecutive failed attempts to record results.
     settle_failures: u32,
     stopping: Option<Stopping>,
@@ -737,11 +745,20 @@ impl Dispatcher {
                 self.purge();
                 next_purge = now_instant + PURGE_EVERY;
             }
-            self.poll_stop_request();
+            self.poll_stop_request(true);
             let mut wait_until = next_heartbeat.min(next_recovery);
             if self.stopping.is_none() {
+                // Read before looking for work, so that any change after the look wakes us.
+                let version = self.storage.change_version().ok();
                 let (asked, claimed) = self.claim();
                 if claimed < asked {
+                    // Out of work: have the waker report the next change of the store. (A busy
+                    // pool is not armed, so its own writes do not wake it; it looks for a stop
+                    // request before refilling slots instead.)
+                    if let Some(version) = version {
+                        // Full means an arming is pending; the waker takes the newest one.
+                        let _ = self.arm.try_send(version);
+                    }
                     // Free slots and nothing more was due: sleep until the next due job or a
                     // change in the store.
                     match self.storage.next_due() {
@@ -770,17 +787,7 @@ impl Dispatcher {
             if let Some(deadline) = self.stopping.as_ref().and_then(|s| s.deadline) {
                 wait_until = wait_until.min(deadline);
             }
-            self.arm_waker();
             self.wait(wait_until);
-        }
-    }
-
-    /// Notes a change of the store version (any process's write) and arms the waker with it.
-    fn arm_waker(&mut self) {
-        if let Ok(version) = self.storage.change_version() {
-            self.note_version(version);
-            // Full means an arming is pending; the waker takes the newest one.
-            let _ = self.arm.try_send(version);
         }
     }
 
@@ -791,16 +798,18 @@ impl Dispatcher {
         }
     }
 
-    /// Looks for a stop request in storage if the store changed since the last look, at most
-    /// every [`STOP_CHECK_EVERY`]: `worker stop` is noticed promptly, busy or idle.
-    fn poll_stop_request(&mut self) {
+    /// Looks for a stop request in storage if the store changed since the last look (when
+    /// `throttled`, at most every [`STOP_CHECK_EVERY`]): an idle pool notices `worker stop`
+    /// when the write wakes it, a busy one before it refills the slots of finished jobs.
+    fn poll_stop_request(&mut self, throttled: bool) {
         if self.stopping.is_some() {
             return;
         }
         if let Ok(version) = self.storage.change_version() {
             self.note_version(version);
         }
-        if self.stop_check_due && Instant::now() >= self.last_stop_check + STOP_CHECK_EVERY {
+        let due = !throttled || Instant::now() >= self.last_stop_check + STOP_CHECK_EVERY;
+        if self.stop_check_due && due {
             self.stop_check_due = false;
             self.last_stop_check = Instant::now();
             match self.storage.workers() {
@@ -938,7 +947,7 @@ impl Dispatcher {
     fn settle_batch(&mut self, mut finished: Vec<Finished>) {
         finished.extend(self.outcomes.try_iter());
         let at = now();
-        let mut batch: Vec<(Settlement, Finished)> = std::mem::take(&mut self.unsettled);
+        let mut batch: Vec<Finished> = std::mem::take(&mut self.unsettled);
         for done in finished {
             let Some(token) = done.token() else { continue };
             let Some(attempt) = self.running.get(&token) else {
@@ -949,21 +958,30 @@ impl Dispatcher {
                 self.end_lost_attempt(token, &done.job.id);
                 continue;
             }
-            let settlement = self.settlement(attempt.lease.clone(), &done, at);
-            batch.push((settlement, done));
+            batch.push(done);
         }
         if batch.is_empty() {
             return;
         }
         // Look for a stop request before refilling the slots this batch frees.
-        self.poll_stop_request();
+        self.poll_stop_request(false);
         let want = if self.stopping.is_none() {
             let busy = self.running.len().saturating_sub(batch.len());
             self.capacity.saturating_sub(busy)
         } else {
             0
         };
-        let settlements = batch.iter().map(|(s, _)| s.clone()).collect();
+        // Only attempts this pool still holds (all of them, short of a bug) are settled, and
+        // `batch`, `settlements` and `ends` stay in step.
+        batch.retain(|done| done.token().is_some_and(|t| self.running.contains_key(&t)));
+        let (settlements, ends): (Vec<Settlement>, Vec<Ended>) = batch
+            .iter()
+            .map(|done| {
+                let token = done.token().unwrap_or_default();
+                let lease = self.running[&token].lease.clone();
+                self.settlement(lease, done, at)
+            })
+            .unzip();
         let settled = self
             .storage
             .settle_and_claim(settlements, &self.id, want, self.lease, at);
@@ -976,7 +994,7 @@ impl Dispatcher {
                 if poisoned || self.settle_failures >= MAX_SETTLE_FAILURES {
                     // Results cannot be recorded: stop. The leases expire and the jobs run
                     // again elsewhere.
-                    for (_, done) in &batch {
+                    for done in &batch {
                         if let Some(token) = done.token() {
                             self.untrack(token);
                         }
@@ -992,11 +1010,11 @@ impl Dispatcher {
             }
         };
         self.settle_failures = 0;
-        for ((settlement, done), result) in batch.into_iter().zip(results) {
+        for ((end, done), result) in ends.into_iter().zip(batch).zip(results) {
             if let Some(token) = done.token() {
                 self.untrack(token);
             }
-            self.report(&settlement, &done, result);
+            self.report(end, &done, result);
         }
         self.hand_out(claimed);
     }
@@ -1051,7 +1069,8 @@ impl Dispatcher {
         }
     }
 
-    fn settlement(&self, lease: Lease, done: &Finished, at: Timestamp) -> Settlement {
+    /// The settlement of a finished attempt, and how the attempt ended (for reporting).
+    fn settlement(&self, lease: Lease, done: &Finished, at: Timestamp) -> (Settlement, Ended) {
         let (report, status) = match &done.outcome {
             Ok(outcome) => (
                 AttemptReport {
@@ -1071,20 +1090,22 @@ impl Dispatcher {
             ),
         };
         match status {
-            Some(Status::Succeeded) => Settlement::Complete { lease, report },
-            Some(Status::Cancelled) => Settlement::Release { lease },
+            Some(Status::Succeeded) => (Settlement::Complete { lease, report }, Ended::Completed),
+            Some(Status::Cancelled) => (Settlement::Release { lease }, Ended::Released),
             Some(Status::Failed(_) | Status::TimedOut(_)) | None => {
                 let delay = self.backoff.delay(&done.job.id, done.job.attempts);
-                Settlement::Fail {
+                let retry_at = later(at, delay);
+                let fail = Settlement::Fail {
                     lease,
                     report,
-                    retry_at: later(at, delay),
-                }
+                    retry_at,
+                };
+                (fail, Ended::Failed { retry_at })
             }
         }
     }
 
-    fn report(&mut self, settlement: &Settlement, done: &Finished, result: crate::Result<Job>) {
+    fn report(&mut self, end: Ended, done: &Finished, result: crate::Result<Job>) {
         let job = done.job.id.clone();
         let attempt = done.job.attempts;
         let job_after = match result {
@@ -1100,8 +1121,8 @@ impl Dispatcher {
             }
         };
         let error = job_after.last_error.clone().unwrap_or_default();
-        match (settlement, job_after.state) {
-            (Settlement::Complete { .. }, _) => {
+        match (end, job_after.state) {
+            (Ended::Completed, _) => {
                 self.summary.completed += 1;
                 let duration = done
                     .outcome
@@ -1114,11 +1135,11 @@ impl Dispatcher {
                     duration,
                 });
             }
-            (Settlement::Release { .. }, _) => {
+            (Ended::Released, _) => {
                 self.summary.released += 1;
                 self.emit(|| Event::Released { job });
             }
-            (Settlement::Fail { .. }, JobState::Dead) => {
+            (Ended::Failed { .. }, JobState::Dead) => {
                 self.summary.dead += 1;
                 self.emit(|| Event::Dead {
                     job,
@@ -1126,10 +1147,10 @@ impl Dispatcher {
                     error,
                 });
             }
-            (Settlement::Fail { retry_at, .. }, _) => {
+            (Ended::Failed { retry_at }, _) => {
                 self.summary.failed += 1;
                 let retry_in =
-                    Duration::try_from(*retry_at - job_after.updated_at).unwrap_or_default();
+                    Duration::try_from(retry_at - job_after.updated_at).unwrap_or_default();
                 self.emit(|| Event::Failed {
                     job,
                     attempt,

@@ -840,17 +840,23 @@ fn a_busy_pool_notices_a_stop_request_before_starting_more_work() {
         .unwrap();
     assert_eq!(recv(&started).as_str(), "first");
     store.request_stop().unwrap();
-    // No heartbeat for an hour: the change in the store wakes the busy pool.
-    events_until(pool.events(), |e| {
-        matches!(
-            e,
-            Event::Stopping {
-                reason: "stop request in storage",
-                ..
-            }
-        )
-    });
+    // No heartbeat for an hour: the pool finds the request when "first" finishes, before it
+    // would refill the slot with "second".
     release.send(()).unwrap();
+    let events = events_until(pool.events(), |e| *e == Event::Stopped);
+    assert!(events.iter().any(|e| matches!(
+        e,
+        Event::Stopping {
+            reason: "stop request in storage",
+            ..
+        }
+    )));
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, Event::Claimed { job, .. } if job.as_str() == "second")),
+        "{events:#?}"
+    );
     let summary = within(move || pool.join()).unwrap();
     assert_eq!(summary.completed, 1);
     let second = store.get(&JobId::new("second").unwrap()).unwrap();
