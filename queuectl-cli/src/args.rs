@@ -87,7 +87,8 @@ pub enum WorkerCommand {
         /// How many jobs run at once [default: the worker-count setting].
         #[arg(long, short = 'c', value_parser = clap::value_parser!(u16).range(1..=4096))]
         count: Option<u16>,
-        /// Exit once no job is running or due, instead of waiting for more.
+        /// Exit once no job is running, due, or waiting for its retry, instead of waiting for
+        /// more (jobs scheduled for later stay queued).
         #[arg(long)]
         exit_when_idle: bool,
         /// Claim up to this many jobs ahead of free workers: faster for many short jobs, but

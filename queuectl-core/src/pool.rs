@@ -248,7 +248,8 @@ impl WorkerPoolBuilder {
         self
     }
 
-    /// Stop gracefully once nothing runs and no job is due (default: keep waiting for work).
+    /// Stop gracefully once nothing runs, nothing is due and no failed job waits for its retry
+    /// (default: keep waiting for work). Jobs scheduled for later do not keep the pool.
     pub fn exit_when_idle(mut self, exit: bool) -> Self {
         self.exit_when_idle = exit;
         self
@@ -759,6 +760,18 @@ impl Dispatcher {
                         // Full means an arming is pending; the waker takes the newest one.
                         let _ = self.arm.try_send(version);
                     }
+                    if self.exit_when_idle && self.running.is_empty() && claimed == 0 {
+                        // Nothing runs and nothing is due. Jobs waiting for a retry keep the
+                        // pool; jobs scheduled for later do not.
+                        match self.storage.counts() {
+                            Ok(counts) if counts.failed == 0 => {
+                                self.begin_stop(false, "idle");
+                                continue;
+                            }
+                            Ok(_) => {}
+                            Err(error) => self.storage_error("counting jobs", &error),
+                        }
+                    }
                     // Free slots and nothing more was due: sleep until the next due job or a
                     // change in the store.
                     match self.storage.next_due() {
@@ -768,10 +781,6 @@ impl Dispatcher {
                             if let Some(due) = Instant::now().checked_add(until_due) {
                                 wait_until = wait_until.min(due);
                             }
-                        }
-                        Ok(None) if self.exit_when_idle && self.running.is_empty() => {
-                            self.begin_stop(false, "idle");
-                            continue;
                         }
                         Ok(None) => {}
                         Err(error) => self.storage_error("looking for due jobs", &error),

@@ -886,3 +886,40 @@ fn an_idle_pool_does_not_write_to_its_store() {
     );
     within(move || pool.shutdown()).unwrap();
 }
+
+#[test]
+fn exit_when_idle_waits_for_retries_but_not_for_scheduled_jobs() {
+    let store = store();
+    store
+        .enqueue(
+            NewJob::new("flaky").id("flaky").unwrap().max_retries(2),
+            now(),
+        )
+        .unwrap();
+    store
+        .enqueue(
+            NewJob::new("x")
+                .id("tomorrow")
+                .unwrap()
+                .run_at(now() + Duration::from_secs(86_400)),
+            now(),
+        )
+        .unwrap();
+    let executor = FnExecutor::new(|job| {
+        if job.attempts == 1 {
+            Err("first try fails".into())
+        } else {
+            Ok(())
+        }
+    });
+    let pool = WorkerPool::builder(store.clone(), Arc::new(executor))
+        .backoff(queuectl_core::Fixed(Duration::from_millis(100)))
+        .exit_when_idle(true)
+        .start()
+        .unwrap();
+    let summary = within(move || pool.join()).unwrap();
+    assert_eq!((summary.failed, summary.completed), (1, 1));
+    let state = |id: &str| store.get(&JobId::new(id).unwrap()).unwrap().state;
+    assert_eq!(state("flaky"), JobState::Completed);
+    assert_eq!(state("tomorrow"), JobState::Pending);
+}
