@@ -343,10 +343,24 @@ impl FileStorage {
         Ok(store)
     }
 
-    /// Under the exclusive lock: cleans up after crashes, creates a new store's journal, loads
-    /// the state and repairs the journal.
+    /// Loads the state. A store that needs nothing done to it is loaded under the shared lock,
+    /// so opening one (every `queuectl status`, say) does not hold up the workers' writes; a new
+    /// store, or one with leftovers of a crashed compaction, is set up under the exclusive lock:
+    /// clean-up, a first journal, and the repair of a torn journal. (A store that is only torn
+    /// is repaired by its first write.)
     fn initialize(&self) -> Result<()> {
         let mut inner = self.inner.lock();
+        {
+            let _lock = self.os_lock(false)?;
+            if self
+                .journal_path
+                .try_exists()
+                .map_err(io_error("stat", &self.journal_path))?
+                && !self.has_temp_files()?
+            {
+                return self.catch_up(&mut inner, false).map(drop);
+            }
+        }
         let _lock = self.os_lock(true)?;
         self.remove_temp_files()?;
         let exists = |path: &Path| path.try_exists().map_err(io_error("stat", path));
@@ -759,6 +773,17 @@ impl FileStorage {
 
     /// Removes temporary files left by a compaction that crashed (under the exclusive lock, so
     /// no compaction is running).
+    fn has_temp_files(&self) -> Result<bool> {
+        let entries = fs::read_dir(&self.dir).map_err(io_error("list", &self.dir))?;
+        for entry in entries {
+            let entry = entry.map_err(io_error("list", &self.dir))?;
+            if entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     fn remove_temp_files(&self) -> Result<()> {
         let entries = fs::read_dir(&self.dir).map_err(io_error("list", &self.dir))?;
         for entry in entries {
