@@ -19,6 +19,14 @@ pub fn start(
     exit_when_idle: bool,
     prefetch: usize,
 ) -> Result {
+    if std::process::id() == 1 {
+        // Job processes a finished job leaves behind are handed to PID 1 when they exit; a
+        // worker that is PID 1 (a container without an init) never collects them.
+        say!(
+            "warning: queuectl runs as PID 1; exited job processes will pile up as zombies. \
+             Run it under an init (e.g. docker run --init, tini)."
+        );
+    }
     // Signals become stop requests: the first lets running jobs finish, a second kills them.
     // Installed before the pool starts, so a failure leaves nothing running.
     let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(CliError::Signals)?;

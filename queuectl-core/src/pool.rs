@@ -105,8 +105,8 @@ pub enum Event {
     Stopping {
         /// Whether running jobs are being killed (`true`) or allowed to finish.
         forced: bool,
-        /// Why: "requested", "stop request in storage", "idle", "shutdown timeout" or
-        /// "storage failure".
+        /// Why: "requested", "stop request in storage", "idle", "shutdown timeout",
+        /// "pool handle dropped" or "storage failure".
         reason: &'static str,
     },
     /// A storage operation failed; the pool retries it.
@@ -287,8 +287,8 @@ impl WorkerPoolBuilder {
                 "the heartbeat interval must be longer than zero and shorter than the lease",
             );
         }
-        if self.recovery.is_some_and(|r| r.is_zero()) {
-            return invalid("the recovery interval must be longer than zero");
+        if self.recovery.is_some_and(|r| r.is_zero() || r > MAX_LEASE) {
+            return invalid("the recovery interval must be longer than zero and at most a week");
         }
         Ok(())
     }
@@ -381,6 +381,8 @@ impl WorkerPoolBuilder {
             parked: Vec::new(),
             unsettled: Vec::new(),
             settle_failures: 0,
+            claim_failures: 0,
+            claim_retry_at: None,
             stopping: None,
             summary: Summary::default(),
             seen_version: None,
@@ -676,6 +678,9 @@ struct Dispatcher {
     unsettled: Vec<Finished>,
     /// Consecutive failed attempts to record results.
     settle_failures: u32,
+    /// Consecutive failed claims, and when to try again.
+    claim_failures: u32,
+    claim_retry_at: Option<Instant>,
     stopping: Option<Stopping>,
     summary: Summary,
     /// The store version when the dispatcher last looked.
@@ -746,13 +751,14 @@ impl Dispatcher {
                 self.purge();
                 next_purge = now_instant + PURGE_EVERY;
             }
-            self.poll_stop_request(true);
+            // One read of the version per turn, before looking for a stop request and for work:
+            // any change after it wakes the pool.
+            let version = self.storage.change_version().ok();
+            self.poll_stop_request(version, true);
             let mut wait_until = next_heartbeat.min(next_recovery);
-            if self.stopping.is_none() {
-                // Read before looking for work, so that any change after the look wakes us.
-                let version = self.storage.change_version().ok();
+            if self.stopping.is_none() && self.claim_retry_at.is_none_or(|t| Instant::now() >= t) {
                 let (asked, claimed) = self.claim();
-                if claimed < asked {
+                if claimed < asked && self.claim_retry_at.is_none() {
                     // Out of work: have the waker report the next change of the store. (A busy
                     // pool is not armed, so its own writes do not wake it; it looks for a stop
                     // request before refilling slots instead.)
@@ -787,6 +793,9 @@ impl Dispatcher {
                     }
                 }
             }
+            if let Some(retry) = self.claim_retry_at {
+                wait_until = wait_until.min(retry);
+            }
             if self.stop_check_due && self.stopping.is_none() {
                 wait_until = wait_until.min(self.last_stop_check + STOP_CHECK_EVERY);
             }
@@ -810,11 +819,12 @@ impl Dispatcher {
     /// Looks for a stop request in storage if the store changed since the last look (when
     /// `throttled`, at most every [`STOP_CHECK_EVERY`]): an idle pool notices `worker stop`
     /// when the write wakes it, a busy one before it refills the slots of finished jobs.
-    fn poll_stop_request(&mut self, throttled: bool) {
+    /// `version` is the store version just read, if any.
+    fn poll_stop_request(&mut self, version: Option<u64>, throttled: bool) {
         if self.stopping.is_some() {
             return;
         }
-        if let Ok(version) = self.storage.change_version() {
+        if let Some(version) = version {
             self.note_version(version);
         }
         let due = !throttled || Instant::now() >= self.last_stop_check + STOP_CHECK_EVERY;
@@ -848,9 +858,19 @@ impl Dispatcher {
                     self.begin_stop(forced, "requested");
                 }
                 Ok(Control::Forced) => self.begin_stop(true, "requested"),
-                Err(_) => {}
+                Err(_) => {
+                    // The WorkerPool and every Stopper were dropped: nobody can stop the pool
+                    // any more, so stop now, gracefully.
+                    self.control = crossbeam_channel::never();
+                    self.begin_stop(false, "pool handle dropped");
+                }
             },
-            recv(self.wake) -> _ => {}
+            recv(self.wake) -> woken => {
+                if woken.is_err() {
+                    // The waker thread ended: no more wake-ups (ticks still come).
+                    self.wake = crossbeam_channel::never();
+                }
+            }
             default(timeout) => {}
         }
     }
@@ -873,17 +893,15 @@ impl Dispatcher {
                 attempt.canceller.cancel();
             }
         }
-        // Jobs no executor has started go back to the queue, uncharged.
-        let mut unstarted: Vec<Finished> = self
+        // Jobs no executor has started go back to the queue, uncharged: queued for the next
+        // settlement (never settled from here, which may run inside a settlement).
+        let unstarted: Vec<Finished> = self
             .unstarted
             .try_iter()
             .chain(self.parked.drain(..))
             .map(|a| Finished::unstarted(a.job))
             .collect();
-        if !unstarted.is_empty() {
-            unstarted.extend(self.outcomes.try_iter());
-            self.settle_batch(unstarted);
-        }
+        self.unsettled.extend(unstarted);
         self.emit(|| Event::Stopping { forced, reason });
     }
 
@@ -896,11 +914,20 @@ impl Dispatcher {
         }
         match self.storage.claim(&self.id, free, self.lease, now()) {
             Ok(claimed) => {
+                self.claim_failures = 0;
+                self.claim_retry_at = None;
                 let count = claimed.len();
                 self.hand_out(claimed);
                 (free, count)
             }
             Err(error) => {
+                // Back off (200 ms, doubling up to 5 s) instead of retrying at once: a failing
+                // store must not make the dispatcher spin.
+                let backoff = SETTLE_RETRY
+                    .saturating_mul(1 << self.claim_failures.min(5))
+                    .min(Duration::from_secs(5));
+                self.claim_failures = self.claim_failures.saturating_add(1);
+                self.claim_retry_at = Instant::now().checked_add(backoff);
                 self.tolerate("claiming jobs", error);
                 (free, 0)
             }
@@ -956,8 +983,9 @@ impl Dispatcher {
     fn settle_batch(&mut self, mut finished: Vec<Finished>) {
         finished.extend(self.outcomes.try_iter());
         let at = now();
-        let mut batch: Vec<Finished> = std::mem::take(&mut self.unsettled);
-        for done in finished {
+        let mut batch: Vec<Finished> = Vec::with_capacity(finished.len() + self.unsettled.len());
+        let earlier = std::mem::take(&mut self.unsettled);
+        for done in earlier.into_iter().chain(finished) {
             let Some(token) = done.token() else { continue };
             let Some(attempt) = self.running.get(&token) else {
                 continue;
@@ -972,17 +1000,18 @@ impl Dispatcher {
         if batch.is_empty() {
             return;
         }
+        // Only attempts this pool still holds (all of them, short of a bug) are settled, and
+        // `batch`, `settlements` and `ends` stay in step.
+        batch.retain(|done| done.token().is_some_and(|t| self.running.contains_key(&t)));
         // Look for a stop request before refilling the slots this batch frees.
-        self.poll_stop_request(false);
+        let version = self.storage.change_version().ok();
+        self.poll_stop_request(version, false);
         let want = if self.stopping.is_none() {
             let busy = self.running.len().saturating_sub(batch.len());
             self.capacity.saturating_sub(busy)
         } else {
             0
         };
-        // Only attempts this pool still holds (all of them, short of a bug) are settled, and
-        // `batch`, `settlements` and `ends` stay in step.
-        batch.retain(|done| done.token().is_some_and(|t| self.running.contains_key(&t)));
         let (settlements, ends): (Vec<Settlement>, Vec<Ended>) = batch
             .iter()
             .map(|done| {
@@ -1013,7 +1042,8 @@ impl Dispatcher {
                         source: error,
                     });
                 } else {
-                    self.unsettled = batch;
+                    // Keep anything queued meanwhile (jobs handed back by a stop).
+                    self.unsettled.extend(batch);
                 }
                 return;
             }
@@ -1053,6 +1083,16 @@ impl Dispatcher {
         }
         *self.lost_jobs.entry(job.clone()).or_default() += 1;
         self.emit(|| Event::LeaseLost { job });
+        // A lost attempt that was parked never started: end it now. (One still queued for an
+        // executor comes back cancelled without having run.)
+        let (lost_parked, kept): (Vec<_>, Vec<_>) = self
+            .parked
+            .drain(..)
+            .partition(|a| a.job.lease.as_ref().is_some_and(|l| l.token == token));
+        self.parked = kept;
+        for assignment in lost_parked {
+            self.end_lost_attempt(token, &assignment.job.id);
+        }
     }
 
     /// Forgets a lost attempt that has ended and starts what was parked behind it.
@@ -1208,21 +1248,6 @@ impl Dispatcher {
     fn lose(&mut self, job: &JobId) {
         if let Some(&token) = self.current.get(job) {
             self.mark_lost(token);
-        }
-        // A lost attempt that was still queued for an executor will come back cancelled
-        // without having run; one that was parked never started: end it now.
-        let (lost_parked, kept): (Vec<_>, Vec<_>) = self.parked.drain(..).partition(|a| {
-            a.job.lease.as_ref().is_some_and(|l| {
-                self.running
-                    .get(&l.token)
-                    .is_some_and(|attempt| attempt.lost)
-            })
-        });
-        self.parked = kept;
-        for assignment in lost_parked {
-            if let Some(token) = assignment.job.lease.as_ref().map(|l| l.token) {
-                self.end_lost_attempt(token, &assignment.job.id);
-            }
         }
     }
 

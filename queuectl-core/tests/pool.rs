@@ -679,11 +679,24 @@ fn a_panicking_executor_fails_the_attempt_and_the_pool_goes_on() {
     within(move || pool.shutdown()).unwrap();
 }
 
-/// A store whose results can never be recorded.
-#[derive(Debug)]
-struct Broken(MemoryStorage);
+/// A store whose results can never be recorded, and whose claims fail when `fail_claims` is
+/// set (`claims` counts them).
+#[derive(Debug, Default)]
+struct Broken(
+    MemoryStorage,
+    std::sync::atomic::AtomicBool,
+    std::sync::atomic::AtomicUsize,
+);
 
 impl Broken {
+    fn fail_claims(&self) {
+        self.1.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn claims(&self) -> usize {
+        self.2.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     fn fail<T>() -> queuectl_core::Result<T> {
         Err(queuectl_core::StorageError::Io {
             op: "append to",
@@ -708,6 +721,10 @@ impl Storage for Broken {
         lease_for: Duration,
         now: queuectl_core::Timestamp,
     ) -> queuectl_core::Result<Vec<Job>> {
+        self.2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if self.1.load(std::sync::atomic::Ordering::SeqCst) {
+            return Self::fail();
+        }
         self.0.claim(worker, max, lease_for, now)
     }
     fn extend_leases(
@@ -800,7 +817,7 @@ impl Storage for Broken {
 
 #[test]
 fn a_pool_that_cannot_record_results_gives_up_and_stops() {
-    let store = Arc::new(Broken(MemoryStorage::new()));
+    let store = Arc::new(Broken::default());
     store
         .enqueue(NewJob::new("x").id("x").unwrap(), now())
         .unwrap();
@@ -922,4 +939,60 @@ fn exit_when_idle_waits_for_retries_but_not_for_scheduled_jobs() {
     let state = |id: &str| store.get(&JobId::new(id).unwrap()).unwrap().state;
     assert_eq!(state("flaky"), JobState::Completed);
     assert_eq!(state("tomorrow"), JobState::Pending);
+}
+
+#[test]
+fn failing_claims_back_off_and_do_not_count_as_idle() {
+    let store = Arc::new(Broken::default());
+    store.fail_claims();
+    store
+        .enqueue(NewJob::new("x").id("x").unwrap(), now())
+        .unwrap();
+    let pool = WorkerPool::builder(store.clone(), Arc::new(FnExecutor::new(|_| Ok(()))))
+        .exit_when_idle(true)
+        .start()
+        .unwrap();
+    events_until(pool.events(), |e| matches!(e, Event::StorageError { .. }));
+    // Over this quiet window a spinning dispatcher would claim many thousands of times; one
+    // that backs off (200 ms, doubling) claims a handful.
+    let before = store.claims();
+    let mut seen = Vec::new();
+    while let Ok(event) = pool.events().recv_timeout(Duration::from_millis(1500)) {
+        seen.push(event);
+        if seen.len() > 50 {
+            break;
+        }
+    }
+    let during = store.claims() - before;
+    assert!(during <= 10, "{during} claims in 1.5 s: {seen:#?}");
+    // Failed claims are not "nothing to do": the pool did not stop as idle.
+    assert!(
+        !seen.iter().any(|e| matches!(e, Event::Stopping { .. })),
+        "{seen:#?}"
+    );
+    within(move || pool.shutdown()).unwrap();
+    assert_eq!(
+        store.get(&JobId::new("x").unwrap()).unwrap().state,
+        JobState::Pending
+    );
+}
+
+#[test]
+fn dropping_the_pool_handle_stops_the_pool() {
+    let store = store();
+    let pool = WorkerPool::builder(store.clone(), Arc::new(FnExecutor::new(|_| Ok(()))))
+        .start()
+        .unwrap();
+    let events = pool.events().clone();
+    events_until(&events, |e| matches!(e, Event::Started { .. }));
+    drop(pool);
+    let seen = events_until(&events, |e| *e == Event::Stopped);
+    assert!(seen.iter().any(|e| matches!(
+        e,
+        Event::Stopping {
+            reason: "pool handle dropped",
+            ..
+        }
+    )));
+    assert!(store.workers().unwrap().is_empty());
 }
