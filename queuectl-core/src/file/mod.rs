@@ -103,9 +103,10 @@ pub struct FileOptions {
     /// When records are forced to disk.
     pub durability: Durability,
     /// The journal is compacted into a new snapshot when it is larger than both this many
-    /// bytes and the snapshot. A compaction rewrites the state only after at least as many
-    /// bytes of operations were appended (O(1) amortised per operation), and opening never
-    /// reads more than about twice the state.
+    /// bytes and twice the snapshot. A compaction rewrites the state only after at least twice
+    /// as many bytes of operations were appended (O(1) amortised per operation, and half the
+    /// rewriting of a once-the-snapshot trigger), and opening reads at most about three times
+    /// the state.
     pub compact_min_bytes: u64,
     /// Fault injection for tests: not part of the stable API.
     #[doc(hidden)]
@@ -643,7 +644,8 @@ impl FileStorage {
     /// [`FileOptions::compact_min_bytes`]). Done by mutations only, before their append, so
     /// opening or reading a store never pays for it.
     fn compact_if_due(&self, replica: &mut Replica) -> Result<()> {
-        if replica.offset > replica.snapshot_len.max(self.options.compact_min_bytes) {
+        let outgrown = replica.snapshot_len.saturating_mul(2);
+        if replica.offset > outgrown.max(self.options.compact_min_bytes) {
             self.compact_replica(replica)?;
         }
         Ok(())
