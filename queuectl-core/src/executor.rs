@@ -55,6 +55,16 @@ impl Outcome {
         }
     }
 
+    /// An attempt stopped (or never started) because it was cancelled.
+    pub fn cancelled() -> Self {
+        Self {
+            status: Status::Cancelled,
+            exit_code: None,
+            duration: Duration::ZERO,
+            output: String::new(),
+        }
+    }
+
     /// Whether the attempt succeeded.
     pub fn is_success(&self) -> bool {
         self.status == Status::Succeeded
@@ -184,12 +194,7 @@ impl Executor for FnExecutor {
     fn execute(&self, job: &Job, cancel: &CancelSignal) -> Result<Outcome, ExecutorError> {
         // A closure cannot be interrupted, but one cancelled before it starts is not started.
         if cancel.is_cancelled() {
-            return Ok(Outcome {
-                status: Status::Cancelled,
-                exit_code: None,
-                duration: Duration::ZERO,
-                output: String::new(),
-            });
+            return Ok(Outcome::cancelled());
         }
         let started = Instant::now();
         let result = catch_unwind(AssertUnwindSafe(|| (self.run)(job)));

@@ -550,12 +550,7 @@ impl Finished {
     fn unstarted(job: Job) -> Self {
         Self {
             job,
-            outcome: Ok(Outcome {
-                status: Status::Cancelled,
-                exit_code: None,
-                duration: Duration::ZERO,
-                output: String::new(),
-            }),
+            outcome: Ok(Outcome::cancelled()),
         }
     }
 

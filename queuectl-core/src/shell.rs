@@ -258,12 +258,7 @@ impl ShellExecutor {
 impl Executor for ShellExecutor {
     fn execute(&self, job: &Job, cancel: &CancelSignal) -> Result<Outcome, ExecutorError> {
         if cancel.is_cancelled() {
-            return Ok(Outcome {
-                status: Status::Cancelled,
-                exit_code: None,
-                duration: Duration::ZERO,
-                output: String::new(),
-            });
+            return Ok(Outcome::cancelled());
         }
         Attempt::start(self, job)?.run(cancel)
     }
