@@ -1060,21 +1060,27 @@ mod tests {
         assert!(cause.to_string().contains("No such file"), "{cause}");
     }
 
-    /// The mechanism behind worker-death protection: closing the lifeline alone, with the
-    /// executor doing nothing else, kills the leader and its grandchildren.
-    #[test]
-    fn closing_the_lifeline_kills_the_whole_group() {
-        let exec = ShellExecutor::new();
+    /// Starts `command` (which must print the pid of a background grandchild on its first
+    /// line) as an attempt's leader; returns the leader, the lifeline and the grandchild's pid.
+    fn spawn_with_grandchild(command: &str) -> (std::process::Child, PipeWriter, i32) {
         let (output_read, output_write) = io::pipe().unwrap();
-        let (mut child, lifeline) = exec
-            .spawn(&job("sleep 30 & echo $!; wait"), output_write)
+        let (child, lifeline) = ShellExecutor::new()
+            .spawn(&job(command), output_write)
             .unwrap();
         let mut lines = BufReader::new(output_read);
-        let grandchild: i32 = within("the grandchild's pid", move || {
+        let grandchild = within("the grandchild's pid", move || {
             let mut line = String::new();
             lines.read_line(&mut line).unwrap();
             line.trim().parse().unwrap()
         });
+        (child, lifeline, grandchild)
+    }
+
+    /// The mechanism behind worker-death protection: closing the lifeline alone, with the
+    /// executor doing nothing else, kills the leader and its grandchildren.
+    #[test]
+    fn closing_the_lifeline_kills_the_whole_group() {
+        let (mut child, lifeline, grandchild) = spawn_with_grandchild("sleep 30 & echo $!; wait");
         assert!(is_running(grandchild));
         assert!(is_running(child.id() as i32));
 
@@ -1088,17 +1094,8 @@ mod tests {
     /// waits out the grace period, and it may die then too.
     #[test]
     fn the_watcher_outlives_sigterm() {
-        let exec = ShellExecutor::new();
-        let (output_read, output_write) = io::pipe().unwrap();
-        let (mut child, lifeline) = exec
-            .spawn(&job("trap '' TERM; sleep 30 & echo $!; wait"), output_write)
-            .unwrap();
-        let mut lines = BufReader::new(output_read);
-        let grandchild: i32 = within("the grandchild's pid", move || {
-            let mut line = String::new();
-            lines.read_line(&mut line).unwrap();
-            line.trim().parse().unwrap()
-        });
+        let (mut child, lifeline, grandchild) =
+            spawn_with_grandchild("trap '' TERM; sleep 30 & echo $!; wait");
         killpg(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
 
         drop(lifeline);

@@ -53,6 +53,31 @@ fn count_completed(events: &Receiver<Event>, n: usize) -> Vec<Event> {
     })
 }
 
+/// A pool running `executor` on one job (`command`, id `id`) allowed a single attempt.
+fn single_attempt_dies(
+    command: &str,
+    id: &str,
+    executor: Arc<dyn Executor>,
+) -> (Arc<MemoryStorage>, WorkerPool) {
+    let store = store();
+    store
+        .enqueue(NewJob::new(command).id(id).unwrap().max_retries(1), now())
+        .unwrap();
+    let pool = WorkerPool::builder(store.clone(), executor)
+        .start()
+        .unwrap();
+    (store, pool)
+}
+
+/// Waits for a job to die in `pool` and returns its error.
+fn dead_error(pool: &WorkerPool) -> String {
+    let events = events_until(pool.events(), |e| matches!(e, Event::Dead { .. }));
+    match events.last() {
+        Some(Event::Dead { error, .. }) => error.clone(),
+        other => panic!("expected a dead job, got {other:?}"),
+    }
+}
+
 /// An executor whose jobs block until the test lets them go, and which reports starts.
 #[derive(Debug)]
 struct Gate {
@@ -195,18 +220,11 @@ fn panicking_and_erroring_jobs_fail_without_killing_the_worker() {
             })
         }
     }
-    let store = store();
-    store
-        .enqueue(NewJob::new("x").id("a").unwrap().max_retries(1), now())
-        .unwrap();
-    let pool = WorkerPool::builder(store.clone(), Arc::new(Broken))
-        .start()
-        .unwrap();
-    let events = events_until(pool.events(), |e| matches!(e, Event::Dead { .. }));
-    let Some(Event::Dead { error, .. }) = events.last() else {
-        unreachable!()
-    };
-    assert_eq!(error, "could not start the command of job a: no such shell");
+    let (store, pool) = single_attempt_dies("x", "a", Arc::new(Broken));
+    assert_eq!(
+        dead_error(&pool),
+        "could not start the command of job a: no such shell"
+    );
 
     // The same pool goes on running jobs afterwards.
     enqueue(&store, "b");
@@ -659,21 +677,8 @@ fn a_panicking_executor_fails_the_attempt_and_the_pool_goes_on() {
             Ok(Outcome::succeeded(Duration::ZERO))
         }
     }
-    let store = store();
-    store
-        .enqueue(
-            NewJob::new("boom").id("boom").unwrap().max_retries(1),
-            now(),
-        )
-        .unwrap();
-    let pool = WorkerPool::builder(store.clone(), Arc::new(Panics))
-        .start()
-        .unwrap();
-    let events = events_until(pool.events(), |e| matches!(e, Event::Dead { .. }));
-    let Some(Event::Dead { error, .. }) = events.last() else {
-        unreachable!()
-    };
-    assert_eq!(error, "the executor panicked: executor bug");
+    let (store, pool) = single_attempt_dies("boom", "boom", Arc::new(Panics));
+    assert_eq!(dead_error(&pool), "the executor panicked: executor bug");
     enqueue(&store, "fine");
     count_completed(pool.events(), 1);
     within(move || pool.shutdown()).unwrap();
