@@ -12,7 +12,7 @@ use time::macros::datetime;
 
 use crate::config::ConfigError;
 use crate::error::StorageError;
-use crate::job::{Job, JobId, JobState, NewJob, Timestamp};
+use crate::job::{Attempt, AttemptOutcome, Job, JobId, JobState, MAX_OUTPUT, NewJob, Timestamp};
 use crate::storage::{AttemptReport, ListQuery, Settlement, Storage, StorageExt, WorkerInfo};
 
 /// A fresh store for one case.
@@ -26,9 +26,14 @@ pub trait Harness {
 
 /// Stamps out one `#[test]` per conformance case for a backend.
 ///
-/// `$make` is an expression building a fresh [`Harness`] for each case.
+/// `$make` is an expression building a fresh [`Harness`] for each case. A backend whose data
+/// outlives its handles passes `durable` too, for the cases about reopening.
 #[macro_export]
 macro_rules! storage_conformance {
+    ($make:expr, durable) => {
+        $crate::storage_conformance!($make);
+        $crate::storage_conformance!(@cases $make; everything_survives_a_reopen);
+    };
     ($make:expr) => {
         $crate::storage_conformance!(@cases $make;
             enqueue_and_get,
@@ -54,7 +59,12 @@ macro_rules! storage_conformance {
             config_round_trip,
             worker_registry_and_stop_request,
             waiters_wake_on_change,
-            everything_survives_a_reopen
+            every_attempt_is_recorded,
+            released_and_abandoned_attempts_are_recorded,
+            list_leaves_out_output_and_get_has_it,
+            output_is_capped_to_its_tail,
+            counts_follow_deletions_and_retries,
+            scheduled_jobs_are_claimed_once_due_whatever_their_priority
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {
@@ -94,6 +104,7 @@ fn ids(jobs: &[Job]) -> Vec<&str> {
 fn failed(message: &str) -> AttemptReport {
     AttemptReport {
         exit_code: Some(1),
+        signal: None,
         output: Some(format!("{message}\n")),
         error: Some(message.to_owned()),
     }
@@ -356,6 +367,7 @@ pub fn complete_records_the_result(h: &dyn Harness) {
     let lease = claim_one(&*store, at(1)).lease.unwrap();
     let report = AttemptReport {
         exit_code: Some(0),
+        signal: None,
         output: Some("hello\n".into()),
         error: None,
     };
@@ -745,12 +757,201 @@ pub fn waiters_wake_on_change(h: &dyn Harness) {
     assert_eq!(store.get(&id("wake")).unwrap().state, JobState::Pending);
 }
 
+/// Each attempt is in the job's history with what it produced; the running one is last.
+pub fn every_attempt_is_recorded(h: &dyn Harness) {
+    let store = h.store();
+    store.enqueue(job("a").max_retries(3), at(0)).unwrap();
+    assert!(store.attempts(&id("a")).unwrap().is_empty());
+    let first = claim_one(&*store, at(1));
+    let running = store.attempts(&id("a")).unwrap();
+    assert_eq!(running.len(), 1);
+    assert_eq!(
+        (running[0].number, running[0].outcome, running[0].worker.as_str()),
+        (1, AttemptOutcome::Running, "w1")
+    );
+    assert_eq!(
+        (running[0].started_at, running[0].finished_at),
+        (at(1), None)
+    );
+    let report = AttemptReport {
+        exit_code: None,
+        signal: Some(9),
+        output: Some("partial\n".into()),
+        error: Some("killed by signal 9".into()),
+    };
+    store
+        .fail(first.lease.as_ref().unwrap(), report, at(5), at(2))
+        .unwrap();
+    let second = claim_one(&*store, at(5));
+    assert_eq!(
+        store.get(&id("a")).unwrap().output,
+        None,
+        "a running attempt has no output yet"
+    );
+    let report = AttemptReport {
+        exit_code: Some(0),
+        signal: None,
+        output: Some("done\n".into()),
+        error: None,
+    };
+    store
+        .complete(second.lease.as_ref().unwrap(), report, at(7))
+        .unwrap();
+    let history = store.attempts(&id("a")).unwrap();
+    let expected = [
+        Attempt {
+            number: 1,
+            worker: "w1".into(),
+            started_at: at(1),
+            finished_at: Some(at(2)),
+            outcome: AttemptOutcome::Failed,
+            exit_code: None,
+            signal: Some(9),
+            error: Some("killed by signal 9".into()),
+            output: Some("partial\n".into()),
+        },
+        Attempt {
+            number: 2,
+            worker: "w1".into(),
+            started_at: at(5),
+            finished_at: Some(at(7)),
+            outcome: AttemptOutcome::Succeeded,
+            exit_code: Some(0),
+            signal: None,
+            error: None,
+            output: Some("done\n".into()),
+        },
+    ];
+    assert_eq!(history, expected);
+    let job = store.get(&id("a")).unwrap();
+    assert_eq!(job.output.as_deref(), Some("done\n"), "the last attempt's output");
+    assert_eq!(job.last_error.as_deref(), Some("killed by signal 9"));
+    assert!(matches!(
+        store.attempts(&id("missing")),
+        Err(StorageError::NotFound { .. })
+    ));
+}
+
+/// A released attempt is kept as released (and the next one has its number); an abandoned one
+/// names why.
+pub fn released_and_abandoned_attempts_are_recorded(h: &dyn Harness) {
+    let store = h.store();
+    store.enqueue(job("a"), at(0)).unwrap();
+    let lease = claim_one(&*store, at(1)).lease.unwrap();
+    store.release(&lease, at(2)).unwrap();
+    claim_one(&*store, at(3));
+    store.recover_expired(at(100)).unwrap();
+    claim_one(&*store, at(101));
+    store.recover_worker("w1", at(102)).unwrap();
+    let history = store.attempts(&id("a")).unwrap();
+    let summary: Vec<_> = history.iter().map(|a| (a.number, a.outcome)).collect();
+    assert_eq!(
+        summary,
+        [
+            (1, AttemptOutcome::Released),
+            (1, AttemptOutcome::Abandoned),
+            (2, AttemptOutcome::Abandoned),
+        ]
+    );
+    assert!(history[1].error.as_ref().unwrap().contains("lease expired"));
+    assert!(history[2].error.as_ref().unwrap().contains("worker died"));
+    assert_eq!(history[2].finished_at, Some(at(102)));
+}
+
+/// `list` leaves output out; `get` has the last attempt's.
+pub fn list_leaves_out_output_and_get_has_it(h: &dyn Harness) {
+    let store = h.store();
+    store.enqueue(job("a"), at(0)).unwrap();
+    let lease = claim_one(&*store, at(0)).lease.unwrap();
+    let report = AttemptReport {
+        output: Some("big output\n".into()),
+        ..AttemptReport::default()
+    };
+    store.complete(&lease, report, at(1)).unwrap();
+    let listed = store.list(&ListQuery::all()).unwrap();
+    assert_eq!(listed[0].output, None);
+    let got = store.get(&id("a")).unwrap();
+    assert_eq!(got.output.as_deref(), Some("big output\n"));
+    assert_eq!(Job { output: None, ..got }, listed[0]);
+}
+
+/// Output over [`MAX_OUTPUT`] is cut to its tail, at a character boundary.
+pub fn output_is_capped_to_its_tail(h: &dyn Harness) {
+    let store = h.store();
+    store.enqueue(job("a"), at(0)).unwrap();
+    let lease = claim_one(&*store, at(0)).lease.unwrap();
+    // A two-byte character straddles the cut.
+    let output = format!("{}é{}", "x".repeat(10), "y".repeat(MAX_OUTPUT - 1));
+    let report = AttemptReport {
+        output: Some(output),
+        ..AttemptReport::default()
+    };
+    let done = store.complete(&lease, report, at(1)).unwrap();
+    let kept = store.get(&id("a")).unwrap().output.unwrap();
+    assert_eq!(kept.len(), MAX_OUTPUT - 1);
+    assert!(kept.bytes().all(|b| b == b'y'));
+    assert_eq!(done.output.as_deref(), Some(kept.as_str()));
+}
+
+/// `counts` stays right through deletions, retries and recoveries.
+pub fn counts_follow_deletions_and_retries(h: &dyn Harness) {
+    let store = h.store();
+    let batch = (0..6).map(|i| job(&format!("j{i}")).max_retries(1)).collect();
+    store.enqueue_batch(batch, at(0)).unwrap();
+    let claimed = store.claim("w", 6, LEASE, at(0)).unwrap();
+    for (i, job) in claimed.iter().enumerate() {
+        let lease = job.lease.as_ref().unwrap();
+        match i {
+            0 | 1 => store.complete(lease, AttemptReport::default(), at(1)).map(drop),
+            2..=4 => store.fail(lease, failed("x"), at(9), at(1)).map(drop),
+            _ => Ok(()),
+        }
+        .unwrap();
+    }
+    let expect = |store: &dyn Storage, want: [usize; 5]| {
+        let c = store.counts().unwrap();
+        assert_eq!(
+            [c.pending, c.processing, c.completed, c.failed, c.dead],
+            want
+        );
+        let listed: Vec<usize> = JobState::ALL
+            .iter()
+            .map(|&s| store.list(&ListQuery::state(s)).unwrap().len())
+            .collect();
+        assert_eq!(listed, want, "counts agree with the jobs");
+    };
+    expect(&*store, [0, 1, 2, 0, 3]);
+    store.retry_dead(Some(&[id("j2")]), at(2)).unwrap();
+    expect(&*store, [1, 1, 2, 0, 2]);
+    assert_eq!(store.clear_dead().unwrap(), 2);
+    expect(&*store, [1, 1, 2, 0, 0]);
+    assert_eq!(store.purge_completed(at(5)).unwrap(), 2);
+    expect(&*store, [1, 1, 0, 0, 0]);
+    // j5 used its only attempt: dead.
+    store.recover_expired(at(100)).unwrap();
+    expect(&*store, [1, 0, 0, 0, 1]);
+}
+
+/// Jobs scheduled for later, of any priority, do not hide due ones, and are claimed once due.
+pub fn scheduled_jobs_are_claimed_once_due_whatever_their_priority(h: &dyn Harness) {
+    let store = h.store();
+    let later = (0..50).map(|i| job(&format!("later{i}")).priority(5).run_at(at(100)));
+    let mut batch: Vec<NewJob> = later.collect();
+    batch.push(job("now").priority(1));
+    store.enqueue_batch(batch, at(0)).unwrap();
+    assert_eq!(ids(&store.claim("w", 10, LEASE, at(1)).unwrap()), ["now"]);
+    assert!(store.claim("w", 10, LEASE, at(99)).unwrap().is_empty());
+    store.enqueue(job("low").priority(-5), at(99)).unwrap();
+    let claimed = store.claim("w", 60, LEASE, at(100)).unwrap();
+    assert_eq!(claimed.len(), 51);
+    assert_eq!(claimed[0].id.as_str(), "later0");
+    assert_eq!(claimed[50].id.as_str(), "low");
+}
+
 /// Every kind of change is visible through a newly opened handle (durable backends).
 pub fn everything_survives_a_reopen(h: &dyn Harness) {
     let store = h.store();
-    if h.reopen().is_none() {
-        return; // not a durable backend
-    }
+    assert!(h.reopen().is_some(), "a durable backend opens a second handle");
     store
         .enqueue_batch(
             vec![
@@ -806,6 +1007,14 @@ pub fn everything_survives_a_reopen(h: &dyn Harness) {
     let reopened = h.reopen().unwrap();
     let all = ListQuery::all();
     assert_eq!(reopened.list(&all).unwrap(), store.list(&all).unwrap());
+    for job in store.list(&all).unwrap() {
+        assert_eq!(reopened.get(&job.id).unwrap(), store.get(&job.id).unwrap());
+        assert_eq!(
+            reopened.attempts(&job.id).unwrap(),
+            store.attempts(&job.id).unwrap()
+        );
+    }
+    assert_eq!(reopened.attempts(&id("fails")).unwrap().len(), 1);
     assert_eq!(reopened.counts().unwrap(), store.counts().unwrap());
     assert_eq!(reopened.config().unwrap(), store.config().unwrap());
     assert_eq!(reopened.workers().unwrap(), store.workers().unwrap());

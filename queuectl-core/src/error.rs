@@ -65,32 +65,72 @@ pub enum StorageError {
         /// The underlying error.
         source: io::Error,
     },
-    /// A record failed its integrity check.
-    #[error("corrupt record in {} at byte offset {offset}: {reason}", path.display())]
+    /// The store's data failed an integrity check.
+    #[error("{} is corrupt: {reason}", path.display())]
     Corrupt {
         /// The damaged file.
         path: PathBuf,
-        /// Where the damaged record starts.
-        offset: u64,
         /// What is wrong with it.
         reason: String,
     },
     /// The store's format is not one this version reads.
-    #[error("{} has format version {found}; this version of queuectl reads version {supported}", path.display())]
+    #[error("{} has format version {found}; this version of queuectl reads versions up to {supported}", path.display())]
     UnsupportedFormat {
         /// The store file.
         path: PathBuf,
         /// The version found.
         found: u32,
-        /// The version supported.
+        /// The newest version supported.
         supported: u32,
     },
-    /// An earlier write failed, so what is on disk is unknown; the store refuses writes until
-    /// it is reopened.
+    /// An earlier failure left the handle unable to go on; it refuses everything until the
+    /// store is reopened.
     #[error("store at {} refuses writes after an earlier failure; reopen it", path.display())]
     Poisoned {
         /// The store directory.
         path: PathBuf,
+    },
+    /// The directory is neither empty nor a queue store, so it is not used (and nothing in it
+    /// was touched).
+    #[error("{} is not a queuectl store: {reason}; choose an empty or new directory", path.display())]
+    NotAStore {
+        /// The directory.
+        path: PathBuf,
+        /// What was found there.
+        reason: String,
+    },
+    /// There is no store at this path yet (and the operation does not create one).
+    #[error("there is no queue at {} yet", path.display())]
+    NoStore {
+        /// The store directory.
+        path: PathBuf,
+    },
+    /// The database file was deleted or replaced while this handle had it open: what it would
+    /// write no other process would see, so it refuses everything from then on.
+    #[error("the database {} was deleted or replaced while in use; restart to use the new one", path.display())]
+    StoreMoved {
+        /// The database file.
+        path: PathBuf,
+    },
+    /// The store was opened read-only (or its files cannot be written), so it cannot change.
+    #[error("cannot {op}: the store at {} is open read-only", path.display())]
+    ReadOnly {
+        /// What was refused.
+        op: &'static str,
+        /// The store directory.
+        path: PathBuf,
+    },
+    /// The database failed, with what was being done and the cause in words.
+    #[error("could not {op} in {}: {fault}", path.display())]
+    Database {
+        /// What was being done.
+        op: &'static str,
+        /// The database file.
+        path: PathBuf,
+        /// The cause, in words.
+        fault: DatabaseFault,
+        /// The database's own error.
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
     },
     /// An error from a database or another backend, with what was being done.
     #[error("{op} failed")]
@@ -102,7 +142,56 @@ pub enum StorageError {
     },
 }
 
+/// What went wrong in a database, in words a user can act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DatabaseFault {
+    /// No space left on the device.
+    DiskFull,
+    /// The database file is damaged or not a database.
+    Corrupt,
+    /// Another process held the database locked for longer than the busy timeout.
+    Busy,
+    /// The database or its directory cannot be written.
+    ReadOnly,
+    /// The database file cannot be opened.
+    CannotOpen,
+    /// The operating system reported an I/O error.
+    Io,
+    /// Anything else (the database's own message follows).
+    Other,
+}
+
+impl std::fmt::Display for DatabaseFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DatabaseFault::DiskFull => "the disk is full (nothing was changed; free some space and try again)",
+            DatabaseFault::Corrupt => "the database is corrupt (`queuectl check` says what it finds; restore the store from a backup)",
+            DatabaseFault::Busy => "another process kept the store locked for too long (try again)",
+            DatabaseFault::ReadOnly => "the database cannot be written (check the permissions of the store directory and its files)",
+            DatabaseFault::CannotOpen => "the database file cannot be opened (check that the directory exists and is accessible)",
+            DatabaseFault::Io => "the operating system reported an I/O error",
+            DatabaseFault::Other => "the database reported an error",
+        })
+    }
+}
+
 impl StorageError {
+    /// Whether the handle that returned this error can do nothing more (the store must be
+    /// reopened): a pool stops at once instead of retrying.
+    pub fn is_fatal(&self) -> bool {
+        matches!(
+            self,
+            StorageError::Poisoned { .. }
+                | StorageError::StoreMoved { .. }
+                | StorageError::Corrupt { .. }
+                | StorageError::Database {
+                    fault: DatabaseFault::Corrupt,
+                    ..
+                }
+        )
+    }
+
     /// Whether this is a refusal of the request (the store is fine and unchanged) rather than
     /// a failure of the medium.
     pub fn is_refusal(&self) -> bool {

@@ -249,6 +249,102 @@ impl Job {
     }
 }
 
+/// How an attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttemptOutcome {
+    /// Still running: the job is `processing` under this attempt's lease.
+    Running,
+    /// It succeeded.
+    Succeeded,
+    /// It failed (the job waits out its backoff, or is dead).
+    Failed,
+    /// Its worker vanished (the lease expired, or the worker was found dead): it counts as a
+    /// used attempt.
+    Abandoned,
+    /// A forced shutdown handed the job back before the attempt finished: it is not charged.
+    Released,
+}
+
+impl AttemptOutcome {
+    /// Every outcome.
+    pub const ALL: [AttemptOutcome; 5] = [
+        AttemptOutcome::Running,
+        AttemptOutcome::Succeeded,
+        AttemptOutcome::Failed,
+        AttemptOutcome::Abandoned,
+        AttemptOutcome::Released,
+    ];
+
+    /// The lowercase name used in JSON and in the stores.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptOutcome::Running => "running",
+            AttemptOutcome::Succeeded => "succeeded",
+            AttemptOutcome::Failed => "failed",
+            AttemptOutcome::Abandoned => "abandoned",
+            AttemptOutcome::Released => "released",
+        }
+    }
+}
+
+impl fmt::Display for AttemptOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for AttemptOutcome {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        AttemptOutcome::ALL
+            .into_iter()
+            .find(|outcome| outcome.as_str() == s)
+            .ok_or_else(|| format!("unknown attempt outcome {s:?}"))
+    }
+}
+
+/// One attempt at running a job, as the store's history keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attempt {
+    /// Which attempt of the job this was (1 for the first). A released attempt is not charged,
+    /// so the next one has the same number.
+    pub number: u32,
+    /// The worker that ran it.
+    pub worker: String,
+    /// When it was claimed.
+    #[serde(with = "time::serde::rfc3339")]
+    pub started_at: Timestamp,
+    /// When it ended (`None` while running).
+    #[serde(with = "time::serde::rfc3339::option", default)]
+    pub finished_at: Option<Timestamp>,
+    /// How it ended.
+    pub outcome: AttemptOutcome,
+    /// The exit code, when the command exited.
+    pub exit_code: Option<i32>,
+    /// The signal that ended the command, when one did.
+    pub signal: Option<i32>,
+    /// Why it failed or was abandoned.
+    pub error: Option<String>,
+    /// The tail of its output (at most [`MAX_OUTPUT`] bytes).
+    pub output: Option<String>,
+}
+
+/// The most output kept per attempt, whatever the `output-limit` setting says: 16 MiB.
+pub const MAX_OUTPUT: usize = 16 * 1024 * 1024;
+
+/// `text` cut to its last `limit` bytes, at a character boundary.
+pub(crate) fn tail(mut text: String, limit: usize) -> String {
+    if text.len() > limit {
+        let mut start = text.len() - limit;
+        while !text.is_char_boundary(start) {
+            start += 1;
+        }
+        text.drain(..start);
+    }
+    text
+}
+
 /// Serde for `Option<Duration>` as fractional seconds.
 mod opt_secs {
     use serde::{Deserialize, Deserializer, Serializer};

@@ -33,6 +33,7 @@ pub mod file;
 pub mod job;
 mod memory;
 pub mod pool;
+mod rules;
 pub mod shell;
 pub mod spec;
 mod state;
@@ -40,11 +41,14 @@ pub mod storage;
 
 pub use backoff::{BackoffPolicy, Exponential, Fixed};
 pub use config::{Config, ConfigError};
-pub use error::{Result, StorageError};
+pub use error::{DatabaseFault, Result, StorageError};
 pub use executor::{CancelSignal, Executor, ExecutorError, FnExecutor, Outcome, Status};
 
-pub use file::{Durability, FileOptions, FileStorage, RecoveryWarning};
-pub use job::{InvalidJob, Job, JobId, JobState, Lease, NewJob, Timestamp, now};
+pub use file::{CheckReport, FileOptions, FileStorage, ImportReport};
+pub use job::{
+    Attempt, AttemptOutcome, InvalidJob, Job, JobId, JobState, Lease, MAX_OUTPUT, NewJob, Timestamp,
+    now,
+};
 pub use memory::MemoryStorage;
 pub use pool::{Event, PoolError, Stopper, Summary, WorkerPool, WorkerPoolBuilder};
 

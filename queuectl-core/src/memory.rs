@@ -6,7 +6,7 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::config::{Config, ConfigError};
 use crate::error::Result;
-use crate::job::{Job, JobId, Lease, NewJob, Timestamp};
+use crate::job::{Attempt, Job, JobId, Lease, NewJob, Timestamp};
 use crate::state::QueueState;
 use crate::storage::{ListQuery, Settlement, StateCounts, Storage, WorkerInfo};
 
@@ -99,6 +99,10 @@ impl Storage for MemoryStorage {
 
     fn get(&self, id: &JobId) -> Result<Job> {
         self.read(|s| s.get(id))
+    }
+
+    fn attempts(&self, id: &JobId) -> Result<Vec<Attempt>> {
+        self.read(|s| s.attempts(id))
     }
 
     fn list(&self, query: &ListQuery) -> Result<Vec<Job>> {

@@ -1023,7 +1023,7 @@ impl Dispatcher {
             Err(error) => {
                 self.storage_error("recording job results", &error);
                 self.settle_failures += 1;
-                let poisoned = matches!(error, StorageError::Poisoned { .. });
+                let poisoned = error.is_fatal();
                 if poisoned || self.settle_failures >= MAX_SETTLE_FAILURES {
                     // Results cannot be recorded: stop. The leases expire and the jobs run
                     // again elsewhere.
@@ -1119,6 +1119,7 @@ impl Dispatcher {
             Ok(outcome) => (
                 AttemptReport {
                     exit_code: outcome.exit_code,
+                    signal: None,
                     output: (!outcome.output.is_empty()).then(|| outcome.output.clone()),
                     error: outcome.error_message(),
                 },
@@ -1127,6 +1128,7 @@ impl Dispatcher {
             Err(error) => (
                 AttemptReport {
                     exit_code: None,
+                    signal: None,
                     output: None,
                     error: Some(error.clone()),
                 },
@@ -1262,7 +1264,7 @@ impl Dispatcher {
     /// a poisoned store ends the pool.
     fn tolerate(&mut self, op: &'static str, error: StorageError) {
         self.storage_error(op, &error);
-        if matches!(error, StorageError::Poisoned { .. }) {
+        if error.is_fatal() {
             self.fatal
                 .get_or_insert(PoolError::Storage { op, source: error });
         }

@@ -1,39 +1,18 @@
-//! The job state machine shared by the in-memory and file backends.
+//! The in-memory queue behind `MemoryStorage`.
 //!
-//! `QueueState` holds every job plus ordered indexes, and implements each transition of the
-//! [`Storage`](crate::Storage) contract once. `MemoryStorage` wraps it in a mutex;
-//! `FileStorage` keeps a replica of it that it rebuilds from its journal, and persists the
-//! [`Change`]s each transition records. Replaying changes never re-runs transition logic, so
-//! the on-disk format does not depend on it.
+//! `QueueState` holds every job, its attempt history and the ordered indexes that make claiming
+//! O(log n). It selects the jobs each transition applies to; what the transition does to a job
+//! is a rule of [`crate::rules`], shared with the SQLite store.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
 use crate::config::{Config, ConfigError};
 use crate::error::{Result, StorageError};
-use crate::job::{Job, JobId, JobState, Lease, NewJob, Timestamp, later, random_u64};
-use crate::storage::{AttemptReport, ListQuery, Settlement, StateCounts, WorkerInfo};
-
-/// One change to the state, as persisted by durable backends.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-// Externally tagged (`{"put":{"job":…}}`): serde decodes it without buffering, which is most
-// of the time it takes to open a large store.
-#[serde(rename_all = "snake_case")]
-pub(crate) enum Change {
-    /// Insert or replace a job.
-    Put { job: Job },
-    /// Delete a job.
-    Remove { id: JobId },
-    /// Replace the settings.
-    Config { config: Config },
-    /// Insert or replace a worker.
-    PutWorker { worker: WorkerInfo },
-    /// Delete a worker.
-    RemoveWorker { id: String },
-}
+use crate::job::{Attempt, Job, JobId, JobState, Lease, NewJob, Timestamp};
+use crate::rules::{self, Abandoned};
+use crate::storage::{ListQuery, Settlement, StateCounts, WorkerInfo};
 
 type ReadyKey = (Reverse<i32>, Timestamp, u64);
 
@@ -44,13 +23,12 @@ pub(crate) struct QueueState {
     jobs: BTreeMap<u64, Job>,
     /// Job id → sequence number.
     ids: HashMap<JobId, u64>,
+    /// Finished attempts by job sequence number, oldest first.
+    history: HashMap<u64, Vec<Attempt>>,
     index: Index,
     next_seq: u64,
     config: Config,
     workers: BTreeMap<String, WorkerInfo>,
-    /// Whether transitions record their changes (durable backends).
-    record: bool,
-    changes: Vec<Change>,
     /// Counts changes of any kind; unchanged by operations that change nothing.
     revision: u64,
 }
@@ -91,74 +69,19 @@ impl Index {
 }
 
 impl QueueState {
-    /// An empty state; `record` makes transitions record [`Change`]s for `take_changes`.
-    pub(crate) fn new(record: bool) -> Self {
-        Self {
-            record,
-            ..Self::default()
-        }
-    }
-
     /// A number that changes exactly when the state does.
     pub(crate) fn revision(&self) -> u64 {
         self.revision
     }
 
-    /// The changes recorded since the last call.
-    pub(crate) fn take_changes(&mut self) -> Vec<Change> {
-        std::mem::take(&mut self.changes)
-    }
-
-    /// Applies a persisted change (replay). Never records.
-    pub(crate) fn apply(&mut self, change: Change) {
-        match change {
-            Change::Put { job } => self.insert(job),
-            Change::Remove { id } => {
-                if let Some(&seq) = self.ids.get(&id) {
-                    self.delete(seq);
-                }
-            }
-            Change::Config { config } => self.config = config,
-            Change::PutWorker { worker } => {
-                self.workers.insert(worker.id.clone(), worker);
-            }
-            Change::RemoveWorker { id } => {
-                self.workers.remove(&id);
-            }
-        }
-    }
-
-    /// Every change needed to rebuild this state from nothing (a snapshot).
-    pub(crate) fn snapshot(&self) -> Vec<Change> {
-        let mut changes = Vec::with_capacity(self.jobs.len() + self.workers.len() + 1);
-        changes.push(Change::Config {
-            config: self.config.clone(),
-        });
-        for job in self.jobs.values() {
-            changes.push(Change::Put { job: job.clone() });
-        }
-        for worker in self.workers.values() {
-            changes.push(Change::PutWorker {
-                worker: worker.clone(),
-            });
-        }
-        changes
-    }
-
     // ----- storage of jobs -----
 
-    fn record(&mut self, change: impl FnOnce() -> Change) {
+    fn touch(&mut self) {
         self.revision += 1;
-        if self.record {
-            self.changes.push(change());
-        }
     }
 
-    /// Inserts a job, replacing any job with the same id (replay), without recording.
+    /// Inserts a new job.
     fn insert(&mut self, job: Job) {
-        if let Some(&old) = self.ids.get(&job.id) {
-            self.delete(old);
-        }
         self.revision += 1;
         self.next_seq = self.next_seq.max(job.seq + 1);
         self.index.insert(&job);
@@ -166,37 +89,33 @@ impl QueueState {
         self.jobs.insert(job.seq, job);
     }
 
-    /// Deletes the job with sequence number `seq`, without recording.
-    fn delete(&mut self, seq: u64) -> Option<Job> {
-        let job = self.jobs.remove(&seq)?;
-        self.revision += 1;
-        self.ids.remove(&job.id);
-        self.index.remove(&job);
-        Some(job)
-    }
-
-    /// Deletes a job and records it.
+    /// Deletes the job with sequence number `seq` and its history.
     fn remove(&mut self, seq: u64) {
-        if let Some(job) = self.delete(seq) {
-            self.record(|| Change::Remove { id: job.id });
+        if let Some(job) = self.jobs.remove(&seq) {
+            self.revision += 1;
+            self.ids.remove(&job.id);
+            self.history.remove(&seq);
+            self.index.remove(&job);
         }
     }
 
-    /// Changes the job with sequence number `seq` in place (never its id or seq), keeps the
-    /// indexes in step and records the result.
-    fn update(&mut self, seq: u64, change: impl FnOnce(&mut Job)) -> &Job {
+    /// Changes the job with sequence number `seq` in place (never its id or seq) and keeps the
+    /// indexes in step.
+    fn update<T>(&mut self, seq: u64, change: impl FnOnce(&mut Job) -> T) -> (&Job, T) {
         let job = self
             .jobs
             .get_mut(&seq)
             .expect("the indexes only hold sequence numbers of stored jobs");
         self.index.remove(job);
-        change(job);
+        let out = change(job);
         self.index.insert(job);
         self.revision += 1;
-        if self.record {
-            self.changes.push(Change::Put { job: job.clone() });
-        }
-        job
+        (job, out)
+    }
+
+    /// Adds a finished attempt to the job's history.
+    fn remember(&mut self, seq: u64, attempt: Attempt) {
+        self.history.entry(seq).or_default().push(attempt);
     }
 
     /// Moves runnable jobs due at `now` from `scheduled` to `ready`.
@@ -216,14 +135,10 @@ impl QueueState {
         self.ids
             .get(&lease.job_id)
             .copied()
-            .filter(|seq| {
-                let job = &self.jobs[seq];
-                job.state == JobState::Processing
-                    && job.lease.as_ref().is_some_and(|l| l.token == lease.token)
-            })
             .ok_or_else(|| StorageError::LeaseLost {
                 id: lease.job_id.clone(),
             })
+            .and_then(|seq| rules::check_lease(&self.jobs[&seq], lease).map(|()| seq))
     }
 
     fn seq_of(&self, id: &JobId) -> Result<u64> {
@@ -248,30 +163,7 @@ impl QueueState {
         }
         let mut created = Vec::with_capacity(prepared.len());
         for (id, new) in prepared {
-            let job = Job {
-                id,
-                command: new.command,
-                state: JobState::Pending,
-                attempts: 0,
-                max_retries: new.max_retries.unwrap_or(self.config.max_retries),
-                created_at: now,
-                updated_at: now,
-                priority: new.priority,
-                run_at: new.run_at.unwrap_or(now),
-                timeout: match new.timeout {
-                    Some(limit) if limit.is_zero() => None,
-                    Some(limit) => Some(limit),
-                    None => self.config.job_timeout(),
-                },
-                last_error: None,
-                exit_code: None,
-                output: None,
-                started_at: None,
-                finished_at: None,
-                lease: None,
-                seq: self.next_seq,
-            };
-            self.record(|| Change::Put { job: job.clone() });
+            let job = rules::new_job(new, id, self.next_seq, &self.config, now);
             self.insert(job.clone());
             created.push(job);
         }
@@ -300,20 +192,9 @@ impl QueueState {
         picked
             .into_iter()
             .map(|seq| {
-                self.update(seq, |job| {
-                    job.state = JobState::Processing;
-                    job.attempts = job.attempts.saturating_add(1);
-                    job.started_at = Some(now);
-                    job.finished_at = None;
-                    job.updated_at = now;
-                    job.lease = Some(Lease {
-                        job_id: job.id.clone(),
-                        worker: worker.to_owned(),
-                        token: random_u64(),
-                        expires_at: later(now, lease_for),
-                    });
-                })
-                .clone()
+                self.update(seq, |job| rules::claim(job, worker, lease_for, now))
+                    .0
+                    .clone()
             })
             .collect()
     }
@@ -328,11 +209,7 @@ impl QueueState {
         for lease in leases {
             match self.leased(lease) {
                 Ok(seq) => {
-                    self.update(seq, |job| {
-                        if let Some(l) = job.lease.as_mut() {
-                            l.expires_at = later(now, lease_for);
-                        }
-                    });
+                    self.update(seq, |job| rules::extend_lease(job, lease_for, now));
                 }
                 Err(_) => lost.push(lease.job_id.clone()),
             }
@@ -365,41 +242,10 @@ impl QueueState {
 
     fn settle_one(&mut self, settlement: Settlement, now: Timestamp) -> Result<Job> {
         let seq = self.leased(settlement.lease())?;
-        let record = |job: &mut Job, report: AttemptReport| {
-            job.finished_at = Some(now);
-            job.exit_code = report.exit_code;
-            job.output = report.output;
-            if report.error.is_some() {
-                job.last_error = report.error;
-            }
-        };
-        let job = self.update(seq, |job| {
-            job.lease = None;
-            job.updated_at = now;
-            match settlement {
-                Settlement::Complete { report, .. } => {
-                    record(job, report);
-                    job.state = JobState::Completed;
-                }
-                Settlement::Fail {
-                    report, retry_at, ..
-                } => {
-                    record(job, report);
-                    if job.attempts >= job.max_retries {
-                        job.state = JobState::Dead;
-                    } else {
-                        job.state = JobState::Failed;
-                        job.run_at = retry_at;
-                    }
-                }
-                Settlement::Release { .. } => {
-                    job.state = JobState::Pending;
-                    job.attempts = job.attempts.saturating_sub(1);
-                    job.run_at = job.run_at.min(now);
-                }
-            }
-        });
-        Ok(job.clone())
+        let (job, attempt) = self.update(seq, |job| rules::settle(job, &settlement, now));
+        let job = job.clone();
+        self.remember(seq, attempt);
+        Ok(job)
     }
 
     pub(crate) fn recover_expired(&mut self, now: Timestamp) -> Vec<Job> {
@@ -412,7 +258,7 @@ impl QueueState {
         }
         expired
             .into_iter()
-            .map(|seq| self.recover(seq, "its lease expired", now))
+            .map(|seq| self.recover(seq, Abandoned::LeaseExpired, now))
             .collect()
     }
 
@@ -431,31 +277,27 @@ impl QueueState {
             .collect();
         owned
             .into_iter()
-            .map(|seq| self.recover(seq, "its worker died", now))
+            .map(|seq| self.recover(seq, Abandoned::WorkerDied, now))
             .collect()
     }
 
-    fn recover(&mut self, seq: u64, why: &str, now: Timestamp) -> Job {
-        self.update(seq, |job| {
-            let worker = job.lease.take().map(|l| l.worker).unwrap_or_default();
-            job.last_error = Some(format!(
-                "attempt {} abandoned: {why} (worker {worker})",
-                job.attempts
-            ));
-            job.state = if job.attempts >= job.max_retries {
-                JobState::Dead
-            } else {
-                JobState::Pending
-            };
-            job.run_at = now;
-            job.finished_at = Some(now);
-            job.updated_at = now;
-        })
-        .clone()
+    fn recover(&mut self, seq: u64, why: Abandoned, now: Timestamp) -> Job {
+        let (job, attempt) = self.update(seq, |job| rules::recover(job, why, now));
+        let job = job.clone();
+        self.remember(seq, attempt);
+        job
     }
 
     pub(crate) fn get(&self, id: &JobId) -> Result<Job> {
         Ok(self.jobs[&self.seq_of(id)?].clone())
+    }
+
+    /// The job's attempts: finished ones oldest first, then the running one.
+    pub(crate) fn attempts(&self, id: &JobId) -> Result<Vec<Attempt>> {
+        let seq = self.seq_of(id)?;
+        let mut attempts = self.history.get(&seq).cloned().unwrap_or_default();
+        attempts.extend(rules::running_attempt(&self.jobs[&seq]));
+        Ok(attempts)
     }
 
     pub(crate) fn list(&self, query: &ListQuery) -> Vec<Job> {
@@ -464,7 +306,10 @@ impl QueueState {
             .filter(|job| query.state.is_none_or(|s| job.state == s))
             .skip(query.offset)
             .take(query.limit.unwrap_or(usize::MAX))
-            .cloned()
+            .map(|job| Job {
+                output: None,
+                ..job.clone()
+            })
             .collect()
     }
 
@@ -494,14 +339,7 @@ impl QueueState {
                 let mut seqs = Vec::with_capacity(ids.len());
                 for id in ids {
                     let seq = self.seq_of(id)?;
-                    let state = self.jobs[&seq].state;
-                    if state != JobState::Dead {
-                        return Err(StorageError::InvalidState {
-                            id: id.clone(),
-                            state,
-                            op: "retry",
-                        });
-                    }
+                    rules::check_retry(&self.jobs[&seq])?;
                     seqs.push(seq);
                 }
                 seqs
@@ -513,12 +351,7 @@ impl QueueState {
             if self.jobs[&seq].state != JobState::Dead {
                 continue; // named twice in `ids`
             }
-            let job = self.update(seq, |job| {
-                job.state = JobState::Pending;
-                job.attempts = 0;
-                job.run_at = now;
-                job.updated_at = now;
-            });
+            let (job, ()) = self.update(seq, |job| rules::retry(job, now));
             retried.push(job.clone());
         }
         Ok(retried)
@@ -544,10 +377,7 @@ impl QueueState {
         let old: Vec<u64> = self
             .jobs
             .values()
-            .filter(|job| {
-                job.state == JobState::Completed
-                    && job.finished_at.unwrap_or(job.updated_at) < finished_before
-            })
+            .filter(|job| rules::is_purgeable(job, finished_before))
             .map(|job| job.seq)
             .collect();
         for &seq in &old {
@@ -568,17 +398,13 @@ impl QueueState {
         update(&mut config)?;
         if config != self.config {
             self.config = config.clone();
-            self.record(|| Change::Config {
-                config: config.clone(),
-            });
+            self.touch();
         }
         Ok(config)
     }
 
     pub(crate) fn register_worker(&mut self, worker: WorkerInfo) {
-        self.record(|| Change::PutWorker {
-            worker: worker.clone(),
-        });
+        self.touch();
         self.workers.insert(worker.id.clone(), worker);
     }
 
@@ -589,14 +415,13 @@ impl QueueState {
             .ok_or_else(|| StorageError::UnknownWorker { id: id.to_owned() })?;
         worker.last_seen = now;
         let stop = worker.stop_requested;
-        let worker = worker.clone();
-        self.record(|| Change::PutWorker { worker });
+        self.touch();
         Ok(stop)
     }
 
     pub(crate) fn deregister_worker(&mut self, id: &str) {
         if self.workers.remove(id).is_some() {
-            self.record(|| Change::RemoveWorker { id: id.to_owned() });
+            self.touch();
         }
     }
 

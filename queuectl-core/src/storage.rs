@@ -7,14 +7,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, ConfigError};
 use crate::error::{Result, StorageError};
-use crate::job::{Job, JobId, JobState, Lease, NewJob, Timestamp};
+use crate::job::{Attempt, Job, JobId, JobState, Lease, NewJob, Timestamp};
 
 /// What happened in an attempt, recorded on the job.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AttemptReport {
     /// Exit code, if the command exited.
     pub exit_code: Option<i32>,
-    /// Captured output (already capped by the executor).
+    /// The signal that ended the command, if one did.
+    pub signal: Option<i32>,
+    /// Captured output (already capped by the executor; stores keep at most
+    /// [`MAX_OUTPUT`](crate::job::MAX_OUTPUT) bytes of its tail).
     pub output: Option<String>,
     /// Why it failed (`None` on success).
     pub error: Option<String>,
@@ -224,10 +227,16 @@ pub trait Storage: Send + Sync + Debug {
     /// Recovers, as if their leases had expired, all jobs leased by `worker` (known to be dead).
     fn recover_worker(&self, worker: &str, now: Timestamp) -> Result<Vec<Job>>;
 
-    /// The job with this id.
+    /// The job with this id, with the output of its last finished attempt (`None` while an
+    /// attempt runs).
     fn get(&self, id: &JobId) -> Result<Job>;
 
-    /// Jobs matching `query`, in enqueue order.
+    /// The job's attempts: the finished ones oldest first, then the running one (if it is
+    /// `processing`). An unknown job is [`StorageError::NotFound`].
+    fn attempts(&self, id: &JobId) -> Result<Vec<Attempt>>;
+
+    /// Jobs matching `query`, in enqueue order, without their output (`output` is `None`:
+    /// [`Storage::get`] and [`Storage::attempts`] have it), so listing stays cheap.
     fn list(&self, query: &ListQuery) -> Result<Vec<Job>>;
 
     /// How many jobs are in each state.

@@ -1,171 +1,139 @@
-//! `FileStorage`: the durable embedded default.
+//! `FileStorage`: the durable embedded default, one SQLite database in a directory.
 //!
-//! A store is a directory of three files (the format is documented in `docs/file-format.md`):
+//! The directory holds `queuectl.db` (and, while it is open, SQLite's `queuectl.db-wal` and
+//! `queuectl.db-shm`); the schema is documented in `docs/schema.md`. The database runs in WAL
+//! mode with `synchronous=FULL`, so a method that returned `Ok` has its change on disk, and
+//! readers never wait for writers.
 //!
-//! - `journal`: one framed, checksummed record per mutating operation, appended and fsynced
-//!   before the operation returns;
-//! - `snapshot`: the whole state as of the start of the journal's generation, rewritten by
-//!   compaction (temp file, fsync, rename, directory fsync);
-//! - `lock`: the file every write locks exclusively, and every read that must catch up locks
-//!   shared (it is never replaced, unlike the other two, so every process always locks the
-//!   same inode).
-//!
-//! Each handle keeps a replica of the state (the job state machine shared with
-//! [`MemoryStorage`](crate::MemoryStorage)) and catches up with other handles and processes by
-//! reading only the journal bytes past the offset it last reached. A mutation takes the
-//! exclusive lock, catches up, runs the transition on the replica, and appends the changes the
-//! transition recorded as one record, so it costs one `write` and one `fdatasync` whatever the
-//! size of the store.
+//! Every [`Storage`] method is one transaction (`BEGIN IMMEDIATE` when it writes), on the
+//! handle's one connection. What a transition does to a job is a rule of [`crate::rules`],
+//! shared with [`MemoryStorage`](crate::MemoryStorage); SQL only selects the rows a transition
+//! applies to (through an index), and writes back the columns the rule changed. Per-state
+//! counts are kept in a table updated by the same transactions, so `counts` reads five rows.
 
-mod format;
+mod home;
+mod legacy;
+mod rows;
+mod schema;
 mod watch;
 
 #[cfg(test)]
 mod tests;
 
 use std::fmt;
-use std::fs::{self, DirBuilder, File, Metadata, OpenOptions};
-use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+use rusqlite::{Connection, ErrorCode, OpenFlags, TransactionBehavior};
 
-use self::format::{FileKind, Record};
+use self::home::Home;
+use self::rows::{Tx, TxError, TxResult, micros};
 use self::watch::Watcher;
 use crate::config::{Config, ConfigError};
-use crate::error::{Result, StorageError};
-use crate::job::{Job, JobId, Lease, NewJob, Timestamp};
-use crate::state::{Change, QueueState};
+use crate::error::{DatabaseFault, Result, StorageError};
+use crate::job::{Attempt, AttemptOutcome, Job, JobId, JobState, Lease, NewJob, Timestamp};
+use crate::rules::{self, Abandoned};
 use crate::storage::{ListQuery, Settlement, StateCounts, Storage, WorkerInfo};
 
-pub use self::format::FORMAT_VERSION;
+pub use self::schema::SCHEMA_VERSION;
 
-const JOURNAL: &str = "journal";
-const SNAPSHOT: &str = "snapshot";
-const LOCK: &str = "lock";
-/// Prefix of the temporary files compaction writes; leftovers of a crash are removed on open.
-const TEMP_PREFIX: &str = ".tmp-";
-/// Bits of [`Storage::change_version`] holding the journal offset; the generation is above.
-const OFFSET_BITS: u32 = 40;
-
-/// When a mutating operation's record is forced to disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Durability {
-    /// Every mutating operation fsyncs the journal before it returns: once it returned `Ok`,
-    /// its change survives a crash of the process, the OS or the machine.
-    #[default]
-    Always,
-    /// The journal is fsynced by the first mutating operation at least `interval` after the
-    /// previous fsync, by every compaction, by [`FileStorage::sync`], and when the handle is
-    /// dropped. Each record is still written (visible to every process, and safe from a crash
-    /// of the process) before the operation returns, but a crash of the OS or a power failure
-    /// loses the operations this handle acknowledged since its last fsync: those of the last
-    /// `interval` while writes keep coming, all of them since the last fsync once they stop.
-    /// Such a crash can also leave damage before the end of the journal (the OS may write later
-    /// pages first), which opening refuses as [`StorageError::Corrupt`].
-    Batch {
-        /// Longest time between fsyncs while writes keep coming.
-        interval: Duration,
-    },
-}
-
-/// A point where the store writes or syncs, for fault injection in tests.
-#[doc(hidden)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IoPoint {
-    /// Appending a record to the journal.
-    AppendJournal,
-    /// Fsyncing the journal after an append.
-    SyncJournal,
-    /// Cutting a torn record off the end of the journal.
-    TruncateJournal,
-    /// Writing a snapshot or a new journal to its temporary file.
-    WriteFile,
-    /// Fsyncing that temporary file.
-    SyncFile,
-    /// Renaming it into place.
-    Rename,
-    /// Fsyncing the store directory after a rename.
-    SyncDir,
-}
-
-/// Called before each write or fsync; an `Err` is used as the result of that call.
-#[doc(hidden)]
-pub type FaultHook = Arc<dyn Fn(IoPoint) -> io::Result<()> + Send + Sync>;
+/// How long a waiting method looks again at the database file's identity when nothing else
+/// wakes it, so a deleted store is noticed even when no event arrives.
+const IDENTITY_CHECK: Duration = Duration::from_secs(1);
+/// How many times an operation is re-run after SQLite reported the store busy past its busy
+/// timeout (each run waits up to the timeout again).
+const BUSY_RETRIES: u32 = 2;
+/// The WAL is truncated to this size after a checkpoint, so a burst does not leave it large.
+const JOURNAL_SIZE_LIMIT: i64 = 64 << 20;
 
 /// How to open a [`FileStorage`].
-#[derive(Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileOptions {
-    /// When records are forced to disk.
-    pub durability: Durability,
-    /// The journal is compacted into a new snapshot when it is larger than both this many
-    /// bytes and twice the snapshot. A compaction rewrites the state only after at least twice
-    /// as many bytes of operations were appended (O(1) amortised per operation, and half the
-    /// rewriting of a once-the-snapshot trigger), and opening reads at most about three times
-    /// the state.
-    pub compact_min_bytes: u64,
-    /// Fault injection for tests: not part of the stable API.
-    #[doc(hidden)]
-    pub fault_hook: Option<FaultHook>,
+    /// Create the store when the directory is absent or empty (default). Without it, opening
+    /// such a directory is [`StorageError::NoStore`] and creates nothing.
+    pub create: bool,
+    /// Open without ever writing (for commands that only read, on stores they cannot or must
+    /// not change). Implies no `create`; every mutating method is [`StorageError::ReadOnly`].
+    pub read_only: bool,
+    /// How long an operation waits for another process's write transaction to finish before
+    /// it fails as busy.
+    pub busy_timeout: Duration,
 }
 
 impl Default for FileOptions {
     fn default() -> Self {
         Self {
-            durability: Durability::Always,
-            compact_min_bytes: 4 << 20,
-            fault_hook: None,
+            create: true,
+            read_only: false,
+            busy_timeout: Duration::from_secs(10),
         }
     }
 }
 
-impl fmt::Debug for FileOptions {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FileOptions")
-            .field("durability", &self.durability)
-            .field("compact_min_bytes", &self.compact_min_bytes)
-            .field("fault_hook", &self.fault_hook.is_some())
-            .finish()
+impl FileOptions {
+    /// Options for a command that only reads: never creates a store, never writes.
+    pub fn read_only() -> Self {
+        Self {
+            create: false,
+            read_only: true,
+            ..Self::default()
+        }
     }
 }
 
-/// A torn record dropped from the end of the journal: the remains of an append that was
-/// interrupted by a crash, so an operation that never returned `Ok` (with
-/// [`Durability::Always`]).
+/// What opening a store of the journal format (version 1) imported.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RecoveryWarning {
-    /// The journal.
-    pub path: PathBuf,
-    /// Where the dropped bytes start.
-    pub offset: u64,
-    /// How many bytes were dropped.
-    pub bytes: u64,
-    /// What is wrong with them.
-    pub reason: String,
+pub struct ImportReport {
+    /// How many jobs were imported.
+    pub jobs: usize,
+    /// Where the old files were moved.
+    pub moved_to: PathBuf,
+    /// A torn last journal record that was dropped (an operation that never returned), in
+    /// words.
+    pub dropped_tail: Option<String>,
 }
 
-impl fmt::Display for RecoveryWarning {
+impl fmt::Display for ImportReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "dropped a torn record at the end of {} (byte offset {}, {} bytes): {}",
-            self.path.display(),
-            self.offset,
-            self.bytes,
-            self.reason
-        )
+            "imported {} job(s) from the journal of an earlier version; its files were moved to {}",
+            self.jobs,
+            self.moved_to.display()
+        )?;
+        if let Some(tail) = &self.dropped_tail {
+            write!(f, " (dropped a torn last record: {tail})")?;
+        }
+        Ok(())
+    }
+}
+
+/// What `queuectl check` found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckReport {
+    /// The database file.
+    pub path: PathBuf,
+    /// Each problem, in words; empty when the store is sound.
+    pub problems: Vec<String>,
+}
+
+impl CheckReport {
+    /// Whether nothing is wrong.
+    pub fn is_ok(&self) -> bool {
+        self.problems.is_empty()
     }
 }
 
 /// A store in a directory on local disk, safe to share between threads, handles and processes.
 ///
-/// See the [module documentation](self) for the design and `docs/file-format.md` for the
-/// format. Opening a store that does not exist creates it (the directory with mode 0700, files
-/// with 0600).
+/// See the [module documentation](self) for the design. Opening a directory that is absent or
+/// empty creates a store in it (the directory with mode 0700, files with 0600); a directory
+/// that holds anything else is refused untouched ([`StorageError::NotAStore`]).
 ///
 /// ```
 /// use queuectl_core::{FileStorage, NewJob, Storage, StorageExt, now};
@@ -179,196 +147,124 @@ impl fmt::Display for RecoveryWarning {
 /// ```
 pub struct FileStorage {
     dir: PathBuf,
-    journal_path: PathBuf,
-    snapshot_path: PathBuf,
-    lock_path: PathBuf,
-    options: FileOptions,
-    /// Locked only while `inner` is held: `flock` locks belong to the open file, so two
-    /// threads locking this one `File` would not exclude each other.
-    lock: File,
-    /// Set by any failed write or fsync: what is on disk is then unknown, so writes are refused
-    /// until the store is reopened.
-    poisoned: AtomicBool,
-    inner: Mutex<Inner>,
-}
-
-#[derive(Default)]
-struct Inner {
-    /// `None` before the first load and after a failed operation: rebuilt from the files.
-    replica: Option<Replica>,
-    warnings: Vec<RecoveryWarning>,
-}
-
-/// The state and where it was read from.
-struct Replica {
-    state: QueueState,
-    /// Generation of the snapshot the state was built on (0: no snapshot yet).
-    generation: u64,
-    snapshot: Option<FileId>,
-    snapshot_len: u64,
-    journal: File,
-    journal_id: FileId,
-    /// End of the last whole journal record applied.
-    offset: u64,
-    /// The journal predates the snapshot (a compaction stopped between its two renames): all
-    /// its records are in the snapshot, so it is ignored, and replaced before the next append.
-    stale: bool,
-    /// The bytes past `offset` are a torn record, cut off before the next append.
-    torn: bool,
-    /// [`Durability::Batch`]: records appended since the last fsync, and when that was.
-    unsynced: bool,
-    last_sync: Instant,
-}
-
-impl Replica {
-    fn version(&self) -> u64 {
-        let offset = if self.stale { 0 } else { self.offset };
-        (self.generation << OFFSET_BITS) | (offset & ((1 << OFFSET_BITS) - 1))
-    }
-}
-
-/// Identity of a file: tells a replaced file from one that was appended to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FileId {
-    dev: u64,
-    ino: u64,
-}
-
-impl FileId {
-    fn of(meta: &Metadata) -> Self {
-        Self {
-            dev: meta.dev(),
-            ino: meta.ino(),
-        }
-    }
-}
-
-/// Holds the OS lock; releases it when dropped.
-struct OsLock<'a>(&'a File);
-
-impl Drop for OsLock<'_> {
-    fn drop(&mut self) {
-        // Cannot fail on an open file; closing the file would release the lock anyway.
-        let _ = self.0.unlock();
-    }
-}
-
-fn io_error<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StorageError + 'a {
-    move |source| StorageError::Io {
-        op,
-        path: path.to_owned(),
-        source,
-    }
-}
-
-/// Reads `file` from `offset` to its end.
-fn read_from(file: &File, offset: u64, path: &Path) -> Result<Vec<u8>> {
-    let mut bytes = Vec::new();
-    let mut reader = file;
-    reader
-        .seek(SeekFrom::Start(offset))
-        .and_then(|_| reader.read_to_end(&mut bytes))
-        .map_err(io_error("read", path))?;
-    Ok(bytes)
-}
-
-fn file_id(file: &File, path: &Path) -> Result<FileId> {
-    let meta = file.metadata().map_err(io_error("stat", path))?;
-    Ok(FileId::of(&meta))
-}
-
-/// Creates the store directory (and missing parents) with mode 0700.
-fn create_dir(dir: &Path) -> Result<()> {
-    if dir.is_dir() {
-        return Ok(());
-    }
-    // The directories about to be created, deepest first: each one's entry must reach the disk
-    // (an fsync of its parent), or a power failure could lose the store with its acknowledged
-    // jobs.
-    let missing: Vec<&Path> = dir
-        .ancestors()
-        .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
-        .collect();
-    DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(io_error("create directory", dir))?;
-    for created in missing {
-        let parent = match created.parent() {
-            Some(parent) if !parent.as_os_str().is_empty() => parent,
-            _ => Path::new("."),
-        };
-        File::open(parent)
-            .and_then(|f| f.sync_all())
-            .map_err(io_error("fsync", parent))?;
-    }
-    Ok(())
+    db_path: PathBuf,
+    read_only: bool,
+    /// Device and inode of the database file when it was opened.
+    identity: (u64, u64),
+    /// Set once the file at `db_path` is no longer the one this handle has open.
+    moved: AtomicBool,
+    conn: Mutex<Connection>,
+    /// Committed transactions of this handle that changed something (`PRAGMA data_version`
+    /// counts only other connections' commits).
+    local_changes: AtomicU64,
+    imported: Option<ImportReport>,
 }
 
 impl FileStorage {
-    /// Opens the store in `dir` with default options, creating it if missing.
+    /// Opens the store in `dir`, creating it if the directory is absent or empty.
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         Self::open_with(dir, FileOptions::default())
     }
 
-    /// Opens the store in `dir`, creating it if missing.
-    ///
-    /// Loads the snapshot and the journal, drops a torn record at the end of the journal (see
-    /// [`FileStorage::recovery_warnings`]), and removes temporary files left by a crash.
-    /// Damage anywhere else is [`StorageError::Corrupt`]; a store written by a newer version
-    /// is [`StorageError::UnsupportedFormat`].
+    /// Opens the store in `dir` as `options` say.
     pub fn open_with(dir: impl AsRef<Path>, options: FileOptions) -> Result<Self> {
         let dir = dir.as_ref().to_owned();
-        create_dir(&dir)?;
-        let lock_path = dir.join(LOCK);
-        let lock = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&lock_path)
-            .map_err(io_error("open", &lock_path))?;
-        let store = Self {
-            journal_path: dir.join(JOURNAL),
-            snapshot_path: dir.join(SNAPSHOT),
-            lock_path,
+        let db_path = dir.join(schema::DB_FILE);
+        let create = options.create && !options.read_only;
+        let home = home::classify(&dir)?;
+        match home {
+            Home::Absent | Home::Empty if !create => {
+                return Err(StorageError::NoStore { path: dir });
+            }
+            Home::Legacy if options.read_only => {
+                return Err(StorageError::ReadOnly {
+                    op: "import the queue of an earlier version (run any command that may write)",
+                    path: dir,
+                });
+            }
+            Home::Absent => {
+                home::create_dir(&dir)?;
+                home::create_db_file(&db_path)?;
+            }
+            Home::Empty | Home::Legacy => home::create_db_file(&db_path)?,
+            Home::Store => {}
+        }
+        let conn = connect(&db_path, &options).map_err(|e| db_error("open", &db_path, e))?;
+        let identity = file_identity(&db_path)?;
+        let mut store = Self {
             dir,
-            options,
-            lock,
-            poisoned: AtomicBool::new(false),
-            inner: Mutex::new(Inner::default()),
+            db_path,
+            read_only: options.read_only,
+            identity,
+            moved: AtomicBool::new(false),
+            conn: Mutex::new(conn),
+            local_changes: AtomicU64::new(0),
+            imported: None,
         };
-        store.initialize()?;
+        store.imported = store.prepare()?;
         Ok(store)
     }
 
-    /// Loads the state. A store that needs nothing done to it is loaded under the shared lock,
-    /// so opening one (every `queuectl status`, say) does not hold up the workers' writes; a new
-    /// store, or one with leftovers of a crashed compaction, is set up under the exclusive lock:
-    /// clean-up, a first journal, and the repair of a torn journal. (A store that is only torn
-    /// is repaired by its first write.)
-    fn initialize(&self) -> Result<()> {
-        let mut inner = self.inner.lock();
-        {
-            let _lock = self.os_lock(false)?;
-            if self
-                .journal_path
-                .try_exists()
-                .map_err(io_error("stat", &self.journal_path))?
-                && !self.has_temp_files()?
-            {
-                return self.catch_up(&mut inner, false).map(drop);
+    /// Runs SQLite's integrity check on the store in `dir` (without opening it as a store,
+    /// so a store too damaged to open is still examined), and checks the per-state counts.
+    pub fn check(dir: impl AsRef<Path>) -> Result<CheckReport> {
+        let dir = dir.as_ref();
+        let path = dir.join(schema::DB_FILE);
+        match home::classify(dir)? {
+            Home::Store => {}
+            Home::Legacy => {
+                return Err(StorageError::ReadOnly {
+                    op: "check a queue of an earlier version before it is imported",
+                    path: dir.to_owned(),
+                });
+            }
+            Home::Absent | Home::Empty => {
+                return Err(StorageError::NoStore {
+                    path: dir.to_owned(),
+                });
             }
         }
-        let _lock = self.os_lock(true)?;
-        self.remove_temp_files()?;
-        let exists = |path: &Path| path.try_exists().map_err(io_error("stat", path));
-        if !exists(&self.journal_path)? && !exists(&self.snapshot_path)? {
-            self.publish_journal(0)?;
+        let mut report = CheckReport {
+            path: path.clone(),
+            problems: Vec::new(),
+        };
+        let found = connect(&path, &FileOptions::read_only()).and_then(|conn| {
+            let mut problems: Vec<String> = conn
+                .prepare("PRAGMA integrity_check")?
+                .query_map([], |row| row.get::<_, String>(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            problems.retain(|line| line != "ok");
+            if problems.is_empty() {
+                let stored: Vec<(String, i64)> = conn
+                    .prepare(
+                        "SELECT c.state, c.jobs - (SELECT count(*) FROM jobs j \
+                         WHERE j.state = c.state) FROM counts c",
+                    )?
+                    .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+                    .collect::<rusqlite::Result<_>>()?;
+                for (state, off_by) in stored {
+                    if off_by != 0 {
+                        problems.push(format!(
+                            "the count of {state} jobs is off by {off_by} (the status summary \
+                             would be wrong)"
+                        ));
+                    }
+                }
+            }
+            Ok(problems)
+        });
+        match found {
+            Ok(problems) => report.problems = problems,
+            Err(e) => match db_error("check", &path, e) {
+                StorageError::Database {
+                    fault: DatabaseFault::Corrupt,
+                    source,
+                    ..
+                } => report.problems.push(format!("the database is unreadable: {source}")),
+                other => return Err(other),
+            },
         }
-        self.catch_up(&mut inner, true).map(drop)
+        Ok(report)
     }
 
     /// The store directory.
@@ -376,468 +272,426 @@ impl FileStorage {
         &self.dir
     }
 
-    /// Torn records this handle found at the end of the journal and dropped (each was an append
-    /// interrupted by a crash). Empty when nothing was lost.
-    pub fn recovery_warnings(&self) -> Vec<RecoveryWarning> {
-        self.inner.lock().warnings.clone()
+    /// The database file.
+    pub fn db_path(&self) -> &Path {
+        &self.db_path
     }
 
-    /// Compacts now: writes the whole state as a new snapshot and starts an empty journal.
-    /// Compaction also happens on its own as the journal grows (see
-    /// [`FileOptions::compact_min_bytes`]).
-    pub fn compact(&self) -> Result<()> {
-        self.locked_write(|store, replica| store.compact_replica(replica))
+    /// Whether this handle was opened read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
     }
 
-    /// Forces records appended by this handle to disk ([`Durability::Batch`]; with
-    /// [`Durability::Always`] there is never anything to do).
-    pub fn sync(&self) -> Result<()> {
-        let mut inner = self.inner.lock();
-        self.check_poisoned()?;
-        match inner.replica.as_mut() {
-            Some(replica) if replica.unsynced => {
-                let result = self.sync_journal(replica, true);
-                if result.is_err() {
-                    inner.replica = None;
-                }
-                result
-            }
-            _ => Ok(()),
+    /// What opening imported from a store of the journal format, if it did.
+    pub fn imported(&self) -> Option<&ImportReport> {
+        self.imported.as_ref()
+    }
+
+    // ----- opening -----
+
+    /// Checks that the database is ours and of a version this build reads, applies pending
+    /// migrations, and imports a version 1 journal found beside a new database.
+    fn prepare(&self) -> Result<Option<ImportReport>> {
+        let mut conn = self.conn.lock();
+        let path = &self.db_path;
+        let (app_id, version) = header(&conn).map_err(|e| db_error("open", path, e))?;
+        if version > SCHEMA_VERSION {
+            return Err(StorageError::UnsupportedFormat {
+                path: path.clone(),
+                found: version,
+                supported: SCHEMA_VERSION,
+            });
         }
-    }
-
-    // ----- locking and catching up -----
-
-    fn os_lock(&self, exclusive: bool) -> Result<OsLock<'_>> {
-        loop {
-            let locked = if exclusive {
-                self.lock.lock()
-            } else {
-                self.lock.lock_shared()
-            };
-            match locked {
-                Ok(()) => return Ok(OsLock(&self.lock)),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(source) => return Err(io_error("lock", &self.lock_path)(source)),
-            }
-        }
-    }
-
-    fn check_poisoned(&self) -> Result<()> {
-        if self.poisoned.load(Ordering::SeqCst) {
-            Err(StorageError::Poisoned {
-                path: self.dir.clone(),
-            })
-        } else {
-            Ok(())
-        }
-    }
-
-    /// Runs a read on an up-to-date replica.
-    fn read<T>(&self, f: impl FnOnce(&Replica) -> T) -> Result<T> {
-        let mut inner = self.inner.lock();
-        // Fast path, without the OS lock: the journal was neither replaced nor appended to
-        // since we last looked, so the replica is current. (A compaction that has renamed the
-        // snapshot but not yet the journal does not change the state.)
-        if let Some(replica) = &inner.replica
-            && !replica.torn
-        {
-            let meta =
-                fs::metadata(&self.journal_path).map_err(io_error("stat", &self.journal_path))?;
-            if FileId::of(&meta) == replica.journal_id
-                && (replica.stale || meta.len() == replica.offset)
-            {
-                return Ok(f(replica));
-            }
-        }
-        let _lock = self.os_lock(false)?;
-        let replica = self.catch_up(&mut inner, false)?;
-        Ok(f(replica))
-    }
-
-    /// Runs a transition: under the exclusive lock, on an up-to-date replica, then persists
-    /// the changes it recorded as one journal record.
-    fn write<T>(&self, f: impl FnOnce(&mut QueueState) -> T) -> Result<T> {
-        self.locked_write(|store, replica| {
-            store.compact_if_due(replica)?;
-            let out = f(&mut replica.state);
-            let changes = replica.state.take_changes();
-            if !changes.is_empty() {
-                store.append(replica, changes)?;
-            }
-            Ok(out)
-        })
-    }
-
-    fn locked_write<T>(&self, f: impl FnOnce(&Self, &mut Replica) -> Result<T>) -> Result<T> {
-        let mut inner = self.inner.lock();
-        self.check_poisoned()?;
-        let _lock = self.os_lock(true)?;
-        let result = self.catch_up(&mut inner, true).and_then(|r| f(self, r));
-        if result.is_err() {
-            // The replica may hold changes that did not reach the disk: rebuild it from the
-            // files before it is used again.
-            inner.replica = None;
-        }
-        result
-    }
-
-    /// Brings the replica up to date with the files, under the OS lock. With `exclusive`, also
-    /// repairs the journal so it can take an append.
-    fn catch_up<'a>(&self, inner: &'a mut Inner, exclusive: bool) -> Result<&'a mut Replica> {
-        // A replica whose tail fails to read is dropped: the next access rebuilds it.
-        let current = match inner.replica.take() {
-            Some(mut replica) => {
-                if self.tail(&mut replica, &mut inner.warnings, exclusive)? {
-                    replica
-                } else {
-                    self.load(&mut inner.warnings)?
-                }
-            }
-            None => self.load(&mut inner.warnings)?,
-        };
-        let replica = inner.replica.insert(current);
-        if exclusive {
-            self.repair(replica)?;
-        }
-        Ok(replica)
-    }
-
-    /// Applies what was appended to the journal since the last look. Returns `false` when the
-    /// replica must be rebuilt instead: the journal was replaced (compaction), shrank, or, for
-    /// a writer, the snapshot was replaced.
-    fn tail(
-        &self,
-        replica: &mut Replica,
-        warnings: &mut Vec<RecoveryWarning>,
-        exclusive: bool,
-    ) -> Result<bool> {
-        let path = &self.journal_path;
-        let meta = fs::metadata(path).map_err(io_error("stat", path))?;
-        if FileId::of(&meta) != replica.journal_id || meta.len() < replica.offset {
-            return Ok(false);
-        }
-        // A writer also checks the snapshot: after a compaction that stopped between its two
-        // renames, the journal in place is stale although it was not replaced, and a record
-        // appended to it would be ignored by every later load.
-        if exclusive && self.snapshot_id()? != replica.snapshot {
-            return Ok(false);
-        }
-        if replica.stale || meta.len() == replica.offset {
-            return Ok(true);
-        }
-        let bytes = read_from(&replica.journal, replica.offset, path)?;
-        let replay = format::replay_journal(&bytes, replica.offset, path, &mut replica.state)?;
-        replica.offset = replay.end;
-        replica.torn = replay.torn.is_some();
-        warn(warnings, replay.torn);
-        Ok(true)
-    }
-
-    fn snapshot_id(&self) -> Result<Option<FileId>> {
-        match fs::metadata(&self.snapshot_path) {
-            Ok(meta) => Ok(Some(FileId::of(&meta))),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io_error("stat", &self.snapshot_path)(e)),
-        }
-    }
-
-    /// Builds a replica from the snapshot and the journal.
-    fn load(&self, warnings: &mut Vec<RecoveryWarning>) -> Result<Replica> {
-        let mut state = QueueState::new(true);
-        let (snapshot, generation, snapshot_len) = match File::open(&self.snapshot_path) {
-            Ok(file) => {
-                let path = &self.snapshot_path;
-                let id = file_id(&file, path)?;
-                let bytes = read_from(&file, 0, path)?;
-                let generation = format::load_snapshot(&bytes, path, &mut state)?;
-                (Some(id), generation, bytes.len() as u64)
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => (None, 0, 0),
-            Err(e) => return Err(io_error("open", &self.snapshot_path)(e)),
-        };
-        let path = &self.journal_path;
-        let journal = match OpenOptions::new().read(true).write(true).open(path) {
-            Ok(file) => file,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(StorageError::Corrupt {
-                    path: path.clone(),
-                    offset: 0,
-                    reason: "the journal is missing".to_owned(),
+        if app_id != schema::APPLICATION_ID {
+            let empty = version == 0
+                && app_id == 0
+                && conn
+                    .query_row("SELECT count(*) FROM sqlite_master", [], |row| {
+                        row.get::<_, i64>(0)
+                    })
+                    .map_err(|e| db_error("open", path, e))?
+                    == 0;
+            if !empty {
+                return Err(StorageError::NotAStore {
+                    path: self.dir.clone(),
+                    reason: format!("{} is a database of another program", path.display()),
                 });
             }
-            Err(e) => return Err(io_error("open", path)(e)),
-        };
-        let journal_id = file_id(&journal, path)?;
-        let bytes = read_from(&journal, 0, path)?;
-        let (journal_generation, start) = format::read_header(&bytes, path, FileKind::Journal)?;
-        let start = start as u64;
-        let (stale, offset, torn) = if journal_generation == generation {
-            let replay = format::replay_journal(&bytes[start as usize..], start, path, &mut state)?;
-            (false, replay.end, replay.torn)
-        } else if journal_generation < generation {
-            (true, start, None)
+        }
+        if version == SCHEMA_VERSION {
+            drop(conn);
+            return self.finish_import();
+        }
+        if self.read_only {
+            return Err(StorageError::ReadOnly {
+                op: "upgrade the store's schema (run any command that may write)",
+                path: self.dir.clone(),
+            });
+        }
+        if version == 0 {
+            // Both are settings of the file that must be chosen before the first table.
+            conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")
+                .and_then(|()| conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(())))
+                .map_err(|e| db_error("create the database", path, e))?;
+        }
+        let legacy_lock = if legacy::has_data(&self.dir) {
+            legacy::lock(&self.dir)?
         } else {
-            return Err(StorageError::Corrupt {
-                path: path.clone(),
-                offset: 0,
-                reason: format!(
-                    "journal generation {journal_generation} is newer than the snapshot's \
-                     ({generation}): the snapshot is missing or was replaced"
-                ),
-            });
+            None
         };
-        let torn_now = torn.is_some();
-        warn(warnings, torn);
-        Ok(Replica {
-            state,
-            generation,
-            snapshot,
-            snapshot_len,
-            journal,
-            journal_id,
-            offset,
-            stale,
-            torn: torn_now,
-            unsynced: false,
-            last_sync: Instant::now(),
-        })
-    }
-
-    // ----- writing -----
-
-    /// Runs one write or fsync through the fault-injection hook; a failure poisons the handle.
-    fn io<T>(
-        &self,
-        point: IoPoint,
-        op: &'static str,
-        path: &Path,
-        f: impl FnOnce() -> io::Result<T>,
-    ) -> Result<T> {
-        let injected = self
-            .options
-            .fault_hook
-            .as_ref()
-            .map_or(Ok(()), |hook| hook(point));
-        injected.and_then(|()| f()).map_err(|source| {
-            self.poisoned.store(true, Ordering::SeqCst);
-            io_error(op, path)(source)
-        })
-    }
-
-    /// Makes the journal ready to take an append: replaces a stale one, cuts off a torn
-    /// record.
-    fn repair(&self, replica: &mut Replica) -> Result<()> {
-        if replica.stale {
-            self.replace_journal(replica)?;
-        } else if replica.torn {
-            let path = &self.journal_path;
-            self.io(IoPoint::TruncateJournal, "truncate", path, || {
-                replica.journal.set_len(replica.offset)
-            })?;
-            replica.torn = false;
-        }
-        Ok(())
-    }
-
-    /// Compacts when the journal has outgrown the snapshot (see
-    /// [`FileOptions::compact_min_bytes`]). Done by mutations only, before their append, so
-    /// opening or reading a store never pays for it.
-    fn compact_if_due(&self, replica: &mut Replica) -> Result<()> {
-        let outgrown = replica.snapshot_len.saturating_mul(2);
-        if replica.offset > outgrown.max(self.options.compact_min_bytes) {
-            self.compact_replica(replica)?;
-        }
-        Ok(())
-    }
-
-    /// Appends `changes` as one record at the end of the journal.
-    fn append(&self, replica: &mut Replica, changes: Vec<Change>) -> Result<()> {
-        let path = &self.journal_path;
-        let mut record = Vec::with_capacity(512 * changes.len());
-        format::encode(&Record::Batch(changes), &mut record)
-            .map_err(io_error("encode a record for", path))?;
-        let start = replica.offset;
-        let appended = self
-            .io(IoPoint::AppendJournal, "append to", path, || {
-                replica.journal.write_all_at(&record, start)
-            })
-            .and_then(|()| {
-                replica.offset = start + record.len() as u64;
-                replica.unsynced = true;
-                self.sync_journal(replica, false)
-            });
-        if appended.is_err() {
-            // The operation reports failure, so no one may act on it: take the record back
-            // while the exclusive lock still keeps every other reader out. If even that fails,
-            // say so instead: the journal may then hold the record.
-            replica.offset = start;
-            self.io(
-                IoPoint::TruncateJournal,
-                "remove a failed record from",
-                path,
-                || replica.journal.set_len(start),
-            )?;
-        }
-        appended
-    }
-
-    /// Fsyncs the journal if the durability option asks for it now (or `force`).
-    fn sync_journal(&self, replica: &mut Replica, force: bool) -> Result<()> {
-        let due = match self.options.durability {
-            Durability::Always => true,
-            Durability::Batch { interval } => force || replica.last_sync.elapsed() >= interval,
-        };
-        if due {
-            self.io(IoPoint::SyncJournal, "fsync", &self.journal_path, || {
-                replica.journal.sync_data()
-            })?;
-            replica.unsynced = false;
-            replica.last_sync = Instant::now();
-        }
-        Ok(())
-    }
-
-    /// Writes the state as the snapshot of the next generation, then starts its journal.
-    ///
-    /// Crash-atomic: until the snapshot rename the old snapshot and journal are in place;
-    /// between the two renames the old journal is stale (its generation is older than the
-    /// snapshot's) and every load ignores it, its records all being in the new snapshot.
-    fn compact_replica(&self, replica: &mut Replica) -> Result<()> {
-        let generation = replica.generation + 1;
-        let changes = replica.state.snapshot();
-        let (snapshot, len) = self.publish(&self.snapshot_path, |out| {
-            format::write_snapshot(out, generation, changes)
-        })?;
-        replica.snapshot = Some(file_id(&snapshot, &self.snapshot_path)?);
-        replica.snapshot_len = len;
-        replica.generation = generation;
-        replica.stale = true;
-        self.replace_journal(replica)
-    }
-
-    /// Starts an empty journal for the replica's generation.
-    fn replace_journal(&self, replica: &mut Replica) -> Result<()> {
-        let (journal, len) = self.publish_journal(replica.generation)?;
-        replica.journal_id = file_id(&journal, &self.journal_path)?;
-        replica.journal = journal;
-        replica.offset = len;
-        replica.stale = false;
-        replica.torn = false;
-        replica.unsynced = false;
-        Ok(())
-    }
-
-    fn publish_journal(&self, generation: u64) -> Result<(File, u64)> {
-        let header = format::header(FileKind::Journal, generation)
-            .map_err(io_error("encode a header for", &self.journal_path))?;
-        self.publish(&self.journal_path, |out| {
-            out.write_all(&header)?;
-            Ok(header.len() as u64)
-        })
-    }
-
-    /// Replaces `path` atomically: writes a temporary file in the store directory, fsyncs it,
-    /// renames it over `path` and fsyncs the directory. Returns the new file (open for reading
-    /// and writing) and its length.
-    fn publish(
-        &self,
-        path: &Path,
-        write: impl FnOnce(&mut BufWriter<&File>) -> io::Result<u64>,
-    ) -> Result<(File, u64)> {
-        let temp = self.io(
-            IoPoint::WriteFile,
-            "create a temporary file in",
-            &self.dir,
-            || {
-                tempfile::Builder::new()
-                    .prefix(TEMP_PREFIX)
-                    .tempfile_in(&self.dir)
-            },
-        )?;
-        let len = self.io(IoPoint::WriteFile, "write", temp.path(), || {
-            let mut out = BufWriter::new(temp.as_file());
-            let len = write(&mut out)?;
-            out.flush()?;
-            Ok(len)
-        })?;
-        self.io(IoPoint::SyncFile, "fsync", temp.path(), || {
-            temp.as_file().sync_all()
-        })?;
-        let file = self.io(IoPoint::Rename, "rename a temporary file to", path, || {
-            temp.persist(path).map_err(|e| e.error)
-        })?;
-        self.io(IoPoint::SyncDir, "fsync", &self.dir, || {
-            File::open(&self.dir)?.sync_all()
-        })?;
-        Ok((file, len))
-    }
-
-    /// Removes temporary files left by a compaction that crashed (under the exclusive lock, so
-    /// no compaction is running).
-    fn has_temp_files(&self) -> Result<bool> {
-        let entries = fs::read_dir(&self.dir).map_err(io_error("list", &self.dir))?;
-        for entry in entries {
-            let entry = entry.map_err(io_error("list", &self.dir))?;
-            if entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
-                return Ok(true);
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| db_error("upgrade the schema", path, e))?;
+        let mut tx = Tx::new(tx);
+        let imported = (|| -> TxResult<Option<(usize, Option<String>)>> {
+            // Another process may have migrated meanwhile: look again under the write lock.
+            let (_, version) = header(&tx)?;
+            for migration in &schema::MIGRATIONS[version as usize..] {
+                tx.execute_batch(migration)?;
             }
+            tx.pragma_update(None, "application_id", schema::APPLICATION_ID)?;
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+            if version == 0 && legacy::has_data(&self.dir) {
+                return Ok(Some(import(&mut tx, &self.dir)?));
+            }
+            Ok(None)
+        })()
+        .map_err(|e| self.storage_error("upgrade the schema", e))?;
+        tx.commit()
+            .map_err(|e| db_error("upgrade the schema", path, e))?;
+        drop(conn);
+        match imported {
+            Some((jobs, dropped_tail)) => {
+                let moved_to = legacy::move_aside(&self.dir)?;
+                drop(legacy_lock);
+                Ok(Some(ImportReport {
+                    jobs,
+                    moved_to,
+                    dropped_tail,
+                }))
+            }
+            None => Ok(None),
         }
-        Ok(false)
     }
 
-    fn remove_temp_files(&self) -> Result<()> {
-        let entries = fs::read_dir(&self.dir).map_err(io_error("list", &self.dir))?;
-        for entry in entries {
-            let entry = entry.map_err(io_error("list", &self.dir))?;
-            if entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
-                let path = entry.path();
-                match fs::remove_file(&path) {
-                    Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                        return Err(io_error("remove", &path)(e));
-                    }
-                    _ => {}
+    /// Moves aside the files of an imported version 1 store that are still in place (opening
+    /// stopped between the import's commit and the move).
+    fn finish_import(&self) -> Result<Option<ImportReport>> {
+        if self.read_only || !legacy::has_data(&self.dir) {
+            return Ok(None);
+        }
+        let imported = self.read("open", |conn| rows::meta(conn, "imported_from"))?;
+        if imported.is_some() {
+            legacy::move_aside(&self.dir)?;
+        }
+        Ok(None)
+    }
+
+    // ----- transactions -----
+
+    /// Fails once the database file at the store's path is not the one this handle has open
+    /// (deleted, or replaced by another): writing on would write where nobody looks.
+    fn check_identity(&self) -> Result<()> {
+        if !self.moved.load(Ordering::Relaxed) {
+            match file_identity(&self.db_path) {
+                Ok(identity) if identity == self.identity => return Ok(()),
+                Ok(_) => {}
+                Err(StorageError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
                 }
+                Err(error) => return Err(error),
+            }
+            self.moved.store(true, Ordering::Relaxed);
+        }
+        Err(StorageError::StoreMoved {
+            path: self.db_path.clone(),
+        })
+    }
+
+    /// Runs `f` in one `BEGIN IMMEDIATE` transaction and commits it.
+    fn write<T>(&self, op: &'static str, mut f: impl FnMut(&mut Tx) -> TxResult<T>) -> Result<T> {
+        if self.read_only {
+            return Err(StorageError::ReadOnly {
+                op,
+                path: self.dir.clone(),
+            });
+        }
+        let mut conn = self.conn.lock();
+        self.check_identity()?;
+        let before = conn.total_changes();
+        let mut tries = 0;
+        loop {
+            let result = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(TxError::from)
+                .and_then(|tx| {
+                    let mut tx = Tx::new(tx);
+                    let out = f(&mut tx)?;
+                    tx.commit()?;
+                    Ok(out)
+                });
+            match result {
+                Ok(out) => {
+                    if conn.total_changes() != before {
+                        self.local_changes.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return Ok(out);
+                }
+                Err(TxError::Db(e)) if is_busy(&e) && tries < BUSY_RETRIES => tries += 1,
+                Err(e) => return Err(self.storage_error(op, e)),
             }
         }
-        Ok(())
+    }
+
+    /// Runs `f` in one read transaction (one consistent snapshot).
+    fn read<T>(&self, op: &'static str, mut f: impl FnMut(&Connection) -> TxResult<T>) -> Result<T> {
+        let mut conn = self.conn.lock();
+        self.check_identity()?;
+        let mut tries = 0;
+        loop {
+            let result = conn.transaction().map_err(TxError::from).and_then(|tx| {
+                let out = f(&tx)?;
+                tx.commit()?;
+                Ok(out)
+            });
+            match result {
+                Ok(out) => return Ok(out),
+                Err(TxError::Db(e)) if is_busy(&e) && tries < BUSY_RETRIES => tries += 1,
+                Err(e) => return Err(self.storage_error(op, e)),
+            }
+        }
+    }
+
+    fn storage_error(&self, op: &'static str, error: TxError) -> StorageError {
+        match error {
+            TxError::Storage(error) => error,
+            TxError::Db(error) => db_error(op, &self.db_path, error),
+        }
+    }
+
+    fn settle_in(
+        tx: &mut Tx,
+        settlements: &[Settlement],
+        now: Timestamp,
+    ) -> TxResult<Vec<Result<Job>>> {
+        let mut results = Vec::with_capacity(settlements.len());
+        for settlement in settlements {
+            let lease = settlement.lease();
+            let Some(old) = rows::job_by_id(tx, &lease.job_id)? else {
+                results.push(Err(lost(lease)));
+                continue;
+            };
+            if let Err(error) = rules::check_lease(&old, lease) {
+                results.push(Err(error));
+                continue;
+            }
+            let mut job = old.clone();
+            let mut attempt = rules::settle(&mut job, settlement, now);
+            tx.update_job(&old, &mut job, now)?;
+            tx.insert_attempt(job.seq, &mut attempt)?;
+            results.push(Ok(job));
+        }
+        Ok(results)
+    }
+
+    fn claim_in(
+        tx: &mut Tx,
+        worker: &str,
+        max: usize,
+        lease_for: Duration,
+        now: Timestamp,
+    ) -> TxResult<Vec<Job>> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let now_us = micros(now);
+        // Scheduled jobs that became due join the ready ones (the lane is index bookkeeping,
+        // not job state).
+        tx.prepare_cached("UPDATE jobs SET lane = 1 WHERE lane = 0 AND run_at <= ?1")?
+            .execute([now_us])?;
+        let limit = i64::try_from(max).unwrap_or(i64::MAX);
+        let picked = rows::select_jobs(
+            tx,
+            "WHERE lane = 1 AND run_at <= ?1 ORDER BY priority DESC, run_at, seq LIMIT ?2",
+            [now_us, limit],
+        )?;
+        let mut claimed = Vec::with_capacity(picked.len());
+        for old in picked {
+            let mut job = old.clone();
+            rules::claim(&mut job, worker, lease_for, now);
+            tx.update_job(&old, &mut job, now)?;
+            claimed.push(job);
+        }
+        Ok(claimed)
+    }
+
+    fn recover_in(tx: &mut Tx, picked: Vec<Job>, why: Abandoned, now: Timestamp) -> TxResult<Vec<Job>> {
+        let mut recovered = Vec::with_capacity(picked.len());
+        for old in picked {
+            let mut job = old.clone();
+            let mut attempt = rules::recover(&mut job, why, now);
+            tx.update_job(&old, &mut job, now)?;
+            tx.insert_attempt(job.seq, &mut attempt)?;
+            recovered.push(job);
+        }
+        Ok(recovered)
     }
 }
 
-/// Records a torn tail once, however often it is seen before a writer cuts it off.
-fn warn(warnings: &mut Vec<RecoveryWarning>, torn: Option<RecoveryWarning>) {
-    if let Some(torn) = torn
-        && !warnings.contains(&torn)
-    {
-        warnings.push(torn);
+fn lost(lease: &Lease) -> StorageError {
+    StorageError::LeaseLost {
+        id: lease.job_id.clone(),
+    }
+}
+
+/// Imports the version 1 store in `dir` into the (new, empty) database of `tx`. Returns how
+/// many jobs it held and the torn tail it dropped.
+fn import(tx: &mut Tx, dir: &Path) -> TxResult<(usize, Option<String>)> {
+    let old = legacy::read_store(dir)?;
+    let now = crate::job::now();
+    for job in &old.jobs {
+        let mut job = job.clone();
+        let output = job.output.take();
+        tx.insert_job(&mut job, now)?;
+        // The journal kept only the last attempt's summary on the job: it becomes the history.
+        let outcome = match job.state {
+            JobState::Completed => Some(AttemptOutcome::Succeeded),
+            JobState::Failed | JobState::Dead => Some(AttemptOutcome::Failed),
+            _ => None,
+        };
+        if let (Some(outcome), Some(started_at)) = (outcome, job.started_at) {
+            let mut attempt = Attempt {
+                number: job.attempts,
+                worker: "(imported)".to_owned(),
+                started_at,
+                finished_at: job.finished_at,
+                outcome,
+                exit_code: job.exit_code,
+                signal: None,
+                error: job.last_error.clone().filter(|_| outcome == AttemptOutcome::Failed),
+                output,
+            };
+            tx.insert_attempt(job.seq, &mut attempt)?;
+        }
+    }
+    let config = serde_json::to_string(&old.config).expect("settings serialise");
+    tx.set_meta("config", &config)?;
+    for worker in &old.workers {
+        tx.put_worker(worker)?;
+    }
+    tx.set_meta("imported_from", &format!("journal format 1, {} jobs", old.jobs.len()))?;
+    Ok((old.jobs.len(), old.dropped_tail))
+}
+
+/// Opens a connection with the settings every connection needs.
+fn connect(path: &Path, options: &FileOptions) -> rusqlite::Result<Connection> {
+    // Never SQLITE_OPEN_CREATE: the store creates the file itself, with its permissions, and
+    // only where it decided to.
+    let access = if options.read_only {
+        OpenFlags::SQLITE_OPEN_READ_ONLY
+    } else {
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+    };
+    let conn = Connection::open_with_flags(path, access | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+    // First, so that even the pragmas below wait for a store another process is opening.
+    conn.busy_timeout(options.busy_timeout)?;
+    conn.set_prepared_statement_cache_capacity(64);
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    if cfg!(target_os = "macos") {
+        conn.pragma_update(None, "fullfsync", true)?;
+    }
+    if !options.read_only {
+        conn.pragma_update(None, "journal_size_limit", JOURNAL_SIZE_LIMIT)?;
+    }
+    Ok(conn)
+}
+
+/// `PRAGMA application_id` and `PRAGMA user_version`: the two fields of the file header a
+/// store looks at when it opens.
+fn header(conn: &Connection) -> rusqlite::Result<(i32, u32)> {
+    let app_id = conn.pragma_query_value(None, "application_id", |row| row.get(0))?;
+    let version = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    Ok((app_id, version))
+}
+
+fn file_identity(path: &Path) -> Result<(u64, u64)> {
+    fs::metadata(path)
+        .map(|meta| (meta.dev(), meta.ino()))
+        .map_err(|source| StorageError::Io {
+            op: "look at",
+            path: path.to_owned(),
+            source,
+        })
+}
+
+fn is_busy(error: &rusqlite::Error) -> bool {
+    matches!(
+        error.sqlite_error_code(),
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
+    )
+}
+
+/// A database error, with what was being done, the file, and the cause in words.
+fn db_error(op: &'static str, path: &Path, error: rusqlite::Error) -> StorageError {
+    let fault = match error.sqlite_error_code() {
+        Some(ErrorCode::DiskFull) => DatabaseFault::DiskFull,
+        Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => DatabaseFault::Corrupt,
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => DatabaseFault::Busy,
+        Some(ErrorCode::ReadOnly | ErrorCode::PermissionDenied) => DatabaseFault::ReadOnly,
+        Some(ErrorCode::CannotOpen) => DatabaseFault::CannotOpen,
+        Some(ErrorCode::SystemIoFailure) => DatabaseFault::Io,
+        // A row that does not decode is damage too.
+        None if matches!(
+            error,
+            rusqlite::Error::FromSqlConversionFailure(..)
+                | rusqlite::Error::IntegralValueOutOfRange(..)
+                | rusqlite::Error::InvalidColumnType(..)
+        ) =>
+        {
+            DatabaseFault::Corrupt
+        }
+        _ => DatabaseFault::Other,
+    };
+    StorageError::Database {
+        op,
+        path: path.to_owned(),
+        fault,
+        source: Box::new(error),
     }
 }
 
 impl fmt::Debug for FileStorage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FileStorage")
-            .field("dir", &self.dir)
-            .field("options", &self.options)
-            .field("poisoned", &self.poisoned.load(Ordering::Relaxed))
+            .field("db_path", &self.db_path)
+            .field("read_only", &self.read_only)
             .finish_non_exhaustive()
-    }
-}
-
-impl Drop for FileStorage {
-    fn drop(&mut self) {
-        // Durability::Batch: make what this handle acknowledged durable. An error cannot be
-        // reported from here; `sync` is the way to see it.
-        if let Some(replica) = &self.inner.get_mut().replica
-            && replica.unsynced
-        {
-            let _ = replica.journal.sync_data();
-        }
     }
 }
 
 impl Storage for FileStorage {
     fn enqueue_batch(&self, jobs: Vec<NewJob>, now: Timestamp) -> Result<Vec<Job>> {
-        self.write(|s| s.enqueue_batch(jobs, now))?
+        for job in &jobs {
+            job.validate()?;
+        }
+        let mut ids = std::collections::HashSet::with_capacity(jobs.len());
+        let mut prepared = Vec::with_capacity(jobs.len());
+        for new in &jobs {
+            let id = new.id.clone().unwrap_or_else(JobId::generate);
+            if !ids.insert(id.clone()) {
+                return Err(StorageError::AlreadyExists { id });
+            }
+            prepared.push(id);
+        }
+        self.write("enqueue jobs", |tx| {
+            let config = rows::config(tx)?;
+            let mut created = Vec::with_capacity(jobs.len());
+            for (new, id) in jobs.iter().zip(&prepared) {
+                let mut job = rules::new_job(new.clone(), id.clone(), 0, &config, now);
+                tx.insert_job(&mut job, now)?;
+                created.push(job);
+            }
+            Ok(created)
+        })
     }
 
     fn claim(
@@ -847,7 +701,10 @@ impl Storage for FileStorage {
         lease_for: Duration,
         now: Timestamp,
     ) -> Result<Vec<Job>> {
-        self.write(|s| s.claim(worker, max, lease_for, now))
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        self.write("claim jobs", |tx| Self::claim_in(tx, worker, max, lease_for, now))
     }
 
     fn extend_leases(
@@ -856,11 +713,24 @@ impl Storage for FileStorage {
         lease_for: Duration,
         now: Timestamp,
     ) -> Result<Vec<JobId>> {
-        self.write(|s| s.extend_leases(leases, lease_for, now))
+        self.write("extend leases", |tx| {
+            let mut lost = Vec::new();
+            for lease in leases {
+                match rows::job_by_id(tx, &lease.job_id)? {
+                    Some(old) if rules::check_lease(&old, lease).is_ok() => {
+                        let mut job = old.clone();
+                        rules::extend_lease(&mut job, lease_for, now);
+                        tx.update_job(&old, &mut job, now)?;
+                    }
+                    _ => lost.push(lease.job_id.clone()),
+                }
+            }
+            Ok(lost)
+        })
     }
 
     fn settle(&self, settlements: Vec<Settlement>, now: Timestamp) -> Result<Vec<Result<Job>>> {
-        self.write(|s| s.settle(settlements, now))
+        self.write("record job results", |tx| Self::settle_in(tx, &settlements, now))
     }
 
     fn settle_and_claim(
@@ -871,96 +741,266 @@ impl Storage for FileStorage {
         lease_for: Duration,
         now: Timestamp,
     ) -> Result<(Vec<Result<Job>>, Vec<Job>)> {
-        self.write(|s| s.settle_and_claim(settlements, worker, max, lease_for, now))
+        self.write("record job results and claim jobs", |tx| {
+            let settled = Self::settle_in(tx, &settlements, now)?;
+            let claimed = Self::claim_in(tx, worker, max, lease_for, now)?;
+            Ok((settled, claimed))
+        })
     }
 
     fn recover_expired(&self, now: Timestamp) -> Result<Vec<Job>> {
-        self.write(|s| s.recover_expired(now))
+        self.write("recover expired leases", |tx| {
+            let picked = rows::select_jobs(
+                tx,
+                "WHERE state = 'processing' AND lease_expires_at <= ?1 \
+                 ORDER BY lease_expires_at, seq",
+                [micros(now)],
+            )?;
+            Self::recover_in(tx, picked, Abandoned::LeaseExpired, now)
+        })
     }
 
     fn recover_worker(&self, worker: &str, now: Timestamp) -> Result<Vec<Job>> {
-        self.write(|s| s.recover_worker(worker, now))
+        self.write("recover a dead worker's jobs", |tx| {
+            let picked = rows::select_jobs(
+                tx,
+                "WHERE state = 'processing' AND lease_worker = ?1 ORDER BY lease_expires_at, seq",
+                [worker],
+            )?;
+            Self::recover_in(tx, picked, Abandoned::WorkerDied, now)
+        })
     }
 
     fn get(&self, id: &JobId) -> Result<Job> {
-        self.read(|r| r.state.get(id))?
+        self.read("read a job", |conn| {
+            let mut job = rows::existing_job(conn, id)?;
+            if job.state != JobState::Processing {
+                job.output = rows::last_output(conn, job.seq)?;
+            }
+            Ok(job)
+        })
+    }
+
+    fn attempts(&self, id: &JobId) -> Result<Vec<Attempt>> {
+        self.read("read a job's attempts", |conn| {
+            let job = rows::existing_job(conn, id)?;
+            let mut attempts = rows::finished_attempts(conn, job.seq)?;
+            attempts.extend(rules::running_attempt(&job));
+            Ok(attempts)
+        })
     }
 
     fn list(&self, query: &ListQuery) -> Result<Vec<Job>> {
-        self.read(|r| r.state.list(query))
+        let limit = query
+            .limit
+            .map_or(-1, |limit| i64::try_from(limit).unwrap_or(i64::MAX));
+        let offset = i64::try_from(query.offset).unwrap_or(i64::MAX);
+        self.read("list jobs", |conn| match query.state {
+            Some(state) => rows::select_jobs(
+                conn,
+                "WHERE state = ?1 ORDER BY seq LIMIT ?2 OFFSET ?3",
+                rusqlite::params![state.as_str(), limit, offset],
+            ),
+            None => rows::select_jobs(
+                conn,
+                "ORDER BY seq LIMIT ?1 OFFSET ?2",
+                rusqlite::params![limit, offset],
+            ),
+        })
     }
 
     fn counts(&self) -> Result<StateCounts> {
-        self.read(|r| r.state.counts())
+        self.read("count jobs", |conn| {
+            let mut counts = StateCounts::default();
+            let mut statement = conn.prepare_cached("SELECT state, jobs FROM counts")?;
+            let mut found = statement.query([])?;
+            while let Some(row) = found.next()? {
+                let state: String = row.get(0)?;
+                let jobs = usize::try_from(row.get::<_, i64>(1)?).unwrap_or(0);
+                match state.parse::<JobState>() {
+                    Ok(JobState::Pending) => counts.pending = jobs,
+                    Ok(JobState::Processing) => counts.processing = jobs,
+                    Ok(JobState::Completed) => counts.completed = jobs,
+                    Ok(JobState::Failed) => counts.failed = jobs,
+                    Ok(JobState::Dead) => counts.dead = jobs,
+                    Err(e) => {
+                        return Err(TxError::Db(rusqlite::Error::FromSqlConversionFailure(
+                            0,
+                            rusqlite::types::Type::Text,
+                            e.into(),
+                        )));
+                    }
+                }
+            }
+            Ok(counts)
+        })
     }
 
     fn next_due(&self) -> Result<Option<Timestamp>> {
-        self.read(|r| r.state.next_due())
+        self.read("find the next due job", |conn| {
+            let mut earliest = None;
+            for lane in [0, 1] {
+                let us: Option<i64> = conn
+                    .prepare_cached("SELECT min(run_at) FROM jobs WHERE lane = ?1")?
+                    .query_row([lane], |row| row.get(0))?;
+                earliest = match (earliest, us) {
+                    (Some(a), Some(b)) => Some(std::cmp::min(a, b)),
+                    (a, b) => a.or(b),
+                };
+            }
+            earliest
+                .map(|us| {
+                    Timestamp::from_unix_timestamp_nanos(i128::from(us) * 1_000).map_err(|e| {
+                        TxError::Db(rusqlite::Error::FromSqlConversionFailure(
+                            0,
+                            rusqlite::types::Type::Integer,
+                            e.into(),
+                        ))
+                    })
+                })
+                .transpose()
+        })
     }
 
     fn retry_dead(&self, ids: Option<&[JobId]>, now: Timestamp) -> Result<Vec<Job>> {
-        self.write(|s| s.retry_dead(ids, now))?
+        self.write("retry dead jobs", |tx| {
+            let targets = match ids {
+                Some(ids) => {
+                    let mut seen = std::collections::HashSet::new();
+                    let mut targets = Vec::with_capacity(ids.len());
+                    for id in ids {
+                        let job = rows::existing_job(tx, id)?;
+                        rules::check_retry(&job)?;
+                        if seen.insert(job.seq) {
+                            targets.push(job);
+                        }
+                    }
+                    targets
+                }
+                None => rows::select_jobs(tx, "WHERE state = 'dead' ORDER BY seq", [])?,
+            };
+            let mut retried = Vec::with_capacity(targets.len());
+            for old in targets {
+                let mut job = old.clone();
+                rules::retry(&mut job, now);
+                tx.update_job(&old, &mut job, now)?;
+                job.output = rows::last_output(tx, job.seq)?;
+                retried.push(job);
+            }
+            Ok(retried)
+        })
     }
 
     fn clear_dead(&self) -> Result<usize> {
-        self.write(|s| s.clear_dead())
+        self.write("delete dead jobs", |tx| {
+            let deleted = tx.delete_jobs(JobState::Dead, "TRUE", &[])?;
+            tx.execute_batch("PRAGMA incremental_vacuum")?;
+            Ok(deleted)
+        })
     }
 
     fn purge_completed(&self, finished_before: Timestamp) -> Result<usize> {
-        self.write(|s| s.purge_completed(finished_before))
+        self.write("purge completed jobs", |tx| {
+            let before = micros(finished_before);
+            let deleted = tx.delete_jobs(
+                JobState::Completed,
+                "coalesce(finished_at, updated_at) < ?1",
+                &[&before],
+            )?;
+            tx.execute_batch("PRAGMA incremental_vacuum")?;
+            Ok(deleted)
+        })
     }
 
     fn config(&self) -> Result<Config> {
-        self.read(|r| r.state.config().clone())
+        self.read("read the settings", |conn| rows::config(conn))
     }
 
     fn update_config(
         &self,
         update: &mut dyn FnMut(&mut Config) -> Result<(), ConfigError>,
     ) -> Result<Config> {
-        self.write(|s| s.update_config(update))?
+        self.write("change the settings", |tx| {
+            let current = rows::config(tx)?;
+            let mut config = current.clone();
+            update(&mut config).map_err(StorageError::from)?;
+            if config != current {
+                let json = serde_json::to_string(&config).expect("settings serialise");
+                tx.set_meta("config", &json)?;
+            }
+            Ok(config)
+        })
     }
 
     fn register_worker(&self, worker: WorkerInfo) -> Result<()> {
-        self.write(|s| s.register_worker(worker))
+        self.write("register a worker", |tx| tx.put_worker(&worker))
     }
 
     fn worker_heartbeat(&self, worker: &str, now: Timestamp) -> Result<bool> {
-        self.write(|s| s.worker_heartbeat(worker, now))?
+        self.write("record a worker heartbeat", |tx| {
+            let mut info = rows::workers(tx)?
+                .into_iter()
+                .find(|w| w.id == worker)
+                .ok_or_else(|| StorageError::UnknownWorker {
+                    id: worker.to_owned(),
+                })?;
+            info.last_seen = now;
+            tx.put_worker(&info)?;
+            Ok(info.stop_requested)
+        })
     }
 
     fn deregister_worker(&self, worker: &str) -> Result<()> {
-        self.write(|s| s.deregister_worker(worker))
+        self.write("deregister a worker", |tx| {
+            tx.prepare_cached("DELETE FROM workers WHERE id = ?1")?
+                .execute([worker])?;
+            Ok(())
+        })
     }
 
     fn workers(&self) -> Result<Vec<WorkerInfo>> {
-        self.read(|r| r.state.workers())
+        self.read("list workers", |conn| rows::workers(conn))
     }
 
     fn request_stop(&self) -> Result<usize> {
-        self.write(|s| s.request_stop())
+        self.write("ask workers to stop", |tx| {
+            let workers = rows::workers(tx)?;
+            for mut worker in workers.iter().cloned() {
+                worker.stop_requested = true;
+                tx.put_worker(&worker)?;
+            }
+            Ok(workers.len())
+        })
     }
 
-    /// The journal position (generation and offset) this handle has caught up to.
     fn change_version(&self) -> Result<u64> {
-        self.read(Replica::version)
+        let conn = self.conn.lock();
+        self.check_identity()?;
+        let theirs: i64 = conn
+            .pragma_query_value(None, "data_version", |row| row.get(0))
+            .map_err(|e| db_error("look for changes", &self.db_path, e))?;
+        Ok((theirs as u64).wrapping_add(self.local_changes.load(Ordering::Relaxed)))
     }
 
-    /// Waits on inotify events in the store directory (so a change by another process wakes
-    /// it at once), or, where inotify is unavailable, looks again every 25 ms.
     fn wait_for_change(&self, seen: u64, timeout: Duration) -> Result<u64> {
+        let current = self.change_version()?;
+        if current != seen {
+            return Ok(current);
+        }
+        // A timeout too long to represent as an instant is as good as forever.
         let deadline = Instant::now().checked_add(timeout);
+        // Watch before looking again, so a change in between still wakes the wait.
         let watcher = Watcher::new(&self.dir);
         loop {
-            let version = self.change_version()?;
-            let left = match deadline {
-                Some(deadline) => deadline.saturating_duration_since(Instant::now()),
-                None => Duration::MAX,
-            };
-            if version != seen || left.is_zero() {
-                return Ok(version);
+            let current = self.change_version()?;
+            if current != seen {
+                return Ok(current);
             }
-            watcher.wait(left);
+            let left = deadline.map_or(Duration::MAX, |d| d.saturating_duration_since(Instant::now()));
+            if left.is_zero() {
+                return Ok(current);
+            }
+            watcher.wait(left.min(IDENTITY_CHECK));
         }
     }
 }

@@ -35,5 +35,5 @@ impl Harness for Files {
 }
 
 mod conformance {
-    crate::storage_conformance!(super::Files::new());
+    crate::storage_conformance!(super::Files::new(), durable);
 }

@@ -6,7 +6,8 @@ use std::time::Duration;
 /// How often to look again when inotify is unavailable.
 const FALLBACK_POLL: Duration = Duration::from_millis(25);
 
-/// Wakes up when a file in the store directory is written, created or renamed into place.
+/// Wakes up when a file in the store directory is written, created, renamed or deleted (a
+/// commit writes the database's WAL file; deleting the store must wake waiters too).
 ///
 /// Created before the caller's first look at the store, so a change made between that look
 /// and [`Watcher::wait`] is still queued and wakes the wait at once.
@@ -21,7 +22,13 @@ impl Watcher {
     /// per-user instance limit reached, or a file system without it).
     pub(super) fn new(dir: &Path) -> Self {
         use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
-        let mask = AddWatchFlags::IN_MODIFY | AddWatchFlags::IN_MOVED_TO | AddWatchFlags::IN_CREATE;
+        let mask = AddWatchFlags::IN_MODIFY
+            | AddWatchFlags::IN_MOVED_TO
+            | AddWatchFlags::IN_CREATE
+            | AddWatchFlags::IN_DELETE
+            | AddWatchFlags::IN_MOVED_FROM
+            | AddWatchFlags::IN_DELETE_SELF
+            | AddWatchFlags::IN_MOVE_SELF;
         let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
             .ok()
             .filter(|inotify| inotify.add_watch(dir, mask).is_ok());

@@ -1,0 +1,96 @@
+//! The database schema and its migrations (documented in `docs/schema.md`).
+//!
+//! `PRAGMA user_version` holds the number of migrations applied; `PRAGMA application_id`
+//! marks the file as a queuectl store. Migrations are applied in order, inside one `BEGIN
+//! IMMEDIATE` transaction, when a store is opened. A released migration is never edited: a
+//! change to the schema is a new migration, and a fixture of the old schema is checked in.
+
+/// The database file inside a store directory.
+pub(super) const DB_FILE: &str = "queuectl.db";
+
+/// `PRAGMA application_id` of every queuectl database: "QCTL" in ASCII.
+pub(super) const APPLICATION_ID: i32 = 0x5143_544c;
+
+/// Each migration, in order; migration `n` (1-based) brings `user_version` from `n - 1` to `n`.
+pub(super) const MIGRATIONS: &[&str] = &[V1];
+
+/// The schema version this build writes, and the newest it reads.
+pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
+
+/// Version 1. Times are microseconds since the Unix epoch (UTC); durations are microseconds.
+const V1: &str = "
+CREATE TABLE jobs (
+    seq              INTEGER PRIMARY KEY,
+    id               TEXT    NOT NULL UNIQUE,
+    command          TEXT    NOT NULL,
+    state            TEXT    NOT NULL
+        CHECK (state IN ('pending', 'processing', 'completed', 'failed', 'dead')),
+    attempts         INTEGER NOT NULL,
+    max_retries      INTEGER NOT NULL,
+    created_at       INTEGER NOT NULL,
+    updated_at       INTEGER NOT NULL,
+    priority         INTEGER NOT NULL,
+    run_at           INTEGER NOT NULL,
+    timeout_us       INTEGER,
+    last_error       TEXT,
+    exit_code        INTEGER,
+    started_at       INTEGER,
+    finished_at      INTEGER,
+    lease_worker     TEXT,
+    lease_token      INTEGER,
+    lease_expires_at INTEGER,
+    -- Where a runnable job waits: 1 = ready (due when last looked at), 0 = scheduled for
+    -- later; NULL for every other state. Derived from state and run_at when a job is written.
+    lane             INTEGER CHECK (lane IN (0, 1))
+);
+
+-- Claim order among ready jobs.
+CREATE INDEX jobs_ready ON jobs (priority DESC, run_at, seq) WHERE lane = 1;
+-- Promotion of scheduled jobs that became due, and the next due time.
+CREATE INDEX jobs_scheduled ON jobs (run_at) WHERE lane = 0;
+CREATE INDEX jobs_ready_at ON jobs (run_at) WHERE lane = 1;
+-- `list --state`, `dlq list`, `dlq retry --all`, `dlq clear`.
+CREATE INDEX jobs_state ON jobs (state, seq);
+-- Recovery of expired leases and of a dead worker's jobs.
+CREATE INDEX jobs_lease_expiry ON jobs (lease_expires_at) WHERE state = 'processing';
+CREATE INDEX jobs_lease_worker ON jobs (lease_worker) WHERE state = 'processing';
+-- Retention of completed jobs.
+CREATE INDEX jobs_completed ON jobs (coalesce(finished_at, updated_at)) WHERE state = 'completed';
+
+-- One row per finished attempt. Output lives here, never in the rows claims read.
+CREATE TABLE attempts (
+    id          INTEGER PRIMARY KEY,
+    job_seq     INTEGER NOT NULL,
+    number      INTEGER NOT NULL,
+    worker      TEXT    NOT NULL,
+    started_at  INTEGER NOT NULL,
+    finished_at INTEGER,
+    outcome     TEXT    NOT NULL
+        CHECK (outcome IN ('running', 'succeeded', 'failed', 'abandoned', 'released')),
+    exit_code   INTEGER,
+    signal      INTEGER,
+    error       TEXT,
+    output      TEXT
+);
+CREATE INDEX attempts_job ON attempts (job_seq, id);
+
+-- Jobs per state, kept in step by every transaction that changes a job's state.
+CREATE TABLE counts (
+    state TEXT PRIMARY KEY,
+    jobs  INTEGER NOT NULL CHECK (jobs >= 0)
+) WITHOUT ROWID;
+INSERT INTO counts (state, jobs) VALUES
+    ('pending', 0), ('processing', 0), ('completed', 0), ('failed', 0), ('dead', 0);
+
+-- Registered workers, as JSON (their fields evolve with the pool, not with the schema).
+CREATE TABLE workers (
+    id   TEXT PRIMARY KEY,
+    info TEXT NOT NULL
+) WITHOUT ROWID;
+
+-- `config` (the settings, as JSON) and facts about the store itself (`imported_from`).
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+";

@@ -1,0 +1,220 @@
+//! The transition rules of the job state machine, written once for every store.
+//!
+//! Each rule takes a job record and changes it as the [`Storage`](crate::Storage) contract
+//! says. A store decides *which* jobs a transition applies to (its indexes or its SQL), loads
+//! them, applies the rule here, and persists the result: `MemoryStorage` through `QueueState`,
+//! `FileStorage` by reading rows and writing them back inside one SQLite transaction. The
+//! conformance suite checks that the selections agree.
+
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::error::{Result, StorageError};
+use crate::job::{
+    Attempt, AttemptOutcome, Job, JobId, JobState, Lease, MAX_OUTPUT, NewJob, Timestamp, later,
+    random_u64, tail,
+};
+use crate::storage::{AttemptReport, Settlement};
+
+/// The record of a new job; `seq` is its place in enqueue order.
+pub(crate) fn new_job(new: NewJob, id: JobId, seq: u64, config: &Config, now: Timestamp) -> Job {
+    Job {
+        id,
+        command: new.command,
+        state: JobState::Pending,
+        attempts: 0,
+        max_retries: new.max_retries.unwrap_or(config.max_retries),
+        created_at: now,
+        updated_at: now,
+        priority: new.priority,
+        run_at: new.run_at.unwrap_or(now),
+        timeout: match new.timeout {
+            Some(limit) if limit.is_zero() => None,
+            Some(limit) => Some(limit),
+            None => config.job_timeout(),
+        },
+        last_error: None,
+        exit_code: None,
+        output: None,
+        started_at: None,
+        finished_at: None,
+        lease: None,
+        seq,
+    }
+}
+
+/// Claims a due job for `worker`: it becomes `processing` under a fresh lease, with one more
+/// attempt charged. The new attempt has no output yet.
+pub(crate) fn claim(job: &mut Job, worker: &str, lease_for: Duration, now: Timestamp) {
+    debug_assert!(job.is_due(now), "only due jobs are claimed");
+    job.state = JobState::Processing;
+    job.attempts = job.attempts.saturating_add(1);
+    job.started_at = Some(now);
+    job.finished_at = None;
+    job.output = None;
+    job.updated_at = now;
+    job.lease = Some(Lease {
+        job_id: job.id.clone(),
+        worker: worker.to_owned(),
+        token: random_u64(),
+        expires_at: later(now, lease_for),
+    });
+}
+
+/// Whether `lease` is the job's current lease (fencing): anything else is
+/// [`StorageError::LeaseLost`].
+pub(crate) fn check_lease(job: &Job, lease: &Lease) -> Result<()> {
+    let current = job.state == JobState::Processing
+        && job.lease.as_ref().is_some_and(|l| l.token == lease.token);
+    if current {
+        Ok(())
+    } else {
+        Err(StorageError::LeaseLost {
+            id: lease.job_id.clone(),
+        })
+    }
+}
+
+/// Extends the job's (checked) lease to `now + lease_for`.
+pub(crate) fn extend_lease(job: &mut Job, lease_for: Duration, now: Timestamp) {
+    if let Some(lease) = job.lease.as_mut() {
+        lease.expires_at = later(now, lease_for);
+    }
+}
+
+/// The attempt a `processing` job is running, as the history shows it.
+pub(crate) fn running_attempt(job: &Job) -> Option<Attempt> {
+    let lease = job.lease.as_ref().filter(|_| job.state == JobState::Processing)?;
+    Some(Attempt {
+        number: job.attempts,
+        worker: lease.worker.clone(),
+        started_at: job.started_at.unwrap_or(job.updated_at),
+        finished_at: None,
+        outcome: AttemptOutcome::Running,
+        exit_code: None,
+        signal: None,
+        error: None,
+        output: None,
+    })
+}
+
+/// Ends the job's current attempt (whose lease was checked) as `settlement` says, and returns
+/// the finished attempt for the history.
+pub(crate) fn settle(job: &mut Job, settlement: &Settlement, now: Timestamp) -> Attempt {
+    let mut attempt = running_attempt(job).expect("a settled job holds a checked lease");
+    attempt.finished_at = Some(now);
+    job.lease = None;
+    job.updated_at = now;
+    match settlement {
+        Settlement::Complete { report, .. } => {
+            record(job, &mut attempt, report, now);
+            attempt.outcome = AttemptOutcome::Succeeded;
+            job.state = JobState::Completed;
+        }
+        Settlement::Fail {
+            report, retry_at, ..
+        } => {
+            record(job, &mut attempt, report, now);
+            attempt.outcome = AttemptOutcome::Failed;
+            if job.attempts >= job.max_retries {
+                job.state = JobState::Dead;
+            } else {
+                job.state = JobState::Failed;
+                job.run_at = *retry_at;
+            }
+        }
+        Settlement::Release { .. } => {
+            attempt.outcome = AttemptOutcome::Released;
+            attempt.error = Some("handed back by a forced shutdown".to_owned());
+            job.state = JobState::Pending;
+            job.attempts = job.attempts.saturating_sub(1);
+            job.run_at = job.run_at.min(now);
+        }
+    }
+    attempt
+}
+
+/// Copies what an attempt produced onto the job (its summary of the last attempt) and the
+/// attempt record.
+fn record(job: &mut Job, attempt: &mut Attempt, report: &AttemptReport, now: Timestamp) {
+    let output = report.output.clone().map(|text| tail(text, MAX_OUTPUT));
+    job.finished_at = Some(now);
+    job.exit_code = report.exit_code;
+    job.output = output.clone();
+    if report.error.is_some() {
+        job.last_error = report.error.clone();
+    }
+    attempt.exit_code = report.exit_code;
+    attempt.signal = report.signal;
+    attempt.error = report.error.clone();
+    attempt.output = output;
+}
+
+/// Why a job's attempt was abandoned, for [`recover`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Abandoned {
+    /// Its lease ran out without a heartbeat.
+    LeaseExpired,
+    /// Its worker is known to be dead.
+    WorkerDied,
+}
+
+/// Returns a `processing` job whose worker vanished to the queue: `pending` again (due now),
+/// or `dead` when its attempts are used up. The attempt stays charged. Returns the abandoned
+/// attempt for the history.
+pub(crate) fn recover(job: &mut Job, why: Abandoned, now: Timestamp) -> Attempt {
+    let mut attempt = running_attempt(job).expect("only processing jobs are recovered");
+    let why = match why {
+        Abandoned::LeaseExpired => "its lease expired",
+        Abandoned::WorkerDied => "its worker died",
+    };
+    let error = format!(
+        "attempt {} abandoned: {why} (worker {})",
+        job.attempts, attempt.worker
+    );
+    attempt.finished_at = Some(now);
+    attempt.outcome = AttemptOutcome::Abandoned;
+    attempt.error = Some(error.clone());
+    job.lease = None;
+    job.last_error = Some(error);
+    job.state = if job.attempts >= job.max_retries {
+        JobState::Dead
+    } else {
+        JobState::Pending
+    };
+    job.run_at = now;
+    job.finished_at = Some(now);
+    job.updated_at = now;
+    attempt
+}
+
+/// Checks that a job named by `dlq retry` may be retried: only `dead` jobs are.
+pub(crate) fn check_retry(job: &Job) -> Result<()> {
+    if job.state == JobState::Dead {
+        Ok(())
+    } else {
+        Err(StorageError::InvalidState {
+            id: job.id.clone(),
+            state: job.state,
+            op: "retry",
+        })
+    }
+}
+
+/// Moves a dead job back to `pending`, due now, with a full new set of attempts.
+pub(crate) fn retry(job: &mut Job, now: Timestamp) {
+    job.state = JobState::Pending;
+    job.attempts = 0;
+    job.run_at = now;
+    job.updated_at = now;
+}
+
+/// Whether a job is a completed one that `purge_completed(finished_before)` deletes.
+pub(crate) fn is_purgeable(job: &Job, finished_before: Timestamp) -> bool {
+    job.state == JobState::Completed && finished_at(job) < finished_before
+}
+
+/// When a job finished, for retention (its last update when it never recorded a finish).
+pub(crate) fn finished_at(job: &Job) -> Timestamp {
+    job.finished_at.unwrap_or(job.updated_at)
+}
