@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use queuectl_core::pool::{PoolError, hostname, recover_abandoned};
 use queuectl_core::{
-    ConfigError, FileStorage, JobId, JobSpec, JobState, ListQuery, NewJob, SpecError, Storage,
-    StorageError, now,
+    Attempt, ConfigError, FileOptions, FileStorage, Job, JobId, JobSpec, JobState, ListQuery,
+    MemoryStorage, NewJob, SpecError, Storage, StorageError, now,
 };
 use serde::Serialize;
 
@@ -71,6 +71,34 @@ impl From<io::Error> for CliError {
 /// The outcome of every command.
 pub type Result<T = (), E = CliError> = std::result::Result<T, E>;
 
+/// How a command opens the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// It may create the store (enqueue, worker start, config set).
+    Create,
+    /// It changes an existing store, and refuses when there is none.
+    Change,
+    /// It only reads: it never creates a store, and works on one it cannot write.
+    Read,
+}
+
+fn access(command: &Command) -> Access {
+    match command {
+        Command::Enqueue { .. }
+        | Command::Worker(WorkerCommand::Start { .. })
+        | Command::Config(ConfigCommand::Set { .. }) => Access::Create,
+        Command::Worker(WorkerCommand::Stop { .. })
+        | Command::Dlq(DlqCommand::Retry { .. } | DlqCommand::Clear)
+        | Command::Purge { .. } => Access::Change,
+        Command::Status(_)
+        | Command::List { .. }
+        | Command::Show { .. }
+        | Command::Dlq(DlqCommand::List(_))
+        | Command::Config(ConfigCommand::Show(_) | ConfigCommand::Get { .. })
+        | Command::Check(_) => Access::Read,
+    }
+}
+
 /// Runs one parsed command line, writing data to `out`.
 pub fn run(cli: Cli, out: &mut dyn Write) -> Result {
     let home = match cli.home {
@@ -82,7 +110,23 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result {
         Command::Enqueue { job, .. } => Some(parse_jobs(job)?),
         _ => None,
     };
-    let store = open(&home)?;
+    if let Command::Check(flag) = &cli.command {
+        return check(&home, flag.json, out);
+    }
+    if let Command::Worker(WorkerCommand::Start {
+        count,
+        exit_when_idle,
+        prefetch,
+    }) = cli.command
+    {
+        return worker::start(
+            open_for_work(&home)?,
+            count.map(usize::from),
+            exit_when_idle,
+            prefetch as usize,
+        );
+    }
+    let store = open(&home, access(&cli.command))?;
     match cli.command {
         Command::Enqueue { job, json } => {
             let created = store.enqueue_batch(jobs.unwrap_or_default(), now())?;
@@ -97,16 +141,9 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result {
                 Ok(())
             }
         }
-        Command::Worker(WorkerCommand::Start {
-            count,
-            exit_when_idle,
-            prefetch,
-        }) => worker::start(
-            store,
-            count.map(usize::from),
-            exit_when_idle,
-            prefetch as usize,
-        ),
+        Command::Worker(WorkerCommand::Start { .. }) | Command::Check(_) => {
+            unreachable!("handled above")
+        }
         Command::Worker(WorkerCommand::Stop { timeout, no_wait }) => {
             worker::stop(&*store, timeout, no_wait)
         }
@@ -129,10 +166,12 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result {
             let id = JobId::new(id).map_err(SpecError::from)?;
             recover(&*store)?;
             let job = store.get(&id)?;
+            let attempts = store.attempts(&id)?;
             if json {
-                print_json(out, &job)
+                print_json(out, &JobWithAttempts { job, attempts })
             } else {
-                Ok(out.write_all(render::job_detail(&job).as_bytes())?)
+                let text = render::job_detail(&job, &attempts);
+                Ok(out.write_all(text.as_bytes())?)
             }
         }
         Command::Dlq(command) => dlq(&*store, command, out),
@@ -161,23 +200,97 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result {
     }
 }
 
+/// `show --json`: the job, and its attempts.
+#[derive(Serialize)]
+struct JobWithAttempts {
+    #[serde(flatten)]
+    job: Job,
+    attempts: Vec<Attempt>,
+}
+
 fn default_home() -> Result<PathBuf> {
     dirs::data_dir()
         .map(|dir| dir.join("queuectl"))
         .ok_or(CliError::NoHome)
 }
 
-fn open(home: &Path) -> Result<Arc<FileStorage>> {
+/// Opens the store for `worker start`, creating it if needed.
+fn open_for_work(home: &Path) -> Result<Arc<FileStorage>> {
     let store = FileStorage::open(home)?;
-    for warning in store.recovery_warnings() {
-        say!("warning: {warning}");
-    }
+    announce(&store);
     Ok(Arc::new(store))
+}
+
+fn announce(store: &FileStorage) {
+    if let Some(import) = store.imported() {
+        say!("note: {import}");
+    }
+}
+
+/// Opens the store as the command needs it. A read finds an empty queue where there is no
+/// store yet (and says so), and falls back to reading a store it cannot write.
+fn open(home: &Path, access: Access) -> Result<Arc<dyn Storage>> {
+    let options = FileOptions {
+        create: access == Access::Create,
+        ..FileOptions::default()
+    };
+    let opened = match FileStorage::open_with(home, options) {
+        Err(StorageError::NoStore { path }) if access == Access::Read => {
+            say!("note: there is no queue at {} yet", path.display());
+            return Ok(Arc::new(MemoryStorage::new()));
+        }
+        Err(error) if access == Access::Read && error.is_permission_problem() => {
+            FileStorage::open_with(home, FileOptions::read_only())
+        }
+        other => other,
+    };
+    let store = opened?;
+    announce(&store);
+    Ok(Arc::new(store))
+}
+
+/// `check`: SQLite's integrity check and the counters.
+fn check(home: &Path, json: bool, out: &mut dyn Write) -> Result {
+    let report = FileStorage::check(home)?;
+    if json {
+        #[derive(Serialize)]
+        struct Check<'a> {
+            path: &'a Path,
+            ok: bool,
+            problems: &'a [String],
+        }
+        print_json(
+            out,
+            &Check {
+                path: &report.path,
+                ok: report.is_ok(),
+                problems: &report.problems,
+            },
+        )?;
+    } else if report.is_ok() {
+        writeln!(out, "ok: {} passed the integrity check", report.path.display())?;
+    } else {
+        writeln!(out, "{} has problems:", report.path.display())?;
+        for problem in &report.problems {
+            writeln!(out, "  {problem}")?;
+        }
+    }
+    if report.is_ok() {
+        Ok(())
+    } else {
+        Err(CliError::Refused(format!(
+            "the store at {} is damaged; restore it from a backup",
+            home.display()
+        )))
+    }
 }
 
 /// Returns jobs abandoned by dead workers to the queue before showing anything, so that what is
 /// shown is true even when no worker is running to do it.
 fn recover(store: &dyn Storage) -> Result<()> {
+    if store.is_read_only() {
+        return Ok(());
+    }
     let config = store.config()?;
     recover_abandoned(store, &hostname(), config.lease_duration() * 3, now())?;
     Ok(())

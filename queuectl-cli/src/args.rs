@@ -67,6 +67,10 @@ pub enum Command {
     /// Read and change settings.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Check the store for damage (SQLite's integrity check and the job counters).
+    ///
+    /// Exits 0 when the store is sound, 1 when it is damaged (the problems are listed).
+    Check(JsonFlag),
     /// Delete completed jobs that finished long enough ago.
     Purge {
         /// Delete those that finished more than this many seconds ago [default: the

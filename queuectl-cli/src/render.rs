@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use queuectl_core::{Config, Job, StateCounts, Timestamp, WorkerInfo};
+use queuectl_core::{Attempt, Config, Job, StateCounts, Timestamp, WorkerInfo};
 use time::format_description::well_known::Rfc3339;
 
 /// A timestamp to the second, e.g. `2026-11-29T04:13:29Z`.
@@ -66,8 +66,8 @@ pub fn job_table(jobs: &[Job]) -> String {
     text
 }
 
-/// Every field of one job.
-pub fn job_detail(job: &Job) -> String {
+/// Every field of one job, then its attempts.
+pub fn job_detail(job: &Job, attempts: &[Attempt]) -> String {
     let mut text = String::new();
     let mut field = |name: &str, value: &dyn std::fmt::Display| {
         let _ = writeln!(text, "{name:<12} {value}");
@@ -111,6 +111,32 @@ pub fn job_detail(job: &Job) -> String {
         for line in output.lines() {
             let _ = writeln!(text, "  {line}");
         }
+    }
+    if !attempts.is_empty() {
+        let _ = writeln!(text, "attempts:");
+    }
+    for attempt in attempts {
+        let mut line = format!(
+            "  #{:<3} {:<9} {} on {}",
+            attempt.number,
+            attempt.outcome,
+            ts(attempt.started_at),
+            attempt.worker
+        );
+        if let Some(at) = attempt.finished_at {
+            let took = (at - attempt.started_at).as_seconds_f64();
+            let _ = write!(line, ", {took:.3}s");
+        }
+        if let Some(code) = attempt.exit_code {
+            let _ = write!(line, ", exit {code}");
+        }
+        if let Some(signal) = attempt.signal {
+            let _ = write!(line, ", signal {signal}");
+        }
+        if let Some(error) = &attempt.error {
+            let _ = write!(line, ": {}", cut(error, 100));
+        }
+        let _ = writeln!(text, "{line}");
     }
     text
 }

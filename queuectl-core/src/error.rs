@@ -177,6 +177,19 @@ impl std::fmt::Display for DatabaseFault {
 }
 
 impl StorageError {
+    /// Whether this says the store's files cannot be opened or written with this user's
+    /// permissions (a reader may still open them read-only).
+    pub fn is_permission_problem(&self) -> bool {
+        match self {
+            StorageError::ReadOnly { .. } => true,
+            StorageError::Io { source, .. } => source.kind() == io::ErrorKind::PermissionDenied,
+            StorageError::Database { fault, .. } => {
+                matches!(fault, DatabaseFault::ReadOnly | DatabaseFault::CannotOpen)
+            }
+            _ => false,
+        }
+    }
+
     /// Whether the handle that returned this error can do nothing more (the store must be
     /// reopened): a pool stops at once instead of retrying.
     pub fn is_fatal(&self) -> bool {

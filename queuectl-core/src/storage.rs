@@ -289,6 +289,12 @@ pub trait Storage: Send + Sync + Debug {
     /// Blocks until [`Storage::change_version`] differs from `seen`, or `timeout` passes.
     /// Returns the current version. Must not busy-wait.
     fn wait_for_change(&self, seen: u64, timeout: Duration) -> Result<u64>;
+
+    /// Whether this handle refuses every change (opened read-only, or on files it cannot
+    /// write): callers skip housekeeping writes such as recovery.
+    fn is_read_only(&self) -> bool {
+        false
+    }
 }
 
 /// Conveniences over [`Storage`], implemented for every store.

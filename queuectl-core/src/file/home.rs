@@ -74,6 +74,8 @@ pub(super) fn classify(dir: &Path) -> Result<Home> {
         let name = name.to_string_lossy();
         if let Some(data) = legacy::is_store_file(&name) {
             legacy_files |= data;
+        } else if name == super::watch::WAKE_FILE {
+            // Ours, and holds nothing.
         } else if DB_SIDE_FILES
             .iter()
             .any(|suffix| name.strip_suffix(suffix) == Some(DB_FILE))

@@ -42,9 +42,6 @@ use crate::storage::{ListQuery, Settlement, StateCounts, Storage, WorkerInfo};
 
 pub use self::schema::SCHEMA_VERSION;
 
-/// How long a waiting method looks again at the database file's identity when nothing else
-/// wakes it, so a deleted store is noticed even when no event arrives.
-const IDENTITY_CHECK: Duration = Duration::from_secs(1);
 /// How many times an operation is re-run after SQLite reported the store busy past its busy
 /// timeout (each run waits up to the timeout again).
 const BUSY_RETRIES: u32 = 2;
@@ -63,6 +60,11 @@ pub struct FileOptions {
     /// How long an operation waits for another process's write transaction to finish before
     /// it fails as busy.
     pub busy_timeout: Duration,
+    /// Longest a [`Storage::wait_for_change`] goes without looking at the store again. It
+    /// wakes on file events (any commit, by any process, writes the database's WAL file); this
+    /// bounds the wait should an event be lost, and how soon an idle waiter notices that its
+    /// database was deleted.
+    pub poll_interval: Duration,
 }
 
 impl Default for FileOptions {
@@ -71,6 +73,7 @@ impl Default for FileOptions {
             create: true,
             read_only: false,
             busy_timeout: Duration::from_secs(10),
+            poll_interval: Duration::from_secs(1),
         }
     }
 }
@@ -149,6 +152,7 @@ pub struct FileStorage {
     dir: PathBuf,
     db_path: PathBuf,
     read_only: bool,
+    poll_interval: Duration,
     /// Device and inode of the database file when it was opened.
     identity: (u64, u64),
     /// Set once the file at `db_path` is no longer the one this handle has open.
@@ -157,6 +161,9 @@ pub struct FileStorage {
     /// Committed transactions of this handle that changed something (`PRAGMA data_version`
     /// counts only other connections' commits).
     local_changes: AtomicU64,
+    /// The file this handle writes to after each commit that changed something, to wake
+    /// waiters in every process (`None` when read-only).
+    wake: Option<fs::File>,
     imported: Option<ImportReport>,
 }
 
@@ -190,15 +197,32 @@ impl FileStorage {
             Home::Store => {}
         }
         let conn = connect(&db_path, &options).map_err(|e| db_error("open", &db_path, e))?;
+        // SQLite opens a file it may not write read-only without saying so.
+        let read_only = options.read_only
+            || conn
+                .is_readonly(rusqlite::MAIN_DB)
+                .map_err(|e| db_error("open", &db_path, e))?;
         let identity = file_identity(&db_path)?;
+        let wake = if read_only {
+            None
+        } else {
+            let wake = watch::open_wake_file(&dir).map_err(|source| StorageError::Io {
+                op: "open",
+                path: dir.join(watch::WAKE_FILE),
+                source,
+            })?;
+            Some(wake)
+        };
         let mut store = Self {
             dir,
             db_path,
-            read_only: options.read_only,
+            read_only,
+            poll_interval: options.poll_interval,
             identity,
             moved: AtomicBool::new(false),
             conn: Mutex::new(conn),
             local_changes: AtomicU64::new(0),
+            wake,
             imported: None,
         };
         store.imported = store.prepare()?;
@@ -280,6 +304,15 @@ impl FileStorage {
     /// Whether this handle was opened read-only.
     pub fn is_read_only(&self) -> bool {
         self.read_only
+    }
+
+    /// Copies everything in the WAL into the database file and truncates the WAL (SQLite also
+    /// does this on its own as the WAL grows; this is for backups and tests).
+    pub fn checkpoint(&self) -> Result<()> {
+        let conn = self.conn.lock();
+        self.check_identity()?;
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .map_err(|e| db_error("checkpoint", &self.db_path, e))
     }
 
     /// What opening imported from a store of the journal format, if it did.
@@ -433,6 +466,13 @@ impl FileStorage {
                 Ok(out) => {
                     if conn.total_changes() != before {
                         self.local_changes.fetch_add(1, Ordering::Relaxed);
+                        drop(conn);
+                        if let Some(wake) = &self.wake {
+                            // The change is committed, so the operation succeeded whatever
+                            // happens here: a lost wake-up only delays waiters until their
+                            // next poll (`FileOptions::poll_interval`).
+                            let _ = watch::wake(wake);
+                        }
                     }
                     return Ok(out);
                 }
@@ -982,6 +1022,10 @@ impl Storage for FileStorage {
         Ok((theirs as u64).wrapping_add(self.local_changes.load(Ordering::Relaxed)))
     }
 
+    fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
     fn wait_for_change(&self, seen: u64, timeout: Duration) -> Result<u64> {
         let current = self.change_version()?;
         if current != seen {
@@ -1000,7 +1044,7 @@ impl Storage for FileStorage {
             if left.is_zero() {
                 return Ok(current);
             }
-            watcher.wait(left.min(IDENTITY_CHECK));
+            watcher.wait(left.min(self.poll_interval));
         }
     }
 }

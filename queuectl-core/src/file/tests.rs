@@ -37,3 +37,4 @@ impl Harness for Files {
 mod conformance {
     crate::storage_conformance!(super::Files::new(), durable);
 }
+
