@@ -1,16 +1,12 @@
-//! Stores written by released formats stay loadable, forever.
-//!
-//! `tests/fixtures/file-v1/` holds a store (snapshot plus journal) written by format version 1.
-//! It was generated once by `write_fixture_v1` below and checked in; it must never be
-//! regenerated, only added to (a new format gets a new fixture directory and test).
+//! Stores written by released versions stay loadable, forever (`tests/fixtures/README.md`).
 
 use std::fs;
 use std::path::Path;
 use std::time::Duration;
 
 use queuectl_core::{
-    AttemptReport, FileStorage, JobState, ListQuery, NewJob, Storage, StorageExt, Timestamp,
-    WorkerInfo,
+    AttemptOutcome, AttemptReport, FileStorage, JobState, ListQuery, NewJob, Storage,
+    StorageError, StorageExt, Timestamp,
 };
 use time::macros::datetime;
 
@@ -20,31 +16,52 @@ fn at(secs: i64) -> Timestamp {
 
 const LEASE: Duration = Duration::from_secs(30);
 
-/// Opens a copy of the fixture (opening may repair a store, and must never touch the original).
-fn open_fixture(name: &str) -> (tempfile::TempDir, FileStorage) {
+/// A copy of a fixture directory (opening a store may change it; the original must never be).
+fn copy_fixture(name: &str) -> tempfile::TempDir {
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
         .join(name);
     let dir = tempfile::tempdir().unwrap();
-    for file in ["snapshot", "journal"] {
-        fs::copy(fixture.join(file), dir.path().join(file)).unwrap();
+    for entry in fs::read_dir(&fixture).unwrap() {
+        let entry = entry.unwrap();
+        fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
     }
-    let store = FileStorage::open(dir.path()).unwrap();
-    (dir, store)
+    dir
+}
+
+fn summary(store: &FileStorage) -> Vec<(String, JobState, u32)> {
+    store
+        .list(&ListQuery::all())
+        .unwrap()
+        .into_iter()
+        .map(|j| (j.id.to_string(), j.state, j.attempts))
+        .collect()
+}
+
+fn owned(rows: &[(&str, JobState, u32)]) -> Vec<(String, JobState, u32)> {
+    rows.iter().map(|&(id, s, n)| (id.to_owned(), s, n)).collect()
 }
 
 #[test]
-fn fixture_v1_loads_with_its_contents() {
-    let (_dir, store) = open_fixture("file-v1");
-    assert!(store.recovery_warnings().is_empty());
-    let jobs = store.list(&ListQuery::all()).unwrap();
-    let summary: Vec<_> = jobs
+fn a_journal_store_of_version_1_is_imported_on_first_open_and_moved_aside() {
+    let dir = copy_fixture("file-v1");
+    let original: Vec<Vec<u8>> = ["snapshot", "journal"]
         .iter()
-        .map(|j| (j.id.as_str(), j.state, j.attempts))
+        .map(|f| fs::read(dir.path().join(f)).unwrap())
         .collect();
+    let store = FileStorage::open(dir.path()).unwrap();
+    let report = store.imported().expect("the journal was imported").clone();
+    assert_eq!(report.jobs, 7);
+    assert_eq!(report.dropped_tail, None);
+    assert_eq!(report.moved_to, dir.path().join("imported-v1"));
+    // Moved aside, not deleted, byte for byte.
+    for (file, bytes) in ["snapshot", "journal"].iter().zip(&original) {
+        assert!(!dir.path().join(file).exists(), "{file} still in place");
+        assert_eq!(&fs::read(report.moved_to.join(file)).unwrap(), bytes);
+    }
     assert_eq!(
-        summary,
-        [
+        summary(&store),
+        owned(&[
             ("done", JobState::Completed, 1),
             ("flaky", JobState::Failed, 1),
             ("doomed", JobState::Dead, 1),
@@ -52,148 +69,113 @@ fn fixture_v1_loads_with_its_contents() {
             ("later", JobState::Pending, 0),
             ("urgent", JobState::Pending, 0),
             ("after-snapshot", JobState::Pending, 0),
-        ]
+        ])
     );
     let get = |id: &str| store.get(&id.parse().unwrap()).unwrap();
-
     let done = get("done");
-    assert_eq!(done.command, "echo done");
-    assert_eq!(done.exit_code, Some(0));
     assert_eq!(done.output.as_deref(), Some("done\n"));
+    assert_eq!(done.exit_code, Some(0));
     assert_eq!(
         (done.created_at, done.started_at, done.finished_at),
         (at(0), Some(at(1)), Some(at(2)))
     );
-    assert_eq!(done.timeout, Some(Duration::from_secs(30)));
-    assert_eq!(done.max_retries, 3);
-
-    let flaky = get("flaky");
-    assert_eq!(flaky.run_at, at(60));
-    assert_eq!(flaky.last_error.as_deref(), Some("exit status 1"));
-    assert_eq!(flaky.exit_code, Some(1));
-
-    let doomed = get("doomed");
-    assert_eq!(doomed.max_retries, 1);
-    assert_eq!(doomed.last_error.as_deref(), Some("boom"));
-
-    let running = get("running");
-    let lease = running.lease.clone().unwrap();
-    assert_eq!(lease.worker, "w1");
-    assert_eq!(lease.expires_at, at(4) + LEASE, "extended by a heartbeat");
+    let history = store.attempts(&"done".parse().unwrap()).unwrap();
+    assert_eq!(history.len(), 1, "the last attempt's summary became its history");
+    assert_eq!(history[0].outcome, AttemptOutcome::Succeeded);
+    assert_eq!(history[0].output.as_deref(), Some("done\n"));
+    assert_eq!(get("flaky").run_at, at(60));
+    assert_eq!(get("doomed").last_error.as_deref(), Some("boom"));
+    let lease = get("running").lease.unwrap();
     assert_eq!(lease.token, 0x41e3_bcdc_eca3_e8d9);
-
-    let later = get("later");
-    assert_eq!(later.run_at, at(3600));
-    assert_eq!(later.timeout, Some(Duration::from_millis(2500)));
-    let urgent = get("urgent");
-    assert_eq!(urgent.priority, 10);
-    assert_eq!(urgent.timeout, None);
-    assert_eq!(get("after-snapshot").max_retries, 5);
-
+    assert_eq!(lease.expires_at, at(4) + LEASE);
+    assert_eq!(get("later").timeout, Some(Duration::from_millis(2500)));
+    assert_eq!(get("urgent").priority, 10);
     let config = store.config().unwrap();
-    assert_eq!(config.max_retries, 5);
-    assert_eq!(config.backoff_base, 3.0);
+    assert_eq!((config.max_retries, config.backoff_base), (5, 3.0));
     let workers = store.workers().unwrap();
-    assert_eq!(workers.len(), 1);
     assert_eq!(
-        (
-            workers[0].id.as_str(),
-            workers[0].pid,
-            workers[0].last_seen,
-            workers[0].stop_requested
-        ),
-        ("w1", 4242, at(4), true)
+        (workers[0].id.as_str(), workers[0].pid, workers[0].stop_requested),
+        ("w1", 4242, true)
     );
+    assert_eq!(store.counts().unwrap().total(), 7);
 
-    // The loaded store works: the lease still fences, and new writes land.
-    store
-        .complete(&lease, AttemptReport::default(), at(5))
-        .unwrap();
-    store.enqueue(NewJob::new("true"), at(5)).unwrap();
+    // The imported store works, and a second open imports nothing again.
+    store.complete(&lease, AttemptReport::default(), at(5)).unwrap();
+    drop(store);
+    let again = FileStorage::open(dir.path()).unwrap();
+    assert!(again.imported().is_none());
+    assert_eq!(again.counts().unwrap().completed, 2);
 }
 
-/// Writes a format-1 store to `$QUEUECTL_WRITE_FIXTURE` (a directory); does nothing otherwise.
-/// Used once to create `tests/fixtures/file-v1`.
 #[test]
-fn write_fixture_v1() {
-    let Some(out) = std::env::var_os("QUEUECTL_WRITE_FIXTURE") else {
-        return;
-    };
-    let dir = tempfile::tempdir().unwrap();
+fn a_damaged_journal_is_refused_and_left_as_it_was() {
+    let dir = copy_fixture("file-v1");
+    let journal = dir.path().join("journal");
+    let mut bytes = fs::read(&journal).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    fs::write(&journal, &bytes).unwrap();
+    let err = FileStorage::open(dir.path()).unwrap_err();
+    assert!(
+        matches!(&err, StorageError::Corrupt { path, .. } if path == &journal),
+        "{err}"
+    );
+    assert!(err.to_string().contains("journal"), "{err}");
+    assert_eq!(fs::read(&journal).unwrap(), bytes, "the journal is untouched");
+    assert!(dir.path().join("snapshot").exists());
+    assert!(!dir.path().join("imported-v1").exists());
+}
+
+#[test]
+fn schema_v1_fixture_opens_with_its_contents() {
+    let dir = copy_fixture("sqlite-v1");
     let store = FileStorage::open(dir.path()).unwrap();
-    let job = |id: &str| NewJob::new(format!("echo {id}")).id(id).unwrap();
-    store
-        .enqueue_batch(
-            vec![
-                job("done"),
-                job("flaky"),
-                job("doomed").max_retries(1),
-                job("running"),
-                job("later")
-                    .run_at(at(3600))
-                    .timeout(Duration::from_millis(2500)),
-            ],
-            at(0),
-        )
-        .unwrap();
-    let claimed = store.claim("w1", 4, LEASE, at(1)).unwrap();
-    let lease = |i: usize| claimed[i].lease.clone().unwrap();
-    store
-        .complete(
-            &lease(0),
-            AttemptReport {
-                exit_code: Some(0),
-                output: Some("done\n".into()),
-                error: None,
-            },
-            at(2),
-        )
-        .unwrap();
-    let failed = |error: &str| AttemptReport {
-        exit_code: Some(1),
-        output: None,
-        error: Some(error.into()),
-    };
-    store
-        .fail(&lease(1), failed("exit status 1"), at(60), at(2))
-        .unwrap();
-    store
-        .fail(&lease(2), failed("boom"), at(60), at(2))
-        .unwrap();
-    store
-        .update_config(&mut |c| {
-            c.set("backoff-base", "3")?;
-            c.set("job-timeout", "0")
-        })
-        .unwrap();
-    store.enqueue(job("urgent").priority(10), at(2)).unwrap();
-    store
-        .register_worker(WorkerInfo {
-            id: "w1".into(),
-            hostname: "fixture-host".into(),
-            pid: 4242,
-            concurrency: 4,
-            started_at: at(0),
-            last_seen: at(0),
-            stop_requested: false,
-        })
-        .unwrap();
-    store.compact().unwrap();
+    assert!(store.imported().is_none());
+    assert_eq!(
+        summary(&store),
+        owned(&[
+            ("done", JobState::Completed, 1),
+            ("flaky", JobState::Failed, 1),
+            ("doomed", JobState::Dead, 1),
+            ("running", JobState::Processing, 1),
+            ("later", JobState::Pending, 0),
+            ("urgent", JobState::Pending, 0),
+        ])
+    );
+    let id = |s: &str| s.parse().unwrap();
+    let done = store.get(&id("done")).unwrap();
+    assert_eq!(done.output.as_deref(), Some("done\n"));
+    assert_eq!(done.finished_at, Some(at(2)));
+    let doomed = store.attempts(&id("doomed")).unwrap();
+    assert_eq!(
+        (doomed[0].outcome, doomed[0].signal, doomed[0].exit_code),
+        (AttemptOutcome::Failed, Some(9), None)
+    );
+    assert_eq!(store.get(&id("flaky")).unwrap().run_at, at(60));
+    let later = store.get(&id("later")).unwrap();
+    assert_eq!((later.run_at, later.timeout), (at(3600), Some(Duration::from_millis(2500))));
+    let urgent = store.get(&id("urgent")).unwrap();
+    assert_eq!((urgent.priority, urgent.max_retries), (10, 5));
+    let running = store.get(&id("running")).unwrap();
+    let lease = running.lease.clone().unwrap();
+    assert_eq!(lease.token, 0xa3f8_506c_11ec_ab61);
+    assert_eq!(lease.expires_at, at(4) + LEASE);
+    let attempts = store.attempts(&id("running")).unwrap();
+    assert_eq!(attempts.last().unwrap().outcome, AttemptOutcome::Running);
+    let counts = store.counts().unwrap();
+    assert_eq!(
+        [counts.pending, counts.processing, counts.completed, counts.failed, counts.dead],
+        [2, 1, 1, 1, 1]
+    );
+    assert_eq!(store.config().unwrap().backoff_base, 3.0);
+    let workers = store.workers().unwrap();
+    assert_eq!((workers[0].pid, workers[0].stop_requested), (4242, true));
+    assert_eq!(store.next_due().unwrap(), Some(at(2)));
 
-    // After the snapshot: journal records.
-    store
-        .update_config(&mut |c| c.set("max-retries", "5"))
-        .unwrap();
-    store.enqueue(job("after-snapshot"), at(3)).unwrap();
-    store.heartbeat(&lease(3), LEASE, at(4)).unwrap();
-    store.worker_heartbeat("w1", at(4)).unwrap();
-    store.request_stop().unwrap();
-    println!("running job's lease token: {:#x}", lease(3).token);
-    drop(store);
-
-    let out = Path::new(&out);
-    fs::create_dir_all(out).unwrap();
-    for file in ["snapshot", "journal"] {
-        fs::copy(dir.path().join(file), out.join(file)).unwrap();
-    }
+    // It works: the lease fences, claims follow priority, writes land.
+    store.complete(&lease, AttemptReport::default(), at(5)).unwrap();
+    let next = store.claim("w2", 1, LEASE, at(61)).unwrap();
+    assert_eq!(next[0].id.as_str(), "urgent");
+    store.enqueue(NewJob::new("true"), at(61)).unwrap();
+    assert!(FileStorage::check(dir.path()).unwrap().is_ok());
 }

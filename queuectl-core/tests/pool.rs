@@ -760,6 +760,9 @@ impl Storage for Broken {
     fn get(&self, id: &JobId) -> queuectl_core::Result<Job> {
         self.0.get(id)
     }
+    fn attempts(&self, id: &JobId) -> queuectl_core::Result<Vec<queuectl_core::Attempt>> {
+        self.0.attempts(id)
+    }
     fn list(&self, query: &queuectl_core::ListQuery) -> queuectl_core::Result<Vec<Job>> {
         self.0.list(query)
     }
