@@ -13,6 +13,7 @@
 
 mod home;
 mod legacy;
+mod queries;
 mod rows;
 mod schema;
 mod watch;
@@ -546,12 +547,11 @@ impl FileStorage {
         let now_us = micros(now);
         // Scheduled jobs that became due join the ready ones (the lane is index bookkeeping,
         // not job state).
-        tx.prepare_cached("UPDATE jobs SET lane = 1 WHERE lane = 0 AND run_at <= ?1")?
-            .execute([now_us])?;
+        tx.prepare_cached(queries::PROMOTE)?.execute([now_us])?;
         let limit = i64::try_from(max).unwrap_or(i64::MAX);
         let picked = rows::select_jobs(
             tx,
-            "WHERE lane = 1 AND run_at <= ?1 ORDER BY priority DESC, run_at, seq LIMIT ?2",
+            queries::PICK_READY,
             [now_us, limit],
         )?;
         let mut claimed = Vec::with_capacity(picked.len());
@@ -792,8 +792,7 @@ impl Storage for FileStorage {
         self.write("recover expired leases", |tx| {
             let picked = rows::select_jobs(
                 tx,
-                "WHERE state = 'processing' AND lease_expires_at <= ?1 \
-                 ORDER BY lease_expires_at, seq",
+                queries::EXPIRED,
                 [micros(now)],
             )?;
             Self::recover_in(tx, picked, Abandoned::LeaseExpired, now)
@@ -804,7 +803,7 @@ impl Storage for FileStorage {
         self.write("recover a dead worker's jobs", |tx| {
             let picked = rows::select_jobs(
                 tx,
-                "WHERE state = 'processing' AND lease_worker = ?1 ORDER BY lease_expires_at, seq",
+                queries::OF_WORKER,
                 [worker],
             )?;
             Self::recover_in(tx, picked, Abandoned::WorkerDied, now)
@@ -838,12 +837,12 @@ impl Storage for FileStorage {
         self.read("list jobs", |conn| match query.state {
             Some(state) => rows::select_jobs(
                 conn,
-                "WHERE state = ?1 ORDER BY seq LIMIT ?2 OFFSET ?3",
+                queries::PAGE_IN_STATE,
                 rusqlite::params![state.as_str(), limit, offset],
             ),
             None => rows::select_jobs(
                 conn,
-                "ORDER BY seq LIMIT ?1 OFFSET ?2",
+                queries::PAGE,
                 rusqlite::params![limit, offset],
             ),
         })
@@ -852,7 +851,7 @@ impl Storage for FileStorage {
     fn counts(&self) -> Result<StateCounts> {
         self.read("count jobs", |conn| {
             let mut counts = StateCounts::default();
-            let mut statement = conn.prepare_cached("SELECT state, jobs FROM counts")?;
+            let mut statement = conn.prepare_cached(queries::COUNTS)?;
             let mut found = statement.query([])?;
             while let Some(row) = found.next()? {
                 let state: String = row.get(0)?;
@@ -879,10 +878,10 @@ impl Storage for FileStorage {
     fn next_due(&self) -> Result<Option<Timestamp>> {
         self.read("find the next due job", |conn| {
             let mut earliest = None;
-            for lane in [0, 1] {
+            for query in [queries::NEXT_SCHEDULED, queries::NEXT_READY] {
                 let us: Option<i64> = conn
-                    .prepare_cached("SELECT min(run_at) FROM jobs WHERE lane = ?1")?
-                    .query_row([lane], |row| row.get(0))?;
+                    .prepare_cached(query)?
+                    .query_row([], |row| row.get(0))?;
                 earliest = match (earliest, us) {
                     (Some(a), Some(b)) => Some(std::cmp::min(a, b)),
                     (a, b) => a.or(b),
@@ -917,7 +916,7 @@ impl Storage for FileStorage {
                     }
                     targets
                 }
-                None => rows::select_jobs(tx, "WHERE state = 'dead' ORDER BY seq", [])?,
+                None => rows::select_jobs(tx, queries::DEAD, [])?,
             };
             let mut retried = Vec::with_capacity(targets.len());
             for old in targets {
@@ -933,7 +932,7 @@ impl Storage for FileStorage {
 
     fn clear_dead(&self) -> Result<usize> {
         self.write("delete dead jobs", |tx| {
-            let deleted = tx.delete_jobs(JobState::Dead, "TRUE", &[])?;
+            let deleted = tx.delete_jobs(JobState::Dead, queries::SELECT_DEAD, &[])?;
             tx.execute_batch("PRAGMA incremental_vacuum")?;
             Ok(deleted)
         })
@@ -944,7 +943,7 @@ impl Storage for FileStorage {
             let before = micros(finished_before);
             let deleted = tx.delete_jobs(
                 JobState::Completed,
-                "coalesce(finished_at, updated_at) < ?1",
+                queries::SELECT_PURGEABLE,
                 &[&before],
             )?;
             tx.execute_batch("PRAGMA incremental_vacuum")?;

@@ -245,7 +245,7 @@ pub(super) fn select_jobs(conn: &Connection, tail: &str, args: impl Params) -> T
 
 /// The job with this id, without its output.
 pub(super) fn job_by_id(conn: &Connection, id: &JobId) -> TxResult<Option<Job>> {
-    Ok(select_jobs(conn, "WHERE id = ?1", [id.as_str()])?.pop())
+    Ok(select_jobs(conn, super::queries::BY_ID, [id.as_str()])?.pop())
 }
 
 /// The job with this id, or [`StorageError::NotFound`].
@@ -255,9 +255,7 @@ pub(super) fn existing_job(conn: &Connection, id: &JobId) -> TxResult<Job> {
 
 /// The output of the job's last finished attempt.
 pub(super) fn last_output(conn: &Connection, seq: u64) -> TxResult<Option<String>> {
-    let mut statement = conn.prepare_cached(
-        "SELECT output FROM attempts WHERE job_seq = ?1 ORDER BY id DESC LIMIT 1",
-    )?;
+    let mut statement = conn.prepare_cached(super::queries::LAST_OUTPUT)?;
     let output = statement
         .query_row([seq as i64], |row| row.get::<_, Option<String>>(0))
         .optional()?;
@@ -266,7 +264,10 @@ pub(super) fn last_output(conn: &Connection, seq: u64) -> TxResult<Option<String
 
 /// The job's finished attempts, oldest first.
 pub(super) fn finished_attempts(conn: &Connection, seq: u64) -> TxResult<Vec<Attempt>> {
-    let sql = format!("SELECT {ATTEMPT_COLUMNS} FROM attempts WHERE job_seq = ?1 ORDER BY id");
+    let sql = format!(
+        "SELECT {ATTEMPT_COLUMNS} FROM attempts {}",
+        super::queries::ATTEMPTS_OF
+    );
     let mut statement = conn.prepare_cached(&sql)?;
     let attempts = statement
         .query_map([seq as i64], attempt_from_row)?
@@ -421,15 +422,14 @@ impl<'c> Tx<'c> {
         Ok(())
     }
 
-    /// Deletes the jobs in `state` that `filter` (an SQL condition on `jobs`, with its
-    /// arguments) selects, with their attempts. Returns how many.
+    /// Deletes the jobs, all in `state`, whose `seq` the query `selected` (with its arguments)
+    /// returns, with their attempts. Returns how many.
     pub(super) fn delete_jobs(
         &mut self,
         state: JobState,
-        filter: &str,
+        selected: &str,
         args: &[&dyn rusqlite::ToSql],
     ) -> TxResult<usize> {
-        let selected = format!("SELECT seq FROM jobs WHERE state = '{state}' AND {filter}");
         let attempts = format!("DELETE FROM attempts WHERE job_seq IN ({selected})");
         self.tx.prepare_cached(&attempts)?.execute(args)?;
         let jobs = format!("DELETE FROM jobs WHERE seq IN ({selected})");

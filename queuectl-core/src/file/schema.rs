@@ -53,7 +53,7 @@ CREATE INDEX jobs_ready_at ON jobs (run_at) WHERE lane = 1;
 CREATE INDEX jobs_state ON jobs (state, seq);
 -- Recovery of expired leases and of a dead worker's jobs.
 CREATE INDEX jobs_lease_expiry ON jobs (lease_expires_at) WHERE state = 'processing';
-CREATE INDEX jobs_lease_worker ON jobs (lease_worker) WHERE state = 'processing';
+CREATE INDEX jobs_lease_worker ON jobs (lease_worker, lease_expires_at) WHERE state = 'processing';
 -- Retention of completed jobs.
 CREATE INDEX jobs_completed ON jobs (coalesce(finished_at, updated_at)) WHERE state = 'completed';
 
