@@ -168,7 +168,13 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result {
             let job = store.get(&id)?;
             let attempts = store.attempts(&id)?;
             if json {
-                print_json(out, &JobWithAttempts { job, attempts })
+                print_json(
+                    out,
+                    &JobWithAttempts {
+                        job,
+                        history: attempts,
+                    },
+                )
             } else {
                 let text = render::job_detail(&job, &attempts);
                 Ok(out.write_all(text.as_bytes())?)
@@ -200,12 +206,12 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result {
     }
 }
 
-/// `show --json`: the job, and its attempts.
+/// `show --json`: the job, and its attempts (as `history`: `attempts` is the job's count).
 #[derive(Serialize)]
 struct JobWithAttempts {
     #[serde(flatten)]
     job: Job,
-    attempts: Vec<Attempt>,
+    history: Vec<Attempt>,
 }
 
 fn default_home() -> Result<PathBuf> {

@@ -113,7 +113,12 @@ fn failing_job_backs_off_exponentially_then_dies() {
     assert_eq!(dlq[0]["state"], "dead");
     assert_eq!(dlq[0]["attempts"], 3);
     assert_eq!(dlq[0]["exit_code"], 1);
-    assert_eq!(dlq[0]["output"].as_str().unwrap().trim_end(), "attempt 3");
+    let shown = q.job("flaky");
+    assert_eq!(shown["output"].as_str().unwrap().trim_end(), "attempt 3");
+    let history = shown["history"].as_array().unwrap();
+    let outcomes: Vec<_> = history.iter().map(|a| a["outcome"].as_str().unwrap()).collect();
+    assert_eq!(outcomes, ["failed", "failed", "failed"], "{history:?}");
+    assert_eq!(history[0]["output"].as_str().unwrap().trim_end(), "attempt 1");
     assert!(worker.is_running(), "a dead job does not stop the worker");
 
     // Back from the DLQ with a fresh set of retries, and then gone with `dlq clear`.
@@ -677,11 +682,13 @@ fn worker_keeps_working_when_its_log_reader_goes_away() {
 #[test]
 fn json_output_is_json_only() {
     let q = Queue::new();
+    // No store yet: an empty result, and a note on stderr, not on stdout.
     for args in [&["list"][..], &["dlq", "list"]] {
         let out = q.cmd(args).args(["--json"]).run();
         assert_eq!(out.stdout.trim_end(), "[]");
-        assert_eq!(out.stderr, "");
+        assert!(out.stderr.starts_with("note: there is no queue at"), "{}", out.stderr);
     }
+    assert!(!q.home().exists(), "reading created no store");
 
     q.config_set("max-retries", "1");
     let out = q

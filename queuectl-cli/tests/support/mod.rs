@@ -27,30 +27,31 @@ pub const TIMEOUT: Duration = Duration::from_secs(30);
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_queuectl");
 
-/// A queue in a fresh temporary home directory, removed when dropped.
+/// A queue in a fresh temporary directory (the store in `home/`, files jobs write in
+/// `scratch/` beside it), removed when dropped.
 pub struct Queue {
-    home: TempDir,
+    root: TempDir,
+    home: PathBuf,
 }
 
 impl Queue {
     pub fn new() -> Self {
-        Self {
-            home: tempfile::Builder::new()
-                .prefix("queuectl-test-")
-                .tempdir()
-                .expect("create a temporary home"),
-        }
+        let root = tempfile::Builder::new()
+            .prefix("queuectl-test-")
+            .tempdir()
+            .expect("create a temporary directory");
+        let home = root.path().join("home");
+        Self { root, home }
     }
 
-    /// The store directory, passed as `--home`.
+    /// The store directory, passed as `--home` (created by the first command that writes).
     pub fn home(&self) -> &Path {
-        self.home.path()
+        &self.home
     }
 
-    /// A scratch path in a `scratch` folder of the home directory (the store ignores it), for
-    /// files jobs write.
+    /// A scratch path beside the store, for files jobs write.
     pub fn scratch(&self, name: &str) -> PathBuf {
-        let dir = self.home.path().join("scratch");
+        let dir = self.root.path().join("scratch");
         std::fs::create_dir_all(&dir).expect("create scratch dir");
         dir.join(name)
     }
@@ -134,7 +135,8 @@ impl Output {
 impl Cmd {
     fn new(home: &Path) -> Self {
         let mut cmd = Self::without_home();
-        cmd.command.arg("--home").arg(home).current_dir(home);
+        let cwd = home.parent().unwrap_or(home);
+        cmd.command.arg("--home").arg(home).current_dir(cwd);
         cmd.description = format!("queuectl --home {}", home.display());
         cmd
     }

@@ -197,18 +197,18 @@ impl FileStorage {
             Home::Empty | Home::Legacy => home::create_db_file(&db_path)?,
             Home::Store => {}
         }
-        let conn = connect(&db_path, &options).map_err(|e| db_error("open", &db_path, e))?;
+        let conn = connect(&db_path, &options).map_err(|e| db_error("open the store", &db_path, e))?;
         // SQLite opens a file it may not write read-only without saying so.
         let read_only = options.read_only
             || conn
                 .is_readonly(rusqlite::MAIN_DB)
-                .map_err(|e| db_error("open", &db_path, e))?;
+                .map_err(|e| db_error("open the store", &db_path, e))?;
         let identity = file_identity(&db_path)?;
         let wake = if read_only {
             None
         } else {
             let wake = watch::open_wake_file(&dir).map_err(|source| StorageError::Io {
-                op: "open",
+                op: "open the wake file",
                 path: dir.join(watch::WAKE_FILE),
                 source,
             })?;
@@ -328,7 +328,7 @@ impl FileStorage {
     fn prepare(&self) -> Result<Option<ImportReport>> {
         let mut conn = self.conn.lock();
         let path = &self.db_path;
-        let (app_id, version) = header(&conn).map_err(|e| db_error("open", path, e))?;
+        let (app_id, version) = header(&conn).map_err(|e| db_error("open the store", path, e))?;
         if version > SCHEMA_VERSION {
             return Err(StorageError::UnsupportedFormat {
                 path: path.clone(),
@@ -343,7 +343,7 @@ impl FileStorage {
                     .query_row("SELECT count(*) FROM sqlite_master", [], |row| {
                         row.get::<_, i64>(0)
                     })
-                    .map_err(|e| db_error("open", path, e))?
+                    .map_err(|e| db_error("open the store", path, e))?
                     == 0;
             if !empty {
                 return Err(StorageError::NotAStore {
@@ -623,7 +623,57 @@ fn import(tx: &mut Tx, dir: &Path) -> TxResult<(usize, Option<String>)> {
 }
 
 /// Opens a connection with the settings every connection needs.
+///
+/// A read-only connection to a store in a directory this user cannot write (another user's
+/// store, a read-only disk) cannot create the `-shm` file WAL readers need. When no `-wal`
+/// file exists either, no process is writing to the store, and the file is read as it is
+/// (SQLite's `immutable`): a reader that races a writer starting up may then see an error,
+/// never a wrong change, since it writes nothing.
 fn connect(path: &Path, options: &FileOptions) -> rusqlite::Result<Connection> {
+    if !options.read_only {
+        return connect_plain(path, options);
+    }
+    match connect_plain(path, options).and_then(|conn| header(&conn).map(|_| conn)) {
+        Err(e)
+            if matches!(
+                e.sqlite_error_code(),
+                Some(ErrorCode::CannotOpen | ErrorCode::ReadOnly)
+            ) && !wal_path(path).exists() =>
+        {
+            let flags = OpenFlags::SQLITE_OPEN_READ_ONLY
+                | OpenFlags::SQLITE_OPEN_URI
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+            let conn = Connection::open_with_flags(immutable_uri(path), flags)?;
+            conn.busy_timeout(options.busy_timeout)?;
+            header(&conn)?;
+            Ok(conn)
+        }
+        other => other,
+    }
+}
+
+fn wal_path(db: &Path) -> PathBuf {
+    let mut wal = db.as_os_str().to_owned();
+    wal.push("-wal");
+    PathBuf::from(wal)
+}
+
+/// `file:PATH?immutable=1`, with the path percent-encoded as SQLite's URIs need.
+fn immutable_uri(path: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let mut uri = String::from("file:");
+    for &byte in path.as_os_str().as_bytes() {
+        if byte.is_ascii_alphanumeric() || b"/-_.~".contains(&byte) {
+            uri.push(byte as char);
+        } else {
+            uri.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    uri.push_str("?immutable=1");
+    uri
+}
+
+fn connect_plain(path: &Path, options: &FileOptions) -> rusqlite::Result<Connection> {
     // Never SQLITE_OPEN_CREATE: the store creates the file itself, with its permissions, and
     // only where it decided to.
     let access = if options.read_only {
