@@ -274,7 +274,11 @@ fn check(home: &Path, json: bool, out: &mut dyn Write) -> Result {
             },
         )?;
     } else if report.is_ok() {
-        writeln!(out, "ok: {} passed the integrity check", report.path.display())?;
+        writeln!(
+            out,
+            "ok: {} passed the integrity check",
+            report.path.display()
+        )?;
     } else {
         writeln!(out, "{} has problems:", report.path.display())?;
         for problem in &report.problems {

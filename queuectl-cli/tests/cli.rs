@@ -116,9 +116,15 @@ fn failing_job_backs_off_exponentially_then_dies() {
     let shown = q.job("flaky");
     assert_eq!(shown["output"].as_str().unwrap().trim_end(), "attempt 3");
     let history = shown["history"].as_array().unwrap();
-    let outcomes: Vec<_> = history.iter().map(|a| a["outcome"].as_str().unwrap()).collect();
+    let outcomes: Vec<_> = history
+        .iter()
+        .map(|a| a["outcome"].as_str().unwrap())
+        .collect();
     assert_eq!(outcomes, ["failed", "failed", "failed"], "{history:?}");
-    assert_eq!(history[0]["output"].as_str().unwrap().trim_end(), "attempt 1");
+    assert_eq!(
+        history[0]["output"].as_str().unwrap().trim_end(),
+        "attempt 1"
+    );
     assert!(worker.is_running(), "a dead job does not stop the worker");
 
     // Back from the DLQ with a fresh set of retries, and then gone with `dlq clear`.
@@ -686,7 +692,11 @@ fn json_output_is_json_only() {
     for args in [&["list"][..], &["dlq", "list"]] {
         let out = q.cmd(args).args(["--json"]).run();
         assert_eq!(out.stdout.trim_end(), "[]");
-        assert!(out.stderr.starts_with("note: there is no queue at"), "{}", out.stderr);
+        assert!(
+            out.stderr.starts_with("note: there is no queue at"),
+            "{}",
+            out.stderr
+        );
     }
     assert!(!q.home().exists(), "reading created no store");
 
@@ -802,4 +812,189 @@ fn enqueue_from_stdin_adds_every_line() {
         .collect();
     assert_eq!(running.len(), 3, "{}", out.stderr);
     assert!(running[0].contains(ids[1]), "{}", out.stderr);
+}
+
+#[test]
+fn an_unrelated_home_is_refused_and_left_untouched() {
+    let q = Queue::new();
+    std::fs::create_dir_all(q.home()).unwrap();
+    std::fs::write(q.home().join("thesis.tex"), "years of work").unwrap();
+    std::fs::write(q.home().join(".tmp-autosave"), "more work").unwrap();
+    for args in [
+        &["list"][..],
+        &["status"],
+        &["enqueue", r#"{"command":"true"}"#],
+        &["worker", "start", "--exit-when-idle"],
+        &["config", "set", "max-retries", "2"],
+        &["dlq", "clear"],
+    ] {
+        let out = q.cmd(args).status(1).run();
+        assert!(
+            out.stderr.contains("is not a queuectl store")
+                && out.stderr.contains(&q.home().display().to_string()),
+            "{args:?}: {}",
+            out.stderr
+        );
+        assert_eq!(out.stdout, "", "{args:?}");
+    }
+    let mut names: Vec<_> = std::fs::read_dir(q.home())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, [".tmp-autosave", "thesis.tex"]);
+    assert_eq!(
+        std::fs::read_to_string(q.home().join(".tmp-autosave")).unwrap(),
+        "more work"
+    );
+}
+
+#[test]
+fn reading_a_missing_queue_shows_it_empty_and_creates_nothing() {
+    let q = Queue::new();
+    let status = q.cmd(["status", "--json"]).run();
+    assert_eq!(status.json()["total"], 0);
+    assert!(
+        status.stderr.contains("there is no queue at"),
+        "{}",
+        status.stderr
+    );
+    let out = q.cmd(["show", "nope"]).status(1).run();
+    assert!(out.stderr.contains("job nope not found"), "{}", out.stderr);
+    q.cmd(["config", "show"]).run();
+    let out = q.cmd(["dlq", "retry", "x"]).status(1).run();
+    assert!(
+        out.stderr.contains("there is no queue at"),
+        "{}",
+        out.stderr
+    );
+    let out = q.cmd(["check"]).status(1).run();
+    assert!(
+        out.stderr.contains("there is no queue at"),
+        "{}",
+        out.stderr
+    );
+    assert!(!q.home().exists());
+}
+
+/// Runs `script` with `$Q` the binary and `$H` the store, in a private mount namespace where
+/// the store is mounted read-only; `None` where this machine cannot do that.
+fn on_a_read_only_mount(q: &Queue, script: &str) -> Option<support::Output> {
+    let setup = "mount --bind \"$H\" \"$H\" && mount -o remount,ro,bind \"$H\"";
+    let probe = std::process::Command::new("unshare")
+        .args(["-m", "sh", "-c", setup])
+        .env("H", q.home())
+        .output();
+    if !matches!(&probe, Ok(out) if out.status.success()) {
+        return None;
+    }
+    let full = format!("{setup} && {script}");
+    let out = std::process::Command::new("unshare")
+        .args(["-m", "sh", "-c", &full])
+        .env("H", q.home())
+        .env("Q", support::BIN)
+        .output()
+        .unwrap();
+    Some(support::Output {
+        status: out.status,
+        stdout: String::from_utf8(out.stdout).unwrap(),
+        stderr: String::from_utf8(out.stderr).unwrap(),
+    })
+}
+
+#[test]
+fn a_read_only_store_can_still_be_read() {
+    let q = Queue::new();
+    q.enqueue(r#"{"id":"a","command":"echo a"}"#);
+    q.cmd(["worker", "start", "--exit-when-idle"]).run();
+    q.enqueue(r#"{"id":"b","command":"echo b"}"#);
+
+    let Some(out) = on_a_read_only_mount(
+        &q,
+        "$Q --home \"$H\" list && $Q --home \"$H\" show a && $Q --home \"$H\" status --json",
+    ) else {
+        println!("skipped the read-only mount: this machine cannot make a mount namespace");
+        return read_as_another_user(&q);
+    };
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(out.stdout.contains("a   completed"), "{}", out.stdout);
+    assert!(out.stdout.contains("\"pending\": 1"), "{}", out.stdout);
+    let out =
+        on_a_read_only_mount(&q, "$Q --home \"$H\" enqueue '{\"command\":\"true\"}'").unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    assert!(out.stderr.starts_with("error: "), "{}", out.stderr);
+    read_as_another_user(&q);
+}
+
+/// Another user reads a store its owner made readable to others.
+fn read_as_another_user(q: &Queue) {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    // The store was made by this process: its owner is who we are.
+    if std::fs::metadata(q.home()).unwrap().uid() != 0 {
+        println!("skipped reading as another user: needs root to switch users");
+        return;
+    }
+    let open = |path: &std::path::Path, mode| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    open(q.home().parent().unwrap(), 0o755);
+    open(q.home(), 0o755);
+    for entry in std::fs::read_dir(q.home()).unwrap() {
+        open(&entry.unwrap().path(), 0o644);
+    }
+    let out = std::process::Command::new("runuser")
+        .args(["-u", "nobody", "--", support::BIN, "--home"])
+        .arg(q.home())
+        .args(["list", "--json"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let jobs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(jobs.as_array().unwrap().len(), 2, "{jobs}");
+}
+
+#[test]
+fn check_says_what_it_found() {
+    let q = Queue::new();
+    let batch: String = (0..2000)
+        .map(|i| format!("{{\"command\":\"echo {i} and some words to fill pages\"}}\n"))
+        .collect();
+    q.cmd(["enqueue", "-"]).stdin(batch).run();
+    let out = q.cmd(["check"]).run();
+    assert!(out.stdout.starts_with("ok: "), "{}", out.stdout);
+    let db = q.home().join("queuectl.db");
+    let mut bytes = std::fs::read(&db).unwrap();
+    let page = 4096 * (bytes.len() / 4096 / 2);
+    bytes[page..page + 4096].fill(0xa5);
+    std::fs::write(&db, &bytes).unwrap();
+    let out = q.cmd(["check"]).status(1).run();
+    assert!(out.stdout.contains("has problems"), "{}", out.stdout);
+    assert!(out.stderr.contains("is damaged"), "{}", out.stderr);
+    let report = q.cmd(["check", "--json"]).status(1).run().json();
+    assert_eq!(report["ok"], false);
+    assert!(!report["problems"].as_array().unwrap().is_empty());
+    let out = q.cmd(["list"]).status(1).run();
+    assert!(
+        out.stderr.contains("corrupt") && out.stderr.contains(&db.display().to_string()),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn a_worker_stops_with_a_clear_error_when_its_store_is_deleted() {
+    let q = Queue::new();
+    q.enqueue(r#"{"id":"a","command":"true"}"#);
+    let mut worker = q.worker(&[]);
+    worker.wait_for("[completed] job a");
+    std::fs::remove_dir_all(q.home()).unwrap();
+    let status = worker.wait_exit();
+    assert!(!status.success(), "{}", worker.transcript());
+    assert!(
+        worker.transcript().contains("deleted or replaced"),
+        "{}",
+        worker.transcript()
+    );
+    assert!(!q.home().exists(), "the worker recreated nothing");
 }

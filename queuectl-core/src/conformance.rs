@@ -766,7 +766,11 @@ pub fn every_attempt_is_recorded(h: &dyn Harness) {
     let running = store.attempts(&id("a")).unwrap();
     assert_eq!(running.len(), 1);
     assert_eq!(
-        (running[0].number, running[0].outcome, running[0].worker.as_str()),
+        (
+            running[0].number,
+            running[0].outcome,
+            running[0].worker.as_str()
+        ),
         (1, AttemptOutcome::Running, "w1")
     );
     assert_eq!(
@@ -824,7 +828,11 @@ pub fn every_attempt_is_recorded(h: &dyn Harness) {
     ];
     assert_eq!(history, expected);
     let job = store.get(&id("a")).unwrap();
-    assert_eq!(job.output.as_deref(), Some("done\n"), "the last attempt's output");
+    assert_eq!(
+        job.output.as_deref(),
+        Some("done\n"),
+        "the last attempt's output"
+    );
     assert_eq!(job.last_error.as_deref(), Some("killed by signal 9"));
     assert!(matches!(
         store.attempts(&id("missing")),
@@ -872,7 +880,13 @@ pub fn list_leaves_out_output_and_get_has_it(h: &dyn Harness) {
     assert_eq!(listed[0].output, None);
     let got = store.get(&id("a")).unwrap();
     assert_eq!(got.output.as_deref(), Some("big output\n"));
-    assert_eq!(Job { output: None, ..got }, listed[0]);
+    assert_eq!(
+        Job {
+            output: None,
+            ..got
+        },
+        listed[0]
+    );
 }
 
 /// Output over [`MAX_OUTPUT`] is cut to its tail, at a character boundary.
@@ -896,13 +910,17 @@ pub fn output_is_capped_to_its_tail(h: &dyn Harness) {
 /// `counts` stays right through deletions, retries and recoveries.
 pub fn counts_follow_deletions_and_retries(h: &dyn Harness) {
     let store = h.store();
-    let batch = (0..6).map(|i| job(&format!("j{i}")).max_retries(1)).collect();
+    let batch = (0..6)
+        .map(|i| job(&format!("j{i}")).max_retries(1))
+        .collect();
     store.enqueue_batch(batch, at(0)).unwrap();
     let claimed = store.claim("w", 6, LEASE, at(0)).unwrap();
     for (i, job) in claimed.iter().enumerate() {
         let lease = job.lease.as_ref().unwrap();
         match i {
-            0 | 1 => store.complete(lease, AttemptReport::default(), at(1)).map(drop),
+            0 | 1 => store
+                .complete(lease, AttemptReport::default(), at(1))
+                .map(drop),
             2..=4 => store.fail(lease, failed("x"), at(9), at(1)).map(drop),
             _ => Ok(()),
         }
@@ -951,7 +969,10 @@ pub fn scheduled_jobs_are_claimed_once_due_whatever_their_priority(h: &dyn Harne
 /// Every kind of change is visible through a newly opened handle (durable backends).
 pub fn everything_survives_a_reopen(h: &dyn Harness) {
     let store = h.store();
-    assert!(h.reopen().is_some(), "a durable backend opens a second handle");
+    assert!(
+        h.reopen().is_some(),
+        "a durable backend opens a second handle"
+    );
     store
         .enqueue_batch(
             vec![

@@ -46,8 +46,8 @@ pub use executor::{CancelSignal, Executor, ExecutorError, FnExecutor, Outcome, S
 
 pub use file::{CheckReport, FileOptions, FileStorage, ImportReport};
 pub use job::{
-    Attempt, AttemptOutcome, InvalidJob, Job, JobId, JobState, Lease, MAX_OUTPUT, NewJob, Timestamp,
-    now,
+    Attempt, AttemptOutcome, InvalidJob, Job, JobId, JobState, Lease, MAX_OUTPUT, NewJob,
+    Timestamp, now,
 };
 pub use memory::MemoryStorage;
 pub use pool::{Event, PoolError, Stopper, Summary, WorkerPool, WorkerPoolBuilder};

@@ -84,7 +84,10 @@ pub(crate) fn extend_lease(job: &mut Job, lease_for: Duration, now: Timestamp) {
 
 /// The attempt a `processing` job is running, as the history shows it.
 pub(crate) fn running_attempt(job: &Job) -> Option<Attempt> {
-    let lease = job.lease.as_ref().filter(|_| job.state == JobState::Processing)?;
+    let lease = job
+        .lease
+        .as_ref()
+        .filter(|_| job.state == JobState::Processing)?;
     Some(Attempt {
         number: job.attempts,
         worker: lease.worker.clone(),

@@ -5,8 +5,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use queuectl_core::{
-    AttemptOutcome, AttemptReport, FileStorage, JobState, ListQuery, NewJob, Storage,
-    StorageError, StorageExt, Timestamp,
+    AttemptOutcome, AttemptReport, FileStorage, JobState, ListQuery, NewJob, Storage, StorageError,
+    StorageExt, Timestamp,
 };
 use time::macros::datetime;
 
@@ -39,7 +39,9 @@ fn summary(store: &FileStorage) -> Vec<(String, JobState, u32)> {
 }
 
 fn owned(rows: &[(&str, JobState, u32)]) -> Vec<(String, JobState, u32)> {
-    rows.iter().map(|&(id, s, n)| (id.to_owned(), s, n)).collect()
+    rows.iter()
+        .map(|&(id, s, n)| (id.to_owned(), s, n))
+        .collect()
 }
 
 #[test]
@@ -80,7 +82,11 @@ fn a_journal_store_of_version_1_is_imported_on_first_open_and_moved_aside() {
         (at(0), Some(at(1)), Some(at(2)))
     );
     let history = store.attempts(&"done".parse().unwrap()).unwrap();
-    assert_eq!(history.len(), 1, "the last attempt's summary became its history");
+    assert_eq!(
+        history.len(),
+        1,
+        "the last attempt's summary became its history"
+    );
     assert_eq!(history[0].outcome, AttemptOutcome::Succeeded);
     assert_eq!(history[0].output.as_deref(), Some("done\n"));
     assert_eq!(get("flaky").run_at, at(60));
@@ -94,13 +100,19 @@ fn a_journal_store_of_version_1_is_imported_on_first_open_and_moved_aside() {
     assert_eq!((config.max_retries, config.backoff_base), (5, 3.0));
     let workers = store.workers().unwrap();
     assert_eq!(
-        (workers[0].id.as_str(), workers[0].pid, workers[0].stop_requested),
+        (
+            workers[0].id.as_str(),
+            workers[0].pid,
+            workers[0].stop_requested
+        ),
         ("w1", 4242, true)
     );
     assert_eq!(store.counts().unwrap().total(), 7);
 
     // The imported store works, and a second open imports nothing again.
-    store.complete(&lease, AttemptReport::default(), at(5)).unwrap();
+    store
+        .complete(&lease, AttemptReport::default(), at(5))
+        .unwrap();
     drop(store);
     let again = FileStorage::open(dir.path()).unwrap();
     assert!(again.imported().is_none());
@@ -121,7 +133,11 @@ fn a_damaged_journal_is_refused_and_left_as_it_was() {
         "{err}"
     );
     assert!(err.to_string().contains("journal"), "{err}");
-    assert_eq!(fs::read(&journal).unwrap(), bytes, "the journal is untouched");
+    assert_eq!(
+        fs::read(&journal).unwrap(),
+        bytes,
+        "the journal is untouched"
+    );
     assert!(dir.path().join("snapshot").exists());
     assert!(!dir.path().join("imported-v1").exists());
 }
@@ -153,7 +169,10 @@ fn schema_v1_fixture_opens_with_its_contents() {
     );
     assert_eq!(store.get(&id("flaky")).unwrap().run_at, at(60));
     let later = store.get(&id("later")).unwrap();
-    assert_eq!((later.run_at, later.timeout), (at(3600), Some(Duration::from_millis(2500))));
+    assert_eq!(
+        (later.run_at, later.timeout),
+        (at(3600), Some(Duration::from_millis(2500)))
+    );
     let urgent = store.get(&id("urgent")).unwrap();
     assert_eq!((urgent.priority, urgent.max_retries), (10, 5));
     let running = store.get(&id("running")).unwrap();
@@ -164,7 +183,13 @@ fn schema_v1_fixture_opens_with_its_contents() {
     assert_eq!(attempts.last().unwrap().outcome, AttemptOutcome::Running);
     let counts = store.counts().unwrap();
     assert_eq!(
-        [counts.pending, counts.processing, counts.completed, counts.failed, counts.dead],
+        [
+            counts.pending,
+            counts.processing,
+            counts.completed,
+            counts.failed,
+            counts.dead
+        ],
         [2, 1, 1, 1, 1]
     );
     assert_eq!(store.config().unwrap().backoff_base, 3.0);
@@ -173,7 +198,9 @@ fn schema_v1_fixture_opens_with_its_contents() {
     assert_eq!(store.next_due().unwrap(), Some(at(2)));
 
     // It works: the lease fences, claims follow priority, writes land.
-    store.complete(&lease, AttemptReport::default(), at(5)).unwrap();
+    store
+        .complete(&lease, AttemptReport::default(), at(5))
+        .unwrap();
     let next = store.claim("w2", 1, LEASE, at(61)).unwrap();
     assert_eq!(next[0].id.as_str(), "urgent");
     store.enqueue(NewJob::new("true"), at(61)).unwrap();

@@ -103,7 +103,10 @@ impl Kid {
         }
         // Its stdout closed: it has exited (or is exiting).
         let status = self.child.wait().unwrap();
-        assert!(status.success(), "child failed: {status}; printed {lines:?}");
+        assert!(
+            status.success(),
+            "child failed: {status}; printed {lines:?}"
+        );
         self.reader.take().unwrap().join().unwrap();
         lines
     }

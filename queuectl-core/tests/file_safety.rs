@@ -23,7 +23,11 @@ fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>, u32)> {
             out.push((path.clone(), Vec::new(), meta.permissions().mode()));
             out.extend(snapshot(&path));
         } else {
-            out.push((path.clone(), fs::read(&path).unwrap(), meta.permissions().mode()));
+            out.push((
+                path.clone(),
+                fs::read(&path).unwrap(),
+                meta.permissions().mode(),
+            ));
         }
     }
     out.sort();
@@ -61,7 +65,10 @@ fn an_unrelated_directory_is_refused_and_left_untouched() {
             "{err}"
         );
         let message = err.to_string();
-        assert!(message.contains(&dir.path().display().to_string()), "{message}");
+        assert!(
+            message.contains(&dir.path().display().to_string()),
+            "{message}"
+        );
         assert!(message.contains("not a queuectl store"), "{message}");
     }
     assert_eq!(snapshot(dir.path()), before, "nothing in it was touched");
@@ -160,14 +167,17 @@ fn what_the_store_creates_is_private_whatever_the_umask() {
     nix::sys::stat::umask(old);
     let store = opened.unwrap();
     store.enqueue(NewJob::new("true"), now()).unwrap();
-    let mode = |name: &str| {
-        fs::metadata(dir.join(name)).unwrap().permissions().mode() & 0o777
-    };
+    let mode = |name: &str| fs::metadata(dir.join(name)).unwrap().permissions().mode() & 0o777;
     assert_eq!(
         fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
         0o700
     );
-    for file in ["queuectl.db", "queuectl.db-wal", "queuectl.db-shm", "queuectl.wake"] {
+    for file in [
+        "queuectl.db",
+        "queuectl.db-wal",
+        "queuectl.db-shm",
+        "queuectl.wake",
+    ] {
         assert_eq!(mode(file), 0o600, "{file}");
     }
 }
@@ -183,7 +193,10 @@ fn a_deleted_database_is_noticed_and_nothing_more_is_written() {
     assert!(matches!(err, StorageError::StoreMoved { .. }), "{err}");
     assert!(err.is_fatal());
     assert!(err.to_string().contains("deleted or replaced"), "{err}");
-    assert!(matches!(store.counts(), Err(StorageError::StoreMoved { .. })));
+    assert!(matches!(
+        store.counts(),
+        Err(StorageError::StoreMoved { .. })
+    ));
     assert!(!home.exists(), "nothing was recreated");
 }
 
@@ -210,7 +223,10 @@ fn an_idle_waiter_notices_the_deletion_without_waiting_for_its_poll() {
     let result = rx
         .recv_timeout(Duration::from_secs(60))
         .expect("the waiter noticed the deletion");
-    assert!(matches!(result, Err(StorageError::StoreMoved { .. })), "{result:?}");
+    assert!(
+        matches!(result, Err(StorageError::StoreMoved { .. })),
+        "{result:?}"
+    );
 }
 
 #[test]
@@ -330,7 +346,10 @@ fn a_full_disk_fails_cleanly_and_the_store_works_once_space_is_freed() {
     assert_eq!(listed, acknowledged);
     fs::remove_file(&filler).unwrap();
     store.enqueue(NewJob::new("true"), now()).unwrap();
-    assert_eq!(store.counts().unwrap().get(JobState::Pending), acknowledged.len() + 1);
+    assert_eq!(
+        store.counts().unwrap().get(JobState::Pending),
+        acknowledged.len() + 1
+    );
     drop(store);
     assert!(FileStorage::check(&home).unwrap().is_ok());
 }

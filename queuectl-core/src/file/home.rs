@@ -85,7 +85,9 @@ pub(super) fn classify(dir: &Path) -> Result<Home> {
                  only if no process uses it)"
             )));
         } else {
-            return Err(not_a_store(format!("it holds other files, such as {name:?}")));
+            return Err(not_a_store(format!(
+                "it holds other files, such as {name:?}"
+            )));
         }
     }
     Ok(if legacy_files {

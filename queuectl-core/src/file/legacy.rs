@@ -141,7 +141,10 @@ fn corrupt(path: &Path, offset: usize, reason: impl std::fmt::Display) -> Storag
 /// What the bytes at a record boundary hold.
 enum Frame<'a> {
     End,
-    Record { body: &'a [u8], next: usize },
+    Record {
+        body: &'a [u8],
+        next: usize,
+    },
     /// Damage an interrupted append explains: a prefix of one record, then maybe zero fill.
     Torn(String),
     Corrupt(String),
@@ -202,12 +205,15 @@ fn read_frame(buf: &[u8]) -> Frame<'_> {
     Frame::Record { body, next: end }
 }
 
+/// A file's records with their offsets, and the torn tail dropped (in words).
+type Records = (Vec<(usize, Record)>, Option<String>);
+
 /// The records of a file: `(offset, record)` in order, and the torn tail (if `tolerate_torn`).
 fn records(
     bytes: &[u8],
     path: &Path,
     tolerate_torn: bool,
-) -> Result<(Vec<(usize, Record)>, Option<String>)> {
+) -> Result<Records> {
     let mut out = Vec::new();
     let mut pos = 0;
     loop {

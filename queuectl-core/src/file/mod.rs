@@ -197,7 +197,8 @@ impl FileStorage {
             Home::Empty | Home::Legacy => home::create_db_file(&db_path)?,
             Home::Store => {}
         }
-        let conn = connect(&db_path, &options).map_err(|e| db_error("open the store", &db_path, e))?;
+        let conn =
+            connect(&db_path, &options).map_err(|e| db_error("open the store", &db_path, e))?;
         // SQLite opens a file it may not write read-only without saying so.
         let read_only = options.read_only
             || conn
@@ -285,7 +286,9 @@ impl FileStorage {
                     fault: DatabaseFault::Corrupt,
                     source,
                     ..
-                } => report.problems.push(format!("the database is unreadable: {source}")),
+                } => report
+                    .problems
+                    .push(format!("the database is unreadable: {source}")),
                 other => return Err(other),
             },
         }
@@ -430,8 +433,8 @@ impl FileStorage {
             match file_identity(&self.db_path) {
                 Ok(identity) if identity == self.identity => return Ok(()),
                 Ok(_) => {}
-                Err(StorageError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
-                }
+                Err(StorageError::Io { source, .. })
+                    if source.kind() == io::ErrorKind::NotFound => {}
                 Err(error) => return Err(error),
             }
             self.moved.store(true, Ordering::Relaxed);
@@ -484,7 +487,11 @@ impl FileStorage {
     }
 
     /// Runs `f` in one read transaction (one consistent snapshot).
-    fn read<T>(&self, op: &'static str, mut f: impl FnMut(&Connection) -> TxResult<T>) -> Result<T> {
+    fn read<T>(
+        &self,
+        op: &'static str,
+        mut f: impl FnMut(&Connection) -> TxResult<T>,
+    ) -> Result<T> {
         let mut conn = self.conn.lock();
         self.check_identity()?;
         let mut tries = 0;
@@ -549,11 +556,7 @@ impl FileStorage {
         // not job state).
         tx.prepare_cached(queries::PROMOTE)?.execute([now_us])?;
         let limit = i64::try_from(max).unwrap_or(i64::MAX);
-        let picked = rows::select_jobs(
-            tx,
-            queries::PICK_READY,
-            [now_us, limit],
-        )?;
+        let picked = rows::select_jobs(tx, queries::PICK_READY, [now_us, limit])?;
         let mut claimed = Vec::with_capacity(picked.len());
         for old in picked {
             let mut job = old.clone();
@@ -564,7 +567,12 @@ impl FileStorage {
         Ok(claimed)
     }
 
-    fn recover_in(tx: &mut Tx, picked: Vec<Job>, why: Abandoned, now: Timestamp) -> TxResult<Vec<Job>> {
+    fn recover_in(
+        tx: &mut Tx,
+        picked: Vec<Job>,
+        why: Abandoned,
+        now: Timestamp,
+    ) -> TxResult<Vec<Job>> {
         let mut recovered = Vec::with_capacity(picked.len());
         for old in picked {
             let mut job = old.clone();
@@ -607,7 +615,10 @@ fn import(tx: &mut Tx, dir: &Path) -> TxResult<(usize, Option<String>)> {
                 outcome,
                 exit_code: job.exit_code,
                 signal: None,
-                error: job.last_error.clone().filter(|_| outcome == AttemptOutcome::Failed),
+                error: job
+                    .last_error
+                    .clone()
+                    .filter(|_| outcome == AttemptOutcome::Failed),
                 output,
             };
             tx.insert_attempt(job.seq, &mut attempt)?;
@@ -618,7 +629,10 @@ fn import(tx: &mut Tx, dir: &Path) -> TxResult<(usize, Option<String>)> {
     for worker in &old.workers {
         tx.put_worker(worker)?;
     }
-    tx.set_meta("imported_from", &format!("journal format 1, {} jobs", old.jobs.len()))?;
+    tx.set_meta(
+        "imported_from",
+        &format!("journal format 1, {} jobs", old.jobs.len()),
+    )?;
     Ok((old.jobs.len(), old.dropped_tail))
 }
 
@@ -794,7 +808,9 @@ impl Storage for FileStorage {
         if max == 0 {
             return Ok(Vec::new());
         }
-        self.write("claim jobs", |tx| Self::claim_in(tx, worker, max, lease_for, now))
+        self.write("claim jobs", |tx| {
+            Self::claim_in(tx, worker, max, lease_for, now)
+        })
     }
 
     fn extend_leases(
@@ -820,7 +836,9 @@ impl Storage for FileStorage {
     }
 
     fn settle(&self, settlements: Vec<Settlement>, now: Timestamp) -> Result<Vec<Result<Job>>> {
-        self.write("record job results", |tx| Self::settle_in(tx, &settlements, now))
+        self.write("record job results", |tx| {
+            Self::settle_in(tx, &settlements, now)
+        })
     }
 
     fn settle_and_claim(
@@ -840,22 +858,14 @@ impl Storage for FileStorage {
 
     fn recover_expired(&self, now: Timestamp) -> Result<Vec<Job>> {
         self.write("recover expired leases", |tx| {
-            let picked = rows::select_jobs(
-                tx,
-                queries::EXPIRED,
-                [micros(now)],
-            )?;
+            let picked = rows::select_jobs(tx, queries::EXPIRED, [micros(now)])?;
             Self::recover_in(tx, picked, Abandoned::LeaseExpired, now)
         })
     }
 
     fn recover_worker(&self, worker: &str, now: Timestamp) -> Result<Vec<Job>> {
         self.write("recover a dead worker's jobs", |tx| {
-            let picked = rows::select_jobs(
-                tx,
-                queries::OF_WORKER,
-                [worker],
-            )?;
+            let picked = rows::select_jobs(tx, queries::OF_WORKER, [worker])?;
             Self::recover_in(tx, picked, Abandoned::WorkerDied, now)
         })
     }
@@ -890,11 +900,7 @@ impl Storage for FileStorage {
                 queries::PAGE_IN_STATE,
                 rusqlite::params![state.as_str(), limit, offset],
             ),
-            None => rows::select_jobs(
-                conn,
-                queries::PAGE,
-                rusqlite::params![limit, offset],
-            ),
+            None => rows::select_jobs(conn, queries::PAGE, rusqlite::params![limit, offset]),
         })
     }
 
@@ -991,18 +997,15 @@ impl Storage for FileStorage {
     fn purge_completed(&self, finished_before: Timestamp) -> Result<usize> {
         self.write("purge completed jobs", |tx| {
             let before = micros(finished_before);
-            let deleted = tx.delete_jobs(
-                JobState::Completed,
-                queries::SELECT_PURGEABLE,
-                &[&before],
-            )?;
+            let deleted =
+                tx.delete_jobs(JobState::Completed, queries::SELECT_PURGEABLE, &[&before])?;
             tx.execute_batch("PRAGMA incremental_vacuum")?;
             Ok(deleted)
         })
     }
 
     fn config(&self) -> Result<Config> {
-        self.read("read the settings", |conn| rows::config(conn))
+        self.read("read the settings", rows::config)
     }
 
     fn update_config(
@@ -1048,7 +1051,7 @@ impl Storage for FileStorage {
     }
 
     fn workers(&self) -> Result<Vec<WorkerInfo>> {
-        self.read("list workers", |conn| rows::workers(conn))
+        self.read("list workers", rows::workers)
     }
 
     fn request_stop(&self) -> Result<usize> {
@@ -1089,7 +1092,9 @@ impl Storage for FileStorage {
             if current != seen {
                 return Ok(current);
             }
-            let left = deadline.map_or(Duration::MAX, |d| d.saturating_duration_since(Instant::now()));
+            let left = deadline.map_or(Duration::MAX, |d| {
+                d.saturating_duration_since(Instant::now())
+            });
             if left.is_zero() {
                 return Ok(current);
             }

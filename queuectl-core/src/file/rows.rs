@@ -90,7 +90,9 @@ pub(super) fn normalize(job: &mut Job) {
 
 /// Rounds an attempt's times down to microseconds (see [`normalize`]).
 pub(super) fn normalize_attempt(attempt: &mut Attempt) {
-    let round = |at: Timestamp| timestamp(micros(at)).expect("representable");
+    fn round(at: Timestamp) -> Timestamp {
+        timestamp(micros(at)).expect("a rounded-down timestamp is representable")
+    }
     attempt.started_at = round(attempt.started_at);
     attempt.finished_at = attempt.finished_at.map(round);
 }
@@ -103,11 +105,7 @@ fn lane(job: &Job, now: Timestamp) -> Option<i64> {
 }
 
 fn conversion(column: usize, message: String) -> rusqlite::Error {
-    rusqlite::Error::FromSqlConversionFailure(
-        column,
-        rusqlite::types::Type::Text,
-        message.into(),
-    )
+    rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Text, message.into())
 }
 
 fn time_at(row: &Row, column: usize) -> rusqlite::Result<Timestamp> {
@@ -211,7 +209,8 @@ fn columns(job: &Job, now: Timestamp) -> [(&'static str, Value); LANE + 1] {
         ("last_error", opt_text(&job.last_error)),
         (
             "exit_code",
-            job.exit_code.map_or(Value::Null, |c| Value::Integer(c.into())),
+            job.exit_code
+                .map_or(Value::Null, |c| Value::Integer(c.into())),
         ),
         ("started_at", opt_micros(job.started_at)),
         ("finished_at", opt_micros(job.finished_at)),
@@ -286,7 +285,10 @@ pub(super) fn config(conn: &Connection) -> TxResult<Config> {
     match meta(conn, "config")? {
         None => Ok(Config::default()),
         Some(json) => serde_json::from_str(&json).map_err(|e| {
-            TxError::Db(conversion(0, format!("stored settings are unreadable: {e}")))
+            TxError::Db(conversion(
+                0,
+                format!("stored settings are unreadable: {e}"),
+            ))
         }),
     }
 }
@@ -356,8 +358,9 @@ impl<'c> Tx<'c> {
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, \
              ?17, ?18) ON CONFLICT (id) DO NOTHING",
         )?;
-        let inserted =
-            statement.execute(rusqlite::params_from_iter(values[1..].iter().map(|(_, v)| v)))?;
+        let inserted = statement.execute(rusqlite::params_from_iter(
+            values[1..].iter().map(|(_, v)| v),
+        ))?;
         if inserted == 0 {
             return Err(StorageError::AlreadyExists { id: job.id.clone() }.into());
         }
@@ -461,4 +464,3 @@ impl<'c> Tx<'c> {
         Ok(())
     }
 }
-

@@ -38,7 +38,6 @@ mod conformance {
     crate::storage_conformance!(super::Files::new(), durable);
 }
 
-
 mod plans {
     use super::super::{FileStorage, queries, rows};
     use crate::{NewJob, Storage, now};
@@ -50,7 +49,9 @@ mod plans {
         let count = statement.parameter_count();
         let args: Vec<i64> = vec![1; count];
         statement
-            .query_map(rusqlite::params_from_iter(args), |row| row.get::<_, String>(3))
+            .query_map(rusqlite::params_from_iter(args), |row| {
+                row.get::<_, String>(3)
+            })
             .unwrap()
             .collect::<rusqlite::Result<_>>()
             .unwrap()
@@ -105,7 +106,10 @@ mod plans {
         // Claims read the ready index in claim order and stop after `LIMIT` due jobs; a page of
         // every job reads the table in enqueue order and stops after `OFFSET + LIMIT` rows.
         for (sql, scan) in [
-            (jobs(queries::PICK_READY), "SCAN jobs USING INDEX jobs_ready"),
+            (
+                jobs(queries::PICK_READY),
+                "SCAN jobs USING INDEX jobs_ready",
+            ),
             (jobs(queries::PAGE), "SCAN jobs"),
         ] {
             assert_eq!(plan(&store, &sql), [scan], "{sql}");

@@ -72,7 +72,9 @@ impl Watcher {
         };
         let deadline = Instant::now().checked_add(timeout);
         loop {
-            let left = deadline.map_or(Duration::MAX, |d| d.saturating_duration_since(Instant::now()));
+            let left = deadline.map_or(Duration::MAX, |d| {
+                d.saturating_duration_since(Instant::now())
+            });
             if left.is_zero() {
                 return;
             }
