@@ -209,11 +209,7 @@ fn read_frame(buf: &[u8]) -> Frame<'_> {
 type Records = (Vec<(usize, Record)>, Option<String>);
 
 /// The records of a file: `(offset, record)` in order, and the torn tail (if `tolerate_torn`).
-fn records(
-    bytes: &[u8],
-    path: &Path,
-    tolerate_torn: bool,
-) -> Result<Records> {
+fn records(bytes: &[u8], path: &Path, tolerate_torn: bool) -> Result<Records> {
     let mut out = Vec::new();
     let mut pos = 0;
     loop {

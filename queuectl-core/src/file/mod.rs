@@ -6,7 +6,7 @@
 //! readers never wait for writers.
 //!
 //! Every [`Storage`] method is one transaction (`BEGIN IMMEDIATE` when it writes), on the
-//! handle's one connection. What a transition does to a job is a rule of [`crate::rules`],
+//! handle's one connection. What a transition does to a job is a rule of the crate's `rules` module,
 //! shared with [`MemoryStorage`](crate::MemoryStorage); SQL only selects the rows a transition
 //! applies to (through an index), and writes back the columns the rule changed. Per-state
 //! counts are kept in a table updated by the same transactions, so `counts` reads five rows.
