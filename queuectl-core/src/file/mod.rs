@@ -34,7 +34,7 @@ use rusqlite::{Connection, ErrorCode, OpenFlags, TransactionBehavior};
 
 use self::home::Home;
 use self::rows::{Tx, TxError, TxResult, micros};
-use self::watch::Watcher;
+use self::watch::Notifier;
 use crate::config::{Config, ConfigError};
 use crate::error::{DatabaseFault, Result, StorageError};
 use crate::job::{Attempt, AttemptOutcome, Job, JobId, JobState, Lease, NewJob, Timestamp};
@@ -165,6 +165,8 @@ pub struct FileStorage {
     /// The file this handle writes to after each commit that changed something, to wake
     /// waiters in every process (`None` when read-only).
     wake: Option<fs::File>,
+    /// Wakes this handle's waiters on other handles' commits.
+    notifier: Notifier,
     imported: Option<ImportReport>,
 }
 
@@ -216,6 +218,7 @@ impl FileStorage {
             Some(wake)
         };
         let mut store = Self {
+            notifier: Notifier::new(&dir),
             dir,
             db_path,
             read_only,
@@ -1085,9 +1088,9 @@ impl Storage for FileStorage {
         }
         // A timeout too long to represent as an instant is as good as forever.
         let deadline = Instant::now().checked_add(timeout);
-        // Watch before looking again, so a change in between still wakes the wait.
-        let watcher = Watcher::new(&self.dir);
         loop {
+            // Read before looking again, so a change in between still ends the wait.
+            let generation = self.notifier.generation();
             let current = self.change_version()?;
             if current != seen {
                 return Ok(current);
@@ -1098,7 +1101,7 @@ impl Storage for FileStorage {
             if left.is_zero() {
                 return Ok(current);
             }
-            watcher.wait(left.min(self.poll_interval));
+            self.notifier.wait(generation, left.min(self.poll_interval));
         }
     }
 }

@@ -6,10 +6,14 @@
 //! and waiters watch the directory for that (and for the database being deleted or replaced).
 
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
 
 /// The file a committing handle writes to, to wake waiters.
 pub(super) const WAKE_FILE: &str = "queuectl.wake";
@@ -32,91 +36,165 @@ pub(super) fn wake(file: &File) -> io::Result<()> {
     file.write_at(b"\n", 0).map(drop)
 }
 
-/// Wakes up when the wake file is written, or the database is deleted, renamed or replaced.
+/// Wakes waiters when the wake file is written, or the database is deleted, renamed or
+/// replaced.
 ///
-/// Created before the caller's look at the store, so a change made between that look and
-/// [`Watcher::wait`] is still queued and ends the wait at once.
-pub(super) struct Watcher {
-    #[cfg(any(target_os = "linux", target_os = "android"))]
-    inotify: Option<nix::sys::inotify::Inotify>,
+/// One inotify instance and one thread per store handle, started by the first wait and
+/// stopped (and joined) when the handle is dropped: closing an inotify instance costs the
+/// kernel a grace period of several milliseconds, too much to pay on every wait. The thread
+/// counts relevant events in a generation number; waiters read it before they look at the
+/// store, so an event that comes between their look and their wait still ends the wait.
+pub(super) struct Notifier {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<Running>>,
+    dir: PathBuf,
 }
 
-#[cfg(any(target_os = "linux", target_os = "android"))]
-impl Watcher {
-    /// Watches `dir`; falls back to sleeping in short steps if inotify is unavailable (the
-    /// per-user instance limit reached, or a file system without it).
+struct Shared {
+    generation: Mutex<u64>,
+    changed: Condvar,
+}
+
+struct Running {
+    thread: JoinHandle<()>,
+    /// Written to (then dropped) to stop the thread.
+    stop: io::PipeWriter,
+}
+
+impl Notifier {
     pub(super) fn new(dir: &Path) -> Self {
-        use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
-        let mask = AddWatchFlags::IN_MODIFY
-            | AddWatchFlags::IN_MOVED_TO
-            | AddWatchFlags::IN_CREATE
-            | AddWatchFlags::IN_DELETE
-            | AddWatchFlags::IN_MOVED_FROM
-            | AddWatchFlags::IN_DELETE_SELF
-            | AddWatchFlags::IN_MOVE_SELF;
-        let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
-            .ok()
-            .filter(|inotify| inotify.add_watch(dir, mask).is_ok());
-        Self { inotify }
+        Self {
+            shared: Arc::new(Shared {
+                generation: Mutex::new(0),
+                changed: Condvar::new(),
+            }),
+            thread: Mutex::new(None),
+            dir: dir.to_owned(),
+        }
     }
 
-    /// Blocks until the store may have changed, or `timeout` passes. Spurious wake-ups are
-    /// fine: the caller looks at the store again.
-    pub(super) fn wait(&self, timeout: Duration) {
-        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-        use nix::sys::inotify::AddWatchFlags;
-        use std::os::fd::AsFd;
-        let Some(inotify) = &self.inotify else {
+    /// The number of relevant events seen so far, starting the watching thread if needed.
+    /// `None` when the directory cannot be watched (no inotify here, or its limit reached):
+    /// then waiting is looking again in short steps.
+    pub(super) fn generation(&self) -> Option<u64> {
+        let mut thread = self.thread.lock();
+        if thread.is_none() {
+            *thread = Some(start(&self.dir, self.shared.clone())?);
+        }
+        drop(thread);
+        Some(*self.shared.generation.lock())
+    }
+
+    /// Blocks until the generation differs from `seen` (a relevant event), or `timeout`
+    /// passes. With no watching thread (`seen` is `None`), sleeps a short step instead.
+    pub(super) fn wait(&self, seen: Option<u64>, timeout: Duration) {
+        let Some(seen) = seen else {
             std::thread::sleep(timeout.min(FALLBACK_POLL));
             return;
         };
         let deadline = Instant::now().checked_add(timeout);
-        loop {
-            let left = deadline.map_or(Duration::MAX, |d| {
-                d.saturating_duration_since(Instant::now())
-            });
-            if left.is_zero() {
-                return;
-            }
-            let timeout = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
-            let mut fds = [PollFd::new(inotify.as_fd(), PollFlags::POLLIN)];
-            match poll(&mut fds, timeout) {
-                Ok(ready) if ready > 0 => {}
-                // A timeout, or an error (EINTR): the caller looks again.
-                _ => return,
-            }
-            // Drain everything queued; wake for the wake file, the database itself, or the
-            // directory going away. SQLite's own writes to its -wal and -shm files are ignored:
-            // they come before the commit is visible.
-            let mut relevant = false;
-            while let Ok(events) = inotify.read_events() {
-                if events.is_empty() {
-                    break;
+        let mut generation = self.shared.generation.lock();
+        while *generation == seen {
+            match deadline {
+                Some(deadline) => {
+                    if self
+                        .shared
+                        .changed
+                        .wait_until(&mut generation, deadline)
+                        .timed_out()
+                    {
+                        return;
+                    }
                 }
-                relevant |= events.iter().any(|event| {
-                    let name = event.name.as_deref().and_then(|n| n.to_str());
-                    event
-                        .mask
-                        .intersects(AddWatchFlags::IN_DELETE_SELF | AddWatchFlags::IN_MOVE_SELF)
-                        || matches!(name, Some(WAKE_FILE | super::schema::DB_FILE))
-                });
-            }
-            if relevant {
-                return;
+                None => self.shared.changed.wait(&mut generation),
             }
         }
     }
 }
 
-#[cfg(not(any(target_os = "linux", target_os = "android")))]
-impl Watcher {
-    /// Without inotify, waiting is looking again every [`FALLBACK_POLL`].
-    pub(super) fn new(_dir: &Path) -> Self {
-        Self {}
+impl Drop for Notifier {
+    fn drop(&mut self) {
+        if let Some(Running { thread, mut stop }) = self.thread.get_mut().take() {
+            // If the write fails the pipe still closes when `stop` drops: either ends the thread.
+            let _ = stop.write_all(b"x");
+            drop(stop);
+            let _ = thread.join();
+        }
     }
+}
 
-    /// Sleeps for at most [`FALLBACK_POLL`].
-    pub(super) fn wait(&self, timeout: Duration) {
-        std::thread::sleep(timeout.min(FALLBACK_POLL));
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn start(dir: &Path, shared: Arc<Shared>) -> Option<Running> {
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+    let mask = AddWatchFlags::IN_MODIFY
+        | AddWatchFlags::IN_MOVED_TO
+        | AddWatchFlags::IN_CREATE
+        | AddWatchFlags::IN_DELETE
+        | AddWatchFlags::IN_MOVED_FROM
+        | AddWatchFlags::IN_DELETE_SELF
+        | AddWatchFlags::IN_MOVE_SELF;
+    let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).ok()?;
+    inotify.add_watch(dir, mask).ok()?;
+    let (stop_read, stop) = io::pipe().ok()?;
+    let thread = std::thread::Builder::new()
+        .name("queuectl-store-watch".into())
+        .spawn(move || watch(&inotify, &stop_read, &shared))
+        .ok()?;
+    Some(Running { thread, stop })
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn start(_dir: &Path, _shared: Arc<Shared>) -> Option<Running> {
+    None
+}
+
+/// The watching thread: counts relevant events until `stop` becomes readable.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn watch(inotify: &nix::sys::inotify::Inotify, stop: &io::PipeReader, shared: &Shared) {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use nix::sys::inotify::AddWatchFlags;
+    use std::os::fd::AsFd;
+    loop {
+        let mut fds = [
+            PollFd::new(inotify.as_fd(), PollFlags::POLLIN),
+            PollFd::new(stop.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            // Cannot watch any more: wake everyone, so waiters fall back on their poll.
+            Err(_) => {
+                bump(shared);
+                return;
+            }
+        }
+        if fds[1].any().unwrap_or(true) {
+            return;
+        }
+        // Drain everything queued; what counts is the wake file, the database itself, or the
+        // directory going away. SQLite's own writes to its -wal and -shm files are ignored:
+        // they come before the commit is visible.
+        let mut relevant = false;
+        while let Ok(events) = inotify.read_events() {
+            if events.is_empty() {
+                break;
+            }
+            relevant |= events.iter().any(|event| {
+                let name = event.name.as_deref().and_then(|n| n.to_str());
+                event.mask.intersects(
+                    AddWatchFlags::IN_DELETE_SELF
+                        | AddWatchFlags::IN_MOVE_SELF
+                        | AddWatchFlags::IN_IGNORED,
+                ) || matches!(name, Some(WAKE_FILE | super::schema::DB_FILE))
+            });
+        }
+        if relevant {
+            bump(shared);
+        }
     }
+}
+
+fn bump(shared: &Shared) {
+    *shared.generation.lock() += 1;
+    shared.changed.notify_all();
 }
