@@ -998,3 +998,24 @@ fn a_worker_stops_with_a_clear_error_when_its_store_is_deleted() {
     );
     assert!(!q.home().exists(), "the worker recreated nothing");
 }
+
+#[test]
+fn a_queue_of_the_journal_format_is_imported_by_the_first_command() {
+    let q = Queue::new();
+    std::fs::create_dir_all(q.home()).unwrap();
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../queuectl-core/tests/fixtures/file-v1");
+    for file in ["snapshot", "journal"] {
+        std::fs::copy(fixture.join(file), q.home().join(file)).unwrap();
+    }
+    let out = q.cmd(["list", "--json"]).run();
+    assert!(
+        out.stderr.contains("imported 7 job(s)") && out.stderr.contains("imported-v1"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(out.json().as_array().unwrap().len(), 7);
+    assert!(q.home().join("imported-v1/journal").exists());
+    let again = q.cmd(["status"]).run();
+    assert!(!again.stderr.contains("imported"), "{}", again.stderr);
+}
