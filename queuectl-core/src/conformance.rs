@@ -64,7 +64,8 @@ macro_rules! storage_conformance {
             list_leaves_out_output_and_get_has_it,
             output_is_capped_to_its_tail,
             counts_follow_deletions_and_retries,
-            scheduled_jobs_are_claimed_once_due_whatever_their_priority
+            scheduled_jobs_are_claimed_once_due_whatever_their_priority,
+            next_due_is_the_earliest_whatever_the_priority
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {
@@ -964,6 +965,28 @@ pub fn scheduled_jobs_are_claimed_once_due_whatever_their_priority(h: &dyn Harne
     assert_eq!(claimed.len(), 51);
     assert_eq!(claimed[0].id.as_str(), "later0");
     assert_eq!(claimed[50].id.as_str(), "low");
+}
+
+/// `next_due` is the earliest due time among runnable jobs, not that of the first in claim
+/// order.
+pub fn next_due_is_the_earliest_whatever_the_priority(h: &dyn Harness) {
+    let store = h.store();
+    store
+        .enqueue_batch(
+            vec![
+                job("urgent").priority(9).run_at(at(5)),
+                job("early").run_at(at(1)),
+                job("urgent-too").priority(9).run_at(at(5)),
+            ],
+            at(0),
+        )
+        .unwrap();
+    // Due at 10: all three become ready; one urgent job is claimed.
+    assert_eq!(
+        ids(&store.claim("w", 1, LEASE, at(10)).unwrap()),
+        ["urgent"]
+    );
+    assert_eq!(store.next_due().unwrap(), Some(at(1)));
 }
 
 /// Every kind of change is visible through a newly opened handle (durable backends).

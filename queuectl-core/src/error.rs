@@ -112,6 +112,21 @@ pub enum StorageError {
         /// The database file.
         path: PathBuf,
     },
+    /// A store read without write access (as it was, with no shared memory) changed under
+    /// the reader, so what it would read next could be wrong.
+    #[error("the store {} changed while it was read without write access; run the command again", path.display())]
+    StoreChanged {
+        /// The database file.
+        path: PathBuf,
+    },
+    /// The store cannot be used as it is.
+    #[error("cannot use the store at {}: {reason}", path.display())]
+    Conflict {
+        /// The store directory.
+        path: PathBuf,
+        /// Why, and what to do.
+        reason: String,
+    },
     /// The store was opened read-only (or its files cannot be written), so it cannot change.
     #[error("cannot {op}: the store at {} is open read-only", path.display())]
     ReadOnly {
@@ -197,6 +212,7 @@ impl StorageError {
             self,
             StorageError::Poisoned { .. }
                 | StorageError::StoreMoved { .. }
+                | StorageError::StoreChanged { .. }
                 | StorageError::Corrupt { .. }
                 | StorageError::Database {
                     fault: DatabaseFault::Corrupt,

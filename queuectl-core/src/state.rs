@@ -40,6 +40,8 @@ struct Index {
     scheduled: BTreeSet<(Timestamp, u64)>,
     /// Runnable jobs that were due at the last claim, in claim order.
     ready: BTreeSet<ReadyKey>,
+    /// The jobs of `ready` by due time, for `next_due`.
+    ready_at: BTreeSet<(Timestamp, u64)>,
     /// Processing jobs by lease expiry.
     leases: BTreeSet<(Timestamp, u64)>,
     counts: [usize; 5],
@@ -61,6 +63,7 @@ impl Index {
         if job.state.is_runnable() && !self.scheduled.remove(&(job.run_at, job.seq)) {
             self.ready
                 .remove(&(Reverse(job.priority), job.run_at, job.seq));
+            self.ready_at.remove(&(job.run_at, job.seq));
         }
         if let (JobState::Processing, Some(lease)) = (job.state, &job.lease) {
             self.leases.remove(&(lease.expires_at, job.seq));
@@ -127,6 +130,7 @@ impl QueueState {
             self.index.scheduled.pop_first();
             let priority = self.jobs[&seq].priority;
             self.index.ready.insert((Reverse(priority), run_at, seq));
+            self.index.ready_at.insert((run_at, seq));
         }
     }
 
@@ -325,7 +329,7 @@ impl QueueState {
     }
 
     pub(crate) fn next_due(&self) -> Option<Timestamp> {
-        let ready = self.index.ready.first().map(|&(_, run_at, _)| run_at);
+        let ready = self.index.ready_at.first().map(|&(run_at, _)| run_at);
         let scheduled = self.index.scheduled.first().map(|&(run_at, _)| run_at);
         match (ready, scheduled) {
             (Some(a), Some(b)) => Some(a.min(b)),

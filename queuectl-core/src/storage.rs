@@ -261,7 +261,8 @@ pub trait Storage: Send + Sync + Debug {
     fn config(&self) -> Result<Config>;
 
     /// Changes the settings atomically: `update` edits a copy of the current settings; if it
-    /// returns `Err`, nothing is stored.
+    /// returns `Err`, nothing is stored. A store may call `update` more than once (when it
+    /// retries a transaction another process kept busy), so it must only edit its argument.
     fn update_config(
         &self,
         update: &mut dyn FnMut(&mut Config) -> Result<(), ConfigError>,

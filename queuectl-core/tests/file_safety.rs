@@ -353,3 +353,212 @@ fn a_full_disk_fails_cleanly_and_the_store_works_once_space_is_freed() {
     drop(store);
     assert!(FileStorage::check(&home).unwrap().is_ok());
 }
+
+#[test]
+fn processes_creating_one_store_at_once_all_succeed() {
+    for _ in 0..20 {
+        let parent = tempfile::tempdir().unwrap();
+        let home = parent.path().join("new");
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(4));
+        let openers: Vec<_> = (0..4)
+            .map(|_| {
+                let (home, barrier) = (home.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    FileStorage::open(&home).map(drop)
+                })
+            })
+            .collect();
+        for opener in openers {
+            opener.join().unwrap().unwrap();
+        }
+    }
+}
+
+#[test]
+fn deleting_jobs_gives_their_space_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FileStorage::open(dir.path()).unwrap();
+    let batch = (0..500)
+        .map(|i| NewJob::new(format!("echo {i} {}", "x".repeat(20_000))).max_retries(1))
+        .collect();
+    store.enqueue_batch(batch, now()).unwrap();
+    for job in store
+        .claim("w", 500, Duration::from_secs(30), now())
+        .unwrap()
+    {
+        store
+            .fail(
+                job.lease.as_ref().unwrap(),
+                Default::default(),
+                now(),
+                now(),
+            )
+            .unwrap();
+    }
+    store.checkpoint().unwrap();
+    let db = dir.path().join("queuectl.db");
+    let before = fs::metadata(&db).unwrap().len();
+    assert_eq!(store.clear_dead().unwrap(), 500);
+    store.checkpoint().unwrap();
+    let after = fs::metadata(&db).unwrap().len();
+    assert!(after * 4 < before, "{before} bytes before, {after} after");
+}
+
+#[test]
+fn a_planted_wake_file_link_is_refused_and_its_target_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("store");
+    fs::create_dir(&home).unwrap();
+    let victim = dir.path().join("victim.sh");
+    fs::write(&victim, "#!/bin/sh\necho precious\n").unwrap();
+    std::os::unix::fs::symlink(&victim, home.join("queuectl.wake")).unwrap();
+    let err = FileStorage::open(&home).unwrap_err();
+    assert!(err.to_string().contains("queuectl.wake"), "{err}");
+    // Also when the link appears in an existing store.
+    fs::remove_file(home.join("queuectl.wake")).unwrap();
+    drop(FileStorage::open(&home).unwrap());
+    fs::remove_file(home.join("queuectl.wake")).unwrap();
+    std::os::unix::fs::symlink(&victim, home.join("queuectl.wake")).unwrap();
+    let err = FileStorage::open(&home).unwrap_err();
+    assert!(err.to_string().contains("queuectl.wake"), "{err}");
+    assert_eq!(
+        fs::read_to_string(&victim).unwrap(),
+        "#!/bin/sh\necho precious\n"
+    );
+}
+
+#[test]
+fn files_that_only_look_like_an_old_store_are_refused_untouched() {
+    for files in [
+        &[("journal", "dear diary")][..],
+        &[("lock", "")],
+        &[("imported-v1", "")],
+        &[(".tmp-notes", "draft")],
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            if *name == "imported-v1" {
+                fs::create_dir(dir.path().join(name)).unwrap();
+                fs::write(dir.path().join(name).join("passwords"), "hunter2").unwrap();
+            } else {
+                fs::write(dir.path().join(name), text).unwrap();
+            }
+        }
+        let before = snapshot(dir.path());
+        for options in [FileOptions::default(), FileOptions::read_only()] {
+            let err = FileStorage::open_with(dir.path(), options).unwrap_err();
+            assert!(
+                matches!(err, StorageError::NotAStore { .. }),
+                "{files:?}: {err}"
+            );
+        }
+        assert_eq!(snapshot(dir.path()), before, "{files:?}");
+    }
+}
+
+#[test]
+fn a_foreign_database_is_refused_before_anything_is_created() {
+    let dir = tempfile::tempdir().unwrap();
+    let conn = rusqlite::Connection::open(dir.path().join("queuectl.db")).unwrap();
+    conn.execute_batch("CREATE TABLE t (x); PRAGMA user_version = 7;")
+        .unwrap();
+    drop(conn);
+    let err = FileStorage::open(dir.path()).unwrap_err();
+    assert!(err.to_string().contains("another program"), "{err}");
+    assert!(!dir.path().join("queuectl.wake").exists());
+}
+
+#[test]
+fn journal_files_written_after_the_import_are_not_dropped() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/file-v1");
+    let dir = tempfile::tempdir().unwrap();
+    for file in ["snapshot", "journal"] {
+        fs::copy(fixture.join(file), dir.path().join(file)).unwrap();
+    }
+    drop(FileStorage::open(dir.path()).unwrap());
+    // An old worker still running writes its journal again.
+    let mut late = fs::read(fixture.join("journal")).unwrap();
+    late.extend_from_slice(b"");
+    fs::write(dir.path().join("journal"), &late).unwrap();
+    fs::copy(fixture.join("snapshot"), dir.path().join("snapshot")).unwrap();
+    let err = FileStorage::open(dir.path()).unwrap_err();
+    assert!(matches!(err, StorageError::Conflict { .. }), "{err}");
+    assert!(err.to_string().contains("earlier version"), "{err}");
+    assert!(dir.path().join("journal").exists(), "left where it was");
+    assert_eq!(
+        fs::read(dir.path().join("imported-v1/journal")).unwrap(),
+        fs::read(fixture.join("journal")).unwrap(),
+        "the backup of the imported journal is intact"
+    );
+}
+
+#[test]
+fn a_reader_without_write_access_refuses_to_go_on_once_the_store_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("store");
+    store_with_jobs(&home, 1);
+    let setup = "mount --bind \"$H\" \"$H\" && mount -o remount,ro,bind \"$H\"";
+    let probe = std::process::Command::new("unshare")
+        .args(["-m", "sh", "-c", setup])
+        .env("H", &home)
+        .status();
+    if !matches!(probe, Ok(s) if s.success()) {
+        println!("skipped: this machine cannot make a read-only bind mount");
+        return;
+    }
+    // A reader in a private mount namespace, where the store is read-only: it counts, is
+    // told to go on, counts again.
+    let script = format!(
+        "{setup} && exec {} reader \"$H\"",
+        env!("CARGO_BIN_EXE_queuectl-store-helper")
+    );
+    let mut reader = std::process::Command::new("unshare")
+        .args(["-m", "sh", "-c", &script])
+        .env("H", &home)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(reader.stdout.take().unwrap()));
+    assert_eq!(lines.next().unwrap().unwrap(), "count 1");
+    let writer = FileStorage::open(&home).unwrap();
+    for _ in 0..50 {
+        writer.enqueue(NewJob::new("true"), now()).unwrap();
+    }
+    // The writer stays open: its changes are in the WAL, which the reader cannot see.
+    std::io::Write::write_all(reader.stdin.as_mut().unwrap(), b"again\n").unwrap();
+    let second = lines.next().unwrap().unwrap();
+    assert!(
+        second.contains("changed while it was read without write access"),
+        "the reader went on with what it saw before: {second}"
+    );
+    reader.wait().unwrap();
+    drop(writer);
+}
+
+#[test]
+fn a_zero_poll_interval_does_not_spin() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = FileOptions {
+        poll_interval: Duration::ZERO,
+        ..FileOptions::default()
+    };
+    let store = FileStorage::open_with(dir.path(), options).unwrap();
+    let seen = store.change_version().unwrap();
+    let cpu = || {
+        let usage =
+            nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_THREAD).unwrap();
+        let micros = |t: nix::sys::time::TimeVal| {
+            Duration::from_micros((t.tv_sec() * 1_000_000 + t.tv_usec()) as u64)
+        };
+        micros(usage.user_time()) + micros(usage.system_time())
+    };
+    let before = cpu();
+    store
+        .wait_for_change(seen, Duration::from_millis(500))
+        .unwrap();
+    let used = cpu() - before;
+    // A spinning wait uses the whole half second; a sleeping one a few milliseconds.
+    assert!(used < Duration::from_millis(250), "used {used:?} of CPU");
+}

@@ -64,6 +64,8 @@ pub(super) fn classify(dir: &Path) -> Result<Home> {
         source,
     })?;
     let mut legacy_files = false;
+    // The lock and temporary files of a version 1 store count only beside its data.
+    let mut legacy_leftover = None;
     for entry in entries {
         let entry = entry.map_err(|source| StorageError::Io {
             op: "list",
@@ -72,14 +74,33 @@ pub(super) fn classify(dir: &Path) -> Result<Home> {
         })?;
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        if let Some(data) = legacy::is_store_file(&name) {
-            legacy_files |= data;
-        } else if name == super::watch::WAKE_FILE {
-            // Ours, and holds nothing.
+        if name == DB_FILE {
+            // Created by another process since we looked.
+            return Ok(Home::Store);
+        }
+        if name == super::watch::WAKE_FILE {
+            // Ours, and holds nothing, if it is a plain file.
+            if !entry.file_type().is_ok_and(|t| t.is_file()) {
+                return Err(not_a_store(format!("{name} is not a regular file")));
+            }
+        } else if let Some(data) = legacy::is_store_file(&name) {
+            if data {
+                if !legacy::is_v1_file(&entry.path()) {
+                    return Err(not_a_store(format!(
+                        "it holds other files, such as {name:?}"
+                    )));
+                }
+                legacy_files = true;
+            } else {
+                legacy_leftover.get_or_insert_with(|| name.to_string());
+            }
         } else if DB_SIDE_FILES
             .iter()
             .any(|suffix| name.strip_suffix(suffix) == Some(DB_FILE))
         {
+            if db.exists() {
+                return Ok(Home::Store);
+            }
             return Err(not_a_store(format!(
                 "it holds {name} but no {DB_FILE} (the leftover of a deleted store; remove it \
                  only if no process uses it)"
@@ -90,25 +111,37 @@ pub(super) fn classify(dir: &Path) -> Result<Home> {
             )));
         }
     }
-    Ok(if legacy_files {
-        Home::Legacy
-    } else {
-        Home::Empty
-    })
+    match (legacy_files, legacy_leftover) {
+        (true, _) => Ok(Home::Legacy),
+        (false, Some(name)) => Err(not_a_store(format!(
+            "it holds other files, such as {name:?}"
+        ))),
+        (false, None) => Ok(Home::Empty),
+    }
 }
 
-/// Creates `dir` (and its parents) with mode 0700, whatever the umask.
-pub(super) fn create_dir(dir: &Path) -> Result<()> {
-    DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .and_then(|()| fs::set_permissions(dir, fs::Permissions::from_mode(0o700)))
-        .map_err(|source| StorageError::Io {
-            op: "create the store directory",
-            path: dir.to_owned(),
-            source,
-        })
+/// Creates `dir` (and any missing parents) with mode 0700, whatever the umask. Returns
+/// `false`, changing nothing, when `dir` appeared meanwhile (created by someone else).
+pub(super) fn create_dir(dir: &Path) -> Result<bool> {
+    let io_error = |source| StorageError::Io {
+        op: "create the store directory",
+        path: dir.to_owned(),
+        source,
+    };
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .map_err(io_error)?;
+    }
+    match DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(false),
+        Err(e) => return Err(io_error(e)),
+    }
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_error)?;
+    Ok(true)
 }
 
 /// Creates an empty database file with mode 0600 (SQLite gives its `-wal` and `-shm` files the

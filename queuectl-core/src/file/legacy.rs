@@ -49,6 +49,55 @@ pub(super) fn has_data(dir: &Path) -> bool {
     dir.join(JOURNAL).exists() || dir.join(SNAPSHOT).exists()
 }
 
+/// Whether `path` is a regular file that starts with a version 1 header (of any version
+/// number, so a newer one is refused by the reader with its number, not taken for a stranger).
+pub(super) fn is_v1_file(path: &Path) -> bool {
+    use std::io::Read;
+    let Ok(meta) = fs::symlink_metadata(path) else {
+        return false;
+    };
+    if !meta.is_file() {
+        return false;
+    }
+    let mut start = vec![0u8; 4096];
+    let read = File::open(path).and_then(|mut f| f.read(&mut start));
+    let Ok(n) = read else { return false };
+    match read_frame(&start[..n]) {
+        Frame::Record { body, .. } => serde_json::from_slice::<FormatProbe>(body).is_ok(),
+        // A header longer than what was read: judge by its start.
+        Frame::Torn(_) => start[FRAME_HEADER.min(n)..n].starts_with(b"{\"header\""),
+        _ => false,
+    }
+}
+
+/// What identifies the data files in `dir`: their sizes and modification times. Recorded by
+/// the import, compared before moving files aside later.
+pub(super) fn fingerprint(dir: &Path) -> Result<String> {
+    let mut parts = Vec::new();
+    for name in [SNAPSHOT, JOURNAL] {
+        let path = dir.join(name);
+        match fs::metadata(&path) {
+            Ok(meta) => {
+                let modified = meta
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_nanos());
+                parts.push(format!("{name} {} bytes @{modified}", meta.len()));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(StorageError::Io {
+                    op: "look at",
+                    path,
+                    source,
+                });
+            }
+        }
+    }
+    Ok(format!("journal format 1: {}", parts.join(", ")))
+}
+
 /// Everything a version 1 store held.
 #[derive(Debug, Default)]
 pub(super) struct LegacyStore {
@@ -60,6 +109,8 @@ pub(super) struct LegacyStore {
     pub workers: Vec<WorkerInfo>,
     /// A torn last record that was dropped, in words.
     pub dropped_tail: Option<String>,
+    /// The files read, as [`fingerprint`] describes them.
+    pub fingerprint: String,
 }
 
 #[derive(Deserialize)]
@@ -271,6 +322,7 @@ fn read(path: &Path) -> Result<Option<Vec<u8>>> {
 
 /// Reads the version 1 store in `dir`.
 pub(super) fn read_store(dir: &Path) -> Result<LegacyStore> {
+    let fingerprint = fingerprint(dir)?;
     let mut state = Replay::default();
     let snapshot_path = dir.join(SNAPSHOT);
     let mut generation = 0;
@@ -322,6 +374,7 @@ pub(super) fn read_store(dir: &Path) -> Result<LegacyStore> {
         config: state.config,
         workers: state.workers.into_values().collect(),
         dropped_tail,
+        fingerprint,
     })
 }
 
@@ -363,7 +416,14 @@ pub(super) fn move_aside(dir: &Path) -> Result<PathBuf> {
     for name in [SNAPSHOT, JOURNAL, LOCK] {
         let from = dir.join(name);
         if from.exists() {
-            fs::rename(&from, target.join(name)).map_err(io_error("move aside", &from))?;
+            // Never over an earlier file moved there: the first free name.
+            let mut to = target.join(name);
+            let mut n = 1;
+            while to.exists() {
+                to = target.join(format!("{name}.{n}"));
+                n += 1;
+            }
+            fs::rename(&from, &to).map_err(io_error("move aside", &from))?;
         }
     }
     File::open(dir)

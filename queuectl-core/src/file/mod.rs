@@ -46,6 +46,8 @@ pub use self::schema::SCHEMA_VERSION;
 /// How many times an operation is re-run after SQLite reported the store busy past its busy
 /// timeout (each run waits up to the timeout again).
 const BUSY_RETRIES: u32 = 2;
+/// The shortest [`FileOptions::poll_interval`] used.
+const MIN_POLL_INTERVAL: Duration = Duration::from_millis(10);
 /// The WAL is truncated to this size after a checkpoint, so a burst does not leave it large.
 const JOURNAL_SIZE_LIMIT: i64 = 64 << 20;
 
@@ -61,7 +63,8 @@ pub struct FileOptions {
     /// How long an operation waits for another process's write transaction to finish before
     /// it fails as busy.
     pub busy_timeout: Duration,
-    /// Longest a [`Storage::wait_for_change`] goes without looking at the store again. It
+    /// Longest a [`Storage::wait_for_change`] goes without looking at the store again (at
+    /// least 10 ms). It
     /// wakes on file events (any commit, by any process, writes the database's WAL file); this
     /// bounds the wait should an event be lost, and how soon an idle waiter notices that its
     /// database was deleted.
@@ -154,6 +157,9 @@ pub struct FileStorage {
     db_path: PathBuf,
     read_only: bool,
     poll_interval: Duration,
+    /// Size and modification time of the database when a handle opened it as `immutable`
+    /// (read-only, without the shared memory of WAL readers): any change ends its use.
+    frozen: Option<(u64, std::time::SystemTime)>,
     /// Device and inode of the database file when it was opened.
     identity: (u64, u64),
     /// Set once the file at `db_path` is no longer the one this handle has open.
@@ -181,25 +187,39 @@ impl FileStorage {
         let dir = dir.as_ref().to_owned();
         let db_path = dir.join(schema::DB_FILE);
         let create = options.create && !options.read_only;
-        let home = home::classify(&dir)?;
-        match home {
-            Home::Absent | Home::Empty if !create => {
-                return Err(StorageError::NoStore { path: dir });
+        let mut legacy_store = None;
+        loop {
+            match home::classify(&dir)? {
+                Home::Absent | Home::Empty if !create => {
+                    return Err(StorageError::NoStore { path: dir });
+                }
+                Home::Legacy if options.read_only => {
+                    return Err(StorageError::ReadOnly {
+                        op: "import the queue of an earlier version (run it as a user who may write it)",
+                        path: dir,
+                    });
+                }
+                Home::Absent => {
+                    if !home::create_dir(&dir)? {
+                        // Someone else created it meanwhile: look at what it is now.
+                        continue;
+                    }
+                    home::create_db_file(&db_path)?;
+                }
+                Home::Empty => home::create_db_file(&db_path)?,
+                Home::Legacy => {
+                    // Read (and so validate) the old store before creating anything, under
+                    // its lock so a worker of the old version cannot append meanwhile.
+                    let lock = legacy::lock(&dir)?;
+                    let old = legacy::read_store(&dir)?;
+                    home::create_db_file(&db_path)?;
+                    legacy_store = Some((old, lock));
+                }
+                Home::Store => {}
             }
-            Home::Legacy if options.read_only => {
-                return Err(StorageError::ReadOnly {
-                    op: "import the queue of an earlier version (run any command that may write)",
-                    path: dir,
-                });
-            }
-            Home::Absent => {
-                home::create_dir(&dir)?;
-                home::create_db_file(&db_path)?;
-            }
-            Home::Empty | Home::Legacy => home::create_db_file(&db_path)?,
-            Home::Store => {}
+            break;
         }
-        let conn =
+        let (conn, immutable) =
             connect(&db_path, &options).map_err(|e| db_error("open the store", &db_path, e))?;
         // SQLite opens a file it may not write read-only without saying so.
         let read_only = options.read_only
@@ -207,30 +227,37 @@ impl FileStorage {
                 .is_readonly(rusqlite::MAIN_DB)
                 .map_err(|e| db_error("open the store", &db_path, e))?;
         let identity = file_identity(&db_path)?;
-        let wake = if read_only {
-            None
+        let frozen = if immutable {
+            Some(file_state(&db_path)?)
         } else {
-            let wake = watch::open_wake_file(&dir).map_err(|source| StorageError::Io {
-                op: "open the wake file",
-                path: dir.join(watch::WAKE_FILE),
-                source,
-            })?;
-            Some(wake)
+            None
         };
         let mut store = Self {
             notifier: Notifier::new(&dir),
             dir,
             db_path,
             read_only,
-            poll_interval: options.poll_interval,
+            // A zero interval would make waiting a busy loop.
+            poll_interval: options.poll_interval.max(MIN_POLL_INTERVAL),
             identity,
+            frozen,
             moved: AtomicBool::new(false),
             conn: Mutex::new(conn),
             local_changes: AtomicU64::new(0),
-            wake,
+            wake: None,
             imported: None,
         };
-        store.imported = store.prepare()?;
+        store.imported = store.prepare(legacy_store)?;
+        if !read_only {
+            // Only once the database is known to be ours.
+            let wake_path = store.dir.join(watch::WAKE_FILE);
+            let wake = watch::open_wake_file(&store.dir).map_err(|source| StorageError::Io {
+                op: "open the wake file",
+                path: wake_path,
+                source,
+            })?;
+            store.wake = Some(wake);
+        }
         Ok(store)
     }
 
@@ -257,7 +284,15 @@ impl FileStorage {
             path: path.clone(),
             problems: Vec::new(),
         };
-        let found = connect(&path, &FileOptions::read_only()).and_then(|conn| {
+        let found = connect(&path, &FileOptions::read_only()).and_then(|(conn, _)| {
+            let (_, version) = header(&conn)?;
+            if version == 0 {
+                return Ok(vec![
+                    "the database was never set up (its creation or an import was interrupted); \
+                     open the store with a command that may write to finish it"
+                        .to_owned(),
+                ]);
+            }
             let mut problems: Vec<String> = conn
                 .prepare("PRAGMA integrity_check")?
                 .query_map([], |row| row.get::<_, String>(0))?
@@ -331,32 +366,36 @@ impl FileStorage {
 
     /// Checks that the database is ours and of a version this build reads, applies pending
     /// migrations, and imports a version 1 journal found beside a new database.
-    fn prepare(&self) -> Result<Option<ImportReport>> {
+    fn prepare(
+        &self,
+        mut legacy_store: Option<(legacy::LegacyStore, Option<fs::File>)>,
+    ) -> Result<Option<ImportReport>> {
         let mut conn = self.conn.lock();
         let path = &self.db_path;
-        let (app_id, version) = header(&conn).map_err(|e| db_error("open the store", path, e))?;
+        // One snapshot: another process creating the store commits its id, version and tables
+        // together, so they are seen all or none.
+        let (app_id, version, tables) = conn
+            .transaction()
+            .and_then(|tx| {
+                let (app_id, version) = header(&tx)?;
+                let tables: i64 =
+                    tx.query_row("SELECT count(*) FROM sqlite_master", [], |row| row.get(0))?;
+                Ok((app_id, version, tables))
+            })
+            .map_err(|e| self.storage_error("open the store", TxError::Db(e)))?;
+        let new = app_id == 0 && version == 0 && tables == 0;
+        if app_id != schema::APPLICATION_ID && !new {
+            return Err(StorageError::NotAStore {
+                path: self.dir.clone(),
+                reason: format!("{} is a database of another program", path.display()),
+            });
+        }
         if version > SCHEMA_VERSION {
             return Err(StorageError::UnsupportedFormat {
                 path: path.clone(),
                 found: version,
                 supported: SCHEMA_VERSION,
             });
-        }
-        if app_id != schema::APPLICATION_ID {
-            let empty = version == 0
-                && app_id == 0
-                && conn
-                    .query_row("SELECT count(*) FROM sqlite_master", [], |row| {
-                        row.get::<_, i64>(0)
-                    })
-                    .map_err(|e| db_error("open the store", path, e))?
-                    == 0;
-            if !empty {
-                return Err(StorageError::NotAStore {
-                    path: self.dir.clone(),
-                    reason: format!("{} is a database of another program", path.display()),
-                });
-            }
         }
         if version == SCHEMA_VERSION {
             drop(conn);
@@ -374,11 +413,11 @@ impl FileStorage {
                 .and_then(|()| conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(())))
                 .map_err(|e| db_error("create the database", path, e))?;
         }
-        let legacy_lock = if legacy::has_data(&self.dir) {
-            legacy::lock(&self.dir)?
-        } else {
-            None
-        };
+        if version == 0 && legacy_store.is_none() && legacy::has_data(&self.dir) {
+            // A creation or an import that stopped before its commit: import now.
+            let lock = legacy::lock(&self.dir)?;
+            legacy_store = Some((legacy::read_store(&self.dir)?, lock));
+        }
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|e| db_error("upgrade the schema", path, e))?;
@@ -391,10 +430,10 @@ impl FileStorage {
             }
             tx.pragma_update(None, "application_id", schema::APPLICATION_ID)?;
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-            if version == 0 && legacy::has_data(&self.dir) {
-                return Ok(Some(import(&mut tx, &self.dir)?));
+            match &legacy_store {
+                Some((old, _)) if version == 0 => Ok(Some(import(&mut tx, old)?)),
+                _ => Ok(None),
             }
-            Ok(None)
         })()
         .map_err(|e| self.storage_error("upgrade the schema", e))?;
         tx.commit()
@@ -403,7 +442,7 @@ impl FileStorage {
         match imported {
             Some((jobs, dropped_tail)) => {
                 let moved_to = legacy::move_aside(&self.dir)?;
-                drop(legacy_lock);
+                drop(legacy_store);
                 Ok(Some(ImportReport {
                     jobs,
                     moved_to,
@@ -420,11 +459,22 @@ impl FileStorage {
         if self.read_only || !legacy::has_data(&self.dir) {
             return Ok(None);
         }
-        let imported = self.read("open", |conn| rows::meta(conn, "imported_from"))?;
-        if imported.is_some() {
-            legacy::move_aside(&self.dir)?;
+        let imported = self.read("open the store", |conn| rows::meta(conn, "imported_from"))?;
+        match imported {
+            // The import committed but stopped before the old files were moved.
+            Some(fingerprint) if fingerprint == legacy::fingerprint(&self.dir)? => {
+                legacy::move_aside(&self.dir)?;
+                Ok(None)
+            }
+            _ => Err(StorageError::Conflict {
+                path: self.dir.clone(),
+                reason: "it holds the journal files of an earlier version besides its database, \
+                         and they are not the ones that were imported (is a worker of the \
+                         earlier version still running?); stop it, then move `journal` and \
+                         `snapshot` out of the directory"
+                    .to_owned(),
+            }),
         }
-        Ok(None)
     }
 
     // ----- transactions -----
@@ -432,6 +482,15 @@ impl FileStorage {
     /// Fails once the database file at the store's path is not the one this handle has open
     /// (deleted, or replaced by another): writing on would write where nobody looks.
     fn check_identity(&self) -> Result<()> {
+        if let Some(frozen) = self.frozen {
+            let changed = wal_path(&self.db_path).exists()
+                || file_state(&self.db_path).map_or(true, |now| now != frozen);
+            if changed {
+                return Err(StorageError::StoreChanged {
+                    path: self.db_path.clone(),
+                });
+            }
+        }
         if !self.moved.load(Ordering::Relaxed) {
             match file_identity(&self.db_path) {
                 Ok(identity) if identity == self.identity => return Ok(()),
@@ -515,7 +574,16 @@ impl FileStorage {
     fn storage_error(&self, op: &'static str, error: TxError) -> StorageError {
         match error {
             TxError::Storage(error) => error,
-            TxError::Db(error) => db_error(op, &self.db_path, error),
+            TxError::Db(error) => match db_error(op, &self.db_path, error) {
+                // Read without the shared memory, a file that changed can look damaged.
+                StorageError::Database {
+                    fault: DatabaseFault::Corrupt,
+                    ..
+                } if self.frozen.is_some() => StorageError::StoreChanged {
+                    path: self.db_path.clone(),
+                },
+                other => other,
+            },
         }
     }
 
@@ -594,14 +662,17 @@ fn lost(lease: &Lease) -> StorageError {
     }
 }
 
-/// Imports the version 1 store in `dir` into the (new, empty) database of `tx`. Returns how
-/// many jobs it held and the torn tail it dropped.
-fn import(tx: &mut Tx, dir: &Path) -> TxResult<(usize, Option<String>)> {
-    let old = legacy::read_store(dir)?;
+/// Imports a version 1 store into the (new, empty) database of `tx`. Returns how many jobs
+/// it held and the torn tail it dropped.
+fn import(tx: &mut Tx, old: &legacy::LegacyStore) -> TxResult<(usize, Option<String>)> {
     let now = crate::job::now();
     for job in &old.jobs {
         let mut job = job.clone();
         let output = job.output.take();
+        if job.state == JobState::Processing && job.lease.is_none() {
+            // Nothing could ever recover it: it runs again.
+            job.state = JobState::Pending;
+        }
         tx.insert_job(&mut job, now)?;
         // The journal kept only the last attempt's summary on the job: it becomes the history.
         let outcome = match job.state {
@@ -632,11 +703,8 @@ fn import(tx: &mut Tx, dir: &Path) -> TxResult<(usize, Option<String>)> {
     for worker in &old.workers {
         tx.put_worker(worker)?;
     }
-    tx.set_meta(
-        "imported_from",
-        &format!("journal format 1, {} jobs", old.jobs.len()),
-    )?;
-    Ok((old.jobs.len(), old.dropped_tail))
+    tx.set_meta("imported_from", &old.fingerprint)?;
+    Ok((old.jobs.len(), old.dropped_tail.clone()))
 }
 
 /// Opens a connection with the settings every connection needs.
@@ -646,9 +714,9 @@ fn import(tx: &mut Tx, dir: &Path) -> TxResult<(usize, Option<String>)> {
 /// file exists either, no process is writing to the store, and the file is read as it is
 /// (SQLite's `immutable`): a reader that races a writer starting up may then see an error,
 /// never a wrong change, since it writes nothing.
-fn connect(path: &Path, options: &FileOptions) -> rusqlite::Result<Connection> {
+fn connect(path: &Path, options: &FileOptions) -> rusqlite::Result<(Connection, bool)> {
     if !options.read_only {
-        return connect_plain(path, options);
+        return Ok((connect_plain(path, options)?, false));
     }
     match connect_plain(path, options).and_then(|conn| header(&conn).map(|_| conn)) {
         Err(e)
@@ -663,10 +731,21 @@ fn connect(path: &Path, options: &FileOptions) -> rusqlite::Result<Connection> {
             let conn = Connection::open_with_flags(immutable_uri(path), flags)?;
             conn.busy_timeout(options.busy_timeout)?;
             header(&conn)?;
-            Ok(conn)
+            Ok((conn, true))
         }
-        other => other,
+        other => other.map(|conn| (conn, false)),
     }
+}
+
+/// Size and modification time of a file.
+fn file_state(path: &Path) -> Result<(u64, std::time::SystemTime)> {
+    fs::metadata(path)
+        .and_then(|meta| Ok((meta.len(), meta.modified()?)))
+        .map_err(|source| StorageError::Io {
+            op: "look at",
+            path: path.to_owned(),
+            source,
+        })
 }
 
 fn wal_path(db: &Path) -> PathBuf {
@@ -992,7 +1071,7 @@ impl Storage for FileStorage {
     fn clear_dead(&self) -> Result<usize> {
         self.write("delete dead jobs", |tx| {
             let deleted = tx.delete_jobs(JobState::Dead, queries::SELECT_DEAD, &[])?;
-            tx.execute_batch("PRAGMA incremental_vacuum")?;
+            rows::incremental_vacuum(tx)?;
             Ok(deleted)
         })
     }
@@ -1002,7 +1081,7 @@ impl Storage for FileStorage {
             let before = micros(finished_before);
             let deleted =
                 tx.delete_jobs(JobState::Completed, queries::SELECT_PURGEABLE, &[&before])?;
-            tx.execute_batch("PRAGMA incremental_vacuum")?;
+            rows::incremental_vacuum(tx)?;
             Ok(deleted)
         })
     }

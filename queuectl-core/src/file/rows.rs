@@ -308,6 +308,15 @@ pub(super) fn workers(conn: &Connection) -> TxResult<Vec<WorkerInfo>> {
         .collect()
 }
 
+/// Gives every free page back to the file system (`PRAGMA incremental_vacuum` frees one page
+/// per row it returns, so every row is read).
+pub(super) fn incremental_vacuum(conn: &Connection) -> TxResult<()> {
+    let mut statement = conn.prepare_cached("PRAGMA incremental_vacuum")?;
+    let mut freed = statement.query([])?;
+    while freed.next()?.is_some() {}
+    Ok(())
+}
+
 // ----- the write transaction -----
 
 /// One `BEGIN IMMEDIATE` transaction: every write of a store method goes through it, so the

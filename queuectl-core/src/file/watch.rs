@@ -21,14 +21,23 @@ pub(super) const WAKE_FILE: &str = "queuectl.wake";
 /// How often to look again when inotify is unavailable.
 const FALLBACK_POLL: Duration = Duration::from_millis(25);
 
-/// Opens (creating it with mode 0600 if needed) the wake file for writing.
+/// Opens (creating it with mode 0600 if needed) the wake file for writing. A symbolic link or
+/// anything but a regular file in its place is refused: the store writes to its own file only.
 pub(super) fn open_wake_file(dir: &Path) -> io::Result<File> {
-    OpenOptions::new()
+    let file = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(false)
         .mode(0o600)
-        .open(dir.join(WAKE_FILE))
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+        .open(dir.join(WAKE_FILE))?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    Ok(file)
 }
 
 /// Wakes every waiter on the store: a one-byte write at offset 0 (the file never grows).
@@ -181,10 +190,12 @@ fn watch(inotify: &nix::sys::inotify::Inotify, stop: &io::PipeReader, shared: &S
             }
             relevant |= events.iter().any(|event| {
                 let name = event.name.as_deref().and_then(|n| n.to_str());
+                // A full event queue may have dropped the event that mattered.
                 event.mask.intersects(
                     AddWatchFlags::IN_DELETE_SELF
                         | AddWatchFlags::IN_MOVE_SELF
-                        | AddWatchFlags::IN_IGNORED,
+                        | AddWatchFlags::IN_IGNORED
+                        | AddWatchFlags::IN_Q_OVERFLOW,
                 ) || matches!(name, Some(WAKE_FILE | super::schema::DB_FILE))
             });
         }

@@ -7,13 +7,14 @@
 //! queuectl-store-helper enqueuer DIR COUNT         enqueue COUNT jobs named late-N, one at a time
 //! queuectl-store-helper crash-writer DIR ROUND     enqueue, claim, complete, checkpoint until killed
 //! queuectl-store-helper poker DIR                  wait for a line on stdin, then enqueue one job
+//! queuectl-store-helper reader DIR                 open read-only, count, wait for a line, count
 //! ```
 
 use std::io::{BufRead, Write};
 use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use queuectl_core::{AttemptReport, FileStorage, NewJob, Storage, StorageExt, now};
+use queuectl_core::{AttemptReport, FileOptions, FileStorage, NewJob, Storage, StorageExt, now};
 
 const LEASE: Duration = Duration::from_secs(600);
 /// Bound on a claimer's life, so a broken test never leaves it running.
@@ -44,6 +45,7 @@ fn main() -> ExitCode {
         ["enqueuer", dir, count] => enqueuer(dir, count.parse().expect("COUNT")),
         ["crash-writer", dir, round] => crash_writer(dir, round),
         ["poker", dir] => poker(dir),
+        ["reader", dir] => reader(dir),
         _ => {
             eprintln!("usage: see the source of this helper");
             return ExitCode::from(2);
@@ -127,5 +129,17 @@ fn poker(dir: &str) -> Result {
     report(&format!("before {}", unix_nanos()));
     store.enqueue(job("poke"), now())?;
     report(&format!("after {}", unix_nanos()));
+    Ok(())
+}
+
+fn reader(dir: &str) -> Result {
+    let store = FileStorage::open_with(dir, FileOptions::read_only())?;
+    report(&format!("count {}", store.counts()?.total()));
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    match store.counts() {
+        Ok(counts) => report(&format!("count {}", counts.total())),
+        Err(error) => report(&format!("error {error}")),
+    }
     Ok(())
 }
