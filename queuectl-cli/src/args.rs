@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use queuectl_core::JobState;
+use queuectl_core::config::MAX_WORKERS;
 
 /// A background job queue: enqueue shell commands, run them on workers, retry failures with
 /// exponential backoff, and keep the ones that never succeed in a dead letter queue.
@@ -85,7 +86,7 @@ pub enum WorkerCommand {
     /// and hands them back to the queue.
     Start {
         /// How many jobs run at once [default: the worker-count setting].
-        #[arg(long, short = 'c', value_parser = clap::value_parser!(u16).range(1..=4096))]
+        #[arg(long, short = 'c', value_parser = clap::value_parser!(u16).range(1..=MAX_WORKERS as i64))]
         count: Option<u16>,
         /// Exit once no job is running, due, or waiting for its retry, instead of waiting for
         /// more (jobs scheduled for later stay queued).

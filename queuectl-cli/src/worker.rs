@@ -32,10 +32,10 @@ pub fn start(
     let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(CliError::Signals)?;
     let signal_handle = signals.handle();
     let config = store.config()?;
-    let executor = ShellExecutor::new().output_limit(config.output_limit);
+    let executor = ShellExecutor::new().output_limit(config.output_limit());
     let pool = WorkerPool::builder(store, Arc::new(executor))
         .config(&config)
-        .workers(count.unwrap_or(config.worker_count))
+        .workers(count.unwrap_or(config.worker_count()))
         .exit_when_idle(exit_when_idle)
         .prefetch(prefetch)
         .start()?;

@@ -648,7 +648,7 @@ pub fn config_round_trip(h: &dyn Harness) {
     let updated = store
         .update_config(&mut |c| c.set("backoff-base", "3"))
         .unwrap();
-    assert_eq!(updated.backoff_base, 3.0);
+    assert_eq!(updated.backoff_base(), 3.0);
     assert_eq!(store.config().unwrap(), updated);
     let err = store
         .update_config(&mut |c| {

@@ -165,7 +165,7 @@ pub struct Summary {
     pub lost: usize,
 }
 
-const MAX_WORKERS: usize = 4096;
+use crate::config::MAX_WORKERS;
 const MAX_PREFETCH: usize = 1_000_000;
 const MAX_LEASE: Duration = Duration::from_secs(7 * 24 * 3600);
 
@@ -190,7 +190,7 @@ pub struct WorkerPoolBuilder {
 impl WorkerPoolBuilder {
     /// Takes worker count, backoff, lease timeout and retention from stored settings.
     pub fn config(mut self, config: &Config) -> Self {
-        self.workers = config.worker_count;
+        self.workers = config.worker_count();
         self.backoff = Arc::new(config.backoff());
         self.lease = config.lease_duration();
         self.retention = config.completed_retention();

@@ -253,7 +253,7 @@ impl QueueState {
                 command: new.command,
                 state: JobState::Pending,
                 attempts: 0,
-                max_retries: new.max_retries.unwrap_or(self.config.max_retries),
+                max_retries: new.max_retries.unwrap_or(self.config.max_retries()),
                 created_at: now,
                 updated_at: now,
                 priority: new.priority,

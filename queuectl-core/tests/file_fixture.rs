@@ -91,8 +91,8 @@ fn fixture_v1_loads_with_its_contents() {
     assert_eq!(get("after-snapshot").max_retries, 5);
 
     let config = store.config().unwrap();
-    assert_eq!(config.max_retries, 5);
-    assert_eq!(config.backoff_base, 3.0);
+    assert_eq!(config.max_retries(), 5);
+    assert_eq!(config.backoff_base(), 3.0);
     let workers = store.workers().unwrap();
     assert_eq!(workers.len(), 1);
     assert_eq!(
