@@ -679,6 +679,8 @@ pub fn worker_registry_and_stop_request(h: &dyn Harness) {
         started_at: at(0),
         last_seen: at(0),
         stop_requested: false,
+        stop_forced: false,
+        identity: Default::default(),
     };
     store.register_worker(worker("w1")).unwrap();
     store.register_worker(worker("w2")).unwrap();
@@ -799,6 +801,8 @@ pub fn everything_survives_a_reopen(h: &dyn Harness) {
             started_at: at(0),
             last_seen: at(0),
             stop_requested: false,
+            stop_forced: false,
+            identity: Default::default(),
         })
         .unwrap();
     store.request_stop().unwrap();

@@ -314,6 +314,8 @@ impl WorkerPoolBuilder {
                 started_at: started,
                 last_seen: started,
                 stop_requested: false,
+                stop_forced: false,
+                identity: Default::default(),
             })
             .map_err(|source| PoolError::Storage {
                 op: "registering",
@@ -1255,6 +1257,8 @@ impl Dispatcher {
             started_at: at,
             last_seen: at,
             stop_requested: false,
+            stop_forced: false,
+            identity: Default::default(),
         }
     }
 

@@ -176,6 +176,8 @@ fn write_fixture_v1() {
             started_at: at(0),
             last_seen: at(0),
             stop_requested: false,
+            stop_forced: false,
+            identity: Default::default(),
         })
         .unwrap();
     store.compact().unwrap();

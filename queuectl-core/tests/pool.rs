@@ -410,6 +410,8 @@ fn jobs_of_a_dead_process_on_this_host_are_recovered_at_once() {
             started_at: now(),
             last_seen: now(),
             stop_requested: false,
+            stop_forced: false,
+            identity: Default::default(),
         })
         .unwrap();
     store
