@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use queuectl_core::pool::{hostname, recover_abandoned};
-use queuectl_core::{Event, FileStorage, ShellExecutor, Storage, WorkerPool, now};
+use queuectl_core::{Event, FileStorage, ShellExecutor, StopReason, Storage, WorkerPool, now};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
@@ -116,7 +116,7 @@ fn describe(event: &Event) -> String {
         Event::Purged { count } => format!("[purged] {count} old completed job(s)"),
         Event::Stopping {
             forced: false,
-            reason: "idle",
+            reason: StopReason::Idle,
         } => "[stopping] nothing left to run".to_owned(),
         Event::Stopping {
             forced: false,

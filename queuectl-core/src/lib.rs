@@ -46,7 +46,9 @@ pub use executor::{CancelSignal, Executor, ExecutorError, FnExecutor, Outcome, S
 pub use file::{Durability, FileOptions, FileStorage, RecoveryWarning};
 pub use job::{InvalidJob, Job, JobId, JobState, Lease, NewJob, Timestamp, now};
 pub use memory::MemoryStorage;
-pub use pool::{Event, PoolError, Stopper, Summary, WorkerPool, WorkerPoolBuilder};
+pub use pool::{
+    Event, PoolError, StopReason, Stopper, Summary, Timings, WorkerPool, WorkerPoolBuilder,
+};
 
 pub use shell::ShellExecutor;
 pub use spec::{JobSpec, SpecError};

@@ -9,7 +9,7 @@ use crossbeam_channel::{Receiver, Sender, bounded, select, unbounded};
 use parking_lot::Mutex;
 use queuectl_core::{
     BackoffPolicy, CancelSignal, Event, Executor, ExecutorError, FnExecutor, Job, JobId, JobState,
-    MemoryStorage, NewJob, Outcome, Status, Storage, StorageExt, WorkerPool, now,
+    MemoryStorage, NewJob, Outcome, Status, StopReason, Storage, StorageExt, WorkerPool, now,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -64,6 +64,7 @@ fn single_attempt_dies(
         .enqueue(NewJob::new(command).id(id).unwrap().max_retries(1), now())
         .unwrap();
     let pool = WorkerPool::builder(store.clone(), executor)
+        .backoff(queuectl_core::Fixed(Duration::from_millis(1)))
         .start()
         .unwrap();
     (store, pool)
@@ -295,8 +296,10 @@ fn forced_shutdown_cancels_running_jobs_and_hands_them_back() {
     assert_eq!(seen.last(), Some(&Event::Stopped));
 }
 
+/// A second graceful request keeps the stop graceful (the CLI calls `forced` on a second
+/// signal); `forced` then escalates it.
 #[test]
-fn second_graceful_request_escalates_to_forced() {
+fn a_second_graceful_request_does_not_force_but_forced_does() {
     let store = store();
     enqueue(&store, "long");
     let (gate, started, _release) = gate();
@@ -308,6 +311,13 @@ fn second_graceful_request_escalates_to_forced() {
         matches!(e, Event::Stopping { forced: false, .. })
     });
     stopper.graceful();
+    // The job keeps running: a forced stop would release it at once.
+    assert!(
+        pool.events()
+            .recv_timeout(Duration::from_millis(200))
+            .is_err()
+    );
+    stopper.forced();
     events_until(pool.events(), |e| {
         matches!(e, Event::Stopping { forced: true, .. })
     });
@@ -400,6 +410,7 @@ fn jobs_of_a_dead_process_on_this_host_are_recovered_at_once() {
     // A registered worker whose process has exited: its lease is long, but its pid is gone.
     let mut child = std::process::Command::new("true").spawn().unwrap();
     let dead_pid = child.id();
+    let identity = queuectl_core::ProcessIdentity::of(dead_pid);
     child.wait().unwrap();
     store
         .register_worker(queuectl_core::WorkerInfo {
@@ -411,7 +422,7 @@ fn jobs_of_a_dead_process_on_this_host_are_recovered_at_once() {
             last_seen: now(),
             stop_requested: false,
             stop_forced: false,
-            identity: Default::default(),
+            identity,
         })
         .unwrap();
     store
@@ -499,7 +510,7 @@ fn stop_request_in_storage_stops_the_pool_gracefully() {
             e,
             Event::Stopping {
                 forced: false,
-                reason: "stop request in storage"
+                reason: StopReason::StopRequest
             }
         )
     });
@@ -513,7 +524,11 @@ fn builder_refuses_zero_workers() {
         .workers(0)
         .start()
         .unwrap_err();
-    assert!(err.to_string().contains("workers must be from 1"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("workers must be a whole number from 1 to 4096"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -829,6 +844,10 @@ fn a_pool_that_cannot_record_results_gives_up_and_stops() {
         .enqueue(NewJob::new("x").id("x").unwrap(), now())
         .unwrap();
     let pool = WorkerPool::builder(store.clone(), Arc::new(FnExecutor::new(|_| Ok(()))))
+        .timings(queuectl_core::Timings {
+            settle_retry: Duration::from_millis(1),
+            ..Default::default()
+        })
         .start()
         .unwrap();
     let events = pool.events().clone();
@@ -871,7 +890,7 @@ fn a_busy_pool_notices_a_stop_request_before_starting_more_work() {
     assert!(events.iter().any(|e| matches!(
         e,
         Event::Stopping {
-            reason: "stop request in storage",
+            reason: StopReason::StopRequest,
             ..
         }
     )));
@@ -957,21 +976,27 @@ fn failing_claims_back_off_and_do_not_count_as_idle() {
         .unwrap();
     let pool = WorkerPool::builder(store.clone(), Arc::new(FnExecutor::new(|_| Ok(()))))
         .exit_when_idle(true)
+        .timings(queuectl_core::Timings {
+            settle_retry: Duration::from_millis(20),
+            claim_backoff_max: Duration::from_millis(80),
+            ..Default::default()
+        })
         .start()
         .unwrap();
     events_until(pool.events(), |e| matches!(e, Event::StorageError { .. }));
     // Over this quiet window a spinning dispatcher would claim many thousands of times; one
-    // that backs off (200 ms, doubling) claims a handful.
+    // that backs off (20 ms, doubling up to 80 ms) claims a handful.
     let before = store.claims();
     let mut seen = Vec::new();
-    while let Ok(event) = pool.events().recv_timeout(Duration::from_millis(1500)) {
+    let window = Instant::now() + Duration::from_millis(400);
+    while let Ok(event) = pool
+        .events()
+        .recv_timeout(window.saturating_duration_since(Instant::now()))
+    {
         seen.push(event);
-        if seen.len() > 50 {
-            break;
-        }
     }
     let during = store.claims() - before;
-    assert!(during <= 10, "{during} claims in 1.5 s: {seen:#?}");
+    assert!(during <= 10, "{during} claims in 0.4 s: {seen:#?}");
     // Failed claims are not "nothing to do": the pool did not stop as idle.
     assert!(
         !seen.iter().any(|e| matches!(e, Event::Stopping { .. })),
@@ -997,7 +1022,7 @@ fn dropping_the_pool_handle_stops_the_pool() {
     assert!(seen.iter().any(|e| matches!(
         e,
         Event::Stopping {
-            reason: "pool handle dropped",
+            reason: StopReason::HandleDropped,
             ..
         }
     )));
