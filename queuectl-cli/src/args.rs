@@ -80,7 +80,7 @@ pub enum Command {
 /// `worker` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum WorkerCommand {
-    /// Run workers in the foreground until Ctrl+C, SIGTERM or `queuectl worker stop`.
+    /// Run workers in the foreground until Ctrl+C, SIGTERM, SIGHUP or `queuectl worker stop`.
     ///
     /// The first signal stops claiming and lets running jobs finish; a second one kills them
     /// and hands them back to the queue.
@@ -105,6 +105,10 @@ pub enum WorkerCommand {
         /// Return at once instead of waiting for the workers to exit.
         #[arg(long)]
         no_wait: bool,
+        /// Kill the running jobs and hand them back to the queue (uncharged) instead of
+        /// letting them finish.
+        #[arg(long)]
+        force: bool,
     },
 }
 
