@@ -30,15 +30,11 @@
 //! The worker itself may die, even by `SIGKILL`, and a job must then not run on unobserved
 //! while the queue hands it to another worker. The executor creates a pipe per attempt and
 //! keeps its write end (close-on-exec, so no other process inherits it). The leader receives
-//! the read end as its standard input and runs this script before the command:
+//! the read end as its standard input and runs this prefix, on the first line, before the
+//! command:
 //!
 //! ```sh
-//! exec 3<&0 </dev/null
-//! trap '' HUP INT TERM
-//! ( ( read _ <&3; kill -KILL 0 ) >/dev/null 2>&1 & )
-//! trap - HUP INT TERM
-//! exec 3<&-
-//! eval "$1"
+//! exec 3<&0 </dev/null; trap '' HUP INT TERM; ( ( read _ <&3; kill -KILL 0 ) >/dev/null 2>&1 & ); trap - HUP INT TERM; exec 3<&-; COMMAND
 //! ```
 //!
 //! The background *watcher* blocks reading the lifeline until the write end closes, which
@@ -49,8 +45,12 @@
 //! Background lists get `/dev/null` as standard input, hence the copy of the lifeline on
 //! descriptor 3, which the command does not inherit: it sees `/dev/null` as its standard
 //! input. The watcher is started from a subshell that exits at once, so it is not a job of the
-//! shell running the command: a bare `wait`, `jobs` or `$!` in the command never sees it. The
-//! command is passed as `$1`, never spliced into the script.
+//! shell running the command: a bare `wait`, `jobs` or `$!` in the command never sees it.
+//!
+//! The command follows the prefix on the same line, so it runs as the shell's own script,
+//! exactly as `sh -c COMMAND` would run it: `$0` is `sh`, there are no positional
+//! parameters, and its line numbers and error messages are its own (`sh: 1: foo: not found`,
+//! not an `eval` of a wrapper).
 //!
 //! # Limits
 //!
@@ -106,16 +106,13 @@ const DEFAULT_OUTPUT_DRAIN: Duration = Duration::from_secs(2);
 /// Longest time an attempt goes without looking at its [`CancelSignal`].
 const CANCEL_CHECK: Duration = Duration::from_millis(50);
 
-/// The script the leader shell runs; see the module documentation.
-const LIFELINE_SCRIPT: &str = "exec 3<&0 </dev/null; \
-     trap '' HUP INT TERM; \
-     ( ( read _ <&3; kill -KILL 0 ) >/dev/null 2>&1 & ) ; \
-     trap - HUP INT TERM; \
-     exec 3<&-; \
-     eval \"$1\"";
+/// What the leader shell runs before the command, on the command's first line; see the
+/// module documentation.
+const LIFELINE_PREFIX: &str = "exec 3<&0 </dev/null; trap '' HUP INT TERM; \
+     ( ( read _ <&3; kill -KILL 0 ) >/dev/null 2>&1 & ); trap - HUP INT TERM; exec 3<&-; ";
 
-/// `$0` of the leader shell: the name its error messages start with.
-const SHELL_NAME: &str = "queuectl-job";
+/// `$0` of the leader shell: the name its error messages start with, as for `sh -c`.
+const SHELL_NAME: &str = "sh";
 
 /// Runs each job's command with `sh -c`; exit code 0 is success.
 ///
@@ -227,9 +224,8 @@ impl ShellExecutor {
         let mut command = Command::new(&self.shell);
         command
             .arg("-c")
-            .arg(LIFELINE_SCRIPT)
+            .arg(script(&job.command))
             .arg(SHELL_NAME)
-            .arg(&job.command)
             .envs(self.env.iter().map(|(key, value)| (key, value)))
             .env(JOB_ID_VAR, job.id.as_str())
             .env(ATTEMPT_VAR, job.attempts.to_string())
@@ -253,6 +249,14 @@ impl ShellExecutor {
         drop(command);
         Ok((child, lifeline_write))
     }
+}
+
+/// The leader's script: the lifeline prefix, then the command on the same first line.
+fn script(command: &str) -> String {
+    let mut script = String::with_capacity(LIFELINE_PREFIX.len() + command.len());
+    script.push_str(LIFELINE_PREFIX);
+    script.push_str(command);
+    script
 }
 
 impl Executor for ShellExecutor {

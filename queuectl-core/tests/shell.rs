@@ -154,9 +154,18 @@ fn unknown_command_is_exit_127_not_an_error() {
         Status::Failed("exited with code 127 (command not found)".into())
     );
     assert_eq!(outcome.exit_code, Some(127));
-    assert!(outcome.output.contains("not found"), "{:?}", outcome.output);
+    // What `sh -c` itself prints: no wrapper (`eval`, `queuectl-job`) shows through.
+    let raw = Command::new("sh")
+        .args(["-c", "queuectl-no-such-command-xyz --flag"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(outcome.output, String::from_utf8_lossy(&raw.stderr));
     assert!(
-        outcome.output.starts_with("queuectl-job:"),
+        outcome
+            .output
+            .starts_with("sh: 1: queuectl-no-such-command-xyz: ")
+            || outcome.output.starts_with("sh: line 1: "),
         "{:?}",
         outcome.output
     );
