@@ -3,40 +3,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, bounded};
 use queuectl_core::pool::{hostname, recover_abandoned};
 use queuectl_core::{
     Event, FnExecutor, JobId, JobState, MemoryStorage, NewJob, ProcessIdentity, Storage,
     StorageExt, WorkerInfo, WorkerPool, now,
 };
 
-const TIMEOUT: Duration = Duration::from_secs(10);
+mod support;
+
+use support::{Faulty, TIMEOUT, events_until, within};
+
 const HOUR: Duration = Duration::from_secs(3600);
-
-fn events_until(events: &Receiver<Event>, mut stop: impl FnMut(&Event) -> bool) -> Vec<Event> {
-    let mut seen = Vec::new();
-    loop {
-        match events.recv_timeout(TIMEOUT) {
-            Ok(event) => {
-                let done = stop(&event);
-                seen.push(event);
-                if done {
-                    return seen;
-                }
-            }
-            Err(_) => panic!("timed out waiting for an event; saw {seen:#?}"),
-        }
-    }
-}
-
-fn within<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = bounded(1);
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    rx.recv_timeout(TIMEOUT)
-        .expect("the pool did not stop in time")
-}
 
 /// A worker record for `pid` on this host with `identity`, holding job `orphan`.
 fn abandoned(store: &MemoryStorage, pid: u32, identity: ProcessIdentity) {
@@ -67,32 +44,32 @@ fn orphan_state(store: &MemoryStorage) -> JobState {
 /// request wakes it.
 #[test]
 fn an_idle_pool_stops_on_a_stop_request_without_waiting_for_a_tick() {
-    let (store, waits) = Plain::reporting();
+    let (store, waits) = Faulty::reporting();
     let pool = idle_pool(store.clone());
     // The waker waits on the store: the pool has looked for work, found none, and sleeps.
     waits.recv_timeout(TIMEOUT).unwrap();
     store.request_stop().unwrap();
     events_until(pool.events(), |e| *e == Event::Stopped);
-    within(move || pool.join()).unwrap();
+    within("the pool to stop", move || pool.join()).unwrap();
 }
 
 /// An idle pool whose ticks are an hour apart runs a new job at once: the enqueue wakes it.
 #[test]
 fn an_idle_pool_wakes_on_new_work_without_waiting_for_a_tick() {
-    let (store, waits) = Plain::reporting();
+    let (store, waits) = Faulty::reporting();
     let pool = idle_pool(store.clone());
     waits.recv_timeout(TIMEOUT).unwrap();
     store
         .enqueue(NewJob::new("x").id("late").unwrap(), now())
         .unwrap();
     events_until(pool.events(), |e| matches!(e, Event::Completed { .. }));
-    within(move || pool.shutdown()).unwrap();
+    within("the pool to stop", move || pool.shutdown()).unwrap();
 }
 
 /// A job scheduled for later wakes an idle pool when it is due, with no tick in between.
 #[test]
 fn an_idle_pool_wakes_when_a_scheduled_job_is_due() {
-    let (store, waits) = Plain::reporting();
+    let (store, waits) = Faulty::reporting();
     store
         .enqueue(
             NewJob::new("x")
@@ -105,11 +82,11 @@ fn an_idle_pool_wakes_when_a_scheduled_job_is_due() {
     let pool = idle_pool(store.clone());
     waits.recv_timeout(TIMEOUT).unwrap();
     events_until(pool.events(), |e| matches!(e, Event::Completed { .. }));
-    within(move || pool.shutdown()).unwrap();
+    within("the pool to stop", move || pool.shutdown()).unwrap();
 }
 
 /// A pool whose heartbeat, recovery and purge are all an hour or more away.
-fn idle_pool(store: Arc<Plain>) -> WorkerPool {
+fn idle_pool(store: Arc<Faulty>) -> WorkerPool {
     WorkerPool::builder(store, Arc::new(FnExecutor::new(|_| Ok(()))))
         .lease(2 * HOUR)
         .heartbeat_interval(HOUR)
@@ -170,161 +147,17 @@ fn unread_events_are_bounded() {
         .start()
         .unwrap();
     let events = pool.events().clone();
-    let summary = within(move || pool.join()).unwrap();
+    let summary = within("the pool to stop", move || pool.join()).unwrap();
     assert_eq!(summary.completed, 3000);
     assert!(events.len() <= 1024, "{} events held", events.len());
     assert_eq!(events.try_iter().last(), Some(Event::Stopped));
-}
-
-/// A store that forwards to `MemoryStorage` but does not override `settle_and_claim`, can
-/// fail its claims, and whose `wait_for_change` never sees a change (it sleeps its timeout).
-#[derive(Debug, Default)]
-struct Plain {
-    inner: MemoryStorage,
-    fail_claims: std::sync::atomic::AtomicBool,
-    /// When set, `wait_for_change` waits for real and reports each wait here first.
-    waits: Option<crossbeam_channel::Sender<()>>,
-}
-
-impl Plain {
-    /// A store whose `wait_for_change` reports that the waker is waiting, then waits.
-    fn reporting() -> (Arc<Self>, Receiver<()>) {
-        let (tx, rx) = crossbeam_channel::unbounded();
-        let store = Plain {
-            waits: Some(tx),
-            ..Plain::default()
-        };
-        (Arc::new(store), rx)
-    }
-}
-
-impl Storage for Plain {
-    fn enqueue_batch(
-        &self,
-        jobs: Vec<NewJob>,
-        at: queuectl_core::Timestamp,
-    ) -> queuectl_core::Result<Vec<queuectl_core::Job>> {
-        self.inner.enqueue_batch(jobs, at)
-    }
-    fn claim(
-        &self,
-        worker: &str,
-        max: usize,
-        lease_for: Duration,
-        at: queuectl_core::Timestamp,
-    ) -> queuectl_core::Result<Vec<queuectl_core::Job>> {
-        if self.fail_claims.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(queuectl_core::StorageError::Poisoned {
-                path: "/nowhere".into(),
-            });
-        }
-        self.inner.claim(worker, max, lease_for, at)
-    }
-    fn extend_leases(
-        &self,
-        leases: &[queuectl_core::Lease],
-        lease_for: Duration,
-        at: queuectl_core::Timestamp,
-    ) -> queuectl_core::Result<Vec<JobId>> {
-        self.inner.extend_leases(leases, lease_for, at)
-    }
-    fn settle(
-        &self,
-        settlements: Vec<queuectl_core::Settlement>,
-        at: queuectl_core::Timestamp,
-    ) -> queuectl_core::Result<Vec<queuectl_core::Result<queuectl_core::Job>>> {
-        self.inner.settle(settlements, at)
-    }
-    fn recover_expired(
-        &self,
-        at: queuectl_core::Timestamp,
-    ) -> queuectl_core::Result<Vec<queuectl_core::Job>> {
-        self.inner.recover_expired(at)
-    }
-    fn recover_worker(
-        &self,
-        worker: &str,
-        at: queuectl_core::Timestamp,
-    ) -> queuectl_core::Result<Vec<queuectl_core::Job>> {
-        self.inner.recover_worker(worker, at)
-    }
-    fn get(&self, id: &JobId) -> queuectl_core::Result<queuectl_core::Job> {
-        self.inner.get(id)
-    }
-    fn list(
-        &self,
-        query: &queuectl_core::ListQuery,
-    ) -> queuectl_core::Result<Vec<queuectl_core::Job>> {
-        self.inner.list(query)
-    }
-    fn counts(&self) -> queuectl_core::Result<queuectl_core::StateCounts> {
-        self.inner.counts()
-    }
-    fn next_due(&self) -> queuectl_core::Result<Option<queuectl_core::Timestamp>> {
-        self.inner.next_due()
-    }
-    fn retry_dead(
-        &self,
-        ids: Option<&[JobId]>,
-        at: queuectl_core::Timestamp,
-    ) -> queuectl_core::Result<Vec<queuectl_core::Job>> {
-        self.inner.retry_dead(ids, at)
-    }
-    fn clear_dead(&self) -> queuectl_core::Result<usize> {
-        self.inner.clear_dead()
-    }
-    fn purge_completed(&self, before: queuectl_core::Timestamp) -> queuectl_core::Result<usize> {
-        self.inner.purge_completed(before)
-    }
-    fn config(&self) -> queuectl_core::Result<queuectl_core::Config> {
-        self.inner.config()
-    }
-    fn update_config(
-        &self,
-        update: &mut dyn FnMut(
-            &mut queuectl_core::Config,
-        ) -> Result<(), queuectl_core::ConfigError>,
-    ) -> queuectl_core::Result<queuectl_core::Config> {
-        self.inner.update_config(update)
-    }
-    fn register_worker(&self, worker: WorkerInfo) -> queuectl_core::Result<()> {
-        self.inner.register_worker(worker)
-    }
-    fn worker_heartbeat(
-        &self,
-        worker: &str,
-        at: queuectl_core::Timestamp,
-    ) -> queuectl_core::Result<bool> {
-        self.inner.worker_heartbeat(worker, at)
-    }
-    fn deregister_worker(&self, worker: &str) -> queuectl_core::Result<()> {
-        self.inner.deregister_worker(worker)
-    }
-    fn workers(&self) -> queuectl_core::Result<Vec<WorkerInfo>> {
-        self.inner.workers()
-    }
-    fn request_stop(&self) -> queuectl_core::Result<usize> {
-        self.inner.request_stop()
-    }
-    fn change_version(&self) -> queuectl_core::Result<u64> {
-        self.inner.change_version()
-    }
-    fn wait_for_change(&self, seen: u64, timeout: Duration) -> queuectl_core::Result<u64> {
-        if let Some(waits) = &self.waits {
-            let _ = waits.send(());
-            return self.inner.wait_for_change(seen, timeout);
-        }
-        std::thread::sleep(timeout);
-        let _ = seen;
-        self.inner.change_version()
-    }
 }
 
 /// The trait's default `settle_and_claim` reports a failing claim, and has then recorded
 /// nothing (the outer error means nothing was applied).
 #[test]
 fn the_default_settle_and_claim_does_not_hide_a_failing_claim() {
-    let store = Plain::default();
+    let store = Faulty::default();
     store
         .enqueue(NewJob::new("x").id("running").unwrap(), now())
         .unwrap();
@@ -343,7 +176,7 @@ fn the_default_settle_and_claim_does_not_hide_a_failing_claim() {
         .settle_and_claim(vec![settlement], "w", 1, HOUR, now())
         .unwrap_err();
     assert!(
-        matches!(err, queuectl_core::StorageError::Poisoned { .. }),
+        matches!(err, queuectl_core::StorageError::Io { .. }),
         "{err:?}"
     );
     assert_eq!(store.get(&job.id).unwrap().state, JobState::Processing);
@@ -353,7 +186,10 @@ fn the_default_settle_and_claim_does_not_hide_a_failing_claim() {
 /// even with a store whose change notification never comes.
 #[test]
 fn no_pool_thread_outlives_join() {
-    let store = Arc::new(Plain::default());
+    let store = Arc::new(Faulty {
+        deaf: true,
+        ..Faulty::default()
+    });
     let pool = WorkerPool::builder(store.clone(), Arc::new(FnExecutor::new(|_| Ok(()))))
         .workers(2)
         .timings(queuectl_core::Timings {
@@ -363,7 +199,7 @@ fn no_pool_thread_outlives_join() {
         .start()
         .unwrap();
     events_until(pool.events(), |e| matches!(e, Event::Started { .. }));
-    within(move || pool.shutdown()).unwrap();
+    within("the pool to stop", move || pool.shutdown()).unwrap();
     assert_eq!(
         Arc::strong_count(&store),
         1,

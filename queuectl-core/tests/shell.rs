@@ -11,9 +11,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
-use nix::sys::signal::{Signal, kill};
 use nix::sys::stat::Mode;
-use nix::unistd::{Pid, mkfifo};
+use nix::unistd::mkfifo;
 use queuectl_core::executor::{Canceller, cancel_pair};
 use queuectl_core::shell::{ExitWatch, JOB_ID_VAR};
 use queuectl_core::{
@@ -21,8 +20,9 @@ use queuectl_core::{
     Status, StorageExt, now,
 };
 
-/// Upper bound of every wait in these tests.
-const LONG: Duration = Duration::from_secs(10);
+mod support;
+
+use support::{TIMEOUT as LONG, assert_gone, is_running, within};
 
 fn job(id: &str, command: &str) -> Job {
     let mut job = MemoryStorage::new()
@@ -42,16 +42,6 @@ fn run(exec: &ShellExecutor, job: &Job) -> Outcome {
     exec.execute(job, &CancelSignal::never()).unwrap()
 }
 
-/// Runs `f` on a thread; fails the test if it takes longer than `LONG`.
-fn within<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = crossbeam_channel::bounded(1);
-    thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    rx.recv_timeout(LONG)
-        .unwrap_or_else(|e| panic!("{what}: {e}"))
-}
-
 /// A FIFO at `dir/name` and a channel receiving what is written to it (by one writer).
 fn fifo(dir: &Path, name: &str) -> (PathBuf, Receiver<String>) {
     let path = dir.join(name);
@@ -67,33 +57,6 @@ fn fifo(dir: &Path, name: &str) -> (PathBuf, Receiver<String>) {
 fn recv(what: &str, rx: &Receiver<String>) -> String {
     rx.recv_timeout(LONG)
         .unwrap_or_else(|e| panic!("{what}: {e}"))
-}
-
-/// Whether `pid` is a live process (a zombie counts as dead: in a container, nobody may reap
-/// an orphan).
-fn is_running(pid: i32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => {
-            let state = stat
-                .rsplit_once(')')
-                .and_then(|(_, rest)| rest.trim_start().chars().next());
-            !matches!(state, Some('Z' | 'X'))
-        }
-        Err(_) if Path::new("/proc/self/stat").exists() => false,
-        Err(_) => kill(Pid::from_raw(pid), None).is_ok(),
-    }
-}
-
-/// Waits (bounded) for `pid` to die; kills it and fails if it does not.
-fn assert_gone(pid: i32) {
-    let deadline = Instant::now() + LONG;
-    while is_running(pid) {
-        if Instant::now() > deadline {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-            panic!("process {pid} is still running");
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn pid(text: &str) -> i32 {
