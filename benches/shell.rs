@@ -3,7 +3,8 @@
 //! 1. raw: `sh -c true` two at a time (`std::process::Command`, stdin closed, output piped);
 //! 2. executor: `ShellExecutor::execute` of `true` on two threads;
 //! 3. pool: `true` jobs through a two-thread `WorkerPool` with a `ShellExecutor` on
-//!    `MemoryStorage` (no durable writes: the executor and the pool, without the store).
+//!    `MemoryStorage` (no durable writes: the executor and the pool, without the store),
+//!    without and with `prefetch(2)`.
 //!
 //! Run with `cargo bench -p queuectl-core --bench shell` (`SHELL_JOBS` sets the count).
 
@@ -56,13 +57,14 @@ fn executor(jobs: usize) -> f64 {
     })
 }
 
-fn pool(jobs: usize) -> f64 {
+fn pool(jobs: usize, prefetch: usize) -> f64 {
     let store = Arc::new(MemoryStorage::new());
     let batch: Vec<NewJob> = (0..jobs).map(|_| NewJob::new("true")).collect();
     store.enqueue_batch(batch, now()).unwrap();
     let started = Instant::now();
     let summary = WorkerPool::builder(store.clone(), Arc::new(ShellExecutor::new()))
         .workers(2)
+        .prefetch(prefetch)
         .exit_when_idle(true)
         .events(false)
         .start()
@@ -83,7 +85,8 @@ fn main() {
     println!("shell executor figures ({jobs} `true` jobs, two at a time)");
     let raw = raw(jobs);
     let executor = executor(jobs);
-    let pool = pool(jobs);
+    let prefetched = pool(jobs, 2);
+    let pool = pool(jobs, 0);
     println!("raw sh -c true ×2       {raw:>8.0} /s");
     println!(
         "ShellExecutor ×2        {executor:>8.0} /s   {:.2} of raw",
@@ -92,5 +95,9 @@ fn main() {
     println!(
         "pool on MemoryStorage   {pool:>8.0} /s   {:.2} of raw",
         pool / raw
+    );
+    println!(
+        "  with prefetch 2       {prefetched:>8.0} /s   {:.2} of raw",
+        prefetched / raw
     );
 }
