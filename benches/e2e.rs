@@ -4,7 +4,8 @@
 //!    running `sh -c true` two at a time on the same machine, and their ratio;
 //! 2. CLI enqueue: median milliseconds per `queuectl enqueue` process;
 //! 3. pickup latency: enqueue in one process → the job starts in an idle worker process;
-//! 4. crash recovery: SIGKILL a worker mid-job → seconds until the job completes elsewhere.
+//! 4. crash recovery: SIGKILL a worker mid-job → seconds until the job completes elsewhere;
+//! 5. worker stop latency: `worker stop` with two idle worker processes → both have exited.
 //!
 //! Run with `cargo bench -p queuectl-cli --bench e2e` (set `E2E_JOBS` to change the drain size).
 
@@ -196,6 +197,35 @@ fn crash_recovery_secs() -> (f64, f64) {
     (killed.elapsed().as_secs_f64(), restarted)
 }
 
+/// Milliseconds from starting `queuectl worker stop` to the exit of both idle worker
+/// processes it asked, over `samples` rounds: (p50, p99).
+fn stop_latency_ms(samples: usize) -> (f64, f64) {
+    let home = tempfile::tempdir().expect("temp dir");
+    let mut latencies = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let mut workers = [
+            Worker::start(home.path(), &["--count", "1"]),
+            Worker::start(home.path(), &["--count", "1"]),
+        ];
+        // Both idle: give them a moment to finish their first look for work.
+        std::thread::sleep(Duration::from_millis(50));
+        let started = Instant::now();
+        let stop = queuectl(home.path())
+            .args(["worker", "stop", "--no-wait"])
+            .stderr(Stdio::null())
+            .status()
+            .expect("worker stop");
+        assert!(stop.success());
+        for worker in &mut workers {
+            assert!(worker.child.wait().expect("wait worker").success());
+        }
+        latencies.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    latencies.sort_by(f64::total_cmp);
+    let p99 = latencies[(samples * 99).div_ceil(100) - 1];
+    (latencies[samples / 2], p99)
+}
+
 fn main() {
     // `cargo bench` passes --bench; filters are not supported by this harness.
     let jobs: usize = std::env::var("E2E_JOBS")
@@ -217,6 +247,10 @@ fn main() {
     println!("CLI enqueue        {enqueue:>10.2} ms median per process");
     let (p50, p99) = pickup_latency_ms(100);
     println!("pickup latency     {p50:>10.2} ms p50   {p99:.2} ms p99");
+    let (stop50, stop99) = stop_latency_ms(20);
+    println!(
+        "worker stop        {stop50:>10.2} ms p50   {stop99:.2} ms p99 (two idle workers exited)"
+    );
     let (recovered, restarted) = crash_recovery_secs();
     println!(
         "crash recovery     {recovered:>10.2} s to completion elsewhere \

@@ -144,9 +144,11 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result {
         Command::Worker(WorkerCommand::Start { .. }) | Command::Check(_) => {
             unreachable!("handled above")
         }
-        Command::Worker(WorkerCommand::Stop { timeout, no_wait }) => {
-            worker::stop(&*store, timeout, no_wait)
-        }
+        Command::Worker(WorkerCommand::Stop {
+            timeout,
+            no_wait,
+            force,
+        }) => worker::stop(&*store, timeout, no_wait, force),
         Command::Status(flag) => status(&*store, flag.json, out),
         Command::List { state, limit, json } => {
             recover(&*store)?;

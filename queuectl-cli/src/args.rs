@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use queuectl_core::JobState;
+use queuectl_core::config::MAX_WORKERS;
 
 /// A background job queue: enqueue shell commands, run them on workers, retry failures with
 /// exponential backoff, and keep the ones that never succeed in a dead letter queue.
@@ -83,13 +84,13 @@ pub enum Command {
 /// `worker` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum WorkerCommand {
-    /// Run workers in the foreground until Ctrl+C, SIGTERM or `queuectl worker stop`.
+    /// Run workers in the foreground until Ctrl+C, SIGTERM, SIGHUP or `queuectl worker stop`.
     ///
     /// The first signal stops claiming and lets running jobs finish; a second one kills them
     /// and hands them back to the queue.
     Start {
         /// How many jobs run at once [default: the worker-count setting].
-        #[arg(long, short = 'c', value_parser = clap::value_parser!(u16).range(1..=4096))]
+        #[arg(long, short = 'c', value_parser = clap::value_parser!(u16).range(1..=MAX_WORKERS as i64))]
         count: Option<u16>,
         /// Exit once no job is running, due, or waiting for its retry, instead of waiting for
         /// more (jobs scheduled for later stay queued).
@@ -108,6 +109,10 @@ pub enum WorkerCommand {
         /// Return at once instead of waiting for the workers to exit.
         #[arg(long)]
         no_wait: bool,
+        /// Kill the running jobs and hand them back to the queue (uncharged) instead of
+        /// letting them finish.
+        #[arg(long)]
+        force: bool,
     },
 }
 

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use queuectl_core::pool::{hostname, recover_abandoned};
-use queuectl_core::{Event, FileStorage, ShellExecutor, Storage, WorkerPool, now};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use queuectl_core::{Event, FileStorage, ShellExecutor, StopReason, Storage, WorkerPool, now};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::app::{CliError, Result};
@@ -28,14 +28,16 @@ pub fn start(
         );
     }
     // Signals become stop requests: the first lets running jobs finish, a second kills them.
-    // Installed before the pool starts, so a failure leaves nothing running.
-    let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(CliError::Signals)?;
+    // A hang-up (terminal closed, ssh dropped) is a stop request like SIGTERM, not a reason
+    // to die with the jobs. Installed before the pool starts, so a failure leaves nothing
+    // running.
+    let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP]).map_err(CliError::Signals)?;
     let signal_handle = signals.handle();
     let config = store.config()?;
-    let executor = ShellExecutor::new().output_limit(config.output_limit);
+    let executor = ShellExecutor::new().output_limit(config.output_limit());
     let pool = WorkerPool::builder(store, Arc::new(executor))
         .config(&config)
-        .workers(count.unwrap_or(config.worker_count))
+        .workers(count.unwrap_or(config.worker_count()))
         .exit_when_idle(exit_when_idle)
         .prefetch(prefetch)
         .start()?;
@@ -43,14 +45,18 @@ pub fn start(
     let signal_thread = std::thread::Builder::new()
         .name("queuectl-signals".into())
         .spawn(move || {
-            for signal in signals.forever() {
-                let name = if signal == SIGINT {
-                    "SIGINT"
-                } else {
-                    "SIGTERM"
+            for (n, signal) in signals.forever().enumerate() {
+                let name = match signal {
+                    SIGINT => "SIGINT",
+                    SIGHUP => "SIGHUP",
+                    _ => "SIGTERM",
                 };
                 say!("{} [signal] {name} received", ts(now()));
-                stopper.graceful();
+                if n == 0 {
+                    stopper.graceful();
+                } else {
+                    stopper.forced();
+                }
             }
         })
         .map_err(CliError::Signals)?;
@@ -116,7 +122,7 @@ fn describe(event: &Event) -> String {
         Event::Purged { count } => format!("[purged] {count} old completed job(s)"),
         Event::Stopping {
             forced: false,
-            reason: "idle",
+            reason: StopReason::Idle,
         } => "[stopping] nothing left to run".to_owned(),
         Event::Stopping {
             forced: false,
@@ -136,8 +142,10 @@ fn describe(event: &Event) -> String {
     }
 }
 
-/// Asks every registered worker to stop and waits until they have deregistered.
-pub fn stop(store: &dyn Storage, timeout: Duration, no_wait: bool) -> Result {
+/// Asks every registered worker to stop and waits until they have deregistered. With
+/// `force`, the workers kill their running jobs and hand them back instead of letting them
+/// finish.
+pub fn stop(store: &dyn Storage, timeout: Duration, no_wait: bool, force: bool) -> Result {
     let config = store.config()?;
     let stale_after = config.lease_duration() * 3;
     // Workers that died without deregistering would never answer: clear them out first.
@@ -147,13 +155,27 @@ pub fn stop(store: &dyn Storage, timeout: Duration, no_wait: bool) -> Result {
         say!("no workers are running");
         return Ok(());
     }
-    let waiting: HashSet<String> = store
+    let asked_now: Vec<_> = store
         .workers()?
         .into_iter()
         .filter(|w| w.stop_requested)
-        .map(|w| w.id)
         .collect();
-    say!("asked {asked} worker(s) to stop; they finish their running jobs first");
+    let waiting: HashSet<String> = asked_now.iter().map(|w| w.id.clone()).collect();
+    if force {
+        // Re-recorded with the force flag. A worker that deregistered in between comes back
+        // as a record without a process, which the next recovery pass removes.
+        for worker in asked_now {
+            store.register_worker(queuectl_core::WorkerInfo {
+                stop_forced: true,
+                ..worker
+            })?;
+        }
+        say!(
+            "asked {asked} worker(s) to stop now; they kill their running jobs and hand them back"
+        );
+    } else {
+        say!("asked {asked} worker(s) to stop; they finish their running jobs first");
+    }
     if no_wait {
         return Ok(());
     }
@@ -174,8 +196,14 @@ pub fn stop(store: &dyn Storage, timeout: Duration, no_wait: bool) -> Result {
         }
         let remaining = deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
+            let hint = if force {
+                "their jobs may be stuck in the kernel; they stop when those end"
+            } else {
+                "they are still finishing their running jobs; `queuectl worker stop --force` \
+                 kills those jobs and hands them back to the queue"
+            };
             return Err(CliError::Refused(format!(
-                "{} worker(s) still running after {:.0}s: {}",
+                "{} worker(s) still running after {:.0}s: {} ({hint})",
                 left.len(),
                 timeout.as_secs_f64(),
                 left.join(", ")

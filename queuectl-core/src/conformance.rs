@@ -661,7 +661,7 @@ pub fn config_round_trip(h: &dyn Harness) {
     let updated = store
         .update_config(&mut |c| c.set("backoff-base", "3"))
         .unwrap();
-    assert_eq!(updated.backoff_base, 3.0);
+    assert_eq!(updated.backoff_base(), 3.0);
     assert_eq!(store.config().unwrap(), updated);
     let err = store
         .update_config(&mut |c| {
@@ -692,6 +692,8 @@ pub fn worker_registry_and_stop_request(h: &dyn Harness) {
         started_at: at(0),
         last_seen: at(0),
         stop_requested: false,
+        stop_forced: false,
+        identity: Default::default(),
     };
     store.register_worker(worker("w1")).unwrap();
     store.register_worker(worker("w2")).unwrap();
@@ -1044,6 +1046,8 @@ pub fn everything_survives_a_reopen(h: &dyn Harness) {
             started_at: at(0),
             last_seen: at(0),
             stop_requested: false,
+            stop_forced: false,
+            identity: Default::default(),
         })
         .unwrap();
     store.request_stop().unwrap();

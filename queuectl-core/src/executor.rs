@@ -28,6 +28,8 @@ pub struct Outcome {
     pub status: Status,
     /// The exit code, when the job was a process that exited.
     pub exit_code: Option<i32>,
+    /// The signal that ended it, when the job was a process that a signal killed.
+    pub signal: Option<i32>,
     /// How long it ran.
     pub duration: Duration,
     /// Captured output (capped; empty when the executor captures none).
@@ -40,6 +42,7 @@ impl Outcome {
         Self {
             status: Status::Succeeded,
             exit_code: None,
+            signal: None,
             duration,
             output: String::new(),
         }
@@ -50,6 +53,7 @@ impl Outcome {
         Self {
             status: Status::Failed(message.into()),
             exit_code: None,
+            signal: None,
             duration,
             output: String::new(),
         }
@@ -60,6 +64,7 @@ impl Outcome {
         Self {
             status: Status::Cancelled,
             exit_code: None,
+            signal: None,
             duration: Duration::ZERO,
             output: String::new(),
         }

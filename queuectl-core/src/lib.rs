@@ -50,12 +50,15 @@ pub use job::{
     Timestamp, now,
 };
 pub use memory::MemoryStorage;
-pub use pool::{Event, PoolError, Stopper, Summary, WorkerPool, WorkerPoolBuilder};
+pub use pool::{
+    Event, PoolError, StopReason, Stopper, Summary, Timings, WorkerPool, WorkerPoolBuilder,
+};
 
 pub use shell::ShellExecutor;
 pub use spec::{JobSpec, SpecError};
 pub use storage::{
-    AttemptReport, ListQuery, Settlement, StateCounts, Storage, StorageExt, WorkerInfo,
+    AttemptReport, ListQuery, ProcessIdentity, Settlement, StateCounts, Storage, StorageExt,
+    WorkerInfo,
 };
 
 #[cfg(any(test, feature = "conformance"))]

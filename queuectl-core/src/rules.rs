@@ -23,7 +23,7 @@ pub(crate) fn new_job(new: NewJob, id: JobId, seq: u64, config: &Config, now: Ti
         command: new.command,
         state: JobState::Pending,
         attempts: 0,
-        max_retries: new.max_retries.unwrap_or(config.max_retries),
+        max_retries: new.max_retries.unwrap_or(config.max_retries()),
         created_at: now,
         updated_at: now,
         priority: new.priority,

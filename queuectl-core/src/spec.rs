@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::config::{RETRIES, SECONDS};
 use crate::job::{InvalidJob, JobId, NewJob, Timestamp};
 
 /// A job as written by a user: `{"id": "job1", "command": "echo hi", "priority": 5}`.
@@ -53,19 +54,23 @@ pub enum SpecError {
     #[error("give either \"run_at\" or \"delay\", not both")]
     RunAtAndDelay,
     /// A number of seconds that is negative, not finite or absurdly large.
-    #[error("invalid \"{field}\": {value} (expected seconds from 0 to 31536000)")]
+    #[error("invalid \"{field}\": {value} (expected {})", SECONDS.expected)]
     Seconds {
         /// The field.
         field: &'static str,
         /// The value given.
         value: f64,
     },
+    /// A `max_retries` beyond the range `config set max-retries` accepts.
+    #[error("invalid \"max_retries\": {value} (expected {})", RETRIES.expected)]
+    Retries {
+        /// The value given.
+        value: u32,
+    },
 }
 
-const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
-
 fn seconds(field: &'static str, value: f64) -> Result<Duration, SpecError> {
-    if value.is_finite() && (0.0..=MAX_SECONDS).contains(&value) {
+    if SECONDS.contains(value) {
         Ok(Duration::from_secs_f64(value))
     } else {
         Err(SpecError::Seconds { field, value })
@@ -98,7 +103,12 @@ impl JobSpec {
         if let Some(id) = self.id {
             job.id = Some(JobId::new(id)?);
         }
-        job.max_retries = self.max_retries;
+        job.max_retries = match self.max_retries {
+            Some(value) if !RETRIES.contains(f64::from(value)) => {
+                return Err(SpecError::Retries { value });
+            }
+            retries => retries,
+        };
         job.priority = self.priority.unwrap_or(0);
         job.run_at = match (self.run_at, self.delay) {
             (Some(_), Some(_)) => return Err(SpecError::RunAtAndDelay),
@@ -147,6 +157,18 @@ mod tests {
             parse(r#"{"command":"x","timeout":0}"#).unwrap().timeout,
             Some(Duration::ZERO)
         );
+        let most = parse(r#"{"command":"x","max_retries":1000000}"#).unwrap();
+        assert_eq!(most.max_retries, Some(1_000_000));
+    }
+
+    /// A job description and `config set` accept the same retries.
+    #[test]
+    fn max_retries_follows_the_config_rule() {
+        for value in [0u32, 1, 999_999, 1_000_000, 1_000_001, u32::MAX] {
+            let job = parse(&format!(r#"{{"command":"x","max_retries":{value}}}"#));
+            let set = crate::Config::default().set("max-retries", &value.to_string());
+            assert_eq!(job.is_ok(), set.is_ok(), "max_retries {value}");
+        }
     }
 
     #[test]
@@ -167,10 +189,18 @@ mod tests {
                 "unknown field `colour`",
             ),
             (r#"{"command":"x","max_retries":-1}"#, "invalid job JSON"),
+            (
+                r#"{"command":"x","max_retries":1000001}"#,
+                "invalid \"max_retries\": 1000001 (expected a whole number from 0 to 1000000)",
+            ),
             (r#"{"command":"x","priority":"high"}"#, "invalid job JSON"),
             (r#"{"command":"x","run_at":"tomorrow"}"#, "invalid job JSON"),
             (r#"{"command":"x","delay":-1}"#, "invalid \"delay\""),
             (r#"{"command":"x","timeout":1e99}"#, "invalid \"timeout\""),
+            (
+                r#"{"command":"x","delay":31536001}"#,
+                "expected seconds from 0 to 31536000",
+            ),
             (
                 r#"{"command":"x","delay":1,"run_at":"2026-01-01T00:00:00Z"}"#,
                 "not both",

@@ -140,6 +140,34 @@ pub struct WorkerInfo {
     pub last_seen: Timestamp,
     /// Whether it has been asked to stop.
     pub stop_requested: bool,
+    /// Whether the stop request asks it to kill its running jobs and hand them back
+    /// (`worker stop --force`) instead of letting them finish. Records written before this
+    /// field existed read as `false`.
+    #[serde(default)]
+    pub stop_forced: bool,
+    /// What identifies its process beyond the pid, so that a process on the same host can
+    /// tell for sure that it has died. Records written before this field existed read as
+    /// unknown, and such a worker is judged by its lease alone.
+    #[serde(default)]
+    pub identity: ProcessIdentity,
+}
+
+/// What tells one process apart from every other, on a host and over time: a pid is only
+/// unique within one PID namespace and one boot, and is reused once the process is reaped.
+/// Each part is `None` where the system does not say (outside Linux, or without `/proc`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessIdentity {
+    /// The kernel's boot id (`/proc/sys/kernel/random/boot_id`): changes at every boot.
+    #[serde(default)]
+    pub boot_id: Option<String>,
+    /// The inode of the process's PID namespace (`/proc/self/ns/pid`): containers sharing a
+    /// host name but not a PID namespace see different pids for the same number.
+    #[serde(default)]
+    pub pid_namespace: Option<u64>,
+    /// The process's start time in clock ticks after boot (field 22 of `/proc/PID/stat`): a
+    /// reused pid has a later one.
+    #[serde(default)]
+    pub start_time: Option<u64>,
 }
 
 /// Persistent job storage: the queue's single state machine.
@@ -200,9 +228,11 @@ pub trait Storage: Send + Sync + Debug {
     /// slots it just freed makes one round trip (one fsync) instead of two. The results are
     /// those of [`Storage::settle`] and [`Storage::claim`].
     ///
-    /// The built-in stores do both in one atomic step. This default makes two calls; when the
-    /// claim fails after the settlements were recorded, it returns them with no claimed jobs
-    /// (the claim is simply not made), so a caller never records an attempt twice.
+    /// The built-in stores do both in one atomic step. This default makes separate calls and
+    /// keeps the outer error's meaning (nothing was applied): it claims first, so a failing
+    /// claim is returned before any settlement is recorded; should the settlements then fail,
+    /// the jobs just claimed are released (uncharged) before the settlement error is returned.
+    /// Jobs that cannot be released either keep their leases until they expire.
     fn settle_and_claim(
         &self,
         settlements: Vec<Settlement>,
@@ -211,13 +241,37 @@ pub trait Storage: Send + Sync + Debug {
         lease_for: Duration,
         now: Timestamp,
     ) -> Result<(Vec<Result<Job>>, Vec<Job>)> {
-        let settled = self.settle(settlements, now)?;
-        if max == 0 {
-            return Ok((settled, Vec::new()));
+        let claimed = if max == 0 {
+            Vec::new()
+        } else {
+            self.claim(worker, max, lease_for, now)?
+        };
+        match self.settle(settlements, now) {
+            Ok(settled) => Ok((settled, claimed)),
+            Err(error) => {
+                let releases = claimed
+                    .iter()
+                    .filter_map(|job| job.lease.clone())
+                    .map(|lease| Settlement::Release { lease })
+                    .collect::<Vec<_>>();
+                let count = releases.len();
+                if count == 0 {
+                    return Err(error);
+                }
+                match self.settle(releases, now) {
+                    Ok(_) => Err(error),
+                    // Both failed: say so, with the settlement error as the cause.
+                    Err(release) => Err(StorageError::Backend {
+                        op: format!(
+                            "recording job results (the {count} job(s) claimed just before \
+                             could not be handed back either and stay leased until their \
+                             leases expire: {release})"
+                        ),
+                        source: Box::new(error),
+                    }),
+                }
+            }
         }
-        // The settlements are recorded: report them even if there is nothing to claim now.
-        let claimed = self.claim(worker, max, lease_for, now).unwrap_or_default();
-        Ok((settled, claimed))
     }
 
     /// Returns every `processing` job whose lease expired at or before `now` to `pending`

@@ -97,7 +97,7 @@ fn a_journal_store_of_version_1_is_imported_on_first_open_and_moved_aside() {
     assert_eq!(get("later").timeout, Some(Duration::from_millis(2500)));
     assert_eq!(get("urgent").priority, 10);
     let config = store.config().unwrap();
-    assert_eq!((config.max_retries, config.backoff_base), (5, 3.0));
+    assert_eq!((config.max_retries(), config.backoff_base()), (5, 3.0));
     let workers = store.workers().unwrap();
     assert_eq!(
         (
@@ -192,7 +192,7 @@ fn schema_v1_fixture_opens_with_its_contents() {
         ],
         [2, 1, 1, 1, 1]
     );
-    assert_eq!(store.config().unwrap().backoff_base, 3.0);
+    assert_eq!(store.config().unwrap().backoff_base(), 3.0);
     let workers = store.workers().unwrap();
     assert_eq!((workers[0].pid, workers[0].stop_requested), (4242, true));
     assert_eq!(store.next_due().unwrap(), Some(at(2)));

@@ -3,16 +3,19 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, bounded, select, unbounded};
 use parking_lot::Mutex;
 use queuectl_core::{
     BackoffPolicy, CancelSignal, Event, Executor, ExecutorError, FnExecutor, Job, JobId, JobState,
-    MemoryStorage, NewJob, Outcome, Status, Storage, StorageExt, WorkerPool, now,
+    MemoryStorage, NewJob, Outcome, Status, StopReason, Storage, StorageExt, WorkerPool, now,
 };
 
-const TIMEOUT: Duration = Duration::from_secs(10);
+mod support;
+
+use support::{Faulty, TIMEOUT, count_completed, events_until, within};
 
 fn store() -> Arc<MemoryStorage> {
     Arc::new(MemoryStorage::new())
@@ -22,35 +25,6 @@ fn enqueue(store: &MemoryStorage, id: &str) {
     store
         .enqueue(NewJob::new(id).id(id).unwrap(), now())
         .unwrap();
-}
-
-/// Collects events until `stop` matches one (returned last). Panics on timeout.
-fn events_until(events: &Receiver<Event>, mut stop: impl FnMut(&Event) -> bool) -> Vec<Event> {
-    let deadline = Instant::now() + TIMEOUT;
-    let mut seen = Vec::new();
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match events.recv_timeout(left) {
-            Ok(event) => {
-                let done = stop(&event);
-                seen.push(event);
-                if done {
-                    return seen;
-                }
-            }
-            Err(_) => panic!("timed out waiting for an event; saw {seen:#?}"),
-        }
-    }
-}
-
-fn count_completed(events: &Receiver<Event>, n: usize) -> Vec<Event> {
-    let mut done = 0;
-    events_until(events, |e| {
-        if matches!(e, Event::Completed { .. }) {
-            done += 1;
-        }
-        done == n
-    })
 }
 
 /// A pool running `executor` on one job (`command`, id `id`) allowed a single attempt.
@@ -64,6 +38,7 @@ fn single_attempt_dies(
         .enqueue(NewJob::new(command).id(id).unwrap().max_retries(1), now())
         .unwrap();
     let pool = WorkerPool::builder(store.clone(), executor)
+        .backoff(queuectl_core::Fixed(Duration::from_millis(1)))
         .start()
         .unwrap();
     (store, pool)
@@ -94,6 +69,7 @@ impl Executor for Gate {
             recv(cancel.receiver()) -> _ => Ok(Outcome {
                 status: Status::Cancelled,
                 exit_code: None,
+                signal: None,
                 duration: started.elapsed(),
                 output: String::new(),
             }),
@@ -109,17 +85,6 @@ fn gate() -> (Arc<Gate>, Receiver<JobId>, Sender<()>) {
         release: release_rx,
     };
     (Arc::new(gate), started_rx, release_tx)
-}
-
-/// Runs `f` (a pool's join or shutdown) on a thread; fails the test if it takes longer than
-/// `TIMEOUT`, so a pool that cannot stop fails instead of hanging the suite.
-fn within<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = bounded(1);
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    rx.recv_timeout(TIMEOUT)
-        .expect("the pool did not stop in time")
 }
 
 fn recv<T>(rx: &Receiver<T>) -> T {
@@ -143,7 +108,7 @@ fn runs_every_job_exactly_once_across_workers() {
         .start()
         .unwrap();
     count_completed(pool.events(), JOBS);
-    let summary = within(move || pool.shutdown()).unwrap();
+    let summary = within("the pool to stop", move || pool.shutdown()).unwrap();
     assert_eq!(summary.completed, JOBS);
     let runs = runs.lock();
     assert_eq!(runs.len(), JOBS);
@@ -183,7 +148,7 @@ fn failing_job_retries_with_backoff_then_goes_to_the_dlq() {
         .start()
         .unwrap();
     let events = events_until(pool.events(), |e| matches!(e, Event::Dead { .. }));
-    within(move || pool.shutdown()).unwrap();
+    within("the pool to stop", move || pool.shutdown()).unwrap();
     let outcomes: Vec<_> = events
         .iter()
         .filter_map(|e| match e {
@@ -229,7 +194,7 @@ fn panicking_and_erroring_jobs_fail_without_killing_the_worker() {
     // The same pool goes on running jobs afterwards.
     enqueue(&store, "b");
     events_until(pool.events(), |e| matches!(e, Event::Dead { .. }));
-    within(move || pool.shutdown()).unwrap();
+    within("the pool to stop", move || pool.shutdown()).unwrap();
 
     let store = Arc::new(MemoryStorage::new());
     store
@@ -251,7 +216,7 @@ fn panicking_and_erroring_jobs_fail_without_killing_the_worker() {
             .iter()
             .any(|e| matches!(e, Event::Dead { error, .. } if error == "panicked: job exploded"))
     );
-    within(move || pool.shutdown()).unwrap();
+    within("the pool to stop", move || pool.shutdown()).unwrap();
 }
 
 #[test]
@@ -264,7 +229,7 @@ fn graceful_shutdown_finishes_running_jobs_and_claims_no_more() {
     enqueue(&store, "waiting");
     let stopper = pool.stopper();
     let events = pool.events().clone();
-    let joiner = std::thread::spawn(move || within(move || pool.join()));
+    let joiner = std::thread::spawn(move || within("the pool to stop", move || pool.join()));
     stopper.graceful();
     events_until(&events, |e| {
         matches!(e, Event::Stopping { forced: false, .. })
@@ -286,7 +251,7 @@ fn forced_shutdown_cancels_running_jobs_and_hands_them_back() {
     let pool = WorkerPool::builder(store.clone(), gate).start().unwrap();
     recv(&started);
     let events = pool.events().clone();
-    let summary = within(move || pool.shutdown_now()).unwrap();
+    let summary = within("the pool to stop", move || pool.shutdown_now()).unwrap();
     assert_eq!(summary.released, 1);
     let job = store.get(&JobId::new("long").unwrap()).unwrap();
     assert_eq!((job.state, job.attempts), (JobState::Pending, 0));
@@ -295,8 +260,10 @@ fn forced_shutdown_cancels_running_jobs_and_hands_them_back() {
     assert_eq!(seen.last(), Some(&Event::Stopped));
 }
 
+/// A second graceful request keeps the stop graceful (the CLI calls `forced` on a second
+/// signal); `forced` then escalates it.
 #[test]
-fn second_graceful_request_escalates_to_forced() {
+fn a_second_graceful_request_does_not_force_but_forced_does() {
     let store = store();
     enqueue(&store, "long");
     let (gate, started, _release) = gate();
@@ -308,10 +275,22 @@ fn second_graceful_request_escalates_to_forced() {
         matches!(e, Event::Stopping { forced: false, .. })
     });
     stopper.graceful();
+    // The job keeps running: a forced stop would release it at once.
+    assert!(
+        pool.events()
+            .recv_timeout(Duration::from_millis(200))
+            .is_err()
+    );
+    stopper.forced();
     events_until(pool.events(), |e| {
         matches!(e, Event::Stopping { forced: true, .. })
     });
-    assert_eq!(within(move || pool.join()).unwrap().released, 1);
+    assert_eq!(
+        within("the pool to stop", move || pool.join())
+            .unwrap()
+            .released,
+        1
+    );
 }
 
 #[test]
@@ -326,7 +305,7 @@ fn idle_pool_wakes_on_new_work_without_waiting_for_a_tick() {
     events_until(pool.events(), |e| matches!(e, Event::Started { .. }));
     enqueue(&store, "late");
     count_completed(pool.events(), 1);
-    within(move || pool.shutdown()).unwrap();
+    within("the pool to stop", move || pool.shutdown()).unwrap();
 }
 
 #[test]
@@ -345,7 +324,7 @@ fn scheduled_job_runs_once_due() {
     count_completed(pool.events(), 1);
     let job = store.get(&JobId::new("later").unwrap()).unwrap();
     assert!(job.started_at.unwrap() >= due, "ran before it was due");
-    within(move || pool.shutdown()).unwrap();
+    within("the pool to stop", move || pool.shutdown()).unwrap();
 }
 
 #[test]
@@ -366,7 +345,12 @@ fn jobs_run_in_priority_order() {
         .exit_when_idle(true)
         .start()
         .unwrap();
-    assert_eq!(within(move || pool.join()).unwrap().completed, 4);
+    assert_eq!(
+        within("the pool to stop", move || pool.join())
+            .unwrap()
+            .completed,
+        4
+    );
     assert_eq!(*order.lock(), ["urgent", "high", "normal", "low"]);
 }
 
@@ -390,7 +374,7 @@ fn recovery_tick_returns_jobs_of_a_silent_worker() {
     )));
     let job = store.get(&JobId::new("orphan").unwrap()).unwrap();
     assert_eq!((job.state, job.attempts), (JobState::Completed, 2));
-    within(move || pool.shutdown()).unwrap();
+    within("the pool to stop", move || pool.shutdown()).unwrap();
 }
 
 #[test]
@@ -400,6 +384,7 @@ fn jobs_of_a_dead_process_on_this_host_are_recovered_at_once() {
     // A registered worker whose process has exited: its lease is long, but its pid is gone.
     let mut child = std::process::Command::new("true").spawn().unwrap();
     let dead_pid = child.id();
+    let identity = queuectl_core::ProcessIdentity::of(dead_pid);
     child.wait().unwrap();
     store
         .register_worker(queuectl_core::WorkerInfo {
@@ -410,6 +395,8 @@ fn jobs_of_a_dead_process_on_this_host_are_recovered_at_once() {
             started_at: now(),
             last_seen: now(),
             stop_requested: false,
+            stop_forced: false,
+            identity,
         })
         .unwrap();
     store
@@ -421,7 +408,7 @@ fn jobs_of_a_dead_process_on_this_host_are_recovered_at_once() {
     count_completed(pool.events(), 1);
     let ids: Vec<_> = store.workers().unwrap().into_iter().map(|w| w.id).collect();
     assert_eq!(ids, [pool.id()], "the dead worker was deregistered");
-    within(move || pool.shutdown()).unwrap();
+    within("the pool to stop", move || pool.shutdown()).unwrap();
 }
 
 #[test]
@@ -452,7 +439,7 @@ fn heartbeats_keep_a_long_job_leased() {
     );
     release.send(()).unwrap();
     count_completed(pool.events(), 1);
-    within(move || pool.shutdown()).unwrap();
+    within("the pool to stop", move || pool.shutdown()).unwrap();
 }
 
 #[test]
@@ -477,7 +464,7 @@ fn a_worker_that_lost_its_lease_cannot_overwrite_the_new_owner() {
     let job = store.get(&JobId::new("contested").unwrap()).unwrap();
     assert_eq!(job.state, JobState::Processing);
     assert_eq!(job.lease.unwrap().worker, "other");
-    within(move || pool.shutdown_now()).unwrap();
+    within("the pool to stop", move || pool.shutdown_now()).unwrap();
 }
 
 #[test]
@@ -497,11 +484,11 @@ fn stop_request_in_storage_stops_the_pool_gracefully() {
             e,
             Event::Stopping {
                 forced: false,
-                reason: "stop request in storage"
+                reason: StopReason::StopRequest
             }
         )
     });
-    within(move || pool.join()).unwrap();
+    within("the pool to stop", move || pool.join()).unwrap();
     assert!(store.workers().unwrap().is_empty());
 }
 
@@ -511,7 +498,11 @@ fn builder_refuses_zero_workers() {
         .workers(0)
         .start()
         .unwrap_err();
-    assert!(err.to_string().contains("workers must be from 1"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("workers must be a whole number from 1 to 4096"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -530,7 +521,7 @@ fn exit_when_idle_drains_the_queue_then_stops() {
         .exit_when_idle(true)
         .start()
         .unwrap();
-    let summary = within(move || pool.join()).unwrap();
+    let summary = within("the pool to stop", move || pool.join()).unwrap();
     assert_eq!(summary.completed, 20);
     assert_eq!(rx.try_iter().count(), 20);
     assert_eq!(store.counts().unwrap().completed, 20);
@@ -552,7 +543,7 @@ fn graceful_stop_hands_back_prefetched_jobs_unstarted_and_uncharged() {
     assert_eq!(store.counts().unwrap().processing, 4);
     let stopper = pool.stopper();
     let events = pool.events().clone();
-    let joiner = std::thread::spawn(move || within(move || pool.join()));
+    let joiner = std::thread::spawn(move || within("the pool to stop", move || pool.join()));
     stopper.graceful();
     events_until(&events, |e| matches!(e, Event::Stopping { .. }));
     release.send(()).unwrap();
@@ -587,7 +578,12 @@ fn prefetching_pool_runs_every_job_once() {
         .exit_when_idle(true)
         .start()
         .unwrap();
-    assert_eq!(within(move || pool.join()).unwrap().completed, JOBS);
+    assert_eq!(
+        within("the pool to stop", move || pool.join())
+            .unwrap()
+            .completed,
+        JOBS
+    );
     let runs = runs.lock();
     assert_eq!(runs.len(), JOBS);
     assert!(runs.values().all(|&n| n == 1));
@@ -620,6 +616,7 @@ impl Executor for Overlap {
         Ok(Outcome {
             status,
             exit_code: None,
+            signal: None,
             duration: Duration::ZERO,
             output: String::new(),
         })
@@ -659,7 +656,7 @@ fn a_lost_lease_cancels_the_attempt_and_the_job_never_runs_twice_here() {
     assert_eq!(recv(&started).as_str(), "contested");
     release_tx.send(()).unwrap();
     count_completed(pool.events(), 1);
-    within(move || pool.shutdown()).unwrap();
+    within("the pool to stop", move || pool.shutdown()).unwrap();
     assert_eq!(*executor.most.lock(), 1, "two attempts ran at once");
     let job = store.get(&JobId::new("contested").unwrap()).unwrap();
     assert_eq!((job.state, job.attempts), (JobState::Completed, 2));
@@ -681,159 +678,25 @@ fn a_panicking_executor_fails_the_attempt_and_the_pool_goes_on() {
     assert_eq!(dead_error(&pool), "the executor panicked: executor bug");
     enqueue(&store, "fine");
     count_completed(pool.events(), 1);
-    within(move || pool.shutdown()).unwrap();
-}
-
-/// A store whose results can never be recorded, and whose claims fail when `fail_claims` is
-/// set (`claims` counts them).
-#[derive(Debug, Default)]
-struct Broken(
-    MemoryStorage,
-    std::sync::atomic::AtomicBool,
-    std::sync::atomic::AtomicUsize,
-);
-
-impl Broken {
-    fn fail_claims(&self) {
-        self.1.store(true, std::sync::atomic::Ordering::SeqCst);
-    }
-
-    fn claims(&self) -> usize {
-        self.2.load(std::sync::atomic::Ordering::SeqCst)
-    }
-
-    fn fail<T>() -> queuectl_core::Result<T> {
-        Err(queuectl_core::StorageError::Io {
-            op: "append to",
-            path: "/gone/journal".into(),
-            source: std::io::Error::other("the disk went away"),
-        })
-    }
-}
-
-impl Storage for Broken {
-    fn enqueue_batch(
-        &self,
-        jobs: Vec<NewJob>,
-        now: queuectl_core::Timestamp,
-    ) -> queuectl_core::Result<Vec<Job>> {
-        self.0.enqueue_batch(jobs, now)
-    }
-    fn claim(
-        &self,
-        worker: &str,
-        max: usize,
-        lease_for: Duration,
-        now: queuectl_core::Timestamp,
-    ) -> queuectl_core::Result<Vec<Job>> {
-        self.2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        if self.1.load(std::sync::atomic::Ordering::SeqCst) {
-            return Self::fail();
-        }
-        self.0.claim(worker, max, lease_for, now)
-    }
-    fn extend_leases(
-        &self,
-        leases: &[queuectl_core::Lease],
-        lease_for: Duration,
-        now: queuectl_core::Timestamp,
-    ) -> queuectl_core::Result<Vec<JobId>> {
-        self.0.extend_leases(leases, lease_for, now)
-    }
-    fn settle(
-        &self,
-        _: Vec<queuectl_core::Settlement>,
-        _: queuectl_core::Timestamp,
-    ) -> queuectl_core::Result<Vec<queuectl_core::Result<Job>>> {
-        Self::fail()
-    }
-    fn recover_expired(&self, now: queuectl_core::Timestamp) -> queuectl_core::Result<Vec<Job>> {
-        self.0.recover_expired(now)
-    }
-    fn recover_worker(
-        &self,
-        worker: &str,
-        now: queuectl_core::Timestamp,
-    ) -> queuectl_core::Result<Vec<Job>> {
-        self.0.recover_worker(worker, now)
-    }
-    fn get(&self, id: &JobId) -> queuectl_core::Result<Job> {
-        self.0.get(id)
-    }
-    fn attempts(&self, id: &JobId) -> queuectl_core::Result<Vec<queuectl_core::Attempt>> {
-        self.0.attempts(id)
-    }
-    fn list(&self, query: &queuectl_core::ListQuery) -> queuectl_core::Result<Vec<Job>> {
-        self.0.list(query)
-    }
-    fn counts(&self) -> queuectl_core::Result<queuectl_core::StateCounts> {
-        self.0.counts()
-    }
-    fn next_due(&self) -> queuectl_core::Result<Option<queuectl_core::Timestamp>> {
-        self.0.next_due()
-    }
-    fn retry_dead(
-        &self,
-        ids: Option<&[JobId]>,
-        now: queuectl_core::Timestamp,
-    ) -> queuectl_core::Result<Vec<Job>> {
-        self.0.retry_dead(ids, now)
-    }
-    fn clear_dead(&self) -> queuectl_core::Result<usize> {
-        self.0.clear_dead()
-    }
-    fn purge_completed(&self, before: queuectl_core::Timestamp) -> queuectl_core::Result<usize> {
-        self.0.purge_completed(before)
-    }
-    fn config(&self) -> queuectl_core::Result<queuectl_core::Config> {
-        self.0.config()
-    }
-    fn update_config(
-        &self,
-        update: &mut dyn FnMut(
-            &mut queuectl_core::Config,
-        ) -> Result<(), queuectl_core::ConfigError>,
-    ) -> queuectl_core::Result<queuectl_core::Config> {
-        self.0.update_config(update)
-    }
-    fn register_worker(&self, worker: queuectl_core::WorkerInfo) -> queuectl_core::Result<()> {
-        self.0.register_worker(worker)
-    }
-    fn worker_heartbeat(
-        &self,
-        worker: &str,
-        now: queuectl_core::Timestamp,
-    ) -> queuectl_core::Result<bool> {
-        self.0.worker_heartbeat(worker, now)
-    }
-    fn deregister_worker(&self, worker: &str) -> queuectl_core::Result<()> {
-        self.0.deregister_worker(worker)
-    }
-    fn workers(&self) -> queuectl_core::Result<Vec<queuectl_core::WorkerInfo>> {
-        self.0.workers()
-    }
-    fn request_stop(&self) -> queuectl_core::Result<usize> {
-        self.0.request_stop()
-    }
-    fn change_version(&self) -> queuectl_core::Result<u64> {
-        self.0.change_version()
-    }
-    fn wait_for_change(&self, seen: u64, timeout: Duration) -> queuectl_core::Result<u64> {
-        self.0.wait_for_change(seen, timeout)
-    }
+    within("the pool to stop", move || pool.shutdown()).unwrap();
 }
 
 #[test]
 fn a_pool_that_cannot_record_results_gives_up_and_stops() {
-    let store = Arc::new(Broken::default());
+    let store = Arc::new(Faulty::default());
+    store.fail_settles.store(true, Ordering::SeqCst);
     store
         .enqueue(NewJob::new("x").id("x").unwrap(), now())
         .unwrap();
     let pool = WorkerPool::builder(store.clone(), Arc::new(FnExecutor::new(|_| Ok(()))))
+        .timings(queuectl_core::Timings {
+            settle_retry: Duration::from_millis(1),
+            ..Default::default()
+        })
         .start()
         .unwrap();
     let events = pool.events().clone();
-    let err = within(move || pool.join()).unwrap_err();
+    let err = within("the pool to stop", move || pool.join()).unwrap_err();
     assert!(
         matches!(
             err,
@@ -872,7 +735,7 @@ fn a_busy_pool_notices_a_stop_request_before_starting_more_work() {
     assert!(events.iter().any(|e| matches!(
         e,
         Event::Stopping {
-            reason: "stop request in storage",
+            reason: StopReason::StopRequest,
             ..
         }
     )));
@@ -882,7 +745,7 @@ fn a_busy_pool_notices_a_stop_request_before_starting_more_work() {
             .any(|e| matches!(e, Event::Claimed { job, .. } if job.as_str() == "second")),
         "{events:#?}"
     );
-    let summary = within(move || pool.join()).unwrap();
+    let summary = within("the pool to stop", move || pool.join()).unwrap();
     assert_eq!(summary.completed, 1);
     let second = store.get(&JobId::new("second").unwrap()).unwrap();
     assert_eq!((second.state, second.attempts), (JobState::Pending, 0));
@@ -909,7 +772,7 @@ fn an_idle_pool_does_not_write_to_its_store() {
         version,
         "the idle pool wrote to the store"
     );
-    within(move || pool.shutdown()).unwrap();
+    within("the pool to stop", move || pool.shutdown()).unwrap();
 }
 
 #[test]
@@ -942,7 +805,7 @@ fn exit_when_idle_waits_for_retries_but_not_for_scheduled_jobs() {
         .exit_when_idle(true)
         .start()
         .unwrap();
-    let summary = within(move || pool.join()).unwrap();
+    let summary = within("the pool to stop", move || pool.join()).unwrap();
     assert_eq!((summary.failed, summary.completed), (1, 1));
     let state = |id: &str| store.get(&JobId::new(id).unwrap()).unwrap().state;
     assert_eq!(state("flaky"), JobState::Completed);
@@ -951,34 +814,40 @@ fn exit_when_idle_waits_for_retries_but_not_for_scheduled_jobs() {
 
 #[test]
 fn failing_claims_back_off_and_do_not_count_as_idle() {
-    let store = Arc::new(Broken::default());
-    store.fail_claims();
+    let store = Arc::new(Faulty::default());
+    store.fail_claims.store(true, Ordering::SeqCst);
     store
         .enqueue(NewJob::new("x").id("x").unwrap(), now())
         .unwrap();
     let pool = WorkerPool::builder(store.clone(), Arc::new(FnExecutor::new(|_| Ok(()))))
         .exit_when_idle(true)
+        .timings(queuectl_core::Timings {
+            settle_retry: Duration::from_millis(20),
+            claim_backoff_max: Duration::from_millis(80),
+            ..Default::default()
+        })
         .start()
         .unwrap();
     events_until(pool.events(), |e| matches!(e, Event::StorageError { .. }));
     // Over this quiet window a spinning dispatcher would claim many thousands of times; one
-    // that backs off (200 ms, doubling) claims a handful.
-    let before = store.claims();
+    // that backs off (20 ms, doubling up to 80 ms) claims a handful.
+    let before = store.claims.load(Ordering::SeqCst);
     let mut seen = Vec::new();
-    while let Ok(event) = pool.events().recv_timeout(Duration::from_millis(1500)) {
+    let window = Instant::now() + Duration::from_millis(400);
+    while let Ok(event) = pool
+        .events()
+        .recv_timeout(window.saturating_duration_since(Instant::now()))
+    {
         seen.push(event);
-        if seen.len() > 50 {
-            break;
-        }
     }
-    let during = store.claims() - before;
-    assert!(during <= 10, "{during} claims in 1.5 s: {seen:#?}");
+    let during = store.claims.load(Ordering::SeqCst) - before;
+    assert!(during <= 10, "{during} claims in 0.4 s: {seen:#?}");
     // Failed claims are not "nothing to do": the pool did not stop as idle.
     assert!(
         !seen.iter().any(|e| matches!(e, Event::Stopping { .. })),
         "{seen:#?}"
     );
-    within(move || pool.shutdown()).unwrap();
+    within("the pool to stop", move || pool.shutdown()).unwrap();
     assert_eq!(
         store.get(&JobId::new("x").unwrap()).unwrap().state,
         JobState::Pending
@@ -998,7 +867,7 @@ fn dropping_the_pool_handle_stops_the_pool() {
     assert!(seen.iter().any(|e| matches!(
         e,
         Event::Stopping {
-            reason: "pool handle dropped",
+            reason: StopReason::HandleDropped,
             ..
         }
     )));

@@ -1,7 +1,8 @@
 //! `ShellExecutor` end to end: real shells, real process groups, real signals.
 //!
 //! Waits are bounded: ordering comes from FIFOs the job writes to (never from sleeps), and
-//! polling loops only observe that a process has died.
+//! polling loops only observe that a process has died. Every case runs under both exit-watch
+//! strategies (`pidfd::…` and `threads::…`).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -10,18 +11,18 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
-use nix::sys::signal::{Signal, kill};
 use nix::sys::stat::Mode;
-use nix::unistd::{Pid, mkfifo};
+use nix::unistd::mkfifo;
 use queuectl_core::executor::{Canceller, cancel_pair};
-use queuectl_core::shell::JOB_ID_VAR;
+use queuectl_core::shell::{ExitWatch, JOB_ID_VAR};
 use queuectl_core::{
     CancelSignal, Executor, ExecutorError, Job, MemoryStorage, NewJob, Outcome, ShellExecutor,
     Status, StorageExt, now,
 };
 
-/// Upper bound of every wait in these tests.
-const LONG: Duration = Duration::from_secs(10);
+mod support;
+
+use support::{TIMEOUT as LONG, assert_gone, is_running, within};
 
 fn job(id: &str, command: &str) -> Job {
     let mut job = MemoryStorage::new()
@@ -32,18 +33,13 @@ fn job(id: &str, command: &str) -> Job {
     job
 }
 
-fn run(exec: &ShellExecutor, job: &Job) -> Outcome {
-    exec.execute(job, &CancelSignal::never()).unwrap()
+/// An executor watching its leaders with `watch`.
+fn shell(watch: ExitWatch) -> ShellExecutor {
+    ShellExecutor::new().exit_watch(watch)
 }
 
-/// Runs `f` on a thread; fails the test if it takes longer than `LONG`.
-fn within<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = crossbeam_channel::bounded(1);
-    thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    rx.recv_timeout(LONG)
-        .unwrap_or_else(|e| panic!("{what}: {e}"))
+fn run(exec: &ShellExecutor, job: &Job) -> Outcome {
+    exec.execute(job, &CancelSignal::never()).unwrap()
 }
 
 /// A FIFO at `dir/name` and a channel receiving what is written to it (by one writer).
@@ -61,33 +57,6 @@ fn fifo(dir: &Path, name: &str) -> (PathBuf, Receiver<String>) {
 fn recv(what: &str, rx: &Receiver<String>) -> String {
     rx.recv_timeout(LONG)
         .unwrap_or_else(|e| panic!("{what}: {e}"))
-}
-
-/// Whether `pid` is a live process (a zombie counts as dead: in a container, nobody may reap
-/// an orphan).
-fn is_running(pid: i32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => {
-            let state = stat
-                .rsplit_once(')')
-                .and_then(|(_, rest)| rest.trim_start().chars().next());
-            !matches!(state, Some('Z' | 'X'))
-        }
-        Err(_) if Path::new("/proc/self/stat").exists() => false,
-        Err(_) => kill(Pid::from_raw(pid), None).is_ok(),
-    }
-}
-
-/// Waits (bounded) for `pid` to die; kills it and fails if it does not.
-fn assert_gone(pid: i32) {
-    let deadline = Instant::now() + LONG;
-    while is_running(pid) {
-        if Instant::now() > deadline {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-            panic!("process {pid} is still running");
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn pid(text: &str) -> i32 {
@@ -109,10 +78,9 @@ fn start_cancellable(
     (canceller, rx)
 }
 
-#[test]
-fn exit_code_zero_succeeds_with_stdout_and_stderr_in_order() {
+fn exit_code_zero_succeeds_with_stdout_and_stderr_in_order(watch: ExitWatch) {
     let outcome = run(
-        &ShellExecutor::new(),
+        &shell(watch),
         &job("ok", "echo out; echo err >&2; echo out again"),
     );
     assert_eq!(outcome.status, Status::Succeeded);
@@ -121,21 +89,19 @@ fn exit_code_zero_succeeds_with_stdout_and_stderr_in_order() {
     assert!(outcome.duration < LONG);
 }
 
-#[test]
-fn non_zero_exit_is_a_failure_with_its_code() {
-    let outcome = run(&ShellExecutor::new(), &job("three", "echo trying; exit 3"));
+fn non_zero_exit_is_a_failure_with_its_code(watch: ExitWatch) {
+    let outcome = run(&shell(watch), &job("three", "echo trying; exit 3"));
     assert_eq!(outcome.status, Status::Failed("exited with code 3".into()));
     assert_eq!(outcome.exit_code, Some(3));
     assert_eq!(outcome.output, "trying\n");
     assert_eq!(outcome.error_message().unwrap(), "exited with code 3");
 }
 
-#[test]
-fn the_lifeline_watcher_is_invisible_to_wait_and_jobs() {
+fn nothing_of_the_executor_is_visible_to_wait_and_jobs(watch: ExitWatch) {
     // A bare `wait` waits for the command's own background jobs only; `jobs` lists none of ours.
-    let outcome = within("bare wait", || {
+    let outcome = within("bare wait", move || {
         run(
-            &ShellExecutor::new(),
+            &shell(watch),
             &job("waits", "jobs; sleep 0.1 & wait; echo waited"),
         )
     });
@@ -143,10 +109,9 @@ fn the_lifeline_watcher_is_invisible_to_wait_and_jobs() {
     assert_eq!(outcome.output, "waited\n");
 }
 
-#[test]
-fn unknown_command_is_exit_127_not_an_error() {
+fn unknown_command_is_exit_127_not_an_error(watch: ExitWatch) {
     let outcome = run(
-        &ShellExecutor::new(),
+        &shell(watch),
         &job("missing", "queuectl-no-such-command-xyz --flag"),
     );
     assert_eq!(
@@ -154,17 +119,25 @@ fn unknown_command_is_exit_127_not_an_error() {
         Status::Failed("exited with code 127 (command not found)".into())
     );
     assert_eq!(outcome.exit_code, Some(127));
-    assert!(outcome.output.contains("not found"), "{:?}", outcome.output);
+    // What `sh -c` itself prints: no wrapper (`eval`, `queuectl-job`) shows through.
+    let raw = Command::new("sh")
+        .args(["-c", "queuectl-no-such-command-xyz --flag"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(outcome.output, String::from_utf8_lossy(&raw.stderr));
     assert!(
-        outcome.output.starts_with("queuectl-job:"),
+        outcome
+            .output
+            .starts_with("sh: 1: queuectl-no-such-command-xyz: ")
+            || outcome.output.starts_with("sh: line 1: "),
         "{:?}",
         outcome.output
     );
 }
 
-#[test]
-fn death_by_signal_is_a_failure_without_exit_code() {
-    let outcome = run(&ShellExecutor::new(), &job("killed", "kill -9 $$"));
+fn death_by_signal_is_a_failure_without_exit_code(watch: ExitWatch) {
+    let outcome = run(&shell(watch), &job("killed", "kill -9 $$"));
     assert_eq!(
         outcome.status,
         Status::Failed("killed by signal SIGKILL (9)".into())
@@ -172,11 +145,10 @@ fn death_by_signal_is_a_failure_without_exit_code() {
     assert_eq!(outcome.exit_code, None);
 }
 
-#[test]
-fn the_command_is_passed_as_an_argument_not_spliced_into_the_script() {
+fn the_command_keeps_its_shell_meaning(watch: ExitWatch) {
     // Quotes, `$1`, a trailing comment and a newline all keep their shell meaning.
     let outcome = run(
-        &ShellExecutor::new(),
+        &shell(watch),
         &job(
             "quoting",
             "set -- 'a b' \"c\"; echo \"$#:$1:$2\" # comment\necho 'it''s'",
@@ -186,9 +158,8 @@ fn the_command_is_passed_as_an_argument_not_spliced_into_the_script() {
     assert_eq!(outcome.output, "2:a b:c\nits\n");
 }
 
-#[test]
-fn a_shell_that_cannot_start_is_a_spawn_error() {
-    let err = ShellExecutor::new()
+fn a_shell_that_cannot_start_is_a_spawn_error(watch: ExitWatch) {
+    let err = shell(watch)
         .shell("/nonexistent/queuectl-sh")
         .execute(&job("noshell", "true"), &CancelSignal::never())
         .unwrap_err();
@@ -198,7 +169,7 @@ fn a_shell_that_cannot_start_is_a_spawn_error() {
     }
 
     let dir = tempfile::tempdir().unwrap();
-    let err = ShellExecutor::new()
+    let err = shell(watch)
         .working_dir(dir.path().join("missing"))
         .execute(&job("nodir", "true"), &CancelSignal::never())
         .unwrap_err();
@@ -209,9 +180,8 @@ fn a_shell_that_cannot_start_is_a_spawn_error() {
     assert_eq!(err.to_string(), "could not start the command of job nodir");
 }
 
-#[test]
-fn job_id_attempt_and_extra_environment_are_set() {
-    let exec = ShellExecutor::new()
+fn job_id_attempt_and_extra_environment_are_set(watch: ExitWatch) {
+    let exec = shell(watch)
         .env("GREETING", "hello there")
         .env(JOB_ID_VAR, "cannot override");
     let mut job = job(
@@ -224,37 +194,30 @@ fn job_id_attempt_and_extra_environment_are_set() {
     assert_eq!(outcome.output, format!("env-job|2|hello there|{path}\n"));
 }
 
-#[test]
-fn working_dir_is_used() {
+fn working_dir_is_used(watch: ExitWatch) {
     let dir = tempfile::tempdir().unwrap();
-    let outcome = run(
-        &ShellExecutor::new().working_dir(dir.path()),
-        &job("cwd", "pwd -P"),
-    );
+    let outcome = run(&shell(watch).working_dir(dir.path()), &job("cwd", "pwd -P"));
     let expected = dir.path().canonicalize().unwrap();
     assert_eq!(outcome.output, format!("{}\n", expected.display()));
 }
 
-#[test]
-fn stdin_is_dev_null_and_the_lifeline_is_not_inherited() {
-    // `cat` would block if its stdin were the lifeline (which only closes after the job).
+fn stdin_is_dev_null_and_no_descriptor_leaks(watch: ExitWatch) {
+    // `cat` would block if its stdin were the gate or any other pipe of the executor.
     let mut job = job(
         "stdin",
         "cat; read line || echo eof; \
          if { true <&3; } 2>/dev/null; then echo fd3 open; else echo fd3 closed; fi",
     );
     job.timeout = Some(LONG);
-    let outcome = within("the attempt", move || run(&ShellExecutor::new(), &job));
+    let outcome = within("the attempt", move || run(&shell(watch), &job));
     assert_eq!(outcome.status, Status::Succeeded);
     assert_eq!(outcome.output, "eof\nfd3 closed\n");
 }
 
-#[test]
-#[cfg(target_os = "linux")]
-fn the_job_runs_in_its_own_process_group() {
+fn the_job_runs_in_its_own_process_group(watch: ExitWatch) {
     // Field 5 of /proc/PID/stat is the process group.
     let outcome = run(
-        &ShellExecutor::new(),
+        &shell(watch),
         &job("pgrp", "echo $$; cut -d' ' -f5 /proc/$$/stat"),
     );
     let lines: Vec<&str> = outcome.output.lines().collect();
@@ -264,13 +227,12 @@ fn the_job_runs_in_its_own_process_group() {
     assert_ne!(group, nix::unistd::getpgrp().as_raw());
 }
 
-#[test]
-fn a_megabyte_of_output_does_not_block_and_keeps_the_tail() {
+fn a_megabyte_of_output_does_not_block_and_keeps_the_tail(watch: ExitWatch) {
     // 1 MiB on stdout plus a marker on stderr; the default cap is 64 KiB.
     let command = "head -c 1048576 /dev/zero | tr '\\0' 'x'; echo; echo end-marker >&2";
     let mut job = job("chatty", command);
     job.timeout = Some(LONG);
-    let outcome = within("the attempt", move || run(&ShellExecutor::new(), &job));
+    let outcome = within("the attempt", move || run(&shell(watch), &job));
     assert_eq!(outcome.status, Status::Succeeded);
     let total = 1048576 + 1 + "end-marker\n".len();
     let dropped = total - 64 * 1024;
@@ -284,26 +246,23 @@ fn a_megabyte_of_output_does_not_block_and_keeps_the_tail() {
     assert!(outcome.output.ends_with("xxx\nend-marker\n"));
 }
 
-#[test]
-fn output_limit_is_configurable() {
-    let exec = ShellExecutor::new().output_limit(10);
+fn output_limit_is_configurable(watch: ExitWatch) {
+    let exec = shell(watch).output_limit(10);
     let outcome = run(&exec, &job("capped", "printf 0123456789abcdef"));
     assert_eq!(outcome.output, "[... 6 bytes truncated]\n6789abcdef");
     let outcome = run(&exec, &job("fits", "printf 0123456789"));
     assert_eq!(outcome.output, "0123456789");
 }
 
-#[test]
-fn output_is_lossy_utf8() {
+fn output_is_lossy_utf8(watch: ExitWatch) {
     let outcome = run(
-        &ShellExecutor::new(),
+        &shell(watch),
         &job("bytes", "printf 'caf\\303\\251 \\377\\n'"),
     );
     assert_eq!(outcome.output, "café \u{fffd}\n");
 }
 
-#[test]
-fn a_job_that_closes_its_output_early_still_runs_to_its_end() {
+fn a_job_that_closes_its_output_early_still_runs_to_its_end(watch: ExitWatch) {
     // Once its output is closed, the job waits for the test, which can only get through to
     // it while the attempt still runs.
     let dir = tempfile::tempdir().unwrap();
@@ -313,15 +272,14 @@ fn a_job_that_closes_its_output_early_still_runs_to_its_end() {
         "echo before; exec >&- 2>&-; read line < {}; exit \"$line\"",
         go.display()
     );
-    let (_canceller, outcome) = start_cancellable(ShellExecutor::new(), job("closes", &command));
+    let (_canceller, outcome) = start_cancellable(shell(watch), job("closes", &command));
     within("the job's read", move || fs::write(go, "6\n").unwrap());
     let outcome = outcome.recv_timeout(LONG).unwrap().unwrap();
     assert_eq!(outcome.status, Status::Failed("exited with code 6".into()));
     assert_eq!(outcome.output, "before\n");
 }
 
-#[test]
-fn leftover_background_processes_are_killed_when_the_job_exits() {
+fn leftover_background_processes_are_killed_when_the_job_exits(watch: ExitWatch) {
     // The grandchild keeps stdout open; the attempt must still end at once, with the job's
     // own exit code.
     let dir = tempfile::tempdir().unwrap();
@@ -332,7 +290,7 @@ fn leftover_background_processes_are_killed_when_the_job_exits() {
     );
     let started = Instant::now();
     let job = job("leftovers", &command);
-    let outcome = within("the attempt", move || run(&ShellExecutor::new(), &job));
+    let outcome = within("the attempt", move || run(&shell(watch), &job));
     assert!(started.elapsed() < Duration::from_secs(3), "{outcome:?}");
     assert_eq!(outcome.status, Status::Failed("exited with code 5".into()));
     assert_eq!(outcome.exit_code, Some(5));
@@ -340,8 +298,7 @@ fn leftover_background_processes_are_killed_when_the_job_exits() {
     assert_gone(pid(&fs::read_to_string(pid_file).unwrap()));
 }
 
-#[test]
-fn timeout_kills_the_whole_process_group() {
+fn timeout_kills_the_whole_process_group(watch: ExitWatch) {
     let dir = tempfile::tempdir().unwrap();
     let pid_file = dir.path().join("pid");
     // The limit leaves the shell ample time to write the pid file before it fires.
@@ -351,7 +308,7 @@ fn timeout_kills_the_whole_process_group() {
         &format!("sleep 30 & echo $! > {}; wait", pid_file.display()),
     );
     job.timeout = Some(limit);
-    let outcome = within("the attempt", move || run(&ShellExecutor::new(), &job));
+    let outcome = within("the attempt", move || run(&shell(watch), &job));
     assert_eq!(outcome.status, Status::TimedOut(limit));
     assert_eq!(outcome.exit_code, None);
     assert_eq!(outcome.error_message().unwrap(), "timed out after 1.000s");
@@ -364,15 +321,14 @@ fn timeout_kills_the_whole_process_group() {
     assert_gone(pid(&fs::read_to_string(pid_file).unwrap()));
 }
 
-#[test]
-fn cancel_stops_the_job_and_its_grandchildren() {
+fn cancel_stops_the_job_and_its_grandchildren(watch: ExitWatch) {
     let dir = tempfile::tempdir().unwrap();
     let (ready, ready_rx) = fifo(dir.path(), "ready");
     let job = job(
         "cancelled",
         &format!("sleep 30 & echo $! > {}; wait", ready.display()),
     );
-    let (mut canceller, outcome) = start_cancellable(ShellExecutor::new(), job);
+    let (mut canceller, outcome) = start_cancellable(shell(watch), job);
     let grandchild = pid(&recv("the grandchild's pid", &ready_rx));
     assert!(is_running(grandchild));
 
@@ -384,13 +340,12 @@ fn cancel_stops_the_job_and_its_grandchildren() {
     assert_gone(grandchild);
 }
 
-#[test]
-fn a_cancelled_signal_does_not_start_the_job() {
+fn a_cancelled_signal_does_not_start_the_job(watch: ExitWatch) {
     let dir = tempfile::tempdir().unwrap();
     let marker = dir.path().join("ran");
     let (mut canceller, signal) = cancel_pair();
     canceller.cancel();
-    let outcome = ShellExecutor::new()
+    let outcome = shell(watch)
         .execute(
             &job("never", &format!("touch {}", marker.display())),
             &signal,
@@ -400,8 +355,7 @@ fn a_cancelled_signal_does_not_start_the_job() {
     assert!(!marker.exists());
 }
 
-#[test]
-fn sigterm_comes_first_and_the_job_may_clean_up() {
+fn sigterm_comes_first_and_the_job_may_clean_up(watch: ExitWatch) {
     let dir = tempfile::tempdir().unwrap();
     let (ready, ready_rx) = fifo(dir.path(), "ready");
     let job = job(
@@ -413,7 +367,7 @@ fn sigterm_comes_first_and_the_job_may_clean_up() {
         ),
     );
     // The default 5 s grace is not waited out: the attempt ends when the job does.
-    let (mut canceller, outcome) = start_cancellable(ShellExecutor::new(), job);
+    let (mut canceller, outcome) = start_cancellable(shell(watch), job);
     recv("readiness", &ready_rx);
     let cancelled_at = Instant::now();
     canceller.cancel();
@@ -429,8 +383,7 @@ fn sigterm_comes_first_and_the_job_may_clean_up() {
     );
 }
 
-#[test]
-fn sigkill_follows_when_the_grace_period_is_over() {
+fn sigkill_follows_when_the_grace_period_is_over(watch: ExitWatch) {
     let dir = tempfile::tempdir().unwrap();
     let (ready, ready_rx) = fifo(dir.path(), "ready");
     let grace = Duration::from_millis(300);
@@ -439,7 +392,7 @@ fn sigkill_follows_when_the_grace_period_is_over() {
         "stubborn",
         &format!("trap '' TERM; echo ready > {}; sleep 30", ready.display()),
     );
-    let (mut canceller, outcome) = start_cancellable(ShellExecutor::new().kill_grace(grace), job);
+    let (mut canceller, outcome) = start_cancellable(shell(watch).kill_grace(grace), job);
     recv("readiness", &ready_rx);
     let cancelled_at = Instant::now();
     canceller.cancel();
@@ -454,8 +407,7 @@ fn sigkill_follows_when_the_grace_period_is_over() {
     assert_eq!(outcome.exit_code, None);
 }
 
-#[test]
-fn the_grace_period_covers_the_whole_group_not_just_the_shell() {
+fn the_grace_period_covers_the_whole_group_not_just_the_shell(watch: ExitWatch) {
     // The shell dies of SIGTERM at once; its grandchild ignores SIGTERM and must still be
     // killed when the grace period is over.
     let dir = tempfile::tempdir().unwrap();
@@ -468,7 +420,7 @@ fn the_grace_period_covers_the_whole_group_not_just_the_shell() {
             ready.display()
         ),
     );
-    let (mut canceller, outcome) = start_cancellable(ShellExecutor::new().kill_grace(grace), job);
+    let (mut canceller, outcome) = start_cancellable(shell(watch).kill_grace(grace), job);
     let grandchild = pid(&recv("the grandchild's pid", &ready_rx));
     let cancelled_at = Instant::now();
     canceller.cancel();
@@ -479,9 +431,8 @@ fn the_grace_period_covers_the_whole_group_not_just_the_shell() {
     assert_gone(grandchild);
 }
 
-#[test]
-fn concurrent_attempts_stay_apart() {
-    let exec = ShellExecutor::new();
+fn concurrent_attempts_stay_apart(watch: ExitWatch) {
+    let exec = shell(watch);
     thread::scope(|scope| {
         let handles: Vec<_> = (0..8)
             .map(|i| {
@@ -503,35 +454,61 @@ fn concurrent_attempts_stay_apart() {
     });
 }
 
-/// Environment variable that turns [`helper_worker_process`] into a real worker for
-/// [`worker_death_kills_the_job`]: the FIFO to report the job's pids on.
-const HELPER_FIFO: &str = "QUEUECTL_TEST_SHELL_HELPER_FIFO";
-
-/// Not a test on its own: when [`worker_death_kills_the_job`] re-runs this test binary with
-/// `HELPER_FIFO` set, this plays the worker process that gets killed. Without it, it returns.
-#[test]
-fn helper_worker_process() {
-    let Some(fifo) = std::env::var_os(HELPER_FIFO) else {
-        return;
+/// Stamps one `#[test]` per case per exit-watch strategy.
+macro_rules! both_strategies {
+    ($($(#[$attr:meta])* $name:ident),* $(,)?) => {
+        mod pidfd {
+            $( $(#[$attr])* #[test] fn $name() { super::$name(super::ExitWatch::Pidfd) } )*
+        }
+        mod threads {
+            $( $(#[$attr])* #[test] fn $name() { super::$name(super::ExitWatch::Thread) } )*
+        }
     };
-    let fifo = Path::new(&fifo).display().to_string();
-    let job = job("orphan", &format!("sleep 30 & echo $$ $! > {fifo}; wait"));
-    // Blocks until the parent test kills this process.
-    let outcome = ShellExecutor::new().execute(&job, &CancelSignal::never());
-    panic!("the job should have run until this process was killed: {outcome:?}");
 }
+
+both_strategies!(
+    exit_code_zero_succeeds_with_stdout_and_stderr_in_order,
+    non_zero_exit_is_a_failure_with_its_code,
+    nothing_of_the_executor_is_visible_to_wait_and_jobs,
+    unknown_command_is_exit_127_not_an_error,
+    death_by_signal_is_a_failure_without_exit_code,
+    the_command_keeps_its_shell_meaning,
+    a_shell_that_cannot_start_is_a_spawn_error,
+    job_id_attempt_and_extra_environment_are_set,
+    working_dir_is_used,
+    stdin_is_dev_null_and_no_descriptor_leaks,
+    #[cfg(target_os = "linux")]
+    the_job_runs_in_its_own_process_group,
+    a_megabyte_of_output_does_not_block_and_keeps_the_tail,
+    output_limit_is_configurable,
+    output_is_lossy_utf8,
+    a_job_that_closes_its_output_early_still_runs_to_its_end,
+    leftover_background_processes_are_killed_when_the_job_exits,
+    timeout_kills_the_whole_process_group,
+    cancel_stops_the_job_and_its_grandchildren,
+    a_cancelled_signal_does_not_start_the_job,
+    sigterm_comes_first_and_the_job_may_clean_up,
+    sigkill_follows_when_the_grace_period_is_over,
+    the_grace_period_covers_the_whole_group_not_just_the_shell,
+    concurrent_attempts_stay_apart,
+    worker_death_kills_the_job,
+);
+
+/// The helper worker process (a real binary, `tests/helpers/shell_worker.rs`).
+const SHELL_WORKER: &str = env!("CARGO_BIN_EXE_queuectl-test-shell-worker");
 
 /// The product rule: when a worker process dies, even by SIGKILL, the commands it started
 /// must not run on unobserved.
-#[test]
-fn worker_death_kills_the_job() {
+fn worker_death_kills_the_job(watch: ExitWatch) {
     let dir = tempfile::tempdir().unwrap();
     let (pids_fifo, pids_rx) = fifo(dir.path(), "pids");
-    let mut worker = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "helper_worker_process", "--nocapture"])
-        .env(HELPER_FIFO, &pids_fifo)
+    let mut worker = Command::new(SHELL_WORKER)
+        .arg(&pids_fifo)
+        .arg(match watch {
+            ExitWatch::Pidfd => "pidfd",
+            ExitWatch::Thread => "thread",
+        })
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
         .spawn()
         .unwrap();
     let pids = recv("the job's pids", &pids_rx);

@@ -1,0 +1,617 @@
+//! The dispatcher loop: *turn → finished? → wait until the next deadline*.
+//!
+//! A turn settles what finished, runs what is due (heartbeat, recovery, purge, the shutdown
+//! timeout), looks for a stop request and claims for free slots. After every turn the loop
+//! asks whether the pool has finished (a fatal error, or a stop with nothing left held);
+//! otherwise it waits for the first of an outcome, a control message, a storage change and
+//! the earliest deadline, so that nothing a turn started (a stop, say) waits for a tick.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, select};
+
+use crate::backoff::BackoffPolicy;
+use crate::error::StorageError;
+use crate::executor::Canceller;
+use crate::job::{JobId, now};
+use crate::storage::{Storage, WorkerInfo};
+
+use super::Control;
+use super::builder::{Timings, WorkerPoolBuilder};
+use super::events::{Event, EventSink, PoolError, StopReason, Summary, error_chain};
+use super::ledger::Ledger;
+use super::recovery::recover_abandoned;
+use super::runner::{Assignment, Finished};
+
+/// The dispatcher's ends of the pool's channels.
+pub(super) struct Channels {
+    pub(super) jobs: Sender<Assignment>,
+    /// The executors' end of `jobs`, to take back jobs no executor has started.
+    pub(super) unstarted: Receiver<Assignment>,
+    pub(super) outcomes: Receiver<Finished>,
+    pub(super) control: Receiver<Control>,
+    pub(super) wake: Receiver<()>,
+    pub(super) arm: Sender<u64>,
+    pub(super) waker_stop: Canceller,
+}
+
+pub(super) struct Stopping {
+    pub(super) forced: bool,
+    deadline: Option<Instant>,
+}
+
+pub(super) struct Dispatcher {
+    pub(super) storage: Arc<dyn Storage>,
+    pub(super) backoff: Arc<dyn BackoffPolicy>,
+    pub(super) id: String,
+    info: WorkerInfo,
+    workers: usize,
+    /// Jobs handed out at most: executor threads plus prefetch.
+    pub(super) capacity: usize,
+    pub(super) lease: Duration,
+    heartbeat_every: Duration,
+    recovery_every: Duration,
+    retention: Option<Duration>,
+    exit_when_idle: bool,
+    shutdown_timeout: Option<Duration>,
+    pub(super) timings: Timings,
+    pub(super) jobs: Option<Sender<Assignment>>,
+    unstarted: Receiver<Assignment>,
+    pub(super) outcomes: Receiver<Finished>,
+    control: Receiver<Control>,
+    wake: Receiver<()>,
+    arm: Sender<u64>,
+    waker_stop: Canceller,
+    pub(super) events: EventSink,
+    pub(super) ledger: Ledger,
+    /// Outcomes received while waiting, settled by the next turn.
+    pub(super) arrived: Vec<Finished>,
+    /// Results the store has not taken yet (it failed, or a stop just handed jobs back).
+    pub(super) unsettled: Vec<Finished>,
+    /// When to try `unsettled` again.
+    pub(super) settle_at: Option<Instant>,
+    /// Failed attempts in a row to record results.
+    pub(super) settle_failures: u32,
+    claim_failures: u32,
+    claim_retry_at: Option<Instant>,
+    pub(super) stopping: Option<Stopping>,
+    pub(super) summary: Summary,
+    next_heartbeat: Instant,
+    next_recovery: Instant,
+    next_purge: Instant,
+    /// Out of work: when the next scheduled job is due.
+    due_at: Option<Instant>,
+    /// The store version when the dispatcher last looked.
+    seen_version: Option<u64>,
+    /// The store changed since the last look for a stop request.
+    stop_check_due: bool,
+    last_stop_check: Option<Instant>,
+    /// The waker reported a change of the store.
+    woken: bool,
+    /// An error that ends the pool, found where it could not be returned.
+    pub(super) fatal: Option<PoolError>,
+}
+
+impl Dispatcher {
+    pub(super) fn new(
+        builder: &WorkerPoolBuilder,
+        id: String,
+        info: WorkerInfo,
+        events: EventSink,
+        channels: Channels,
+    ) -> Self {
+        let lease = builder.lease;
+        let start = Instant::now();
+        Self {
+            storage: builder.storage.clone(),
+            backoff: builder.backoff.clone(),
+            id,
+            info,
+            workers: builder.workers,
+            capacity: builder.workers + builder.prefetch,
+            lease,
+            heartbeat_every: builder.heartbeat.unwrap_or(lease / 3),
+            recovery_every: builder
+                .recovery
+                .unwrap_or_else(|| (lease / 2).min(Duration::from_secs(1))),
+            retention: builder.retention,
+            exit_when_idle: builder.exit_when_idle,
+            shutdown_timeout: builder.shutdown_timeout,
+            timings: builder.timings,
+            jobs: Some(channels.jobs),
+            unstarted: channels.unstarted,
+            outcomes: channels.outcomes,
+            control: channels.control,
+            wake: channels.wake,
+            arm: channels.arm,
+            waker_stop: channels.waker_stop,
+            events,
+            ledger: Ledger::default(),
+            arrived: Vec::new(),
+            unsettled: Vec::new(),
+            settle_at: None,
+            settle_failures: 0,
+            claim_failures: 0,
+            claim_retry_at: None,
+            stopping: None,
+            summary: Summary::default(),
+            next_heartbeat: start + builder.heartbeat.unwrap_or(lease / 3),
+            next_recovery: start,
+            next_purge: start,
+            due_at: None,
+            seen_version: None,
+            stop_check_due: false,
+            last_stop_check: None,
+            woken: false,
+            fatal: None,
+        }
+    }
+
+    pub(super) fn emit(&self, make: impl FnOnce() -> Event) {
+        self.events.emit(make);
+    }
+
+    pub(super) fn storage_error(&self, op: &'static str, error: &StorageError) {
+        self.emit(|| Event::StorageError {
+            op,
+            error: error_chain(error),
+        });
+    }
+
+    /// Runs the pool until it has finished.
+    pub(super) fn run(&mut self) -> Result<Summary, PoolError> {
+        self.emit(|| Event::Started {
+            worker: self.id.clone(),
+            threads: self.workers,
+        });
+        loop {
+            self.turn();
+            if let Some(end) = self.end() {
+                return end;
+            }
+            let until = self.next_deadline();
+            self.wait(until);
+        }
+    }
+
+    /// One turn: see the [module docs](self).
+    fn turn(&mut self) {
+        self.settle_finished();
+        if self.fatal.is_some() {
+            return;
+        }
+        let now_instant = Instant::now();
+        if let Some(stopping) = &self.stopping
+            && !stopping.forced
+            && stopping.deadline.is_some_and(|d| now_instant >= d)
+        {
+            self.begin_stop(true, StopReason::ShutdownTimeout);
+        }
+        if now_instant >= self.next_heartbeat {
+            self.heartbeat();
+            self.next_heartbeat = now_instant + self.heartbeat_every;
+        }
+        if now_instant >= self.next_recovery {
+            self.recover();
+            self.next_recovery = now_instant + self.recovery_every;
+        }
+        if now_instant >= self.next_purge {
+            self.purge();
+            self.next_purge = now_instant + self.timings.purge_every;
+        }
+        // One read of the version per turn, before looking for a stop request and for work:
+        // any change after it wakes the pool.
+        let version = self.storage.change_version().ok();
+        let throttled = !std::mem::take(&mut self.woken);
+        self.poll_stop_request(version, throttled);
+        self.due_at = None;
+        if self.stopping.is_some() || self.claim_retry_at.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
+        let (asked, claimed) = self.claim();
+        if claimed == asked || self.claim_retry_at.is_some() {
+            return;
+        }
+        // Out of work: have the waker report the next change of the store. (A busy pool is
+        // not armed, so its own writes do not wake it; it looks for a stop request before
+        // refilling slots instead.)
+        if let Some(version) = version {
+            // Full means an arming is pending; the waker takes the newest one.
+            let _ = self.arm.try_send(version);
+        }
+        if self.exit_when_idle && self.ledger.is_empty() && claimed == 0 {
+            // Nothing runs and nothing is due. Jobs waiting for a retry keep the pool; jobs
+            // scheduled for later do not.
+            match self.storage.counts() {
+                Ok(counts) if counts.failed == 0 => {
+                    self.begin_stop(false, StopReason::Idle);
+                    return;
+                }
+                Ok(_) => {}
+                Err(error) => self.storage_error("counting jobs", &error),
+            }
+        }
+        match self.storage.next_due() {
+            Ok(Some(due)) => {
+                let until_due = (due - now()).max(time::Duration::ZERO);
+                let until_due = Duration::try_from(until_due).unwrap_or_default();
+                self.due_at = Instant::now().checked_add(until_due);
+            }
+            Ok(None) => {}
+            Err(error) => self.storage_error("looking for due jobs", &error),
+        }
+    }
+
+    /// Whether the pool has finished, and how.
+    fn end(&mut self) -> Option<Result<Summary, PoolError>> {
+        if let Some(error) = self.fatal.take() {
+            self.abandon();
+            return Some(Err(error));
+        }
+        let done = self.stopping.is_some()
+            && self.ledger.is_empty()
+            && self.unsettled.is_empty()
+            && self.arrived.is_empty();
+        done.then_some(Ok(self.summary))
+    }
+
+    /// The earliest instant something is due.
+    fn next_deadline(&self) -> Instant {
+        let stop_check = self
+            .stop_check_due
+            .then(|| {
+                self.last_stop_check
+                    .map(|t| t + self.timings.stop_check_every)
+            })
+            .flatten();
+        [
+            Some(self.next_heartbeat),
+            Some(self.next_recovery),
+            Some(self.next_purge),
+            self.due_at,
+            self.claim_retry_at,
+            self.settle_at,
+            stop_check,
+            self.stopping.as_ref().and_then(|s| s.deadline),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or_else(Instant::now)
+    }
+
+    /// Blocks until an outcome, a control message, a storage change or `until`. Outcomes are
+    /// left in their channel for the next turn to settle together.
+    fn wait(&mut self, until: Instant) {
+        let timeout = until.saturating_duration_since(Instant::now());
+        select! {
+            recv(self.outcomes) -> finished => match finished {
+                Ok(finished) => self.arrived.push(finished),
+                Err(_) => self.executors_gone(),
+            },
+            recv(self.control) -> control => match control {
+                Ok(Control::Graceful) => self.begin_stop(false, StopReason::Requested),
+                Ok(Control::Forced) => self.begin_stop(true, StopReason::Requested),
+                Err(_) => {
+                    // The WorkerPool and every Stopper were dropped: nobody can stop the pool
+                    // any more, so stop now, gracefully.
+                    self.control = crossbeam_channel::never();
+                    self.begin_stop(false, StopReason::HandleDropped);
+                }
+            },
+            recv(self.wake) -> woken => match woken {
+                Ok(()) => self.woken = true,
+                // The waker thread ended: no more wake-ups (ticks still come).
+                Err(_) => self.wake = crossbeam_channel::never(),
+            },
+            default(timeout) => {}
+        }
+    }
+
+    /// Every executor thread has ended (the outcomes channel closed): never wait on it again,
+    /// and if attempts were out, their results will never come.
+    fn executors_gone(&mut self) {
+        self.outcomes = crossbeam_channel::never();
+        if !self.ledger.is_empty() {
+            self.fatal.get_or_insert(PoolError::ExecutorsGone {
+                running: self.ledger.len(),
+            });
+        }
+    }
+
+    fn note_version(&mut self, version: u64) {
+        if self.seen_version != Some(version) {
+            self.seen_version = Some(version);
+            self.stop_check_due = true;
+        }
+    }
+
+    /// Looks for a stop request in storage if the store changed since the last look (when
+    /// `throttled`, at most every [`Timings::stop_check_every`]): an idle pool notices
+    /// `worker stop` when the write wakes it, a busy one before it refills the slots of
+    /// finished jobs. `version` is the store version just read, if any.
+    pub(super) fn poll_stop_request(&mut self, version: Option<u64>, throttled: bool) {
+        if self.stopping.as_ref().is_some_and(|s| s.forced) {
+            return;
+        }
+        if let Some(version) = version {
+            self.note_version(version);
+        }
+        let due = !throttled
+            || self
+                .last_stop_check
+                .is_none_or(|t| Instant::now() >= t + self.timings.stop_check_every);
+        if self.stop_check_due && due {
+            self.check_stop_request();
+        }
+    }
+
+    fn check_stop_request(&mut self) {
+        self.stop_check_due = false;
+        self.last_stop_check = Some(Instant::now());
+        match self.storage.workers() {
+            Ok(workers) => {
+                if let Some(me) = workers.iter().find(|w| w.id == self.id && w.stop_requested) {
+                    self.begin_stop(me.stop_forced, StopReason::StopRequest);
+                }
+            }
+            Err(error) => self.storage_error("looking for a stop request", &error),
+        }
+    }
+
+    /// Starts a stop, or makes a graceful one forced. A second graceful request changes
+    /// nothing.
+    pub(super) fn begin_stop(&mut self, forced: bool, reason: StopReason) {
+        if self.stopping.as_ref().is_some_and(|s| s.forced || !forced) {
+            return;
+        }
+        self.stopping = Some(Stopping {
+            forced,
+            deadline: if forced {
+                None
+            } else {
+                self.shutdown_timeout
+                    .and_then(|t| Instant::now().checked_add(t))
+            },
+        });
+        if forced {
+            self.ledger.cancel_all();
+        }
+        // Jobs no executor has started go back to the queue, uncharged: queued for the next
+        // settlement (never settled from here, which may run inside a settlement).
+        let unstarted: Vec<Finished> = self
+            .unstarted
+            .try_iter()
+            .chain(self.ledger.take_parked())
+            .map(|a| Finished::unstarted(a.job))
+            .collect();
+        if !unstarted.is_empty() {
+            self.unsettled.extend(unstarted);
+            self.settle_at = Some(Instant::now());
+        }
+        self.emit(|| Event::Stopping { forced, reason });
+    }
+
+    /// Claims jobs for free slots and hands them to executors. Returns how many it asked for
+    /// and how many it got.
+    fn claim(&mut self) -> (usize, usize) {
+        let free = self.capacity.saturating_sub(self.ledger.len());
+        if free == 0 {
+            return (0, 0);
+        }
+        match self.storage.claim(&self.id, free, self.lease, now()) {
+            Ok(claimed) => {
+                self.claim_failures = 0;
+                self.claim_retry_at = None;
+                let count = claimed.len();
+                self.hand_out(claimed);
+                (free, count)
+            }
+            Err(error) => {
+                // Back off (doubling up to the maximum) instead of retrying at once: a failing
+                // store must not make the dispatcher spin.
+                let backoff = self
+                    .timings
+                    .settle_retry
+                    .saturating_mul(1 << self.claim_failures.min(5))
+                    .min(self.timings.claim_backoff_max);
+                self.claim_failures = self.claim_failures.saturating_add(1);
+                self.claim_retry_at = Instant::now().checked_add(backoff);
+                self.tolerate("claiming jobs", error);
+                (free, 0)
+            }
+        }
+    }
+
+    /// Gives claimed jobs to the executors (or parks them behind a lost attempt of the same
+    /// job that is still running here).
+    pub(super) fn hand_out(&mut self, claimed: Vec<crate::Job>) {
+        for job in claimed {
+            self.emit(|| Event::Claimed {
+                job: job.id.clone(),
+                attempt: job.attempts,
+                command: job.command.clone(),
+            });
+            let (run, lost) = self.ledger.claimed(job);
+            if let Some(job) = lost {
+                self.emit(|| Event::LeaseLost { job });
+            }
+            if let Some(assignment) = run {
+                self.start(assignment);
+            }
+        }
+    }
+
+    /// Queues an assignment for the executors. Cannot block: the channel holds `capacity`
+    /// jobs and the ledger never holds more; cannot fail: `self.unstarted` keeps it open.
+    pub(super) fn start(&self, assignment: Assignment) {
+        if let Some(jobs) = &self.jobs {
+            let _ = jobs.send(assignment);
+        }
+    }
+
+    /// Renews the leases of this pool's attempts and its registration; obeys a stored stop.
+    /// An attempt whose lease was lost is cancelled at once: its job belongs to someone else.
+    fn heartbeat(&mut self) {
+        let at = now();
+        let leases = self.ledger.leases();
+        if !leases.is_empty() {
+            match self.storage.extend_leases(&leases, self.lease, at) {
+                Ok(lost) => {
+                    for id in lost {
+                        self.lose(&id);
+                    }
+                }
+                Err(error) => self.tolerate("renewing leases", error),
+            }
+        }
+        match self.storage.worker_heartbeat(&self.id, at) {
+            Ok(true) => self.check_stop_request(),
+            Ok(false) => {}
+            Err(StorageError::UnknownWorker { .. }) => {
+                // Someone deregistered us (presumed dead): register again.
+                let info = WorkerInfo {
+                    started_at: at,
+                    last_seen: at,
+                    ..self.info.clone()
+                };
+                if let Err(error) = self.storage.register_worker(info) {
+                    self.tolerate("registering", error);
+                }
+            }
+            Err(error) => self.tolerate("heartbeating", error),
+        }
+    }
+
+    /// Cancels this pool's attempt of `job`, whose lease the store reports lost.
+    fn lose(&mut self, job: &JobId) {
+        let (lost, ready) = self.ledger.lose(job);
+        if lost {
+            let job = job.clone();
+            self.emit(|| Event::LeaseLost { job });
+        }
+        for assignment in ready {
+            self.start(assignment);
+        }
+    }
+
+    /// Reports a storage error the pool can work around (the operation is retried later);
+    /// a poisoned store ends the pool.
+    pub(super) fn tolerate(&mut self, op: &'static str, error: StorageError) {
+        self.storage_error(op, &error);
+        if error.is_fatal() {
+            self.fatal
+                .get_or_insert(PoolError::Storage { op, source: error });
+        }
+    }
+
+    fn recover(&mut self) {
+        match recover_abandoned(&*self.storage, &self.info.hostname, self.lease * 3, now()) {
+            Ok(jobs) => {
+                for job in jobs {
+                    self.emit(|| Event::Recovered {
+                        job: job.id,
+                        state: job.state,
+                    });
+                }
+            }
+            Err(error) => self.storage_error("recovering abandoned jobs", &error),
+        }
+    }
+
+    fn purge(&mut self) {
+        let Some(retention) = self.retention else {
+            return;
+        };
+        let Some(cutoff) =
+            now().checked_sub(time::Duration::try_from(retention).unwrap_or(time::Duration::MAX))
+        else {
+            return;
+        };
+        match self.storage.purge_completed(cutoff) {
+            Ok(0) => {}
+            Ok(count) => self.emit(|| Event::Purged { count }),
+            Err(error) => self.storage_error("purging completed jobs", &error),
+        }
+    }
+
+    /// Ends the pool after a fatal error: kills running attempts and forgets them (their
+    /// leases expire and the jobs run again elsewhere).
+    fn abandon(&mut self) {
+        self.begin_stop(true, StopReason::StorageFailure);
+        self.ledger.clear();
+        self.unsettled.clear();
+    }
+
+    /// Closes the pool: stops executor threads and the waker, deregisters, emits `Stopped`.
+    pub(super) fn finish(&mut self) {
+        // Closing the jobs channel ends the executor threads.
+        self.jobs = None;
+        self.waker_stop.cancel();
+        // Deregistering changes the store, which also ends a wait of the waker in progress.
+        if let Err(error) = self.storage.deregister_worker(&self.id) {
+            self.storage_error("deregistering", &error);
+        }
+        self.emit(|| Event::Stopped);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MemoryStorage;
+    use crate::executor::{FnExecutor, cancel_pair};
+
+    fn dispatcher() -> (Dispatcher, crossbeam_channel::Sender<Finished>) {
+        let store: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+        let builder = WorkerPoolBuilder::new(store, Arc::new(FnExecutor::new(|_| Ok(()))));
+        let (jobs, unstarted) = crossbeam_channel::bounded(1);
+        let (outcomes_tx, outcomes) = crossbeam_channel::unbounded();
+        let (_control_tx, control) = crossbeam_channel::unbounded();
+        let (_wake_tx, wake) = crossbeam_channel::bounded(1);
+        let (arm, _arm_rx) = crossbeam_channel::bounded(1);
+        let (waker_stop, _) = cancel_pair();
+        let (events, _, _) = EventSink::new(0);
+        let info = WorkerInfo {
+            id: "w".into(),
+            hostname: "h".into(),
+            pid: 1,
+            concurrency: 1,
+            started_at: now(),
+            last_seen: now(),
+            stop_requested: false,
+            stop_forced: false,
+            identity: Default::default(),
+        };
+        let channels = Channels {
+            jobs,
+            unstarted,
+            outcomes,
+            control,
+            wake,
+            arm,
+            waker_stop,
+        };
+        std::mem::forget(_control_tx);
+        std::mem::forget(_wake_tx);
+        std::mem::forget(_arm_rx);
+        (
+            Dispatcher::new(&builder, "w".into(), info, events, channels),
+            outcomes_tx,
+        )
+    }
+
+    /// A closed outcomes channel is noticed once and then never waited on again: a wait
+    /// after it runs to its deadline instead of returning at once, forever.
+    #[test]
+    fn a_closed_outcomes_channel_does_not_make_the_dispatcher_spin() {
+        let (mut dispatcher, outcomes) = dispatcher();
+        drop(outcomes);
+        dispatcher.wait(Instant::now() + Duration::from_secs(3600));
+        assert!(dispatcher.fatal.is_none(), "no attempt was out");
+        let until = Instant::now() + Duration::from_millis(20);
+        dispatcher.wait(until);
+        assert!(Instant::now() >= until, "the second wait returned early");
+    }
+}

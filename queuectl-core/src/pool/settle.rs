@@ -1,0 +1,210 @@
+//! Settlement: finished attempts become settlements, recorded in one storage call per batch
+//! (which also refills the freed slots), and the results become events.
+
+use std::time::{Duration, Instant};
+
+use crate::backoff::BackoffPolicy;
+use crate::error::StorageError;
+use crate::executor::Status;
+use crate::job::{Job, JobState, Lease, Timestamp, later, now};
+use crate::storage::{AttemptReport, Settlement};
+
+use super::dispatcher::Dispatcher;
+use super::events::{Event, PoolError};
+use super::ledger::Finish;
+use super::runner::Finished;
+
+/// How an attempt ended, as the dispatcher reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Ended {
+    Completed,
+    Released,
+    Failed { retry_at: Timestamp },
+}
+
+/// The settlement of a finished attempt held under `lease`, and how it ended.
+pub(super) fn settlement(
+    backoff: &dyn BackoffPolicy,
+    lease: Lease,
+    done: &Finished,
+    at: Timestamp,
+) -> (Settlement, Ended) {
+    let (report, status) = match &done.outcome {
+        Ok(outcome) => (
+            AttemptReport {
+                exit_code: outcome.exit_code,
+                signal: outcome.signal,
+                output: (!outcome.output.is_empty()).then(|| outcome.output.clone()),
+                error: outcome.error_message(),
+            },
+            Some(&outcome.status),
+        ),
+        Err(error) => (
+            AttemptReport {
+                exit_code: None,
+                signal: None,
+                output: None,
+                error: Some(error.clone()),
+            },
+            None,
+        ),
+    };
+    match status {
+        Some(Status::Succeeded) => (Settlement::Complete { lease, report }, Ended::Completed),
+        Some(Status::Cancelled) => (Settlement::Release { lease }, Ended::Released),
+        Some(Status::Failed(_) | Status::TimedOut(_)) | None => {
+            let delay = backoff.delay(&done.job.id, done.job.attempts);
+            let retry_at = later(at, delay);
+            let fail = Settlement::Fail {
+                lease,
+                report,
+                retry_at,
+            };
+            (fail, Ended::Failed { retry_at })
+        }
+    }
+}
+
+impl Dispatcher {
+    /// Settles whatever executors have finished, and what the store has not taken yet once
+    /// it is time to try again, in one storage call.
+    pub(super) fn settle_finished(&mut self) {
+        let mut finished = std::mem::take(&mut self.arrived);
+        finished.extend(self.outcomes.try_iter());
+        let retry_due = self.settle_at.is_some_and(|at| Instant::now() >= at);
+        if finished.is_empty() && !retry_due {
+            return;
+        }
+        let earlier = std::mem::take(&mut self.unsettled);
+        let mut batch: Vec<(Lease, Finished)> = Vec::new();
+        for done in earlier.into_iter().chain(finished) {
+            let Some(token) = done.token() else { continue };
+            match self.ledger.finished(token) {
+                Finish::Settle(lease) => batch.push((lease, done)),
+                Finish::Lost(ready) => {
+                    // Already reported; the job belongs to someone else now.
+                    self.summary.lost += 1;
+                    for assignment in ready {
+                        self.start(assignment);
+                    }
+                }
+                Finish::Unknown => {}
+            }
+        }
+        self.settle_at = None;
+        if batch.is_empty() {
+            return;
+        }
+        // Look for a stop request before refilling the slots this batch frees.
+        let version = self.storage.change_version().ok();
+        self.poll_stop_request(version, false);
+        let want = if self.stopping.is_none() {
+            let busy = self.ledger.len().saturating_sub(batch.len());
+            self.capacity.saturating_sub(busy)
+        } else {
+            0
+        };
+        let at = now();
+        let (settlements, ends): (Vec<Settlement>, Vec<Ended>) = batch
+            .iter()
+            .map(|(lease, done)| settlement(&*self.backoff, lease.clone(), done, at))
+            .unzip();
+        let settled = self
+            .storage
+            .settle_and_claim(settlements, &self.id, want, self.lease, at);
+        let (results, claimed) = match settled {
+            Ok(settled) => settled,
+            Err(error) => {
+                self.settle_failed(batch.into_iter().map(|(_, done)| done).collect(), error);
+                return;
+            }
+        };
+        self.settle_failures = 0;
+        for (((_, done), end), result) in batch.into_iter().zip(ends).zip(results) {
+            if let Some(token) = done.token() {
+                self.ledger.forget(token);
+            }
+            self.report(end, &done, result);
+        }
+        self.hand_out(claimed);
+    }
+
+    fn settle_failed(&mut self, batch: Vec<Finished>, error: StorageError) {
+        self.storage_error("recording job results", &error);
+        self.settle_failures += 1;
+        let poisoned = error.is_fatal();
+        if poisoned || self.settle_failures >= self.timings.settle_attempts {
+            // Results cannot be recorded: stop. The leases expire and the jobs run again
+            // elsewhere.
+            for done in &batch {
+                if let Some(token) = done.token() {
+                    self.ledger.forget(token);
+                }
+            }
+            self.fatal.get_or_insert(PoolError::Storage {
+                op: "recording job results",
+                source: error,
+            });
+        } else {
+            // Keep anything queued meanwhile (jobs handed back by a stop).
+            self.unsettled.extend(batch);
+            self.settle_at = Instant::now().checked_add(self.timings.settle_retry);
+        }
+    }
+
+    fn report(&mut self, end: Ended, done: &Finished, result: crate::Result<Job>) {
+        let job = done.job.id.clone();
+        let attempt = done.job.attempts;
+        let job_after = match result {
+            Ok(job_after) => job_after,
+            Err(StorageError::LeaseLost { .. }) => {
+                self.summary.lost += 1;
+                self.emit(|| Event::LeaseLost { job });
+                return;
+            }
+            Err(error) => {
+                self.storage_error("recording a job result", &error);
+                return;
+            }
+        };
+        let error = job_after.last_error.clone().unwrap_or_default();
+        match (end, job_after.state) {
+            (Ended::Completed, _) => {
+                self.summary.completed += 1;
+                let duration = done
+                    .outcome
+                    .as_ref()
+                    .map(|o| o.duration)
+                    .unwrap_or_default();
+                self.emit(|| Event::Completed {
+                    job,
+                    attempt,
+                    duration,
+                });
+            }
+            (Ended::Released, _) => {
+                self.summary.released += 1;
+                self.emit(|| Event::Released { job });
+            }
+            (Ended::Failed { .. }, JobState::Dead) => {
+                self.summary.dead += 1;
+                self.emit(|| Event::Dead {
+                    job,
+                    attempt,
+                    error,
+                });
+            }
+            (Ended::Failed { retry_at }, _) => {
+                self.summary.failed += 1;
+                let retry_in =
+                    Duration::try_from(retry_at - job_after.updated_at).unwrap_or_default();
+                self.emit(|| Event::Failed {
+                    job,
+                    attempt,
+                    error,
+                    retry_in,
+                });
+            }
+        }
+    }
+}

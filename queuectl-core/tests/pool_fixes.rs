@@ -1,0 +1,208 @@
+//! Regression tests for pool bugs: each failed before its fix.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use queuectl_core::pool::{hostname, recover_abandoned};
+use queuectl_core::{
+    Event, FnExecutor, JobId, JobState, MemoryStorage, NewJob, ProcessIdentity, Storage,
+    StorageExt, WorkerInfo, WorkerPool, now,
+};
+
+mod support;
+
+use support::{Faulty, TIMEOUT, events_until, within};
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// A worker record for `pid` on this host with `identity`, holding job `orphan`.
+fn abandoned(store: &MemoryStorage, pid: u32, identity: ProcessIdentity) {
+    store
+        .enqueue(NewJob::new("x").id("orphan").unwrap(), now())
+        .unwrap();
+    store
+        .register_worker(WorkerInfo {
+            id: "other".into(),
+            hostname: hostname(),
+            pid,
+            concurrency: 1,
+            started_at: now(),
+            last_seen: now(),
+            stop_requested: false,
+            stop_forced: false,
+            identity,
+        })
+        .unwrap();
+    assert_eq!(store.claim("other", 1, HOUR, now()).unwrap().len(), 1);
+}
+
+fn orphan_state(store: &MemoryStorage) -> JobState {
+    store.get(&JobId::new("orphan").unwrap()).unwrap().state
+}
+
+/// An idle pool whose ticks are an hour apart still stops at once on a stop request: the
+/// request wakes it.
+#[test]
+fn an_idle_pool_stops_on_a_stop_request_without_waiting_for_a_tick() {
+    let (store, waits) = Faulty::reporting();
+    let pool = idle_pool(store.clone());
+    // The waker waits on the store: the pool has looked for work, found none, and sleeps.
+    waits.recv_timeout(TIMEOUT).unwrap();
+    store.request_stop().unwrap();
+    events_until(pool.events(), |e| *e == Event::Stopped);
+    within("the pool to stop", move || pool.join()).unwrap();
+}
+
+/// An idle pool whose ticks are an hour apart runs a new job at once: the enqueue wakes it.
+#[test]
+fn an_idle_pool_wakes_on_new_work_without_waiting_for_a_tick() {
+    let (store, waits) = Faulty::reporting();
+    let pool = idle_pool(store.clone());
+    waits.recv_timeout(TIMEOUT).unwrap();
+    store
+        .enqueue(NewJob::new("x").id("late").unwrap(), now())
+        .unwrap();
+    events_until(pool.events(), |e| matches!(e, Event::Completed { .. }));
+    within("the pool to stop", move || pool.shutdown()).unwrap();
+}
+
+/// A job scheduled for later wakes an idle pool when it is due, with no tick in between.
+#[test]
+fn an_idle_pool_wakes_when_a_scheduled_job_is_due() {
+    let (store, waits) = Faulty::reporting();
+    store
+        .enqueue(
+            NewJob::new("x")
+                .id("soon")
+                .unwrap()
+                .run_at(now() + Duration::from_millis(200)),
+            now(),
+        )
+        .unwrap();
+    let pool = idle_pool(store.clone());
+    waits.recv_timeout(TIMEOUT).unwrap();
+    events_until(pool.events(), |e| matches!(e, Event::Completed { .. }));
+    within("the pool to stop", move || pool.shutdown()).unwrap();
+}
+
+/// A pool whose heartbeat, recovery and purge are all an hour or more away.
+fn idle_pool(store: Arc<Faulty>) -> WorkerPool {
+    WorkerPool::builder(store, Arc::new(FnExecutor::new(|_| Ok(()))))
+        .lease(2 * HOUR)
+        .heartbeat_interval(HOUR)
+        .recovery_interval(HOUR)
+        .timings(queuectl_core::Timings {
+            purge_every: HOUR,
+            ..Default::default()
+        })
+        .start()
+        .unwrap()
+}
+
+/// A container sharing our host name but not our PID namespace: its pid means nothing here,
+/// so only its lease may decide that it is dead.
+#[test]
+fn a_worker_in_another_pid_namespace_is_not_judged_by_its_pid() {
+    let store = MemoryStorage::new();
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let mut identity = ProcessIdentity::of(child.id());
+    child.wait().unwrap();
+    identity.pid_namespace = identity.pid_namespace.map(|n| n ^ 1).or(Some(1));
+    abandoned(&store, child.id(), identity);
+    let recovered = recover_abandoned(&store, &hostname(), HOUR, now()).unwrap();
+    assert!(recovered.is_empty(), "{recovered:?}");
+    assert_eq!(orphan_state(&store), JobState::Processing);
+}
+
+/// A killed worker its parent has not reaped yet is a zombie: dead, its jobs recovered now.
+#[test]
+fn a_zombie_worker_is_dead() {
+    let store = MemoryStorage::new();
+    let mut child = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
+    abandoned(&store, child.id(), ProcessIdentity::of(child.id()));
+    child.kill().unwrap();
+    // Wait for it to become a zombie, without reaping it.
+    nix::sys::wait::waitid(
+        nix::sys::wait::Id::Pid(nix::unistd::Pid::from_raw(child.id() as i32)),
+        nix::sys::wait::WaitPidFlag::WEXITED | nix::sys::wait::WaitPidFlag::WNOWAIT,
+    )
+    .unwrap();
+    let recovered = recover_abandoned(&store, &hostname(), HOUR, now()).unwrap();
+    assert_eq!(recovered.len(), 1);
+    assert_eq!(orphan_state(&store), JobState::Pending);
+    child.wait().unwrap();
+}
+
+/// An embedder that never reads the events does not make the pool grow.
+#[test]
+fn unread_events_are_bounded() {
+    let store = Arc::new(MemoryStorage::new());
+    let jobs: Vec<NewJob> = (0..3000).map(|_| NewJob::new("x")).collect();
+    store.enqueue_batch(jobs, now()).unwrap();
+    let pool = WorkerPool::builder(store.clone(), Arc::new(FnExecutor::new(|_| Ok(()))))
+        .exit_when_idle(true)
+        .start()
+        .unwrap();
+    let events = pool.events().clone();
+    let summary = within("the pool to stop", move || pool.join()).unwrap();
+    assert_eq!(summary.completed, 3000);
+    assert!(events.len() <= 1024, "{} events held", events.len());
+    assert_eq!(events.try_iter().last(), Some(Event::Stopped));
+}
+
+/// The trait's default `settle_and_claim` reports a failing claim, and has then recorded
+/// nothing (the outer error means nothing was applied).
+#[test]
+fn the_default_settle_and_claim_does_not_hide_a_failing_claim() {
+    let store = Faulty::default();
+    store
+        .enqueue(NewJob::new("x").id("running").unwrap(), now())
+        .unwrap();
+    store
+        .enqueue(NewJob::new("x").id("next").unwrap(), now())
+        .unwrap();
+    let job = store.claim("w", 1, HOUR, now()).unwrap().pop().unwrap();
+    store
+        .fail_claims
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let settlement = queuectl_core::Settlement::Complete {
+        lease: job.lease.clone().unwrap(),
+        report: Default::default(),
+    };
+    let err = store
+        .settle_and_claim(vec![settlement], "w", 1, HOUR, now())
+        .unwrap_err();
+    assert!(
+        matches!(err, queuectl_core::StorageError::Io { .. }),
+        "{err:?}"
+    );
+    assert_eq!(store.get(&job.id).unwrap().state, JobState::Processing);
+}
+
+/// `join` returns only once every pool thread has ended: none holds the store afterwards,
+/// even with a store whose change notification never comes.
+#[test]
+fn no_pool_thread_outlives_join() {
+    let store = Arc::new(Faulty {
+        deaf: true,
+        ..Faulty::default()
+    });
+    let pool = WorkerPool::builder(store.clone(), Arc::new(FnExecutor::new(|_| Ok(()))))
+        .workers(2)
+        .timings(queuectl_core::Timings {
+            waker_poll: Duration::from_millis(20),
+            ..Default::default()
+        })
+        .start()
+        .unwrap();
+    events_until(pool.events(), |e| matches!(e, Event::Started { .. }));
+    within("the pool to stop", move || pool.shutdown()).unwrap();
+    assert_eq!(
+        Arc::strong_count(&store),
+        1,
+        "a pool thread still holds the store"
+    );
+}

@@ -1,0 +1,225 @@
+//! Helpers shared by this crate's integration tests: bounded waits on pool events and on
+//! processes. Each test binary uses a part of them.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use queuectl_core::{
+    Config, ConfigError, Event, Job, JobId, Lease, ListQuery, NewJob, Result, Settlement,
+    StateCounts, Storage, StorageError, Timestamp, WorkerInfo,
+};
+
+/// Upper bound of every wait in the tests.
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs `f` on a thread and returns its result; fails the test if it takes longer than
+/// [`TIMEOUT`] (so a pool that cannot stop fails instead of hanging the suite).
+pub fn within<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(TIMEOUT)
+        .unwrap_or_else(|e| panic!("{what}: {e}"))
+}
+
+/// Collects events until `stop` matches one (returned last). Panics on timeout.
+pub fn events_until(events: &Receiver<Event>, mut stop: impl FnMut(&Event) -> bool) -> Vec<Event> {
+    let deadline = Instant::now() + TIMEOUT;
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match events.recv_timeout(left) {
+            Ok(event) => {
+                let done = stop(&event);
+                seen.push(event);
+                if done {
+                    return seen;
+                }
+            }
+            Err(_) => panic!("timed out waiting for an event; saw {seen:#?}"),
+        }
+    }
+}
+
+/// Collects events until `n` jobs have completed.
+pub fn count_completed(events: &Receiver<Event>, n: usize) -> Vec<Event> {
+    let mut done = 0;
+    events_until(events, |e| {
+        if matches!(e, Event::Completed { .. }) {
+            done += 1;
+        }
+        done == n
+    })
+}
+
+/// Whether `pid` is a live process (a zombie counts as dead: in a container, nobody may reap
+/// an orphan).
+pub fn is_running(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim_start().chars().next());
+            !matches!(state, Some('Z' | 'X'))
+        }
+        Err(_) if Path::new("/proc/self/stat").exists() => false,
+        Err(_) => kill(Pid::from_raw(pid), None).is_ok(),
+    }
+}
+
+/// Waits (bounded) for `pid` to die; kills it and fails if it does not.
+pub fn assert_gone(pid: i32) {
+    let deadline = Instant::now() + TIMEOUT;
+    while is_running(pid) {
+        if Instant::now() > deadline {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            panic!("process {pid} is still running");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A `MemoryStorage` with faults to switch on. It does not override `settle_and_claim`, so
+/// the pool goes through the trait's default.
+#[derive(Debug, Default)]
+pub struct Faulty {
+    pub inner: queuectl_core::MemoryStorage,
+    /// Claims fail with an I/O error.
+    pub fail_claims: AtomicBool,
+    /// Settlements fail with an I/O error (results can never be recorded).
+    pub fail_settles: AtomicBool,
+    /// How many claims were made.
+    pub claims: AtomicUsize,
+    /// When set, `wait_for_change` reports each wait here, then waits for real.
+    pub waits: Option<crossbeam_channel::Sender<()>>,
+    /// `wait_for_change` never sees a change: it sleeps its whole timeout.
+    pub deaf: bool,
+}
+
+impl Faulty {
+    /// A store whose `wait_for_change` reports that the waker is waiting, then waits.
+    pub fn reporting() -> (std::sync::Arc<Self>, Receiver<()>) {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let store = Faulty {
+            waits: Some(tx),
+            ..Faulty::default()
+        };
+        (std::sync::Arc::new(store), rx)
+    }
+
+    fn io_error<T>() -> Result<T> {
+        Err(StorageError::Io {
+            op: "append to",
+            path: "/gone/journal".into(),
+            source: std::io::Error::other("the disk went away"),
+        })
+    }
+}
+
+impl Storage for Faulty {
+    fn enqueue_batch(&self, jobs: Vec<NewJob>, at: Timestamp) -> Result<Vec<Job>> {
+        self.inner.enqueue_batch(jobs, at)
+    }
+    fn claim(
+        &self,
+        worker: &str,
+        max: usize,
+        lease_for: Duration,
+        at: Timestamp,
+    ) -> Result<Vec<Job>> {
+        self.claims.fetch_add(1, Ordering::SeqCst);
+        if self.fail_claims.load(Ordering::SeqCst) {
+            return Self::io_error();
+        }
+        self.inner.claim(worker, max, lease_for, at)
+    }
+    fn extend_leases(
+        &self,
+        leases: &[Lease],
+        lease_for: Duration,
+        at: Timestamp,
+    ) -> Result<Vec<JobId>> {
+        self.inner.extend_leases(leases, lease_for, at)
+    }
+    fn settle(&self, settlements: Vec<Settlement>, at: Timestamp) -> Result<Vec<Result<Job>>> {
+        if self.fail_settles.load(Ordering::SeqCst) {
+            return Self::io_error();
+        }
+        self.inner.settle(settlements, at)
+    }
+    fn recover_expired(&self, at: Timestamp) -> Result<Vec<Job>> {
+        self.inner.recover_expired(at)
+    }
+    fn recover_worker(&self, worker: &str, at: Timestamp) -> Result<Vec<Job>> {
+        self.inner.recover_worker(worker, at)
+    }
+    fn get(&self, id: &JobId) -> Result<Job> {
+        self.inner.get(id)
+    }
+    fn attempts(&self, id: &JobId) -> Result<Vec<queuectl_core::Attempt>> {
+        self.inner.attempts(id)
+    }
+    fn list(&self, query: &ListQuery) -> Result<Vec<Job>> {
+        self.inner.list(query)
+    }
+    fn counts(&self) -> Result<StateCounts> {
+        self.inner.counts()
+    }
+    fn next_due(&self) -> Result<Option<Timestamp>> {
+        self.inner.next_due()
+    }
+    fn retry_dead(&self, ids: Option<&[JobId]>, at: Timestamp) -> Result<Vec<Job>> {
+        self.inner.retry_dead(ids, at)
+    }
+    fn clear_dead(&self) -> Result<usize> {
+        self.inner.clear_dead()
+    }
+    fn purge_completed(&self, before: Timestamp) -> Result<usize> {
+        self.inner.purge_completed(before)
+    }
+    fn config(&self) -> Result<Config> {
+        self.inner.config()
+    }
+    fn update_config(
+        &self,
+        update: &mut dyn FnMut(&mut Config) -> std::result::Result<(), ConfigError>,
+    ) -> Result<Config> {
+        self.inner.update_config(update)
+    }
+    fn register_worker(&self, worker: WorkerInfo) -> Result<()> {
+        self.inner.register_worker(worker)
+    }
+    fn worker_heartbeat(&self, worker: &str, at: Timestamp) -> Result<bool> {
+        self.inner.worker_heartbeat(worker, at)
+    }
+    fn deregister_worker(&self, worker: &str) -> Result<()> {
+        self.inner.deregister_worker(worker)
+    }
+    fn workers(&self) -> Result<Vec<WorkerInfo>> {
+        self.inner.workers()
+    }
+    fn request_stop(&self) -> Result<usize> {
+        self.inner.request_stop()
+    }
+    fn change_version(&self) -> Result<u64> {
+        self.inner.change_version()
+    }
+    fn wait_for_change(&self, seen: u64, timeout: Duration) -> Result<u64> {
+        if let Some(waits) = &self.waits {
+            let _ = waits.send(());
+        }
+        if self.deaf {
+            thread::sleep(timeout);
+            return self.inner.change_version();
+        }
+        self.inner.wait_for_change(seen, timeout)
+    }
+}
