@@ -1019,3 +1019,16 @@ fn a_queue_of_the_journal_format_is_imported_by_the_first_command() {
     let again = q.cmd(["status"]).run();
     assert!(!again.stderr.contains("imported"), "{}", again.stderr);
 }
+
+#[test]
+fn the_history_records_the_signal_that_killed_a_job() {
+    let q = Queue::new();
+    q.enqueue(r#"{"id":"k","command":"kill -9 $$","max_retries":1}"#);
+    q.cmd(["worker", "start", "--exit-when-idle"]).run();
+    let job = q.job("k");
+    let history = job["history"].as_array().unwrap();
+    assert_eq!(history.len(), 1, "{job}");
+    assert_eq!(history[0]["signal"], 9, "{job}");
+    assert_eq!(history[0]["exit_code"], Value::Null, "{job}");
+    assert!(q.run(&["show", "k"]).contains("signal 9"));
+}
