@@ -13,18 +13,19 @@ macro_rules! say {
     }};
 }
 
-mod app;
 mod args;
+mod commands;
+mod error;
 mod render;
-mod worker;
+mod store;
 
 use std::io::{self, Write};
 use std::process::ExitCode;
 
 use clap::Parser;
 
-pub use app::CliError;
 pub use args::Cli;
+pub use error::CliError;
 
 /// Runs the command line of this process and returns its exit code.
 pub fn main() -> ExitCode {
@@ -38,7 +39,7 @@ pub fn main() -> ExitCode {
     };
     let stdout = io::stdout();
     let mut out = stdout.lock();
-    let result = app::run(cli, &mut out).and_then(|()| out.flush().map_err(CliError::Output));
+    let result = commands::run(cli, &mut out).and_then(|()| out.flush().map_err(CliError::Output));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) if error.is_broken_pipe() => ExitCode::SUCCESS,

@@ -3,6 +3,9 @@
 use std::fmt::Write;
 
 use queuectl_core::{Attempt, Config, Job, StateCounts, Timestamp, WorkerInfo};
+use serde::Serialize;
+
+use crate::error::{CliError, Result};
 use time::format_description::well_known::Rfc3339;
 
 /// A timestamp to the second, e.g. `2026-11-29T04:13:29Z`.
@@ -182,4 +185,11 @@ pub fn config(config: &Config) -> String {
         );
     }
     text
+}
+
+/// Writes `value` as pretty JSON and a newline: all a `--json` command prints.
+pub fn print_json(out: &mut dyn std::io::Write, value: &impl Serialize) -> Result {
+    serde_json::to_writer_pretty(&mut *out, value).map_err(|e| CliError::Output(e.into()))?;
+    writeln!(out)?;
+    Ok(())
 }

@@ -9,7 +9,7 @@ use queuectl_core::{Event, FileStorage, ShellExecutor, StopReason, Storage, Work
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use crate::app::{CliError, Result};
+use crate::error::{CliError, Result};
 use crate::render::ts;
 
 /// Runs a pool of shell workers in the foreground until it is stopped.

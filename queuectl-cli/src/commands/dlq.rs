@@ -1,0 +1,46 @@
+//! `dlq list|retry|clear`: the dead letter queue.
+
+use std::io::Write;
+
+use queuectl_core::{JobId, JobState, ListQuery, SpecError, Storage, now};
+
+use crate::args::DlqCommand;
+use crate::error::Result;
+use crate::render;
+
+/// Runs one `dlq` subcommand.
+pub fn run(store: &dyn Storage, command: DlqCommand, out: &mut dyn Write) -> Result {
+    match command {
+        DlqCommand::List(flag) => {
+            let dead = store.list(&ListQuery::state(JobState::Dead))?;
+            if flag.json {
+                render::print_json(out, &dead)
+            } else {
+                Ok(out.write_all(render::job_table(&dead).as_bytes())?)
+            }
+        }
+        DlqCommand::Retry { ids, all } => {
+            let retried = if all {
+                store.retry_dead(None, now())?
+            } else {
+                let ids = ids
+                    .into_iter()
+                    .map(JobId::new)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(SpecError::from)?;
+                store.retry_dead(Some(&ids), now())?
+            };
+            for job in &retried {
+                writeln!(out, "{}", job.id)?;
+            }
+            say!("moved {} job(s) back to pending", retried.len());
+            Ok(())
+        }
+        DlqCommand::Clear => {
+            let cleared = store.clear_dead()?;
+            writeln!(out, "{cleared}")?;
+            say!("deleted {cleared} dead job(s)");
+            Ok(())
+        }
+    }
+}

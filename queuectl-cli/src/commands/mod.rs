@@ -1,0 +1,67 @@
+//! One module per command; [`run`] opens the store as the command needs it and dispatches.
+
+mod check;
+mod config;
+mod dlq;
+mod enqueue;
+mod list;
+mod purge;
+mod show;
+mod status;
+pub mod worker;
+
+use std::io::Write;
+
+use crate::args::{Cli, Command, WorkerCommand};
+use crate::error::Result;
+use crate::store;
+
+/// Runs one parsed command line, writing data to `out`.
+pub fn run(cli: Cli, out: &mut dyn Write) -> Result {
+    let home = match cli.home {
+        Some(home) => home,
+        None => store::default_home()?,
+    };
+    // Parse job input before touching the store: refused input changes nothing.
+    let jobs = match &cli.command {
+        Command::Enqueue { job, .. } => Some(enqueue::parse(job)?),
+        _ => None,
+    };
+    let access = store::access(&cli.command);
+    match cli.command {
+        Command::Check(flag) => check::run(&home, flag.json, out),
+        Command::Worker(WorkerCommand::Start {
+            count,
+            exit_when_idle,
+            prefetch,
+        }) => worker::start(
+            store::open_for_work(&home)?,
+            count.map(usize::from),
+            exit_when_idle,
+            prefetch as usize,
+        ),
+        command => {
+            let store = store::open(&home, access)?;
+            let store = &*store;
+            match command {
+                Command::Enqueue { job, json } => {
+                    enqueue::run(store, jobs.unwrap_or_default(), job == "-", json, out)
+                }
+                Command::Worker(WorkerCommand::Stop {
+                    timeout,
+                    no_wait,
+                    force,
+                }) => worker::stop(store, timeout, no_wait, force),
+                Command::Status(flag) => status::run(store, flag.json, out),
+                Command::List { state, limit, json } => list::run(store, state, limit, json, out),
+                Command::Show { id, json } => show::run(store, id, json, out),
+                Command::Dlq(command) => dlq::run(store, command, out),
+                Command::Config(command) => config::run(store, command, out),
+                Command::Purge { older_than } => purge::run(store, older_than, out),
+                Command::Check(_) | Command::Worker(WorkerCommand::Start { .. }) => {
+                    unreachable!("handled above")
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,35 @@
+//! `status`: jobs per state, live workers, settings.
+
+use std::io::Write;
+
+use queuectl_core::Storage;
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::{render, store};
+
+/// What `status --json` prints.
+#[derive(Serialize)]
+struct StatusReport {
+    counts: queuectl_core::StateCounts,
+    total: usize,
+    workers: Vec<queuectl_core::WorkerInfo>,
+    config: queuectl_core::Config,
+}
+
+pub fn run(store: &dyn Storage, json: bool, out: &mut dyn Write) -> Result {
+    store::recover(store)?;
+    let counts = store.counts()?;
+    let report = StatusReport {
+        counts,
+        total: counts.total(),
+        workers: store.workers()?,
+        config: store.config()?,
+    };
+    if json {
+        render::print_json(out, &report)
+    } else {
+        let text = render::status(&report.counts, &report.workers, &report.config);
+        Ok(out.write_all(text.as_bytes())?)
+    }
+}

@@ -1,0 +1,90 @@
+//! Opening the store the way each command needs it, and the housekeeping read commands do.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use queuectl_core::pool::{hostname, recover_abandoned};
+use queuectl_core::{FileOptions, FileStorage, MemoryStorage, Storage, StorageError, now};
+
+use crate::args::{Command, ConfigCommand, DlqCommand, WorkerCommand};
+use crate::error::{CliError, Result};
+
+/// How a command opens the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// It may create the store (enqueue, worker start, config set).
+    Create,
+    /// It changes an existing store, and refuses when there is none.
+    Change,
+    /// It only reads: it never creates a store, and works on one it cannot write.
+    Read,
+}
+
+pub fn access(command: &Command) -> Access {
+    match command {
+        Command::Enqueue { .. }
+        | Command::Worker(WorkerCommand::Start { .. })
+        | Command::Config(ConfigCommand::Set { .. }) => Access::Create,
+        Command::Worker(WorkerCommand::Stop { .. })
+        | Command::Dlq(DlqCommand::Retry { .. } | DlqCommand::Clear)
+        | Command::Purge { .. } => Access::Change,
+        Command::Status(_)
+        | Command::List { .. }
+        | Command::Show { .. }
+        | Command::Dlq(DlqCommand::List(_))
+        | Command::Config(ConfigCommand::Show(_) | ConfigCommand::Get { .. })
+        | Command::Check(_) => Access::Read,
+    }
+}
+
+pub fn default_home() -> Result<PathBuf> {
+    dirs::data_dir()
+        .map(|dir| dir.join("queuectl"))
+        .ok_or(CliError::NoHome)
+}
+
+/// Opens the store for `worker start`, creating it if needed.
+pub fn open_for_work(home: &Path) -> Result<Arc<FileStorage>> {
+    let store = FileStorage::open(home)?;
+    announce(&store);
+    Ok(Arc::new(store))
+}
+
+fn announce(store: &FileStorage) {
+    if let Some(import) = store.imported() {
+        say!("note: {import}");
+    }
+}
+
+/// Opens the store as the command needs it. A read finds an empty queue where there is no
+/// store yet (and says so), and falls back to reading a store it cannot write.
+pub fn open(home: &Path, access: Access) -> Result<Arc<dyn Storage>> {
+    let options = FileOptions {
+        create: access == Access::Create,
+        ..FileOptions::default()
+    };
+    let opened = match FileStorage::open_with(home, options) {
+        Err(StorageError::NoStore { path }) if access == Access::Read => {
+            say!("note: there is no queue at {} yet", path.display());
+            return Ok(Arc::new(MemoryStorage::new()));
+        }
+        Err(error) if access == Access::Read && error.is_permission_problem() => {
+            FileStorage::open_with(home, FileOptions::read_only())
+        }
+        other => other,
+    };
+    let store = opened?;
+    announce(&store);
+    Ok(Arc::new(store))
+}
+
+/// Returns jobs abandoned by dead workers to the queue before showing anything, so that what is
+/// shown is true even when no worker is running to do it.
+pub fn recover(store: &dyn Storage) -> Result<()> {
+    if store.is_read_only() {
+        return Ok(());
+    }
+    let config = store.config()?;
+    recover_abandoned(store, &hostname(), config.lease_duration() * 3, now())?;
+    Ok(())
+}
