@@ -31,7 +31,18 @@ fn sighup_is_a_graceful_stop() {
     worker.signal(Signal::SIGHUP);
     worker.wait_for("[signal] SIGHUP");
     worker.wait_for("[stopping]");
-    std::fs::write(&gate, "go\n").unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let g = gate.clone();
+    std::thread::spawn(move || {
+        std::fs::write(&g, "go\n").unwrap();
+        tx.send(()).unwrap();
+    });
+    if rx.recv_timeout(std::time::Duration::from_secs(10)).is_err() {
+        panic!(
+            "nobody reads the gate; worker said:\n{}",
+            worker.transcript()
+        );
+    }
     let status = worker.wait_exit();
     assert!(status.success(), "{status}\n{}", worker.transcript());
     let job = q.job("job");
