@@ -343,15 +343,14 @@ impl Dispatcher {
         }
     }
 
-    /// Every executor thread has ended (the outcomes channel closed): never wait on it again,
-    /// and if attempts were out, their results will never come.
+    /// Every executor thread has ended (the outcomes channel closed): never wait on it again.
+    /// Nothing can run any more, and results of attempts still out will never come: the
+    /// pool ends (their leases expire and the jobs run again elsewhere).
     fn executors_gone(&mut self) {
         self.outcomes = crossbeam_channel::never();
-        if !self.ledger.is_empty() {
-            self.fatal.get_or_insert(PoolError::ExecutorsGone {
-                running: self.ledger.len(),
-            });
-        }
+        self.fatal.get_or_insert(PoolError::ExecutorsGone {
+            running: self.ledger.len(),
+        });
     }
 
     fn note_version(&mut self, version: u64) {
@@ -520,7 +519,10 @@ impl Dispatcher {
 
     /// Cancels this pool's attempt of `job`, whose lease the store reports lost.
     fn lose(&mut self, job: &JobId) {
+        let held = self.ledger.len();
         let (lost, ready) = self.ledger.lose(job);
+        // A lost attempt that was parked never started: it has ended already.
+        self.summary.lost += held - self.ledger.len();
         if lost {
             let job = job.clone();
             self.emit(|| Event::LeaseLost { job });
@@ -643,7 +645,13 @@ mod tests {
         let (mut dispatcher, outcomes) = dispatcher();
         drop(outcomes);
         dispatcher.wait(Instant::now() + Duration::from_secs(3600));
-        assert!(dispatcher.fatal.is_none(), "no attempt was out");
+        assert!(
+            matches!(
+                dispatcher.fatal,
+                Some(PoolError::ExecutorsGone { running: 0 })
+            ),
+            "the pool ends when no executor is left"
+        );
         let until = Instant::now() + Duration::from_millis(20);
         dispatcher.wait(until);
         assert!(Instant::now() >= until, "the second wait returned early");
