@@ -4,7 +4,9 @@
 //! 2. executor: `ShellExecutor::execute` of `true` on two threads;
 //! 3. pool: `true` jobs through a two-thread `WorkerPool` with a `ShellExecutor` on
 //!    `MemoryStorage` (no durable writes: the executor and the pool, without the store),
-//!    without and with `prefetch(2)`.
+//!    without and with `prefetch(2)`;
+//! 4. the same pool on `FileStorage` (SQLite, `synchronous=FULL`, as `worker start`), without
+//!    and with `prefetch(2)`: what the store's durable writes cost the drain.
 //!
 //! Run with `cargo bench -p queuectl-core --bench shell` (`SHELL_JOBS` sets the count).
 
@@ -14,8 +16,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use queuectl_core::{
-    CancelSignal, Executor, MemoryStorage, NewJob, ShellExecutor, Storage, StorageExt, WorkerPool,
-    now,
+    CancelSignal, Executor, FileStorage, MemoryStorage, NewJob, ShellExecutor, Storage, StorageExt,
+    WorkerPool, now,
 };
 
 fn two_at_a_time(jobs: usize, run: impl Fn() + Sync) -> f64 {
@@ -77,6 +79,26 @@ fn pool(jobs: usize, prefetch: usize) -> f64 {
     jobs as f64 / elapsed.as_secs_f64()
 }
 
+fn file_pool(jobs: usize, prefetch: usize) -> f64 {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Arc::new(FileStorage::open(dir.path()).expect("open"));
+    let batch: Vec<NewJob> = (0..jobs).map(|_| NewJob::new("true")).collect();
+    store.enqueue_batch(batch, now()).unwrap();
+    let started = Instant::now();
+    let summary = WorkerPool::builder(store.clone(), Arc::new(ShellExecutor::new()))
+        .workers(2)
+        .prefetch(prefetch)
+        .exit_when_idle(true)
+        .events(false)
+        .start()
+        .unwrap()
+        .join()
+        .unwrap();
+    let elapsed = started.elapsed();
+    assert_eq!(summary.completed, jobs);
+    jobs as f64 / elapsed.as_secs_f64()
+}
+
 fn main() {
     let jobs: usize = std::env::var("SHELL_JOBS")
         .ok()
@@ -86,6 +108,8 @@ fn main() {
     let raw = raw(jobs);
     let executor = executor(jobs);
     let prefetched = pool(jobs, 2);
+    let file = file_pool(jobs, 0);
+    let grouped = file_pool(jobs, 2);
     let pool = pool(jobs, 0);
     println!("raw sh -c true ×2       {raw:>8.0} /s");
     println!(
@@ -99,5 +123,13 @@ fn main() {
     println!(
         "  with prefetch 2       {prefetched:>8.0} /s   {:.2} of raw",
         prefetched / raw
+    );
+    println!(
+        "pool on FileStorage     {file:>8.0} /s   {:.2} of raw",
+        file / raw
+    );
+    println!(
+        "  with prefetch 2       {grouped:>8.0} /s   {:.2} of raw",
+        grouped / raw
     );
 }

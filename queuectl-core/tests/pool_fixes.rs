@@ -206,3 +206,64 @@ fn no_pool_thread_outlives_join() {
         "a pool thread still holds the store"
     );
 }
+
+/// A graceful stop under way becomes forced when a forced stop request is recorded in
+/// storage (`worker stop --force` after `worker stop`), without waiting for a tick.
+#[test]
+fn a_forced_stop_request_forces_a_graceful_stop_under_way() {
+    let (store, waits) = Faulty::reporting();
+    store
+        .enqueue(NewJob::new("x").id("long").unwrap(), now())
+        .unwrap();
+    let (started_tx, started) = crossbeam_channel::unbounded();
+    let executor = Arc::new(Blocking(started_tx));
+    let pool = WorkerPool::builder(store.clone(), executor)
+        .lease(2 * HOUR)
+        .heartbeat_interval(HOUR)
+        .recovery_interval(HOUR)
+        .timings(queuectl_core::Timings {
+            purge_every: HOUR,
+            ..Default::default()
+        })
+        .start()
+        .unwrap();
+    started.recv_timeout(TIMEOUT).unwrap();
+    store.request_stop().unwrap();
+    events_until(pool.events(), |e| {
+        matches!(e, Event::Stopping { forced: false, .. })
+    });
+    // The stopping pool waits on the store again before the forced request is recorded.
+    while waits.try_recv().is_ok() {}
+    waits.recv_timeout(TIMEOUT).unwrap();
+    let me = store.workers().unwrap().pop().unwrap();
+    store
+        .register_worker(WorkerInfo {
+            stop_forced: true,
+            ..me
+        })
+        .unwrap();
+    events_until(pool.events(), |e| matches!(e, Event::Released { .. }));
+    let summary = within("the pool to stop", move || pool.join()).unwrap();
+    assert_eq!(summary.released, 1);
+    assert_eq!(
+        store.get(&JobId::new("long").unwrap()).unwrap().attempts,
+        0,
+        "handed back uncharged"
+    );
+}
+
+/// An executor whose jobs run until cancelled, reporting when they start.
+#[derive(Debug)]
+struct Blocking(crossbeam_channel::Sender<()>);
+
+impl queuectl_core::Executor for Blocking {
+    fn execute(
+        &self,
+        _: &queuectl_core::Job,
+        cancel: &queuectl_core::CancelSignal,
+    ) -> Result<queuectl_core::Outcome, queuectl_core::ExecutorError> {
+        let _ = self.0.send(());
+        let _ = cancel.receiver().recv();
+        Ok(queuectl_core::Outcome::cancelled())
+    }
+}

@@ -89,6 +89,10 @@ pub(super) struct Dispatcher {
     last_stop_check: Option<Instant>,
     /// The waker reported a change of the store.
     woken: bool,
+    /// When results were last settled.
+    pub(super) last_settled: Instant,
+    /// A busy pool goes quiet (and is armed) then.
+    quiet_at: Option<Instant>,
     /// An error that ends the pool, found where it could not be returned.
     pub(super) fatal: Option<PoolError>,
 }
@@ -144,6 +148,8 @@ impl Dispatcher {
             stop_check_due: false,
             last_stop_check: None,
             woken: false,
+            last_settled: start,
+            quiet_at: None,
             fatal: None,
         }
     }
@@ -206,11 +212,24 @@ impl Dispatcher {
         let throttled = !std::mem::take(&mut self.woken);
         self.poll_stop_request(version, throttled);
         self.due_at = None;
-        if self.stopping.is_some() || self.claim_retry_at.is_some_and(|t| Instant::now() < t) {
+        self.quiet_at = None;
+        if let Some(stopping) = &self.stopping {
+            // A graceful stop may still be made forced by a stop request in storage
+            // (`worker stop --force`).
+            if !stopping.forced {
+                self.arm_if_quiet(version);
+            }
+            return;
+        }
+        if self.claim_retry_at.is_some_and(|t| Instant::now() < t) {
             return;
         }
         let (asked, claimed) = self.claim();
-        if claimed == asked || self.claim_retry_at.is_some() {
+        if self.claim_retry_at.is_some() {
+            return;
+        }
+        if claimed == asked {
+            self.arm_if_quiet(version);
             return;
         }
         // Out of work: have the waker report the next change of the store. (A busy pool is
@@ -243,6 +262,20 @@ impl Dispatcher {
         }
     }
 
+    /// A busy pool is not armed while results keep coming (its own writes would wake it
+    /// for nothing; it looks for a stop request before refilling slots instead). Once no
+    /// result has come for [`Timings::stop_check_every`] (long jobs), it is armed, so that
+    /// a stop request recorded in storage wakes it.
+    fn arm_if_quiet(&mut self, version: Option<u64>) {
+        let quiet_from = self.last_settled + self.timings.stop_check_every;
+        if Instant::now() < quiet_from {
+            self.quiet_at = Some(quiet_from);
+        } else if let Some(version) = version {
+            self.quiet_at = None;
+            let _ = self.arm.try_send(version);
+        }
+    }
+
     /// Whether the pool has finished, and how.
     fn end(&mut self) -> Option<Result<Summary, PoolError>> {
         if let Some(error) = self.fatal.take() {
@@ -270,6 +303,7 @@ impl Dispatcher {
             Some(self.next_recovery),
             Some(self.next_purge),
             self.due_at,
+            self.quiet_at,
             self.claim_retry_at,
             self.settle_at,
             stop_check,
@@ -309,15 +343,14 @@ impl Dispatcher {
         }
     }
 
-    /// Every executor thread has ended (the outcomes channel closed): never wait on it again,
-    /// and if attempts were out, their results will never come.
+    /// Every executor thread has ended (the outcomes channel closed): never wait on it again.
+    /// Nothing can run any more, and results of attempts still out will never come: the
+    /// pool ends (their leases expire and the jobs run again elsewhere).
     fn executors_gone(&mut self) {
         self.outcomes = crossbeam_channel::never();
-        if !self.ledger.is_empty() {
-            self.fatal.get_or_insert(PoolError::ExecutorsGone {
-                running: self.ledger.len(),
-            });
-        }
+        self.fatal.get_or_insert(PoolError::ExecutorsGone {
+            running: self.ledger.len(),
+        });
     }
 
     fn note_version(&mut self, version: u64) {
@@ -486,7 +519,10 @@ impl Dispatcher {
 
     /// Cancels this pool's attempt of `job`, whose lease the store reports lost.
     fn lose(&mut self, job: &JobId) {
+        let held = self.ledger.len();
         let (lost, ready) = self.ledger.lose(job);
+        // A lost attempt that was parked never started: it has ended already.
+        self.summary.lost += held - self.ledger.len();
         if lost {
             let job = job.clone();
             self.emit(|| Event::LeaseLost { job });
@@ -609,7 +645,13 @@ mod tests {
         let (mut dispatcher, outcomes) = dispatcher();
         drop(outcomes);
         dispatcher.wait(Instant::now() + Duration::from_secs(3600));
-        assert!(dispatcher.fatal.is_none(), "no attempt was out");
+        assert!(
+            matches!(
+                dispatcher.fatal,
+                Some(PoolError::ExecutorsGone { running: 0 })
+            ),
+            "the pool ends when no executor is left"
+        );
         let until = Instant::now() + Duration::from_millis(20);
         dispatcher.wait(until);
         assert!(Instant::now() >= until, "the second wait returned early");

@@ -95,6 +95,7 @@ impl Dispatcher {
         if batch.is_empty() {
             return;
         }
+        self.last_settled = Instant::now();
         // Look for a stop request before refilling the slots this batch frees.
         let version = self.storage.change_version().ok();
         self.poll_stop_request(version, false);
