@@ -42,7 +42,7 @@ pub enum Command {
     Worker(WorkerCommand),
     /// Show how many jobs are in each state, the live workers and the settings.
     Status(JsonFlag),
-    /// List jobs, oldest first.
+    /// List jobs, oldest first (--newest: newest first).
     List {
         /// Only jobs in this state.
         #[arg(long, value_parser = parse_state)]
@@ -50,6 +50,12 @@ pub enum Command {
         /// At most this many jobs.
         #[arg(long)]
         limit: Option<usize>,
+        /// Skip this many jobs first (with --limit: page through the list).
+        #[arg(long, default_value_t = 0)]
+        offset: usize,
+        /// Newest first.
+        #[arg(long)]
+        newest: bool,
         /// Print a JSON array.
         #[arg(long)]
         json: bool,
@@ -68,6 +74,13 @@ pub enum Command {
     /// Read and change settings.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Print a shell completion script: queuectl completions bash > ~/.local/share/bash-completion/completions/queuectl
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff): queuectl man | man -l -
+    Man,
     /// Check the store for damage (SQLite's integrity check and the job counters).
     ///
     /// Exits 0 when the store is sound, 1 when it is damaged (the problems are listed).
@@ -138,11 +151,15 @@ pub enum DlqCommand {
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
     /// Show every setting with its value.
+    #[command(visible_alias = "list")]
     Show(JsonFlag),
     /// Print one setting's value.
     Get {
         /// The setting, e.g. max-retries.
         key: String,
+        /// Print `{"key": …, "value": …}` with the value as a JSON number.
+        #[arg(long)]
+        json: bool,
     },
     /// Change a setting.
     Set {

@@ -34,6 +34,7 @@ pub fn access(command: &Command) -> Access {
         | Command::Dlq(DlqCommand::List(_))
         | Command::Config(ConfigCommand::Show(_) | ConfigCommand::Get { .. })
         | Command::Check(_) => Access::Read,
+        Command::Completions { .. } | Command::Man => Access::Read,
     }
 }
 

@@ -1032,3 +1032,53 @@ fn the_history_records_the_signal_that_killed_a_job() {
     assert_eq!(history[0]["exit_code"], Value::Null, "{job}");
     assert!(q.run(&["show", "k"]).contains("signal 9"));
 }
+
+#[test]
+fn completions_and_the_manual_describe_the_commands_without_a_store() {
+    let q = Queue::new();
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let out = q.cmd(["completions", shell]).run();
+        assert!(
+            out.stdout.contains("enqueue") && out.stdout.contains("dlq"),
+            "{shell}: {}",
+            out.stdout
+        );
+    }
+    let man = q.cmd(["man"]).run().stdout;
+    assert!(man.starts_with(".ie") || man.starts_with(".TH"), "{man}");
+    assert!(
+        man.contains(".TH queuectl 1") && man.contains("enqueue"),
+        "{man}"
+    );
+    q.cmd(["completions", "tcsh"]).status(2).run();
+    assert!(!q.home().exists(), "no store was created");
+}
+
+#[test]
+fn list_pages_newest_first_and_config_has_list_and_get_json() {
+    let q = Queue::new();
+    for i in 0..5 {
+        q.enqueue(&format!(r#"{{"id":"j{i}","command":"true"}}"#));
+    }
+    let ids = |args: &[&str]| -> Vec<String> {
+        states(&q.json(args))
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect()
+    };
+    assert_eq!(ids(&["list", "--newest", "--limit", "2"]), ["j4", "j3"]);
+    assert_eq!(
+        ids(&["list", "--offset", "1", "--limit", "2"]),
+        ["j1", "j2"]
+    );
+    assert_eq!(
+        ids(&["list", "--newest", "--offset", "3", "--state", "pending"]),
+        ["j1", "j0"]
+    );
+    assert_eq!(q.run(&["config", "list"]), q.run(&["config", "show"]));
+    q.config_set("max-retries", "7");
+    let got = q.json(&["config", "get", "max-retries"]);
+    assert_eq!(got, serde_json::json!({"key": "max-retries", "value": 7}));
+    let out = q.cmd(["config", "get", "nope", "--json"]).status(1).run();
+    assert_eq!(out.stdout, "");
+}

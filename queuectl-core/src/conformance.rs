@@ -65,7 +65,8 @@ macro_rules! storage_conformance {
             output_is_capped_to_its_tail,
             counts_follow_deletions_and_retries,
             scheduled_jobs_are_claimed_once_due_whatever_their_priority,
-            next_due_is_the_earliest_whatever_the_priority
+            next_due_is_the_earliest_whatever_the_priority,
+            list_pages_newest_first
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {
@@ -588,6 +589,7 @@ pub fn list_filters_and_pages_in_enqueue_order(h: &dyn Harness) {
             state: Some(JobState::Pending),
             offset: 2,
             limit: Some(3),
+            newest_first: false,
         })
         .unwrap();
     assert_eq!(ids(&page), ["j3", "j4", "j6"]);
@@ -967,6 +969,32 @@ pub fn scheduled_jobs_are_claimed_once_due_whatever_their_priority(h: &dyn Harne
     assert_eq!(claimed.len(), 51);
     assert_eq!(claimed[0].id.as_str(), "later0");
     assert_eq!(claimed[50].id.as_str(), "low");
+}
+
+/// `list` pages newest first when asked, with and without a state.
+pub fn list_pages_newest_first(h: &dyn Harness) {
+    let store = h.store();
+    let batch = (0..10).map(|i| job(&format!("j{i}"))).collect();
+    store.enqueue_batch(batch, at(0)).unwrap();
+    store.claim("w", 2, LEASE, at(1)).unwrap(); // j0, j1
+    let newest = |state, offset, limit| ListQuery {
+        state,
+        offset,
+        limit,
+        newest_first: true,
+    };
+    let page = store.list(&newest(None, 0, Some(3))).unwrap();
+    assert_eq!(ids(&page), ["j9", "j8", "j7"]);
+    let page = store.list(&newest(None, 8, None)).unwrap();
+    assert_eq!(ids(&page), ["j1", "j0"]);
+    let page = store
+        .list(&newest(Some(JobState::Processing), 0, Some(5)))
+        .unwrap();
+    assert_eq!(ids(&page), ["j1", "j0"]);
+    let page = store
+        .list(&newest(Some(JobState::Pending), 1, Some(2)))
+        .unwrap();
+    assert_eq!(ids(&page), ["j8", "j7"]);
 }
 
 /// `next_due` is the earliest due time among runnable jobs, not that of the first in claim

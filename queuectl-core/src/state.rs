@@ -305,8 +305,12 @@ impl QueueState {
     }
 
     pub(crate) fn list(&self, query: &ListQuery) -> Vec<Job> {
-        self.jobs
-            .values()
+        let in_order: Box<dyn Iterator<Item = &Job>> = if query.newest_first {
+            Box::new(self.jobs.values().rev())
+        } else {
+            Box::new(self.jobs.values())
+        };
+        in_order
             .filter(|job| query.state.is_none_or(|s| job.state == s))
             .skip(query.offset)
             .take(query.limit.unwrap_or(usize::MAX))

@@ -71,6 +71,8 @@ pub struct ListQuery {
     pub offset: usize,
     /// At most this many jobs.
     pub limit: Option<usize>,
+    /// Newest first (reverse enqueue order) instead of oldest first.
+    pub newest_first: bool,
 }
 
 impl ListQuery {
@@ -289,7 +291,7 @@ pub trait Storage: Send + Sync + Debug {
     /// `processing`). An unknown job is [`StorageError::NotFound`].
     fn attempts(&self, id: &JobId) -> Result<Vec<Attempt>>;
 
-    /// Jobs matching `query`, in enqueue order, without their output (`output` is `None`:
+    /// Jobs matching `query`, in enqueue order (or its reverse), without their output (`output` is `None`:
     /// [`Storage::get`] and [`Storage::attempts`] have it), so listing stays cheap.
     fn list(&self, query: &ListQuery) -> Result<Vec<Job>>;
 

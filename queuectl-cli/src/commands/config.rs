@@ -19,10 +19,20 @@ pub fn run(store: &dyn Storage, command: ConfigCommand, out: &mut dyn Write) -> 
                 Ok(out.write_all(render::config(&config).as_bytes())?)
             }
         }
-        ConfigCommand::Get { key } => {
-            let value = store.config()?.get(&key)?;
-            writeln!(out, "{value}")?;
-            Ok(())
+        ConfigCommand::Get { key, json } => {
+            let config = store.config()?;
+            let value = config.get(&key)?;
+            if json {
+                // The value as the settings' JSON form has it (a number).
+                let typed = serde_json::to_value(&config)
+                    .ok()
+                    .and_then(|all| all.get(&key).cloned())
+                    .unwrap_or(serde_json::Value::String(value));
+                render::print_json(out, &serde_json::json!({ "key": key, "value": typed }))
+            } else {
+                writeln!(out, "{value}")?;
+                Ok(())
+            }
         }
         ConfigCommand::Set { key, value } => {
             let config = store.update_config(&mut |c| c.set(&key, &value))?;

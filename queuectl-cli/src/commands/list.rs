@@ -2,25 +2,14 @@
 
 use std::io::Write;
 
-use queuectl_core::{JobState, ListQuery, Storage};
+use queuectl_core::{ListQuery, Storage};
 
 use crate::error::Result;
 use crate::{render, store};
 
-/// Lists the jobs `state` and `limit` select.
-pub fn run(
-    store: &dyn Storage,
-    state: Option<JobState>,
-    limit: Option<usize>,
-    json: bool,
-    out: &mut dyn Write,
-) -> Result {
+/// Lists the jobs `query` selects.
+pub fn run(store: &dyn Storage, query: ListQuery, json: bool, out: &mut dyn Write) -> Result {
     store::recover(store)?;
-    let query = ListQuery {
-        state,
-        offset: 0,
-        limit,
-    };
     let jobs = store.list(&query)?;
     if json {
         render::print_json(out, &jobs)

@@ -12,12 +12,27 @@ pub mod worker;
 
 use std::io::Write;
 
+use clap::CommandFactory;
+
+use queuectl_core::ListQuery;
+
 use crate::args::{Cli, Command, WorkerCommand};
 use crate::error::Result;
 use crate::store;
 
 /// Runs one parsed command line, writing data to `out`.
 pub fn run(cli: Cli, out: &mut dyn Write) -> Result {
+    // These describe the command line itself: no store is looked at.
+    match &cli.command {
+        Command::Completions { shell } => {
+            clap_complete::generate(*shell, &mut Cli::command(), "queuectl", out);
+            return Ok(());
+        }
+        Command::Man => {
+            return Ok(clap_mangen::Man::new(Cli::command()).render(out)?);
+        }
+        _ => {}
+    }
     let home = match cli.home {
         Some(home) => home,
         None => store::default_home()?,
@@ -53,12 +68,29 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result {
                     force,
                 }) => worker::stop(store, timeout, no_wait, force),
                 Command::Status(flag) => status::run(store, flag.json, out),
-                Command::List { state, limit, json } => list::run(store, state, limit, json, out),
+                Command::List {
+                    state,
+                    limit,
+                    offset,
+                    newest,
+                    json,
+                } => {
+                    let query = ListQuery {
+                        state,
+                        offset,
+                        limit,
+                        newest_first: newest,
+                    };
+                    list::run(store, query, json, out)
+                }
                 Command::Show { id, json } => show::run(store, id, json, out),
                 Command::Dlq(command) => dlq::run(store, command, out),
                 Command::Config(command) => config::run(store, command, out),
                 Command::Purge { older_than } => purge::run(store, older_than, out),
-                Command::Check(_) | Command::Worker(WorkerCommand::Start { .. }) => {
+                Command::Check(_)
+                | Command::Completions { .. }
+                | Command::Man
+                | Command::Worker(WorkerCommand::Start { .. }) => {
                     unreachable!("handled above")
                 }
             }

@@ -976,13 +976,18 @@ impl Storage for FileStorage {
             .limit
             .map_or(-1, |limit| i64::try_from(limit).unwrap_or(i64::MAX));
         let offset = i64::try_from(query.offset).unwrap_or(i64::MAX);
+        let (page, page_in_state) = if query.newest_first {
+            (queries::PAGE_NEWEST, queries::PAGE_IN_STATE_NEWEST)
+        } else {
+            (queries::PAGE, queries::PAGE_IN_STATE)
+        };
         self.read("list jobs", |conn| match query.state {
             Some(state) => rows::select_jobs(
                 conn,
-                queries::PAGE_IN_STATE,
+                page_in_state,
                 rusqlite::params![state.as_str(), limit, offset],
             ),
-            None => rows::select_jobs(conn, queries::PAGE, rusqlite::params![limit, offset]),
+            None => rows::select_jobs(conn, page, rusqlite::params![limit, offset]),
         })
     }
 

@@ -29,6 +29,13 @@ pub(super) const PAGE: &str = "ORDER BY seq LIMIT ?1 OFFSET ?2";
 /// After `SELECT <job columns> FROM jobs`: a page of the jobs in one state.
 pub(super) const PAGE_IN_STATE: &str = "WHERE state = ?1 ORDER BY seq LIMIT ?2 OFFSET ?3";
 
+/// [`PAGE`], newest first.
+pub(super) const PAGE_NEWEST: &str = "ORDER BY seq DESC LIMIT ?1 OFFSET ?2";
+
+/// [`PAGE_IN_STATE`], newest first.
+pub(super) const PAGE_IN_STATE_NEWEST: &str =
+    "WHERE state = ?1 ORDER BY seq DESC LIMIT ?2 OFFSET ?3";
+
 /// After `SELECT <job columns> FROM jobs`: every dead job.
 pub(super) const DEAD: &str = "WHERE state = 'dead' ORDER BY seq";
 

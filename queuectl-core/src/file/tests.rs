@@ -80,6 +80,7 @@ mod plans {
             (jobs(queries::EXPIRED), "jobs_lease_expiry"),
             (jobs(queries::OF_WORKER), "jobs_lease_worker"),
             (jobs(queries::PAGE_IN_STATE), "jobs_state"),
+            (jobs(queries::PAGE_IN_STATE_NEWEST), "jobs_state"),
             (jobs(queries::DEAD), "jobs_state"),
             (queries::SELECT_DEAD.to_owned(), "jobs_state"),
             (queries::SELECT_PURGEABLE.to_owned(), "jobs_completed"),
@@ -111,6 +112,7 @@ mod plans {
                 "SCAN jobs USING INDEX jobs_ready",
             ),
             (jobs(queries::PAGE), "SCAN jobs"),
+            (jobs(queries::PAGE_NEWEST), "SCAN jobs"),
         ] {
             assert_eq!(plan(&store, &sql), [scan], "{sql}");
             assert!(sql.contains("LIMIT"));
