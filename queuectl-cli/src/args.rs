@@ -12,9 +12,9 @@ use queuectl_core::config::MAX_WORKERS;
 #[derive(Debug, Parser)]
 #[command(name = "queuectl", version, propagate_version = true)]
 pub struct Cli {
-    /// The queue's data directory [default: the platform data directory, e.g.
-    /// ~/.local/share/queuectl].
-    #[arg(long, global = true, env = "QUEUECTL_HOME", value_name = "DIR")]
+    /// The queue's data directory, or $QUEUECTL_HOME (set but empty counts as unset)
+    /// [default: the platform data directory, e.g. ~/.local/share/queuectl].
+    #[arg(long, global = true, value_name = "DIR")]
     pub home: Option<PathBuf>,
 
     /// What to do.

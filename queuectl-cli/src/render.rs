@@ -14,6 +14,26 @@ pub fn ts(at: Timestamp) -> String {
     at.format(&Rfc3339).unwrap_or_else(|_| at.to_string())
 }
 
+/// `text` with every control character but newline shown as an escape (`\x1b`, `\u{9b}`), so
+/// job text cannot move the cursor, clear the screen or retitle the terminal of whoever looks
+/// at it. JSON output keeps the bytes; this is only for what people read.
+pub fn visible(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\n' => out.push('\n'),
+            c if c.is_control() && (c as u32) < 0x80 => {
+                let _ = write!(out, "\\x{:02x}", c as u32);
+            }
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 fn cut(text: &str, width: usize) -> String {
     let one_line = text.replace(['\n', '\r', '\t'], " ");
     if one_line.chars().count() <= width {
@@ -41,7 +61,7 @@ pub fn job_table(jobs: &[Job]) -> String {
             format!("{}/{}", job.attempts, job.max_retries),
             job.priority.to_string(),
             ts(job.updated_at),
-            cut(&job.command, 60),
+            cut(&visible(&job.command), 60),
         ]);
     }
     if jobs.is_empty() {
@@ -76,7 +96,7 @@ pub fn job_detail(job: &Job, attempts: &[Attempt]) -> String {
         let _ = writeln!(text, "{name:<12} {value}");
     };
     field("id", &job.id);
-    field("command", &job.command);
+    field("command", &visible(&job.command));
     field("state", &job.state);
     field(
         "attempts",
@@ -107,11 +127,11 @@ pub fn job_detail(job: &Job, attempts: &[Attempt]) -> String {
         field("exit code", &code);
     }
     if let Some(error) = &job.last_error {
-        field("last error", error);
+        field("last error", &visible(error));
     }
     if let Some(output) = &job.output {
         let _ = writeln!(text, "output:");
-        for line in output.lines() {
+        for line in visible(output).lines() {
             let _ = writeln!(text, "  {line}");
         }
     }
@@ -137,7 +157,7 @@ pub fn job_detail(job: &Job, attempts: &[Attempt]) -> String {
             let _ = write!(line, ", signal {signal}");
         }
         if let Some(error) = &attempt.error {
-            let _ = write!(line, ": {}", cut(error, 100));
+            let _ = write!(line, ": {}", cut(&visible(error), 100));
         }
         let _ = writeln!(text, "{line}");
     }
@@ -151,7 +171,12 @@ pub fn status(counts: &StateCounts, workers: &[WorkerInfo], config: &Config) -> 
         let _ = writeln!(text, "  {:<12} {}", state.as_str(), counts.get(state));
     }
     let _ = writeln!(text, "  {:<12} {}", "total", counts.total());
-    let _ = writeln!(text, "\nWorkers: {} active", workers.len());
+    let slots: usize = workers.iter().map(|w| w.concurrency).sum();
+    let _ = writeln!(
+        text,
+        "\nWorkers: {slots} (running up to {slots} job(s) at once) in {} process(es)",
+        workers.len()
+    );
     for worker in workers {
         let stopping = if worker.stop_requested {
             "  (stopping)"

@@ -245,6 +245,27 @@ fn killed_worker_job_is_recovered_and_its_first_attempt_does_not_run_on() {
 }
 
 #[test]
+fn status_counts_workers_as_count_does() {
+    let q = Queue::new();
+    let mut three = q.worker(&["--count", "3"]);
+    let mut two = q.worker(&["--count", "2"]);
+    // A worker registers before it says it started.
+    three.wait_for("[started]");
+    two.wait_for("[started]");
+    let status = q.status();
+    assert_eq!(status["worker_slots"], 5, "{status}");
+    assert_eq!(status["worker_processes"], 2, "{status}");
+    let text = q.run(&["status"]);
+    assert!(
+        text.contains("Workers: 5 (running up to 5 job(s) at once) in 2 process(es)"),
+        "{text}"
+    );
+    three.signal(Signal::SIGTERM);
+    two.signal(Signal::SIGTERM);
+    assert!(three.wait_exit().success() && two.wait_exit().success());
+}
+
+#[test]
 fn jobs_survive_a_restart() {
     let q = Queue::new();
     q.config_set("max-retries", "1");
@@ -1081,4 +1102,71 @@ fn list_pages_newest_first_and_config_has_list_and_get_json() {
     assert_eq!(got, serde_json::json!({"key": "max-retries", "value": 7}));
     let out = q.cmd(["config", "get", "nope", "--json"]).status(1).run();
     assert_eq!(out.stdout, "");
+}
+
+#[test]
+fn more_bad_input_is_refused_and_changes_nothing() {
+    let q = Queue::new();
+    q.enqueue(r#"{"id":"keep","command":"true"}"#);
+    let long = format!("{{\"command\":\"echo {}\"}}\n", "x".repeat(130 * 1024));
+    for (job, says) in [
+        (
+            r#"{"command":"a","command":"b"}"#.to_owned(),
+            "duplicate field",
+        ),
+        (
+            r#"{"command":"true","timeout":1e-12}"#.to_owned(),
+            "too short",
+        ),
+        (long, "at most 130000"),
+    ] {
+        // On stdin: the long one would not even fit in the command line.
+        let out = q.cmd(["enqueue", "-"]).stdin(job).status(1).run();
+        let chain = out.stderr.to_lowercase();
+        assert!(chain.contains(says), "{says}: {}", out.stderr);
+        assert_eq!(out.stdout, "");
+    }
+    assert_eq!(states(&q.json(&["list"])).len(), 1, "nothing was enqueued");
+    // The longest command accepted runs.
+    let longest = format!(
+        "{{\"id\":\"longest\",\"command\":\": {}\"}}\n",
+        "x".repeat(130_000 - 2)
+    );
+    q.cmd(["enqueue", "-"]).stdin(longest).run();
+    q.cmd(["worker", "start", "--exit-when-idle"]).run();
+    assert_eq!(q.job("longest")["state"], "completed");
+    // `QUEUECTL_HOME=` set but empty counts as unset (the --home flag wins anyway).
+    let out = q.cmd(["list"]).env("QUEUECTL_HOME", "").run();
+    assert!(out.stdout.contains("keep"), "{}", out.stdout);
+}
+
+#[test]
+fn job_text_cannot_drive_the_terminal_of_whoever_reads_it() {
+    let q = Queue::new();
+    // ESC ] 0 ; title BEL retitles a terminal, ESC [ 2 J clears it, CSI (U+009B) too.
+    let hostile = "printf '\\033]0;pwned\\007\\033[2J\\302\\233'";
+    q.enqueue(&serde_json::json!({"id": "x", "command": hostile}).to_string());
+    q.enqueue(&serde_json::json!({"id": "y", "command": "echo \u{1b}[2J"}).to_string());
+    let out = q.cmd(["worker", "start", "--exit-when-idle"]).run();
+    let shown = [
+        q.run(&["list"]),
+        q.run(&["show", "x"]),
+        q.run(&["show", "y"]),
+        out.stderr,
+    ];
+    for text in &shown {
+        assert!(
+            !text.chars().any(|c| c.is_control() && c != '\n'),
+            "raw control characters in {text:?}"
+        );
+    }
+    assert!(
+        shown[1].contains("\\x1b]0;pwned\\x07\\x1b[2J\\u{9b}"),
+        "{}",
+        shown[1]
+    );
+    assert!(shown[2].contains("echo \\x1b[2J"), "{}", shown[2]);
+    // JSON keeps the bytes as they are.
+    let job = q.job("x");
+    assert_eq!(job["output"], "\u{1b}]0;pwned\u{7}\u{1b}[2J\u{9b}");
 }

@@ -25,6 +25,11 @@ pub fn later(at: Timestamp, duration: Duration) -> Timestamp {
         .unwrap_or_else(|| time::PrimitiveDateTime::MAX.assume_utc())
 }
 
+/// Longest command accepted, in bytes: Linux passes at most 128 KiB (with its NUL) in one
+/// argument, and a job's command is one argument of `sh -c`, after what the executor puts in
+/// front of it (under 1 KiB).
+pub const MAX_COMMAND_LEN: usize = 130_000;
+
 /// Longest job id accepted.
 pub const MAX_ID_LEN: usize = 128;
 
@@ -435,6 +440,11 @@ impl NewJob {
         if self.command.contains('\0') {
             return Err(InvalidJob::NulInCommand);
         }
+        if self.command.len() > MAX_COMMAND_LEN {
+            return Err(InvalidJob::CommandTooLong {
+                len: self.command.len(),
+            });
+        }
         Ok(())
     }
 }
@@ -456,6 +466,14 @@ pub enum InvalidJob {
     /// The command contains a NUL byte, which no shell can receive.
     #[error("the job's command contains a NUL byte")]
     NulInCommand,
+    /// The command is longer than the system lets one argument be, so no shell could run it.
+    #[error(
+        "the job's command is {len} bytes long; a command may have at most {MAX_COMMAND_LEN} (put a longer script in a file and run that)"
+    )]
+    CommandTooLong {
+        /// Its length in bytes.
+        len: usize,
+    },
     /// Not one of the five state names.
     #[error("unknown job state {state:?}: expected pending, processing, completed, failed or dead")]
     State {

@@ -61,6 +61,16 @@ pub enum SpecError {
         /// The value given.
         value: f64,
     },
+    /// A time limit above zero but too short to mean anything.
+    #[error(
+        "invalid \"{field}\": {value} seconds is too short to be a limit (use at least 0.001, or 0 for none)"
+    )]
+    TooShort {
+        /// The field.
+        field: &'static str,
+        /// The value given.
+        value: f64,
+    },
     /// A `max_retries` beyond the range `config set max-retries` accepts.
     #[error("invalid \"max_retries\": {value} (expected {})", RETRIES.expected)]
     Retries {
@@ -68,6 +78,9 @@ pub enum SpecError {
         value: u32,
     },
 }
+
+/// The shortest time limit a job may ask for: one millisecond.
+pub const MIN_TIMEOUT_SECS: f64 = 0.001;
 
 fn seconds(field: &'static str, value: f64) -> Result<Duration, SpecError> {
     if SECONDS.contains(value) {
@@ -82,8 +95,10 @@ impl JobSpec {
     pub fn parse(json: &str) -> Result<Self, SpecError> {
         let value: serde_json::Value = serde_json::from_str(json).map_err(SpecError::Json)?;
         let found = match &value {
+            // Decoded again from the text, not from `value`: a map keeps only the last of two
+            // equal keys, where the struct refuses the duplicate.
             serde_json::Value::Object(_) => {
-                return serde_json::from_value(value).map_err(SpecError::Json);
+                return serde_json::from_str(json).map_err(SpecError::Json);
             }
             serde_json::Value::Array(_) => "an array",
             serde_json::Value::String(_) => "a string",
@@ -117,7 +132,16 @@ impl JobSpec {
             (None, Some(delay)) => Some(now + seconds("delay", delay)?),
             (None, None) => None,
         };
-        job.timeout = self.timeout.map(|t| seconds("timeout", t)).transpose()?;
+        job.timeout = match self.timeout {
+            // So short it could only be a mistake, and it would read as "no limit".
+            Some(value) if value > 0.0 && value < MIN_TIMEOUT_SECS => {
+                return Err(SpecError::TooShort {
+                    field: "timeout",
+                    value,
+                });
+            }
+            timeout => timeout.map(|t| seconds("timeout", t)).transpose()?,
+        };
         Ok(job)
     }
 }

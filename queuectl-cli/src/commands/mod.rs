@@ -33,7 +33,8 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result {
         }
         _ => {}
     }
-    let home = match cli.home {
+    let from_env = std::env::var_os("QUEUECTL_HOME").filter(|home| !home.is_empty());
+    let home = match cli.home.or(from_env.map(Into::into)) {
         Some(home) => home,
         None => store::default_home()?,
     };

@@ -13,17 +13,25 @@ use crate::{render, store};
 struct StatusReport {
     counts: queuectl_core::StateCounts,
     total: usize,
+    /// Jobs the live workers run at once, all processes together (what `--count` counts).
+    worker_slots: usize,
+    /// Worker processes.
+    worker_processes: usize,
     workers: Vec<queuectl_core::WorkerInfo>,
     config: queuectl_core::Config,
 }
 
+/// Prints the status report.
 pub fn run(store: &dyn Storage, json: bool, out: &mut dyn Write) -> Result {
     store::recover(store)?;
     let counts = store.counts()?;
+    let workers = store.workers()?;
     let report = StatusReport {
         counts,
         total: counts.total(),
-        workers: store.workers()?,
+        worker_slots: workers.iter().map(|w| w.concurrency).sum(),
+        worker_processes: workers.len(),
+        workers,
         config: store.config()?,
     };
     if json {

@@ -10,7 +10,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::error::{CliError, Result};
-use crate::render::ts;
+use crate::render::{ts, visible};
 
 /// Runs a pool of shell workers in the foreground until it is stopped.
 pub fn start(
@@ -63,7 +63,7 @@ pub fn start(
 
     for event in pool.events().iter() {
         let stopped = event == Event::Stopped;
-        say!("{} {}", ts(now()), describe(&event));
+        say!("{} {}", ts(now()), visible(&describe(&event)));
         if stopped {
             break;
         }

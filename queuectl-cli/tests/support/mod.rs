@@ -284,7 +284,7 @@ impl Worker {
             .args(["worker", "start"])
             .args(args)
             .env_remove("QUEUECTL_HOME")
-            .current_dir(home)
+            .current_dir(home.parent().unwrap_or(home))
             // Its own process group, like a foreground job in a terminal: a test can send it
             // a terminal's Ctrl+C with `killpg`.
             .process_group(0)

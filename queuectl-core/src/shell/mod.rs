@@ -100,6 +100,10 @@ const CANCEL_CHECK: Duration = Duration::from_millis(50);
 /// see the module documentation.
 const GATE_PREFIX: &str = "read -r _ || exit 125; exec </dev/null; ";
 
+// The longest command a job may have still fits in one argument behind the gate (Linux allows
+// 128 KiB with the terminating NUL).
+const _: () = assert!(GATE_PREFIX.len() + crate::job::MAX_COMMAND_LEN < 128 * 1024);
+
 /// `$0` of the leader shell: the name its error messages start with, as for `sh -c`.
 const SHELL_NAME: &str = "sh";
 
