@@ -66,7 +66,11 @@ macro_rules! storage_conformance {
             counts_follow_deletions_and_retries,
             scheduled_jobs_are_claimed_once_due_whatever_their_priority,
             next_due_is_the_earliest_whatever_the_priority,
-            list_pages_newest_first
+            list_pages_newest_first,
+            cancel_ends_waiting_and_running_jobs,
+            cancel_refuses_finished_and_unknown_jobs,
+            remove_deletes_jobs_that_are_not_running,
+            retry_runs_finished_jobs_again
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {
@@ -937,6 +941,7 @@ pub fn counts_follow_deletions_and_retries(h: &dyn Harness) {
             [c.pending, c.processing, c.completed, c.failed, c.dead],
             want
         );
+        let want: Vec<usize> = want.into_iter().chain([0]).collect();
         let listed: Vec<usize> = JobState::ALL
             .iter()
             .map(|&s| store.list(&ListQuery::state(s)).unwrap().len())
@@ -969,6 +974,178 @@ pub fn scheduled_jobs_are_claimed_once_due_whatever_their_priority(h: &dyn Harne
     assert_eq!(claimed.len(), 51);
     assert_eq!(claimed[0].id.as_str(), "later0");
     assert_eq!(claimed[50].id.as_str(), "low");
+}
+
+/// `cancel` makes waiting jobs `cancelled` at once, and a running one too: its lease is over,
+/// so its worker can record nothing, and its attempt is in the history as cancelled.
+pub fn cancel_ends_waiting_and_running_jobs(h: &dyn Harness) {
+    let store = h.store();
+    store
+        .enqueue_batch(vec![job("pending"), job("running"), job("failing")], at(0))
+        .unwrap();
+    let running = store.claim("w", 1, LEASE, at(1)).unwrap().remove(0);
+    assert_eq!(running.id.as_str(), "pending");
+    let failing = store.claim("w", 2, LEASE, at(1)).unwrap();
+    store
+        .fail(
+            failing[1].lease.as_ref().unwrap(),
+            failed("x"),
+            at(50),
+            at(2),
+        )
+        .unwrap();
+    // Now: "pending" runs, "running" runs, "failing" waits for its retry.
+    let cancelled = store
+        .cancel(&[id("running"), id("failing"), id("running")], at(3))
+        .unwrap();
+    assert_eq!(ids(&cancelled), ["running", "failing"]);
+    for job in &cancelled {
+        assert_eq!(job.state, JobState::Cancelled);
+        assert!(job.lease.is_none());
+        assert_eq!(job.finished_at, Some(at(3)));
+    }
+    let lease = failing[0].lease.clone().unwrap();
+    assert!(matches!(
+        store.complete(&lease, AttemptReport::default(), at(4)),
+        Err(StorageError::LeaseLost { .. })
+    ));
+    assert!(matches!(
+        store.heartbeat(&lease, LEASE, at(4)),
+        Err(StorageError::LeaseLost { .. })
+    ));
+    let history = store.attempts(&id("running")).unwrap();
+    assert_eq!(
+        history.iter().map(|a| a.outcome).collect::<Vec<_>>(),
+        [AttemptOutcome::Cancelled]
+    );
+    // Never claimed again, whatever the time.
+    let later = store.claim("w", 5, LEASE, at(1000)).unwrap();
+    assert!(later.is_empty(), "{:?}", ids(&later));
+    let counts = store.counts().unwrap();
+    assert_eq!(
+        (counts.cancelled, counts.processing, counts.total()),
+        (2, 1, 3)
+    );
+    assert_eq!(
+        store
+            .list(&ListQuery::state(JobState::Cancelled))
+            .unwrap()
+            .len(),
+        2
+    );
+}
+
+/// `cancel` refuses finished and unknown jobs, and then changes nothing at all.
+pub fn cancel_refuses_finished_and_unknown_jobs(h: &dyn Harness) {
+    let store = h.store();
+    store
+        .enqueue_batch(vec![job("done"), job("waiting")], at(0))
+        .unwrap();
+    let lease = claim_one(&*store, at(1)).lease.unwrap();
+    store
+        .complete(&lease, AttemptReport::default(), at(2))
+        .unwrap();
+    let err = store
+        .cancel(&[id("waiting"), id("done")], at(3))
+        .unwrap_err();
+    assert!(
+        matches!(err, StorageError::InvalidState { ref op, state: JobState::Completed, .. } if *op == "cancel"),
+        "{err:?}"
+    );
+    let err = store
+        .cancel(&[id("waiting"), id("nope")], at(3))
+        .unwrap_err();
+    assert!(matches!(err, StorageError::NotFound { .. }), "{err:?}");
+    assert_eq!(store.get(&id("waiting")).unwrap().state, JobState::Pending);
+    store.cancel(&[id("waiting")], at(4)).unwrap();
+    let err = store.cancel(&[id("waiting")], at(5)).unwrap_err();
+    assert!(matches!(err, StorageError::InvalidState { .. }), "{err:?}");
+}
+
+/// `remove` deletes jobs and their history, but never a running one.
+pub fn remove_deletes_jobs_that_are_not_running(h: &dyn Harness) {
+    let store = h.store();
+    store
+        .enqueue_batch(vec![job("a"), job("b"), job("c")], at(0))
+        .unwrap();
+    let lease = claim_one(&*store, at(1)).lease.unwrap(); // a
+    let err = store.remove(&[id("b"), id("a")]).unwrap_err();
+    assert!(matches!(err, StorageError::InvalidState { .. }), "{err:?}");
+    let err = store.remove(&[id("b"), id("zzz")]).unwrap_err();
+    assert!(matches!(err, StorageError::NotFound { .. }), "{err:?}");
+    assert_eq!(
+        store.counts().unwrap().total(),
+        3,
+        "refusals changed nothing"
+    );
+    store.fail(&lease, failed("x"), at(9), at(2)).unwrap();
+    let removed = store.remove(&[id("a"), id("c")]).unwrap();
+    assert_eq!(
+        removed.iter().map(JobId::as_str).collect::<Vec<_>>(),
+        ["a", "c"]
+    );
+    assert!(matches!(
+        store.get(&id("a")),
+        Err(StorageError::NotFound { .. })
+    ));
+    assert!(matches!(
+        store.attempts(&id("a")),
+        Err(StorageError::NotFound { .. })
+    ));
+    assert_eq!(ids(&store.list(&ListQuery::all()).unwrap()), ["b"]);
+    assert_eq!(store.counts().unwrap().failed, 0);
+    assert_eq!(store.next_due().unwrap(), Some(at(0)));
+}
+
+/// `retry` runs dead, cancelled and completed jobs again with a fresh set of attempts, and
+/// refuses jobs that are not finished.
+pub fn retry_runs_finished_jobs_again(h: &dyn Harness) {
+    let store = h.store();
+    store
+        .enqueue_batch(
+            vec![
+                job("done"),
+                job("dead").max_retries(1),
+                job("gone"),
+                job("waiting"),
+            ],
+            at(0),
+        )
+        .unwrap();
+    let claimed = store.claim("w", 2, LEASE, at(1)).unwrap();
+    store
+        .complete(
+            claimed[0].lease.as_ref().unwrap(),
+            AttemptReport::default(),
+            at(2),
+        )
+        .unwrap();
+    store
+        .fail(
+            claimed[1].lease.as_ref().unwrap(),
+            failed("x"),
+            at(3),
+            at(2),
+        )
+        .unwrap();
+    store.cancel(&[id("gone")], at(2)).unwrap();
+    let err = store
+        .retry(&[id("done"), id("waiting")], at(5))
+        .unwrap_err();
+    assert!(matches!(err, StorageError::InvalidState { .. }), "{err:?}");
+    assert_eq!(store.get(&id("done")).unwrap().state, JobState::Completed);
+    let retried = store
+        .retry(&[id("done"), id("dead"), id("gone")], at(5))
+        .unwrap();
+    assert_eq!(ids(&retried), ["done", "dead", "gone"]);
+    for job in &retried {
+        assert_eq!(
+            (job.state, job.attempts, job.run_at),
+            (JobState::Pending, 0, at(5))
+        );
+    }
+    assert_eq!(store.counts().unwrap().pending, 4);
+    assert_eq!(store.claim("w", 10, LEASE, at(5)).unwrap().len(), 4);
 }
 
 /// `list` pages newest first when asked, with and without a state.

@@ -127,16 +127,19 @@ pub enum JobState {
     Failed,
     /// Failed `max_retries` times: in the dead letter queue.
     Dead,
+    /// Cancelled by a user before it finished: never runs again unless retried.
+    Cancelled,
 }
 
 impl JobState {
     /// Every state, in lifecycle order.
-    pub const ALL: [JobState; 5] = [
+    pub const ALL: [JobState; 6] = [
         JobState::Pending,
         JobState::Processing,
         JobState::Completed,
         JobState::Failed,
         JobState::Dead,
+        JobState::Cancelled,
     ];
 
     /// The lowercase name used in JSON and on the command line.
@@ -147,7 +150,16 @@ impl JobState {
             JobState::Completed => "completed",
             JobState::Failed => "failed",
             JobState::Dead => "dead",
+            JobState::Cancelled => "cancelled",
         }
+    }
+
+    /// Whether a job in this state is finished: it will not run again unless retried.
+    pub fn is_finished(self) -> bool {
+        matches!(
+            self,
+            JobState::Completed | JobState::Dead | JobState::Cancelled
+        )
     }
 
     /// Whether a job in this state may be claimed once it is due.
@@ -269,16 +281,19 @@ pub enum AttemptOutcome {
     Abandoned,
     /// A forced shutdown handed the job back before the attempt finished: it is not charged.
     Released,
+    /// The job was cancelled while the attempt ran; its processes were stopped.
+    Cancelled,
 }
 
 impl AttemptOutcome {
     /// Every outcome.
-    pub const ALL: [AttemptOutcome; 5] = [
+    pub const ALL: [AttemptOutcome; 6] = [
         AttemptOutcome::Running,
         AttemptOutcome::Succeeded,
         AttemptOutcome::Failed,
         AttemptOutcome::Abandoned,
         AttemptOutcome::Released,
+        AttemptOutcome::Cancelled,
     ];
 
     /// The lowercase name used in JSON and in the stores.
@@ -289,6 +304,7 @@ impl AttemptOutcome {
             AttemptOutcome::Failed => "failed",
             AttemptOutcome::Abandoned => "abandoned",
             AttemptOutcome::Released => "released",
+            AttemptOutcome::Cancelled => "cancelled",
         }
     }
 }
@@ -475,7 +491,9 @@ pub enum InvalidJob {
         len: usize,
     },
     /// Not one of the five state names.
-    #[error("unknown job state {state:?}: expected pending, processing, completed, failed or dead")]
+    #[error(
+        "unknown job state {state:?}: expected pending, processing, completed, failed, dead or cancelled"
+    )]
     State {
         /// The rejected name.
         state: String,

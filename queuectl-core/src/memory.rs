@@ -121,6 +121,18 @@ impl Storage for MemoryStorage {
         self.write(|s| s.retry_dead(ids, now))
     }
 
+    fn cancel(&self, ids: &[JobId], now: Timestamp) -> Result<Vec<Job>> {
+        self.write(|s| s.cancel(ids, now))
+    }
+
+    fn remove(&self, ids: &[JobId]) -> Result<Vec<JobId>> {
+        self.write(|s| s.remove_jobs(ids))
+    }
+
+    fn retry(&self, ids: &[JobId], now: Timestamp) -> Result<Vec<Job>> {
+        self.write(|s| s.retry(ids, now))
+    }
+
     fn clear_dead(&self) -> Result<usize> {
         Ok(self.write(|s| s.clear_dead()))
     }

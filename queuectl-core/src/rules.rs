@@ -191,6 +191,62 @@ pub(crate) fn recover(job: &mut Job, why: Abandoned, now: Timestamp) -> Attempt 
     attempt
 }
 
+/// Checks that a job may be cancelled: anything not finished.
+pub(crate) fn check_cancel(job: &Job) -> Result<()> {
+    if job.state.is_finished() {
+        Err(StorageError::InvalidState {
+            id: job.id.clone(),
+            state: job.state,
+            op: "cancel",
+        })
+    } else {
+        Ok(())
+    }
+}
+
+/// Cancels a job (checked by [`check_cancel`]). A running attempt ends `cancelled` (returned
+/// for the history) and its lease with it, so its worker can record nothing more.
+pub(crate) fn cancel(job: &mut Job, now: Timestamp) -> Option<Attempt> {
+    let attempt = running_attempt(job).map(|mut attempt| {
+        attempt.finished_at = Some(now);
+        attempt.outcome = AttemptOutcome::Cancelled;
+        attempt.error = Some("cancelled while running".to_owned());
+        attempt
+    });
+    job.state = JobState::Cancelled;
+    job.lease = None;
+    job.last_error = Some("cancelled".to_owned());
+    job.finished_at = Some(now);
+    job.updated_at = now;
+    attempt
+}
+
+/// Checks that a job may be removed: anything not running.
+pub(crate) fn check_remove(job: &Job) -> Result<()> {
+    if job.state == JobState::Processing {
+        Err(StorageError::InvalidState {
+            id: job.id.clone(),
+            state: job.state,
+            op: "remove",
+        })
+    } else {
+        Ok(())
+    }
+}
+
+/// Checks that a job may run again with `retry`: finished ones only.
+pub(crate) fn check_rerun(job: &Job) -> Result<()> {
+    if job.state.is_finished() {
+        Ok(())
+    } else {
+        Err(StorageError::InvalidState {
+            id: job.id.clone(),
+            state: job.state,
+            op: "retry",
+        })
+    }
+}
+
 /// Checks that a job named by `dlq retry` may be retried: only `dead` jobs are.
 pub(crate) fn check_retry(job: &Job) -> Result<()> {
     if job.state == JobState::Dead {
@@ -204,7 +260,7 @@ pub(crate) fn check_retry(job: &Job) -> Result<()> {
     }
 }
 
-/// Moves a dead job back to `pending`, due now, with a full new set of attempts.
+/// Moves a finished job back to `pending`, due now, with a full new set of attempts.
 pub(crate) fn retry(job: &mut Job, now: Timestamp) {
     job.state = JobState::Pending;
     job.attempts = 0;

@@ -44,7 +44,7 @@ struct Index {
     ready_at: BTreeSet<(Timestamp, u64)>,
     /// Processing jobs by lease expiry.
     leases: BTreeSet<(Timestamp, u64)>,
-    counts: [usize; 5],
+    counts: [usize; 6],
 }
 
 impl Index {
@@ -329,6 +329,7 @@ impl QueueState {
             completed: c[JobState::Completed.index()],
             failed: c[JobState::Failed.index()],
             dead: c[JobState::Dead.index()],
+            cancelled: c[JobState::Cancelled.index()],
         }
     }
 
@@ -371,6 +372,52 @@ impl QueueState {
             .filter(|job| job.state == state)
             .map(|job| job.seq)
             .collect()
+    }
+
+    /// The sequence numbers of `ids`, each checked by `check`, in order and without repeats.
+    fn checked(&self, ids: &[JobId], check: fn(&Job) -> Result<()>) -> Result<Vec<u64>> {
+        let mut seqs = Vec::with_capacity(ids.len());
+        for id in ids {
+            let seq = self.seq_of(id)?;
+            check(&self.jobs[&seq])?;
+            if !seqs.contains(&seq) {
+                seqs.push(seq);
+            }
+        }
+        Ok(seqs)
+    }
+
+    pub(crate) fn cancel(&mut self, ids: &[JobId], now: Timestamp) -> Result<Vec<Job>> {
+        let seqs = self.checked(ids, rules::check_cancel)?;
+        let mut cancelled = Vec::with_capacity(seqs.len());
+        for seq in seqs {
+            let (job, attempt) = self.update(seq, |job| rules::cancel(job, now));
+            cancelled.push(job.clone());
+            if let Some(attempt) = attempt {
+                self.remember(seq, attempt);
+            }
+        }
+        Ok(cancelled)
+    }
+
+    pub(crate) fn remove_jobs(&mut self, ids: &[JobId]) -> Result<Vec<JobId>> {
+        let seqs = self.checked(ids, rules::check_remove)?;
+        let mut removed = Vec::with_capacity(seqs.len());
+        for seq in seqs {
+            removed.push(self.jobs[&seq].id.clone());
+            self.remove(seq);
+        }
+        Ok(removed)
+    }
+
+    pub(crate) fn retry(&mut self, ids: &[JobId], now: Timestamp) -> Result<Vec<Job>> {
+        let seqs = self.checked(ids, rules::check_rerun)?;
+        let mut retried = Vec::with_capacity(seqs.len());
+        for seq in seqs {
+            let (job, ()) = self.update(seq, |job| rules::retry(job, now));
+            retried.push(job.clone());
+        }
+        Ok(retried)
     }
 
     pub(crate) fn clear_dead(&mut self) -> usize {

@@ -103,6 +103,9 @@ pub struct StateCounts {
     pub failed: usize,
     /// In the dead letter queue.
     pub dead: usize,
+    /// Cancelled.
+    #[serde(default)]
+    pub cancelled: usize,
 }
 
 impl StateCounts {
@@ -114,12 +117,13 @@ impl StateCounts {
             JobState::Completed => self.completed,
             JobState::Failed => self.failed,
             JobState::Dead => self.dead,
+            JobState::Cancelled => self.cancelled,
         }
     }
 
     /// All jobs.
     pub fn total(&self) -> usize {
-        self.pending + self.processing + self.completed + self.failed + self.dead
+        self.pending + self.processing + self.completed + self.failed + self.dead + self.cancelled
     }
 }
 
@@ -306,6 +310,22 @@ pub trait Storage: Send + Sync + Debug {
     /// [`StorageError::InvalidState`]; an unknown one [`StorageError::NotFound`]; either refuses
     /// the whole call.
     fn retry_dead(&self, ids: Option<&[JobId]>, now: Timestamp) -> Result<Vec<Job>>;
+
+    /// Cancels jobs, all or nothing: a `pending` or `failed` job becomes `cancelled` at once; a
+    /// `processing` one too, and its lease ends, so its worker's result is refused and the
+    /// worker stops the attempt when it next looks (a change to the store makes it look). A
+    /// finished job is [`StorageError::InvalidState`], an unknown one
+    /// [`StorageError::NotFound`]; either refuses the whole call.
+    fn cancel(&self, ids: &[JobId], now: Timestamp) -> Result<Vec<Job>>;
+
+    /// Deletes jobs that are not running, with their history, all or nothing. A `processing`
+    /// job is [`StorageError::InvalidState`] (cancel it first), an unknown one
+    /// [`StorageError::NotFound`]. Returns the ids deleted.
+    fn remove(&self, ids: &[JobId]) -> Result<Vec<JobId>>;
+
+    /// Runs finished jobs (`dead`, `cancelled` or `completed`) again: `pending` with a fresh set
+    /// of attempts, all or nothing. Any other state is [`StorageError::InvalidState`].
+    fn retry(&self, ids: &[JobId], now: Timestamp) -> Result<Vec<Job>>;
 
     /// Deletes every dead job. Returns how many.
     fn clear_dead(&self) -> Result<usize>;

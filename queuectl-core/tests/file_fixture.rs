@@ -177,7 +177,7 @@ fn schema_v1_fixture_opens_with_its_contents() {
     assert_eq!((urgent.priority, urgent.max_retries), (10, 5));
     let running = store.get(&id("running")).unwrap();
     let lease = running.lease.clone().unwrap();
-    assert_eq!(lease.token, 0xcbcb_8620_81f7_2b84);
+    assert_eq!(lease.token, 0xdc94_8721_fc83_0c84);
     assert_eq!(lease.expires_at, at(4) + LEASE);
     let attempts = store.attempts(&id("running")).unwrap();
     assert_eq!(attempts.last().unwrap().outcome, AttemptOutcome::Running);
@@ -204,5 +204,7 @@ fn schema_v1_fixture_opens_with_its_contents() {
     let next = store.claim("w2", 1, LEASE, at(61)).unwrap();
     assert_eq!(next[0].id.as_str(), "urgent");
     store.enqueue(NewJob::new("true"), at(61)).unwrap();
+    store.cancel(&[id("later")], at(62)).unwrap();
+    assert_eq!(store.counts().unwrap().cancelled, 1);
     assert!(FileStorage::check(dir.path()).unwrap().is_ok());
 }

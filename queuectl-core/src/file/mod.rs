@@ -656,6 +656,19 @@ impl FileStorage {
     }
 }
 
+/// The jobs `ids` names, each checked by `check`, in order and without repeats.
+fn checked(tx: &Tx, ids: &[JobId], check: fn(&Job) -> Result<()>) -> TxResult<Vec<Job>> {
+    let mut jobs: Vec<Job> = Vec::with_capacity(ids.len());
+    for id in ids {
+        let job = rows::existing_job(tx, id)?;
+        check(&job)?;
+        if !jobs.iter().any(|j| j.seq == job.seq) {
+            jobs.push(job);
+        }
+    }
+    Ok(jobs)
+}
+
 fn lost(lease: &Lease) -> StorageError {
     StorageError::LeaseLost {
         id: lease.job_id.clone(),
@@ -1005,6 +1018,7 @@ impl Storage for FileStorage {
                     Ok(JobState::Completed) => counts.completed = jobs,
                     Ok(JobState::Failed) => counts.failed = jobs,
                     Ok(JobState::Dead) => counts.dead = jobs,
+                    Ok(JobState::Cancelled) => counts.cancelled = jobs,
                     Err(e) => {
                         return Err(TxError::Db(rusqlite::Error::FromSqlConversionFailure(
                             0,
@@ -1061,6 +1075,48 @@ impl Storage for FileStorage {
                 }
                 None => rows::select_jobs(tx, queries::DEAD, [])?,
             };
+            let mut retried = Vec::with_capacity(targets.len());
+            for old in targets {
+                let mut job = old.clone();
+                rules::retry(&mut job, now);
+                tx.update_job(&old, &mut job, now)?;
+                job.output = rows::last_output(tx, job.seq)?;
+                retried.push(job);
+            }
+            Ok(retried)
+        })
+    }
+
+    fn cancel(&self, ids: &[JobId], now: Timestamp) -> Result<Vec<Job>> {
+        self.write("cancel jobs", |tx| {
+            let targets = checked(tx, ids, rules::check_cancel)?;
+            let mut cancelled = Vec::with_capacity(targets.len());
+            for old in targets {
+                let mut job = old.clone();
+                let attempt = rules::cancel(&mut job, now);
+                tx.update_job(&old, &mut job, now)?;
+                if let Some(mut attempt) = attempt {
+                    tx.insert_attempt(job.seq, &mut attempt)?;
+                }
+                cancelled.push(job);
+            }
+            Ok(cancelled)
+        })
+    }
+
+    fn remove(&self, ids: &[JobId]) -> Result<Vec<JobId>> {
+        self.write("remove jobs", |tx| {
+            let targets = checked(tx, ids, rules::check_remove)?;
+            for job in &targets {
+                tx.delete_job(job)?;
+            }
+            Ok(targets.into_iter().map(|job| job.id).collect())
+        })
+    }
+
+    fn retry(&self, ids: &[JobId], now: Timestamp) -> Result<Vec<Job>> {
+        self.write("retry jobs", |tx| {
+            let targets = checked(tx, ids, rules::check_rerun)?;
             let mut retried = Vec::with_capacity(targets.len());
             for old in targets {
                 let mut job = old.clone();

@@ -324,7 +324,7 @@ pub(super) fn incremental_vacuum(conn: &Connection) -> TxResult<()> {
 pub(super) struct Tx<'c> {
     tx: Transaction<'c>,
     /// Change of each state's count (by [`JobState::index`]) not yet written.
-    counts: [i64; 5],
+    counts: [i64; 6],
 }
 
 impl<'c> std::ops::Deref for Tx<'c> {
@@ -336,7 +336,7 @@ impl<'c> std::ops::Deref for Tx<'c> {
 
 impl<'c> Tx<'c> {
     pub(super) fn new(tx: Transaction<'c>) -> Self {
-        Self { tx, counts: [0; 5] }
+        Self { tx, counts: [0; 6] }
     }
 
     /// Writes the counters and commits.
@@ -448,6 +448,18 @@ impl<'c> Tx<'c> {
         let deleted = self.tx.prepare_cached(&jobs)?.execute(args)?;
         self.counts[state.index()] -= deleted as i64;
         Ok(deleted)
+    }
+
+    /// Deletes one job and its attempts.
+    pub(super) fn delete_job(&mut self, job: &Job) -> TxResult<()> {
+        self.tx
+            .prepare_cached("DELETE FROM attempts WHERE job_seq = ?1")?
+            .execute([job.seq as i64])?;
+        self.tx
+            .prepare_cached("DELETE FROM jobs WHERE seq = ?1")?
+            .execute([job.seq as i64])?;
+        self.counts[job.state.index()] -= 1;
+        Ok(())
     }
 
     /// Sets a `meta` value.

@@ -80,7 +80,8 @@ CREATE TABLE counts (
     jobs  INTEGER NOT NULL CHECK (jobs >= 0)
 ) WITHOUT ROWID;
 INSERT INTO counts (state, jobs) VALUES
-    ('pending', 0), ('processing', 0), ('completed', 0), ('failed', 0), ('dead', 0);
+    ('pending', 0), ('processing', 0), ('completed', 0), ('failed', 0), ('dead', 0),
+    ('cancelled', 0);
 
 -- Registered workers, as JSON (their fields evolve with the pool, not with the schema).
 CREATE TABLE workers (

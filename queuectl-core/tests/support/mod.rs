@@ -167,6 +167,15 @@ impl Storage for Faulty {
     fn attempts(&self, id: &JobId) -> Result<Vec<queuectl_core::Attempt>> {
         self.inner.attempts(id)
     }
+    fn cancel(&self, ids: &[JobId], at: Timestamp) -> Result<Vec<Job>> {
+        self.inner.cancel(ids, at)
+    }
+    fn remove(&self, ids: &[JobId]) -> Result<Vec<JobId>> {
+        self.inner.remove(ids)
+    }
+    fn retry(&self, ids: &[JobId], at: Timestamp) -> Result<Vec<Job>> {
+        self.inner.retry(ids, at)
+    }
     fn list(&self, query: &ListQuery) -> Result<Vec<Job>> {
         self.inner.list(query)
     }
