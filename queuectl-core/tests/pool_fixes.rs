@@ -267,3 +267,58 @@ impl queuectl_core::Executor for Blocking {
         Ok(queuectl_core::Outcome::cancelled())
     }
 }
+
+/// Runs until its attempt is cancelled, and says which happened.
+#[derive(Debug)]
+struct UntilCancelled(std::sync::Mutex<std::sync::mpsc::Sender<&'static str>>);
+
+impl queuectl_core::Executor for UntilCancelled {
+    fn execute(
+        &self,
+        _job: &queuectl_core::Job,
+        cancel: &queuectl_core::CancelSignal,
+    ) -> Result<queuectl_core::Outcome, queuectl_core::ExecutorError> {
+        let report = |what| self.0.lock().unwrap().send(what).unwrap();
+        report("started");
+        match cancel.receiver().recv_timeout(TIMEOUT) {
+            Ok(()) | Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                report("cancelled");
+                Ok(queuectl_core::Outcome::cancelled())
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                report("ran out");
+                Ok(queuectl_core::Outcome::succeeded(TIMEOUT))
+            }
+        }
+    }
+}
+
+/// A running job cancelled in the store is stopped as soon as the pool sees the change, not
+/// at its next heartbeat (an hour away here), and stays cancelled.
+#[test]
+fn a_cancelled_running_job_is_stopped_without_waiting_for_a_heartbeat() {
+    let store = Arc::new(MemoryStorage::new());
+    let (tx, said) = std::sync::mpsc::channel();
+    let pool = WorkerPool::builder(store.clone(), Arc::new(UntilCancelled(tx.into())))
+        .lease(2 * HOUR)
+        .heartbeat_interval(HOUR)
+        .recovery_interval(HOUR)
+        .timings(queuectl_core::Timings {
+            purge_every: HOUR,
+            ..Default::default()
+        })
+        .start()
+        .unwrap();
+    let id: JobId = "long".parse().unwrap();
+    store
+        .enqueue(NewJob::new("x").id("long").unwrap(), now())
+        .unwrap();
+    assert_eq!(said.recv_timeout(TIMEOUT).unwrap(), "started");
+    store.cancel(std::slice::from_ref(&id), now()).unwrap();
+    assert_eq!(said.recv_timeout(TIMEOUT).unwrap(), "cancelled");
+    events_until(pool.events(), |e| matches!(e, Event::LeaseLost { .. }));
+    within("the pool to stop", move || pool.shutdown()).unwrap();
+    let job = store.get(&id).unwrap();
+    assert_eq!(job.state, JobState::Cancelled);
+    assert_eq!(job.attempts, 1);
+}

@@ -14,8 +14,8 @@ use crossbeam_channel::{Receiver, Sender, select};
 use crate::backoff::BackoffPolicy;
 use crate::error::StorageError;
 use crate::executor::Canceller;
-use crate::job::{JobId, now};
-use crate::storage::{Storage, WorkerInfo};
+use crate::job::{JobId, JobState, now};
+use crate::storage::{ListQuery, Storage, WorkerInfo};
 
 use super::Control;
 use super::builder::{Timings, WorkerPoolBuilder};
@@ -390,6 +390,34 @@ impl Dispatcher {
                 }
             }
             Err(error) => self.storage_error("looking for a stop request", &error),
+        }
+        self.check_leases();
+    }
+
+    /// Stops the attempts whose lease the store no longer holds (the job was cancelled, or
+    /// recovered by another worker) as soon as a change to the store is seen, instead of at
+    /// the next heartbeat.
+    fn check_leases(&mut self) {
+        let leases = self.ledger.leases();
+        if leases.is_empty() {
+            return;
+        }
+        let held = match self.storage.list(&ListQuery::state(JobState::Processing)) {
+            Ok(jobs) => jobs,
+            Err(error) => return self.storage_error("checking leases", &error),
+        };
+        let lost: Vec<JobId> = leases
+            .iter()
+            .filter(|lease| {
+                !held.iter().any(|job| {
+                    job.id == lease.job_id
+                        && job.lease.as_ref().is_some_and(|l| l.token == lease.token)
+                })
+            })
+            .map(|lease| lease.job_id.clone())
+            .collect();
+        for id in lost {
+            self.lose(&id);
         }
     }
 
