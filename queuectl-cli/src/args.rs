@@ -68,6 +68,25 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Cancel jobs: a waiting one at once; a running one has its command (its whole process
+    /// group) stopped by its worker, and ends cancelled, not retried.
+    Cancel {
+        /// The jobs.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Delete jobs that are not running, with their history.
+    Remove {
+        /// The jobs.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Run finished jobs (dead, cancelled or completed) again, with a fresh set of attempts.
+    Retry {
+        /// The jobs.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
     /// The dead letter queue: jobs that failed max-retries times.
     #[command(subcommand)]
     Dlq(DlqCommand),

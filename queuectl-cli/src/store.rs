@@ -27,7 +27,10 @@ pub fn access(command: &Command) -> Access {
         | Command::Config(ConfigCommand::Set { .. }) => Access::Create,
         Command::Worker(WorkerCommand::Stop { .. })
         | Command::Dlq(DlqCommand::Retry { .. } | DlqCommand::Clear)
-        | Command::Purge { .. } => Access::Change,
+        | Command::Purge { .. }
+        | Command::Cancel { .. }
+        | Command::Remove { .. }
+        | Command::Retry { .. } => Access::Change,
         Command::Status(_)
         | Command::List { .. }
         | Command::Show { .. }

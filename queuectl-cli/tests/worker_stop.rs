@@ -91,3 +91,43 @@ fn worker_stop_timeout_points_to_force() {
     q.cmd(["worker", "stop", "--force"]).run();
     assert!(worker.wait_exit().success(), "{}", worker.transcript());
 }
+
+/// `cancel` of a job running in another worker process: its whole process group is stopped,
+/// the job ends cancelled and is not retried, and the worker goes on.
+#[test]
+fn cancel_stops_a_job_running_in_another_worker_process() {
+    let q = Queue::new();
+    let pid_file = long_job(&q, "long");
+    let mut worker = q.worker(&[]);
+    worker.wait_for("[running] job long");
+    // A grandchild in the job's process group: `cancel` must reach it too.
+    let sleep_pid = support::read_pid(&pid_file);
+    let out = q.cmd(["cancel", "long"]).run();
+    assert_eq!(out.stdout, "long\n");
+    worker.wait_for("job long");
+    support::eventually("the job's processes to be gone", || {
+        support::process_gone(sleep_pid)
+    });
+    let job = q.job("long");
+    assert_eq!(job["state"], "cancelled", "{job}");
+    assert_eq!(job["history"][0]["outcome"], "cancelled", "{job}");
+    // The worker still runs jobs, and the cancelled one never again.
+    q.enqueue(r#"{"id":"next","command":"true"}"#);
+    worker.wait_for("[completed] job next");
+    assert_eq!(q.job("long")["state"], "cancelled");
+    assert!(worker.is_running());
+    // Refused: finished or unknown jobs, and nothing changes.
+    let out = q.cmd(["cancel", "next"]).status(1).run();
+    assert!(
+        out.stderr
+            .contains("cannot cancel job next: it is completed"),
+        "{}",
+        out.stderr
+    );
+    q.cmd(["cancel", "nope"]).status(1).run();
+    q.cmd(["retry", "long"]).run();
+    worker.wait_for("[running] job long (attempt 1)");
+    q.cmd(["cancel", "long"]).run();
+    q.cmd(["remove", "long"]).run();
+    assert_eq!(q.cmd(["show", "long"]).status(1).run().stdout, "");
+}

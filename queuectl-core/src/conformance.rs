@@ -1049,7 +1049,7 @@ pub fn cancel_refuses_finished_and_unknown_jobs(h: &dyn Harness) {
         .cancel(&[id("waiting"), id("done")], at(3))
         .unwrap_err();
     assert!(
-        matches!(err, StorageError::InvalidState { ref op, state: JobState::Completed, .. } if *op == "cancel"),
+        matches!(err, StorageError::InvalidState { op, state: JobState::Completed, .. } if op == "cancel"),
         "{err:?}"
     );
     let err = store

@@ -2,6 +2,7 @@
 
 mod check;
 mod config;
+mod control;
 mod dlq;
 mod enqueue;
 mod list;
@@ -88,6 +89,9 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result {
                 Command::Dlq(command) => dlq::run(store, command, out),
                 Command::Config(command) => config::run(store, command, out),
                 Command::Purge { older_than } => purge::run(store, older_than, out),
+                Command::Cancel { ids } => control::cancel(store, &ids, out),
+                Command::Remove { ids } => control::remove(store, &ids, out),
+                Command::Retry { ids } => control::retry(store, &ids, out),
                 Command::Check(_)
                 | Command::Completions { .. }
                 | Command::Man
