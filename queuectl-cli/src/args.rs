@@ -75,6 +75,18 @@ pub enum Command {
         #[arg(required = true)]
         ids: Vec<String>,
     },
+    /// Wait until every job is finished.
+    ///
+    /// Exits 0 when all of them completed, 1 when any did not (it names them), and 124 when
+    /// the timeout passed first.
+    Wait {
+        /// The jobs.
+        #[arg(required = true)]
+        ids: Vec<String>,
+        /// Give up after this many seconds [default: wait as long as it takes].
+        #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
+        timeout: Option<Duration>,
+    },
     /// Delete jobs that are not running, with their history.
     Remove {
         /// The jobs.

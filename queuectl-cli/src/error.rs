@@ -40,12 +40,24 @@ pub enum CliError {
     /// There is no home directory to put the store in.
     #[error("no data directory for this user: pass --home DIR or set QUEUECTL_HOME")]
     NoHome,
+    /// `wait` gave up before every job finished.
+    #[error("timed out waiting for: {0}")]
+    WaitTimedOut(String),
     /// Another refusal, with its reason.
     #[error("{0}")]
     Refused(String),
 }
 
 impl CliError {
+    /// The exit status for this error: 124 when `wait` timed out (as `timeout(1)` does), 1
+    /// for everything else.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::WaitTimedOut(_) => 124,
+            _ => 1,
+        }
+    }
+
     /// Whether this is a write to a closed pipe (a reader like `head` went away): not an error.
     pub fn is_broken_pipe(&self) -> bool {
         matches!(self, CliError::Output(e) if e.kind() == io::ErrorKind::BrokenPipe)

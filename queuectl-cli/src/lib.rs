@@ -51,7 +51,7 @@ pub fn main() -> ExitCode {
                 let _ = writeln!(stderr, "caused by: {cause}");
                 source = cause.source();
             }
-            ExitCode::FAILURE
+            ExitCode::from(error.exit_code())
         }
     }
 }

@@ -36,7 +36,8 @@ pub fn access(command: &Command) -> Access {
         | Command::Show { .. }
         | Command::Dlq(DlqCommand::List(_))
         | Command::Config(ConfigCommand::Show(_) | ConfigCommand::Get { .. })
-        | Command::Check(_) => Access::Read,
+        | Command::Check(_)
+        | Command::Wait { .. } => Access::Read,
         Command::Completions { .. } | Command::Man => Access::Read,
     }
 }

@@ -1170,3 +1170,41 @@ fn job_text_cannot_drive_the_terminal_of_whoever_reads_it() {
     let job = q.job("x");
     assert_eq!(job["output"], "\u{1b}]0;pwned\u{7}\u{1b}[2J\u{9b}");
 }
+
+#[test]
+fn wait_blocks_until_jobs_finish_and_says_how_they_ended() {
+    let q = Queue::new();
+    q.enqueue(r#"{"id":"ok","command":"true"}"#);
+    q.enqueue(r#"{"id":"bad","command":"exit 3","max_retries":1}"#);
+    // Nobody runs them: the timeout has its own exit code.
+    let out = q.cmd(["wait", "ok", "--timeout", "0.2"]).status(124).run();
+    assert!(
+        out.stderr.contains("timed out waiting for: ok (pending)"),
+        "{}",
+        out.stderr
+    );
+    // A waiter started before any worker returns when the worker (another process) is done.
+    let waiter = std::process::Command::new(support::BIN)
+        .arg("--home")
+        .arg(q.home())
+        .args(["wait", "ok"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(waiter.wait_with_output().unwrap()).unwrap());
+    q.cmd(["worker", "start", "--exit-when-idle"]).run();
+    let waited = rx.recv_timeout(support::TIMEOUT).expect("wait returned");
+    assert!(waited.status.success(), "{waited:?}");
+    assert_eq!(String::from_utf8_lossy(&waited.stdout), "ok completed\n");
+    // One did not complete: exit 1, naming it.
+    let out = q.cmd(["wait", "ok", "bad"]).status(1).run();
+    assert_eq!(out.stdout, "ok completed\nbad dead\n");
+    assert!(
+        out.stderr.contains("not every job completed: bad (dead)"),
+        "{}",
+        out.stderr
+    );
+    q.cmd(["wait", "nope"]).status(1).run();
+}

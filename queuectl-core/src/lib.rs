@@ -38,6 +38,7 @@ pub mod shell;
 pub mod spec;
 mod state;
 pub mod storage;
+mod wait;
 
 pub use backoff::{BackoffPolicy, Exponential, Fixed};
 pub use config::{Config, ConfigError};
@@ -60,6 +61,7 @@ pub use storage::{
     AttemptReport, ListQuery, ProcessIdentity, Settlement, StateCounts, Storage, StorageExt,
     WorkerInfo,
 };
+pub use wait::{WaitOutcome, wait_for_jobs};
 
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;

@@ -2,9 +2,11 @@
 
 use std::io::Write;
 
-use queuectl_core::{JobId, SpecError, Storage, now};
+use std::time::Duration;
 
-use crate::error::Result;
+use queuectl_core::{JobId, JobState, SpecError, Storage, WaitOutcome, now, wait_for_jobs};
+
+use crate::error::{CliError, Result};
 
 fn parse(ids: &[String]) -> Result<Vec<JobId>> {
     let ids = ids
@@ -46,4 +48,40 @@ pub fn retry(store: &dyn Storage, ids: &[String], out: &mut dyn Write) -> Result
     }
     say!("moved {} job(s) back to pending", retried.len());
     Ok(())
+}
+
+/// Waits for the jobs to finish; prints each with the state it ended in.
+pub fn wait(
+    store: &dyn Storage,
+    ids: &[String],
+    timeout: Option<Duration>,
+    out: &mut dyn Write,
+) -> Result {
+    match wait_for_jobs(store, &parse(ids)?, timeout)? {
+        WaitOutcome::Finished(jobs) => {
+            for job in &jobs {
+                writeln!(out, "{} {}", job.id, job.state)?;
+            }
+            let failed: Vec<String> = jobs
+                .iter()
+                .filter(|job| job.state != JobState::Completed)
+                .map(|job| format!("{} ({})", job.id, job.state))
+                .collect();
+            if failed.is_empty() {
+                Ok(())
+            } else {
+                Err(CliError::Refused(format!(
+                    "not every job completed: {}",
+                    failed.join(", ")
+                )))
+            }
+        }
+        WaitOutcome::TimedOut(waiting) => {
+            let names: Vec<String> = waiting
+                .iter()
+                .map(|job| format!("{} ({})", job.id, job.state))
+                .collect();
+            Err(CliError::WaitTimedOut(names.join(", ")))
+        }
+    }
 }

@@ -90,6 +90,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result {
                 Command::Config(command) => config::run(store, command, out),
                 Command::Purge { older_than } => purge::run(store, older_than, out),
                 Command::Cancel { ids } => control::cancel(store, &ids, out),
+                Command::Wait { ids, timeout } => control::wait(store, &ids, timeout, out),
                 Command::Remove { ids } => control::remove(store, &ids, out),
                 Command::Retry { ids } => control::retry(store, &ids, out),
                 Command::Check(_)
