@@ -75,6 +75,17 @@ pub enum Command {
         #[arg(required = true)]
         ids: Vec<String>,
     },
+    /// Print the output of a job's last finished attempt (or of attempt N).
+    ///
+    /// The bytes as they were, into a pipe or file; with control characters shown escaped
+    /// on a terminal.
+    Logs {
+        /// The job.
+        id: String,
+        /// This attempt instead of the last one.
+        #[arg(long, value_name = "N")]
+        attempt: Option<u32>,
+    },
     /// Wait until every job is finished.
     ///
     /// Exits 0 when all of them completed, 1 when any did not (it names them), and 124 when

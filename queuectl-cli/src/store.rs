@@ -37,7 +37,8 @@ pub fn access(command: &Command) -> Access {
         | Command::Dlq(DlqCommand::List(_))
         | Command::Config(ConfigCommand::Show(_) | ConfigCommand::Get { .. })
         | Command::Check(_)
-        | Command::Wait { .. } => Access::Read,
+        | Command::Wait { .. }
+        | Command::Logs { .. } => Access::Read,
         Command::Completions { .. } | Command::Man => Access::Read,
     }
 }

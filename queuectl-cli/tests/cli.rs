@@ -1208,3 +1208,34 @@ fn wait_blocks_until_jobs_finish_and_says_how_they_ended() {
     );
     q.cmd(["wait", "nope"]).status(1).run();
 }
+
+#[test]
+fn logs_print_an_attempts_output_as_it_was() {
+    let q = Queue::new();
+    q.config_set("backoff-base", "1");
+    q.config_set("backoff-cap", "0");
+    let command = "printf 'attempt %s\\033[0m\\n' $QUEUECTL_ATTEMPT; test $QUEUECTL_ATTEMPT = 2";
+    q.enqueue(&serde_json::json!({"id": "j", "command": command}).to_string());
+    q.enqueue(r#"{"id":"never","command":"true","delay":3600}"#);
+    q.cmd(["worker", "start", "--exit-when-idle"]).run();
+    assert_eq!(q.job("j")["state"], "completed");
+    // Into a pipe: the bytes as they were.
+    assert_eq!(q.run(&["logs", "j"]), "attempt 2\u{1b}[0m\n");
+    assert_eq!(
+        q.run(&["logs", "j", "--attempt", "1"]),
+        "attempt 1\u{1b}[0m\n"
+    );
+    let out = q.cmd(["logs", "j", "--attempt", "3"]).status(1).run();
+    assert!(
+        out.stderr.contains("no finished attempt 3"),
+        "{}",
+        out.stderr
+    );
+    let out = q.cmd(["logs", "never"]).status(1).run();
+    assert!(
+        out.stderr.contains("no finished attempt yet"),
+        "{}",
+        out.stderr
+    );
+    q.cmd(["logs", "nope"]).status(1).run();
+}

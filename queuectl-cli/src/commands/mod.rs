@@ -6,6 +6,7 @@ mod control;
 mod dlq;
 mod enqueue;
 mod list;
+mod logs;
 mod purge;
 mod show;
 mod status;
@@ -91,6 +92,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result {
                 Command::Purge { older_than } => purge::run(store, older_than, out),
                 Command::Cancel { ids } => control::cancel(store, &ids, out),
                 Command::Wait { ids, timeout } => control::wait(store, &ids, timeout, out),
+                Command::Logs { id, attempt } => logs::run(store, &id, attempt, out),
                 Command::Remove { ids } => control::remove(store, &ids, out),
                 Command::Retry { ids } => control::retry(store, &ids, out),
                 Command::Check(_)
