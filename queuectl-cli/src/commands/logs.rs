@@ -12,13 +12,14 @@ use crate::render;
 pub fn run(store: &dyn Storage, id: &str, number: Option<u32>, out: &mut dyn Write) -> Result {
     let id = JobId::new(id).map_err(SpecError::from)?;
     let attempts = store.attempts(&id)?;
-    let finished = attempts
+    // Newest first: the last finished attempt (with that number) is the first found.
+    let mut finished = attempts
         .iter()
+        .rev()
         .filter(|a| a.outcome != AttemptOutcome::Running);
     let attempt = match number {
         Some(n) => finished
-            .filter(|a| a.number == n)
-            .last()
+            .find(|a| a.number == n)
             .ok_or_else(|| CliError::Refused(format!("job {id} has no finished attempt {n}")))?,
         None => finished
             .last()
