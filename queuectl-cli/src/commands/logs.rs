@@ -22,7 +22,7 @@ pub fn run(store: &dyn Storage, id: &str, number: Option<u32>, out: &mut dyn Wri
             .find(|a| a.number == n)
             .ok_or_else(|| CliError::Refused(format!("job {id} has no finished attempt {n}")))?,
         None => finished
-            .last()
+            .next()
             .ok_or_else(|| CliError::Refused(format!("job {id} has no finished attempt yet")))?,
     };
     let output = attempt.output.as_deref().unwrap_or("");
