@@ -18,14 +18,29 @@ pub fn ts(at: Timestamp) -> String {
 /// job text cannot move the cursor, clear the screen or retitle the terminal of whoever looks
 /// at it. JSON output keeps the bytes; this is only for what people read.
 pub fn visible(text: &str) -> String {
+    escape(text, true)
+}
+
+/// [`visible`] for one-line fields: a newline is escaped too, so a command cannot fake the
+/// lines after it.
+pub fn one_line(text: &str) -> String {
+    escape(text, false)
+}
+
+/// Whether `c` reorders the text around it (bidirectional overrides and isolates).
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+fn escape(text: &str, keep_newlines: bool) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         match c {
-            '\n' => out.push('\n'),
+            '\n' if keep_newlines => out.push('\n'),
             c if c.is_control() && (c as u32) < 0x80 => {
                 let _ = write!(out, "\\x{:02x}", c as u32);
             }
-            c if c.is_control() => {
+            c if c.is_control() || is_bidi_control(c) => {
                 let _ = write!(out, "\\u{{{:x}}}", c as u32);
             }
             c => out.push(c),
@@ -61,7 +76,7 @@ pub fn job_table(jobs: &[Job]) -> String {
             format!("{}/{}", job.attempts, job.max_retries),
             job.priority.to_string(),
             ts(job.updated_at),
-            cut(&visible(&job.command), 60),
+            cut(&one_line(&job.command), 60),
         ]);
     }
     if jobs.is_empty() {
@@ -96,7 +111,7 @@ pub fn job_detail(job: &Job, attempts: &[Attempt]) -> String {
         let _ = writeln!(text, "{name:<12} {value}");
     };
     field("id", &job.id);
-    field("command", &visible(&job.command));
+    field("command", &one_line(&job.command));
     field("state", &job.state);
     field(
         "attempts",
@@ -120,14 +135,18 @@ pub fn job_detail(job: &Job, attempts: &[Attempt]) -> String {
     if let Some(lease) = &job.lease {
         field(
             "worker",
-            &format!("{} (lease until {})", lease.worker, ts(lease.expires_at)),
+            &format!(
+                "{} (lease until {})",
+                one_line(&lease.worker),
+                ts(lease.expires_at)
+            ),
         );
     }
     if let Some(code) = job.exit_code {
         field("exit code", &code);
     }
     if let Some(error) = &job.last_error {
-        field("last error", &visible(error));
+        field("last error", &one_line(error));
     }
     if let Some(output) = &job.output {
         let _ = writeln!(text, "output:");
@@ -144,7 +163,7 @@ pub fn job_detail(job: &Job, attempts: &[Attempt]) -> String {
             attempt.number,
             attempt.outcome,
             ts(attempt.started_at),
-            attempt.worker
+            one_line(&attempt.worker)
         );
         if let Some(at) = attempt.finished_at {
             let took = (at - attempt.started_at).as_seconds_f64();
@@ -157,7 +176,7 @@ pub fn job_detail(job: &Job, attempts: &[Attempt]) -> String {
             let _ = write!(line, ", signal {signal}");
         }
         if let Some(error) = &attempt.error {
-            let _ = write!(line, ": {}", cut(&visible(error), 100));
+            let _ = write!(line, ": {}", cut(&one_line(error), 100));
         }
         let _ = writeln!(text, "{line}");
     }
@@ -186,9 +205,9 @@ pub fn status(counts: &StateCounts, workers: &[WorkerInfo], config: &Config) -> 
         let _ = writeln!(
             text,
             "  {}  pid {} on {}, {} at once, since {}, seen {}{stopping}",
-            worker.id,
+            one_line(&worker.id),
             worker.pid,
-            worker.hostname,
+            one_line(&worker.hostname),
             worker.concurrency,
             ts(worker.started_at),
             ts(worker.last_seen),

@@ -1127,6 +1127,11 @@ fn more_bad_input_is_refused_and_changes_nothing() {
         assert_eq!(out.stdout, "");
     }
     assert_eq!(states(&q.json(&["list"])).len(), 1, "nothing was enqueued");
+    let out = q
+        .cmd(["config", "set", "job-timeout", "0.0000001"])
+        .status(1)
+        .run();
+    assert!(out.stderr.contains("or from 0.001"), "{}", out.stderr);
     // The longest command accepted runs.
     let longest = format!(
         "{{\"id\":\"longest\",\"command\":\": {}\"}}\n",
@@ -1166,6 +1171,17 @@ fn job_text_cannot_drive_the_terminal_of_whoever_reads_it() {
         shown[1]
     );
     assert!(shown[2].contains("echo \\x1b[2J"), "{}", shown[2]);
+    // A one-line field cannot fake the lines after it, nor reorder itself.
+    q.enqueue(
+        &serde_json::json!({"id": "z", "command": "true\nstate        completed \u{202e}"})
+            .to_string(),
+    );
+    let shown = q.run(&["show", "z"]);
+    assert_eq!(shown.matches("\nstate ").count(), 1, "{shown}");
+    assert!(
+        shown.contains("true\\x0astate        completed \\u{202e}"),
+        "{shown}"
+    );
     // JSON keeps the bytes as they are.
     let job = q.job("x");
     assert_eq!(job["output"], "\u{1b}]0;pwned\u{7}\u{1b}[2J\u{9b}");

@@ -28,6 +28,9 @@ pub struct Range {
     pub whole: bool,
     /// What a valid value looks like ("a whole number from 0 to 1000000").
     pub expected: &'static str,
+    /// The least valid value other than 0 (0 when there is none): a time limit so short it
+    /// could only be a mistake is refused rather than taken literally.
+    pub least_nonzero: f64,
 }
 
 impl Range {
@@ -36,6 +39,7 @@ impl Range {
         value.is_finite()
             && (self.min..=self.max).contains(&value)
             && (!self.whole || value.fract() == 0.0)
+            && (value == 0.0 || value >= self.least_nonzero)
     }
 
     /// Parses `text` as a valid value.
@@ -56,6 +60,7 @@ pub const RETRIES: Range = Range {
     max: 1_000_000.0,
     whole: true,
     expected: "a whole number from 0 to 1000000",
+    least_nonzero: 0.0,
 };
 
 /// Jobs a worker runs at once: `worker-count`, `worker start --count` and the pool builder.
@@ -64,6 +69,7 @@ pub const WORKERS: Range = Range {
     max: MAX_WORKERS as f64,
     whole: true,
     expected: "a whole number from 1 to 4096",
+    least_nonzero: 0.0,
 };
 
 /// The most jobs a worker runs at once.
@@ -75,6 +81,7 @@ pub const SECONDS: Range = Range {
     max: 365.0 * 24.0 * 3600.0,
     whole: false,
     expected: "seconds from 0 to 31536000",
+    least_nonzero: 0.0,
 };
 
 /// The largest `output-limit`: 16 MiB of output kept per job.
@@ -172,6 +179,7 @@ pub const SETTINGS: &[Setting] = &[
             max: 3600.0,
             whole: false,
             expected: "a number from 1 to 3600",
+            least_nonzero: 0.0,
         },
         read: |f| f.backoff_base,
         write: |f, v| f.backoff_base = v,
@@ -197,7 +205,8 @@ pub const SETTINGS: &[Setting] = &[
         description: "seconds one attempt may run before it is killed (0: no limit)",
         default: 30.0,
         range: Range {
-            expected: "seconds from 0 (no limit) to 31536000",
+            expected: "seconds: 0 (no limit), or from 0.001 to 31536000",
+            least_nonzero: 0.001,
             ..SECONDS
         },
         read: |f| f.job_timeout,
@@ -212,6 +221,7 @@ pub const SETTINGS: &[Setting] = &[
             max: 24.0 * 3600.0,
             whole: false,
             expected: "seconds from 0.1 to 86400",
+            least_nonzero: 0.0,
         },
         read: |f| f.lease_timeout,
         write: |f, v| f.lease_timeout = v,
@@ -225,6 +235,7 @@ pub const SETTINGS: &[Setting] = &[
             max: 100.0 * YEAR,
             whole: false,
             expected: "seconds from 0 (keep forever) to 3153600000",
+            least_nonzero: 0.0,
         },
         read: |f| f.completed_retention,
         write: |f, v| f.completed_retention = v,
@@ -238,6 +249,7 @@ pub const SETTINGS: &[Setting] = &[
             max: MAX_OUTPUT_LIMIT as f64,
             whole: true,
             expected: "bytes from 0 to 16777216",
+            least_nonzero: 0.0,
         },
         read: |f| f.output_limit as f64,
         write: |f, v| f.output_limit = v as usize,
@@ -437,6 +449,7 @@ mod tests {
             ("worker-count", "0"),
             ("worker-count", "4097"),
             ("job-timeout", "-3"),
+            ("job-timeout", "0.0000001"),
             ("lease-timeout", "0"),
             ("lease-timeout", "-1"),
             ("output-limit", "1e3"),

@@ -30,6 +30,9 @@ pub fn later(at: Timestamp, duration: Duration) -> Timestamp {
 /// front of it (under 1 KiB).
 pub const MAX_COMMAND_LEN: usize = 130_000;
 
+/// The shortest time limit a job may have (zero means none): one millisecond.
+pub const MIN_TIMEOUT: Duration = Duration::from_millis(1);
+
 /// Longest job id accepted.
 pub const MAX_ID_LEN: usize = 128;
 
@@ -456,6 +459,12 @@ impl NewJob {
         if self.command.contains('\0') {
             return Err(InvalidJob::NulInCommand);
         }
+        if self
+            .timeout
+            .is_some_and(|t| !t.is_zero() && t < MIN_TIMEOUT)
+        {
+            return Err(InvalidJob::TimeoutTooShort);
+        }
         if self.command.len() > MAX_COMMAND_LEN {
             return Err(InvalidJob::CommandTooLong {
                 len: self.command.len(),
@@ -482,6 +491,9 @@ pub enum InvalidJob {
     /// The command contains a NUL byte, which no shell can receive.
     #[error("the job's command contains a NUL byte")]
     NulInCommand,
+    /// A time limit above zero but under [`MIN_TIMEOUT`]: it could only be a mistake.
+    #[error("the job's timeout is too short to be a limit (use at least 1 ms, or 0 for none)")]
+    TimeoutTooShort,
     /// The command is longer than the system lets one argument be, so no shell could run it.
     #[error(
         "the job's command is {len} bytes long; a command may have at most {MAX_COMMAND_LEN} (put a longer script in a file and run that)"
@@ -587,5 +599,14 @@ mod tests {
             Err(InvalidJob::NulInCommand)
         );
         assert!(NewJob::new("true").validate().is_ok());
+        let tiny = NewJob::new("true").timeout(Duration::from_nanos(500));
+        assert_eq!(tiny.validate(), Err(InvalidJob::TimeoutTooShort));
+        assert!(
+            NewJob::new("true")
+                .timeout(Duration::ZERO)
+                .validate()
+                .is_ok()
+        );
+        assert!(NewJob::new("true").timeout(MIN_TIMEOUT).validate().is_ok());
     }
 }

@@ -322,3 +322,63 @@ fn a_cancelled_running_job_is_stopped_without_waiting_for_a_heartbeat() {
     assert_eq!(job.state, JobState::Cancelled);
     assert_eq!(job.attempts, 1);
 }
+
+/// Reports each start, then waits for the test to say go, then succeeds.
+#[derive(Debug)]
+struct Gated {
+    said: std::sync::Mutex<std::sync::mpsc::Sender<u32>>,
+    go: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl queuectl_core::Executor for Gated {
+    fn execute(
+        &self,
+        job: &queuectl_core::Job,
+        _: &queuectl_core::CancelSignal,
+    ) -> Result<queuectl_core::Outcome, queuectl_core::ExecutorError> {
+        self.said.lock().unwrap().send(job.attempts).unwrap();
+        let _ = self.go.lock().unwrap().recv_timeout(TIMEOUT);
+        Ok(queuectl_core::Outcome::succeeded(Duration::ZERO))
+    }
+}
+
+/// A job cancelled just as its attempt ends on its own, then retried, runs again: the pool
+/// keeps no stale "lost attempt" behind which the new one would wait forever.
+#[test]
+fn a_job_cancelled_as_it_finishes_then_retried_runs_again() {
+    let store = Arc::new(MemoryStorage::new());
+    let (said_tx, said) = std::sync::mpsc::channel();
+    let (go, go_rx) = std::sync::mpsc::channel();
+    let executor = Gated {
+        said: said_tx.into(),
+        go: go_rx.into(),
+    };
+    let pool = WorkerPool::builder(store.clone(), Arc::new(executor))
+        .lease(2 * HOUR)
+        .heartbeat_interval(HOUR)
+        .recovery_interval(HOUR)
+        .timings(queuectl_core::Timings {
+            purge_every: HOUR,
+            ..Default::default()
+        })
+        .start()
+        .unwrap();
+    let id: JobId = "j".parse().unwrap();
+    store
+        .enqueue(NewJob::new("x").id("j").unwrap(), now())
+        .unwrap();
+    assert_eq!(said.recv_timeout(TIMEOUT).unwrap(), 1);
+    store.cancel(std::slice::from_ref(&id), now()).unwrap();
+    go.send(()).unwrap();
+    events_until(pool.events(), |e| matches!(e, Event::LeaseLost { .. }));
+    assert_eq!(store.get(&id).unwrap().state, JobState::Cancelled);
+    store.retry(std::slice::from_ref(&id), now()).unwrap();
+    assert_eq!(
+        said.recv_timeout(TIMEOUT).expect("the retried job started"),
+        1
+    );
+    go.send(()).unwrap();
+    events_until(pool.events(), |e| matches!(e, Event::Completed { .. }));
+    within("the pool to stop", move || pool.shutdown()).unwrap();
+    assert_eq!(store.get(&id).unwrap().state, JobState::Completed);
+}

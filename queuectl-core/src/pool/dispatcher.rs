@@ -87,6 +87,8 @@ pub(super) struct Dispatcher {
     /// The store changed since the last look for a stop request.
     stop_check_due: bool,
     last_stop_check: Option<Instant>,
+    /// The store version and time of the last look for lost leases.
+    last_lease_check: Option<(u64, Instant)>,
     /// The waker reported a change of the store.
     woken: bool,
     /// When results were last settled.
@@ -147,6 +149,7 @@ impl Dispatcher {
             seen_version: None,
             stop_check_due: false,
             last_stop_check: None,
+            last_lease_check: None,
             woken: false,
             last_settled: start,
             quiet_at: None,
@@ -211,6 +214,9 @@ impl Dispatcher {
         let version = self.storage.change_version().ok();
         let throttled = !std::mem::take(&mut self.woken);
         self.poll_stop_request(version, throttled);
+        // Here, after the turn's settlements, no attempt is between being reported finished
+        // and being settled, so one found lost now is accounted for exactly once.
+        self.poll_leases(version);
         self.due_at = None;
         self.quiet_at = None;
         if let Some(stopping) = &self.stopping {
@@ -391,7 +397,19 @@ impl Dispatcher {
             }
             Err(error) => self.storage_error("looking for a stop request", &error),
         }
-        self.check_leases();
+    }
+
+    /// Looks for lost leases when the store changed since the last look, at most every
+    /// [`Timings::stop_check_every`].
+    fn poll_leases(&mut self, version: Option<u64>) {
+        let Some(version) = version else { return };
+        let due = self.last_lease_check.is_none_or(|(seen, at)| {
+            seen != version && Instant::now() >= at + self.timings.stop_check_every
+        });
+        if due {
+            self.last_lease_check = Some((version, Instant::now()));
+            self.check_leases();
+        }
     }
 
     /// Stops the attempts whose lease the store no longer holds (the job was cancelled, or
