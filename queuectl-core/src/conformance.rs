@@ -1094,7 +1094,13 @@ pub fn remove_deletes_jobs_that_are_not_running(h: &dyn Harness) {
     ));
     assert_eq!(ids(&store.list(&ListQuery::all()).unwrap()), ["b"]);
     assert_eq!(store.counts().unwrap().failed, 0);
-    assert_eq!(store.next_due().unwrap(), Some(at(0)));
+    // A new job comes after every job there ever was, removed ones included.
+    let c = store.get(&id("b")).unwrap().seq;
+    store.remove(&[id("b")]).unwrap();
+    let d = store.enqueue(job("d"), at(3)).unwrap();
+    assert!(d.seq > c, "{} after {c}", d.seq);
+    store.enqueue(job("b"), at(3)).unwrap();
+    assert_eq!(store.next_due().unwrap(), Some(at(3)));
 }
 
 /// `retry` runs dead, cancelled and completed jobs again with a fresh set of attempts, and

@@ -20,7 +20,8 @@ pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
 /// Version 1. Times are microseconds since the Unix epoch (UTC); durations are microseconds.
 const V1: &str = "
 CREATE TABLE jobs (
-    seq              INTEGER PRIMARY KEY,
+    -- AUTOINCREMENT: a deleted job's number is never given to a new one.
+    seq              INTEGER PRIMARY KEY AUTOINCREMENT,
     id               TEXT    NOT NULL UNIQUE,
     command          TEXT    NOT NULL,
     -- A state name as in the job's JSON; Rust refuses a row with an unknown one as damage.
