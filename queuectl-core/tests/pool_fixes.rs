@@ -268,6 +268,24 @@ impl queuectl_core::Executor for Blocking {
     }
 }
 
+/// A pool on `store` whose heartbeat, recovery and purge are an hour or more away: only the
+/// store's changes make it look at its leases.
+fn quiet_pool(
+    store: Arc<MemoryStorage>,
+    executor: impl queuectl_core::Executor + 'static,
+) -> WorkerPool {
+    WorkerPool::builder(store, Arc::new(executor))
+        .lease(2 * HOUR)
+        .heartbeat_interval(HOUR)
+        .recovery_interval(HOUR)
+        .timings(queuectl_core::Timings {
+            purge_every: HOUR,
+            ..Default::default()
+        })
+        .start()
+        .unwrap()
+}
+
 /// Runs until its attempt is cancelled, and says which happened.
 #[derive(Debug)]
 struct UntilCancelled(std::sync::Mutex<std::sync::mpsc::Sender<&'static str>>);
@@ -299,16 +317,7 @@ impl queuectl_core::Executor for UntilCancelled {
 fn a_cancelled_running_job_is_stopped_without_waiting_for_a_heartbeat() {
     let store = Arc::new(MemoryStorage::new());
     let (tx, said) = std::sync::mpsc::channel();
-    let pool = WorkerPool::builder(store.clone(), Arc::new(UntilCancelled(tx.into())))
-        .lease(2 * HOUR)
-        .heartbeat_interval(HOUR)
-        .recovery_interval(HOUR)
-        .timings(queuectl_core::Timings {
-            purge_every: HOUR,
-            ..Default::default()
-        })
-        .start()
-        .unwrap();
+    let pool = quiet_pool(store.clone(), UntilCancelled(tx.into()));
     let id: JobId = "long".parse().unwrap();
     store
         .enqueue(NewJob::new("x").id("long").unwrap(), now())
@@ -353,16 +362,7 @@ fn a_job_cancelled_as_it_finishes_then_retried_runs_again() {
         said: said_tx.into(),
         go: go_rx.into(),
     };
-    let pool = WorkerPool::builder(store.clone(), Arc::new(executor))
-        .lease(2 * HOUR)
-        .heartbeat_interval(HOUR)
-        .recovery_interval(HOUR)
-        .timings(queuectl_core::Timings {
-            purge_every: HOUR,
-            ..Default::default()
-        })
-        .start()
-        .unwrap();
+    let pool = quiet_pool(store.clone(), executor);
     let id: JobId = "j".parse().unwrap();
     store
         .enqueue(NewJob::new("x").id("j").unwrap(), now())

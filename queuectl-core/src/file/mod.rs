@@ -638,6 +638,19 @@ impl FileStorage {
         Ok(claimed)
     }
 
+    /// Runs `targets` (checked by the caller) again, each with a fresh set of attempts.
+    fn retry_in(tx: &mut Tx, targets: Vec<Job>, now: Timestamp) -> TxResult<Vec<Job>> {
+        let mut retried = Vec::with_capacity(targets.len());
+        for old in targets {
+            let mut job = old.clone();
+            rules::retry(&mut job, now);
+            tx.update_job(&old, &mut job, now)?;
+            job.output = rows::last_output(tx, job.seq)?;
+            retried.push(job);
+        }
+        Ok(retried)
+    }
+
     fn recover_in(
         tx: &mut Tx,
         picked: Vec<Job>,
@@ -1075,15 +1088,7 @@ impl Storage for FileStorage {
                 }
                 None => rows::select_jobs(tx, queries::DEAD, [])?,
             };
-            let mut retried = Vec::with_capacity(targets.len());
-            for old in targets {
-                let mut job = old.clone();
-                rules::retry(&mut job, now);
-                tx.update_job(&old, &mut job, now)?;
-                job.output = rows::last_output(tx, job.seq)?;
-                retried.push(job);
-            }
-            Ok(retried)
+            Self::retry_in(tx, targets, now)
         })
     }
 
@@ -1117,15 +1122,7 @@ impl Storage for FileStorage {
     fn retry(&self, ids: &[JobId], now: Timestamp) -> Result<Vec<Job>> {
         self.write("retry jobs", |tx| {
             let targets = checked(tx, ids, rules::check_rerun)?;
-            let mut retried = Vec::with_capacity(targets.len());
-            for old in targets {
-                let mut job = old.clone();
-                rules::retry(&mut job, now);
-                tx.update_job(&old, &mut job, now)?;
-                job.output = rows::last_output(tx, job.seq)?;
-                retried.push(job);
-            }
-            Ok(retried)
+            Self::retry_in(tx, targets, now)
         })
     }
 
