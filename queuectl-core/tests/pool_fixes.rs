@@ -85,18 +85,9 @@ fn an_idle_pool_wakes_when_a_scheduled_job_is_due() {
     within("the pool to stop", move || pool.shutdown()).unwrap();
 }
 
-/// A pool whose heartbeat, recovery and purge are all an hour or more away.
+/// A pool of no-op jobs whose heartbeat, recovery and purge are all an hour or more away.
 fn idle_pool(store: Arc<Faulty>) -> WorkerPool {
-    WorkerPool::builder(store, Arc::new(FnExecutor::new(|_| Ok(()))))
-        .lease(2 * HOUR)
-        .heartbeat_interval(HOUR)
-        .recovery_interval(HOUR)
-        .timings(queuectl_core::Timings {
-            purge_every: HOUR,
-            ..Default::default()
-        })
-        .start()
-        .unwrap()
+    quiet_pool(store, FnExecutor::new(|_| Ok(())))
 }
 
 /// A container sharing our host name but not our PID namespace: its pid means nothing here,
@@ -269,9 +260,9 @@ impl queuectl_core::Executor for Blocking {
 }
 
 /// A pool on `store` whose heartbeat, recovery and purge are an hour or more away: only the
-/// store's changes make it look at its leases.
+/// store's changes wake it.
 fn quiet_pool(
-    store: Arc<MemoryStorage>,
+    store: Arc<dyn Storage>,
     executor: impl queuectl_core::Executor + 'static,
 ) -> WorkerPool {
     WorkerPool::builder(store, Arc::new(executor))
