@@ -37,7 +37,7 @@ fn sighup_is_a_graceful_stop() {
         std::fs::write(&g, "go\n").unwrap();
         tx.send(()).unwrap();
     });
-    if rx.recv_timeout(std::time::Duration::from_secs(10)).is_err() {
+    if rx.recv_timeout(support::TIMEOUT).is_err() {
         panic!(
             "nobody reads the gate; worker said:\n{}",
             worker.transcript()

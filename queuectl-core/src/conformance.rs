@@ -1151,7 +1151,32 @@ pub fn retry_runs_finished_jobs_again(h: &dyn Harness) {
         );
     }
     assert_eq!(store.counts().unwrap().pending, 4);
-    assert_eq!(store.claim("w", 10, LEASE, at(5)).unwrap().len(), 4);
+    let again = store.claim("w", 10, LEASE, at(5)).unwrap();
+    assert_eq!(again.len(), 4);
+    let done = again.iter().find(|j| j.id.as_str() == "done").unwrap();
+    assert_eq!(
+        (done.attempts, done.runs),
+        (1, 2),
+        "a fresh budget, the life-long count goes on"
+    );
+    store
+        .complete(
+            done.lease.as_ref().unwrap(),
+            AttemptReport::default(),
+            at(6),
+        )
+        .unwrap();
+    let numbers: Vec<u32> = store
+        .attempts(&id("done"))
+        .unwrap()
+        .iter()
+        .map(|a| a.number)
+        .collect();
+    assert_eq!(
+        numbers,
+        [1, 2],
+        "each attempt keeps its own number across a retry"
+    );
 }
 
 /// `list` pages newest first when asked, with and without a state.

@@ -260,6 +260,10 @@ pub struct Job {
     pub lease: Option<Lease>,
     /// Enqueue order within the store (ties in priority and due time run in this order).
     pub seq: u64,
+    /// Attempts started over the job's whole life: unlike `attempts`, `retry` does not reset
+    /// it, so each attempt in the history has its own number.
+    #[serde(default)]
+    pub runs: u32,
 }
 
 impl Job {
@@ -331,8 +335,8 @@ impl FromStr for AttemptOutcome {
 /// One attempt at running a job, as the store's history keeps it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Attempt {
-    /// Which attempt of the job this was (1 for the first). A released attempt is not charged,
-    /// so the next one has the same number.
+    /// Which attempt of the job this was (1 for the first), counted over its whole life, across
+    /// retries. A released attempt is not charged, so the next one has the same number.
     pub number: u32,
     /// The worker that ran it.
     pub worker: String,
@@ -569,6 +573,7 @@ mod tests {
             finished_at: None,
             lease: None,
             seq: 1,
+            runs: 0,
         };
         let value = serde_json::to_value(&job).unwrap();
         assert_eq!(value["id"], "job1");

@@ -40,6 +40,7 @@ pub(crate) fn new_job(new: NewJob, id: JobId, seq: u64, config: &Config, now: Ti
         finished_at: None,
         lease: None,
         seq,
+        runs: 0,
     }
 }
 
@@ -49,6 +50,7 @@ pub(crate) fn claim(job: &mut Job, worker: &str, lease_for: Duration, now: Times
     debug_assert!(job.is_due(now), "only due jobs are claimed");
     job.state = JobState::Processing;
     job.attempts = job.attempts.saturating_add(1);
+    job.runs = job.runs.saturating_add(1);
     job.started_at = Some(now);
     job.finished_at = None;
     job.output = None;
@@ -89,7 +91,7 @@ pub(crate) fn running_attempt(job: &Job) -> Option<Attempt> {
         .as_ref()
         .filter(|_| job.state == JobState::Processing)?;
     Some(Attempt {
-        number: job.attempts,
+        number: job.runs,
         worker: lease.worker.clone(),
         started_at: job.started_at.unwrap_or(job.updated_at),
         finished_at: None,
@@ -131,6 +133,7 @@ pub(crate) fn settle(job: &mut Job, settlement: &Settlement, now: Timestamp) -> 
             attempt.error = Some("handed back by a forced shutdown".to_owned());
             job.state = JobState::Pending;
             job.attempts = job.attempts.saturating_sub(1);
+            job.runs = job.runs.saturating_sub(1);
             job.run_at = job.run_at.min(now);
         }
     }

@@ -177,7 +177,7 @@ fn schema_v1_fixture_opens_with_its_contents() {
     assert_eq!((urgent.priority, urgent.max_retries), (10, 5));
     let running = store.get(&id("running")).unwrap();
     let lease = running.lease.clone().unwrap();
-    assert_eq!(lease.token, 0xd4ec_65fa_a64f_d13c);
+    assert_eq!(lease.token, 0x227e_6fe1_b3f3_e3d0);
     assert_eq!(lease.expires_at, at(4) + LEASE);
     let attempts = store.attempts(&id("running")).unwrap();
     assert_eq!(attempts.last().unwrap().outcome, AttemptOutcome::Running);

@@ -695,6 +695,8 @@ fn import(tx: &mut Tx, old: &legacy::LegacyStore) -> TxResult<(usize, Option<Str
     for job in &old.jobs {
         let mut job = job.clone();
         let output = job.output.take();
+        // The journal kept no life-long count: the budget used is the best there is.
+        job.runs = job.runs.max(job.attempts);
         if job.state == JobState::Processing && job.lease.is_none() {
             // Nothing could ever recover it: it runs again.
             job.state = JobState::Pending;

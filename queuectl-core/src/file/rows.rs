@@ -17,7 +17,7 @@ use crate::storage::WorkerInfo;
 /// The columns of a job, in the order [`job_from_row`] reads them.
 pub(super) const JOB_COLUMNS: &str = "seq, id, command, state, attempts, max_retries, \
      created_at, updated_at, priority, run_at, timeout_us, last_error, exit_code, started_at, \
-     finished_at, lease_worker, lease_token, lease_expires_at";
+     finished_at, lease_worker, lease_token, lease_expires_at, runs";
 
 const ATTEMPT_COLUMNS: &str =
     "number, worker, started_at, finished_at, outcome, exit_code, signal, error, output";
@@ -159,6 +159,7 @@ pub(super) fn job_from_row(row: &Row) -> rusqlite::Result<Job> {
         finished_at: opt_time_at(row, 14)?,
         output: None,
         lease,
+        runs: row.get(18)?,
     })
 }
 
@@ -185,7 +186,7 @@ fn opt_text(text: &Option<String>) -> Value {
 }
 
 /// Where `lane` is in [`columns`].
-const LANE: usize = 18;
+const LANE: usize = 19;
 
 /// Every column of `job`, in [`JOB_COLUMNS`] order, then `lane`.
 fn columns(job: &Job, now: Timestamp) -> [(&'static str, Value); LANE + 1] {
@@ -226,6 +227,7 @@ fn columns(job: &Job, now: Timestamp) -> [(&'static str, Value); LANE + 1] {
             "lease_expires_at",
             lease.map_or(Value::Null, |l| Value::Integer(micros(l.expires_at))),
         ),
+        ("runs", Value::Integer(job.runs.into())),
         ("lane", lane(job, now).map_or(Value::Null, Value::Integer)),
     ]
 }
@@ -363,9 +365,9 @@ impl<'c> Tx<'c> {
         let mut statement = self.tx.prepare_cached(
             "INSERT INTO jobs (id, command, state, attempts, max_retries, created_at, \
              updated_at, priority, run_at, timeout_us, last_error, exit_code, started_at, \
-             finished_at, lease_worker, lease_token, lease_expires_at, lane) \
+             finished_at, lease_worker, lease_token, lease_expires_at, runs, lane) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, \
-             ?17, ?18) ON CONFLICT (id) DO NOTHING",
+             ?17, ?18, ?19) ON CONFLICT (id) DO NOTHING",
         )?;
         let inserted = statement.execute(rusqlite::params_from_iter(
             values[1..].iter().map(|(_, v)| v),

@@ -41,6 +41,9 @@ CREATE TABLE jobs (
     lease_worker     TEXT,
     lease_token      INTEGER,
     lease_expires_at INTEGER,
+    -- Attempts started over the job's life (numbers the history; `attempts` is the budget
+    -- used, which a retry resets).
+    runs             INTEGER NOT NULL DEFAULT 0,
     -- Where a runnable job waits: 1 = ready (due when last looked at), 0 = scheduled for
     -- later; NULL for every other state. Derived from state and run_at when a job is written.
     lane             INTEGER
