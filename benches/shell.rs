@@ -59,8 +59,8 @@ fn executor(jobs: usize) -> f64 {
     })
 }
 
-fn pool(jobs: usize, prefetch: usize) -> f64 {
-    let store = Arc::new(MemoryStorage::new());
+/// Jobs per second of `true` jobs through a two-thread pool with a `ShellExecutor` on `store`.
+fn drain(store: Arc<dyn Storage>, jobs: usize, prefetch: usize) -> f64 {
     let batch: Vec<NewJob> = (0..jobs).map(|_| NewJob::new("true")).collect();
     store.enqueue_batch(batch, now()).unwrap();
     let started = Instant::now();
@@ -79,24 +79,17 @@ fn pool(jobs: usize, prefetch: usize) -> f64 {
     jobs as f64 / elapsed.as_secs_f64()
 }
 
+fn pool(jobs: usize, prefetch: usize) -> f64 {
+    drain(Arc::new(MemoryStorage::new()), jobs, prefetch)
+}
+
 fn file_pool(jobs: usize, prefetch: usize) -> f64 {
     let dir = tempfile::tempdir().expect("temp dir");
-    let store = Arc::new(FileStorage::open(dir.path()).expect("open"));
-    let batch: Vec<NewJob> = (0..jobs).map(|_| NewJob::new("true")).collect();
-    store.enqueue_batch(batch, now()).unwrap();
-    let started = Instant::now();
-    let summary = WorkerPool::builder(store.clone(), Arc::new(ShellExecutor::new()))
-        .workers(2)
-        .prefetch(prefetch)
-        .exit_when_idle(true)
-        .events(false)
-        .start()
-        .unwrap()
-        .join()
-        .unwrap();
-    let elapsed = started.elapsed();
-    assert_eq!(summary.completed, jobs);
-    jobs as f64 / elapsed.as_secs_f64()
+    drain(
+        Arc::new(FileStorage::open(dir.path()).expect("open")),
+        jobs,
+        prefetch,
+    )
 }
 
 fn main() {
