@@ -247,7 +247,7 @@ impl FileStorage {
             wake: None,
             imported: None,
         };
-        store.imported = store.prepare(legacy_store)?;
+        store.imported = store.prepare(legacy_store, options.busy_timeout)?;
         if !read_only {
             // Only once the database is known to be ours.
             let wake_path = store.dir.join(watch::WAKE_FILE);
@@ -366,9 +366,34 @@ impl FileStorage {
 
     /// Checks that the database is ours and of a version this build reads, applies pending
     /// migrations, and imports a version 1 journal found beside a new database.
+    ///
+    /// Processes creating one store at once can see `SQLITE_BUSY` without SQLite waiting
+    /// first (switching a new file to WAL needs it alone); every step is transactional, so the
+    /// whole preparation is run again until `busy_timeout` has passed.
     fn prepare(
         &self,
         mut legacy_store: Option<(legacy::LegacyStore, Option<fs::File>)>,
+        busy_timeout: Duration,
+    ) -> Result<Option<ImportReport>> {
+        let deadline = Instant::now() + busy_timeout;
+        let mut pause = Duration::from_millis(1);
+        loop {
+            match self.prepare_once(&mut legacy_store) {
+                Err(StorageError::Database {
+                    fault: DatabaseFault::Busy,
+                    ..
+                }) if Instant::now() + pause < deadline => {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(50));
+                }
+                result => return result,
+            }
+        }
+    }
+
+    fn prepare_once(
+        &self,
+        legacy_store: &mut Option<(legacy::LegacyStore, Option<fs::File>)>,
     ) -> Result<Option<ImportReport>> {
         let mut conn = self.conn.lock();
         let path = &self.db_path;
@@ -416,7 +441,7 @@ impl FileStorage {
         if version == 0 && legacy_store.is_none() && legacy::has_data(&self.dir) {
             // A creation or an import that stopped before its commit: import now.
             let lock = legacy::lock(&self.dir)?;
-            legacy_store = Some((legacy::read_store(&self.dir)?, lock));
+            *legacy_store = Some((legacy::read_store(&self.dir)?, lock));
         }
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -430,7 +455,7 @@ impl FileStorage {
             }
             tx.pragma_update(None, "application_id", schema::APPLICATION_ID)?;
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-            match &legacy_store {
+            match &*legacy_store {
                 Some((old, _)) if version == 0 => Ok(Some(import(&mut tx, old)?)),
                 _ => Ok(None),
             }
@@ -442,7 +467,8 @@ impl FileStorage {
         match imported {
             Some((jobs, dropped_tail)) => {
                 let moved_to = legacy::move_aside(&self.dir)?;
-                drop(legacy_store);
+                // Releases the old store's lock.
+                legacy_store.take();
                 Ok(Some(ImportReport {
                     jobs,
                     moved_to,
