@@ -15,7 +15,9 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use queuectl_core::{AttemptReport, FileStorage, JobState, NewJob, Settlement, Storage, now};
+use queuectl_core::{
+    AttemptReport, FileStorage, JobState, NewJob, Settlement, Storage, StorageExt, now,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_queuectl");
 const LEASE: Duration = Duration::from_secs(600);

@@ -28,8 +28,11 @@ pub enum Command {
     /// Add a job: queuectl enqueue '{"id":"job1","command":"echo hi"}'.
     ///
     /// Fields: command (required), id, max_retries, priority (higher first), run_at (RFC 3339)
-    /// or delay (seconds), timeout (seconds, 0 for none). Prints the job's id. With "-", reads
-    /// one JSON job per line from standard input and adds all of them or none.
+    /// or delay (seconds), timeout (seconds, 0 for none), queue (default "default"),
+    /// unique_key (nothing is added while a job with the same key is pending, processing or
+    /// failed: its id is printed instead), after (an id or a list of ids of jobs that must
+    /// complete first). Prints the job's id. With "-", reads one JSON job per line from
+    /// standard input and adds all of them or none.
     Enqueue {
         /// The job as a JSON object, or "-" for JSON lines on standard input.
         job: String,
@@ -47,6 +50,9 @@ pub enum Command {
         /// Only jobs in this state.
         #[arg(long, value_parser = parse_state)]
         state: Option<JobState>,
+        /// Only jobs of this queue.
+        #[arg(long, value_name = "NAME")]
+        queue: Option<String>,
         /// At most this many jobs.
         #[arg(long)]
         limit: Option<usize>,
@@ -110,6 +116,9 @@ pub enum Command {
         #[arg(required = true)]
         ids: Vec<String>,
     },
+    /// Queues: list them, pause and resume them, limit how many of their jobs run at once.
+    #[command(subcommand)]
+    Queue(QueueCommand),
     /// The dead letter queue: jobs that failed max-retries times.
     #[command(subcommand)]
     Dlq(DlqCommand),
@@ -155,6 +164,9 @@ pub enum WorkerCommand {
         /// those jobs wait for this process even if another worker is idle.
         #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=100_000))]
         prefetch: u32,
+        /// Run only jobs of this queue (repeat for several) [default: every queue].
+        #[arg(long = "queue", value_name = "NAME")]
+        queues: Vec<String>,
     },
     /// Ask every running worker on this queue to finish its jobs and exit, and wait for it.
     Stop {
@@ -168,6 +180,31 @@ pub enum WorkerCommand {
         /// letting them finish.
         #[arg(long)]
         force: bool,
+    },
+}
+
+/// `queue` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum QueueCommand {
+    /// Every queue with jobs or settings: its state, limit and jobs per state.
+    List(JsonFlag),
+    /// Stop workers (in every process) from starting jobs of these queues; running jobs
+    /// finish. The pause lasts until `queue resume`, across restarts.
+    Pause {
+        /// The queues [default: every queue that has jobs or settings].
+        names: Vec<String>,
+    },
+    /// Let workers start jobs of these queues again.
+    Resume {
+        /// The queues [default: every queue that has jobs or settings].
+        names: Vec<String>,
+    },
+    /// Run at most N jobs of a queue at once, counting every worker process (0: no limit).
+    Limit {
+        /// The queue.
+        name: String,
+        /// The most of its jobs running at once; 0 removes the limit.
+        limit: u32,
     },
 }
 

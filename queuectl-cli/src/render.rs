@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use queuectl_core::{Attempt, Config, Job, StateCounts, Timestamp, WorkerInfo};
+use queuectl_core::{Attempt, Config, Job, QueueInfo, StateCounts, Timestamp, WorkerInfo};
 use serde::Serialize;
 
 use crate::error::{CliError, Result};
@@ -61,8 +61,12 @@ fn cut(text: &str, width: usize) -> String {
 
 /// One row per job.
 pub fn job_table(jobs: &[Job]) -> String {
+    if jobs.is_empty() {
+        return "no jobs\n".to_owned();
+    }
     let mut rows = vec![[
         "ID".to_owned(),
+        "QUEUE".to_owned(),
         "STATE".to_owned(),
         "ATTEMPTS".to_owned(),
         "PRIORITY".to_owned(),
@@ -70,26 +74,65 @@ pub fn job_table(jobs: &[Job]) -> String {
         "COMMAND".to_owned(),
     ]];
     for job in jobs {
+        let state = if job.blocked {
+            format!("{} (after)", job.state)
+        } else {
+            job.state.to_string()
+        };
         rows.push([
             job.id.to_string(),
-            job.state.to_string(),
+            job.queue.clone(),
+            state,
             format!("{}/{}", job.attempts, job.max_retries),
             job.priority.to_string(),
             ts(job.updated_at),
             cut(&one_line(&job.command), 60),
         ]);
     }
-    if jobs.is_empty() {
-        return "no jobs\n".to_owned();
+    table(&rows)
+}
+
+/// One row per queue.
+pub fn queue_table(queues: &[QueueInfo]) -> String {
+    if queues.is_empty() {
+        return "no queues\n".to_owned();
     }
-    let mut widths = [0; 6];
-    for row in &rows {
+    let mut rows = vec![
+        [
+            "QUEUE", "STATE", "LIMIT", "PENDING", "RUNNING", "FAILED", "DEAD", "DONE",
+        ]
+        .map(str::to_owned),
+    ];
+    for queue in queues {
+        let c = &queue.counts;
+        rows.push([
+            queue.name.clone(),
+            if queue.paused { "paused" } else { "running" }.to_owned(),
+            if queue.limit == 0 {
+                "-".to_owned()
+            } else {
+                queue.limit.to_string()
+            },
+            c.pending.to_string(),
+            c.processing.to_string(),
+            c.failed.to_string(),
+            c.dead.to_string(),
+            c.completed.to_string(),
+        ]);
+    }
+    table(&rows)
+}
+
+/// Rows as left-aligned columns two spaces apart (the last column unpadded).
+fn table<const N: usize>(rows: &[[String; N]]) -> String {
+    let mut widths = [0; N];
+    for row in rows {
         for (width, cell) in widths.iter_mut().zip(row) {
             *width = (*width).max(cell.chars().count());
         }
     }
     let mut text = String::new();
-    for row in &rows {
+    for row in rows {
         let mut line = String::new();
         for (i, cell) in row.iter().enumerate() {
             if i + 1 == row.len() {
@@ -117,7 +160,16 @@ pub fn job_detail(job: &Job, attempts: &[Attempt]) -> String {
         "attempts",
         &format!("{} of {}", job.attempts, job.max_retries),
     );
+    field("queue", &job.queue);
     field("priority", &job.priority);
+    if let Some(key) = &job.unique_key {
+        field("unique key", &one_line(key));
+    }
+    if !job.after.is_empty() {
+        let ids: Vec<&str> = job.after.iter().map(|id| id.as_str()).collect();
+        let waiting = if job.blocked { " (waiting)" } else { "" };
+        field("after", &format!("{}{waiting}", ids.join(", ")));
+    }
     field("created", &ts(job.created_at));
     field("updated", &ts(job.updated_at));
     field("run at", &ts(job.run_at));
@@ -183,13 +235,28 @@ pub fn job_detail(job: &Job, attempts: &[Attempt]) -> String {
     text
 }
 
-/// Counts, workers and settings.
-pub fn status(counts: &StateCounts, workers: &[WorkerInfo], config: &Config) -> String {
+/// Counts, queues, workers and settings.
+pub fn status(
+    counts: &StateCounts,
+    queues: &[QueueInfo],
+    workers: &[WorkerInfo],
+    config: &Config,
+) -> String {
     let mut text = String::from("Jobs\n");
     for state in queuectl_core::JobState::ALL {
         let _ = writeln!(text, "  {:<12} {}", state.as_str(), counts.get(state));
     }
     let _ = writeln!(text, "  {:<12} {}", "total", counts.total());
+    let only_default = queues.len() == 1
+        && queues[0].name == queuectl_core::DEFAULT_QUEUE
+        && !queues[0].paused
+        && queues[0].limit == 0;
+    if !queues.is_empty() && !only_default {
+        text.push_str("\nQueues\n");
+        for line in queue_table(queues).lines() {
+            let _ = writeln!(text, "  {line}");
+        }
+    }
     let slots: usize = workers.iter().map(|w| w.concurrency).sum();
     let _ = writeln!(
         text,
@@ -202,9 +269,14 @@ pub fn status(counts: &StateCounts, workers: &[WorkerInfo], config: &Config) -> 
         } else {
             ""
         };
+        let queues = if worker.queues.is_empty() {
+            String::new()
+        } else {
+            format!(", queues {}", worker.queues.join(", "))
+        };
         let _ = writeln!(
             text,
-            "  {}  pid {} on {}, {} at once, since {}, seen {}{stopping}",
+            "  {}  pid {} on {}, {} at once{queues}, since {}, seen {}{stopping}",
             one_line(&worker.id),
             worker.pid,
             one_line(&worker.hostname),

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use queuectl_core::pool::{hostname, recover_abandoned};
 use queuectl_core::{FileOptions, FileStorage, MemoryStorage, Storage, StorageError, now};
 
-use crate::args::{Command, ConfigCommand, DlqCommand, WorkerCommand};
+use crate::args::{Command, ConfigCommand, DlqCommand, QueueCommand, WorkerCommand};
 use crate::error::{CliError, Result};
 
 /// How a command opens the store.
@@ -24,7 +24,10 @@ pub fn access(command: &Command) -> Access {
     match command {
         Command::Enqueue { .. }
         | Command::Worker(WorkerCommand::Start { .. })
-        | Command::Config(ConfigCommand::Set { .. }) => Access::Create,
+        | Command::Config(ConfigCommand::Set { .. })
+        | Command::Queue(
+            QueueCommand::Pause { .. } | QueueCommand::Resume { .. } | QueueCommand::Limit { .. },
+        ) => Access::Create,
         Command::Worker(WorkerCommand::Stop { .. })
         | Command::Dlq(DlqCommand::Retry { .. } | DlqCommand::Clear)
         | Command::Purge { .. }
@@ -35,6 +38,7 @@ pub fn access(command: &Command) -> Access {
         | Command::List { .. }
         | Command::Show { .. }
         | Command::Dlq(DlqCommand::List(_))
+        | Command::Queue(QueueCommand::List(_))
         | Command::Config(ConfigCommand::Show(_) | ConfigCommand::Get { .. })
         | Command::Check(_)
         | Command::Wait { .. }

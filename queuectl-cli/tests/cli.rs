@@ -938,7 +938,11 @@ fn a_read_only_store_can_still_be_read() {
         return read_as_another_user(&q);
     };
     assert!(out.status.success(), "{}", out.stderr);
-    assert!(out.stdout.contains("a   completed"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("a   default  completed"),
+        "{}",
+        out.stdout
+    );
     assert!(out.stdout.contains("\"pending\": 1"), "{}", out.stdout);
     let out =
         on_a_read_only_mount(&q, "$Q --home \"$H\" enqueue '{\"command\":\"true\"}'").unwrap();

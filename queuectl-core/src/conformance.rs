@@ -13,7 +13,10 @@ use time::macros::datetime;
 use crate::config::ConfigError;
 use crate::error::StorageError;
 use crate::job::{Attempt, AttemptOutcome, Job, JobId, JobState, MAX_OUTPUT, NewJob, Timestamp};
-use crate::storage::{AttemptReport, ListQuery, Settlement, Storage, StorageExt, WorkerInfo};
+use crate::storage::{
+    AttemptReport, ClaimRequest, Enqueued, ListQuery, QueueChange, QueueInfo, Settlement, Storage,
+    StorageExt, WorkerInfo,
+};
 
 /// A fresh store for one case.
 pub trait Harness {
@@ -32,7 +35,10 @@ pub trait Harness {
 macro_rules! storage_conformance {
     ($make:expr, durable) => {
         $crate::storage_conformance!($make);
-        $crate::storage_conformance!(@cases $make; everything_survives_a_reopen);
+        $crate::storage_conformance!(@cases $make;
+            everything_survives_a_reopen,
+            queue_settings_survive_a_reopen
+        );
     };
     ($make:expr) => {
         $crate::storage_conformance!(@cases $make;
@@ -70,7 +76,20 @@ macro_rules! storage_conformance {
             cancel_ends_waiting_and_running_jobs,
             cancel_refuses_finished_and_unknown_jobs,
             remove_deletes_jobs_that_are_not_running,
-            retry_runs_finished_jobs_again
+            retry_runs_finished_jobs_again,
+            claims_take_only_the_queues_asked_for_in_claim_order,
+            paused_queues_are_not_claimed_until_resumed,
+            queue_limits_count_running_jobs_of_every_worker,
+            queues_report_their_counts_and_list_filters_by_queue,
+            queue_changes_refuse_invalid_names,
+            unique_keys_add_nothing_while_a_job_holds_them,
+            unique_keys_hold_under_concurrent_enqueues,
+            retry_refuses_to_give_a_unique_key_to_two_jobs,
+            dependencies_wait_until_every_one_completed,
+            failed_dependencies_cancel_their_dependents_down_the_chain,
+            enqueue_refuses_missing_or_failed_dependencies,
+            retried_dependents_wait_again,
+            purged_dependencies_count_as_completed
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {
@@ -114,6 +133,31 @@ fn failed(message: &str) -> AttemptReport {
         output: Some(format!("{message}\n")),
         error: Some(message.to_owned()),
     }
+}
+
+/// Runs `f` on `threads` threads at once (after a barrier), each with a handle of its own
+/// where the backend has them (every other thread), and returns what each returned.
+fn race<T: Send + 'static>(
+    h: &dyn Harness,
+    threads: usize,
+    f: impl Fn(usize, Arc<dyn Storage>) -> T + Send + Sync + Copy + 'static,
+) -> Vec<T> {
+    let barrier = Arc::new(Barrier::new(threads));
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let store = if t % 2 == 1 {
+                h.reopen().unwrap_or_else(|| h.store())
+            } else {
+                h.store()
+            };
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                f(t, store)
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
 }
 
 fn claim_one(store: &dyn Storage, now: Timestamp) -> Job {
@@ -246,23 +290,23 @@ pub fn claim_orders_by_priority_then_due_time_then_enqueue_order(h: &dyn Harness
 /// A job is not claimed before its `run_at`, and `next_due` says when it will be.
 pub fn jobs_not_yet_due_are_not_claimed(h: &dyn Harness) {
     let store = h.store();
-    assert_eq!(store.next_due().unwrap(), None);
+    assert_eq!(store.next_due(at(0)).unwrap(), None);
     store.enqueue(job("later").run_at(at(60)), at(0)).unwrap();
     store
         .enqueue(job("later-high").priority(9).run_at(at(90)), at(0))
         .unwrap();
-    assert_eq!(store.next_due().unwrap(), Some(at(60)));
+    assert_eq!(store.next_due(at(0)).unwrap(), Some(at(60)));
     assert!(store.claim("w", 10, LEASE, at(59)).unwrap().is_empty());
     assert_eq!(
         ids(&store.claim("w", 10, LEASE, at(60)).unwrap()),
         ["later"]
     );
-    assert_eq!(store.next_due().unwrap(), Some(at(90)));
+    assert_eq!(store.next_due(at(0)).unwrap(), Some(at(90)));
     assert_eq!(
         ids(&store.claim("w", 10, LEASE, at(90)).unwrap()),
         ["later-high"]
     );
-    assert_eq!(store.next_due().unwrap(), None);
+    assert_eq!(store.next_due(at(0)).unwrap(), None);
 }
 
 /// A claim moves the job to `processing`, counts the attempt and issues a lease.
@@ -292,31 +336,19 @@ pub fn claim_is_exclusive_across_threads_and_handles(h: &dyn Harness) {
     let store = h.store();
     let batch = (0..JOBS).map(|i| job(&format!("j{i}"))).collect();
     store.enqueue_batch(batch, at(0)).unwrap();
-    let barrier = Arc::new(Barrier::new(THREADS));
-    let handles: Vec<_> = (0..THREADS)
-        .map(|t| {
-            let store = if t % 2 == 1 {
-                h.reopen().unwrap_or_else(|| h.store())
-            } else {
-                h.store()
-            };
-            let barrier = barrier.clone();
-            std::thread::spawn(move || {
-                barrier.wait();
-                let mut mine = Vec::new();
-                loop {
-                    let claimed = store.claim(&format!("w{t}"), 3, LEASE, at(1)).unwrap();
-                    if claimed.is_empty() {
-                        return mine;
-                    }
-                    mine.extend(claimed.into_iter().map(|j| j.id));
-                }
-            })
-        })
-        .collect();
+    let claimed = race(h, THREADS, |t, store| {
+        let mut mine = Vec::new();
+        loop {
+            let claimed = store.claim(&format!("w{t}"), 3, LEASE, at(1)).unwrap();
+            if claimed.is_empty() {
+                return mine;
+            }
+            mine.extend(claimed.into_iter().map(|j| j.id));
+        }
+    });
     let mut seen = HashSet::new();
-    for handle in handles {
-        for id in handle.join().unwrap() {
+    for mine in claimed {
+        for id in mine {
             assert!(seen.insert(id.clone()), "{id} was claimed twice");
         }
     }
@@ -413,9 +445,7 @@ pub fn settle_and_claim_is_one_step(h: &dyn Harness) {
                 },
                 Settlement::Release { lease: lease(1) },
             ],
-            "w",
-            5,
-            LEASE,
+            &ClaimRequest::new("w", 5, LEASE),
             at(1),
         )
         .unwrap();
@@ -426,7 +456,7 @@ pub fn settle_and_claim_is_one_step(h: &dyn Harness) {
     assert_eq!(ids(&next), ["b", "c"]);
     assert!(next.iter().all(|j| j.state == JobState::Processing));
     let (settled, none) = store
-        .settle_and_claim(Vec::new(), "w", 0, LEASE, at(2))
+        .settle_and_claim(Vec::new(), &ClaimRequest::new("w", 0, LEASE), at(2))
         .unwrap();
     assert!(settled.is_empty() && none.is_empty());
 }
@@ -443,7 +473,7 @@ pub fn fail_waits_out_backoff_then_dies_after_max_retries(h: &dyn Harness) {
     assert_eq!(after_first.run_at, at(2));
     assert_eq!(after_first.last_error.as_deref(), Some("first"));
     assert_eq!(after_first.exit_code, Some(1));
-    assert_eq!(store.next_due().unwrap(), Some(at(2)));
+    assert_eq!(store.next_due(at(0)).unwrap(), Some(at(2)));
     assert!(store.claim("w", 1, LEASE, at(1)).unwrap().is_empty());
     let second = claim_one(&*store, at(2));
     assert_eq!(second.attempts, 2);
@@ -453,7 +483,7 @@ pub fn fail_waits_out_backoff_then_dies_after_max_retries(h: &dyn Harness) {
     assert_eq!(dead.state, JobState::Dead);
     assert_eq!(dead.last_error.as_deref(), Some("second"));
     assert!(store.claim("w", 1, LEASE, at(100)).unwrap().is_empty());
-    assert_eq!(store.next_due().unwrap(), None);
+    assert_eq!(store.next_due(at(0)).unwrap(), None);
 
     // max_retries 0: the job still gets its first attempt, and its first failure is final.
     store.enqueue(job("once").max_retries(0), at(10)).unwrap();
@@ -566,13 +596,13 @@ pub fn dlq_retry_and_clear(h: &dyn Harness) {
             .unwrap();
     }
     assert_eq!(store.counts().unwrap().dead, 3);
-    assert_eq!(store.clear_dead().unwrap(), 3);
+    assert_eq!(store.clear_dead(at(9)).unwrap(), 3);
     assert!(matches!(
         store.get(&id("d1")),
         Err(StorageError::NotFound { .. })
     ));
     assert_eq!(ids(&store.list(&ListQuery::all()).unwrap()), ["alive"]);
-    assert_eq!(store.clear_dead().unwrap(), 0);
+    assert_eq!(store.clear_dead(at(9)).unwrap(), 0);
 }
 
 /// `list` filters by state and pages through results in enqueue order.
@@ -594,6 +624,7 @@ pub fn list_filters_and_pages_in_enqueue_order(h: &dyn Harness) {
             offset: 2,
             limit: Some(3),
             newest_first: false,
+            ..ListQuery::default()
         })
         .unwrap();
     assert_eq!(ids(&page), ["j3", "j4", "j6"]);
@@ -700,6 +731,7 @@ pub fn worker_registry_and_stop_request(h: &dyn Harness) {
         stop_requested: false,
         stop_forced: false,
         identity: Default::default(),
+        queues: Vec::new(),
     };
     store.register_worker(worker("w1")).unwrap();
     store.register_worker(worker("w2")).unwrap();
@@ -737,7 +769,7 @@ pub fn waiters_wake_on_change(h: &dyn Harness) {
     // for work is not woken by its own look.
     assert!(store.claim("w", 5, LEASE, at(0)).unwrap().is_empty());
     assert!(store.recover_expired(at(0)).unwrap().is_empty());
-    assert_eq!(store.clear_dead().unwrap(), 0);
+    assert_eq!(store.clear_dead(at(9)).unwrap(), 0);
     assert_eq!(
         store.change_version().unwrap(),
         seen,
@@ -951,7 +983,7 @@ pub fn counts_follow_deletions_and_retries(h: &dyn Harness) {
     expect(&*store, [0, 1, 2, 0, 3]);
     store.retry_dead(Some(&[id("j2")]), at(2)).unwrap();
     expect(&*store, [1, 1, 2, 0, 2]);
-    assert_eq!(store.clear_dead().unwrap(), 2);
+    assert_eq!(store.clear_dead(at(9)).unwrap(), 2);
     expect(&*store, [1, 1, 2, 0, 0]);
     assert_eq!(store.purge_completed(at(5)).unwrap(), 2);
     expect(&*store, [1, 1, 0, 0, 0]);
@@ -1069,9 +1101,9 @@ pub fn remove_deletes_jobs_that_are_not_running(h: &dyn Harness) {
         .enqueue_batch(vec![job("a"), job("b"), job("c")], at(0))
         .unwrap();
     let lease = claim_one(&*store, at(1)).lease.unwrap(); // a
-    let err = store.remove(&[id("b"), id("a")]).unwrap_err();
+    let err = store.remove(&[id("b"), id("a")], at(9)).unwrap_err();
     assert!(matches!(err, StorageError::InvalidState { .. }), "{err:?}");
-    let err = store.remove(&[id("b"), id("zzz")]).unwrap_err();
+    let err = store.remove(&[id("b"), id("zzz")], at(9)).unwrap_err();
     assert!(matches!(err, StorageError::NotFound { .. }), "{err:?}");
     assert_eq!(
         store.counts().unwrap().total(),
@@ -1079,7 +1111,7 @@ pub fn remove_deletes_jobs_that_are_not_running(h: &dyn Harness) {
         "refusals changed nothing"
     );
     store.fail(&lease, failed("x"), at(9), at(2)).unwrap();
-    let removed = store.remove(&[id("a"), id("c")]).unwrap();
+    let removed = store.remove(&[id("a"), id("c")], at(9)).unwrap();
     assert_eq!(
         removed.iter().map(JobId::as_str).collect::<Vec<_>>(),
         ["a", "c"]
@@ -1096,11 +1128,11 @@ pub fn remove_deletes_jobs_that_are_not_running(h: &dyn Harness) {
     assert_eq!(store.counts().unwrap().failed, 0);
     // A new job comes after every job there ever was, removed ones included.
     let c = store.get(&id("b")).unwrap().seq;
-    store.remove(&[id("b")]).unwrap();
+    store.remove(&[id("b")], at(9)).unwrap();
     let d = store.enqueue(job("d"), at(3)).unwrap();
     assert!(d.seq > c, "{} after {c}", d.seq);
     store.enqueue(job("b"), at(3)).unwrap();
-    assert_eq!(store.next_due().unwrap(), Some(at(3)));
+    assert_eq!(store.next_due(at(0)).unwrap(), Some(at(3)));
 }
 
 /// `retry` runs dead, cancelled and completed jobs again with a fresh set of attempts, and
@@ -1190,6 +1222,7 @@ pub fn list_pages_newest_first(h: &dyn Harness) {
         offset,
         limit,
         newest_first: true,
+        ..ListQuery::default()
     };
     let page = store.list(&newest(None, 0, Some(3))).unwrap();
     assert_eq!(ids(&page), ["j9", "j8", "j7"]);
@@ -1224,7 +1257,7 @@ pub fn next_due_is_the_earliest_whatever_the_priority(h: &dyn Harness) {
         ids(&store.claim("w", 1, LEASE, at(10)).unwrap()),
         ["urgent"]
     );
-    assert_eq!(store.next_due().unwrap(), Some(at(1)));
+    assert_eq!(store.next_due(at(0)).unwrap(), Some(at(1)));
 }
 
 /// Every kind of change is visible through a newly opened handle (durable backends).
@@ -1284,6 +1317,7 @@ pub fn everything_survives_a_reopen(h: &dyn Harness) {
             stop_requested: false,
             stop_forced: false,
             identity: Default::default(),
+            queues: Vec::new(),
         })
         .unwrap();
     store.request_stop().unwrap();
@@ -1302,7 +1336,7 @@ pub fn everything_survives_a_reopen(h: &dyn Harness) {
     assert_eq!(reopened.counts().unwrap(), store.counts().unwrap());
     assert_eq!(reopened.config().unwrap(), store.config().unwrap());
     assert_eq!(reopened.workers().unwrap(), store.workers().unwrap());
-    assert_eq!(reopened.next_due().unwrap(), Some(at(9)));
+    assert_eq!(reopened.next_due(at(0)).unwrap(), Some(at(9)));
     // The reopened handle keeps working with the state it loaded: the lease still fences.
     reopened
         .complete(&lease("running"), AttemptReport::default(), at(3))
@@ -1315,6 +1349,589 @@ pub fn everything_survives_a_reopen(h: &dyn Harness) {
         store.get(&id("purged")),
         Err(StorageError::NotFound { .. })
     ));
+}
+
+// ----- queues -----
+
+fn in_queue(name: &str, queue: &str) -> NewJob {
+    job(name).queue(queue)
+}
+
+fn names(names: &[&str]) -> Vec<String> {
+    names.iter().map(|n| (*n).to_owned()).collect()
+}
+
+fn queue_of<'a>(queues: &'a [QueueInfo], name: &str) -> &'a QueueInfo {
+    queues
+        .iter()
+        .find(|q| q.name == name)
+        .unwrap_or_else(|| panic!("no queue {name} in {queues:?}"))
+}
+
+/// A claim takes jobs of the queues it names only (all without names), and across queues in
+/// the one claim order: priority, due time, enqueue order.
+pub fn claims_take_only_the_queues_asked_for_in_claim_order(h: &dyn Harness) {
+    let store = h.store();
+    store
+        .enqueue_batch(
+            vec![
+                in_queue("a1", "a"),
+                in_queue("b1", "b").priority(5),
+                job("d1"),
+                in_queue("a2", "a").priority(9),
+                in_queue("b2", "b"),
+            ],
+            at(0),
+        )
+        .unwrap();
+    let only_a = ClaimRequest::new("w", 10, LEASE).queues(["a"]);
+    assert!(only_a.takes("a") && !only_a.takes("b"));
+    assert_eq!(
+        ids(&store.claim_jobs(&only_a, at(1)).unwrap()),
+        ["a2", "a1"]
+    );
+    assert!(store.claim_jobs(&only_a, at(1)).unwrap().is_empty());
+    let two = ClaimRequest::new("w", 2, LEASE).queues(["b", "default"]);
+    assert_eq!(ids(&store.claim_jobs(&two, at(1)).unwrap()), ["b1", "d1"]);
+    let claimed = store.claim("w", 10, LEASE, at(1)).unwrap();
+    assert_eq!(ids(&claimed), ["b2"]);
+    assert_eq!(claimed[0].queue, "b");
+    assert_eq!(store.get(&id("d1")).unwrap().queue, "default");
+}
+
+/// A paused queue's jobs are not claimed (its running ones still settle); resuming it makes
+/// them claimable; pausing without names pauses every known queue.
+pub fn paused_queues_are_not_claimed_until_resumed(h: &dyn Harness) {
+    let store = h.store();
+    store
+        .enqueue_batch(
+            vec![in_queue("a1", "a"), in_queue("a2", "a"), job("d1")],
+            at(0),
+        )
+        .unwrap();
+    let running = claim_one(&*store, at(1)); // a1
+    let changed = store
+        .change_queues(Some(&names(&["a", "later"])), QueueChange::Pause)
+        .unwrap();
+    assert_eq!(
+        changed
+            .iter()
+            .map(|q| (q.name.as_str(), q.paused))
+            .collect::<Vec<_>>(),
+        [("a", true), ("later", true)],
+        "a queue with no jobs yet keeps its setting"
+    );
+    assert_eq!(ids(&store.claim("w", 10, LEASE, at(2)).unwrap()), ["d1"]);
+    assert!(store.claim("w", 10, LEASE, at(2)).unwrap().is_empty());
+    assert_eq!(
+        store.next_due(at(2)).unwrap(),
+        None,
+        "a due job of a paused queue is not waited for by time"
+    );
+    store
+        .complete(
+            running.lease.as_ref().unwrap(),
+            AttemptReport::default(),
+            at(3),
+        )
+        .unwrap();
+    store.enqueue(in_queue("l1", "later"), at(3)).unwrap();
+    assert!(store.claim("w", 10, LEASE, at(3)).unwrap().is_empty());
+    store
+        .change_queues(Some(&names(&["a"])), QueueChange::Resume)
+        .unwrap();
+    assert_eq!(ids(&store.claim("w", 10, LEASE, at(4)).unwrap()), ["a2"]);
+    let all = store.change_queues(None, QueueChange::Pause).unwrap();
+    assert_eq!(
+        all.iter().map(|q| q.name.as_str()).collect::<Vec<_>>(),
+        ["a", "default", "later"]
+    );
+    assert!(all.iter().all(|q| q.paused));
+    store.enqueue(job("d2"), at(5)).unwrap();
+    assert!(store.claim("w", 10, LEASE, at(5)).unwrap().is_empty());
+    store.change_queues(None, QueueChange::Resume).unwrap();
+    assert_eq!(
+        ids(&store.claim("w", 10, LEASE, at(6)).unwrap()),
+        ["l1", "d2"]
+    );
+    assert!(store.queues().unwrap().iter().all(|q| !q.paused));
+}
+
+/// A queue's limit counts its processing jobs whoever holds them: no claim takes it past the
+/// limit, and a finished job makes room. 0 means no limit.
+pub fn queue_limits_count_running_jobs_of_every_worker(h: &dyn Harness) {
+    let store = h.store();
+    let batch = (0..5).map(|i| in_queue(&format!("a{i}"), "a")).collect();
+    store.enqueue_batch(batch, at(0)).unwrap();
+    store.enqueue(job("d1"), at(0)).unwrap();
+    let limited = store
+        .change_queues(Some(&names(&["a"])), QueueChange::Limit(2))
+        .unwrap();
+    assert_eq!(limited[0].limit, 2);
+    let first = store.claim("w1", 10, LEASE, at(1)).unwrap();
+    assert_eq!(ids(&first), ["a0", "a1", "d1"]);
+    let other = h.reopen().unwrap_or_else(|| h.store());
+    assert!(other.claim("w2", 10, LEASE, at(1)).unwrap().is_empty());
+    other
+        .complete(
+            first[0].lease.as_ref().unwrap(),
+            AttemptReport::default(),
+            at(2),
+        )
+        .unwrap();
+    assert_eq!(ids(&other.claim("w2", 10, LEASE, at(2)).unwrap()), ["a2"]);
+    // Lowered below what runs: nothing more starts until enough finish.
+    store
+        .change_queues(Some(&names(&["a"])), QueueChange::Limit(1))
+        .unwrap();
+    let lease = |id: &str, jobs: &[Job]| {
+        jobs.iter()
+            .find(|j| j.id.as_str() == id)
+            .and_then(|j| j.lease.clone())
+            .unwrap()
+    };
+    store
+        .complete(&lease("a1", &first), AttemptReport::default(), at(3))
+        .unwrap();
+    assert!(store.claim("w1", 10, LEASE, at(3)).unwrap().is_empty());
+    store
+        .change_queues(Some(&names(&["a"])), QueueChange::Limit(0))
+        .unwrap();
+    assert_eq!(
+        ids(&store.claim("w1", 10, LEASE, at(4)).unwrap()),
+        ["a3", "a4"]
+    );
+    assert_eq!(queue_of(&store.queues().unwrap(), "a").limit, 0);
+}
+
+/// `queues` lists every queue with jobs or settings and its jobs per state; `list` filters by
+/// queue, with a state and newest first too.
+pub fn queues_report_their_counts_and_list_filters_by_queue(h: &dyn Harness) {
+    let store = h.store();
+    assert!(store.queues().unwrap().is_empty());
+    store
+        .enqueue_batch(
+            vec![
+                in_queue("a1", "a"),
+                in_queue("a2", "a"),
+                job("d1"),
+                in_queue("a3", "a"),
+            ],
+            at(0),
+        )
+        .unwrap();
+    let a1 = claim_one(&*store, at(1));
+    store
+        .complete(a1.lease.as_ref().unwrap(), AttemptReport::default(), at(2))
+        .unwrap();
+    claim_one(&*store, at(3)); // a2
+    let queues = store.queues().unwrap();
+    assert_eq!(
+        queues.iter().map(|q| q.name.as_str()).collect::<Vec<_>>(),
+        ["a", "default"]
+    );
+    let a = queue_of(&queues, "a");
+    assert_eq!(
+        (a.counts.pending, a.counts.processing, a.counts.completed),
+        (1, 1, 1)
+    );
+    assert_eq!(queue_of(&queues, "default").counts.total(), 1);
+    assert_eq!(store.counts().unwrap().total(), 4);
+    let of = |queue: &str, state, newest_first| ListQuery {
+        queue: Some(queue.to_owned()),
+        state,
+        newest_first,
+        ..ListQuery::default()
+    };
+    assert_eq!(
+        ids(&store.list(&of("a", None, false)).unwrap()),
+        ["a1", "a2", "a3"]
+    );
+    assert_eq!(
+        ids(&store.list(&of("a", None, true)).unwrap()),
+        ["a3", "a2", "a1"]
+    );
+    assert_eq!(
+        ids(&store
+            .list(&of("a", Some(JobState::Pending), false))
+            .unwrap()),
+        ["a3"]
+    );
+    assert!(store.list(&of("none", None, false)).unwrap().is_empty());
+    // A queue whose jobs are all gone is no longer listed.
+    store.remove(&[id("d1")], at(4)).unwrap();
+    assert_eq!(
+        store
+            .queues()
+            .unwrap()
+            .iter()
+            .map(|q| q.name.as_str())
+            .collect::<Vec<_>>(),
+        ["a"]
+    );
+}
+
+/// A queue name outside the id character set is refused and changes nothing.
+pub fn queue_changes_refuse_invalid_names(h: &dyn Harness) {
+    let store = h.store();
+    let err = store
+        .change_queues(Some(&names(&["ok", "not ok"])), QueueChange::Pause)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StorageError::InvalidJob(crate::InvalidJob::Queue { .. })
+        ),
+        "{err:?}"
+    );
+    assert!(store.queues().unwrap().is_empty());
+    let err = store.enqueue(job("x").queue("../etc"), at(0)).unwrap_err();
+    assert!(matches!(err, StorageError::InvalidJob(_)), "{err:?}");
+    assert_eq!(store.counts().unwrap().total(), 0);
+}
+
+/// The queue settings are stored with the jobs: a new handle sees them.
+pub fn queue_settings_survive_a_reopen(h: &dyn Harness) {
+    let store = h.store();
+    store.enqueue(in_queue("a1", "a"), at(0)).unwrap();
+    store
+        .change_queues(Some(&names(&["a"])), QueueChange::Pause)
+        .unwrap();
+    store
+        .change_queues(Some(&names(&["b"])), QueueChange::Limit(3))
+        .unwrap();
+    drop(store);
+    let reopened = h.reopen().expect("a durable backend reopens");
+    let queues = reopened.queues().unwrap();
+    assert!(queue_of(&queues, "a").paused);
+    assert_eq!(queue_of(&queues, "b").limit, 3);
+    assert!(reopened.claim("w", 1, LEASE, at(1)).unwrap().is_empty());
+}
+
+// ----- unique keys -----
+
+fn keyed(name: &str, key: &str) -> NewJob {
+    job(name).unique_key(key)
+}
+
+/// While a job with a key is pending, processing or failed, a job with the same key adds
+/// nothing (the holder is returned, marked duplicate, in a batch too); once it finished, the
+/// key is free.
+pub fn unique_keys_add_nothing_while_a_job_holds_them(h: &dyn Harness) {
+    let store = h.store();
+    let first = store.submit(vec![keyed("a", "k")], at(0)).unwrap();
+    assert!(!first[0].duplicate);
+    let again = store
+        .submit(
+            vec![
+                keyed("b", "k"),
+                job("c"),
+                keyed("d", "k2"),
+                keyed("e", "k2"),
+            ],
+            at(1),
+        )
+        .unwrap();
+    let summary: Vec<(&str, bool)> = again
+        .iter()
+        .map(|e: &Enqueued| (e.job.id.as_str(), e.duplicate))
+        .collect();
+    assert_eq!(
+        summary,
+        [("a", true), ("c", false), ("d", false), ("d", true)]
+    );
+    assert_eq!(store.counts().unwrap().total(), 3, "b and e were not added");
+    assert!(matches!(
+        store.get(&id("b")),
+        Err(StorageError::NotFound { .. })
+    ));
+    // Held while it runs and while it waits for a retry.
+    let running = claim_one(&*store, at(2)); // a
+    assert!(store.submit(vec![keyed("f", "k")], at(2)).unwrap()[0].duplicate);
+    store
+        .fail(running.lease.as_ref().unwrap(), failed("x"), at(10), at(3))
+        .unwrap();
+    assert!(store.submit(vec![keyed("f", "k")], at(3)).unwrap()[0].duplicate);
+    // A finished holder frees the key.
+    store.cancel(&[id("a")], at(4)).unwrap();
+    let free = store.submit(vec![keyed("f", "k")], at(4)).unwrap();
+    assert!(!free[0].duplicate);
+    assert_eq!(free[0].job.id.as_str(), "f");
+    assert_eq!(free[0].job.unique_key.as_deref(), Some("k"));
+}
+
+/// Enqueues of one key racing from several threads and handles add exactly one job.
+pub fn unique_keys_hold_under_concurrent_enqueues(h: &dyn Harness) {
+    const THREADS: usize = 4;
+    const ROUNDS: usize = 25;
+    let entries = race(h, THREADS, |_, store| {
+        (0..ROUNDS)
+            .map(|r| {
+                let new = NewJob::new("true").unique_key(format!("k{r}"));
+                let entry = store.submit(vec![new], at(0)).unwrap().remove(0);
+                (r, entry.job.id, entry.duplicate)
+            })
+            .collect::<Vec<_>>()
+    });
+    let mut holders = std::collections::HashMap::new();
+    let mut added = 0;
+    for mine in entries {
+        for (round, job, duplicate) in mine {
+            added += usize::from(!duplicate);
+            let holder = holders.entry(round).or_insert_with(|| job.clone());
+            assert_eq!(*holder, job, "key k{round} went to two jobs");
+        }
+    }
+    assert_eq!(added, ROUNDS);
+    assert_eq!(h.store().counts().unwrap().pending, ROUNDS);
+}
+
+/// `retry` and `dlq retry` refuse, changing nothing, to run a finished job again while another
+/// holds its key, or two finished jobs with one key at once.
+pub fn retry_refuses_to_give_a_unique_key_to_two_jobs(h: &dyn Harness) {
+    let store = h.store();
+    store
+        .enqueue_batch(vec![keyed("a", "k"), keyed("b", "k2")], at(0))
+        .unwrap();
+    store.cancel(&[id("a")], at(1)).unwrap();
+    store.enqueue(keyed("c", "k"), at(2)).unwrap();
+    let err = store.retry(&[id("a")], at(3)).unwrap_err();
+    match &err {
+        StorageError::UniqueKeyTaken {
+            id, key, holder, ..
+        } => {
+            assert_eq!(
+                (id.as_str(), key.as_str(), holder.as_str()),
+                ("a", "k", "c")
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(store.get(&id("a")).unwrap().state, JobState::Cancelled);
+    store.cancel(&[id("c")], at(4)).unwrap();
+    let err = store.retry(&[id("a"), id("c")], at(5)).unwrap_err();
+    assert!(
+        matches!(err, StorageError::UniqueKeyTaken { .. }),
+        "{err:?}"
+    );
+    assert_eq!(store.get(&id("a")).unwrap().state, JobState::Cancelled);
+    assert_eq!(store.get(&id("c")).unwrap().state, JobState::Cancelled);
+    // Dead jobs: `dlq retry` keeps the same rule.
+    let b = claim_one(&*store, at(6));
+    assert_eq!(b.id.as_str(), "b");
+    store
+        .fail(b.lease.as_ref().unwrap(), failed("x"), at(6), at(6))
+        .unwrap();
+    let b = store.get(&id("b")).unwrap();
+    if b.state == JobState::Failed {
+        // Not dead yet with the default budget: the key is still held.
+        assert!(store.submit(vec![keyed("z", "k2")], at(7)).unwrap()[0].duplicate);
+    }
+    assert_eq!(ids(&store.retry(&[id("a")], at(8)).unwrap()), ["a"]);
+}
+
+// ----- dependencies -----
+
+fn after(name: &str, deps: &[&str]) -> NewJob {
+    job(name).after(deps.iter().map(|d| id(d)))
+}
+
+/// A job with dependencies is `blocked` and not claimed (nor waited for by `next_due`) until
+/// every one has completed; dependencies may come earlier in the same batch.
+pub fn dependencies_wait_until_every_one_completed(h: &dyn Harness) {
+    let store = h.store();
+    let created = store
+        .enqueue_batch(
+            vec![job("a"), job("b"), after("c", &["a", "b", "a"])],
+            at(0),
+        )
+        .unwrap();
+    assert_eq!(created[2].after, [id("a"), id("b")], "repeats are dropped");
+    assert!(created[2].blocked && created[2].state == JobState::Pending);
+    let both = store.claim("w", 10, LEASE, at(1)).unwrap();
+    assert_eq!(ids(&both), ["a", "b"]);
+    assert_eq!(store.next_due(at(0)).unwrap(), None);
+    store
+        .complete(
+            both[0].lease.as_ref().unwrap(),
+            AttemptReport::default(),
+            at(2),
+        )
+        .unwrap();
+    assert!(store.get(&id("c")).unwrap().blocked, "b has not completed");
+    assert!(store.claim("w", 10, LEASE, at(2)).unwrap().is_empty());
+    store
+        .complete(
+            both[1].lease.as_ref().unwrap(),
+            AttemptReport::default(),
+            at(3),
+        )
+        .unwrap();
+    assert!(!store.get(&id("c")).unwrap().blocked);
+    assert_eq!(ids(&store.claim("w", 10, LEASE, at(3)).unwrap()), ["c"]);
+    // A dependency that already completed does not block.
+    let d = store.enqueue(after("d", &["a"]), at(4)).unwrap();
+    assert!(!d.blocked);
+    // A failed attempt of a dependency (it will retry) keeps its dependents waiting.
+    store
+        .enqueue_batch(vec![job("e"), after("f", &["e"])], at(5))
+        .unwrap();
+    let e = store.claim("w", 1, LEASE, at(6)).unwrap().remove(0);
+    assert_eq!(e.id.as_str(), "d");
+    let e = store.claim("w", 1, LEASE, at(6)).unwrap().remove(0);
+    store
+        .fail(e.lease.as_ref().unwrap(), failed("x"), at(7), at(6))
+        .unwrap();
+    assert!(store.get(&id("f")).unwrap().blocked);
+}
+
+/// When a dependency ends dead or cancelled, or is removed, each job waiting for it is
+/// cancelled with `last_error` naming it, and so on down the chain; jobs that already ran
+/// are left alone.
+pub fn failed_dependencies_cancel_their_dependents_down_the_chain(h: &dyn Harness) {
+    let store = h.store();
+    store
+        .enqueue_batch(
+            vec![
+                job("a").max_retries(1),
+                after("b", &["a"]),
+                after("c", &["b"]),
+                job("x"),
+                after("y", &["x"]),
+                job("r"),
+                after("s", &["r"]),
+            ],
+            at(0),
+        )
+        .unwrap();
+    let a = claim_one(&*store, at(1));
+    store
+        .fail(a.lease.as_ref().unwrap(), failed("boom"), at(2), at(2))
+        .unwrap();
+    let b = store.get(&id("b")).unwrap();
+    assert_eq!((b.state, b.blocked), (JobState::Cancelled, false));
+    assert!(
+        b.last_error.as_deref().unwrap().contains("a is dead"),
+        "{b:?}"
+    );
+    let c = store.get(&id("c")).unwrap();
+    assert_eq!(c.state, JobState::Cancelled);
+    assert!(
+        c.last_error.as_deref().unwrap().contains("b is cancelled"),
+        "{c:?}"
+    );
+    store.cancel(&[id("x")], at(3)).unwrap();
+    let y = store.get(&id("y")).unwrap();
+    assert_eq!(y.state, JobState::Cancelled);
+    assert!(y.last_error.as_deref().unwrap().contains("x is cancelled"));
+    store.remove(&[id("r")], at(4)).unwrap();
+    let s = store.get(&id("s")).unwrap();
+    assert_eq!(s.state, JobState::Cancelled);
+    assert!(s.last_error.as_deref().unwrap().contains("r was removed"));
+    assert_eq!(store.counts().unwrap().cancelled, 5, "b, c, x, y and s");
+    // Cancelling a job and its dependent in one call reports both.
+    store
+        .enqueue_batch(vec![job("p"), after("q", &["p"])], at(5))
+        .unwrap();
+    let cancelled = store.cancel(&[id("p"), id("q")], at(6)).unwrap();
+    assert_eq!(ids(&cancelled), ["p", "q"]);
+    assert!(cancelled.iter().all(|j| j.state == JobState::Cancelled));
+}
+
+/// `after` must name jobs that exist and may still complete; a refusal adds nothing of the
+/// batch.
+pub fn enqueue_refuses_missing_or_failed_dependencies(h: &dyn Harness) {
+    let store = h.store();
+    let err = store
+        .enqueue_batch(vec![job("a"), after("b", &["nope"])], at(0))
+        .unwrap_err();
+    match &err {
+        StorageError::DependencyNotFound { id, after } => {
+            assert_eq!((id.as_str(), after.as_str()), ("b", "nope"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(store.counts().unwrap().total(), 0);
+    store.enqueue(job("a"), at(0)).unwrap();
+    store.cancel(&[id("a")], at(1)).unwrap();
+    let err = store.enqueue(after("b", &["a"]), at(2)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StorageError::DependencyFailed {
+                state: JobState::Cancelled,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    // A later job of the batch cannot be a dependency of an earlier one.
+    let err = store
+        .enqueue_batch(vec![after("c", &["d"]), job("d")], at(3))
+        .unwrap_err();
+    assert!(
+        matches!(err, StorageError::DependencyNotFound { .. }),
+        "{err:?}"
+    );
+    assert_eq!(store.counts().unwrap().total(), 1);
+}
+
+/// A cancelled dependent that is retried waits again for its dependencies that have not
+/// completed, and runs once they have.
+pub fn retried_dependents_wait_again(h: &dyn Harness) {
+    let store = h.store();
+    store
+        .enqueue_batch(vec![job("a").max_retries(1), after("b", &["a"])], at(0))
+        .unwrap();
+    let a = claim_one(&*store, at(1));
+    store
+        .fail(a.lease.as_ref().unwrap(), failed("x"), at(1), at(1))
+        .unwrap();
+    assert_eq!(store.get(&id("b")).unwrap().state, JobState::Cancelled);
+    let b = store.retry(&[id("b")], at(2)).unwrap().remove(0);
+    assert_eq!((b.state, b.blocked), (JobState::Pending, true));
+    assert!(store.claim("w", 10, LEASE, at(2)).unwrap().is_empty());
+    store.retry_dead(Some(&[id("a")]), at(3)).unwrap();
+    let a = claim_one(&*store, at(4));
+    assert_eq!(a.id.as_str(), "a");
+    store
+        .complete(a.lease.as_ref().unwrap(), AttemptReport::default(), at(5))
+        .unwrap();
+    assert_eq!(ids(&store.claim("w", 10, LEASE, at(5)).unwrap()), ["b"]);
+    // A dead dependency deleted by `dlq clear` cancels the jobs waiting for it.
+    store
+        .enqueue_batch(vec![job("c").max_retries(1), after("d", &["c"])], at(6))
+        .unwrap();
+    let c = claim_one(&*store, at(6));
+    store
+        .fail(c.lease.as_ref().unwrap(), failed("x"), at(6), at(6))
+        .unwrap();
+    store.retry(&[id("d")], at(7)).unwrap();
+    assert!(store.get(&id("d")).unwrap().blocked);
+    assert_eq!(store.clear_dead(at(8)).unwrap(), 1);
+    let d = store.get(&id("d")).unwrap();
+    assert_eq!(d.state, JobState::Cancelled);
+    assert!(d.last_error.as_deref().unwrap().contains("c was removed"));
+}
+
+/// A completed dependency deleted by retention still counts as completed.
+pub fn purged_dependencies_count_as_completed(h: &dyn Harness) {
+    let store = h.store();
+    store
+        .enqueue_batch(vec![job("a"), job("b"), after("c", &["a", "b"])], at(0))
+        .unwrap();
+    let a = claim_one(&*store, at(1));
+    store
+        .complete(a.lease.as_ref().unwrap(), AttemptReport::default(), at(2))
+        .unwrap();
+    assert_eq!(store.purge_completed(at(3)).unwrap(), 1);
+    let c = store.get(&id("c")).unwrap();
+    assert_eq!((c.state, c.blocked), (JobState::Pending, true));
+    let b = claim_one(&*store, at(4));
+    store
+        .complete(b.lease.as_ref().unwrap(), AttemptReport::default(), at(5))
+        .unwrap();
+    assert_eq!(ids(&store.claim("w", 10, LEASE, at(5)).unwrap()), ["c"]);
 }
 
 /// The conformance suite for [`crate::MemoryStorage`].

@@ -46,6 +46,37 @@ pub enum StorageError {
     /// The job description was refused.
     #[error(transparent)]
     InvalidJob(#[from] InvalidJob),
+    /// A job names a dependency that is not in the store (nor earlier in its batch).
+    #[error("job {id} cannot run after {after}: there is no such job")]
+    DependencyNotFound {
+        /// The job being enqueued.
+        id: JobId,
+        /// The missing dependency.
+        after: JobId,
+    },
+    /// A job names a dependency that has ended without completing, so it could never run.
+    #[error("job {id} cannot run after {after}: that job is {state} (retry it first)")]
+    DependencyFailed {
+        /// The job being enqueued.
+        id: JobId,
+        /// The dependency.
+        after: JobId,
+        /// Its state (`dead` or `cancelled`).
+        state: JobState,
+    },
+    /// Running the job again would give its unique key to a second job while another holds
+    /// it.
+    #[error("cannot retry job {id}: job {holder} with the same unique key {key:?} is {state}")]
+    UniqueKeyTaken {
+        /// The job to run again.
+        id: JobId,
+        /// Its key.
+        key: String,
+        /// The job holding the key.
+        holder: JobId,
+        /// That job's state.
+        state: JobState,
+    },
     /// A setting was refused.
     #[error(transparent)]
     Config(#[from] ConfigError),

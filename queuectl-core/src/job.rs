@@ -33,8 +33,40 @@ pub const MAX_COMMAND_LEN: usize = 130_000;
 /// The shortest time limit a job may have (zero means none): one millisecond.
 pub const MIN_TIMEOUT: Duration = Duration::from_millis(1);
 
-/// Longest job id accepted.
+/// Longest job id (and queue name) accepted.
 pub const MAX_ID_LEN: usize = 128;
+
+/// The queue of a job enqueued without one.
+pub const DEFAULT_QUEUE: &str = "default";
+
+/// Longest unique key accepted, in bytes.
+pub const MAX_UNIQUE_KEY_LEN: usize = 512;
+
+/// Most dependencies one job may have.
+pub const MAX_DEPENDENCIES: usize = 1_000;
+
+/// Whether `name` is 1 to [`MAX_ID_LEN`] characters from `[A-Za-z0-9._-]`, not starting with
+/// `.` or `-`: the rule for job ids and queue names.
+fn is_safe_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_ID_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && !name.starts_with('.')
+        && !name.starts_with('-')
+}
+
+/// Checks a queue name: the same characters as job ids.
+pub fn check_queue_name(name: &str) -> Result<(), InvalidJob> {
+    if is_safe_name(name) {
+        Ok(())
+    } else {
+        Err(InvalidJob::Queue {
+            name: name.to_owned(),
+        })
+    }
+}
 
 /// A job's identifier.
 ///
@@ -48,15 +80,7 @@ impl JobId {
     /// Validates `id` and wraps it.
     pub fn new(id: impl Into<String>) -> Result<Self, InvalidJob> {
         let id = id.into();
-        let valid_chars = id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-        if id.is_empty()
-            || id.len() > MAX_ID_LEN
-            || !valid_chars
-            || id.starts_with('.')
-            || id.starts_with('-')
-        {
+        if !is_safe_name(&id) {
             return Err(InvalidJob::Id { id });
         }
         Ok(Self(id))
@@ -264,12 +288,40 @@ pub struct Job {
     /// it, so each attempt in the history has its own number.
     #[serde(default)]
     pub runs: u32,
+    /// The queue it belongs to.
+    #[serde(default = "default_queue")]
+    pub queue: String,
+    /// While a job with this key is `pending`, `processing` or `failed`, enqueueing another
+    /// with the same key adds nothing.
+    #[serde(default)]
+    pub unique_key: Option<String>,
+    /// The jobs that must complete before this one runs.
+    #[serde(default)]
+    pub after: Vec<JobId>,
+    /// Whether it still waits for one of `after` to complete (it is not claimed meanwhile).
+    #[serde(default)]
+    pub blocked: bool,
+}
+
+fn default_queue() -> String {
+    DEFAULT_QUEUE.to_owned()
 }
 
 impl Job {
-    /// Whether the job may be claimed at `now`.
+    /// Whether the job may be claimed at `now` (its queue's pause and limit aside).
     pub fn is_due(&self, now: Timestamp) -> bool {
-        self.state.is_runnable() && self.run_at <= now
+        self.waits_to_run() && self.run_at <= now
+    }
+
+    /// Whether the job waits for its due time to run: runnable and not waiting for a
+    /// dependency.
+    pub fn waits_to_run(&self) -> bool {
+        self.state.is_runnable() && !self.blocked
+    }
+
+    /// Whether the job holds its unique key: while it may still run.
+    pub fn holds_unique_key(&self) -> bool {
+        self.unique_key.is_some() && !self.state.is_finished()
     }
 }
 
@@ -410,6 +462,12 @@ pub struct NewJob {
     pub run_at: Option<Timestamp>,
     /// Per-attempt time limit; `None` uses the `job-timeout` setting, zero means no limit.
     pub timeout: Option<Duration>,
+    /// The queue; `None` is [`DEFAULT_QUEUE`].
+    pub queue: Option<String>,
+    /// See [`Job::unique_key`].
+    pub unique_key: Option<String>,
+    /// Jobs (already enqueued, or earlier in the same batch) that must complete first.
+    pub after: Vec<JobId>,
 }
 
 impl NewJob {
@@ -422,6 +480,9 @@ impl NewJob {
             priority: 0,
             run_at: None,
             timeout: None,
+            queue: None,
+            unique_key: None,
+            after: Vec::new(),
         }
     }
 
@@ -455,8 +516,45 @@ impl NewJob {
         self
     }
 
+    /// Puts the job in queue `name`.
+    pub fn queue(mut self, name: impl Into<String>) -> Self {
+        self.queue = Some(name.into());
+        self
+    }
+
+    /// Makes the job unique by `key` (see [`Job::unique_key`]).
+    pub fn unique_key(mut self, key: impl Into<String>) -> Self {
+        self.unique_key = Some(key.into());
+        self
+    }
+
+    /// Runs the job only once every job of `ids` has completed.
+    pub fn after(mut self, ids: impl IntoIterator<Item = JobId>) -> Self {
+        self.after.extend(ids);
+        self
+    }
+
+    /// The queue the job goes to.
+    pub fn queue_name(&self) -> &str {
+        self.queue.as_deref().unwrap_or(DEFAULT_QUEUE)
+    }
+
     /// Checks what can be checked without the store.
     pub fn validate(&self) -> Result<(), InvalidJob> {
+        check_queue_name(self.queue_name())?;
+        if let Some(key) = &self.unique_key
+            && (key.is_empty() || key.len() > MAX_UNIQUE_KEY_LEN || key.contains('\0'))
+        {
+            return Err(InvalidJob::UniqueKey);
+        }
+        if self.after.len() > MAX_DEPENDENCIES {
+            return Err(InvalidJob::TooManyDependencies {
+                count: self.after.len(),
+            });
+        }
+        if let Some(id) = self.id.as_ref().filter(|id| self.after.contains(id)) {
+            return Err(InvalidJob::OwnDependency { id: id.clone() });
+        }
         if self.command.trim().is_empty() {
             return Err(InvalidJob::EmptyCommand);
         }
@@ -506,7 +604,31 @@ pub enum InvalidJob {
         /// Its length in bytes.
         len: usize,
     },
-    /// Not one of the five state names.
+    /// The queue name has characters outside `[A-Za-z0-9._-]`, is empty, too long, or starts
+    /// with `.`/`-`.
+    #[error(
+        "invalid queue name {name:?}: use 1 to {MAX_ID_LEN} characters from A-Z a-z 0-9 . _ - (not starting with . or -)"
+    )]
+    Queue {
+        /// The rejected name.
+        name: String,
+    },
+    /// The unique key is empty, too long, or holds a NUL byte.
+    #[error("invalid unique key: use 1 to {MAX_UNIQUE_KEY_LEN} bytes without NUL")]
+    UniqueKey,
+    /// More dependencies than [`MAX_DEPENDENCIES`].
+    #[error("the job names {count} dependencies; at most {MAX_DEPENDENCIES} are allowed")]
+    TooManyDependencies {
+        /// How many it named.
+        count: usize,
+    },
+    /// The job names itself among its dependencies: it could never run.
+    #[error("job {id} cannot run after itself")]
+    OwnDependency {
+        /// Its id.
+        id: JobId,
+    },
+    /// Not one of the state names.
     #[error(
         "unknown job state {state:?}: expected pending, processing, completed, failed, dead or cancelled"
     )]
@@ -574,6 +696,10 @@ mod tests {
             lease: None,
             seq: 1,
             runs: 0,
+            queue: DEFAULT_QUEUE.into(),
+            unique_key: None,
+            after: Vec::new(),
+            blocked: false,
         };
         let value = serde_json::to_value(&job).unwrap();
         assert_eq!(value["id"], "job1");
@@ -613,5 +739,33 @@ mod tests {
                 .is_ok()
         );
         assert!(NewJob::new("true").timeout(MIN_TIMEOUT).validate().is_ok());
+    }
+
+    #[test]
+    fn queues_keys_and_dependencies_are_checked() {
+        assert!(NewJob::new("true").queue("mail.v2_x-1").validate().is_ok());
+        for bad in ["", "a b", "-x", "../q", "é"] {
+            assert_eq!(
+                NewJob::new("true").queue(bad).validate(),
+                Err(InvalidJob::Queue { name: bad.into() })
+            );
+        }
+        assert_eq!(
+            NewJob::new("true").unique_key("").validate(),
+            Err(InvalidJob::UniqueKey)
+        );
+        let long = "k".repeat(MAX_UNIQUE_KEY_LEN + 1);
+        assert_eq!(
+            NewJob::new("true").unique_key(long).validate(),
+            Err(InvalidJob::UniqueKey)
+        );
+        let me = JobId::new("me").unwrap();
+        let own = NewJob::new("true").id("me").unwrap().after([me.clone()]);
+        assert_eq!(own.validate(), Err(InvalidJob::OwnDependency { id: me }));
+        let many = (0..=MAX_DEPENDENCIES).map(|i| JobId::new(format!("j{i}")).unwrap());
+        assert!(matches!(
+            NewJob::new("true").after(many).validate(),
+            Err(InvalidJob::TooManyDependencies { .. })
+        ));
     }
 }

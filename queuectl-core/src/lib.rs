@@ -47,8 +47,8 @@ pub use executor::{CancelSignal, Executor, ExecutorError, FnExecutor, Outcome, S
 
 pub use file::{CheckReport, FileOptions, FileStorage, ImportReport};
 pub use job::{
-    Attempt, AttemptOutcome, InvalidJob, Job, JobId, JobState, Lease, MAX_OUTPUT, NewJob,
-    Timestamp, now,
+    Attempt, AttemptOutcome, DEFAULT_QUEUE, InvalidJob, Job, JobId, JobState, Lease, MAX_OUTPUT,
+    NewJob, Timestamp, check_queue_name, now,
 };
 pub use memory::MemoryStorage;
 pub use pool::{
@@ -58,8 +58,8 @@ pub use pool::{
 pub use shell::ShellExecutor;
 pub use spec::{JobSpec, SpecError};
 pub use storage::{
-    AttemptReport, ListQuery, ProcessIdentity, Settlement, StateCounts, Storage, StorageExt,
-    WorkerInfo,
+    AttemptReport, ClaimRequest, Enqueued, ListQuery, ProcessIdentity, QueueChange, QueueInfo,
+    Settlement, StateCounts, Storage, StorageExt, WorkerInfo,
 };
 pub use wait::{WaitOutcome, wait_for_jobs};
 

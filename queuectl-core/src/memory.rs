@@ -8,7 +8,10 @@ use crate::config::{Config, ConfigError};
 use crate::error::Result;
 use crate::job::{Attempt, Job, JobId, Lease, NewJob, Timestamp};
 use crate::state::QueueState;
-use crate::storage::{ListQuery, Settlement, StateCounts, Storage, WorkerInfo};
+use crate::storage::{
+    ClaimRequest, Enqueued, ListQuery, QueueChange, QueueInfo, Settlement, StateCounts, Storage,
+    WorkerInfo,
+};
 
 /// A [`Storage`] kept in memory: fast, shared between threads, gone when the process exits.
 ///
@@ -51,18 +54,12 @@ impl MemoryStorage {
 }
 
 impl Storage for MemoryStorage {
-    fn enqueue_batch(&self, jobs: Vec<NewJob>, now: Timestamp) -> Result<Vec<Job>> {
-        self.write(|s| s.enqueue_batch(jobs, now))
+    fn submit(&self, jobs: Vec<NewJob>, now: Timestamp) -> Result<Vec<Enqueued>> {
+        self.write(|s| s.submit(jobs, now))
     }
 
-    fn claim(
-        &self,
-        worker: &str,
-        max: usize,
-        lease_for: Duration,
-        now: Timestamp,
-    ) -> Result<Vec<Job>> {
-        Ok(self.write(|s| s.claim(worker, max, lease_for, now)))
+    fn claim_jobs(&self, request: &ClaimRequest, now: Timestamp) -> Result<Vec<Job>> {
+        Ok(self.write(|s| s.claim(request, now)))
     }
 
     fn extend_leases(
@@ -81,12 +78,10 @@ impl Storage for MemoryStorage {
     fn settle_and_claim(
         &self,
         settlements: Vec<Settlement>,
-        worker: &str,
-        max: usize,
-        lease_for: Duration,
+        request: &ClaimRequest,
         now: Timestamp,
     ) -> Result<(Vec<Result<Job>>, Vec<Job>)> {
-        Ok(self.write(|s| s.settle_and_claim(settlements, worker, max, lease_for, now)))
+        Ok(self.write(|s| s.settle_and_claim(settlements, request, now)))
     }
 
     fn recover_expired(&self, now: Timestamp) -> Result<Vec<Job>> {
@@ -113,8 +108,20 @@ impl Storage for MemoryStorage {
         Ok(self.read(|s| s.counts()))
     }
 
-    fn next_due(&self) -> Result<Option<Timestamp>> {
-        Ok(self.read(|s| s.next_due()))
+    fn queues(&self) -> Result<Vec<QueueInfo>> {
+        Ok(self.read(|s| s.queues()))
+    }
+
+    fn change_queues(
+        &self,
+        names: Option<&[String]>,
+        change: QueueChange,
+    ) -> Result<Vec<QueueInfo>> {
+        self.write(|s| s.change_queues(names, change))
+    }
+
+    fn next_due(&self, after: Timestamp) -> Result<Option<Timestamp>> {
+        Ok(self.read(|s| s.next_due(after)))
     }
 
     fn retry_dead(&self, ids: Option<&[JobId]>, now: Timestamp) -> Result<Vec<Job>> {
@@ -125,16 +132,16 @@ impl Storage for MemoryStorage {
         self.write(|s| s.cancel(ids, now))
     }
 
-    fn remove(&self, ids: &[JobId]) -> Result<Vec<JobId>> {
-        self.write(|s| s.remove_jobs(ids))
+    fn remove(&self, ids: &[JobId], now: Timestamp) -> Result<Vec<JobId>> {
+        self.write(|s| s.remove_jobs(ids, now))
     }
 
     fn retry(&self, ids: &[JobId], now: Timestamp) -> Result<Vec<Job>> {
         self.write(|s| s.retry(ids, now))
     }
 
-    fn clear_dead(&self) -> Result<usize> {
-        Ok(self.write(|s| s.clear_dead()))
+    fn clear_dead(&self, now: Timestamp) -> Result<usize> {
+        Ok(self.write(|s| s.clear_dead(now)))
     }
 
     fn purge_completed(&self, finished_before: Timestamp) -> Result<usize> {

@@ -14,10 +14,25 @@ use crate::job::{
     Attempt, AttemptOutcome, Job, JobId, JobState, Lease, MAX_OUTPUT, NewJob, Timestamp, later,
     random_u64, tail,
 };
-use crate::storage::{AttemptReport, Settlement};
+use crate::storage::{AttemptReport, QueueChange, Settlement};
 
-/// The record of a new job; `seq` is its place in enqueue order.
-pub(crate) fn new_job(new: NewJob, id: JobId, seq: u64, config: &Config, now: Timestamp) -> Job {
+/// The record of a new job; `seq` is its place in enqueue order and `dependencies` the
+/// states of the jobs of `new.after` (checked by [`check_dependencies`]).
+pub(crate) fn new_job(
+    new: NewJob,
+    id: JobId,
+    seq: u64,
+    dependencies: &[Dependency],
+    config: &Config,
+    now: Timestamp,
+) -> Job {
+    let queue = new.queue_name().to_owned();
+    let mut after = Vec::with_capacity(new.after.len());
+    for dependency in new.after {
+        if !after.contains(&dependency) {
+            after.push(dependency);
+        }
+    }
     Job {
         id,
         command: new.command,
@@ -41,6 +56,156 @@ pub(crate) fn new_job(new: NewJob, id: JobId, seq: u64, config: &Config, now: Ti
         lease: None,
         seq,
         runs: 0,
+        queue,
+        unique_key: new.unique_key,
+        after,
+        blocked: is_blocked(dependencies),
+    }
+}
+
+/// A job's dependency as a store found it: its id and state (`None`: not in the store).
+pub(crate) type Dependency = (JobId, Option<JobState>);
+
+/// Checks the dependencies of a job being enqueued: each must exist and may still complete.
+pub(crate) fn check_dependencies(id: &JobId, dependencies: &[Dependency]) -> Result<()> {
+    for (after, state) in dependencies {
+        match state {
+            None => {
+                return Err(StorageError::DependencyNotFound {
+                    id: id.clone(),
+                    after: after.clone(),
+                });
+            }
+            Some(state @ (JobState::Dead | JobState::Cancelled)) => {
+                return Err(StorageError::DependencyFailed {
+                    id: id.clone(),
+                    after: after.clone(),
+                    state: *state,
+                });
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Whether a job with these dependencies must wait: one of them exists and has not
+/// completed. (A dependency no longer in the store completed and was purged: a removed one
+/// cancels its dependents when it is removed.)
+pub(crate) fn is_blocked(dependencies: &[Dependency]) -> bool {
+    dependencies
+        .iter()
+        .any(|(_, state)| state.is_some_and(|s| s != JobState::Completed))
+}
+
+/// What happens to a blocked job when one of its dependencies finished (completed, died, was
+/// cancelled) or, with `removed`, was removed: it runs once all have completed, and is
+/// cancelled as soon as one can no longer complete. Returns whether it was cancelled (its own
+/// dependents then follow).
+pub(crate) fn resolve_dependencies(
+    job: &mut Job,
+    dependencies: &[Dependency],
+    removed: Option<&JobId>,
+    now: Timestamp,
+) -> bool {
+    debug_assert!(job.blocked && job.state.is_runnable());
+    let doomed = removed
+        .map(|id| format!("its dependency {id} was removed"))
+        .or_else(|| {
+            dependencies.iter().find_map(|(id, state)| match state {
+                Some(state @ (JobState::Dead | JobState::Cancelled)) => {
+                    Some(format!("its dependency {id} is {state}"))
+                }
+                _ => None,
+            })
+        });
+    match doomed {
+        Some(why) => {
+            cancel(job, now);
+            job.blocked = false;
+            job.last_error = Some(format!("cancelled: {why}"));
+            true
+        }
+        None => {
+            if !is_blocked(dependencies) {
+                job.blocked = false;
+                job.updated_at = now;
+            }
+            false
+        }
+    }
+}
+
+/// A store seen as a graph of dependencies, for [`propagate`].
+pub(crate) trait Dependents {
+    /// What the store's operations fail with.
+    type Error: From<StorageError>;
+    /// The blocked jobs that wait for the job `seq`.
+    fn blocked_dependents(&mut self, seq: u64) -> std::result::Result<Vec<Job>, Self::Error>;
+    /// The dependencies of `job`, with their states.
+    fn dependencies(&mut self, job: &Job) -> std::result::Result<Vec<Dependency>, Self::Error>;
+    /// Stores `new` (the job `old` after a rule ran), without propagating further.
+    fn write(&mut self, old: &Job, new: Job) -> std::result::Result<(), Self::Error>;
+}
+
+/// After the job `finished` reached a finished state (or, with `removed`, was deleted): each
+/// blocked job waiting for it runs or is cancelled as [`resolve_dependencies`] says, and so on
+/// down the graph.
+pub(crate) fn propagate<D: Dependents>(
+    store: &mut D,
+    finished: &Job,
+    removed: bool,
+    now: Timestamp,
+) -> std::result::Result<(), D::Error> {
+    let mut work = vec![(finished.seq, removed.then(|| finished.id.clone()))];
+    while let Some((seq, removed)) = work.pop() {
+        for old in store.blocked_dependents(seq)? {
+            let dependencies = store.dependencies(&old)?;
+            let mut job = old.clone();
+            if resolve_dependencies(&mut job, &dependencies, removed.as_ref(), now) {
+                work.push((job.seq, None));
+            }
+            store.write(&old, job)?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether a job's state change makes its dependents look again.
+pub(crate) fn finishes(old: &Job, new: &Job) -> bool {
+    new.state.is_finished() && new.state != old.state
+}
+
+/// Checks that retrying `job` would not give its unique key to a second job: `holder` is the
+/// job that holds the key now, if any.
+pub(crate) fn check_unique(job: &Job, holder: Option<&Job>) -> Result<()> {
+    match (holder, &job.unique_key) {
+        (Some(holder), Some(key)) if holder.seq != job.seq => Err(StorageError::UniqueKeyTaken {
+            id: job.id.clone(),
+            key: key.clone(),
+            holder: holder.id.clone(),
+            state: holder.state,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Applies `change` to a queue's settings.
+pub(crate) fn change_queue(paused: &mut bool, limit: &mut u32, change: QueueChange) {
+    match change {
+        QueueChange::Pause => *paused = true,
+        QueueChange::Resume => *paused = false,
+        QueueChange::Limit(n) => *limit = n,
+    }
+}
+
+/// How many more jobs of a queue may start now under its limit (`0`: no limit), with
+/// `running` of its jobs processing.
+pub(crate) fn room_in_queue(limit: u32, running: usize, wanted: usize) -> usize {
+    if limit == 0 {
+        wanted
+    } else {
+        (limit as usize).saturating_sub(running).min(wanted)
     }
 }
 
@@ -217,6 +382,7 @@ pub(crate) fn cancel(job: &mut Job, now: Timestamp) -> Option<Attempt> {
         attempt
     });
     job.state = JobState::Cancelled;
+    job.blocked = false;
     job.lease = None;
     job.last_error = Some("cancelled".to_owned());
     job.finished_at = Some(now);
@@ -263,8 +429,10 @@ pub(crate) fn check_retry(job: &Job) -> Result<()> {
     }
 }
 
-/// Moves a finished job back to `pending`, due now, with a full new set of attempts.
-pub(crate) fn retry(job: &mut Job, now: Timestamp) {
+/// Moves a finished job back to `pending`, due now, with a full new set of attempts; it waits
+/// again for those of its `dependencies` that have not completed.
+pub(crate) fn retry(job: &mut Job, dependencies: &[Dependency], now: Timestamp) {
+    job.blocked = is_blocked(dependencies);
     job.state = JobState::Pending;
     job.attempts = 0;
     job.run_at = now;

@@ -10,8 +10,8 @@ use crate::job::{InvalidJob, JobId, NewJob, Timestamp};
 /// A job as written by a user: `{"id": "job1", "command": "echo hi", "priority": 5}`.
 ///
 /// Fields: `command` (required), `id`, `max_retries`, `priority`, `run_at` (RFC 3339) or
-/// `delay` (seconds), `timeout` (seconds, 0 for none). Unknown fields are refused, so a typo
-/// never silently drops a setting.
+/// `delay` (seconds), `timeout` (seconds, 0 for none), `queue`, `unique_key`, `after` (an id
+/// or a list of ids). Unknown fields are refused, so a typo never silently drops a setting.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobSpec {
@@ -30,6 +30,22 @@ pub struct JobSpec {
     pub delay: Option<f64>,
     /// Per-attempt time limit in seconds; 0 means none (default: the `job-timeout` setting).
     pub timeout: Option<f64>,
+    /// The queue (default `default`).
+    pub queue: Option<String>,
+    /// No second job with this key while one is pending, processing or failed.
+    pub unique_key: Option<String>,
+    /// The job(s) that must complete first.
+    pub after: Option<OneOrMany>,
+}
+
+/// One id, or a list of them.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    /// `"a"`.
+    One(String),
+    /// `["a", "b"]`.
+    Many(Vec<String>),
 }
 
 /// Why a job description was refused.
@@ -142,6 +158,16 @@ impl JobSpec {
             }
             timeout => timeout.map(|t| seconds("timeout", t)).transpose()?,
         };
+        job.queue = self.queue;
+        job.unique_key = self.unique_key;
+        job.after = match self.after {
+            None => Vec::new(),
+            Some(OneOrMany::One(id)) => vec![JobId::new(id)?],
+            Some(OneOrMany::Many(ids)) => {
+                ids.into_iter().map(JobId::new).collect::<Result<_, _>>()?
+            }
+        };
+        job.validate()?;
         Ok(job)
     }
 }
@@ -157,6 +183,30 @@ mod tests {
 
     fn parse(json: &str) -> Result<NewJob, SpecError> {
         JobSpec::parse(json)?.into_new_job(datetime!(2026-01-01 0:00 UTC))
+    }
+
+    #[test]
+    fn queue_key_and_dependencies_are_read_and_checked() {
+        let job =
+            parse(r#"{"command":"x","queue":"mail","unique_key":"user-7","after":["a","b"]}"#)
+                .unwrap();
+        assert_eq!(job.queue_name(), "mail");
+        assert_eq!(job.unique_key.as_deref(), Some("user-7"));
+        assert_eq!(job.after.len(), 2);
+        let one = parse(r#"{"command":"x","after":"a"}"#).unwrap();
+        assert_eq!(one.after, [JobId::new("a").unwrap()]);
+        assert!(matches!(
+            parse(r#"{"command":"x","queue":"no spaces"}"#),
+            Err(SpecError::Invalid(InvalidJob::Queue { .. }))
+        ));
+        assert!(matches!(
+            parse(r#"{"command":"x","after":["../x"]}"#),
+            Err(SpecError::Invalid(InvalidJob::Id { .. }))
+        ));
+        assert!(matches!(
+            parse(r#"{"id":"a","command":"x","after":"a"}"#),
+            Err(SpecError::Invalid(InvalidJob::OwnDependency { .. }))
+        ));
     }
 
     #[test]

@@ -11,10 +11,19 @@ use std::time::Duration;
 use crate::config::{Config, ConfigError};
 use crate::error::{Result, StorageError};
 use crate::job::{Attempt, Job, JobId, JobState, Lease, NewJob, Timestamp};
-use crate::rules::{self, Abandoned};
-use crate::storage::{ListQuery, Settlement, StateCounts, WorkerInfo};
+use crate::rules::{self, Abandoned, Dependency};
+use crate::storage::{
+    ClaimRequest, Enqueued, ListQuery, QueueChange, QueueInfo, Settlement, StateCounts, WorkerInfo,
+};
 
 type ReadyKey = (Reverse<i32>, Timestamp, u64);
+
+/// A queue's settings (the defaults when it has none stored).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct QueueSettings {
+    paused: bool,
+    limit: u32,
+}
 
 /// All jobs, settings and workers, with the indexes that make claiming O(log n).
 #[derive(Debug, Default)]
@@ -29,6 +38,10 @@ pub(crate) struct QueueState {
     next_seq: u64,
     config: Config,
     workers: BTreeMap<String, WorkerInfo>,
+    /// Settings of the queues that have any.
+    queues: BTreeMap<String, QueueSettings>,
+    /// Job sequence number → the jobs that name it in `after`.
+    dependents: HashMap<u64, Vec<u64>>,
     /// Counts changes of any kind; unchanged by operations that change nothing.
     revision: u64,
 }
@@ -36,37 +49,56 @@ pub(crate) struct QueueState {
 /// The orders claiming and recovery need, by sequence number; derived from the jobs.
 #[derive(Debug, Default)]
 struct Index {
-    /// Runnable jobs not yet known to be due, by due time.
+    /// Jobs waiting to run ([`Job::waits_to_run`]) not yet known to be due, by due time.
     scheduled: BTreeSet<(Timestamp, u64)>,
-    /// Runnable jobs that were due at the last claim, in claim order.
-    ready: BTreeSet<ReadyKey>,
+    /// Per queue, jobs waiting to run that were due at the last claim, in claim order.
+    ready: HashMap<String, BTreeSet<ReadyKey>>,
     /// The jobs of `ready` by due time, for `next_due`.
     ready_at: BTreeSet<(Timestamp, u64)>,
     /// Processing jobs by lease expiry.
     leases: BTreeSet<(Timestamp, u64)>,
+    /// Jobs per state.
     counts: [usize; 6],
+    /// Jobs per queue and state (a queue without jobs has no entry).
+    queue_counts: BTreeMap<String, [usize; 6]>,
+    /// Unique key → the job holding it ([`Job::holds_unique_key`]).
+    unique: HashMap<String, u64>,
 }
 
 impl Index {
     fn insert(&mut self, job: &Job) {
         self.counts[job.state.index()] += 1;
-        if job.state.is_runnable() {
+        self.queue_counts.entry(job.queue.clone()).or_default()[job.state.index()] += 1;
+        if job.waits_to_run() {
             self.scheduled.insert((job.run_at, job.seq));
         }
         if let (JobState::Processing, Some(lease)) = (job.state, &job.lease) {
             self.leases.insert((lease.expires_at, job.seq));
         }
+        if let (true, Some(key)) = (job.holds_unique_key(), &job.unique_key) {
+            self.unique.insert(key.clone(), job.seq);
+        }
     }
 
     fn remove(&mut self, job: &Job) {
         self.counts[job.state.index()] -= 1;
-        if job.state.is_runnable() && !self.scheduled.remove(&(job.run_at, job.seq)) {
-            self.ready
-                .remove(&(Reverse(job.priority), job.run_at, job.seq));
+        if let Some(counts) = self.queue_counts.get_mut(&job.queue) {
+            counts[job.state.index()] -= 1;
+            if counts.iter().all(|&n| n == 0) {
+                self.queue_counts.remove(&job.queue);
+            }
+        }
+        if job.waits_to_run() && !self.scheduled.remove(&(job.run_at, job.seq)) {
+            if let Some(ready) = self.ready.get_mut(&job.queue) {
+                ready.remove(&(Reverse(job.priority), job.run_at, job.seq));
+            }
             self.ready_at.remove(&(job.run_at, job.seq));
         }
         if let (JobState::Processing, Some(lease)) = (job.state, &job.lease) {
             self.leases.remove(&(lease.expires_at, job.seq));
+        }
+        if let (true, Some(key)) = (job.holds_unique_key(), &job.unique_key) {
+            self.unique.remove(key);
         }
     }
 }
@@ -89,31 +121,84 @@ impl QueueState {
         self.next_seq = self.next_seq.max(job.seq + 1);
         self.index.insert(&job);
         self.ids.insert(job.id.clone(), job.seq);
+        for after in &job.after {
+            if let Some(&after) = self.ids.get(after) {
+                self.dependents.entry(after).or_default().push(job.seq);
+            }
+        }
         self.jobs.insert(job.seq, job);
     }
 
-    /// Deletes the job with sequence number `seq` and its history.
-    fn remove(&mut self, seq: u64) {
+    /// Deletes the job with sequence number `seq` and its history. With `cancel_at`, the jobs
+    /// blocked waiting for it are cancelled then (it can no longer complete); without, they
+    /// count it as completed (a purged completed job).
+    fn remove(&mut self, seq: u64, cancel_at: Option<Timestamp>) {
         if let Some(job) = self.jobs.remove(&seq) {
             self.revision += 1;
             self.ids.remove(&job.id);
             self.history.remove(&seq);
             self.index.remove(&job);
+            for after in &job.after {
+                if let Some(list) = self.ids.get(after).and_then(|a| self.dependents.get_mut(a)) {
+                    list.retain(|&dependent| dependent != seq);
+                }
+            }
+            if let Some(now) = cancel_at {
+                self.propagate(&job, true, now);
+            }
+            self.dependents.remove(&seq);
         }
     }
 
-    /// Changes the job with sequence number `seq` in place (never its id or seq) and keeps the
-    /// indexes in step.
-    fn update<T>(&mut self, seq: u64, change: impl FnOnce(&mut Job) -> T) -> (&Job, T) {
+    /// Changes the job with sequence number `seq` in place (never its id or seq), keeps the
+    /// indexes in step, and lets the jobs waiting for it follow when it finished.
+    fn update<T>(
+        &mut self,
+        seq: u64,
+        now: Timestamp,
+        change: impl FnOnce(&mut Job) -> T,
+    ) -> (Job, T) {
         let job = self
             .jobs
             .get_mut(&seq)
             .expect("the indexes only hold sequence numbers of stored jobs");
+        let old = job.clone();
         self.index.remove(job);
         let out = change(job);
         self.index.insert(job);
         self.revision += 1;
-        (job, out)
+        let new = job.clone();
+        if rules::finishes(&old, &new) {
+            self.propagate(&new, false, now);
+        }
+        (new, out)
+    }
+
+    /// Replaces a job's record, keeping the indexes in step (and nothing else).
+    fn replace(&mut self, new: Job) {
+        let job = self
+            .jobs
+            .get_mut(&new.seq)
+            .expect("only stored jobs are replaced");
+        self.index.remove(job);
+        *job = new;
+        self.index.insert(job);
+        self.revision += 1;
+    }
+
+    fn propagate(&mut self, finished: &Job, removed: bool, now: Timestamp) {
+        let result: Result<()> = rules::propagate(self, finished, removed, now);
+        result.expect("the memory store's graph operations cannot fail");
+    }
+
+    fn dependencies_of(&self, job: &Job) -> Vec<Dependency> {
+        job.after
+            .iter()
+            .map(|id| {
+                let state = self.ids.get(id).map(|seq| self.jobs[seq].state);
+                (id.clone(), state)
+            })
+            .collect()
     }
 
     /// Adds a finished attempt to the job's history.
@@ -121,16 +206,39 @@ impl QueueState {
         self.history.entry(seq).or_default().push(attempt);
     }
 
-    /// Moves runnable jobs due at `now` from `scheduled` to `ready`.
+    /// Moves jobs due at `now` from `scheduled` to `ready`.
     fn promote(&mut self, now: Timestamp) {
         while let Some(&(run_at, seq)) = self.index.scheduled.first() {
             if run_at > now {
                 break;
             }
             self.index.scheduled.pop_first();
-            let priority = self.jobs[&seq].priority;
-            self.index.ready.insert((Reverse(priority), run_at, seq));
+            let job = &self.jobs[&seq];
+            self.index
+                .ready
+                .entry(job.queue.clone())
+                .or_default()
+                .insert((Reverse(job.priority), run_at, seq));
             self.index.ready_at.insert((run_at, seq));
+        }
+    }
+
+    fn settings(&self, queue: &str) -> QueueSettings {
+        self.queues.get(queue).copied().unwrap_or_default()
+    }
+
+    fn queue_info(&self, name: &str) -> QueueInfo {
+        let settings = self.settings(name);
+        QueueInfo {
+            name: name.to_owned(),
+            paused: settings.paused,
+            limit: settings.limit,
+            counts: self
+                .index
+                .queue_counts
+                .get(name)
+                .map(counts_of)
+                .unwrap_or_default(),
         }
     }
 
@@ -154,51 +262,104 @@ impl QueueState {
 
     // ----- transitions -----
 
-    pub(crate) fn enqueue_batch(&mut self, jobs: Vec<NewJob>, now: Timestamp) -> Result<Vec<Job>> {
+    pub(crate) fn submit(&mut self, jobs: Vec<NewJob>, now: Timestamp) -> Result<Vec<Enqueued>> {
+        // Checked in full first, against the store and the earlier jobs of the batch, so that
+        // a refusal changes nothing.
         let mut ids = HashSet::with_capacity(jobs.len());
+        let mut keys = HashSet::new();
         let mut prepared = Vec::with_capacity(jobs.len());
         for new in jobs {
             new.validate()?;
             let id = new.id.clone().unwrap_or_else(JobId::generate);
-            if self.ids.contains_key(&id) || !ids.insert(id.clone()) {
-                return Err(StorageError::AlreadyExists { id });
+            let duplicate = new
+                .unique_key
+                .as_ref()
+                .is_some_and(|key| self.index.unique.contains_key(key) || keys.contains(key));
+            if !duplicate {
+                if self.ids.contains_key(&id) || ids.contains(&id) {
+                    return Err(StorageError::AlreadyExists { id });
+                }
+                for after in &new.after {
+                    let state = match self.ids.get(after) {
+                        Some(seq) => Some(self.jobs[seq].state),
+                        None => ids.contains(after).then_some(JobState::Pending),
+                    };
+                    rules::check_dependencies(&id, &[(after.clone(), state)])?;
+                }
+                ids.insert(id.clone());
+                keys.extend(new.unique_key.clone());
             }
             prepared.push((id, new));
         }
-        let mut created = Vec::with_capacity(prepared.len());
+        let mut entries = Vec::with_capacity(prepared.len());
         for (id, new) in prepared {
-            let job = rules::new_job(new, id, self.next_seq, &self.config, now);
+            let holder = new
+                .unique_key
+                .as_ref()
+                .and_then(|key| self.index.unique.get(key));
+            if let Some(&seq) = holder {
+                entries.push(Enqueued {
+                    job: self.jobs[&seq].clone(),
+                    duplicate: true,
+                });
+                continue;
+            }
+            let dependencies: Vec<Dependency> = new
+                .after
+                .iter()
+                .map(|after| {
+                    (
+                        after.clone(),
+                        self.ids.get(after).map(|s| self.jobs[s].state),
+                    )
+                })
+                .collect();
+            let job = rules::new_job(new, id, self.next_seq, &dependencies, &self.config, now);
             self.insert(job.clone());
-            created.push(job);
+            entries.push(Enqueued {
+                job,
+                duplicate: false,
+            });
         }
-        Ok(created)
+        Ok(entries)
     }
 
-    pub(crate) fn claim(
-        &mut self,
-        worker: &str,
-        max: usize,
-        lease_for: Duration,
-        now: Timestamp,
-    ) -> Vec<Job> {
-        self.promote(now);
-        let mut picked = Vec::new();
-        // A job in `ready` was due at an earlier claim's `now`; with a `now` that went
-        // backwards (another process's clock read) it may not be due yet: skip it.
-        for &(_, run_at, seq) in &self.index.ready {
-            if picked.len() == max {
-                break;
-            }
-            if run_at <= now {
-                picked.push(seq);
-            }
+    pub(crate) fn claim(&mut self, request: &ClaimRequest, now: Timestamp) -> Vec<Job> {
+        if request.max == 0 {
+            return Vec::new();
         }
+        self.promote(now);
+        // The first jobs of each queue the request may take, merged in claim order.
+        let mut picked: Vec<ReadyKey> = Vec::new();
+        for (queue, ready) in &self.index.ready {
+            let settings = self.settings(queue);
+            if !request.takes(queue) || settings.paused {
+                continue;
+            }
+            let running = self
+                .index
+                .queue_counts
+                .get(queue)
+                .map_or(0, |c| c[JobState::Processing.index()]);
+            let room = rules::room_in_queue(settings.limit, running, request.max);
+            // A job in `ready` was due at an earlier claim's `now`; with a `now` that went
+            // backwards (another process's clock read) it may not be due yet: skip it.
+            picked.extend(
+                ready
+                    .iter()
+                    .filter(|&&(_, run_at, _)| run_at <= now)
+                    .take(room),
+            );
+        }
+        picked.sort_unstable();
+        picked.truncate(request.max);
         picked
             .into_iter()
-            .map(|seq| {
-                self.update(seq, |job| rules::claim(job, worker, lease_for, now))
-                    .0
-                    .clone()
+            .map(|(_, _, seq)| {
+                self.update(seq, now, |job| {
+                    rules::claim(job, &request.worker, request.lease_for, now)
+                })
+                .0
             })
             .collect()
     }
@@ -213,7 +374,7 @@ impl QueueState {
         for lease in leases {
             match self.leased(lease) {
                 Ok(seq) => {
-                    self.update(seq, |job| rules::extend_lease(job, lease_for, now));
+                    self.update(seq, now, |job| rules::extend_lease(job, lease_for, now));
                 }
                 Err(_) => lost.push(lease.job_id.clone()),
             }
@@ -235,19 +396,16 @@ impl QueueState {
     pub(crate) fn settle_and_claim(
         &mut self,
         settlements: Vec<Settlement>,
-        worker: &str,
-        max: usize,
-        lease_for: Duration,
+        request: &ClaimRequest,
         now: Timestamp,
     ) -> (Vec<Result<Job>>, Vec<Job>) {
         let settled = self.settle(settlements, now);
-        (settled, self.claim(worker, max, lease_for, now))
+        (settled, self.claim(request, now))
     }
 
     fn settle_one(&mut self, settlement: Settlement, now: Timestamp) -> Result<Job> {
         let seq = self.leased(settlement.lease())?;
-        let (job, attempt) = self.update(seq, |job| rules::settle(job, &settlement, now));
-        let job = job.clone();
+        let (job, attempt) = self.update(seq, now, |job| rules::settle(job, &settlement, now));
         self.remember(seq, attempt);
         Ok(job)
     }
@@ -286,8 +444,7 @@ impl QueueState {
     }
 
     fn recover(&mut self, seq: u64, why: Abandoned, now: Timestamp) -> Job {
-        let (job, attempt) = self.update(seq, |job| rules::recover(job, why, now));
-        let job = job.clone();
+        let (job, attempt) = self.update(seq, now, |job| rules::recover(job, why, now));
         self.remember(seq, attempt);
         job
     }
@@ -312,6 +469,7 @@ impl QueueState {
         };
         in_order
             .filter(|job| query.state.is_none_or(|s| job.state == s))
+            .filter(|job| query.queue.as_ref().is_none_or(|q| &job.queue == q))
             .skip(query.offset)
             .take(query.limit.unwrap_or(usize::MAX))
             .map(|job| Job {
@@ -322,21 +480,57 @@ impl QueueState {
     }
 
     pub(crate) fn counts(&self) -> StateCounts {
-        let c = &self.index.counts;
-        StateCounts {
-            pending: c[JobState::Pending.index()],
-            processing: c[JobState::Processing.index()],
-            completed: c[JobState::Completed.index()],
-            failed: c[JobState::Failed.index()],
-            dead: c[JobState::Dead.index()],
-            cancelled: c[JobState::Cancelled.index()],
-        }
+        counts_of(&self.index.counts)
     }
 
-    pub(crate) fn next_due(&self) -> Option<Timestamp> {
-        let ready = self.index.ready_at.first().map(|&(run_at, _)| run_at);
-        let scheduled = self.index.scheduled.first().map(|&(run_at, _)| run_at);
-        match (ready, scheduled) {
+    pub(crate) fn queues(&self) -> Vec<QueueInfo> {
+        let mut names: BTreeSet<&String> = self.index.queue_counts.keys().collect();
+        names.extend(self.queues.keys());
+        names
+            .into_iter()
+            .map(|name| self.queue_info(name))
+            .collect()
+    }
+
+    pub(crate) fn change_queues(
+        &mut self,
+        names: Option<&[String]>,
+        change: QueueChange,
+    ) -> Result<Vec<QueueInfo>> {
+        let names: Vec<String> = match names {
+            Some(names) => {
+                for name in names {
+                    crate::job::check_queue_name(name)?;
+                }
+                let mut unique = names.to_vec();
+                unique.sort();
+                unique.dedup();
+                unique
+            }
+            None => self.queues().into_iter().map(|q| q.name).collect(),
+        };
+        for name in &names {
+            let mut settings = self.settings(name);
+            rules::change_queue(&mut settings.paused, &mut settings.limit, change);
+            if settings != self.settings(name) {
+                self.touch();
+            }
+            if settings == QueueSettings::default() {
+                self.queues.remove(name);
+            } else {
+                self.queues.insert(name.clone(), settings);
+            }
+        }
+        Ok(names.iter().map(|name| self.queue_info(name)).collect())
+    }
+
+    pub(crate) fn next_due(&self, after: Timestamp) -> Option<Timestamp> {
+        let later = |set: &BTreeSet<(Timestamp, u64)>| {
+            set.range((after, u64::MAX)..)
+                .find(|&&(run_at, _)| run_at > after)
+                .map(|&(run_at, _)| run_at)
+        };
+        match (later(&self.index.ready_at), later(&self.index.scheduled)) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
@@ -355,15 +549,36 @@ impl QueueState {
             }
             None => self.seqs_in(JobState::Dead),
         };
+        let mut targets = targets;
+        let mut seen = HashSet::new();
+        targets.retain(|&seq| seen.insert(seq));
+        self.check_reruns(&targets)?;
         let mut retried = Vec::with_capacity(targets.len());
         for seq in targets {
-            if self.jobs[&seq].state != JobState::Dead {
-                continue; // named twice in `ids`
-            }
-            let (job, ()) = self.update(seq, |job| rules::retry(job, now));
-            retried.push(job.clone());
+            retried.push(self.rerun(seq, now));
         }
         Ok(retried)
+    }
+
+    /// Checks that running the finished jobs `seqs` again gives no unique key to two jobs.
+    fn check_reruns(&self, seqs: &[u64]) -> Result<()> {
+        let mut taken: HashMap<&String, u64> = HashMap::new();
+        for &seq in seqs {
+            let job = &self.jobs[&seq];
+            if let Some(key) = &job.unique_key {
+                let holder = self.index.unique.get(key).or_else(|| taken.get(key));
+                rules::check_unique(job, holder.map(|seq| &self.jobs[seq]))?;
+                taken.insert(key, seq);
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the finished job `seq` again (checked by [`Self::check_reruns`]).
+    fn rerun(&mut self, seq: u64, now: Timestamp) -> Job {
+        let dependencies = self.dependencies_of(&self.jobs[&seq]);
+        self.update(seq, now, |job| rules::retry(job, &dependencies, now))
+            .0
     }
 
     fn seqs_in(&self, state: JobState) -> Vec<u64> {
@@ -391,8 +606,13 @@ impl QueueState {
         let seqs = self.checked(ids, rules::check_cancel)?;
         let mut cancelled = Vec::with_capacity(seqs.len());
         for seq in seqs {
-            let (job, attempt) = self.update(seq, |job| rules::cancel(job, now));
-            cancelled.push(job.clone());
+            if self.jobs[&seq].state.is_finished() {
+                // Cancelled meanwhile, as a dependent of an earlier one.
+                cancelled.push(self.jobs[&seq].clone());
+                continue;
+            }
+            let (job, attempt) = self.update(seq, now, |job| rules::cancel(job, now));
+            cancelled.push(job);
             if let Some(attempt) = attempt {
                 self.remember(seq, attempt);
             }
@@ -400,30 +620,30 @@ impl QueueState {
         Ok(cancelled)
     }
 
-    pub(crate) fn remove_jobs(&mut self, ids: &[JobId]) -> Result<Vec<JobId>> {
+    pub(crate) fn remove_jobs(&mut self, ids: &[JobId], now: Timestamp) -> Result<Vec<JobId>> {
         let seqs = self.checked(ids, rules::check_remove)?;
         let mut removed = Vec::with_capacity(seqs.len());
         for seq in seqs {
             removed.push(self.jobs[&seq].id.clone());
-            self.remove(seq);
+            self.remove(seq, Some(now));
         }
         Ok(removed)
     }
 
     pub(crate) fn retry(&mut self, ids: &[JobId], now: Timestamp) -> Result<Vec<Job>> {
         let seqs = self.checked(ids, rules::check_rerun)?;
+        self.check_reruns(&seqs)?;
         let mut retried = Vec::with_capacity(seqs.len());
         for seq in seqs {
-            let (job, ()) = self.update(seq, |job| rules::retry(job, now));
-            retried.push(job.clone());
+            retried.push(self.rerun(seq, now));
         }
         Ok(retried)
     }
 
-    pub(crate) fn clear_dead(&mut self) -> usize {
+    pub(crate) fn clear_dead(&mut self, now: Timestamp) -> usize {
         let dead = self.seqs_in(JobState::Dead);
         for &seq in &dead {
-            self.remove(seq);
+            self.remove(seq, Some(now));
         }
         dead.len()
     }
@@ -436,7 +656,7 @@ impl QueueState {
             .map(|job| job.seq)
             .collect();
         for &seq in &old {
-            self.remove(seq);
+            self.remove(seq, None);
         }
         old.len()
     }
@@ -492,5 +712,41 @@ impl QueueState {
             self.register_worker(worker);
         }
         ids.len()
+    }
+}
+
+fn counts_of(c: &[usize; 6]) -> StateCounts {
+    StateCounts {
+        pending: c[JobState::Pending.index()],
+        processing: c[JobState::Processing.index()],
+        completed: c[JobState::Completed.index()],
+        failed: c[JobState::Failed.index()],
+        dead: c[JobState::Dead.index()],
+        cancelled: c[JobState::Cancelled.index()],
+    }
+}
+
+impl rules::Dependents for QueueState {
+    type Error = StorageError;
+
+    fn blocked_dependents(&mut self, seq: u64) -> Result<Vec<Job>> {
+        Ok(self
+            .dependents
+            .get(&seq)
+            .into_iter()
+            .flatten()
+            .filter_map(|seq| self.jobs.get(seq))
+            .filter(|job| job.blocked && job.state.is_runnable())
+            .cloned()
+            .collect())
+    }
+
+    fn dependencies(&mut self, job: &Job) -> Result<Vec<Dependency>> {
+        Ok(self.dependencies_of(job))
+    }
+
+    fn write(&mut self, _old: &Job, new: Job) -> Result<()> {
+        self.replace(new);
+        Ok(())
     }
 }

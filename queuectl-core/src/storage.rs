@@ -62,11 +62,82 @@ impl Settlement {
     }
 }
 
+/// What [`Storage::submit`] did with one job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Enqueued {
+    /// The new job, or the existing one that holds the same unique key.
+    pub job: Job,
+    /// Whether `job` is an existing job (nothing was added).
+    pub duplicate: bool,
+}
+
+/// What a worker asks for when it claims.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimRequest {
+    /// The worker's id (recorded in the leases).
+    pub worker: String,
+    /// At most this many jobs.
+    pub max: usize,
+    /// Each lease runs until `now + lease_for`.
+    pub lease_for: Duration,
+    /// Only jobs of these queues; empty means every queue.
+    pub queues: Vec<String>,
+}
+
+impl ClaimRequest {
+    /// Up to `max` jobs of any queue for `worker`.
+    pub fn new(worker: impl Into<String>, max: usize, lease_for: Duration) -> Self {
+        Self {
+            worker: worker.into(),
+            max,
+            lease_for,
+            queues: Vec::new(),
+        }
+    }
+
+    /// Only jobs of `queues` (none: every queue).
+    pub fn queues(mut self, queues: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.queues = queues.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Whether the request takes jobs of `queue`.
+    pub fn takes(&self, queue: &str) -> bool {
+        self.queues.is_empty() || self.queues.iter().any(|q| q == queue)
+    }
+}
+
+/// A queue: its settings and how many of its jobs are in each state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueInfo {
+    /// Its name.
+    pub name: String,
+    /// Whether workers leave its jobs alone (running ones finish).
+    pub paused: bool,
+    /// At most this many of its jobs run at once across every worker (0: no limit).
+    pub limit: u32,
+    /// Its jobs per state.
+    pub counts: StateCounts,
+}
+
+/// A change to queues' settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueChange {
+    /// No worker claims its jobs until it is resumed.
+    Pause,
+    /// Workers claim its jobs again.
+    Resume,
+    /// At most this many of its jobs run at once across every worker (0: no limit).
+    Limit(u32),
+}
+
 /// Which jobs `list` returns.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ListQuery {
     /// Only jobs in this state.
     pub state: Option<JobState>,
+    /// Only jobs of this queue.
+    pub queue: Option<String>,
     /// Skip this many matching jobs.
     pub offset: usize,
     /// At most this many jobs.
@@ -121,6 +192,18 @@ impl StateCounts {
         }
     }
 
+    /// The count for `state`, to change.
+    pub fn get_mut(&mut self, state: JobState) -> &mut usize {
+        match state {
+            JobState::Pending => &mut self.pending,
+            JobState::Processing => &mut self.processing,
+            JobState::Completed => &mut self.completed,
+            JobState::Failed => &mut self.failed,
+            JobState::Dead => &mut self.dead,
+            JobState::Cancelled => &mut self.cancelled,
+        }
+    }
+
     /// All jobs.
     pub fn total(&self) -> usize {
         self.pending + self.processing + self.completed + self.failed + self.dead + self.cancelled
@@ -156,6 +239,9 @@ pub struct WorkerInfo {
     /// unknown, and such a worker is judged by its lease alone.
     #[serde(default)]
     pub identity: ProcessIdentity,
+    /// The queues it runs jobs of (empty: every queue).
+    #[serde(default)]
+    pub queues: Vec<String>,
 }
 
 /// What tells one process apart from every other, on a host and over time: a pid is only
@@ -202,20 +288,25 @@ pub struct ProcessIdentity {
 /// - **Refusals** (duplicate id, unknown job, wrong state, lost lease, invalid setting) are
 ///   typed errors and change nothing.
 pub trait Storage: Send + Sync + Debug {
-    /// Adds jobs, all or nothing. Unset fields take the stored [`Config`]'s defaults; a missing
-    /// id is generated. A duplicate id (in the store or within the batch) is
-    /// [`StorageError::AlreadyExists`].
-    fn enqueue_batch(&self, jobs: Vec<NewJob>, now: Timestamp) -> Result<Vec<Job>>;
+    /// Adds jobs, all or nothing, and says per job what was done. Unset fields take the stored
+    /// [`Config`]'s defaults; a missing id is generated. A duplicate id (in the store or within
+    /// the batch) is [`StorageError::AlreadyExists`].
+    ///
+    /// A job with a `unique_key` that a `pending`, `processing` or `failed` job holds (or an
+    /// earlier job of the batch) is not added: its entry is that job, marked `duplicate`.
+    ///
+    /// Every id in `after` must name a job in the store or earlier in the batch
+    /// ([`StorageError::DependencyNotFound`]); one that is `dead` or `cancelled` is
+    /// [`StorageError::DependencyFailed`]. The new job is `blocked` until all of them have
+    /// completed.
+    fn submit(&self, jobs: Vec<NewJob>, now: Timestamp) -> Result<Vec<Enqueued>>;
 
-    /// Claims up to `max` due jobs for `worker`, each leased until `now + lease_for`.
-    /// The returned jobs are `processing`, with `attempts` already incremented and `lease` set.
-    fn claim(
-        &self,
-        worker: &str,
-        max: usize,
-        lease_for: Duration,
-        now: Timestamp,
-    ) -> Result<Vec<Job>>;
+    /// Claims up to `request.max` due jobs for `request.worker`, each leased until
+    /// `now + request.lease_for`, from the queues the request takes that are not paused, and no
+    /// more of a queue than its limit leaves room for (counting its `processing` jobs of every
+    /// worker). Jobs `blocked` by a dependency are not claimed. The returned jobs are
+    /// `processing`, with `attempts` already incremented and `lease` set.
+    fn claim_jobs(&self, request: &ClaimRequest, now: Timestamp) -> Result<Vec<Job>>;
 
     /// Extends each still-valid lease to `now + lease_for`. Returns the ids of the jobs whose
     /// lease was lost (those must be abandoned by the caller).
@@ -230,9 +321,9 @@ pub trait Storage: Send + Sync + Debug {
     /// inner results say, per settlement, the job's new record or why it was refused.
     fn settle(&self, settlements: Vec<Settlement>, now: Timestamp) -> Result<Vec<Result<Job>>>;
 
-    /// Settles attempts, then claims up to `max` due jobs for `worker`: a worker refilling the
-    /// slots it just freed makes one round trip (one fsync) instead of two. The results are
-    /// those of [`Storage::settle`] and [`Storage::claim`].
+    /// Settles attempts, then claims as `request` says: a worker refilling the slots it just
+    /// freed makes one round trip (one fsync) instead of two. The results are those of
+    /// [`Storage::settle`] and [`Storage::claim_jobs`].
     ///
     /// The built-in stores do both in one atomic step. This default makes separate calls and
     /// keeps the outer error's meaning (nothing was applied): it claims first, so a failing
@@ -242,15 +333,13 @@ pub trait Storage: Send + Sync + Debug {
     fn settle_and_claim(
         &self,
         settlements: Vec<Settlement>,
-        worker: &str,
-        max: usize,
-        lease_for: Duration,
+        request: &ClaimRequest,
         now: Timestamp,
     ) -> Result<(Vec<Result<Job>>, Vec<Job>)> {
-        let claimed = if max == 0 {
+        let claimed = if request.max == 0 {
             Vec::new()
         } else {
-            self.claim(worker, max, lease_for, now)?
+            self.claim_jobs(request, now)?
         };
         match self.settle(settlements, now) {
             Ok(settled) => Ok((settled, claimed)),
@@ -302,8 +391,23 @@ pub trait Storage: Send + Sync + Debug {
     /// How many jobs are in each state.
     fn counts(&self) -> Result<StateCounts>;
 
-    /// The earliest `run_at` of a `pending` or `failed` job, if any: when work is next due.
-    fn next_due(&self) -> Result<Option<Timestamp>>;
+    /// Every queue that has jobs or settings, by name.
+    fn queues(&self) -> Result<Vec<QueueInfo>>;
+
+    /// Changes the settings of the queues `names` (`None`: every queue that has jobs or
+    /// settings). A named queue need not have jobs yet: its settings wait for them. Returns the
+    /// queues changed.
+    fn change_queues(
+        &self,
+        names: Option<&[String]>,
+        change: QueueChange,
+    ) -> Result<Vec<QueueInfo>>;
+
+    /// The earliest `run_at` later than `after` of a `pending` or `failed` job that is not
+    /// blocked, if any: when work next becomes due. (Jobs already due that no claim took, as
+    /// those of a paused or full queue, are not waited for by time: the change that frees them
+    /// is a change of the store.)
+    fn next_due(&self, after: Timestamp) -> Result<Option<Timestamp>>;
 
     /// Moves dead jobs back to `pending` with `attempts` reset to 0 (a full new set of
     /// retries). `ids: None` retries every dead job. A named job that is not dead is
@@ -320,17 +424,20 @@ pub trait Storage: Send + Sync + Debug {
 
     /// Deletes jobs that are not running, with their history, all or nothing. A `processing`
     /// job is [`StorageError::InvalidState`] (cancel it first), an unknown one
-    /// [`StorageError::NotFound`]. Returns the ids deleted.
-    fn remove(&self, ids: &[JobId]) -> Result<Vec<JobId>>;
+    /// [`StorageError::NotFound`]. Jobs blocked waiting for a removed job are cancelled at
+    /// `now`. Returns the ids deleted.
+    fn remove(&self, ids: &[JobId], now: Timestamp) -> Result<Vec<JobId>>;
 
     /// Runs finished jobs (`dead`, `cancelled` or `completed`) again: `pending` with a fresh set
     /// of attempts, all or nothing. Any other state is [`StorageError::InvalidState`].
     fn retry(&self, ids: &[JobId], now: Timestamp) -> Result<Vec<Job>>;
 
-    /// Deletes every dead job. Returns how many.
-    fn clear_dead(&self) -> Result<usize>;
+    /// Deletes every dead job (jobs blocked waiting for one are cancelled at `now`). Returns
+    /// how many.
+    fn clear_dead(&self, now: Timestamp) -> Result<usize>;
 
-    /// Deletes completed jobs that finished before `finished_before`. Returns how many.
+    /// Deletes completed jobs that finished before `finished_before` (a job blocked waiting for
+    /// one counts it as completed). Returns how many.
     fn purge_completed(&self, finished_before: Timestamp) -> Result<usize>;
 
     /// The stored settings (defaults when none were set).
@@ -376,10 +483,31 @@ pub trait Storage: Send + Sync + Debug {
 
 /// Conveniences over [`Storage`], implemented for every store.
 pub trait StorageExt: Storage {
-    /// Adds one job.
+    /// Adds jobs as [`Storage::submit`] does; returns each new job (or the existing one holding
+    /// its unique key).
+    fn enqueue_batch(&self, jobs: Vec<NewJob>, now: Timestamp) -> Result<Vec<Job>> {
+        Ok(self
+            .submit(jobs, now)?
+            .into_iter()
+            .map(|entry| entry.job)
+            .collect())
+    }
+
+    /// Adds one job (or returns the existing one holding its unique key).
     fn enqueue(&self, job: NewJob, now: Timestamp) -> Result<Job> {
         let mut jobs = self.enqueue_batch(vec![job], now)?;
-        Ok(jobs.pop().expect("enqueue_batch returns one job per input"))
+        Ok(jobs.pop().expect("submit returns one entry per input"))
+    }
+
+    /// Claims up to `max` due jobs of any queue for `worker` (see [`Storage::claim_jobs`]).
+    fn claim(
+        &self,
+        worker: &str,
+        max: usize,
+        lease_for: Duration,
+        now: Timestamp,
+    ) -> Result<Vec<Job>> {
+        self.claim_jobs(&ClaimRequest::new(worker, max, lease_for), now)
     }
 
     /// Marks the leased job `completed`.

@@ -156,6 +156,7 @@ fn schema_v1_fixture_opens_with_its_contents() {
             ("running", JobState::Processing, 1),
             ("later", JobState::Pending, 0),
             ("urgent", JobState::Pending, 0),
+            ("report", JobState::Pending, 0),
         ])
     );
     let id = |s: &str| s.parse().unwrap();
@@ -175,9 +176,32 @@ fn schema_v1_fixture_opens_with_its_contents() {
     );
     let urgent = store.get(&id("urgent")).unwrap();
     assert_eq!((urgent.priority, urgent.max_retries), (10, 5));
+    assert_eq!(
+        (urgent.queue.as_str(), urgent.unique_key.as_deref()),
+        ("mail", Some("u-1"))
+    );
+    let report = store.get(&id("report")).unwrap();
+    assert_eq!(
+        (report.after.clone(), report.blocked),
+        (vec![id("running")], true)
+    );
+    let queues: Vec<_> = store
+        .queues()
+        .unwrap()
+        .into_iter()
+        .map(|q| (q.name, q.paused, q.limit, q.counts.total()))
+        .collect();
+    assert_eq!(
+        queues,
+        [
+            ("bulk".to_owned(), true, 0, 0),
+            ("default".to_owned(), false, 0, 6),
+            ("mail".to_owned(), false, 2, 1)
+        ]
+    );
     let running = store.get(&id("running")).unwrap();
     let lease = running.lease.clone().unwrap();
-    assert_eq!(lease.token, 0x227e_6fe1_b3f3_e3d0);
+    assert_eq!(lease.token, 0x5c92_9ae0_bff9_4a5c);
     assert_eq!(lease.expires_at, at(4) + LEASE);
     let attempts = store.attempts(&id("running")).unwrap();
     assert_eq!(attempts.last().unwrap().outcome, AttemptOutcome::Running);
@@ -190,19 +214,24 @@ fn schema_v1_fixture_opens_with_its_contents() {
             counts.failed,
             counts.dead
         ],
-        [2, 1, 1, 1, 1]
+        [3, 1, 1, 1, 1]
     );
     assert_eq!(store.config().unwrap().backoff_base(), 3.0);
     let workers = store.workers().unwrap();
     assert_eq!((workers[0].pid, workers[0].stop_requested), (4242, true));
-    assert_eq!(store.next_due().unwrap(), Some(at(2)));
+    assert_eq!(store.next_due(at(0)).unwrap(), Some(at(2)));
 
-    // It works: the lease fences, claims follow priority, writes land.
+    // It works: the lease fences, claims follow priority, dependencies follow, writes land.
     store
         .complete(&lease, AttemptReport::default(), at(5))
         .unwrap();
+    assert!(!store.get(&id("report")).unwrap().blocked);
     let next = store.claim("w2", 1, LEASE, at(61)).unwrap();
     assert_eq!(next[0].id.as_str(), "urgent");
+    let again = store
+        .enqueue(NewJob::new("true").unique_key("u-1"), at(61))
+        .unwrap();
+    assert_eq!(again.id.as_str(), "urgent");
     store.enqueue(NewJob::new("true"), at(61)).unwrap();
     store.cancel(&[id("later")], at(62)).unwrap();
     assert_eq!(store.counts().unwrap().cancelled, 1);

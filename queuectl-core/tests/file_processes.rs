@@ -14,7 +14,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use queuectl_core::{FileOptions, FileStorage, JobId, JobState, NewJob, Storage, now};
+use queuectl_core::{FileOptions, FileStorage, JobId, JobState, NewJob, Storage, StorageExt, now};
 
 /// Bound on every wait for a child.
 const CHILD_DEADLINE: Duration = Duration::from_secs(60);

@@ -399,7 +399,7 @@ fn deleting_jobs_gives_their_space_back() {
     store.checkpoint().unwrap();
     let db = dir.path().join("queuectl.db");
     let before = fs::metadata(&db).unwrap().len();
-    assert_eq!(store.clear_dead().unwrap(), 500);
+    assert_eq!(store.clear_dead(now()).unwrap(), 500);
     store.checkpoint().unwrap();
     let after = fs::metadata(&db).unwrap().len();
     assert!(after * 4 < before, "{before} bytes before, {after} after");

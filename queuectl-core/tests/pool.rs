@@ -397,6 +397,7 @@ fn jobs_of_a_dead_process_on_this_host_are_recovered_at_once() {
             stop_requested: false,
             stop_forced: false,
             identity,
+            queues: Vec::new(),
         })
         .unwrap();
     store

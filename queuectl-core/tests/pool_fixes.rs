@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use queuectl_core::pool::{hostname, recover_abandoned};
 use queuectl_core::{
-    Event, FnExecutor, JobId, JobState, MemoryStorage, NewJob, ProcessIdentity, Storage,
-    StorageExt, WorkerInfo, WorkerPool, now,
+    ClaimRequest, Event, FnExecutor, JobId, JobState, MemoryStorage, NewJob, ProcessIdentity,
+    Storage, StorageExt, WorkerInfo, WorkerPool, now,
 };
 
 mod support;
@@ -31,6 +31,7 @@ fn abandoned(store: &MemoryStorage, pid: u32, identity: ProcessIdentity) {
             stop_requested: false,
             stop_forced: false,
             identity,
+            queues: Vec::new(),
         })
         .unwrap();
     assert_eq!(store.claim("other", 1, HOUR, now()).unwrap().len(), 1);
@@ -164,7 +165,7 @@ fn the_default_settle_and_claim_does_not_hide_a_failing_claim() {
         report: Default::default(),
     };
     let err = store
-        .settle_and_claim(vec![settlement], "w", 1, HOUR, now())
+        .settle_and_claim(vec![settlement], &ClaimRequest::new("w", 1, HOUR), now())
         .unwrap_err();
     assert!(
         matches!(err, queuectl_core::StorageError::Io { .. }),

@@ -32,7 +32,7 @@ pub fn cancel(store: &dyn Storage, ids: &[String], out: &mut dyn Write) -> Resul
 
 /// Deletes the jobs and prints their ids.
 pub fn remove(store: &dyn Storage, ids: &[String], out: &mut dyn Write) -> Result {
-    let removed = store.remove(&parse(ids)?)?;
+    let removed = store.remove(&parse(ids)?, now())?;
     for id in &removed {
         writeln!(out, "{id}")?;
     }

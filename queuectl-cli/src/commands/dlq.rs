@@ -37,7 +37,7 @@ pub fn run(store: &dyn Storage, command: DlqCommand, out: &mut dyn Write) -> Res
             Ok(())
         }
         DlqCommand::Clear => {
-            let cleared = store.clear_dead()?;
+            let cleared = store.clear_dead(now())?;
             writeln!(out, "{cleared}")?;
             say!("deleted {cleared} dead job(s)");
             Ok(())

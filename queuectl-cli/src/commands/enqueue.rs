@@ -2,7 +2,7 @@
 
 use std::io::{self, BufRead, Write};
 
-use queuectl_core::{JobSpec, NewJob, Storage, now};
+use queuectl_core::{Enqueued, JobSpec, NewJob, Storage, now};
 
 use crate::error::{CliError, Result};
 use crate::render;
@@ -31,7 +31,8 @@ pub fn parse(arg: &str) -> Result<Vec<NewJob>> {
 }
 
 /// Adds `jobs` (parsed by [`parse`] before the store was opened) and prints their ids, or the
-/// stored jobs as JSON (an object for one job given as an argument, an array for stdin).
+/// stored jobs as JSON (an object for one job given as an argument, an array for stdin), each
+/// with `"duplicate": true` when it is an existing job holding the new one's unique key.
 pub fn run(
     store: &dyn Storage,
     jobs: Vec<NewJob>,
@@ -39,15 +40,32 @@ pub fn run(
     json: bool,
     out: &mut dyn Write,
 ) -> Result {
-    let created = store.enqueue_batch(jobs, now())?;
+    let entries = store.submit(jobs, now())?;
+    for entry in entries.iter().filter(|e| e.duplicate) {
+        let job = &entry.job;
+        say!(
+            "job {} with unique key {:?} is already {}: nothing added",
+            job.id,
+            render::one_line(job.unique_key.as_deref().unwrap_or_default()),
+            job.state
+        );
+    }
     if json && !from_stdin {
-        render::print_json(out, &created[0])
+        render::print_json(out, &with_flag(&entries[0]))
     } else if json {
-        render::print_json(out, &created)
+        let all: Vec<_> = entries.iter().map(with_flag).collect();
+        render::print_json(out, &all)
     } else {
-        for job in &created {
-            writeln!(out, "{}", job.id)?;
+        for entry in &entries {
+            writeln!(out, "{}", entry.job.id)?;
         }
         Ok(())
     }
+}
+
+/// The job as JSON with its `duplicate` flag.
+fn with_flag(entry: &Enqueued) -> serde_json::Value {
+    let mut value = serde_json::to_value(&entry.job).expect("a job serialises");
+    value["duplicate"] = entry.duplicate.into();
+    value
 }

@@ -8,6 +8,7 @@ mod enqueue;
 mod list;
 mod logs;
 mod purge;
+mod queue;
 mod show;
 mod status;
 pub mod worker;
@@ -45,6 +46,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result {
         Command::Enqueue { job, .. } => Some(enqueue::parse(job)?),
         _ => None,
     };
+    queue::check_names(&cli.command)?;
     let access = store::access(&cli.command);
     match cli.command {
         Command::Check(flag) => check::run(&home, flag.json, out),
@@ -52,11 +54,13 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result {
             count,
             exit_when_idle,
             prefetch,
+            queues,
         }) => worker::start(
             store::open_for_work(&home)?,
             count.map(usize::from),
             exit_when_idle,
             prefetch as usize,
+            queues,
         ),
         command => {
             let store = store::open(&home, access)?;
@@ -73,6 +77,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result {
                 Command::Status(flag) => status::run(store, flag.json, out),
                 Command::List {
                     state,
+                    queue,
                     limit,
                     offset,
                     newest,
@@ -80,6 +85,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result {
                 } => {
                     let query = ListQuery {
                         state,
+                        queue,
                         offset,
                         limit,
                         newest_first: newest,
@@ -88,6 +94,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result {
                 }
                 Command::Show { id, json } => show::run(store, id, json, out),
                 Command::Dlq(command) => dlq::run(store, command, out),
+                Command::Queue(command) => queue::run(store, command, out),
                 Command::Config(command) => config::run(store, command, out),
                 Command::Purge { older_than } => purge::run(store, older_than, out),
                 Command::Cancel { ids } => control::cancel(store, &ids, out),

@@ -13,6 +13,8 @@ use crate::{render, store};
 struct StatusReport {
     counts: queuectl_core::StateCounts,
     total: usize,
+    /// Every queue with jobs or settings.
+    queues: Vec<queuectl_core::QueueInfo>,
     /// Jobs the live workers run at once, all processes together (what `--count` counts).
     worker_slots: usize,
     /// Worker processes.
@@ -29,6 +31,7 @@ pub fn run(store: &dyn Storage, json: bool, out: &mut dyn Write) -> Result {
     let report = StatusReport {
         counts,
         total: counts.total(),
+        queues: store.queues()?,
         worker_slots: workers.iter().map(|w| w.concurrency).sum(),
         worker_processes: workers.len(),
         workers,
@@ -37,7 +40,12 @@ pub fn run(store: &dyn Storage, json: bool, out: &mut dyn Write) -> Result {
     if json {
         render::print_json(out, &report)
     } else {
-        let text = render::status(&report.counts, &report.workers, &report.config);
+        let text = render::status(
+            &report.counts,
+            &report.queues,
+            &report.workers,
+            &report.config,
+        );
         Ok(out.write_all(text.as_bytes())?)
     }
 }

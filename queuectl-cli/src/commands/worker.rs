@@ -18,6 +18,7 @@ pub fn start(
     count: Option<usize>,
     exit_when_idle: bool,
     prefetch: usize,
+    queues: Vec<String>,
 ) -> Result {
     if std::process::id() == 1 {
         // Job processes a finished job leaves behind are handed to PID 1 when they exit; a
@@ -40,7 +41,15 @@ pub fn start(
         .workers(count.unwrap_or(config.worker_count()))
         .exit_when_idle(exit_when_idle)
         .prefetch(prefetch)
+        .queues(queues.iter().cloned())
         .start()?;
+    if !queues.is_empty() {
+        say!(
+            "{} [queues] running jobs of {}",
+            ts(now()),
+            queues.join(", ")
+        );
+    }
     let stopper = pool.stopper();
     let signal_thread = std::thread::Builder::new()
         .name("queuectl-signals".into())

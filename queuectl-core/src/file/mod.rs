@@ -39,7 +39,10 @@ use crate::config::{Config, ConfigError};
 use crate::error::{DatabaseFault, Result, StorageError};
 use crate::job::{Attempt, AttemptOutcome, Job, JobId, JobState, Lease, NewJob, Timestamp};
 use crate::rules::{self, Abandoned};
-use crate::storage::{ListQuery, Settlement, StateCounts, Storage, WorkerInfo};
+use crate::storage::{
+    ClaimRequest, Enqueued, ListQuery, QueueChange, QueueInfo, Settlement, StateCounts, Storage,
+    WorkerInfo,
+};
 
 pub use self::schema::SCHEMA_VERSION;
 
@@ -299,20 +302,20 @@ impl FileStorage {
                 .collect::<rusqlite::Result<_>>()?;
             problems.retain(|line| line != "ok");
             if problems.is_empty() {
-                let stored: Vec<(String, i64)> = conn
+                let off: Vec<(String, String, i64)> = conn
                     .prepare(
-                        "SELECT c.state, c.jobs - (SELECT count(*) FROM jobs j \
-                         WHERE j.state = c.state) FROM counts c",
+                        "SELECT queue, state, sum(n) FROM ( \
+                         SELECT queue, state, jobs AS n FROM counts UNION ALL \
+                         SELECT queue, state, -count(*) FROM jobs GROUP BY queue, state) \
+                         GROUP BY queue, state HAVING sum(n) != 0 ORDER BY queue, state",
                     )?
-                    .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+                    .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
                     .collect::<rusqlite::Result<_>>()?;
-                for (state, off_by) in stored {
-                    if off_by != 0 {
-                        problems.push(format!(
-                            "the count of {state} jobs is off by {off_by} (the status summary \
-                             would be wrong)"
-                        ));
-                    }
+                for (queue, state, off_by) in off {
+                    problems.push(format!(
+                        "the count of {state} jobs in queue {queue} is off by {off_by} (the \
+                         status summary would be wrong)"
+                    ));
                 }
             }
             Ok(problems)
@@ -638,38 +641,69 @@ impl FileStorage {
         Ok(results)
     }
 
-    fn claim_in(
-        tx: &mut Tx,
-        worker: &str,
-        max: usize,
-        lease_for: Duration,
-        now: Timestamp,
-    ) -> TxResult<Vec<Job>> {
-        if max == 0 {
+    fn claim_in(tx: &mut Tx, request: &ClaimRequest, now: Timestamp) -> TxResult<Vec<Job>> {
+        if request.max == 0 {
             return Ok(Vec::new());
         }
         let now_us = micros(now);
         // Scheduled jobs that became due join the ready ones (the lane is index bookkeeping,
         // not job state).
         tx.prepare_cached(queries::PROMOTE)?.execute([now_us])?;
-        let limit = i64::try_from(max).unwrap_or(i64::MAX);
-        let picked = rows::select_jobs(tx, queries::PICK_READY, [now_us, limit])?;
+        let settings = rows::queue_settings(tx)?;
+        let mut picked = Vec::new();
+        let queues = tx
+            .prepare_cached(queries::CLAIMABLE_QUEUES)?
+            .query_map([], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, Option<i64>>(1)?.unwrap_or(0),
+                    row.get::<_, Option<i64>>(2)?.unwrap_or(0),
+                ))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        for (queue, waiting, running) in queues {
+            let (paused, limit) = settings.get(&queue).copied().unwrap_or_default();
+            if waiting == 0 || paused || !request.takes(&queue) {
+                continue;
+            }
+            let room =
+                rules::room_in_queue(limit, usize::try_from(running).unwrap_or(0), request.max);
+            if room == 0 {
+                continue;
+            }
+            let limit = i64::try_from(room).unwrap_or(i64::MAX);
+            picked.extend(rows::select_jobs(
+                tx,
+                queries::PICK_READY,
+                rusqlite::params![queue, now_us, limit],
+            )?);
+        }
+        // The first jobs of each queue, merged in claim order.
+        picked.sort_unstable_by_key(|job| (std::cmp::Reverse(job.priority), job.run_at, job.seq));
+        picked.truncate(request.max);
         let mut claimed = Vec::with_capacity(picked.len());
         for old in picked {
             let mut job = old.clone();
-            rules::claim(&mut job, worker, lease_for, now);
+            rules::claim(&mut job, &request.worker, request.lease_for, now);
             tx.update_job(&old, &mut job, now)?;
             claimed.push(job);
         }
         Ok(claimed)
     }
 
-    /// Runs `targets` (checked by the caller) again, each with a fresh set of attempts.
+    /// Runs `targets` (checked by the caller) again, each with a fresh set of attempts, unless
+    /// that would give a unique key to two jobs (then nothing is retried).
     fn retry_in(tx: &mut Tx, targets: Vec<Job>, now: Timestamp) -> TxResult<Vec<Job>> {
         let mut retried = Vec::with_capacity(targets.len());
         for old in targets {
+            // Read again: an earlier target retried in this transaction may hold its key now.
+            if let Some(key) = &old.unique_key {
+                let holder = rows::select_jobs(tx, queries::UNIQUE_HOLDER, [key])?.pop();
+                rules::check_unique(&old, holder.as_ref())?;
+            }
+            let dependencies = tx.dependency_states(&old)?;
             let mut job = old.clone();
-            rules::retry(&mut job, now);
+            rules::retry(&mut job, &dependencies, now);
             tx.update_job(&old, &mut job, now)?;
             job.output = rows::last_output(tx, job.seq)?;
             retried.push(job);
@@ -909,44 +943,53 @@ impl fmt::Debug for FileStorage {
 }
 
 impl Storage for FileStorage {
-    fn enqueue_batch(&self, jobs: Vec<NewJob>, now: Timestamp) -> Result<Vec<Job>> {
+    fn submit(&self, jobs: Vec<NewJob>, now: Timestamp) -> Result<Vec<Enqueued>> {
         for job in &jobs {
             job.validate()?;
         }
-        let mut ids = std::collections::HashSet::with_capacity(jobs.len());
-        let mut prepared = Vec::with_capacity(jobs.len());
-        for new in &jobs {
-            let id = new.id.clone().unwrap_or_else(JobId::generate);
-            if !ids.insert(id.clone()) {
-                return Err(StorageError::AlreadyExists { id });
-            }
-            prepared.push(id);
-        }
+        let ids: Vec<JobId> = jobs
+            .iter()
+            .map(|new| new.id.clone().unwrap_or_else(JobId::generate))
+            .collect();
         self.write("enqueue jobs", |tx| {
             let config = rows::config(tx)?;
-            let mut created = Vec::with_capacity(jobs.len());
-            for (new, id) in jobs.iter().zip(&prepared) {
-                let mut job = rules::new_job(new.clone(), id.clone(), 0, &config, now);
+            let mut entries = Vec::with_capacity(jobs.len());
+            for (new, id) in jobs.iter().zip(&ids) {
+                let holder = match &new.unique_key {
+                    Some(key) => rows::select_jobs(tx, queries::UNIQUE_HOLDER, [key])?.pop(),
+                    None => None,
+                };
+                if let Some(mut holder) = holder {
+                    holder.output = rows::last_output(tx, holder.seq)?;
+                    entries.push(Enqueued {
+                        job: holder,
+                        duplicate: true,
+                    });
+                    continue;
+                }
+                let dependencies = new
+                    .after
+                    .iter()
+                    .map(|after| Ok((after.clone(), rows::state_of(tx, after)?)))
+                    .collect::<TxResult<Vec<_>>>()?;
+                rules::check_dependencies(id, &dependencies)?;
+                let mut job =
+                    rules::new_job(new.clone(), id.clone(), 0, &dependencies, &config, now);
                 tx.insert_job(&mut job, now)?;
-                created.push(job);
+                entries.push(Enqueued {
+                    job,
+                    duplicate: false,
+                });
             }
-            Ok(created)
+            Ok(entries)
         })
     }
 
-    fn claim(
-        &self,
-        worker: &str,
-        max: usize,
-        lease_for: Duration,
-        now: Timestamp,
-    ) -> Result<Vec<Job>> {
-        if max == 0 {
+    fn claim_jobs(&self, request: &ClaimRequest, now: Timestamp) -> Result<Vec<Job>> {
+        if request.max == 0 {
             return Ok(Vec::new());
         }
-        self.write("claim jobs", |tx| {
-            Self::claim_in(tx, worker, max, lease_for, now)
-        })
+        self.write("claim jobs", |tx| Self::claim_in(tx, request, now))
     }
 
     fn extend_leases(
@@ -980,14 +1023,12 @@ impl Storage for FileStorage {
     fn settle_and_claim(
         &self,
         settlements: Vec<Settlement>,
-        worker: &str,
-        max: usize,
-        lease_for: Duration,
+        request: &ClaimRequest,
         now: Timestamp,
     ) -> Result<(Vec<Result<Job>>, Vec<Job>)> {
         self.write("record job results and claim jobs", |tx| {
             let settled = Self::settle_in(tx, &settlements, now)?;
-            let claimed = Self::claim_in(tx, worker, max, lease_for, now)?;
+            let claimed = Self::claim_in(tx, request, now)?;
             Ok((settled, claimed))
         })
     }
@@ -1030,56 +1071,73 @@ impl Storage for FileStorage {
             .limit
             .map_or(-1, |limit| i64::try_from(limit).unwrap_or(i64::MAX));
         let offset = i64::try_from(query.offset).unwrap_or(i64::MAX);
-        let (page, page_in_state) = if query.newest_first {
-            (queries::PAGE_NEWEST, queries::PAGE_IN_STATE_NEWEST)
-        } else {
-            (queries::PAGE, queries::PAGE_IN_STATE)
-        };
-        self.read("list jobs", |conn| match query.state {
-            Some(state) => rows::select_jobs(
+        let page = queries::page(
+            query.state.is_some(),
+            query.queue.is_some(),
+            query.newest_first,
+        );
+        let state = query.state.map(JobState::as_str);
+        self.read("list jobs", |conn| {
+            rows::select_jobs(
                 conn,
-                page_in_state,
-                rusqlite::params![state.as_str(), limit, offset],
-            ),
-            None => rows::select_jobs(conn, page, rusqlite::params![limit, offset]),
+                &page,
+                rusqlite::params![state, query.queue, limit, offset],
+            )
         })
     }
 
     fn counts(&self) -> Result<StateCounts> {
         self.read("count jobs", |conn| {
             let mut counts = StateCounts::default();
-            let mut statement = conn.prepare_cached(queries::COUNTS)?;
-            let mut found = statement.query([])?;
-            while let Some(row) = found.next()? {
-                let state: String = row.get(0)?;
-                let jobs = usize::try_from(row.get::<_, i64>(1)?).unwrap_or(0);
-                match state.parse::<JobState>() {
-                    Ok(JobState::Pending) => counts.pending = jobs,
-                    Ok(JobState::Processing) => counts.processing = jobs,
-                    Ok(JobState::Completed) => counts.completed = jobs,
-                    Ok(JobState::Failed) => counts.failed = jobs,
-                    Ok(JobState::Dead) => counts.dead = jobs,
-                    Ok(JobState::Cancelled) => counts.cancelled = jobs,
-                    Err(e) => {
-                        return Err(TxError::Db(rusqlite::Error::FromSqlConversionFailure(
-                            0,
-                            rusqlite::types::Type::Text,
-                            e.into(),
-                        )));
-                    }
-                }
+            for (_, state, jobs) in rows::counts(conn)? {
+                *counts.get_mut(state) += jobs;
             }
             Ok(counts)
         })
     }
 
-    fn next_due(&self) -> Result<Option<Timestamp>> {
+    fn queues(&self) -> Result<Vec<QueueInfo>> {
+        self.read("list queues", rows::queues)
+    }
+
+    fn change_queues(
+        &self,
+        names: Option<&[String]>,
+        change: QueueChange,
+    ) -> Result<Vec<QueueInfo>> {
+        if let Some(names) = names {
+            for name in names {
+                crate::job::check_queue_name(name)?;
+            }
+        }
+        self.write("change queue settings", |tx| {
+            let mut names: Vec<String> = match names {
+                Some(names) => names.to_vec(),
+                None => rows::queues(tx)?.into_iter().map(|q| q.name).collect(),
+            };
+            names.sort();
+            names.dedup();
+            let settings = rows::queue_settings(tx)?;
+            for name in &names {
+                let (mut paused, mut limit) = settings.get(name).copied().unwrap_or_default();
+                rules::change_queue(&mut paused, &mut limit, change);
+                tx.put_queue(name, paused, limit)?;
+            }
+            let all = rows::queues(tx)?;
+            Ok(all
+                .into_iter()
+                .filter(|q| names.contains(&q.name))
+                .collect())
+        })
+    }
+
+    fn next_due(&self, after: Timestamp) -> Result<Option<Timestamp>> {
         self.read("find the next due job", |conn| {
             let mut earliest = None;
             for query in [queries::NEXT_SCHEDULED, queries::NEXT_READY] {
                 let us: Option<i64> = conn
                     .prepare_cached(query)?
-                    .query_row([], |row| row.get(0))?;
+                    .query_row([micros(after)], |row| row.get(0))?;
                 earliest = match (earliest, us) {
                     (Some(a), Some(b)) => Some(std::cmp::min(a, b)),
                     (a, b) => a.or(b),
@@ -1124,7 +1182,13 @@ impl Storage for FileStorage {
         self.write("cancel jobs", |tx| {
             let targets = checked(tx, ids, rules::check_cancel)?;
             let mut cancelled = Vec::with_capacity(targets.len());
-            for old in targets {
+            for target in targets {
+                // Read again: cancelling an earlier target may have cancelled its dependents.
+                let old = rows::existing_job(tx, &target.id)?;
+                if old.state.is_finished() {
+                    cancelled.push(old);
+                    continue;
+                }
                 let mut job = old.clone();
                 let attempt = rules::cancel(&mut job, now);
                 tx.update_job(&old, &mut job, now)?;
@@ -1137,11 +1201,13 @@ impl Storage for FileStorage {
         })
     }
 
-    fn remove(&self, ids: &[JobId]) -> Result<Vec<JobId>> {
+    fn remove(&self, ids: &[JobId], now: Timestamp) -> Result<Vec<JobId>> {
         self.write("remove jobs", |tx| {
             let targets = checked(tx, ids, rules::check_remove)?;
-            for job in &targets {
-                tx.delete_job(job)?;
+            for target in &targets {
+                // Read again: removing an earlier target may have cancelled this one.
+                let job = rows::existing_job(tx, &target.id)?;
+                tx.delete_job(&job, now)?;
             }
             Ok(targets.into_iter().map(|job| job.id).collect())
         })
@@ -1154,19 +1220,21 @@ impl Storage for FileStorage {
         })
     }
 
-    fn clear_dead(&self) -> Result<usize> {
+    fn clear_dead(&self, now: Timestamp) -> Result<usize> {
         self.write("delete dead jobs", |tx| {
-            let deleted = tx.delete_jobs(JobState::Dead, queries::SELECT_DEAD, &[])?;
+            let dead = rows::select_jobs(tx, queries::DEAD, [])?;
+            for job in &dead {
+                tx.delete_job(job, now)?;
+            }
             rows::incremental_vacuum(tx)?;
-            Ok(deleted)
+            Ok(dead.len())
         })
     }
 
     fn purge_completed(&self, finished_before: Timestamp) -> Result<usize> {
         self.write("purge completed jobs", |tx| {
             let before = micros(finished_before);
-            let deleted =
-                tx.delete_jobs(JobState::Completed, queries::SELECT_PURGEABLE, &[&before])?;
+            let deleted = tx.delete_completed(queries::SELECT_PURGEABLE, &[&before])?;
             rows::incremental_vacuum(tx)?;
             Ok(deleted)
         })

@@ -4,9 +4,27 @@
 //! `INDEXED BY` pins the index where SQLite's planner, without statistics, could pick another
 //! one and sort: the claim order must come from `jobs_ready` itself.
 
-/// After `SELECT <job columns> FROM jobs`: due ready jobs in claim order.
+/// After `SELECT <job columns> FROM jobs`: due ready jobs of one queue in claim order.
 pub(super) const PICK_READY: &str = "INDEXED BY jobs_ready \
-     WHERE lane = 1 AND run_at <= ?1 ORDER BY priority DESC, run_at, seq LIMIT ?2";
+     WHERE lane = 1 AND queue = ?1 AND run_at <= ?2 ORDER BY priority DESC, run_at, seq \
+     LIMIT ?3";
+
+/// Per queue, its jobs waiting to run or running (claims look at these queues only).
+pub(super) const CLAIMABLE_QUEUES: &str = "SELECT queue, \
+     sum(jobs) FILTER (WHERE state IN ('pending', 'failed')), \
+     sum(jobs) FILTER (WHERE state = 'processing') \
+     FROM counts GROUP BY queue";
+
+/// The settings of every queue that has any.
+pub(super) const QUEUE_SETTINGS: &str = "SELECT name, paused, max_running FROM queues";
+
+/// After `SELECT <job columns> FROM jobs`: the job that holds a unique key.
+pub(super) const UNIQUE_HOLDER: &str = "INDEXED BY jobs_unique WHERE unique_key = ?1 \
+     AND unique_key IS NOT NULL AND state IN ('pending', 'processing', 'failed')";
+
+/// After `SELECT <job columns> FROM jobs`: the blocked jobs waiting for the job `?1`.
+pub(super) const BLOCKED_DEPENDENTS: &str = "WHERE seq IN \
+     (SELECT job_seq FROM dependencies WHERE after_seq = ?1) AND blocked = 1";
 
 /// Scheduled jobs that became due join the ready ones.
 pub(super) const PROMOTE: &str =
@@ -23,34 +41,33 @@ pub(super) const EXPIRED: &str = "INDEXED BY jobs_lease_expiry \
 pub(super) const OF_WORKER: &str = "INDEXED BY jobs_lease_worker \
      WHERE state = 'processing' AND lease_worker = ?1 ORDER BY lease_expires_at, seq";
 
-/// After `SELECT <job columns> FROM jobs`: a page of every job, in enqueue order.
-pub(super) const PAGE: &str = "ORDER BY seq LIMIT ?1 OFFSET ?2";
-
-/// After `SELECT <job columns> FROM jobs`: a page of the jobs in one state.
-pub(super) const PAGE_IN_STATE: &str = "WHERE state = ?1 ORDER BY seq LIMIT ?2 OFFSET ?3";
-
-/// [`PAGE`], newest first.
-pub(super) const PAGE_NEWEST: &str = "ORDER BY seq DESC LIMIT ?1 OFFSET ?2";
-
-/// [`PAGE_IN_STATE`], newest first.
-pub(super) const PAGE_IN_STATE_NEWEST: &str =
-    "WHERE state = ?1 ORDER BY seq DESC LIMIT ?2 OFFSET ?3";
+/// After `SELECT <job columns> FROM jobs`: a page of the jobs, in enqueue order or newest
+/// first, of one state (`?1`) and/or one queue (`?2`) when asked; `LIMIT ?3 OFFSET ?4`.
+pub(super) fn page(state: bool, queue: bool, newest_first: bool) -> String {
+    let filter = match (state, queue) {
+        (false, false) => "",
+        (true, false) => "WHERE state = ?1",
+        (false, true) => "WHERE queue = ?2",
+        (true, true) => "INDEXED BY jobs_queue WHERE queue = ?2 AND state = ?1",
+    };
+    let order = if newest_first { "DESC" } else { "" };
+    format!("{filter} ORDER BY seq {order} LIMIT ?3 OFFSET ?4")
+}
 
 /// After `SELECT <job columns> FROM jobs`: every dead job.
 pub(super) const DEAD: &str = "WHERE state = 'dead' ORDER BY seq";
-
-/// The jobs `dlq clear` deletes.
-pub(super) const SELECT_DEAD: &str = "SELECT seq FROM jobs WHERE state = 'dead'";
 
 /// The jobs `purge_completed` deletes.
 pub(super) const SELECT_PURGEABLE: &str = "SELECT seq FROM jobs INDEXED BY jobs_completed \
      WHERE state = 'completed' AND coalesce(finished_at, updated_at) < ?1";
 
-/// The earliest due time among scheduled jobs.
-pub(super) const NEXT_SCHEDULED: &str = "SELECT min(run_at) FROM jobs WHERE lane = 0";
+/// The earliest due time after `?1` among scheduled jobs.
+pub(super) const NEXT_SCHEDULED: &str =
+    "SELECT min(run_at) FROM jobs WHERE lane = 0 AND run_at > ?1";
 
-/// The earliest due time among ready jobs.
-pub(super) const NEXT_READY: &str = "SELECT min(run_at) FROM jobs WHERE lane = 1";
+/// The earliest due time after `?1` among ready jobs (a claim with an earlier clock may have
+/// left some).
+pub(super) const NEXT_READY: &str = "SELECT min(run_at) FROM jobs WHERE lane = 1 AND run_at > ?1";
 
 /// The output of a job's last finished attempt.
 pub(super) const LAST_OUTPUT: &str =
@@ -59,5 +76,5 @@ pub(super) const LAST_OUTPUT: &str =
 /// After `SELECT <attempt columns> FROM attempts`: a job's finished attempts.
 pub(super) const ATTEMPTS_OF: &str = "WHERE job_seq = ?1 ORDER BY id";
 
-/// Every per-state count.
-pub(super) const COUNTS: &str = "SELECT state, jobs FROM counts";
+/// Every per-queue, per-state count.
+pub(super) const COUNTS: &str = "SELECT queue, state, jobs FROM counts";

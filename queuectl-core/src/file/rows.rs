@@ -9,15 +9,19 @@ use std::time::Duration;
 use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension, Params, Row, Transaction, params};
 
+use std::collections::HashMap;
+
 use crate::config::Config;
 use crate::error::StorageError;
 use crate::job::{Attempt, Job, JobId, JobState, Lease, Timestamp};
-use crate::storage::WorkerInfo;
+use crate::rules::{self, Dependency};
+use crate::storage::{QueueInfo, StateCounts, WorkerInfo};
 
 /// The columns of a job, in the order [`job_from_row`] reads them.
 pub(super) const JOB_COLUMNS: &str = "seq, id, command, state, attempts, max_retries, \
      created_at, updated_at, priority, run_at, timeout_us, last_error, exit_code, started_at, \
-     finished_at, lease_worker, lease_token, lease_expires_at, runs";
+     finished_at, lease_worker, lease_token, lease_expires_at, runs, queue, unique_key, \
+     after_ids, blocked";
 
 const ATTEMPT_COLUMNS: &str =
     "number, worker, started_at, finished_at, outcome, exit_code, signal, error, output";
@@ -97,10 +101,10 @@ pub(super) fn normalize_attempt(attempt: &mut Attempt) {
     attempt.finished_at = attempt.finished_at.map(round);
 }
 
-/// Where a runnable job waits (the `lane` column): 1 ready, 0 scheduled, `None` otherwise.
+/// Where a job waiting to run waits (the `lane` column): 1 ready, 0 scheduled, `None`
+/// otherwise.
 fn lane(job: &Job, now: Timestamp) -> Option<i64> {
-    job.state
-        .is_runnable()
+    job.waits_to_run()
         .then_some(if job.run_at <= now { 1 } else { 0 })
 }
 
@@ -160,6 +164,13 @@ pub(super) fn job_from_row(row: &Row) -> rusqlite::Result<Job> {
         output: None,
         lease,
         runs: row.get(18)?,
+        queue: row.get(19)?,
+        unique_key: row.get(20)?,
+        after: match row.get::<_, Option<String>>(21)? {
+            Some(json) => serde_json::from_str(&json).map_err(|e| conversion(21, e.to_string()))?,
+            None => Vec::new(),
+        },
+        blocked: row.get(22)?,
     })
 }
 
@@ -186,7 +197,7 @@ fn opt_text(text: &Option<String>) -> Value {
 }
 
 /// Where `lane` is in [`columns`].
-const LANE: usize = 19;
+const LANE: usize = 23;
 
 /// Every column of `job`, in [`JOB_COLUMNS`] order, then `lane`.
 fn columns(job: &Job, now: Timestamp) -> [(&'static str, Value); LANE + 1] {
@@ -228,6 +239,17 @@ fn columns(job: &Job, now: Timestamp) -> [(&'static str, Value); LANE + 1] {
             lease.map_or(Value::Null, |l| Value::Integer(micros(l.expires_at))),
         ),
         ("runs", Value::Integer(job.runs.into())),
+        ("queue", Value::Text(job.queue.clone())),
+        ("unique_key", opt_text(&job.unique_key)),
+        (
+            "after_ids",
+            if job.after.is_empty() {
+                Value::Null
+            } else {
+                Value::Text(serde_json::to_string(&job.after).expect("ids serialise"))
+            },
+        ),
+        ("blocked", Value::Integer(job.blocked.into())),
         ("lane", lane(job, now).map_or(Value::Null, Value::Integer)),
     ]
 }
@@ -310,6 +332,57 @@ pub(super) fn workers(conn: &Connection) -> TxResult<Vec<WorkerInfo>> {
         .collect()
 }
 
+/// Every row of `counts`: queue, state, jobs.
+pub(super) fn counts(conn: &Connection) -> TxResult<Vec<(String, JobState, usize)>> {
+    let mut statement = conn.prepare_cached(super::queries::COUNTS)?;
+    let rows = statement
+        .query_map([], |row| {
+            Ok((
+                row.get::<_, String>(0)?,
+                parsed::<JobState>(row, 1)?,
+                usize::try_from(row.get::<_, i64>(2)?).unwrap_or(0),
+            ))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(rows)
+}
+
+/// Queue name → (paused, limit), for the queues that have settings.
+pub(super) fn queue_settings(conn: &Connection) -> TxResult<HashMap<String, (bool, u32)>> {
+    let mut statement = conn.prepare_cached(super::queries::QUEUE_SETTINGS)?;
+    let rows = statement
+        .query_map([], |row| {
+            Ok((row.get::<_, String>(0)?, (row.get(1)?, row.get(2)?)))
+        })?
+        .collect::<rusqlite::Result<HashMap<_, _>>>()?;
+    Ok(rows)
+}
+
+/// Every queue that has jobs or settings, by name.
+pub(super) fn queues(conn: &Connection) -> TxResult<Vec<QueueInfo>> {
+    let settings = queue_settings(conn)?;
+    let mut queues: std::collections::BTreeMap<String, QueueInfo> = Default::default();
+    let info = |name: &str| {
+        let (paused, limit) = settings.get(name).copied().unwrap_or_default();
+        QueueInfo {
+            name: name.to_owned(),
+            paused,
+            limit,
+            counts: StateCounts::default(),
+        }
+    };
+    for name in settings.keys() {
+        queues.insert(name.clone(), info(name));
+    }
+    for (queue, state, jobs) in counts(conn)? {
+        if jobs > 0 {
+            let entry = queues.entry(queue.clone()).or_insert_with(|| info(&queue));
+            *entry.counts.get_mut(state) += jobs;
+        }
+    }
+    Ok(queues.into_values().collect())
+}
+
 /// Gives every free page back to the file system (`PRAGMA incremental_vacuum` frees one page
 /// per row it returns, so every row is read).
 pub(super) fn incremental_vacuum(conn: &Connection) -> TxResult<()> {
@@ -325,8 +398,8 @@ pub(super) fn incremental_vacuum(conn: &Connection) -> TxResult<()> {
 /// per-state counters change with the jobs they count.
 pub(super) struct Tx<'c> {
     tx: Transaction<'c>,
-    /// Change of each state's count (by [`JobState::index`]) not yet written.
-    counts: [i64; 6],
+    /// Change of each queue's count of jobs in each state not yet written.
+    counts: HashMap<(String, JobState), i64>,
 }
 
 impl<'c> std::ops::Deref for Tx<'c> {
@@ -338,20 +411,34 @@ impl<'c> std::ops::Deref for Tx<'c> {
 
 impl<'c> Tx<'c> {
     pub(super) fn new(tx: Transaction<'c>) -> Self {
-        Self { tx, counts: [0; 6] }
+        Self {
+            tx,
+            counts: HashMap::new(),
+        }
+    }
+
+    fn count(&mut self, queue: &str, state: JobState, delta: i64) {
+        *self.counts.entry((queue.to_owned(), state)).or_default() += delta;
     }
 
     /// Writes the counters and commits.
     pub(super) fn commit(self) -> rusqlite::Result<()> {
-        {
-            let mut statement = self
+        for ((queue, state), delta) in &self.counts {
+            if *delta == 0 {
+                continue;
+            }
+            let args = params![queue, state.as_str(), delta];
+            let updated = self
                 .tx
-                .prepare_cached("UPDATE counts SET jobs = jobs + ?1 WHERE state = ?2")?;
-            for state in JobState::ALL {
-                let delta = self.counts[state.index()];
-                if delta != 0 {
-                    statement.execute(params![delta, state.as_str()])?;
-                }
+                .prepare_cached(
+                    "UPDATE counts SET jobs = jobs + ?3 WHERE queue = ?1 AND state = ?2",
+                )?
+                .execute(args)?;
+            if updated == 0 {
+                // The first job of its queue in this state (a negative count fails the CHECK).
+                self.tx
+                    .prepare_cached("INSERT INTO counts (queue, state, jobs) VALUES (?1, ?2, ?3)")?
+                    .execute(args)?;
             }
         }
         self.tx.commit()
@@ -365,28 +452,58 @@ impl<'c> Tx<'c> {
         let mut statement = self.tx.prepare_cached(
             "INSERT INTO jobs (id, command, state, attempts, max_retries, created_at, \
              updated_at, priority, run_at, timeout_us, last_error, exit_code, started_at, \
-             finished_at, lease_worker, lease_token, lease_expires_at, runs, lane) \
+             finished_at, lease_worker, lease_token, lease_expires_at, runs, queue, unique_key, \
+             after_ids, blocked, lane) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, \
-             ?17, ?18, ?19) ON CONFLICT (id) DO NOTHING",
+             ?17, ?18, ?19, ?20, ?21, ?22, ?23) ON CONFLICT (id) DO NOTHING",
         )?;
         let inserted = statement.execute(rusqlite::params_from_iter(
             values[1..].iter().map(|(_, v)| v),
         ))?;
+        drop(statement);
         if inserted == 0 {
             return Err(StorageError::AlreadyExists { id: job.id.clone() }.into());
         }
         job.seq = self.tx.last_insert_rowid() as u64;
-        self.counts[job.state.index()] += 1;
+        self.count(&job.queue, job.state, 1);
+        for after in &job.after {
+            self.tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO dependencies (after_seq, job_seq) \
+                     SELECT seq, ?2 FROM jobs WHERE id = ?1",
+                )?
+                .execute(params![after.as_str(), job.seq as i64])?;
+        }
         Ok(())
     }
 
-    /// Writes the columns in which `new` differs from `old` (the same job before a rule ran).
+    /// The states of `job`'s dependencies.
+    pub(super) fn dependency_states(&self, job: &Job) -> TxResult<Vec<Dependency>> {
+        job.after
+            .iter()
+            .map(|id| Ok((id.clone(), state_of(self, id)?)))
+            .collect()
+    }
+
+    /// Writes the columns in which `new` differs from `old` (the same job before a rule ran);
+    /// when it finished, the jobs waiting for it follow ([`rules::propagate`]).
     pub(super) fn update_job(&mut self, old: &Job, new: &mut Job, now: Timestamp) -> TxResult<()> {
+        self.write_changes(old, new, now)?;
+        if rules::finishes(old, new) {
+            let finished = new.clone();
+            rules::propagate(&mut Propagation { tx: self, now }, &finished, false, now)?;
+        }
+        Ok(())
+    }
+
+    /// [`Tx::update_job`] without propagation.
+    fn write_changes(&mut self, old: &Job, new: &mut Job, now: Timestamp) -> TxResult<()> {
         normalize(new);
         debug_assert_eq!((old.seq, &old.id), (new.seq, &new.id));
         let before = columns(old, now);
         let after = columns(new, now);
-        let lane_may_change = old.state != new.state || old.run_at != new.run_at;
+        let lane_may_change =
+            old.state != new.state || old.run_at != new.run_at || old.blocked != new.blocked;
         let mut set = String::new();
         let mut args = Vec::new();
         for (i, ((name, was), (_, is))) in before.iter().zip(after).enumerate() {
@@ -408,8 +525,8 @@ impl<'c> Tx<'c> {
             .prepare_cached(&sql)?
             .execute(rusqlite::params_from_iter(args))?;
         if old.state != new.state {
-            self.counts[old.state.index()] -= 1;
-            self.counts[new.state.index()] += 1;
+            self.count(&old.queue, old.state, -1);
+            self.count(&new.queue, new.state, 1);
         }
         Ok(())
     }
@@ -436,31 +553,53 @@ impl<'c> Tx<'c> {
         Ok(())
     }
 
-    /// Deletes the jobs, all in `state`, whose `seq` the query `selected` (with its arguments)
-    /// returns, with their attempts. Returns how many.
-    pub(super) fn delete_jobs(
+    /// Deletes the completed jobs whose `seq` the query `selected` (with its arguments)
+    /// returns, with their attempts and dependency edges (a job waiting for one counts it as
+    /// completed). Returns how many.
+    pub(super) fn delete_completed(
         &mut self,
-        state: JobState,
         selected: &str,
         args: &[&dyn rusqlite::ToSql],
     ) -> TxResult<usize> {
-        let attempts = format!("DELETE FROM attempts WHERE job_seq IN ({selected})");
-        self.tx.prepare_cached(&attempts)?.execute(args)?;
+        let per_queue =
+            format!("SELECT queue, count(*) FROM jobs WHERE seq IN ({selected}) GROUP BY queue");
+        let per_queue = self
+            .tx
+            .prepare_cached(&per_queue)?
+            .query_map(args, |row| {
+                Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        for statement in [
+            "DELETE FROM attempts WHERE job_seq IN ({selected})",
+            "DELETE FROM dependencies WHERE job_seq IN ({selected})",
+            "DELETE FROM dependencies WHERE after_seq IN ({selected})",
+        ] {
+            let sql = statement.replace("{selected}", selected);
+            self.tx.prepare_cached(&sql)?.execute(args)?;
+        }
         let jobs = format!("DELETE FROM jobs WHERE seq IN ({selected})");
         let deleted = self.tx.prepare_cached(&jobs)?.execute(args)?;
-        self.counts[state.index()] -= deleted as i64;
+        for (queue, count) in per_queue {
+            self.count(&queue, JobState::Completed, -count);
+        }
         Ok(deleted)
     }
 
-    /// Deletes one job and its attempts.
-    pub(super) fn delete_job(&mut self, job: &Job) -> TxResult<()> {
-        self.tx
-            .prepare_cached("DELETE FROM attempts WHERE job_seq = ?1")?
-            .execute([job.seq as i64])?;
-        self.tx
-            .prepare_cached("DELETE FROM jobs WHERE seq = ?1")?
-            .execute([job.seq as i64])?;
-        self.counts[job.state.index()] -= 1;
+    /// Deletes one job, its attempts and its dependency edges; the jobs blocked waiting for it
+    /// are cancelled at `now` (it can no longer complete).
+    pub(super) fn delete_job(&mut self, job: &Job, now: Timestamp) -> TxResult<()> {
+        rules::propagate(&mut Propagation { tx: self, now }, job, true, now)?;
+        let seq = job.seq as i64;
+        for statement in [
+            "DELETE FROM attempts WHERE job_seq = ?1",
+            "DELETE FROM dependencies WHERE job_seq = ?1",
+            "DELETE FROM dependencies WHERE after_seq = ?1",
+            "DELETE FROM jobs WHERE seq = ?1",
+        ] {
+            self.tx.prepare_cached(statement)?.execute([seq])?;
+        }
+        self.count(&job.queue, job.state, -1);
         Ok(())
     }
 
@@ -475,6 +614,24 @@ impl<'c> Tx<'c> {
         Ok(())
     }
 
+    /// Stores a queue's settings (the defaults: none stored).
+    pub(super) fn put_queue(&mut self, name: &str, paused: bool, limit: u32) -> TxResult<()> {
+        if !paused && limit == 0 {
+            self.tx
+                .prepare_cached("DELETE FROM queues WHERE name = ?1")?
+                .execute([name])?;
+        } else {
+            self.tx
+                .prepare_cached(
+                    "INSERT INTO queues (name, paused, max_running) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT (name) DO UPDATE SET paused = excluded.paused, \
+                     max_running = excluded.max_running",
+                )?
+                .execute(params![name, paused, limit])?;
+        }
+        Ok(())
+    }
+
     /// Inserts or replaces a worker.
     pub(super) fn put_worker(&mut self, worker: &WorkerInfo) -> TxResult<()> {
         let json = serde_json::to_string(worker).expect("a worker serialises");
@@ -485,5 +642,41 @@ impl<'c> Tx<'c> {
             )?
             .execute([&worker.id, &json])?;
         Ok(())
+    }
+}
+
+/// The state of the job `id`, if it is in the store.
+pub(super) fn state_of(conn: &Connection, id: &JobId) -> TxResult<Option<JobState>> {
+    let state = conn
+        .prepare_cached("SELECT state FROM jobs WHERE id = ?1")?
+        .query_row([id.as_str()], |row| row.get::<_, String>(0))
+        .optional()?;
+    state
+        .map(|s| {
+            s.parse()
+                .map_err(|e: crate::job::InvalidJob| TxError::Db(conversion(0, e.to_string())))
+        })
+        .transpose()
+}
+
+/// A transaction seen as the graph [`rules::propagate`] walks.
+struct Propagation<'t, 'c> {
+    tx: &'t mut Tx<'c>,
+    now: Timestamp,
+}
+
+impl rules::Dependents for Propagation<'_, '_> {
+    type Error = TxError;
+
+    fn blocked_dependents(&mut self, seq: u64) -> TxResult<Vec<Job>> {
+        select_jobs(self.tx, super::queries::BLOCKED_DEPENDENTS, [seq as i64])
+    }
+
+    fn dependencies(&mut self, job: &Job) -> TxResult<Vec<Dependency>> {
+        self.tx.dependency_states(job)
+    }
+
+    fn write(&mut self, old: &Job, mut new: Job) -> TxResult<()> {
+        self.tx.write_changes(old, &mut new, self.now)
     }
 }

@@ -44,13 +44,27 @@ CREATE TABLE jobs (
     -- Attempts started over the job's life (numbers the history; `attempts` is the budget
     -- used, which a retry resets).
     runs             INTEGER NOT NULL DEFAULT 0,
-    -- Where a runnable job waits: 1 = ready (due when last looked at), 0 = scheduled for
-    -- later; NULL for every other state. Derived from state and run_at when a job is written.
+    queue            TEXT    NOT NULL DEFAULT 'default',
+    -- Held while the job is pending, processing or failed (see jobs_unique).
+    unique_key       TEXT,
+    -- The ids of the jobs that must complete first, as a JSON array (NULL: none); the
+    -- `dependencies` table holds the same edges by seq, for finding a job's dependents.
+    after_ids        TEXT,
+    -- 1 while the job waits for one of them to complete.
+    blocked          INTEGER NOT NULL DEFAULT 0,
+    -- Where a job waiting to run waits: 1 = ready (due when last looked at), 0 = scheduled for
+    -- later; NULL for every other state and while blocked. Derived from state, blocked and
+    -- run_at when a job is written.
     lane             INTEGER
 );
 
--- Claim order among ready jobs.
-CREATE INDEX jobs_ready ON jobs (priority DESC, run_at, seq) WHERE lane = 1;
+-- Claim order among a queue's ready jobs.
+CREATE INDEX jobs_ready ON jobs (queue, priority DESC, run_at, seq) WHERE lane = 1;
+-- `list --queue`.
+CREATE INDEX jobs_queue ON jobs (queue, seq);
+-- One job at a time holds a unique key; enqueue finds the holder here.
+CREATE UNIQUE INDEX jobs_unique ON jobs (unique_key)
+    WHERE unique_key IS NOT NULL AND state IN ('pending', 'processing', 'failed');
 -- Promotion of scheduled jobs that became due, and the next due time.
 CREATE INDEX jobs_scheduled ON jobs (run_at) WHERE lane = 0;
 CREATE INDEX jobs_ready_at ON jobs (run_at) WHERE lane = 1;
@@ -78,14 +92,30 @@ CREATE TABLE attempts (
 );
 CREATE INDEX attempts_job ON attempts (job_seq, id);
 
--- Jobs per state, kept in step by every transaction that changes a job's state.
+-- Jobs per queue and state, kept in step by every transaction that adds, changes or deletes
+-- jobs (a row appears with the first job of its queue in that state).
 CREATE TABLE counts (
-    state TEXT PRIMARY KEY,
-    jobs  INTEGER NOT NULL CHECK (jobs >= 0)
+    queue TEXT NOT NULL,
+    state TEXT NOT NULL,
+    jobs  INTEGER NOT NULL CHECK (jobs >= 0),
+    PRIMARY KEY (queue, state)
 ) WITHOUT ROWID;
-INSERT INTO counts (state, jobs) VALUES
-    ('pending', 0), ('processing', 0), ('completed', 0), ('failed', 0), ('dead', 0),
-    ('cancelled', 0);
+
+-- Settings of the queues that have any (a queue without a row is running, without a limit).
+CREATE TABLE queues (
+    name        TEXT PRIMARY KEY,
+    paused      INTEGER NOT NULL DEFAULT 0,
+    -- At most this many of the queue's jobs processing at once (0: no limit).
+    max_running INTEGER NOT NULL DEFAULT 0 CHECK (max_running >= 0)
+) WITHOUT ROWID;
+
+-- Dependencies: job `job_seq` runs once job `after_seq` has completed.
+CREATE TABLE dependencies (
+    after_seq INTEGER NOT NULL,
+    job_seq   INTEGER NOT NULL,
+    PRIMARY KEY (after_seq, job_seq)
+) WITHOUT ROWID;
+CREATE INDEX dependencies_job ON dependencies (job_seq);
 
 -- Registered workers, as JSON (their fields evolve with the pool, not with the schema).
 CREATE TABLE workers (

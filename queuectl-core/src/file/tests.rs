@@ -40,7 +40,7 @@ mod conformance {
 
 mod plans {
     use super::super::{FileStorage, queries, rows};
-    use crate::{NewJob, Storage, now};
+    use crate::{NewJob, StorageExt, now};
 
     /// The query plan of `sql`, one line per step.
     fn plan(store: &FileStorage, sql: &str) -> Vec<String> {
@@ -79,10 +79,15 @@ mod plans {
             (jobs(queries::BY_ID), "sqlite_autoindex_jobs_1"),
             (jobs(queries::EXPIRED), "jobs_lease_expiry"),
             (jobs(queries::OF_WORKER), "jobs_lease_worker"),
-            (jobs(queries::PAGE_IN_STATE), "jobs_state"),
-            (jobs(queries::PAGE_IN_STATE_NEWEST), "jobs_state"),
+            (jobs(&queries::page(true, false, false)), "jobs_state"),
+            (jobs(&queries::page(true, false, true)), "jobs_state"),
+            (jobs(&queries::page(false, true, false)), "jobs_queue"),
+            (jobs(&queries::page(false, true, true)), "jobs_queue"),
+            (jobs(&queries::page(true, true, false)), "jobs_queue"),
+            (jobs(&queries::page(true, true, true)), "jobs_queue"),
             (jobs(queries::DEAD), "jobs_state"),
-            (queries::SELECT_DEAD.to_owned(), "jobs_state"),
+            (jobs(queries::PICK_READY), "jobs_ready"),
+            (jobs(queries::UNIQUE_HOLDER), "jobs_unique"),
             (queries::SELECT_PURGEABLE.to_owned(), "jobs_completed"),
             (queries::NEXT_SCHEDULED.to_owned(), "jobs_scheduled"),
             (queries::NEXT_READY.to_owned(), "jobs_ready_at"),
@@ -104,20 +109,62 @@ mod plans {
                 "{sql}: {steps:?}, expected a search of {index}"
             );
         }
-        // Claims read the ready index in claim order and stop after `LIMIT` due jobs; a page of
-        // every job reads the table in enqueue order and stops after `OFFSET + LIMIT` rows.
-        for (sql, scan) in [
-            (
-                jobs(queries::PICK_READY),
-                "SCAN jobs USING INDEX jobs_ready",
-            ),
-            (jobs(queries::PAGE), "SCAN jobs"),
-            (jobs(queries::PAGE_NEWEST), "SCAN jobs"),
-        ] {
-            assert_eq!(plan(&store, &sql), [scan], "{sql}");
+        // A page of every job reads the table in enqueue order and stops after
+        // `OFFSET + LIMIT` rows.
+        for newest in [false, true] {
+            let sql = jobs(&queries::page(false, false, newest));
+            assert_eq!(plan(&store, &sql), ["SCAN jobs"], "{sql}");
             assert!(sql.contains("LIMIT"));
         }
-        // `counts` reads the five rows of its own table.
+        // The dependents of a job: its edges, then each job by its key.
+        let steps = plan(&store, &jobs(queries::BLOCKED_DEPENDENTS));
+        assert!(
+            steps
+                .iter()
+                .any(|s| s.contains("SEARCH dependencies USING PRIMARY KEY"))
+                && steps
+                    .iter()
+                    .all(|s| s.starts_with("SEARCH") || s.starts_with("LIST")),
+            "{steps:?}"
+        );
+        // `counts` and claims read the small tables of counts (rows per queue and state) and
+        // queue settings.
         assert_eq!(plan(&store, queries::COUNTS), ["SCAN counts"]);
+        assert_eq!(plan(&store, queries::QUEUE_SETTINGS), ["SCAN queues"]);
+    }
+}
+
+mod counts {
+    use super::super::FileStorage;
+    use crate::{JobState, NewJob, Storage, StorageExt, now};
+
+    /// `check` compares the kept counts with the jobs, per queue and state, both ways: a count
+    /// too high, and jobs no count row covers.
+    #[test]
+    fn check_finds_counts_out_of_step_per_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStorage::open(dir.path()).unwrap();
+        let jobs = vec![NewJob::new("a").queue("mail"), NewJob::new("b")];
+        store.enqueue_batch(jobs, now()).unwrap();
+        assert!(FileStorage::check(dir.path()).unwrap().is_ok());
+        assert_eq!(store.counts().unwrap().get(JobState::Pending), 2);
+        {
+            let conn = store.conn.lock();
+            conn.execute_batch(
+                "UPDATE counts SET jobs = jobs + 1 WHERE queue = 'mail'; \
+                 DELETE FROM counts WHERE queue = 'default';",
+            )
+            .unwrap();
+        }
+        let report = FileStorage::check(dir.path()).unwrap();
+        assert_eq!(
+            report.problems,
+            [
+                "the count of pending jobs in queue default is off by -1 (the status summary \
+                 would be wrong)",
+                "the count of pending jobs in queue mail is off by 1 (the status summary would \
+                 be wrong)"
+            ]
+        );
     }
 }

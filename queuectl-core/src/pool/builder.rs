@@ -66,6 +66,7 @@ pub struct WorkerPoolBuilder {
     pub(super) recovery: Option<Duration>,
     pub(super) retention: Option<Duration>,
     pub(super) worker_id: Option<String>,
+    pub(super) queues: Vec<String>,
     pub(super) exit_when_idle: bool,
     pub(super) shutdown_timeout: Option<Duration>,
     pub(super) event_capacity: usize,
@@ -85,6 +86,7 @@ impl WorkerPoolBuilder {
             recovery: None,
             retention: None,
             worker_id: None,
+            queues: Vec::new(),
             exit_when_idle: false,
             shutdown_timeout: None,
             event_capacity: 1024,
@@ -98,6 +100,13 @@ impl WorkerPoolBuilder {
         self.backoff = Arc::new(config.backoff());
         self.lease = config.lease_duration();
         self.retention = config.completed_retention();
+        self
+    }
+
+    /// Runs only jobs of these queues (default: every queue). Names are checked when the pool
+    /// starts.
+    pub fn queues(mut self, queues: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.queues = queues.into_iter().map(Into::into).collect();
         self
     }
 
@@ -213,6 +222,13 @@ impl WorkerPoolBuilder {
                 "the recovery interval must be longer than zero and at most a week".into(),
             );
         }
+        if let Some(error) = self
+            .queues
+            .iter()
+            .find_map(|q| crate::job::check_queue_name(q).err())
+        {
+            return invalid(error.to_string());
+        }
         let t = &self.timings;
         if t.settle_retry.is_zero() || t.waker_poll.is_zero() || t.settle_attempts == 0 {
             return invalid("timings must be longer than zero".into());
@@ -245,6 +261,7 @@ impl WorkerPoolBuilder {
             stop_requested: false,
             stop_forced: false,
             identity: ProcessIdentity::current(),
+            queues: self.queues.clone(),
         };
         self.storage
             .register_worker(info.clone())

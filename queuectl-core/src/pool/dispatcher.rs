@@ -15,7 +15,7 @@ use crate::backoff::BackoffPolicy;
 use crate::error::StorageError;
 use crate::executor::Canceller;
 use crate::job::{JobId, JobState, now};
-use crate::storage::{ListQuery, Storage, WorkerInfo};
+use crate::storage::{ClaimRequest, ListQuery, Storage, WorkerInfo};
 
 use super::Control;
 use super::builder::{Timings, WorkerPoolBuilder};
@@ -257,7 +257,7 @@ impl Dispatcher {
                 Err(error) => self.storage_error("counting jobs", &error),
             }
         }
-        match self.storage.next_due() {
+        match self.storage.next_due(now()) {
             Ok(Some(due)) => {
                 let until_due = (due - now()).max(time::Duration::ZERO);
                 let until_due = Duration::try_from(until_due).unwrap_or_default();
@@ -479,7 +479,7 @@ impl Dispatcher {
         if free == 0 {
             return (0, 0);
         }
-        match self.storage.claim(&self.id, free, self.lease, now()) {
+        match self.storage.claim_jobs(&self.claim_request(free), now()) {
             Ok(claimed) => {
                 self.claim_failures = 0;
                 self.claim_retry_at = None;
@@ -500,6 +500,16 @@ impl Dispatcher {
                 self.tolerate("claiming jobs", error);
                 (free, 0)
             }
+        }
+    }
+
+    /// A claim of up to `max` jobs of the queues this pool runs.
+    pub(super) fn claim_request(&self, max: usize) -> ClaimRequest {
+        ClaimRequest {
+            worker: self.id.clone(),
+            max,
+            lease_for: self.lease,
+            queues: self.info.queues.clone(),
         }
     }
 
@@ -665,6 +675,7 @@ mod tests {
             stop_requested: false,
             stop_forced: false,
             identity: Default::default(),
+            queues: Vec::new(),
         };
         let channels = Channels {
             jobs,

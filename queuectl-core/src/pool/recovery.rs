@@ -140,6 +140,7 @@ mod tests {
             stop_requested: false,
             stop_forced: false,
             identity,
+            queues: Vec::new(),
         }
     }
 

@@ -112,7 +112,7 @@ impl Dispatcher {
             .unzip();
         let settled = self
             .storage
-            .settle_and_claim(settlements, &self.id, want, self.lease, at);
+            .settle_and_claim(settlements, &self.claim_request(want), at);
         let (results, claimed) = match settled {
             Ok(settled) => settled,
             Err(error) => {

@@ -12,8 +12,9 @@ use nix::unistd::Pid;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use queuectl_core::{
-    Config, ConfigError, Event, Job, JobId, Lease, ListQuery, NewJob, Result, Settlement,
-    StateCounts, Storage, StorageError, Timestamp, WorkerInfo,
+    ClaimRequest, Config, ConfigError, Enqueued, Event, Job, JobId, Lease, ListQuery, NewJob,
+    QueueChange, QueueInfo, Result, Settlement, StateCounts, Storage, StorageError, Timestamp,
+    WorkerInfo,
 };
 
 /// Upper bound of every wait in the tests.
@@ -125,21 +126,15 @@ impl Faulty {
 }
 
 impl Storage for Faulty {
-    fn enqueue_batch(&self, jobs: Vec<NewJob>, at: Timestamp) -> Result<Vec<Job>> {
-        self.inner.enqueue_batch(jobs, at)
+    fn submit(&self, jobs: Vec<NewJob>, at: Timestamp) -> Result<Vec<Enqueued>> {
+        self.inner.submit(jobs, at)
     }
-    fn claim(
-        &self,
-        worker: &str,
-        max: usize,
-        lease_for: Duration,
-        at: Timestamp,
-    ) -> Result<Vec<Job>> {
+    fn claim_jobs(&self, request: &ClaimRequest, at: Timestamp) -> Result<Vec<Job>> {
         self.claims.fetch_add(1, Ordering::SeqCst);
         if self.fail_claims.load(Ordering::SeqCst) {
             return Self::io_error();
         }
-        self.inner.claim(worker, max, lease_for, at)
+        self.inner.claim_jobs(request, at)
     }
     fn extend_leases(
         &self,
@@ -170,8 +165,8 @@ impl Storage for Faulty {
     fn cancel(&self, ids: &[JobId], at: Timestamp) -> Result<Vec<Job>> {
         self.inner.cancel(ids, at)
     }
-    fn remove(&self, ids: &[JobId]) -> Result<Vec<JobId>> {
-        self.inner.remove(ids)
+    fn remove(&self, ids: &[JobId], at: Timestamp) -> Result<Vec<JobId>> {
+        self.inner.remove(ids, at)
     }
     fn retry(&self, ids: &[JobId], at: Timestamp) -> Result<Vec<Job>> {
         self.inner.retry(ids, at)
@@ -182,14 +177,24 @@ impl Storage for Faulty {
     fn counts(&self) -> Result<StateCounts> {
         self.inner.counts()
     }
-    fn next_due(&self) -> Result<Option<Timestamp>> {
-        self.inner.next_due()
+    fn queues(&self) -> Result<Vec<QueueInfo>> {
+        self.inner.queues()
+    }
+    fn change_queues(
+        &self,
+        names: Option<&[String]>,
+        change: QueueChange,
+    ) -> Result<Vec<QueueInfo>> {
+        self.inner.change_queues(names, change)
+    }
+    fn next_due(&self, after: Timestamp) -> Result<Option<Timestamp>> {
+        self.inner.next_due(after)
     }
     fn retry_dead(&self, ids: Option<&[JobId]>, at: Timestamp) -> Result<Vec<Job>> {
         self.inner.retry_dead(ids, at)
     }
-    fn clear_dead(&self) -> Result<usize> {
-        self.inner.clear_dead()
+    fn clear_dead(&self, at: Timestamp) -> Result<usize> {
+        self.inner.clear_dead(at)
     }
     fn purge_completed(&self, before: Timestamp) -> Result<usize> {
         self.inner.purge_completed(before)
