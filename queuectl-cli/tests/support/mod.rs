@@ -513,3 +513,19 @@ pub fn states(list: &Value) -> Vec<(String, String)> {
         })
         .collect()
 }
+
+/// Waits (bounded) for a spawned child with piped output to exit, and returns its output.
+pub fn wait_output(child: Child, timeout: Duration) -> std::process::Output {
+    let pid = Pid::from_raw(child.id() as i32);
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(output) => output.expect("collect a child's output"),
+        Err(_) => {
+            let _ = kill(pid, Signal::SIGKILL);
+            panic!("a child process did not exit within {timeout:?}");
+        }
+    }
+}
