@@ -116,6 +116,17 @@ pub enum Command {
         #[arg(required = true)]
         ids: Vec<String>,
     },
+    /// What the queues did lately, per queue: jobs completed, failed attempts, dead and
+    /// cancelled jobs, throughput, and how long jobs waited for a worker and ran (p50, p95,
+    /// max), from the attempt history.
+    Stats {
+        /// The window: "90s", "15m", "1h", "2d", or a number of seconds.
+        #[arg(long, default_value = "1h", value_name = "DURATION", value_parser = parse_window)]
+        since: Duration,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Queues: list them, pause and resume them, limit how many of their jobs run at once.
     #[command(subcommand)]
     Queue(QueueCommand),
@@ -267,6 +278,22 @@ fn parse_seconds(s: &str) -> Result<Duration, String> {
             Ok(Duration::from_secs_f64(secs))
         }
         _ => Err(format!("expected seconds from 0 to {YEAR}, not {s:?}")),
+    }
+}
+
+/// A window for `stats`: a duration like "15m" or "2h 30m", or seconds; at most ten years.
+fn parse_window(s: &str) -> Result<Duration, String> {
+    const MAX: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+    let parsed = match s.parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs > 0.0 => Duration::try_from_secs_f64(secs).ok(),
+        Ok(_) => None,
+        Err(_) => humantime::parse_duration(s).ok(),
+    };
+    match parsed {
+        Some(window) if !window.is_zero() && window <= MAX => Ok(window),
+        _ => Err(format!(
+            "expected a duration like 90s, 15m, 1h or 2d (up to 10 years), not {s:?}"
+        )),
     }
 }
 

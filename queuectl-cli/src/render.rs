@@ -124,7 +124,7 @@ pub fn queue_table(queues: &[QueueInfo]) -> String {
 }
 
 /// Rows as left-aligned columns two spaces apart (the last column unpadded).
-fn table<const N: usize>(rows: &[[String; N]]) -> String {
+pub fn table<const N: usize>(rows: &[[String; N]]) -> String {
     let mut widths = [0; N];
     for row in rows {
         for (width, cell) in widths.iter_mut().zip(row) {

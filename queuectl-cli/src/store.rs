@@ -39,6 +39,7 @@ pub fn access(command: &Command) -> Access {
         | Command::Show { .. }
         | Command::Dlq(DlqCommand::List(_))
         | Command::Queue(QueueCommand::List(_))
+        | Command::Stats { .. }
         | Command::Config(ConfigCommand::Show(_) | ConfigCommand::Get { .. })
         | Command::Check(_)
         | Command::Wait { .. }

@@ -217,3 +217,45 @@ fn a_dependency_chain_runs_in_order_and_a_failed_link_cancels_the_rest() {
     assert!(out.stderr.contains("that job is dead"), "{}", out.stderr);
     assert_eq!(q.status()["total"], 6);
 }
+
+/// `stats` counts, per queue, what finished in its window, from the attempt history.
+#[test]
+fn stats_tally_each_queue_over_a_window() {
+    let q = Queue::new();
+    let jobs = concat!(
+        r#"{"id":"ok1","command":"true"}"#,
+        "\n",
+        r#"{"id":"ok2","command":"true","queue":"mail"}"#,
+        "\n",
+        r#"{"id":"bad","command":"exit 1","max_retries":1,"queue":"mail"}"#,
+        "\n",
+        r#"{"id":"never","command":"true","run_at":"2099-01-01T00:00:00Z"}"#,
+    );
+    q.cmd(["enqueue", "-"]).stdin(jobs).run();
+    q.cmd(["cancel", "never"]).run();
+    q.cmd(["worker", "start", "--exit-when-idle"]).run();
+    let stats = q.json(&["stats", "--since", "10m"]);
+    let queues = stats["queues"].as_array().unwrap();
+    let tally: Vec<_> = queues
+        .iter()
+        .map(|s| {
+            (
+                s["queue"].as_str().unwrap(),
+                s["completed"].as_u64().unwrap(),
+                s["failed_attempts"].as_u64().unwrap(),
+                s["dead"].as_u64().unwrap(),
+                s["cancelled"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(tally, [("default", 1, 0, 0, 1), ("mail", 1, 1, 1, 0)]);
+    assert_eq!(queues[1]["run"]["count"], 2, "{stats}");
+    assert!(queues[1]["wait"]["max"].as_f64().unwrap() >= 0.0);
+    let table = q.run(&["stats"]);
+    assert!(
+        table.lines().nth(1).unwrap().starts_with("QUEUE"),
+        "{table}"
+    );
+    let out = q.cmd(["stats", "--since", "soon"]).status(2).run();
+    assert!(out.stderr.contains("expected a duration"), "{}", out.stderr);
+}

@@ -89,7 +89,8 @@ macro_rules! storage_conformance {
             failed_dependencies_cancel_their_dependents_down_the_chain,
             enqueue_refuses_missing_or_failed_dependencies,
             retried_dependents_wait_again,
-            purged_dependencies_count_as_completed
+            purged_dependencies_count_as_completed,
+            activity_reports_what_finished_since
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {
@@ -854,6 +855,7 @@ pub fn every_attempt_is_recorded(h: &dyn Harness) {
             signal: Some(9),
             error: Some("killed by signal 9".into()),
             output: Some("partial\n".into()),
+            due_at: Some(at(0)),
         },
         Attempt {
             number: 2,
@@ -865,6 +867,7 @@ pub fn every_attempt_is_recorded(h: &dyn Harness) {
             signal: None,
             error: None,
             output: Some("done\n".into()),
+            due_at: Some(at(5)),
         },
     ];
     assert_eq!(history, expected);
@@ -1767,7 +1770,9 @@ pub fn dependencies_wait_until_every_one_completed(h: &dyn Harness) {
             at(3),
         )
         .unwrap();
-    assert!(!store.get(&id("c")).unwrap().blocked);
+    let c = store.get(&id("c")).unwrap();
+    assert!(!c.blocked);
+    assert_eq!(c.run_at, at(3), "due once its dependencies completed");
     assert_eq!(ids(&store.claim("w", 10, LEASE, at(3)).unwrap()), ["c"]);
     // A dependency that already completed does not block.
     let d = store.enqueue(after("d", &["a"]), at(4)).unwrap();
@@ -1932,6 +1937,63 @@ pub fn purged_dependencies_count_as_completed(h: &dyn Harness) {
         .complete(b.lease.as_ref().unwrap(), AttemptReport::default(), at(5))
         .unwrap();
     assert_eq!(ids(&store.claim("w", 10, LEASE, at(5)).unwrap()), ["c"]);
+}
+
+// ----- statistics -----
+
+/// `activity` returns the attempts that finished at or after `since`, oldest first, with
+/// their queue and due time, and the jobs that ended dead or cancelled then.
+pub fn activity_reports_what_finished_since(h: &dyn Harness) {
+    let store = h.store();
+    store
+        .enqueue_batch(
+            vec![
+                in_queue("old", "a"),
+                in_queue("a1", "a").max_retries(1),
+                job("d1").run_at(at(5)),
+                job("gone"),
+            ],
+            at(0),
+        )
+        .unwrap();
+    let old = claim_one(&*store, at(1));
+    store
+        .complete(old.lease.as_ref().unwrap(), AttemptReport::default(), at(2))
+        .unwrap();
+    let a1 = claim_one(&*store, at(10));
+    store
+        .fail(a1.lease.as_ref().unwrap(), failed("x"), at(11), at(12))
+        .unwrap();
+    store.cancel(&[id("gone")], at(12)).unwrap();
+    let d1 = store.claim("w", 1, LEASE, at(13)).unwrap().remove(0);
+    assert_eq!(d1.id.as_str(), "d1");
+    store
+        .complete(d1.lease.as_ref().unwrap(), AttemptReport::default(), at(14))
+        .unwrap();
+    let activity = store.activity(at(3)).unwrap();
+    let seen: Vec<_> = activity
+        .attempts
+        .iter()
+        .map(|(queue, a)| (queue.as_str(), a.outcome, a.due_at, a.started_at))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("a", AttemptOutcome::Failed, Some(at(0)), at(10)),
+            ("default", AttemptOutcome::Succeeded, Some(at(5)), at(13)),
+        ]
+    );
+    let mut ended = activity.ended.clone();
+    ended.sort();
+    assert_eq!(
+        ended,
+        [
+            ("a".to_owned(), JobState::Dead),
+            ("default".to_owned(), JobState::Cancelled)
+        ]
+    );
+    assert_eq!(store.activity(at(15)).unwrap(), Default::default());
+    assert_eq!(store.activity(at(0)).unwrap().attempts.len(), 3);
 }
 
 /// The conformance suite for [`crate::MemoryStorage`].

@@ -408,6 +408,10 @@ pub struct Attempt {
     pub error: Option<String>,
     /// The tail of its output (at most [`MAX_OUTPUT`] bytes).
     pub output: Option<String>,
+    /// When the job was due as this attempt was claimed: the wait for a worker is
+    /// `started_at - due_at` (`None` in records from before it was kept).
+    #[serde(with = "time::serde::rfc3339::option", default)]
+    pub due_at: Option<Timestamp>,
 }
 
 /// The most output kept per attempt, whatever the `output-limit` setting says: 16 MiB.

@@ -37,6 +37,7 @@ mod rules;
 pub mod shell;
 pub mod spec;
 mod state;
+pub mod stats;
 pub mod storage;
 mod wait;
 
@@ -58,8 +59,8 @@ pub use pool::{
 pub use shell::ShellExecutor;
 pub use spec::{JobSpec, SpecError};
 pub use storage::{
-    AttemptReport, ClaimRequest, Enqueued, ListQuery, ProcessIdentity, QueueChange, QueueInfo,
-    Settlement, StateCounts, Storage, StorageExt, WorkerInfo,
+    Activity, AttemptReport, ClaimRequest, Enqueued, ListQuery, ProcessIdentity, QueueChange,
+    QueueInfo, Settlement, StateCounts, Storage, StorageExt, WorkerInfo,
 };
 pub use wait::{WaitOutcome, wait_for_jobs};
 

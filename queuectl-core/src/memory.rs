@@ -9,8 +9,8 @@ use crate::error::Result;
 use crate::job::{Attempt, Job, JobId, Lease, NewJob, Timestamp};
 use crate::state::QueueState;
 use crate::storage::{
-    ClaimRequest, Enqueued, ListQuery, QueueChange, QueueInfo, Settlement, StateCounts, Storage,
-    WorkerInfo,
+    Activity, ClaimRequest, Enqueued, ListQuery, QueueChange, QueueInfo, Settlement, StateCounts,
+    Storage, WorkerInfo,
 };
 
 /// A [`Storage`] kept in memory: fast, shared between threads, gone when the process exits.
@@ -110,6 +110,10 @@ impl Storage for MemoryStorage {
 
     fn queues(&self) -> Result<Vec<QueueInfo>> {
         Ok(self.read(|s| s.queues()))
+    }
+
+    fn activity(&self, since: Timestamp) -> Result<Activity> {
+        Ok(self.read(|s| s.activity(since)))
     }
 
     fn change_queues(

@@ -128,7 +128,9 @@ pub(crate) fn resolve_dependencies(
         }
         None => {
             if !is_blocked(dependencies) {
+                // Due from now on at the earliest: the wait for a worker starts here.
                 job.blocked = false;
+                job.run_at = job.run_at.max(now);
                 job.updated_at = now;
             }
             false
@@ -265,6 +267,7 @@ pub(crate) fn running_attempt(job: &Job) -> Option<Attempt> {
         signal: None,
         error: None,
         output: None,
+        due_at: Some(job.run_at),
     })
 }
 

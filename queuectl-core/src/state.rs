@@ -13,7 +13,8 @@ use crate::error::{Result, StorageError};
 use crate::job::{Attempt, Job, JobId, JobState, Lease, NewJob, Timestamp};
 use crate::rules::{self, Abandoned, Dependency};
 use crate::storage::{
-    ClaimRequest, Enqueued, ListQuery, QueueChange, QueueInfo, Settlement, StateCounts, WorkerInfo,
+    Activity, ClaimRequest, Enqueued, ListQuery, QueueChange, QueueInfo, Settlement, StateCounts,
+    WorkerInfo,
 };
 
 type ReadyKey = (Reverse<i32>, Timestamp, u64);
@@ -481,6 +482,29 @@ impl QueueState {
 
     pub(crate) fn counts(&self) -> StateCounts {
         counts_of(&self.index.counts)
+    }
+
+    pub(crate) fn activity(&self, since: Timestamp) -> Activity {
+        let mut attempts: Vec<(String, Attempt)> = self
+            .history
+            .iter()
+            .flat_map(|(seq, attempts)| {
+                let queue = &self.jobs[seq].queue;
+                attempts
+                    .iter()
+                    .filter(|a| a.finished_at.is_some_and(|at| at >= since))
+                    .map(|a| (queue.clone(), a.clone()))
+            })
+            .collect();
+        attempts.sort_by_key(|(_, a)| a.finished_at);
+        let ended = self
+            .jobs
+            .values()
+            .filter(|job| matches!(job.state, JobState::Dead | JobState::Cancelled))
+            .filter(|job| rules::finished_at(job) >= since)
+            .map(|job| (job.queue.clone(), job.state))
+            .collect();
+        Activity { attempts, ended }
     }
 
     pub(crate) fn queues(&self) -> Vec<QueueInfo> {

@@ -120,6 +120,16 @@ pub struct QueueInfo {
     pub counts: StateCounts,
 }
 
+/// What happened since some instant, for statistics ([`crate::stats`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Activity {
+    /// The attempts that finished since, each with its job's queue.
+    pub attempts: Vec<(String, Attempt)>,
+    /// The jobs that ended `dead` or `cancelled` since (and are still in that state), each
+    /// with its queue.
+    pub ended: Vec<(String, JobState)>,
+}
+
 /// A change to queues' settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QueueChange {
@@ -393,6 +403,10 @@ pub trait Storage: Send + Sync + Debug {
 
     /// Every queue that has jobs or settings, by name.
     fn queues(&self) -> Result<Vec<QueueInfo>>;
+
+    /// The attempts that finished at or after `since` (oldest first) and the jobs that ended
+    /// dead or cancelled then, as long as the store keeps them.
+    fn activity(&self, since: Timestamp) -> Result<Activity>;
 
     /// Changes the settings of the queues `names` (`None`: every queue that has jobs or
     /// settings). A named queue need not have jobs yet: its settings wait for them. Returns the

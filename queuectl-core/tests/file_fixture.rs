@@ -201,7 +201,7 @@ fn schema_v1_fixture_opens_with_its_contents() {
     );
     let running = store.get(&id("running")).unwrap();
     let lease = running.lease.clone().unwrap();
-    assert_eq!(lease.token, 0x5c92_9ae0_bff9_4a5c);
+    assert_eq!(lease.token, 0x2fdd_cad2_3b96_3490);
     assert_eq!(lease.expires_at, at(4) + LEASE);
     let attempts = store.attempts(&id("running")).unwrap();
     assert_eq!(attempts.last().unwrap().outcome, AttemptOutcome::Running);

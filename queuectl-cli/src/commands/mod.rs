@@ -10,6 +10,7 @@ mod logs;
 mod purge;
 mod queue;
 mod show;
+mod stats;
 mod status;
 pub mod worker;
 
@@ -95,6 +96,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result {
                 Command::Show { id, json } => show::run(store, id, json, out),
                 Command::Dlq(command) => dlq::run(store, command, out),
                 Command::Queue(command) => queue::run(store, command, out),
+                Command::Stats { since, json } => stats::run(store, since, json, out),
                 Command::Config(command) => config::run(store, command, out),
                 Command::Purge { older_than } => purge::run(store, older_than, out),
                 Command::Cancel { ids } => control::cancel(store, &ids, out),

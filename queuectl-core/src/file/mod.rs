@@ -40,8 +40,8 @@ use crate::error::{DatabaseFault, Result, StorageError};
 use crate::job::{Attempt, AttemptOutcome, Job, JobId, JobState, Lease, NewJob, Timestamp};
 use crate::rules::{self, Abandoned};
 use crate::storage::{
-    ClaimRequest, Enqueued, ListQuery, QueueChange, QueueInfo, Settlement, StateCounts, Storage,
-    WorkerInfo,
+    Activity, ClaimRequest, Enqueued, ListQuery, QueueChange, QueueInfo, Settlement, StateCounts,
+    Storage, WorkerInfo,
 };
 
 pub use self::schema::SCHEMA_VERSION;
@@ -782,6 +782,7 @@ fn import(tx: &mut Tx, old: &legacy::LegacyStore) -> TxResult<(usize, Option<Str
                     .clone()
                     .filter(|_| outcome == AttemptOutcome::Failed),
                 output,
+                due_at: None,
             };
             tx.insert_attempt(job.seq, &mut attempt)?;
         }
@@ -1098,6 +1099,12 @@ impl Storage for FileStorage {
 
     fn queues(&self) -> Result<Vec<QueueInfo>> {
         self.read("list queues", rows::queues)
+    }
+
+    fn activity(&self, since: Timestamp) -> Result<Activity> {
+        self.read("read the recent history", |conn| {
+            rows::activity(conn, since)
+        })
     }
 
     fn change_queues(

@@ -78,3 +78,20 @@ pub(super) const ATTEMPTS_OF: &str = "WHERE job_seq = ?1 ORDER BY id";
 
 /// Every per-queue, per-state count.
 pub(super) const COUNTS: &str = "SELECT queue, state, jobs FROM counts";
+
+/// The attempts that finished at or after `?1`, with their job's queue, oldest first.
+pub(super) fn attempts_since() -> String {
+    let columns: String = super::rows::ATTEMPT_COLUMNS
+        .split(", ")
+        .map(|c| format!("a.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "SELECT j.queue, {columns} FROM attempts a INDEXED BY attempts_finished \
+         JOIN jobs j ON j.seq = a.job_seq WHERE a.finished_at >= ?1 ORDER BY a.finished_at"
+    )
+}
+
+/// The jobs that ended dead or cancelled at or after `?1`.
+pub(super) const ENDED_SINCE: &str = "SELECT queue, state FROM jobs INDEXED BY jobs_state \
+     WHERE state IN ('dead', 'cancelled') AND coalesce(finished_at, updated_at) >= ?1";

@@ -15,7 +15,7 @@ use crate::config::Config;
 use crate::error::StorageError;
 use crate::job::{Attempt, Job, JobId, JobState, Lease, Timestamp};
 use crate::rules::{self, Dependency};
-use crate::storage::{QueueInfo, StateCounts, WorkerInfo};
+use crate::storage::{Activity, QueueInfo, StateCounts, WorkerInfo};
 
 /// The columns of a job, in the order [`job_from_row`] reads them.
 pub(super) const JOB_COLUMNS: &str = "seq, id, command, state, attempts, max_retries, \
@@ -23,8 +23,8 @@ pub(super) const JOB_COLUMNS: &str = "seq, id, command, state, attempts, max_ret
      finished_at, lease_worker, lease_token, lease_expires_at, runs, queue, unique_key, \
      after_ids, blocked";
 
-const ATTEMPT_COLUMNS: &str =
-    "number, worker, started_at, finished_at, outcome, exit_code, signal, error, output";
+pub(super) const ATTEMPT_COLUMNS: &str =
+    "number, worker, started_at, finished_at, outcome, exit_code, signal, error, output, due_at";
 
 /// An error inside a transaction: the database failed, or the operation was refused.
 #[derive(Debug)]
@@ -99,6 +99,7 @@ pub(super) fn normalize_attempt(attempt: &mut Attempt) {
     }
     attempt.started_at = round(attempt.started_at);
     attempt.finished_at = attempt.finished_at.map(round);
+    attempt.due_at = attempt.due_at.map(round);
 }
 
 /// Where a job waiting to run waits (the `lane` column): 1 ready, 0 scheduled, `None`
@@ -175,17 +176,41 @@ pub(super) fn job_from_row(row: &Row) -> rusqlite::Result<Job> {
 }
 
 fn attempt_from_row(row: &Row) -> rusqlite::Result<Attempt> {
+    attempt_at(row, 0)
+}
+
+/// Reads an attempt from the columns [`ATTEMPT_COLUMNS`] names, starting at column `first`.
+fn attempt_at(row: &Row, first: usize) -> rusqlite::Result<Attempt> {
     Ok(Attempt {
-        number: row.get(0)?,
-        worker: row.get(1)?,
-        started_at: time_at(row, 2)?,
-        finished_at: opt_time_at(row, 3)?,
-        outcome: parsed(row, 4)?,
-        exit_code: row.get(5)?,
-        signal: row.get(6)?,
-        error: row.get(7)?,
-        output: row.get(8)?,
+        number: row.get(first)?,
+        worker: row.get(first + 1)?,
+        started_at: time_at(row, first + 2)?,
+        finished_at: opt_time_at(row, first + 3)?,
+        outcome: parsed(row, first + 4)?,
+        exit_code: row.get(first + 5)?,
+        signal: row.get(first + 6)?,
+        error: row.get(first + 7)?,
+        output: row.get(first + 8)?,
+        due_at: opt_time_at(row, first + 9)?,
     })
+}
+
+/// What happened at or after `since` ([`crate::Storage::activity`]).
+pub(super) fn activity(conn: &Connection, since: Timestamp) -> TxResult<Activity> {
+    let since = micros(since);
+    let attempts = conn
+        .prepare_cached(&super::queries::attempts_since())?
+        .query_map([since], |row| {
+            Ok((row.get::<_, String>(0)?, attempt_at(row, 1)?))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let ended = conn
+        .prepare_cached(super::queries::ENDED_SINCE)?
+        .query_map([since], |row| {
+            Ok((row.get::<_, String>(0)?, parsed(row, 1)?))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(Activity { attempts, ended })
 }
 
 fn opt_micros(at: Option<Timestamp>) -> Value {
@@ -536,7 +561,7 @@ impl<'c> Tx<'c> {
         normalize_attempt(attempt);
         let sql = format!(
             "INSERT INTO attempts (job_seq, {ATTEMPT_COLUMNS}) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
         );
         self.tx.prepare_cached(&sql)?.execute(params![
             seq as i64,
@@ -549,6 +574,7 @@ impl<'c> Tx<'c> {
             attempt.signal,
             attempt.error,
             attempt.output,
+            attempt.due_at.map(micros),
         ])?;
         Ok(())
     }

@@ -88,9 +88,13 @@ CREATE TABLE attempts (
     exit_code   INTEGER,
     signal      INTEGER,
     error       TEXT,
-    output      TEXT
+    output      TEXT,
+    -- When the job was due as the attempt was claimed (wait time = started_at - due_at).
+    due_at      INTEGER
 );
 CREATE INDEX attempts_job ON attempts (job_seq, id);
+-- `stats`: the attempts that finished in a window.
+CREATE INDEX attempts_finished ON attempts (finished_at);
 
 -- Jobs per queue and state, kept in step by every transaction that adds, changes or deletes
 -- jobs (a row appears with the first job of its queue in that state).

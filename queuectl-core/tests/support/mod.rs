@@ -12,9 +12,9 @@ use nix::unistd::Pid;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use queuectl_core::{
-    ClaimRequest, Config, ConfigError, Enqueued, Event, Job, JobId, Lease, ListQuery, NewJob,
-    QueueChange, QueueInfo, Result, Settlement, StateCounts, Storage, StorageError, Timestamp,
-    WorkerInfo,
+    Activity, ClaimRequest, Config, ConfigError, Enqueued, Event, Job, JobId, Lease, ListQuery,
+    NewJob, QueueChange, QueueInfo, Result, Settlement, StateCounts, Storage, StorageError,
+    Timestamp, WorkerInfo,
 };
 
 /// Upper bound of every wait in the tests.
@@ -179,6 +179,9 @@ impl Storage for Faulty {
     }
     fn queues(&self) -> Result<Vec<QueueInfo>> {
         self.inner.queues()
+    }
+    fn activity(&self, since: Timestamp) -> Result<Activity> {
+        self.inner.activity(since)
     }
     fn change_queues(
         &self,
