@@ -16,6 +16,7 @@ macro_rules! say {
 mod args;
 mod commands;
 mod error;
+mod progress;
 mod render;
 mod store;
 

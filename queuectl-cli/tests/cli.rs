@@ -1259,3 +1259,43 @@ fn logs_print_an_attempts_output_as_it_was() {
     );
     q.cmd(["logs", "nope"]).status(1).run();
 }
+
+/// Long operations draw progress on stderr when it is a terminal, and nothing when it is not.
+#[test]
+fn progress_shows_on_a_terminal_only() {
+    let q = Queue::new();
+    let batch: String = (0..3000).map(|_| "{\"command\":\"true\"}\n").collect();
+    let piped = q.cmd(["enqueue", "-"]).stdin(batch.clone()).run();
+    assert_eq!(piped.stderr, "", "nothing but data without a terminal");
+    assert_eq!(piped.stdout.lines().count(), 3000);
+    let ids: Vec<&str> = piped.stdout.lines().take(2).collect();
+    let out = q
+        .cmd(["wait", "--timeout", "0.1", ids[0], ids[1]])
+        .status(124)
+        .run();
+    assert!(!out.stderr.contains("waiting: finished"), "{}", out.stderr);
+    if !std::path::Path::new("/usr/bin/script").exists() {
+        println!("skipped the terminal half: util-linux `script` is not installed");
+        return;
+    }
+    let input = q.scratch("jobs.jsonl");
+    std::fs::write(&input, batch).unwrap();
+    let typescript = q.scratch("typescript");
+    let command = format!(
+        "{} --home '{}' enqueue - < '{}' > /dev/null",
+        support::BIN,
+        q.home().display(),
+        input.display()
+    );
+    let status = std::process::Command::new("/usr/bin/script")
+        .args(["-qec", &command])
+        .arg(&typescript)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let drawn = std::fs::read_to_string(&typescript).unwrap();
+    assert!(drawn.contains("adding jobs: 3000"), "{drawn}");
+    assert_eq!(q.status()["counts"]["pending"], 6000);
+}

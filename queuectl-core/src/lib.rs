@@ -62,7 +62,7 @@ pub use storage::{
     Activity, AttemptReport, ClaimRequest, Enqueued, ListQuery, ProcessIdentity, QueueChange,
     QueueInfo, Settlement, StateCounts, Storage, StorageExt, WorkerInfo,
 };
-pub use wait::{WaitOutcome, wait_for_jobs};
+pub use wait::{WaitOutcome, wait_for_jobs, wait_for_jobs_with};
 
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;

@@ -23,6 +23,17 @@ pub fn wait_for_jobs(
     ids: &[JobId],
     timeout: Option<Duration>,
 ) -> Result<WaitOutcome> {
+    wait_for_jobs_with(store, ids, timeout, &mut |_, _| {})
+}
+
+/// [`wait_for_jobs`], calling `progress(finished, total)` each time it looks at the jobs (a
+/// progress bar, say).
+pub fn wait_for_jobs_with(
+    store: &dyn Storage,
+    ids: &[JobId],
+    timeout: Option<Duration>,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<WaitOutcome> {
     let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
     loop {
         // The version first: a change after it ends the wait below at once.
@@ -31,7 +42,9 @@ pub fn wait_for_jobs(
             .iter()
             .map(|id| store.get(id))
             .collect::<Result<Vec<_>>>()?;
-        if jobs.iter().all(|job| job.state.is_finished()) {
+        let finished = jobs.iter().filter(|job| job.state.is_finished()).count();
+        progress(finished, jobs.len());
+        if finished == jobs.len() {
             return Ok(WaitOutcome::Finished(jobs));
         }
         let left = match deadline {

@@ -4,9 +4,10 @@ use std::io::Write;
 
 use std::time::Duration;
 
-use queuectl_core::{JobId, JobState, SpecError, Storage, WaitOutcome, now, wait_for_jobs};
+use queuectl_core::{JobId, JobState, SpecError, Storage, WaitOutcome, now, wait_for_jobs_with};
 
 use crate::error::{CliError, Result};
+use crate::progress::Progress;
 
 fn parse(ids: &[String]) -> Result<Vec<JobId>> {
     let ids = ids
@@ -57,7 +58,12 @@ pub fn wait(
     timeout: Option<Duration>,
     out: &mut dyn Write,
 ) -> Result {
-    match wait_for_jobs(store, &parse(ids)?, timeout)? {
+    let ids = parse(ids)?;
+    let bar = Progress::bar(ids.len() as u64, "waiting: finished");
+    let mut progress = |finished: usize, _total: usize| bar.set(finished as u64);
+    let outcome = wait_for_jobs_with(store, &ids, timeout, &mut progress)?;
+    drop(bar);
+    match outcome {
         WaitOutcome::Finished(jobs) => {
             for job in &jobs {
                 writeln!(out, "{} {}", job.id, job.state)?;

@@ -5,6 +5,7 @@ use std::io::{self, BufRead, Write};
 use queuectl_core::{Enqueued, JobSpec, NewJob, Storage, now};
 
 use crate::error::{CliError, Result};
+use crate::progress::Progress;
 use crate::render;
 
 /// The jobs of `enqueue ARG`: one JSON object, or JSON lines on stdin for "-".
@@ -14,7 +15,11 @@ pub fn parse(arg: &str) -> Result<Vec<NewJob>> {
         return Ok(vec![JobSpec::parse(arg)?.into_new_job(at)?]);
     }
     let mut jobs = Vec::new();
+    let progress = Progress::counter("reading jobs:");
     for (n, line) in io::stdin().lock().lines().enumerate() {
+        if n % 1024 == 0 {
+            progress.set(n as u64);
+        }
         let line = line.map_err(CliError::Input)?;
         if line.trim().is_empty() {
             continue;
@@ -40,7 +45,12 @@ pub fn run(
     json: bool,
     out: &mut dyn Write,
 ) -> Result {
+    let progress = (jobs.len() >= 1024).then(|| Progress::counter("adding jobs:"));
+    if let Some(progress) = &progress {
+        progress.set(jobs.len() as u64);
+    }
     let entries = store.submit(jobs, now())?;
+    drop(progress);
     for entry in entries.iter().filter(|e| e.duplicate) {
         let job = &entry.job;
         say!(

@@ -10,6 +10,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::error::{CliError, Result};
+use crate::progress::Progress;
 use crate::render::{ts, visible};
 
 /// Runs a pool of shell workers in the foreground until it is stopped.
@@ -190,6 +191,7 @@ pub fn stop(store: &dyn Storage, timeout: Duration, no_wait: bool, force: bool) 
     }
     // `--timeout` is at most a year, which an `Instant` always holds.
     let deadline = Instant::now() + timeout;
+    let progress = Progress::bar(waiting.len() as u64, "workers stopped:");
     loop {
         let version = store.change_version()?;
         recover_abandoned(store, &hostname(), stale_after, now())?;
@@ -199,7 +201,9 @@ pub fn stop(store: &dyn Storage, timeout: Duration, no_wait: bool, force: bool) 
             .filter(|w| waiting.contains(&w.id))
             .map(|w| w.id)
             .collect();
+        progress.set((waiting.len() - left.len()) as u64);
         if left.is_empty() {
+            drop(progress);
             say!("all workers stopped");
             return Ok(());
         }
