@@ -5,7 +5,11 @@
 //! 2. CLI enqueue: median milliseconds per `queuectl enqueue` process;
 //! 3. pickup latency: enqueue in one process → the job starts in an idle worker process;
 //! 4. crash recovery: SIGKILL a worker mid-job → seconds until the job completes elsewhere;
-//! 5. worker stop latency: `worker stop` with two idle worker processes → both have exited.
+//! 5. worker stop latency: `worker stop` with two idle worker processes → both have exited;
+//! 6. cancel latency: `queuectl cancel` of a job running in another worker process → its
+//!    process group is gone;
+//! 7. queue limit: a limit of 3 on a queue drained by 3 worker processes × 4 slots (500 jobs):
+//!    the most jobs of the queue seen running at once.
 //!
 //! Run with `cargo bench -p queuectl-cli --bench e2e` (set `E2E_JOBS` to change the drain size).
 
@@ -226,6 +230,92 @@ fn stop_latency_ms(samples: usize) -> (f64, f64) {
     (latencies[samples / 2], p99)
 }
 
+/// Milliseconds from starting `queuectl cancel` to the exit of the job's process (a `sleep`
+/// the job's shell waits on) in another worker process, over `samples` rounds: (p50, max).
+fn cancel_latency_ms(samples: usize) -> (f64, f64) {
+    let home = tempfile::tempdir().expect("temp dir");
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let worker = Worker::start(home.path(), &["--count", "1"]);
+    let mut latencies = Vec::with_capacity(samples);
+    for i in 0..samples {
+        let pid_file = scratch.path().join(format!("pid{i}"));
+        let command = format!(
+            "sleep 60 & echo $! > '{0}.tmp'; mv '{0}.tmp' '{0}'; wait",
+            pid_file.display()
+        );
+        let job = serde_json::json!({ "id": format!("c{i}"), "command": command });
+        run(home.path(), &["enqueue", &job.to_string()]);
+        worker.wait_for(&format!("[running] job c{i} "));
+        let pid = loop {
+            if let Ok(text) = std::fs::read_to_string(&pid_file) {
+                break text.trim().to_owned();
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        let started = Instant::now();
+        run(home.path(), &["cancel", &format!("c{i}")]);
+        let gone = |pid: &str| match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Ok(stat) => stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+            Err(_) => true,
+        };
+        while !gone(&pid) {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "job never stopped"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        latencies.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    latencies.sort_by(f64::total_cmp);
+    (latencies[samples / 2], latencies[samples - 1])
+}
+
+/// Drains `jobs` jobs of a queue limited to `limit` with 3 worker processes × 4 slots. Each
+/// job counts the jobs of the queue running as it starts (marker files); returns the most
+/// seen and the drain time in seconds.
+fn queue_limit_max(jobs: usize, limit: u32) -> (usize, f64) {
+    let home = tempfile::tempdir().expect("temp dir");
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let marks = scratch.path().join("marks");
+    std::fs::create_dir(&marks).expect("marks dir");
+    run(home.path(), &["queue", "limit", "q", &limit.to_string()]);
+    let lines: String = (0..jobs)
+        .map(|i| {
+            let command = format!(
+                "d='{}'; touch \"$d/run.{i}\"; ls \"$d\" | grep -c '^run\\.' >> \"$d/../seen\"; \
+                 sleep 0.01; rm \"$d/run.{i}\"",
+                marks.display()
+            );
+            serde_json::json!({ "queue": "q", "command": command }).to_string() + "\n"
+        })
+        .collect();
+    enqueue_many(home.path(), &lines);
+    let started = Instant::now();
+    let workers: Vec<_> = (0..3)
+        .map(|_| {
+            queuectl(home.path())
+                .args(["worker", "start", "--count", "4", "--exit-when-idle"])
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn worker")
+        })
+        .collect();
+    for mut worker in workers {
+        assert!(worker.wait().expect("wait worker").success());
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let seen = std::fs::read_to_string(scratch.path().join("seen")).expect("seen");
+    let counts: Vec<usize> = seen
+        .lines()
+        .map(|l| l.trim().parse().expect("a count"))
+        .collect();
+    assert_eq!(counts.len(), jobs, "every job ran once");
+    (counts.into_iter().max().unwrap_or(0), elapsed)
+}
+
 fn main() {
     // `cargo bench` passes --bench; filters are not supported by this harness.
     let jobs: usize = std::env::var("E2E_JOBS")
@@ -250,6 +340,16 @@ fn main() {
     let (stop50, stop99) = stop_latency_ms(20);
     println!(
         "worker stop        {stop50:>10.2} ms p50   {stop99:.2} ms p99 (two idle workers exited)"
+    );
+    let (cancel50, cancel_max) = cancel_latency_ms(20);
+    println!(
+        "cancel             {cancel50:>10.2} ms p50   {cancel_max:.2} ms max (running job in \
+         another worker process → its processes gone)"
+    );
+    let (most, took) = queue_limit_max(500, 3);
+    println!(
+        "queue limit 3      {most:>10} most seen running (3 processes × 4 slots, 500 jobs, \
+         {took:.1} s)"
     );
     let (recovered, restarted) = crash_recovery_secs();
     println!(

@@ -324,6 +324,36 @@ fn a_cancelled_running_job_is_stopped_without_waiting_for_a_heartbeat() {
     assert_eq!(job.attempts, 1);
 }
 
+/// A second cancel soon after the first (while looking for lost leases is throttled) is seen
+/// once the throttle allows, not at the next heartbeat or recovery (an hour away here): the
+/// change that made the look due has already been seen, so no later one would wake the pool.
+#[test]
+fn a_cancel_seen_while_lease_checks_are_throttled_is_acted_on_soon_after() {
+    let store = Arc::new(MemoryStorage::new());
+    let (tx, said) = std::sync::mpsc::channel();
+    let pool = WorkerPool::builder(store.clone(), Arc::new(UntilCancelled(tx.into())))
+        .lease(2 * HOUR)
+        .heartbeat_interval(HOUR)
+        .recovery_interval(HOUR)
+        .timings(queuectl_core::Timings {
+            purge_every: HOUR,
+            stop_check_every: Duration::from_millis(300),
+            ..Default::default()
+        })
+        .start()
+        .unwrap();
+    for name in ["first", "second"] {
+        let id: JobId = name.parse().unwrap();
+        store
+            .enqueue(NewJob::new("x").id(name).unwrap(), now())
+            .unwrap();
+        assert_eq!(said.recv_timeout(TIMEOUT).unwrap(), "started");
+        store.cancel(std::slice::from_ref(&id), now()).unwrap();
+        assert_eq!(said.recv_timeout(TIMEOUT).unwrap(), "cancelled", "{name}");
+    }
+    within("the pool to stop", move || pool.shutdown()).unwrap();
+}
+
 /// Reports each start, then waits for the test to say go, then succeeds.
 #[derive(Debug)]
 struct Gated {

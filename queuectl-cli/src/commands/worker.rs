@@ -74,6 +74,9 @@ pub fn start(
     for event in pool.events().iter() {
         let stopped = event == Event::Stopped;
         say!("{} {}", ts(now()), visible(&describe(&event)));
+        if matches!(event, Event::Started { .. }) && !queues.is_empty() {
+            say!("{} [queues] only jobs of {}", ts(now()), queues.join(", "));
+        }
         if stopped {
             break;
         }

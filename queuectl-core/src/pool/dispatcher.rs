@@ -95,6 +95,8 @@ pub(super) struct Dispatcher {
     pub(super) last_settled: Instant,
     /// A busy pool goes quiet (and is armed) then.
     quiet_at: Option<Instant>,
+    /// When to look for lost leases again, after a change seen while that was throttled.
+    lease_check_at: Option<Instant>,
     /// An error that ends the pool, found where it could not be returned.
     pub(super) fatal: Option<PoolError>,
 }
@@ -153,6 +155,7 @@ impl Dispatcher {
             woken: false,
             last_settled: start,
             quiet_at: None,
+            lease_check_at: None,
             fatal: None,
         }
     }
@@ -310,6 +313,7 @@ impl Dispatcher {
             Some(self.next_purge),
             self.due_at,
             self.quiet_at,
+            self.lease_check_at,
             self.claim_retry_at,
             self.settle_at,
             stop_check,
@@ -403,12 +407,19 @@ impl Dispatcher {
     /// [`Timings::stop_check_every`].
     fn poll_leases(&mut self, version: Option<u64>) {
         let Some(version) = version else { return };
-        let due = self.last_lease_check.is_none_or(|(seen, at)| {
-            seen != version && Instant::now() >= at + self.timings.stop_check_every
-        });
-        if due {
-            self.last_lease_check = Some((version, Instant::now()));
-            self.check_leases();
+        self.lease_check_at = None;
+        match self.last_lease_check {
+            Some((seen, _)) if seen == version => {}
+            // Looked too recently: look again once the throttle allows. (The change that
+            // made this one due is already seen, so no later change may come to wake the
+            // pool for it.)
+            Some((_, at)) if Instant::now() < at + self.timings.stop_check_every => {
+                self.lease_check_at = Some(at + self.timings.stop_check_every);
+            }
+            _ => {
+                self.last_lease_check = Some((version, Instant::now()));
+                self.check_leases();
+            }
         }
     }
 
