@@ -44,13 +44,6 @@ pub fn start(
         .prefetch(prefetch)
         .queues(queues.iter().cloned())
         .start()?;
-    if !queues.is_empty() {
-        say!(
-            "{} [queues] running jobs of {}",
-            ts(now()),
-            queues.join(", ")
-        );
-    }
     let stopper = pool.stopper();
     let signal_thread = std::thread::Builder::new()
         .name("queuectl-signals".into())
