@@ -58,8 +58,8 @@ pub use pool::{
 pub use shell::ShellExecutor;
 pub use spec::{JobSpec, SpecError};
 pub use storage::{
-    AttemptReport, ListQuery, ProcessIdentity, Settlement, StateCounts, Storage, StorageExt,
-    WorkerInfo,
+    AttemptReport, ListQuery, OutputChunk, ProcessIdentity, RunningOutput, Settlement, StateCounts,
+    Storage, StorageExt, WorkerInfo,
 };
 pub use wait::{WaitOutcome, wait_for_jobs};
 
