@@ -43,7 +43,9 @@ mod wait;
 pub use backoff::{BackoffPolicy, Exponential, Fixed};
 pub use config::{Config, ConfigError};
 pub use error::{DatabaseFault, Result, StorageError};
-pub use executor::{CancelSignal, Executor, ExecutorError, FnExecutor, Outcome, Status};
+pub use executor::{
+    CancelSignal, Executor, ExecutorError, FnExecutor, LiveOutput, Outcome, Status,
+};
 
 pub use file::{CheckReport, FileOptions, FileStorage, ImportReport};
 pub use job::{

@@ -6,6 +6,8 @@ use std::fmt::Write as _;
 use std::io::{self, PipeReader, Read};
 use std::thread;
 
+use crate::executor::LiveOutput;
+
 /// The read end of the job's output pipe and what has been read from it. It is read by the
 /// attempt's own thread whenever it polls readable, so that a chatty job never blocks on a
 /// full pipe.
@@ -13,16 +15,22 @@ pub(super) struct Output {
     /// `None` once every writer has closed the pipe (or reading it failed).
     pub(super) pipe: Option<PipeReader>,
     pub(super) tail: Tail,
+    /// Where the output goes as it comes, for the pool to record while the attempt runs.
+    live: Option<LiveOutput>,
 }
 
 /// Size of the buffer the output is read into.
 const READ_BUFFER: usize = 16 * 1024;
 
 impl Output {
-    pub(super) fn new(pipe: PipeReader, limit: usize) -> Self {
+    pub(super) fn new(pipe: PipeReader, limit: usize, live: Option<&LiveOutput>) -> Self {
+        if let Some(live) = live {
+            live.set_limit(limit);
+        }
         Self {
             pipe: Some(pipe),
             tail: Tail::new(limit),
+            live: live.cloned(),
         }
     }
 
@@ -35,7 +43,12 @@ impl Output {
         let mut buf = [0; READ_BUFFER];
         match pipe.read(&mut buf) {
             Ok(0) => self.pipe = None,
-            Ok(n) => self.tail.push(&buf[..n]),
+            Ok(n) => {
+                self.tail.push(&buf[..n]);
+                if let Some(live) = &self.live {
+                    live.write(&buf[..n]);
+                }
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
                 self.tail.note(format!("reading the output failed: {e}"));

@@ -243,7 +243,7 @@ fn threaded() -> ShellExecutor {
 fn a_dropped_attempt_kills_the_group_and_reaps_the_leader() {
     for exec in [ShellExecutor::new(), threaded()] {
         let job = job("sleep 30 & echo $$ $!; wait");
-        let mut attempt = Attempt::start(&exec, &job).unwrap();
+        let mut attempt = Attempt::start(&exec, &job, None).unwrap();
         let mut pids = String::new();
         while !pids.ends_with('\n') {
             let pipe = attempt.output.pipe.as_mut().unwrap();
