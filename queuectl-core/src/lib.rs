@@ -30,6 +30,7 @@ pub mod config;
 mod error;
 pub mod executor;
 pub mod file;
+mod follow;
 pub mod job;
 mod memory;
 pub mod pool;
@@ -48,6 +49,7 @@ pub use executor::{
 };
 
 pub use file::{CheckReport, FileOptions, FileStorage, ImportReport};
+pub use follow::{Follow, FollowStep, follow_attempt, follow_job};
 pub use job::{
     Attempt, AttemptOutcome, InvalidJob, Job, JobId, JobState, Lease, MAX_OUTPUT, NewJob,
     Timestamp, now,

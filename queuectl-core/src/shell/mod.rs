@@ -62,6 +62,7 @@ mod supervisor;
 mod watch;
 
 use attempt::Attempt;
+pub(crate) use output::kept_from;
 pub use watch::ExitWatch;
 
 use std::ffi::OsString;

@@ -19,6 +19,25 @@ pub(super) struct Output {
     live: Option<LiveOutput>,
 }
 
+/// The line a rendered output starts with when its beginning was dropped: these around the
+/// number of bytes dropped.
+const TRUNCATED: (&str, &str) = ("[... ", " bytes truncated]\n");
+
+/// Where the output kept in `rendered` (made by [`Tail::render`]) starts in the whole output:
+/// how many bytes were dropped before it, and the length of the line saying so (0 and 0 when
+/// nothing was dropped).
+pub(crate) fn kept_from(rendered: &str) -> (u64, usize) {
+    let dropped = rendered.strip_prefix(TRUNCATED.0).and_then(|rest| {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        let count = rest[..digits].parse::<u64>().ok()?;
+        rest[digits..].starts_with(TRUNCATED.1).then(|| {
+            let line = TRUNCATED.0.len() + digits + TRUNCATED.1.len();
+            (count, line)
+        })
+    });
+    dropped.unwrap_or((0, 0))
+}
+
 /// Size of the buffer the output is read into.
 const READ_BUFFER: usize = 16 * 1024;
 
@@ -121,7 +140,7 @@ impl Tail {
         }
         let mut out = String::new();
         if dropped > 0 {
-            let _ = writeln!(out, "[... {dropped} bytes truncated]");
+            let _ = write!(out, "{}{dropped}{}", TRUNCATED.0, TRUNCATED.1);
         }
         out.push_str(&String::from_utf8_lossy(&kept));
         for note in &self.notes {
