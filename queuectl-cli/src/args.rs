@@ -85,12 +85,21 @@ pub enum Command {
     ///
     /// The bytes as they were, into a pipe or file; with control characters shown escaped
     /// on a terminal.
+    ///
+    /// With --follow: the output of the running attempt so far, then more as it is produced
+    /// (a new line shows within about a second, from a worker in any process), through every
+    /// later attempt until the job has ended; a job waiting to run is waited for. Exits 0 when
+    /// the job completed, 1 otherwise (and with --attempt N, which must be the running
+    /// attempt: 0 when that attempt succeeded, 1 otherwise).
     Logs {
         /// The job.
         id: String,
         /// This attempt instead of the last one.
         #[arg(long, value_name = "N")]
         attempt: Option<u32>,
+        /// Keep printing the output as it is produced until the job ends.
+        #[arg(long, short)]
+        follow: bool,
     },
     /// Wait until every job is finished.
     ///

@@ -990,8 +990,9 @@ fn check_says_what_it_found() {
     assert!(out.stdout.starts_with("ok: "), "{}", out.stdout);
     let db = q.home().join("queuectl.db");
     let mut bytes = std::fs::read(&db).unwrap();
+    // The second half of the file: pages of the jobs table among them, whatever the layout.
     let page = 4096 * (bytes.len() / 4096 / 2);
-    bytes[page..page + 4096].fill(0xa5);
+    bytes[page..].fill(0xa5);
     std::fs::write(&db, &bytes).unwrap();
     let out = q.cmd(["check"]).status(1).run();
     assert!(out.stdout.contains("has problems"), "{}", out.stdout);
@@ -1298,4 +1299,89 @@ fn progress_shows_on_a_terminal_only() {
     let drawn = std::fs::read_to_string(&typescript).unwrap();
     assert!(drawn.contains("adding jobs: 3000"), "{drawn}");
     assert_eq!(q.status()["counts"]["pending"], 6000);
+}
+
+/// `logs --follow` on a job waiting to run waits for it, prints what the running job prints
+/// (from a worker in another process) before the job goes on, and ends with the job: exit 0
+/// when it completed. Another follower, started while the job runs, prints what is there
+/// first.
+#[test]
+fn logs_follow_prints_a_running_jobs_output_as_it_comes_and_ends_with_it() {
+    let q = Queue::new();
+    let gate = q.scratch("gate");
+    support::make_gate(&gate);
+    let command = format!("echo first; read _ < '{}'; echo second", gate.display());
+    q.enqueue(&serde_json::json!({ "id": "j", "command": command }).to_string());
+    let mut waiting = q.background(&["logs", "j", "--follow"]);
+    let mut worker = q.worker(&[]);
+    worker.wait_for("[running] job j");
+    assert_eq!(waiting.next_line(), "first", "shown while the job waits");
+    let mut late = q.background(&["logs", "j", "-f"]);
+    assert_eq!(late.next_line(), "first");
+    support::open_gate(&gate);
+    for follower in [&mut waiting, &mut late] {
+        assert_eq!(follower.next_line(), "second");
+        let (status, rest, stderr) = follower.wait_exit();
+        assert_eq!(status.code(), Some(0), "{stderr}");
+        assert!(rest.is_empty(), "{rest:?}");
+        assert_eq!(stderr, "");
+    }
+    worker.wait_for("[completed] job j");
+    // The job has ended: its output, at once.
+    assert_eq!(q.run(&["logs", "j", "--follow"]), "first\nsecond\n");
+}
+
+/// A job that does not complete makes `logs --follow` exit 1, saying why; `--attempt N`
+/// follows only the running attempt and refuses any other.
+#[test]
+fn logs_follow_exits_1_when_the_job_does_not_complete() {
+    let q = Queue::new();
+    let gate = q.scratch("gate");
+    support::make_gate(&gate);
+    let command = format!("echo trying; read _ < '{}'; exit 3", gate.display());
+    let job = serde_json::json!({ "id": "j", "command": command, "max_retries": 1 });
+    q.enqueue(&job.to_string());
+    let out = q
+        .cmd(["logs", "j", "--follow", "--attempt", "1"])
+        .status(1)
+        .run();
+    assert!(
+        out.stderr
+            .contains("cannot follow attempt 1 of job j: it is pending"),
+        "{}",
+        out.stderr
+    );
+    let mut worker = q.worker(&[]);
+    worker.wait_for("[running] job j");
+    let mut job = q.background(&["logs", "j", "--follow"]);
+    let mut attempt = q.background(&["logs", "j", "--follow", "--attempt", "1"]);
+    assert_eq!(job.next_line(), "trying");
+    assert_eq!(attempt.next_line(), "trying");
+    let out = q
+        .cmd(["logs", "j", "--follow", "--attempt", "2"])
+        .status(1)
+        .run();
+    assert!(
+        out.stderr.contains("it is running attempt 1"),
+        "{}",
+        out.stderr
+    );
+    support::open_gate(&gate);
+    let (status, rest, stderr) = job.wait_exit();
+    assert_eq!((status.code(), rest.len()), (Some(1), 0), "{stderr}");
+    assert!(
+        stderr.contains("attempt 1 failed: exited with code 3"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("error: job j did not complete: it is dead"),
+        "{stderr}"
+    );
+    let (status, _, stderr) = attempt.wait_exit();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("attempt 1 of job j did not succeed"),
+        "{stderr}"
+    );
+    worker.wait_for("[dead] job j");
 }

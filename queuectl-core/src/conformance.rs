@@ -14,8 +14,8 @@ use crate::config::ConfigError;
 use crate::error::StorageError;
 use crate::job::{Attempt, AttemptOutcome, Job, JobId, JobState, MAX_OUTPUT, NewJob, Timestamp};
 use crate::storage::{
-    AttemptReport, ClaimRequest, Enqueued, ListQuery, QueueChange, QueueInfo, Settlement, Storage,
-    StorageExt, WorkerInfo,
+    AttemptReport, ClaimRequest, Enqueued, ListQuery, OutputChunk, QueueChange, QueueInfo,
+    Settlement, Storage, StorageExt, WorkerInfo,
 };
 
 /// A fresh store for one case.
@@ -90,7 +90,12 @@ macro_rules! storage_conformance {
             enqueue_refuses_missing_or_failed_dependencies,
             retried_dependents_wait_again,
             purged_dependencies_count_as_completed,
-            activity_reports_what_finished_since
+            activity_reports_what_finished_since,
+            live_output_is_visible_to_other_handles,
+            live_output_under_a_stale_lease_is_refused_and_changes_nothing,
+            live_output_is_capped_to_its_tail,
+            live_output_does_not_leak_into_the_next_attempt,
+            settling_keeps_the_reported_output_not_the_live_one
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {
@@ -1261,6 +1266,234 @@ pub fn next_due_is_the_earliest_whatever_the_priority(h: &dyn Harness) {
         ["urgent"]
     );
     assert_eq!(store.next_due(at(0)).unwrap(), Some(at(1)));
+}
+
+fn chunk(lease: &crate::Lease, offset: u64, text: &str) -> OutputChunk {
+    OutputChunk {
+        lease: lease.clone(),
+        offset,
+        text: text.to_owned(),
+    }
+}
+
+/// The running attempt, as the history shows it.
+fn running(store: &dyn Storage, name: &str) -> Attempt {
+    let attempt = store.attempts(&id(name)).unwrap().pop().unwrap();
+    assert_eq!(attempt.outcome, AttemptOutcome::Running);
+    attempt
+}
+
+/// Output a running attempt recorded is its output in the history, seen from every handle
+/// (`get` and `list` leave it out); a follower reads what is new since an offset, and what was
+/// recorded already is skipped when it comes again.
+pub fn live_output_is_visible_to_other_handles(h: &dyn Harness) {
+    let store = h.store();
+    let other = h.reopen().unwrap_or_else(|| h.store());
+    store.enqueue(job("a"), at(0)).unwrap();
+    let lease = claim_one(&*store, at(1)).lease.unwrap();
+    assert_eq!(running(&*other, "a").output, None);
+    let before = other.change_version().unwrap();
+    let lost = store.record_output(&[chunk(&lease, 0, "one\n")]).unwrap();
+    assert!(lost.is_empty(), "{lost:?}");
+    assert_ne!(
+        other.change_version().unwrap(),
+        before,
+        "followers are woken"
+    );
+    assert_eq!(running(&*other, "a").output.as_deref(), Some("one\n"));
+    // A writer that sends again what was recorded already adds only what is new.
+    store
+        .record_output(&[chunk(&lease, 0, "one\ntwo\n")])
+        .unwrap();
+    store.record_output(&[chunk(&lease, 8, "thr")]).unwrap();
+    store.record_output(&[chunk(&lease, 11, "ee\n")]).unwrap();
+    assert_eq!(
+        running(&*other, "a").output.as_deref(),
+        Some("one\ntwo\nthree\n")
+    );
+    let since = other.output_since(&id("a"), 4).unwrap();
+    assert_eq!((since.offset, since.text.as_str()), (4, "two\nthree\n"));
+    assert_eq!(
+        (since.job.state, since.job.output.as_ref(), since.finished),
+        (JobState::Processing, None, 0)
+    );
+    assert_eq!(since.job.lease.as_ref().map(|l| l.token), Some(lease.token));
+    let end = other.output_since(&id("a"), 14).unwrap();
+    assert_eq!((end.offset, end.text.as_str()), (14, ""));
+    assert_eq!(other.get(&id("a")).unwrap().output, None);
+    assert_eq!(other.list(&ListQuery::all()).unwrap()[0].output, None);
+    // A writer that dropped output: what comes after the gap replaces what was recorded.
+    store
+        .record_output(&[chunk(&lease, 100, "later\n")])
+        .unwrap();
+    let since = other.output_since(&id("a"), 14).unwrap();
+    assert_eq!((since.offset, since.text.as_str()), (100, "later\n"));
+    assert_eq!(running(&*other, "a").output.as_deref(), Some("later\n"));
+    assert!(matches!(
+        other.output_since(&id("missing"), 0),
+        Err(StorageError::NotFound { .. })
+    ));
+}
+
+/// Output recorded under a lost lease (the job was recovered, claimed again or cancelled) is
+/// refused per chunk and changes nothing, in a batch with chunks that are taken.
+pub fn live_output_under_a_stale_lease_is_refused_and_changes_nothing(h: &dyn Harness) {
+    let store = h.store();
+    store
+        .enqueue_batch(vec![job("a"), job("b"), job("c")], at(0))
+        .unwrap();
+    let first = claim_one(&*store, at(0)).lease.unwrap();
+    assert_eq!(store.recover_expired(at(31)).unwrap().len(), 1);
+    let claimed = store.claim("w2", 3, LEASE, at(32)).unwrap();
+    let lease = |name: &str| {
+        let job = claimed.iter().find(|j| j.id.as_str() == name).unwrap();
+        job.lease.clone().unwrap()
+    };
+    store.cancel(&[id("c")], at(33)).unwrap();
+    let version = store.change_version().unwrap();
+    let unknown = crate::Lease {
+        job_id: id("nobody"),
+        ..lease("a")
+    };
+    let lost = store
+        .record_output(&[
+            chunk(&first, 0, "stale\n"),
+            chunk(&lease("c"), 0, "cancelled\n"),
+            chunk(&unknown, 0, "unknown\n"),
+        ])
+        .unwrap();
+    assert_eq!(
+        lost.iter().map(JobId::as_str).collect::<Vec<_>>(),
+        ["a", "c", "nobody"]
+    );
+    assert_eq!(store.change_version().unwrap(), version, "nothing changed");
+    assert_eq!(running(&*store, "a").output, None);
+    let lost = store
+        .record_output(&[chunk(&first, 0, "stale\n"), chunk(&lease("b"), 0, "b\n")])
+        .unwrap();
+    assert_eq!(lost.iter().map(JobId::as_str).collect::<Vec<_>>(), ["a"]);
+    assert_eq!(running(&*store, "a").output, None);
+    assert_eq!(running(&*store, "b").output.as_deref(), Some("b\n"));
+    assert_eq!(store.output_since(&id("c"), 0).unwrap().text, "");
+    assert_eq!(
+        store.attempts(&id("c")).unwrap()[0].output,
+        None,
+        "the cancelled attempt's output is what was recorded before the cancel"
+    );
+    assert!(store.record_output(&[]).unwrap().is_empty());
+}
+
+/// A running attempt keeps the last [`MAX_OUTPUT`] bytes of what it recorded, cut at a
+/// character boundary; a follower learns where the kept output starts.
+pub fn live_output_is_capped_to_its_tail(h: &dyn Harness) {
+    let store = h.store();
+    store.enqueue(job("a"), at(0)).unwrap();
+    let lease = claim_one(&*store, at(0)).lease.unwrap();
+    // "é" takes bytes 2 and 3; the cap falls between them.
+    store.record_output(&[chunk(&lease, 0, "abé")]).unwrap();
+    let rest = "y".repeat(MAX_OUTPUT - 1);
+    store.record_output(&[chunk(&lease, 4, &rest)]).unwrap();
+    let since = store.output_since(&id("a"), 0).unwrap();
+    assert_eq!(since.offset, 4, "what was dropped, to a character boundary");
+    assert_eq!(since.text.len(), MAX_OUTPUT - 1);
+    assert!(since.text.bytes().all(|b| b == b'y'));
+    let kept = running(&*store, "a").output.unwrap();
+    assert_eq!(kept, since.text);
+    // One chunk longer than the cap keeps its tail.
+    store.enqueue(job("b"), at(0)).unwrap();
+    let lease = claim_one(&*store, at(0)).lease.unwrap();
+    let big = format!("x{}", "z".repeat(MAX_OUTPUT));
+    store.record_output(&[chunk(&lease, 0, &big)]).unwrap();
+    let since = store.output_since(&id("b"), 0).unwrap();
+    assert_eq!((since.offset, since.text.len()), (1, MAX_OUTPUT));
+    assert!(since.text.bytes().all(|b| b == b'z'));
+}
+
+/// What an attempt recorded while running goes when it ends, whichever way: the next attempt
+/// starts with no output.
+pub fn live_output_does_not_leak_into_the_next_attempt(h: &dyn Harness) {
+    let store = h.store();
+    store.enqueue(job("a").max_retries(5), at(0)).unwrap();
+    let lease = claim_one(&*store, at(0)).lease.unwrap();
+    store.record_output(&[chunk(&lease, 0, "first\n")]).unwrap();
+    store.fail(&lease, failed("boom"), at(2), at(1)).unwrap();
+    let lease = claim_one(&*store, at(2)).lease.unwrap();
+    assert_eq!(running(&*store, "a").output, None);
+    let since = store.output_since(&id("a"), 0).unwrap();
+    assert_eq!((since.finished, since.text.as_str()), (1, ""));
+    store
+        .record_output(&[chunk(&lease, 0, "second\n")])
+        .unwrap();
+    assert_eq!(store.recover_expired(at(100)).unwrap().len(), 1);
+    let lease = claim_one(&*store, at(101)).lease.unwrap();
+    assert_eq!(running(&*store, "a").output, None, "after a recovery");
+    store.record_output(&[chunk(&lease, 0, "third\n")]).unwrap();
+    store.release(&lease, at(102)).unwrap();
+    let lease = claim_one(&*store, at(103)).lease.unwrap();
+    assert_eq!(running(&*store, "a").output, None, "after a release");
+    store
+        .record_output(&[chunk(&lease, 0, "fourth\n")])
+        .unwrap();
+    store.recover_worker("w1", at(104)).unwrap();
+    let history = store.attempts(&id("a")).unwrap();
+    let outputs: Vec<_> = history
+        .iter()
+        .map(|a| (a.outcome, a.output.as_deref()))
+        .collect();
+    assert_eq!(
+        outputs,
+        [
+            (AttemptOutcome::Failed, Some("boom\n")),
+            (AttemptOutcome::Abandoned, None),
+            (AttemptOutcome::Released, None),
+            (AttemptOutcome::Abandoned, None),
+        ]
+    );
+    let lease = claim_one(&*store, at(105)).lease.unwrap();
+    assert_eq!(running(&*store, "a").output, None);
+    assert_eq!(store.output_since(&id("a"), 0).unwrap().finished, 4);
+    store.record_output(&[chunk(&lease, 0, "fifth\n")]).unwrap();
+    store.cancel(&[id("a")], at(106)).unwrap();
+    store.retry(&[id("a")], at(107)).unwrap();
+    claim_one(&*store, at(108));
+    assert_eq!(running(&*store, "a").output, None, "after a cancel");
+}
+
+/// Settling an attempt records the output its settlement reports, as it did before there was
+/// live output, whatever the attempt recorded while running.
+pub fn settling_keeps_the_reported_output_not_the_live_one(h: &dyn Harness) {
+    let store = h.store();
+    store
+        .enqueue_batch(vec![job("a"), job("b")], at(0))
+        .unwrap();
+    let claimed = store.claim("w1", 2, LEASE, at(0)).unwrap();
+    let lease = |i: usize| claimed[i].lease.clone().unwrap();
+    store
+        .record_output(&[chunk(&lease(0), 0, "part"), chunk(&lease(1), 0, "b so far")])
+        .unwrap();
+    let report = AttemptReport {
+        exit_code: Some(0),
+        signal: None,
+        output: Some("partial\nwhole\n".into()),
+        error: None,
+    };
+    let done = store.complete(&lease(0), report, at(1)).unwrap();
+    assert_eq!(done.output.as_deref(), Some("partial\nwhole\n"));
+    assert_eq!(store.get(&id("a")).unwrap(), done);
+    let history = store.attempts(&id("a")).unwrap();
+    assert_eq!(history.len(), 1);
+    assert_eq!(history[0].output.as_deref(), Some("partial\nwhole\n"));
+    let since = store.output_since(&id("a"), 0).unwrap();
+    assert_eq!(
+        (since.job.state, since.finished, since.text.as_str()),
+        (JobState::Completed, 1, "")
+    );
+    // A settlement that reports no output leaves none.
+    store
+        .fail(&lease(1), AttemptReport::default(), at(5), at(1))
+        .unwrap();
+    assert_eq!(store.attempts(&id("b")).unwrap()[0].output, None);
+    assert_eq!(store.get(&id("b")).unwrap().output, None);
 }
 
 /// Every kind of change is visible through a newly opened handle (durable backends).

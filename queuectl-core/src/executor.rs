@@ -2,9 +2,11 @@
 
 use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use parking_lot::Mutex;
 
 use crate::job::{Job, JobId};
 
@@ -147,6 +149,135 @@ impl CancelSignal {
     }
 }
 
+/// How much output a [`LiveOutput`] holds for the pool by default: the shell executor's
+/// default output limit.
+pub const DEFAULT_LIVE_LIMIT: usize = crate::shell::DEFAULT_OUTPUT_LIMIT;
+
+/// The output of a running attempt as it is produced: the executor writes it, and the worker
+/// pool records what is new in the store every so often while the attempt runs
+/// ([`Storage::record_output`](crate::Storage::record_output)), so that `queuectl logs
+/// --follow` shows it. Cheap to clone; clones share the output.
+///
+/// Bytes are taken as text whole characters at a time (a character split between two writes
+/// waits for its end; invalid bytes become U+FFFD). It holds at most its
+/// [`limit`](Self::set_limit) of output not yet recorded; older output is dropped, and the
+/// store learns that some is missing.
+#[derive(Debug, Clone)]
+pub struct LiveOutput(Arc<Mutex<Unrecorded>>);
+
+#[derive(Debug)]
+struct Unrecorded {
+    /// Output not yet recorded, whole characters only.
+    text: String,
+    /// Where `text` starts in the attempt's output (in bytes of text).
+    offset: u64,
+    /// The start of a character whose end has not been written yet.
+    partial: Vec<u8>,
+    limit: usize,
+    /// When the first output was written.
+    first_write: Option<Instant>,
+}
+
+impl Default for LiveOutput {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl LiveOutput {
+    /// No output yet, holding at most [`DEFAULT_LIVE_LIMIT`] bytes.
+    pub fn new() -> Self {
+        Self(Arc::new(Mutex::new(Unrecorded {
+            text: String::new(),
+            offset: 0,
+            partial: Vec::new(),
+            limit: DEFAULT_LIVE_LIMIT,
+            first_write: None,
+        })))
+    }
+
+    /// Holds at most `bytes` of output that is not recorded yet (an executor with an output
+    /// limit of its own passes it, so a job printing fast costs the store no more than that per
+    /// flush).
+    pub fn set_limit(&self, bytes: usize) {
+        let mut inner = self.0.lock();
+        inner.limit = bytes;
+        inner.trim();
+    }
+
+    /// Adds output, as the job produced it.
+    pub fn write(&self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        let mut inner = self.0.lock();
+        inner.first_write.get_or_insert_with(Instant::now);
+        let mut pending = std::mem::take(&mut inner.partial);
+        pending.extend_from_slice(bytes);
+        let mut rest = &pending[..];
+        while !rest.is_empty() {
+            match std::str::from_utf8(rest) {
+                Ok(text) => {
+                    inner.text.push_str(text);
+                    rest = &[];
+                }
+                Err(error) => {
+                    let (valid, after) = rest.split_at(error.valid_up_to());
+                    // Valid up to there by the error's own account.
+                    inner
+                        .text
+                        .push_str(std::str::from_utf8(valid).unwrap_or_default());
+                    match error.error_len() {
+                        Some(len) => {
+                            inner.text.push(char::REPLACEMENT_CHARACTER);
+                            rest = &after[len..];
+                        }
+                        None => {
+                            // A character cut short by the end of this write.
+                            inner.partial = after.to_vec();
+                            rest = &[];
+                        }
+                    }
+                }
+            }
+        }
+        inner.trim();
+    }
+
+    /// The output written and not recorded yet: where it starts in the attempt's output (in
+    /// bytes of text; later than where the last recorded output ended when some was dropped),
+    /// and the text. `None` when there is none.
+    pub fn unrecorded(&self) -> Option<(u64, String)> {
+        let inner = self.0.lock();
+        (!inner.text.is_empty()).then(|| (inner.offset, inner.text.clone()))
+    }
+
+    /// The output up to offset `upto` is recorded: it is no longer held.
+    pub fn recorded(&self, upto: u64) {
+        let mut inner = self.0.lock();
+        let kept = crate::rules::keep_from(&inner.text, inner.offset, upto).len();
+        let cut = inner.text.len() - kept;
+        inner.text.drain(..cut);
+        inner.offset += cut as u64;
+    }
+
+    /// When output was first written, if it was.
+    pub(crate) fn first_write(&self) -> Option<Instant> {
+        self.0.lock().first_write
+    }
+}
+
+impl Unrecorded {
+    /// Drops the oldest output beyond the limit.
+    fn trim(&mut self) {
+        let before = self.text.len();
+        if before > self.limit {
+            self.text = crate::job::tail(std::mem::take(&mut self.text), self.limit);
+            self.offset += (before - self.text.len()) as u64;
+        }
+    }
+}
+
 /// Runs one attempt of a job.
 ///
 /// # Contract
@@ -160,6 +291,24 @@ impl CancelSignal {
 pub trait Executor: Send + Sync + fmt::Debug {
     /// Runs `job` once.
     fn execute(&self, job: &Job, cancel: &CancelSignal) -> Result<Outcome, ExecutorError>;
+
+    /// Runs `job` once as [`execute`](Self::execute) does, writing its output to `live` as it
+    /// is produced; the worker pool calls this one. The outcome's output must then be the
+    /// tail of what was written, as [`ShellExecutor`](crate::ShellExecutor)'s is (after a
+    /// `[... N bytes truncated]` line when it dropped some), so that a follower can tell what
+    /// it has not seen yet.
+    ///
+    /// The default writes nothing and calls `execute`: an executor that cannot report its
+    /// output as it goes shows it once the attempt has ended.
+    fn execute_live(
+        &self,
+        job: &Job,
+        cancel: &CancelSignal,
+        live: &LiveOutput,
+    ) -> Result<Outcome, ExecutorError> {
+        let _ = live;
+        self.execute(job, cancel)
+    }
 }
 
 /// The message of a panic payload (`&str` or `String`, as `panic!` makes them).
@@ -240,6 +389,30 @@ mod tests {
         assert_eq!(failed.status, Status::Failed("bad nope".into()));
         let panicked = exec.execute(&job("panic"), &never).unwrap();
         assert_eq!(panicked.error_message().unwrap(), "panicked: boom 42");
+    }
+
+    #[test]
+    fn live_output_holds_whole_characters_and_counts_what_it_drops() {
+        let live = LiveOutput::new();
+        assert_eq!(live.unrecorded(), None);
+        assert_eq!(live.first_write(), None);
+        // "é" split between two writes, then a byte that is no UTF-8 at all.
+        live.write(b"caf\xc3");
+        assert_eq!(live.unrecorded(), Some((0, "caf".to_owned())));
+        live.write(b"\xa9 \xff!");
+        assert_eq!(live.unrecorded(), Some((0, "café \u{fffd}!".to_owned())));
+        assert!(live.first_write().is_some());
+        live.recorded(3);
+        assert_eq!(live.unrecorded(), Some((3, "é \u{fffd}!".to_owned())));
+        // Recorded up to the middle of "é": the whole character counts as recorded.
+        live.recorded(4);
+        assert_eq!(live.unrecorded(), Some((5, " \u{fffd}!".to_owned())));
+        live.recorded(100);
+        assert_eq!(live.unrecorded(), None);
+        // Over its limit it keeps the newest output, and says where it starts.
+        live.set_limit(4);
+        live.write(b"0123456789");
+        assert_eq!(live.unrecorded(), Some((16, "6789".to_owned())));
     }
 
     #[test]

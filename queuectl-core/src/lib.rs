@@ -30,6 +30,7 @@ pub mod config;
 mod error;
 pub mod executor;
 pub mod file;
+mod follow;
 pub mod job;
 mod memory;
 pub mod pool;
@@ -44,9 +45,12 @@ mod wait;
 pub use backoff::{BackoffPolicy, Exponential, Fixed};
 pub use config::{Config, ConfigError};
 pub use error::{DatabaseFault, Result, StorageError};
-pub use executor::{CancelSignal, Executor, ExecutorError, FnExecutor, Outcome, Status};
+pub use executor::{
+    CancelSignal, Executor, ExecutorError, FnExecutor, LiveOutput, Outcome, Status,
+};
 
 pub use file::{CheckReport, FileOptions, FileStorage, ImportReport};
+pub use follow::{Follow, FollowStep, follow_attempt, follow_job};
 pub use job::{
     Attempt, AttemptOutcome, DEFAULT_QUEUE, InvalidJob, Job, JobId, JobState, Lease, MAX_OUTPUT,
     NewJob, Timestamp, check_queue_name, now,
@@ -59,8 +63,9 @@ pub use pool::{
 pub use shell::ShellExecutor;
 pub use spec::{JobSpec, SpecError};
 pub use storage::{
-    Activity, AttemptReport, ClaimRequest, Enqueued, ListQuery, ProcessIdentity, QueueChange,
-    QueueInfo, Settlement, StateCounts, Storage, StorageExt, WorkerInfo,
+    Activity, AttemptReport, ClaimRequest, Enqueued, ListQuery, OutputChunk, ProcessIdentity,
+    QueueChange, QueueInfo, RunningOutput, Settlement, StateCounts, Storage, StorageExt,
+    WorkerInfo,
 };
 pub use wait::{WaitOutcome, wait_for_jobs, wait_for_jobs_with};
 

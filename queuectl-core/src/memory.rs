@@ -9,8 +9,8 @@ use crate::error::Result;
 use crate::job::{Attempt, Job, JobId, Lease, NewJob, Timestamp};
 use crate::state::QueueState;
 use crate::storage::{
-    Activity, ClaimRequest, Enqueued, ListQuery, QueueChange, QueueInfo, Settlement, StateCounts,
-    Storage, WorkerInfo,
+    Activity, ClaimRequest, Enqueued, ListQuery, OutputChunk, QueueChange, QueueInfo,
+    RunningOutput, Settlement, StateCounts, Storage, WorkerInfo,
 };
 
 /// A [`Storage`] kept in memory: fast, shared between threads, gone when the process exits.
@@ -82,6 +82,14 @@ impl Storage for MemoryStorage {
         now: Timestamp,
     ) -> Result<(Vec<Result<Job>>, Vec<Job>)> {
         Ok(self.write(|s| s.settle_and_claim(settlements, request, now)))
+    }
+
+    fn record_output(&self, chunks: &[OutputChunk]) -> Result<Vec<JobId>> {
+        Ok(self.write(|s| s.record_output(chunks)))
+    }
+
+    fn output_since(&self, id: &JobId, offset: u64) -> Result<RunningOutput> {
+        self.read(|s| s.output_since(id, offset))
     }
 
     fn recover_expired(&self, now: Timestamp) -> Result<Vec<Job>> {

@@ -14,7 +14,7 @@ use crate::job::{
     Attempt, AttemptOutcome, Job, JobId, JobState, Lease, MAX_OUTPUT, NewJob, Timestamp, later,
     random_u64, tail,
 };
-use crate::storage::{AttemptReport, QueueChange, Settlement};
+use crate::storage::{AttemptReport, OutputChunk, QueueChange, Settlement};
 
 /// The record of a new job; `seq` is its place in enqueue order and `dependencies` the
 /// states of the jobs of `new.after` (checked by [`check_dependencies`]).
@@ -269,6 +269,69 @@ pub(crate) fn running_attempt(job: &Job) -> Option<Attempt> {
         output: None,
         due_at: Some(job.run_at),
     })
+}
+
+/// What a running attempt's recorded output becomes when a chunk arrives ([`append_output`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Appended {
+    /// What to add after the output kept.
+    pub(crate) text: String,
+    /// Where the recorded output ends now.
+    pub(crate) end: u64,
+    /// Recorded output before this offset is dropped (cut with [`keep_from`]).
+    pub(crate) keep_from: u64,
+}
+
+/// Appends `chunk` to the output a running attempt (whose lease was checked) recorded so far,
+/// which ends at offset `end`. The part of the chunk before `end` was recorded already and is
+/// skipped; a chunk starting after `end` (its writer dropped output) replaces everything
+/// recorded; and only the last [`MAX_OUTPUT`] bytes are kept. `None` when nothing is new.
+pub(crate) fn append_output(end: u64, chunk: &OutputChunk) -> Option<Appended> {
+    let chunk_end = chunk.offset.saturating_add(chunk.text.len() as u64);
+    if chunk_end <= end {
+        return None;
+    }
+    let gap = chunk.offset > end;
+    let new_end = chunk_end;
+    let mut keep = new_end.saturating_sub(MAX_OUTPUT as u64);
+    if gap {
+        keep = keep.max(chunk.offset);
+    }
+    // Of the chunk, what is neither recorded already nor dropped at once.
+    let text = keep_from(&chunk.text, chunk.offset, keep.max(end)).to_owned();
+    Some(Appended {
+        text,
+        end: new_end,
+        keep_from: keep,
+    })
+}
+
+/// `text`, which starts at offset `start` of an attempt's output, without what comes before
+/// offset `keep`: cut forward to a character boundary, as [`tail`] does.
+pub(crate) fn keep_from(text: &str, start: u64, keep: u64) -> &str {
+    let skip = keep.saturating_sub(start);
+    if skip >= text.len() as u64 {
+        return "";
+    }
+    let mut skip = skip as usize;
+    while !text.is_char_boundary(skip) {
+        skip += 1;
+    }
+    &text[skip..]
+}
+
+/// What of `text`, which starts at offset `start` of an attempt's output, lies from `offset`
+/// on, and where that starts: at `offset`, or later when the text kept starts later.
+pub(crate) fn output_from(text: &str, start: u64, offset: u64) -> (u64, &str) {
+    let from = start.max(offset);
+    let rest = keep_from(text, start, from);
+    let end = start + text.len() as u64;
+    let at = if rest.is_empty() {
+        from
+    } else {
+        end - rest.len() as u64
+    };
+    (at, rest)
 }
 
 /// Ends the job's current attempt (whose lease was checked) as `settlement` says, and returns

@@ -13,8 +13,8 @@ use crate::error::{Result, StorageError};
 use crate::job::{Attempt, Job, JobId, JobState, Lease, NewJob, Timestamp};
 use crate::rules::{self, Abandoned, Dependency};
 use crate::storage::{
-    Activity, ClaimRequest, Enqueued, ListQuery, QueueChange, QueueInfo, Settlement, StateCounts,
-    WorkerInfo,
+    Activity, ClaimRequest, Enqueued, ListQuery, OutputChunk, QueueChange, QueueInfo,
+    RunningOutput, Settlement, StateCounts, WorkerInfo,
 };
 
 type ReadyKey = (Reverse<i32>, Timestamp, u64);
@@ -35,6 +35,8 @@ pub(crate) struct QueueState {
     ids: HashMap<JobId, u64>,
     /// Finished attempts by job sequence number, oldest first.
     history: HashMap<u64, Vec<Attempt>>,
+    /// The output running attempts recorded so far, by job sequence number.
+    live: HashMap<u64, Live>,
     index: Index,
     next_seq: u64,
     config: Config,
@@ -45,6 +47,20 @@ pub(crate) struct QueueState {
     dependents: HashMap<u64, Vec<u64>>,
     /// Counts changes of any kind; unchanged by operations that change nothing.
     revision: u64,
+}
+
+/// What a running attempt recorded of its output: the bytes of it that end at `end`.
+#[derive(Debug, Default)]
+struct Live {
+    end: u64,
+    text: String,
+}
+
+impl Live {
+    /// Where `text` starts in the attempt's output.
+    fn start(&self) -> u64 {
+        self.end - self.text.len() as u64
+    }
 }
 
 /// The orders claiming and recovery need, by sequence number; derived from the jobs.
@@ -138,6 +154,7 @@ impl QueueState {
             self.revision += 1;
             self.ids.remove(&job.id);
             self.history.remove(&seq);
+            self.live.remove(&seq);
             self.index.remove(&job);
             for after in &job.after {
                 if let Some(list) = self.ids.get(after).and_then(|a| self.dependents.get_mut(a)) {
@@ -202,8 +219,10 @@ impl QueueState {
             .collect()
     }
 
-    /// Adds a finished attempt to the job's history.
+    /// Adds a finished attempt to the job's history; the output it recorded while running
+    /// goes.
     fn remember(&mut self, seq: u64, attempt: Attempt) {
+        self.live.remove(&seq);
         self.history.entry(seq).or_default().push(attempt);
     }
 
@@ -411,6 +430,48 @@ impl QueueState {
         Ok(job)
     }
 
+    pub(crate) fn record_output(&mut self, chunks: &[OutputChunk]) -> Vec<JobId> {
+        let mut lost = Vec::new();
+        for chunk in chunks {
+            let Ok(seq) = self.leased(&chunk.lease) else {
+                lost.push(chunk.lease.job_id.clone());
+                continue;
+            };
+            let end = self.live.get(&seq).map_or(0, |live| live.end);
+            let Some(appended) = rules::append_output(end, chunk) else {
+                continue;
+            };
+            let live = self.live.entry(seq).or_default();
+            let kept = rules::keep_from(&live.text, live.start(), appended.keep_from).len();
+            live.text.drain(..live.text.len() - kept);
+            live.text.push_str(&appended.text);
+            live.end = appended.end;
+            self.touch();
+        }
+        lost
+    }
+
+    pub(crate) fn output_since(&self, id: &JobId, offset: u64) -> Result<RunningOutput> {
+        let seq = self.seq_of(id)?;
+        let job = Job {
+            output: None,
+            ..self.jobs[&seq].clone()
+        };
+        let (offset, text) = match self.live.get(&seq) {
+            Some(live) if job.state == JobState::Processing => {
+                let (at, text) = rules::output_from(&live.text, live.start(), offset);
+                (at, text.to_owned())
+            }
+            _ => (offset, String::new()),
+        };
+        Ok(RunningOutput {
+            finished: self.history.get(&seq).map_or(0, Vec::len),
+            job,
+            offset,
+            text,
+        })
+    }
+
     pub(crate) fn recover_expired(&mut self, now: Timestamp) -> Vec<Job> {
         let mut expired = Vec::new();
         for &(expires_at, seq) in &self.index.leases {
@@ -458,7 +519,14 @@ impl QueueState {
     pub(crate) fn attempts(&self, id: &JobId) -> Result<Vec<Attempt>> {
         let seq = self.seq_of(id)?;
         let mut attempts = self.history.get(&seq).cloned().unwrap_or_default();
-        attempts.extend(rules::running_attempt(&self.jobs[&seq]));
+        let output = self
+            .live
+            .get(&seq)
+            .map(|live| live.text.clone())
+            .filter(|text| !text.is_empty());
+        attempts.extend(
+            rules::running_attempt(&self.jobs[&seq]).map(|running| Attempt { output, ..running }),
+        );
         Ok(attempts)
     }
 

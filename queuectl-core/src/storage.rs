@@ -141,6 +141,35 @@ pub enum QueueChange {
     Limit(u32),
 }
 
+/// Output a running attempt produced, for [`Storage::record_output`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputChunk {
+    /// The lease of the attempt.
+    pub lease: Lease,
+    /// Where `text` starts in the attempt's output, in bytes from its beginning: where what
+    /// was recorded before ends, or later when the writer dropped output in between.
+    pub offset: u64,
+    /// The output.
+    pub text: String,
+}
+
+/// A job and what its running attempt has recorded from some offset on, read together
+/// ([`Storage::output_since`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunningOutput {
+    /// The job, without its output (`output` is `None`).
+    pub job: Job,
+    /// How many finished attempts its history holds: in [`Storage::attempts`], the running
+    /// attempt (if any) comes right after them.
+    pub finished: usize,
+    /// Where `text` starts in the running attempt's output: the offset asked for, or later when
+    /// the store no longer keeps the output in between.
+    pub offset: u64,
+    /// What the running attempt recorded from `offset` on; empty when the job is not
+    /// `processing`.
+    pub text: String,
+}
+
 /// Which jobs `list` returns.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ListQuery {
@@ -295,6 +324,12 @@ pub struct ProcessIdentity {
 ///   stays charged, so a job that keeps killing its worker ends `dead`).
 /// - **Durability.** When a mutating method returns `Ok`, the change survives a crash of the
 ///   process (durable backends) and is visible to every other caller.
+/// - **Live output.** While an attempt runs, its lease holder may append what it prints
+///   ([`Storage::record_output`]; fenced like a settlement). A store keeps the last
+///   [`MAX_OUTPUT`](crate::job::MAX_OUTPUT) bytes of it, shows it as the running attempt's
+///   output in [`Storage::attempts`] (never in `get` or `list`), and drops it when the attempt
+///   ends: a settled attempt keeps the output its settlement reported, and the next attempt
+///   starts with none.
 /// - **Refusals** (duplicate id, unknown job, wrong state, lost lease, invalid setting) are
 ///   typed errors and change nothing.
 pub trait Storage: Send + Sync + Debug {
@@ -379,6 +414,19 @@ pub trait Storage: Send + Sync + Debug {
         }
     }
 
+    /// Appends output that running attempts produced to what they recorded so far, all in one
+    /// step. Each chunk's lease must be its job's current one: the ids of the jobs whose lease
+    /// was lost are returned, and nothing is recorded for them. A chunk's part before the end
+    /// of what its attempt recorded is skipped (it was recorded already); a chunk that starts
+    /// after that end (the writer dropped output) replaces what was recorded. Only the last
+    /// [`MAX_OUTPUT`](crate::job::MAX_OUTPUT) bytes are kept.
+    fn record_output(&self, chunks: &[OutputChunk]) -> Result<Vec<JobId>>;
+
+    /// The job, and what its running attempt recorded from byte `offset` of its output on,
+    /// in one consistent read: a follower asks again from where the text it got ends. An
+    /// unknown job is [`StorageError::NotFound`].
+    fn output_since(&self, id: &JobId, offset: u64) -> Result<RunningOutput>;
+
     /// Returns every `processing` job whose lease expired at or before `now` to `pending`
     /// (or `dead` when its attempts are used up). Returns the recovered jobs.
     fn recover_expired(&self, now: Timestamp) -> Result<Vec<Job>>;
@@ -391,7 +439,8 @@ pub trait Storage: Send + Sync + Debug {
     fn get(&self, id: &JobId) -> Result<Job>;
 
     /// The job's attempts: the finished ones oldest first, then the running one (if it is
-    /// `processing`). An unknown job is [`StorageError::NotFound`].
+    /// `processing`) with the output it recorded so far ([`Storage::record_output`]; `None`
+    /// before any). An unknown job is [`StorageError::NotFound`].
     fn attempts(&self, id: &JobId) -> Result<Vec<Attempt>>;
 
     /// Jobs matching `query`, in enqueue order (or its reverse), without their output (`output` is `None`:

@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, bounded, select, unbounded};
 use parking_lot::Mutex;
 use queuectl_core::{
-    BackoffPolicy, CancelSignal, Event, Executor, ExecutorError, FnExecutor, Job, JobId, JobState,
-    MemoryStorage, NewJob, Outcome, Status, StopReason, Storage, StorageExt, WorkerPool, now,
+    AttemptOutcome, BackoffPolicy, CancelSignal, Event, Executor, ExecutorError, FnExecutor, Job,
+    JobId, JobState, LiveOutput, MemoryStorage, NewJob, Outcome, Status, StopReason, Storage,
+    StorageExt, Timings, WorkerPool, now,
 };
 
 mod support;
@@ -874,4 +875,175 @@ fn dropping_the_pool_handle_stops_the_pool() {
         }
     )));
     assert!(store.workers().unwrap().is_empty());
+}
+
+/// An executor whose jobs print a line (as output they report live) and say so, then wait for
+/// the test before each next line: "ID one", "ID two", "ID three"; they succeed with all three
+/// as their output.
+#[derive(Debug)]
+struct Talks {
+    said: Sender<JobId>,
+    /// Each job's go-ahead for its next line, by id.
+    next: HashMap<String, Receiver<()>>,
+}
+
+impl Executor for Talks {
+    fn execute(&self, job: &Job, cancel: &CancelSignal) -> Result<Outcome, ExecutorError> {
+        self.execute_live(job, cancel, &LiveOutput::new())
+    }
+
+    fn execute_live(
+        &self,
+        job: &Job,
+        cancel: &CancelSignal,
+        live: &LiveOutput,
+    ) -> Result<Outcome, ExecutorError> {
+        let started = Instant::now();
+        let mut output = String::new();
+        for (i, word) in ["one", "two", "three"].into_iter().enumerate() {
+            if i > 0 {
+                select! {
+                    recv(self.next[job.id.as_str()]) -> _ => {}
+                    recv(cancel.receiver()) -> _ => return Ok(Outcome::cancelled()),
+                }
+            }
+            let line = format!("{} {word}\n", job.id);
+            live.write(line.as_bytes());
+            output.push_str(&line);
+            self.said.send(job.id.clone()).unwrap();
+        }
+        Ok(Outcome {
+            output,
+            ..Outcome::succeeded(started.elapsed())
+        })
+    }
+}
+
+/// A pool on `store` running `Talks` jobs `ids` (enqueued here) on one thread each,
+/// recording live output every 5 ms; and the senders that let each job go on.
+fn talking_pool(
+    store: &Arc<Faulty>,
+    ids: &[&str],
+) -> (WorkerPool, Receiver<JobId>, HashMap<String, Sender<()>>) {
+    let (said_tx, said) = unbounded();
+    let mut next = HashMap::new();
+    let mut go = HashMap::new();
+    for id in ids {
+        enqueue(&store.inner, id);
+        let (tx, rx) = unbounded();
+        go.insert(id.to_string(), tx);
+        next.insert(id.to_string(), rx);
+    }
+    let executor = Talks {
+        said: said_tx,
+        next,
+    };
+    let pool = WorkerPool::builder(store.clone(), Arc::new(executor))
+        .workers(ids.len())
+        .timings(Timings {
+            live_output_every: Duration::from_millis(5),
+            ..Timings::default()
+        })
+        .start()
+        .unwrap();
+    (pool, said, go)
+}
+
+/// The running attempt's output, as the history shows it.
+fn running_output(store: &dyn Storage, id: &str) -> Option<String> {
+    let attempt = store.attempts(&id.parse().unwrap()).unwrap().pop()?;
+    (attempt.outcome == AttemptOutcome::Running)
+        .then_some(attempt.output)
+        .flatten()
+}
+
+/// Waits (on store changes, bounded) until `cond` holds.
+fn until_store(store: &dyn Storage, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let seen = store.change_version().unwrap();
+        if cond() {
+            return;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "timed out waiting for {what}");
+        store.wait_for_change(seen, left).unwrap();
+    }
+}
+
+/// What running attempts print reaches the store while they run, each byte once, in one call
+/// per flush for every attempt with something new; the settled output is the outcome's.
+#[test]
+fn running_attempts_output_reaches_the_store_while_they_run() {
+    let store = Arc::new(Faulty::default());
+    let ids = ["a", "b"];
+    let (pool, said, go) = talking_pool(&store, &ids);
+    let all_say = |lines: &str| {
+        for _ in ids {
+            recv(&said);
+        }
+        until_store(&*store, lines, || {
+            ids.iter()
+                .all(|id| running_output(&*store, id) == Some(lines.replace("ID", id)))
+        });
+    };
+    all_say("ID one\n");
+    go.values().for_each(|tx| tx.send(()).unwrap());
+    all_say("ID one\nID two\n");
+    go.values().for_each(|tx| tx.send(()).unwrap());
+    count_completed(pool.events(), 2);
+    within("the pool to stop", move || pool.shutdown()).unwrap();
+    let batches = store.outputs.lock().clone();
+    let mut recorded: HashMap<String, String> = HashMap::new();
+    for batch in &batches {
+        let mut jobs: Vec<_> = batch.iter().map(|c| c.lease.job_id.as_str()).collect();
+        jobs.sort();
+        jobs.dedup();
+        assert_eq!(jobs.len(), batch.len(), "one chunk per attempt per call");
+        for chunk in batch {
+            let text = recorded.entry(chunk.lease.job_id.to_string()).or_default();
+            assert_eq!(chunk.offset, text.len() as u64, "only what is new is sent");
+            text.push_str(&chunk.text);
+        }
+    }
+    for id in ids {
+        let job = store.get(&id.parse().unwrap()).unwrap();
+        let all = format!("{id} one\n{id} two\n{id} three\n");
+        assert_eq!(job.output.as_deref(), Some(all.as_str()));
+        assert!(all.starts_with(&recorded[id]), "{:?}", recorded[id]);
+        assert_eq!(store.output_since(&job.id, 0).unwrap().text, "");
+    }
+}
+
+/// A store that fails to record live output is reported (a storage error event; the output is
+/// sent again at the next flush) and does not fail the attempt.
+#[test]
+fn a_failure_to_record_live_output_is_reported_and_the_job_still_completes() {
+    let store = Arc::new(Faulty::default());
+    store.fail_output.store(true, Ordering::SeqCst);
+    let (pool, said, go) = talking_pool(&store, &["a"]);
+    recv(&said);
+    let events = events_until(
+        pool.events(),
+        |e| matches!(e, Event::StorageError { op, .. } if *op == "recording live output"),
+    );
+    match events.last() {
+        Some(Event::StorageError { error, .. }) => {
+            assert!(error.contains("the disk went away"), "{error}")
+        }
+        other => panic!("{other:?}"),
+    }
+    store.fail_output.store(false, Ordering::SeqCst);
+    until_store(&*store, "the first line", || {
+        running_output(&*store, "a").as_deref() == Some("a one\n")
+    });
+    go["a"].send(()).unwrap();
+    go["a"].send(()).unwrap();
+    count_completed(pool.events(), 1);
+    within("the pool to stop", move || pool.shutdown()).unwrap();
+    let job = store.get(&"a".parse().unwrap()).unwrap();
+    assert_eq!(
+        (job.state, job.output.as_deref()),
+        (JobState::Completed, Some("a one\na two\na three\n"))
+    );
 }

@@ -16,8 +16,8 @@ use nix::unistd::mkfifo;
 use queuectl_core::executor::{Canceller, cancel_pair};
 use queuectl_core::shell::{ExitWatch, JOB_ID_VAR};
 use queuectl_core::{
-    CancelSignal, Executor, ExecutorError, Job, MemoryStorage, NewJob, Outcome, ShellExecutor,
-    Status, StorageExt, now,
+    CancelSignal, Executor, ExecutorError, Job, LiveOutput, MemoryStorage, NewJob, Outcome,
+    ShellExecutor, Status, StorageExt, now,
 };
 
 mod support;
@@ -454,6 +454,37 @@ fn concurrent_attempts_stay_apart(watch: ExitWatch) {
     });
 }
 
+/// What the executor reads goes to the live output as it comes, held up to the output limit
+/// like the outcome's own tail, so the two agree on where the output they keep starts.
+fn live_output_gets_what_the_outcome_keeps(watch: ExitWatch) {
+    let exec = shell(watch).output_limit(1000);
+    // "é" is written in two halves; 5,000 bytes overflow the limit.
+    let job = job(
+        "j",
+        "echo one; head -c 5000 /dev/zero | tr '\\0' x; printf '\\ncaf\\303'; printf '\\251\\n'",
+    );
+    let live = LiveOutput::new();
+    let outcome = exec
+        .execute_live(&job, &CancelSignal::never(), &live)
+        .unwrap();
+    assert_eq!(outcome.status, Status::Succeeded);
+    let total = 4 + 5000 + 7;
+    let (offset, text) = live.unrecorded().expect("live output");
+    assert!(text.ends_with("xx\ncafé\n"), "{text:?}");
+    assert_eq!(offset + text.len() as u64, total);
+    assert_eq!(
+        outcome.output,
+        format!("[... {offset} bytes truncated]\n{text}"),
+        "the outcome keeps what the live output holds"
+    );
+    // Recorded output is no longer held.
+    live.recorded(offset + 10);
+    let (after, rest) = live.unrecorded().unwrap();
+    assert_eq!((after, rest.as_str()), (offset + 10, &text[10..]));
+    // `execute` writes no live output anywhere (nothing to check but that it still works).
+    assert_eq!(run(&exec, &job).output, outcome.output);
+}
+
 /// Stamps one `#[test]` per case per exit-watch strategy.
 macro_rules! both_strategies {
     ($($(#[$attr:meta])* $name:ident),* $(,)?) => {
@@ -492,6 +523,7 @@ both_strategies!(
     the_grace_period_covers_the_whole_group_not_just_the_shell,
     concurrent_attempts_stay_apart,
     worker_death_kills_the_job,
+    live_output_gets_what_the_outcome_keeps,
 );
 
 /// The helper worker process (a real binary, `tests/helpers/shell_worker.rs`).

@@ -101,7 +101,16 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result {
                 Command::Purge { older_than } => purge::run(store, older_than, out),
                 Command::Cancel { ids } => control::cancel(store, &ids, out),
                 Command::Wait { ids, timeout } => control::wait(store, &ids, timeout, out),
-                Command::Logs { id, attempt } => logs::run(store, &id, attempt, out),
+                Command::Logs {
+                    id,
+                    attempt,
+                    follow: false,
+                } => logs::run(store, &id, attempt, out),
+                Command::Logs {
+                    id,
+                    attempt,
+                    follow: true,
+                } => logs::follow(store, &id, attempt, out),
                 Command::Remove { ids } => control::remove(store, &ids, out),
                 Command::Retry { ids } => control::retry(store, &ids, out),
                 Command::Check(_)

@@ -102,6 +102,143 @@ impl Queue {
     pub fn worker(&self, args: &[&str]) -> Worker {
         Worker::start(self.home(), args)
     }
+
+    /// Starts `queuectl --home HOME ARGS...` in the background, its stdout read line by line.
+    pub fn background(&self, args: &[&str]) -> Background {
+        Background::start(self.home(), args)
+    }
+}
+
+/// A command running in the background (`logs --follow`) whose stdout lines a test reads as
+/// they come. Dropping it kills and reaps the process.
+pub struct Background {
+    child: Child,
+    description: String,
+    lines: Receiver<String>,
+    /// Every line read so far.
+    seen: Vec<String>,
+    stderr: Option<thread::JoinHandle<String>>,
+    exited: bool,
+}
+
+impl Background {
+    fn start(home: &Path, args: &[&str]) -> Self {
+        let mut child = Command::new(BIN)
+            .arg("--home")
+            .arg(home)
+            .args(args)
+            .env_remove("QUEUECTL_HOME")
+            .current_dir(home.parent().unwrap_or(home))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn queuectl");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = read_all(child.stderr.take().expect("piped stderr"));
+        Self {
+            child,
+            description: format!("queuectl {}", args.join(" ")),
+            lines,
+            seen: Vec::new(),
+            stderr: Some(stderr),
+            exited: false,
+        }
+    }
+
+    /// The next line it prints (waiting at most [`TIMEOUT`]).
+    pub fn next_line(&mut self) -> String {
+        match self.lines.recv_timeout(TIMEOUT) {
+            Ok(line) => {
+                self.seen.push(line.clone());
+                line
+            }
+            Err(error) => panic!(
+                "`{}` printed no line ({error:?}); it printed before:\n{}",
+                self.description,
+                self.seen.join("\n")
+            ),
+        }
+    }
+
+    /// Waits (bounded) for it to exit; returns its status, the lines it printed that were not
+    /// read yet, and its stderr.
+    pub fn wait_exit(&mut self) -> (ExitStatus, Vec<String>, String) {
+        let deadline = Instant::now() + TIMEOUT;
+        let mut rest = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => rest.push(line),
+                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => panic!(
+                    "`{}` did not exit within {TIMEOUT:?}; it printed:\n{}",
+                    self.description,
+                    self.seen.join("\n")
+                ),
+            }
+        }
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "`{}` closed stdout but did not exit",
+                self.description
+            );
+            thread::sleep(Duration::from_millis(10));
+        };
+        self.exited = true;
+        let stderr = self.stderr.take().map(|h| h.join().unwrap_or_default());
+        (status, rest, stderr.unwrap_or_default())
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if !self.exited {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Reads `pipe` to its end on a thread of its own.
+fn read_all(mut pipe: impl Read + Send + 'static) -> thread::JoinHandle<String> {
+    thread::spawn(move || {
+        let mut text = String::new();
+        let _ = pipe.read_to_string(&mut text);
+        text
+    })
+}
+
+/// Opens a gate a job waits on (`read _ < GATE`, a FIFO): writes a line to it, failing the
+/// test if nobody reads it within [`TIMEOUT`].
+pub fn open_gate(gate: &Path) {
+    let (tx, rx) = mpsc::channel();
+    let gate = gate.to_owned();
+    thread::spawn(move || {
+        let _ = tx.send(std::fs::write(&gate, "go\n"));
+    });
+    match rx.recv_timeout(TIMEOUT) {
+        Ok(written) => written.expect("write to the gate"),
+        Err(_) => panic!("nobody opened the gate within {TIMEOUT:?}"),
+    }
+}
+
+/// A FIFO at `path`, for a job to wait on.
+pub fn make_gate(path: &Path) {
+    nix::unistd::mkfifo(path, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
 }
 
 /// One invocation of the binary: args, env, stdin; `run` checks the exit code.
@@ -309,12 +446,7 @@ impl Worker {
                 }
             }
         });
-        let mut stdout = child.stdout.take().expect("piped stdout");
-        let stdout = thread::spawn(move || {
-            let mut text = String::new();
-            let _ = stdout.read_to_string(&mut text);
-            text
-        });
+        let stdout = read_all(child.stdout.take().expect("piped stdout"));
         Self {
             child,
             lines: rx,

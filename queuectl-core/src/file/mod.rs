@@ -40,8 +40,8 @@ use crate::error::{DatabaseFault, Result, StorageError};
 use crate::job::{Attempt, AttemptOutcome, Job, JobId, JobState, Lease, NewJob, Timestamp};
 use crate::rules::{self, Abandoned};
 use crate::storage::{
-    Activity, ClaimRequest, Enqueued, ListQuery, QueueChange, QueueInfo, Settlement, StateCounts,
-    Storage, WorkerInfo,
+    Activity, ClaimRequest, Enqueued, ListQuery, OutputChunk, QueueChange, QueueInfo,
+    RunningOutput, Settlement, StateCounts, Storage, WorkerInfo,
 };
 
 pub use self::schema::SCHEMA_VERSION;
@@ -1034,6 +1034,42 @@ impl Storage for FileStorage {
         })
     }
 
+    fn record_output(&self, chunks: &[OutputChunk]) -> Result<Vec<JobId>> {
+        if chunks.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.write("record live output", |tx| {
+            let mut lost = Vec::new();
+            for chunk in chunks {
+                match rows::job_by_id(tx, &chunk.lease.job_id)? {
+                    Some(job) if rules::check_lease(&job, &chunk.lease).is_ok() => {
+                        tx.append_output(job.seq, chunk)?;
+                    }
+                    _ => lost.push(chunk.lease.job_id.clone()),
+                }
+            }
+            Ok(lost)
+        })
+    }
+
+    fn output_since(&self, id: &JobId, offset: u64) -> Result<RunningOutput> {
+        self.read("read a job's live output", |conn| {
+            let job = rows::existing_job(conn, id)?;
+            let finished = rows::finished_count(conn, job.seq)?;
+            let (offset, text) = if job.state == JobState::Processing {
+                rows::live_output(conn, job.seq, offset)?
+            } else {
+                (offset, String::new())
+            };
+            Ok(RunningOutput {
+                job,
+                finished,
+                offset,
+                text,
+            })
+        })
+    }
+
     fn recover_expired(&self, now: Timestamp) -> Result<Vec<Job>> {
         self.write("recover expired leases", |tx| {
             let picked = rows::select_jobs(tx, queries::EXPIRED, [micros(now)])?;
@@ -1062,7 +1098,11 @@ impl Storage for FileStorage {
         self.read("read a job's attempts", |conn| {
             let job = rows::existing_job(conn, id)?;
             let mut attempts = rows::finished_attempts(conn, job.seq)?;
-            attempts.extend(rules::running_attempt(&job));
+            if let Some(mut running) = rules::running_attempt(&job) {
+                let (_, text) = rows::live_output(conn, job.seq, 0)?;
+                running.output = (!text.is_empty()).then_some(text);
+                attempts.push(running);
+            }
             Ok(attempts)
         })
     }

@@ -95,3 +95,23 @@ pub(super) fn attempts_since() -> String {
 /// The jobs that ended dead or cancelled at or after `?1`.
 pub(super) const ENDED_SINCE: &str = "SELECT queue, state FROM jobs INDEXED BY jobs_state \
      WHERE state IN ('dead', 'cancelled') AND coalesce(finished_at, updated_at) >= ?1";
+
+/// How many finished attempts a job has.
+pub(super) const FINISHED_COUNT: &str = "SELECT count(*) FROM attempts WHERE job_seq = ?1";
+
+/// Where a running attempt's recorded output ends.
+pub(super) const LIVE_END: &str = "SELECT max(upto) FROM live_output WHERE job_seq = ?1";
+
+/// A running attempt's recorded chunks that end after an offset, in order.
+pub(super) const LIVE_SINCE: &str =
+    "SELECT upto, output FROM live_output WHERE job_seq = ?1 AND upto > ?2 ORDER BY upto";
+
+/// Drops the chunks that end at or before an offset.
+pub(super) const LIVE_DROP: &str = "DELETE FROM live_output WHERE job_seq = ?1 AND upto <= ?2";
+
+/// Every chunk of a job's attempt that ended.
+pub(super) const LIVE_END_ATTEMPT: &str = "DELETE FROM live_output WHERE job_seq = ?1";
+
+/// A running attempt's first chunk that ends after an offset.
+pub(super) const LIVE_FIRST: &str = "SELECT upto, output FROM live_output \
+     WHERE job_seq = ?1 AND upto > ?2 ORDER BY upto LIMIT 1";

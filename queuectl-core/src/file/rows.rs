@@ -15,7 +15,7 @@ use crate::config::Config;
 use crate::error::StorageError;
 use crate::job::{Attempt, Job, JobId, JobState, Lease, Timestamp};
 use crate::rules::{self, Dependency};
-use crate::storage::{Activity, QueueInfo, StateCounts, WorkerInfo};
+use crate::storage::{Activity, OutputChunk, QueueInfo, StateCounts, WorkerInfo};
 
 /// The columns of a job, in the order [`job_from_row`] reads them.
 pub(super) const JOB_COLUMNS: &str = "seq, id, command, state, attempts, max_retries, \
@@ -323,6 +323,39 @@ pub(super) fn finished_attempts(conn: &Connection, seq: u64) -> TxResult<Vec<Att
     Ok(attempts)
 }
 
+/// How many finished attempts the job has.
+pub(super) fn finished_count(conn: &Connection, seq: u64) -> TxResult<usize> {
+    let mut statement = conn.prepare_cached(super::queries::FINISHED_COUNT)?;
+    let count: i64 = statement.query_row([seq as i64], |row| row.get(0))?;
+    Ok(usize::try_from(count).unwrap_or(0))
+}
+
+/// What the job's running attempt recorded from `offset` on, and where that starts.
+pub(super) fn live_output(conn: &Connection, seq: u64, offset: u64) -> TxResult<(u64, String)> {
+    let mut statement = conn.prepare_cached(super::queries::LIVE_SINCE)?;
+    let mut chunks = statement.query(params![seq as i64, stored_offset(offset)])?;
+    let mut start = None;
+    let mut text = String::new();
+    while let Some(row) = chunks.next()? {
+        let upto: i64 = row.get(0)?;
+        let chunk: String = row.get(1)?;
+        start.get_or_insert((upto as u64).saturating_sub(chunk.len() as u64));
+        text.push_str(&chunk);
+    }
+    let Some(start) = start else {
+        return Ok((offset, text));
+    };
+    let (at, rest) = rules::output_from(&text, start, offset);
+    let cut = text.len() - rest.len();
+    text.drain(..cut);
+    Ok((at, text))
+}
+
+/// An offset as stored (no output reaches 2^63 bytes).
+fn stored_offset(offset: u64) -> i64 {
+    i64::try_from(offset).unwrap_or(i64::MAX)
+}
+
 /// A `meta` value.
 pub(super) fn meta(conn: &Connection, key: &str) -> TxResult<Option<String>> {
     let mut statement = conn.prepare_cached("SELECT value FROM meta WHERE key = ?1")?;
@@ -556,9 +589,13 @@ impl<'c> Tx<'c> {
         Ok(())
     }
 
-    /// Adds a finished attempt to the job's history.
+    /// Adds a finished attempt to the job's history; the output it recorded while running
+    /// goes.
     pub(super) fn insert_attempt(&mut self, seq: u64, attempt: &mut Attempt) -> TxResult<()> {
         normalize_attempt(attempt);
+        self.tx
+            .prepare_cached(super::queries::LIVE_END_ATTEMPT)?
+            .execute([seq as i64])?;
         let sql = format!(
             "INSERT INTO attempts (job_seq, {ATTEMPT_COLUMNS}) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
@@ -576,6 +613,45 @@ impl<'c> Tx<'c> {
             attempt.output,
             attempt.due_at.map(micros),
         ])?;
+        Ok(())
+    }
+
+    /// Appends a chunk of output to what the running attempt of job `seq` (whose lease was
+    /// checked) recorded so far (`rules::append_output`).
+    pub(super) fn append_output(&mut self, seq: u64, chunk: &OutputChunk) -> TxResult<()> {
+        let seq = seq as i64;
+        let end: Option<i64> = self
+            .tx
+            .prepare_cached(super::queries::LIVE_END)?
+            .query_row([seq], |row| row.get(0))?;
+        let Some(appended) = rules::append_output(end.map_or(0, |end| end as u64), chunk) else {
+            return Ok(());
+        };
+        if appended.keep_from > 0 {
+            let keep = stored_offset(appended.keep_from);
+            self.tx
+                .prepare_cached(super::queries::LIVE_DROP)?
+                .execute(params![seq, keep])?;
+            let first: Option<(i64, String)> = self
+                .tx
+                .prepare_cached(super::queries::LIVE_FIRST)?
+                .query_row(params![seq, keep], |row| Ok((row.get(0)?, row.get(1)?)))
+                .optional()?;
+            if let Some((upto, text)) = first {
+                let start = (upto as u64).saturating_sub(text.len() as u64);
+                let kept = rules::keep_from(&text, start, appended.keep_from);
+                if kept.len() != text.len() {
+                    self.tx
+                        .prepare_cached(
+                            "UPDATE live_output SET output = ?3 WHERE job_seq = ?1 AND upto = ?2",
+                        )?
+                        .execute(params![seq, upto, kept])?;
+                }
+            }
+        }
+        self.tx
+            .prepare_cached("INSERT INTO live_output (job_seq, upto, output) VALUES (?1, ?2, ?3)")?
+            .execute(params![seq, stored_offset(appended.end), appended.text])?;
         Ok(())
     }
 

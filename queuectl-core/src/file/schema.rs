@@ -132,4 +132,14 @@ CREATE TABLE meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
 ) WITHOUT ROWID;
+
+-- What running attempts printed so far, in the chunks their workers recorded: a chunk ends
+-- `upto` bytes into its attempt's output. Deleted with the attempt's end (its output then
+-- lives in `attempts`); never read by claims.
+CREATE TABLE live_output (
+    job_seq INTEGER NOT NULL,
+    upto    INTEGER NOT NULL,
+    output  TEXT    NOT NULL,
+    PRIMARY KEY (job_seq, upto)
+);
 ";

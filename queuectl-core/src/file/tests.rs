@@ -96,6 +96,27 @@ mod plans {
                 "attempts_job",
             ),
             (queries::LAST_OUTPUT.to_owned(), "attempts_job"),
+            (queries::FINISHED_COUNT.to_owned(), "attempts_job"),
+            (
+                queries::LIVE_END.to_owned(),
+                "sqlite_autoindex_live_output_1",
+            ),
+            (
+                queries::LIVE_SINCE.to_owned(),
+                "sqlite_autoindex_live_output_1",
+            ),
+            (
+                queries::LIVE_FIRST.to_owned(),
+                "sqlite_autoindex_live_output_1",
+            ),
+            (
+                queries::LIVE_DROP.to_owned(),
+                "sqlite_autoindex_live_output_1",
+            ),
+            (
+                queries::LIVE_END_ATTEMPT.to_owned(),
+                "sqlite_autoindex_live_output_1",
+            ),
             (
                 "UPDATE jobs SET state = 'dead' WHERE seq = ?1".to_owned(),
                 "INTEGER PRIMARY KEY",

@@ -38,6 +38,10 @@ pub struct Timings {
     /// Longest single wait of the waker thread in `wait_for_change` (default 500 ms); it
     /// bounds how long `join` may wait for the waker with a store that notifies nothing.
     pub waker_poll: Duration,
+    /// How often the new output of running attempts is recorded in the store, in one call for
+    /// all of them (default 250 ms). An attempt's output is first recorded this long after its
+    /// first output, so an attempt that ends sooner costs the store nothing more.
+    pub live_output_every: Duration,
 }
 
 impl Default for Timings {
@@ -49,6 +53,7 @@ impl Default for Timings {
             purge_every: Duration::from_secs(300),
             stop_check_every: Duration::from_millis(50),
             waker_poll: Duration::from_millis(500),
+            live_output_every: Duration::from_millis(250),
         }
     }
 }
@@ -230,7 +235,11 @@ impl WorkerPoolBuilder {
             return invalid(error.to_string());
         }
         let t = &self.timings;
-        if t.settle_retry.is_zero() || t.waker_poll.is_zero() || t.settle_attempts == 0 {
+        if t.settle_retry.is_zero()
+            || t.waker_poll.is_zero()
+            || t.live_output_every.is_zero()
+            || t.settle_attempts == 0
+        {
             return invalid("timings must be longer than zero".into());
         }
         debug_assert!(self.workers <= MAX_WORKERS);

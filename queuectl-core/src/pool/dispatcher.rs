@@ -80,6 +80,8 @@ pub(super) struct Dispatcher {
     next_heartbeat: Instant,
     next_recovery: Instant,
     next_purge: Instant,
+    /// When the new output of running attempts is recorded next (`None` while none runs).
+    next_output: Option<Instant>,
     /// Out of work: when the next scheduled job is due.
     due_at: Option<Instant>,
     /// The store version when the dispatcher last looked.
@@ -147,6 +149,7 @@ impl Dispatcher {
             next_heartbeat: start + builder.heartbeat.unwrap_or(lease / 3),
             next_recovery: start,
             next_purge: start,
+            next_output: None,
             due_at: None,
             seen_version: None,
             stop_check_due: false,
@@ -182,6 +185,7 @@ impl Dispatcher {
             if let Some(end) = self.end() {
                 return end;
             }
+            self.schedule_output();
             let until = self.next_deadline();
             self.wait(until);
         }
@@ -211,6 +215,9 @@ impl Dispatcher {
         if now_instant >= self.next_purge {
             self.purge();
             self.next_purge = now_instant + self.timings.purge_every;
+        }
+        if self.next_output.is_some_and(|at| now_instant >= at) {
+            self.record_output(now_instant);
         }
         // One read of the version per turn, before looking for a stop request and for work:
         // any change after it wakes the pool.
@@ -311,6 +318,7 @@ impl Dispatcher {
             Some(self.next_heartbeat),
             Some(self.next_recovery),
             Some(self.next_purge),
+            self.next_output,
             self.due_at,
             self.quiet_at,
             self.lease_check_at,
@@ -584,6 +592,39 @@ impl Dispatcher {
         }
     }
 
+    /// Records running attempts' new output every [`Timings::live_output_every`] while any
+    /// attempt is held.
+    fn schedule_output(&mut self) {
+        if self.ledger.is_empty() {
+            self.next_output = None;
+        } else if self.next_output.is_none() {
+            self.next_output = Instant::now().checked_add(self.timings.live_output_every);
+        }
+    }
+
+    /// Records the new output of every running attempt whose first output is at least one
+    /// interval old, in one call. A lost lease stops its attempt; a failure is reported and
+    /// the output stays for the next time (the attempts run on).
+    fn record_output(&mut self, now_instant: Instant) {
+        self.next_output = None;
+        let since = now_instant
+            .checked_sub(self.timings.live_output_every)
+            .unwrap_or(now_instant);
+        let chunks = self.ledger.unrecorded_output(since);
+        if chunks.is_empty() {
+            return;
+        }
+        match self.storage.record_output(&chunks) {
+            Ok(lost) => {
+                self.ledger.output_recorded(&chunks);
+                for id in lost {
+                    self.lose(&id);
+                }
+            }
+            Err(error) => self.tolerate("recording live output", error),
+        }
+    }
+
     /// Cancels this pool's attempt of `job`, whose lease the store reports lost.
     fn lose(&mut self, job: &JobId) {
         let held = self.ledger.len();
@@ -704,6 +745,32 @@ mod tests {
             Dispatcher::new(&builder, "w".into(), info, events, channels),
             outcomes_tx,
         )
+    }
+
+    /// An attempt's output is first recorded one interval after its first output, so an
+    /// attempt that ends sooner costs the store nothing; then whatever is new each time.
+    #[test]
+    fn output_is_recorded_from_one_interval_after_the_first_output_on() {
+        use crate::storage::StorageExt;
+        let (mut dispatcher, _outcomes) = dispatcher();
+        let id: JobId = "j".parse().unwrap();
+        dispatcher
+            .storage
+            .enqueue(crate::NewJob::new("x").id("j").unwrap(), now())
+            .unwrap();
+        assert_eq!(dispatcher.claim(), (1, 1));
+        let assignment = dispatcher.unstarted.try_recv().unwrap();
+        let output = |d: &Dispatcher| d.storage.attempts(&id).unwrap().pop().unwrap().output;
+        assignment.live.write(b"one\n");
+        let written = Instant::now();
+        let every = dispatcher.timings.live_output_every;
+        dispatcher.record_output(written);
+        assert_eq!(output(&dispatcher), None, "too soon after the first output");
+        dispatcher.record_output(written + every);
+        assert_eq!(output(&dispatcher).as_deref(), Some("one\n"));
+        assignment.live.write(b"two\n");
+        dispatcher.record_output(written + every * 2);
+        assert_eq!(output(&dispatcher).as_deref(), Some("one\ntwo\n"));
     }
 
     /// A closed outcomes channel is noticed once and then never waited on again: a wait

@@ -7,9 +7,11 @@
 //! discarded, and the new attempt is *parked* until every lost attempt of the job has ended.
 
 use std::collections::HashMap;
+use std::time::Instant;
 
-use crate::executor::{Canceller, cancel_pair};
+use crate::executor::{Canceller, LiveOutput, cancel_pair};
 use crate::job::{Job, JobId, Lease};
+use crate::storage::OutputChunk;
 
 use super::runner::Assignment;
 
@@ -18,6 +20,8 @@ use super::runner::Assignment;
 struct Held {
     lease: Lease,
     canceller: Canceller,
+    /// Its output as the executor writes it.
+    live: LiveOutput,
     /// The store reported the lease lost: the attempt is cancelled and its result dropped.
     lost: bool,
 }
@@ -69,16 +73,18 @@ impl Ledger {
             lost = self.mark_lost(old).then(|| job.id.clone());
         }
         let (canceller, cancel) = cancel_pair();
+        let live = LiveOutput::new();
         let behind_lost = self.lost.contains_key(&job.id);
         self.held.insert(
             lease.token,
             Held {
                 lease,
                 canceller,
+                live: live.clone(),
                 lost: false,
             },
         );
-        let assignment = Assignment { job, cancel };
+        let assignment = Assignment { job, cancel, live };
         if behind_lost {
             self.parked.push(assignment);
             (None, lost)
@@ -169,6 +175,33 @@ impl Ledger {
             .filter(|h| !h.lost)
             .map(|h| h.lease.clone())
             .collect()
+    }
+
+    /// The output not recorded yet of the attempts not lost that wrote their first output at
+    /// or before `since` (so an attempt that ends within a flush interval of its first output
+    /// costs the store nothing more).
+    pub(crate) fn unrecorded_output(&self, since: Instant) -> Vec<OutputChunk> {
+        self.held
+            .values()
+            .filter(|h| !h.lost && h.live.first_write().is_some_and(|at| at <= since))
+            .filter_map(|h| {
+                let (offset, text) = h.live.unrecorded()?;
+                Some(OutputChunk {
+                    lease: h.lease.clone(),
+                    offset,
+                    text,
+                })
+            })
+            .collect()
+    }
+
+    /// The store took `chunks`: their output is no longer held.
+    pub(crate) fn output_recorded(&self, chunks: &[OutputChunk]) {
+        for chunk in chunks {
+            if let Some(held) = self.held.get(&chunk.lease.token) {
+                held.live.recorded(chunk.offset + chunk.text.len() as u64);
+            }
+        }
     }
 
     /// Cancels every attempt (a forced stop).
@@ -287,6 +320,38 @@ mod tests {
         assert!(ledger.is_empty());
         let (lost_again, ready) = ledger.lose(&second.id);
         assert!(!lost_again && ready.is_empty());
+    }
+
+    #[test]
+    fn new_output_is_taken_from_running_attempts_once_their_first_output_is_old_enough() {
+        let store = store_with(&["a", "b", "c"]);
+        let mut ledger = Ledger::default();
+        let a = ledger.claimed(claim(&store, "w")).0.unwrap();
+        let b = ledger.claimed(claim(&store, "w")).0.unwrap();
+        let _silent = ledger.claimed(claim(&store, "w")).0.unwrap();
+        let before = Instant::now();
+        a.live.write(b"a1");
+        b.live.write(b"b1");
+        assert!(
+            ledger.unrecorded_output(before).is_empty(),
+            "output newer than the interval waits"
+        );
+        let mut chunks = ledger.unrecorded_output(Instant::now());
+        chunks.sort_by(|x, y| x.text.cmp(&y.text));
+        let taken: Vec<_> = chunks
+            .iter()
+            .map(|c| (c.lease.job_id.as_str(), c.offset, c.text.as_str()))
+            .collect();
+        assert_eq!(taken, [("a", 0, "a1"), ("b", 0, "b1")]);
+        assert_eq!(chunks[0].lease, a.job.lease.clone().unwrap());
+        ledger.output_recorded(&chunks);
+        assert!(ledger.unrecorded_output(Instant::now()).is_empty());
+        a.live.write(b"a2");
+        b.live.write(b"b2");
+        ledger.lose(&b.job.id);
+        let chunks = ledger.unrecorded_output(Instant::now());
+        assert_eq!(chunks.len(), 1, "a lost attempt records nothing");
+        assert_eq!((chunks[0].offset, chunks[0].text.as_str()), (2, "a2"));
     }
 
     #[test]

@@ -6,16 +6,18 @@ use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::executor::{CancelSignal, Executor, Outcome, panic_message};
+use crate::executor::{CancelSignal, Executor, LiveOutput, Outcome, panic_message};
 use crate::job::Job;
 
 use super::events::error_chain;
 
-/// A job given to an executor thread, with the signal that cancels this attempt alone.
+/// A job given to an executor thread, with the signal that cancels this attempt alone and
+/// where its output goes as it is produced.
 #[derive(Debug)]
 pub(crate) struct Assignment {
     pub(crate) job: Job,
     pub(crate) cancel: CancelSignal,
+    pub(crate) live: LiveOutput,
 }
 
 impl Assignment {
@@ -57,13 +59,13 @@ pub(crate) struct Runner {
 impl Runner {
     /// Runs assignments until the jobs channel closes (or nobody takes outcomes any more).
     pub(crate) fn run(self) {
-        for Assignment { job, cancel } in self.jobs.iter() {
+        for Assignment { job, cancel, live } in self.jobs.iter() {
             // A panicking executor fails the attempt; the thread, and its slot, live on.
-            let outcome =
-                match catch_unwind(AssertUnwindSafe(|| self.executor.execute(&job, &cancel))) {
-                    Ok(result) => result.map_err(|e| error_chain(&e)),
-                    Err(panic) => Err(format!("the executor panicked: {}", panic_message(&*panic))),
-                };
+            let run = || self.executor.execute_live(&job, &cancel, &live);
+            let outcome = match catch_unwind(AssertUnwindSafe(run)) {
+                Ok(result) => result.map_err(|e| error_chain(&e)),
+                Err(panic) => Err(format!("the executor panicked: {}", panic_message(&*panic))),
+            };
             if self.outcomes.send(Finished { job, outcome }).is_err() {
                 return;
             }

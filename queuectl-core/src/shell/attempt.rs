@@ -11,7 +11,7 @@ use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{Signal, killpg};
 
-use crate::executor::{CancelSignal, ExecutorError, Outcome, Status};
+use crate::executor::{CancelSignal, ExecutorError, LiveOutput, Outcome, Status};
 use crate::job::Job;
 use crate::pool::error_chain;
 
@@ -56,8 +56,12 @@ pub(super) struct Attempt<'a> {
 
 impl<'a> Attempt<'a> {
     /// Starts the leader behind its gate, watches it, registers its group with the
-    /// supervisor, then opens the gate.
-    pub(super) fn start(exec: &'a ShellExecutor, job: &'a Job) -> Result<Self, ExecutorError> {
+    /// supervisor, then opens the gate. The output goes to `live` too as it comes, if given.
+    pub(super) fn start(
+        exec: &'a ShellExecutor,
+        job: &'a Job,
+        live: Option<&LiveOutput>,
+    ) -> Result<Self, ExecutorError> {
         let (output_read, output_write) = io::pipe().map_err(|e| ExecutorError::Spawn {
             id: job.id.clone(),
             source: context("create the output pipe", e),
@@ -72,7 +76,7 @@ impl<'a> Attempt<'a> {
             started,
             registered: false,
             leader: Leader::new(child),
-            output: Output::new(output_read, exec.output_limit),
+            output: Output::new(output_read, exec.output_limit, live),
         };
         if let Err(source) = attempt.leader.watch(exec.exit_watch) {
             return Err(attempt.process_error("wait for", source));

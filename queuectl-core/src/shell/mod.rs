@@ -62,6 +62,7 @@ mod supervisor;
 mod watch;
 
 use attempt::Attempt;
+pub(crate) use output::kept_from;
 pub use watch::ExitWatch;
 
 use std::ffi::OsString;
@@ -71,7 +72,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::executor::{CancelSignal, Executor, ExecutorError, Outcome};
+use crate::executor::{CancelSignal, Executor, ExecutorError, LiveOutput, Outcome};
 use crate::job::Job;
 
 /// Default cap on the captured output of an attempt, in bytes.
@@ -264,10 +265,31 @@ fn script(command: &str) -> String {
 
 impl Executor for ShellExecutor {
     fn execute(&self, job: &Job, cancel: &CancelSignal) -> Result<Outcome, ExecutorError> {
+        self.attempt(job, cancel, None)
+    }
+
+    /// Runs the job as `execute` does; its output goes to `live` too, as it is read.
+    fn execute_live(
+        &self,
+        job: &Job,
+        cancel: &CancelSignal,
+        live: &LiveOutput,
+    ) -> Result<Outcome, ExecutorError> {
+        self.attempt(job, cancel, Some(live))
+    }
+}
+
+impl ShellExecutor {
+    fn attempt(
+        &self,
+        job: &Job,
+        cancel: &CancelSignal,
+        live: Option<&LiveOutput>,
+    ) -> Result<Outcome, ExecutorError> {
         if cancel.is_cancelled() {
             return Ok(Outcome::cancelled());
         }
-        Attempt::start(self, job)?.run(cancel)
+        Attempt::start(self, job, live)?.run(cancel)
     }
 }
 

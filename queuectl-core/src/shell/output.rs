@@ -6,6 +6,8 @@ use std::fmt::Write as _;
 use std::io::{self, PipeReader, Read};
 use std::thread;
 
+use crate::executor::LiveOutput;
+
 /// The read end of the job's output pipe and what has been read from it. It is read by the
 /// attempt's own thread whenever it polls readable, so that a chatty job never blocks on a
 /// full pipe.
@@ -13,16 +15,41 @@ pub(super) struct Output {
     /// `None` once every writer has closed the pipe (or reading it failed).
     pub(super) pipe: Option<PipeReader>,
     pub(super) tail: Tail,
+    /// Where the output goes as it comes, for the pool to record while the attempt runs.
+    live: Option<LiveOutput>,
+}
+
+/// The line a rendered output starts with when its beginning was dropped: these around the
+/// number of bytes dropped.
+const TRUNCATED: (&str, &str) = ("[... ", " bytes truncated]\n");
+
+/// Where the output kept in `rendered` (made by [`Tail::render`]) starts in the whole output:
+/// how many bytes were dropped before it, and the length of the line saying so (0 and 0 when
+/// nothing was dropped).
+pub(crate) fn kept_from(rendered: &str) -> (u64, usize) {
+    let dropped = rendered.strip_prefix(TRUNCATED.0).and_then(|rest| {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        let count = rest[..digits].parse::<u64>().ok()?;
+        rest[digits..].starts_with(TRUNCATED.1).then(|| {
+            let line = TRUNCATED.0.len() + digits + TRUNCATED.1.len();
+            (count, line)
+        })
+    });
+    dropped.unwrap_or((0, 0))
 }
 
 /// Size of the buffer the output is read into.
 const READ_BUFFER: usize = 16 * 1024;
 
 impl Output {
-    pub(super) fn new(pipe: PipeReader, limit: usize) -> Self {
+    pub(super) fn new(pipe: PipeReader, limit: usize, live: Option<&LiveOutput>) -> Self {
+        if let Some(live) = live {
+            live.set_limit(limit);
+        }
         Self {
             pipe: Some(pipe),
             tail: Tail::new(limit),
+            live: live.cloned(),
         }
     }
 
@@ -35,7 +62,12 @@ impl Output {
         let mut buf = [0; READ_BUFFER];
         match pipe.read(&mut buf) {
             Ok(0) => self.pipe = None,
-            Ok(n) => self.tail.push(&buf[..n]),
+            Ok(n) => {
+                self.tail.push(&buf[..n]);
+                if let Some(live) = &self.live {
+                    live.write(&buf[..n]);
+                }
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
                 self.tail.note(format!("reading the output failed: {e}"));
@@ -108,7 +140,7 @@ impl Tail {
         }
         let mut out = String::new();
         if dropped > 0 {
-            let _ = writeln!(out, "[... {dropped} bytes truncated]");
+            let _ = write!(out, "{}{dropped}{}", TRUNCATED.0, TRUNCATED.1);
         }
         out.push_str(&String::from_utf8_lossy(&kept));
         for note in &self.notes {

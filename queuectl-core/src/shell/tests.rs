@@ -62,6 +62,22 @@ fn assert_gone(pid: i32) {
 }
 
 #[test]
+fn where_the_kept_output_starts_is_read_back_from_the_rendered_tail() {
+    let mut tail = Tail::new(4);
+    tail.push(b"abcdefgh");
+    let rendered = tail.render();
+    assert_eq!(super::kept_from(&rendered), (4, rendered.len() - 4));
+    assert_eq!(super::kept_from("efgh"), (0, 0));
+    for text in [
+        "[... 4 bytes]\nx",
+        "[... x bytes truncated]\n",
+        "[... 4 bytes truncated]",
+    ] {
+        assert_eq!(super::kept_from(text), (0, 0), "{text:?}");
+    }
+}
+
+#[test]
 fn tail_keeps_everything_under_the_limit() {
     let mut tail = Tail::new(10);
     tail.push(b"hello ");
@@ -243,7 +259,7 @@ fn threaded() -> ShellExecutor {
 fn a_dropped_attempt_kills_the_group_and_reaps_the_leader() {
     for exec in [ShellExecutor::new(), threaded()] {
         let job = job("sleep 30 & echo $$ $!; wait");
-        let mut attempt = Attempt::start(&exec, &job).unwrap();
+        let mut attempt = Attempt::start(&exec, &job, None).unwrap();
         let mut pids = String::new();
         while !pids.ends_with('\n') {
             let pipe = attempt.output.pipe.as_mut().unwrap();

@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use queuectl_core::{
     Activity, ClaimRequest, Config, ConfigError, Enqueued, Event, Job, JobId, Lease, ListQuery,
-    NewJob, QueueChange, QueueInfo, Result, Settlement, StateCounts, Storage, StorageError,
-    Timestamp, WorkerInfo,
+    NewJob, OutputChunk, QueueChange, QueueInfo, Result, RunningOutput, Settlement, StateCounts,
+    Storage, StorageError, Timestamp, WorkerInfo,
 };
 
 /// Upper bound of every wait in the tests.
@@ -99,6 +99,10 @@ pub struct Faulty {
     pub fail_settles: AtomicBool,
     /// How many claims were made.
     pub claims: AtomicUsize,
+    /// Recording live output fails with an I/O error.
+    pub fail_output: AtomicBool,
+    /// Every batch of live output the store was asked to record, in order.
+    pub outputs: parking_lot::Mutex<Vec<Vec<OutputChunk>>>,
     /// When set, `wait_for_change` reports each wait here, then waits for real.
     pub waits: Option<crossbeam_channel::Sender<()>>,
     /// `wait_for_change` never sees a change: it sleeps its whole timeout.
@@ -149,6 +153,16 @@ impl Storage for Faulty {
             return Self::io_error();
         }
         self.inner.settle(settlements, at)
+    }
+    fn record_output(&self, chunks: &[OutputChunk]) -> Result<Vec<JobId>> {
+        self.outputs.lock().push(chunks.to_vec());
+        if self.fail_output.load(Ordering::SeqCst) {
+            return Self::io_error();
+        }
+        self.inner.record_output(chunks)
+    }
+    fn output_since(&self, id: &JobId, offset: u64) -> Result<RunningOutput> {
+        self.inner.output_since(id, offset)
     }
     fn recover_expired(&self, at: Timestamp) -> Result<Vec<Job>> {
         self.inner.recover_expired(at)
