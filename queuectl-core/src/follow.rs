@@ -38,11 +38,11 @@ pub enum FollowStep {
         bytes: u64,
     },
     /// The attempt ended. Its record, without its output (the `Output` steps before had it).
-    Ended(Attempt),
+    Ended(Box<Attempt>),
     /// Nothing follows: the job has ended, or, when following one attempt, that attempt has.
     Done {
         /// The job as the follower last saw it.
-        job: Job,
+        job: Box<Job>,
         /// Whether the job completed (following one attempt: whether it succeeded).
         succeeded: bool,
     },
@@ -220,14 +220,17 @@ impl<'s> Follow<'s> {
                 text: rest.to_owned(),
             });
         }
-        push(FollowStep::Ended(Attempt {
+        push(FollowStep::Ended(Box::new(Attempt {
             output: None,
             ..attempt.clone()
-        }));
+        })));
     }
 
     fn end(&mut self, job: Job, succeeded: bool) {
-        self.steps.push_back(FollowStep::Done { job, succeeded });
+        self.steps.push_back(FollowStep::Done {
+            job: Box::new(job),
+            succeeded,
+        });
         self.done = true;
     }
 
