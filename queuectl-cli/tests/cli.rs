@@ -311,11 +311,15 @@ fn jobs_survive_a_restart() {
 #[test]
 fn sigterm_lets_the_running_job_finish_and_claims_no_more() {
     let q = Queue::new();
-    q.enqueue(r#"{"id":"first","command":"sleep 1.5; echo finished"}"#);
+    let started = q.scratch("started");
+    let command = format!("touch '{}'; sleep 1.5; echo finished", started.display());
+    q.enqueue(&serde_json::json!({ "id": "first", "command": command }).to_string());
     q.enqueue(r#"{"id":"second","command":"echo second"}"#);
 
     let mut worker = q.worker(&["--count", "1"]);
     worker.wait_for("[running] job first");
+    // Once it runs: a claimed job no executor has started yet is handed back instead.
+    eventually("the job to start", || started.exists());
     worker.signal(Signal::SIGTERM);
     let status = worker.wait_exit();
     assert!(status.success(), "{status}\n{}", worker.transcript());

@@ -23,11 +23,19 @@ fn long_job(q: &Queue, id: &str) -> std::path::PathBuf {
 fn sighup_is_a_graceful_stop() {
     let q = Queue::new();
     let gate = q.scratch("gate");
+    let started = q.scratch("started");
     nix::unistd::mkfifo(&gate, nix::sys::stat::Mode::S_IRWXU).unwrap();
-    let command = format!("read _ < '{}'; echo finished", gate.display());
+    let command = format!(
+        "touch '{}'; read _ < '{}'; echo finished",
+        started.display(),
+        gate.display()
+    );
     q.enqueue(&serde_json::json!({ "id": "job", "command": command }).to_string());
     let mut worker = q.worker(&[]);
     worker.wait_for("[running] job job");
+    // Once the command runs: a job claimed but not yet started by an executor is handed
+    // back by a graceful stop instead (it has not begun, so nothing is cut short).
+    support::eventually("the job to start", || started.exists());
     worker.signal(Signal::SIGHUP);
     worker.wait_for("[signal] SIGHUP");
     worker.wait_for("[stopping]");
