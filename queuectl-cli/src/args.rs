@@ -136,6 +136,21 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve a web dashboard (and Prometheus metrics on /metrics) until Ctrl+C.
+    ///
+    /// Prints the address to open. Listens on loopback unless told otherwise; any other
+    /// address needs a token, generated and printed when none is given.
+    Dashboard {
+        /// Where to listen (port 0: any free port).
+        #[arg(long, default_value = "127.0.0.1:7878", value_name = "ADDR")]
+        bind: std::net::SocketAddr,
+        /// The token every request must carry (at least 16 characters).
+        #[arg(long, env = "QUEUECTL_DASHBOARD_TOKEN", value_name = "TOKEN")]
+        token: Option<String>,
+        /// Show everything, change nothing: no action is offered or accepted.
+        #[arg(long)]
+        read_only: bool,
+    },
     /// Queues: list them, pause and resume them, limit how many of their jobs run at once.
     #[command(subcommand)]
     Queue(QueueCommand),

@@ -15,6 +15,7 @@ macro_rules! say {
 
 mod args;
 mod commands;
+mod dashboard;
 mod error;
 mod progress;
 mod render;

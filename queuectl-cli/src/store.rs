@@ -25,6 +25,9 @@ pub fn access(command: &Command) -> Access {
         Command::Enqueue { .. }
         | Command::Worker(WorkerCommand::Start { .. })
         | Command::Config(ConfigCommand::Set { .. })
+        | Command::Dashboard {
+            read_only: false, ..
+        }
         | Command::Queue(
             QueueCommand::Pause { .. } | QueueCommand::Resume { .. } | QueueCommand::Limit { .. },
         ) => Access::Create,
@@ -40,6 +43,9 @@ pub fn access(command: &Command) -> Access {
         | Command::Dlq(DlqCommand::List(_))
         | Command::Queue(QueueCommand::List(_))
         | Command::Stats { .. }
+        | Command::Dashboard {
+            read_only: true, ..
+        }
         | Command::Config(ConfigCommand::Show(_) | ConfigCommand::Get { .. })
         | Command::Check(_)
         | Command::Wait { .. }

@@ -2207,13 +2207,28 @@ pub fn activity_reports_what_finished_since(h: &dyn Harness) {
     let seen: Vec<_> = activity
         .attempts
         .iter()
-        .map(|(queue, a)| (queue.as_str(), a.outcome, a.due_at, a.started_at))
+        .map(|f| {
+            let a = &f.attempt;
+            (
+                f.queue.as_str(),
+                f.job.as_str(),
+                a.outcome,
+                a.due_at,
+                a.started_at,
+            )
+        })
         .collect();
     assert_eq!(
         seen,
         [
-            ("a", AttemptOutcome::Failed, Some(at(0)), at(10)),
-            ("default", AttemptOutcome::Succeeded, Some(at(5)), at(13)),
+            ("a", "a1", AttemptOutcome::Failed, Some(at(0)), at(10)),
+            (
+                "default",
+                "d1",
+                AttemptOutcome::Succeeded,
+                Some(at(5)),
+                at(13)
+            ),
         ]
     );
     let mut ended = activity.ended.clone();

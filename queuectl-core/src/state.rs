@@ -13,8 +13,8 @@ use crate::error::{Result, StorageError};
 use crate::job::{Attempt, Job, JobId, JobState, Lease, NewJob, Timestamp};
 use crate::rules::{self, Abandoned, Dependency};
 use crate::storage::{
-    Activity, ClaimRequest, Enqueued, ListQuery, OutputChunk, QueueChange, QueueInfo,
-    RunningOutput, Settlement, StateCounts, WorkerInfo,
+    Activity, ClaimRequest, Enqueued, FinishedAttempt, ListQuery, OutputChunk, QueueChange,
+    QueueInfo, RunningOutput, Settlement, StateCounts, WorkerInfo,
 };
 
 type ReadyKey = (Reverse<i32>, Timestamp, u64);
@@ -553,18 +553,22 @@ impl QueueState {
     }
 
     pub(crate) fn activity(&self, since: Timestamp) -> Activity {
-        let mut attempts: Vec<(String, Attempt)> = self
+        let mut attempts: Vec<FinishedAttempt> = self
             .history
             .iter()
             .flat_map(|(seq, attempts)| {
-                let queue = &self.jobs[seq].queue;
+                let job = &self.jobs[seq];
                 attempts
                     .iter()
                     .filter(|a| a.finished_at.is_some_and(|at| at >= since))
-                    .map(|a| (queue.clone(), a.clone()))
+                    .map(|a| FinishedAttempt {
+                        queue: job.queue.clone(),
+                        job: job.id.clone(),
+                        attempt: a.clone(),
+                    })
             })
             .collect();
-        attempts.sort_by_key(|(_, a)| a.finished_at);
+        attempts.sort_by_key(|a| a.attempt.finished_at);
         let ended = self
             .jobs
             .values()

@@ -72,8 +72,9 @@ pub fn per_queue(activity: &Activity, since: Timestamp, now: Timestamp) -> Vec<Q
     }
     let seconds = |d: time::Duration| d.as_seconds_f64().max(0.0);
     let mut queues: BTreeMap<&str, Tally> = BTreeMap::new();
-    for (queue, attempt) in &activity.attempts {
-        let tally = queues.entry(queue).or_default();
+    for finished in &activity.attempts {
+        let attempt = &finished.attempt;
+        let tally = queues.entry(&finished.queue).or_default();
         match attempt.outcome {
             AttemptOutcome::Succeeded => tally.completed += 1,
             AttemptOutcome::Failed | AttemptOutcome::Abandoned => tally.failed_attempts += 1,
@@ -144,6 +145,14 @@ mod tests {
         }
     }
 
+    fn finished(queue: &str, attempt: Attempt) -> crate::storage::FinishedAttempt {
+        crate::storage::FinishedAttempt {
+            queue: queue.into(),
+            job: crate::JobId::new("j").unwrap(),
+            attempt,
+        }
+    }
+
     #[test]
     fn percentiles_are_nearest_rank() {
         let spread = Spread::of((1..=100).map(f64::from).collect()).unwrap();
@@ -157,23 +166,11 @@ mod tests {
     fn queues_are_tallied_apart() {
         let activity = Activity {
             attempts: vec![
-                (
-                    "a".into(),
-                    attempt(AttemptOutcome::Succeeded, 0.0, 1.0, 3.0),
-                ),
-                ("a".into(), attempt(AttemptOutcome::Failed, 0.0, 2.0, 2.5)),
-                (
-                    "a".into(),
-                    attempt(AttemptOutcome::Abandoned, 4.0, 4.0, 30.0),
-                ),
-                (
-                    "b".into(),
-                    attempt(AttemptOutcome::Succeeded, 5.0, 9.0, 10.0),
-                ),
-                (
-                    "b".into(),
-                    attempt(AttemptOutcome::Cancelled, 5.0, 6.0, 7.0),
-                ),
+                finished("a", attempt(AttemptOutcome::Succeeded, 0.0, 1.0, 3.0)),
+                finished("a", attempt(AttemptOutcome::Failed, 0.0, 2.0, 2.5)),
+                finished("a", attempt(AttemptOutcome::Abandoned, 4.0, 4.0, 30.0)),
+                finished("b", attempt(AttemptOutcome::Succeeded, 5.0, 9.0, 10.0)),
+                finished("b", attempt(AttemptOutcome::Cancelled, 5.0, 6.0, 7.0)),
             ],
             ended: vec![
                 ("a".into(), JobState::Dead),

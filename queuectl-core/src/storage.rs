@@ -120,11 +120,22 @@ pub struct QueueInfo {
     pub counts: StateCounts,
 }
 
+/// A finished attempt with its job, in [`Activity`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FinishedAttempt {
+    /// The job's queue.
+    pub queue: String,
+    /// The job.
+    pub job: JobId,
+    /// The attempt.
+    pub attempt: Attempt,
+}
+
 /// What happened since some instant, for statistics ([`crate::stats`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Activity {
-    /// The attempts that finished since, each with its job's queue.
-    pub attempts: Vec<(String, Attempt)>,
+    /// The attempts that finished since, oldest first.
+    pub attempts: Vec<FinishedAttempt>,
     /// The jobs that ended `dead` or `cancelled` since (and are still in that state), each
     /// with its queue.
     pub ended: Vec<(String, JobState)>,

@@ -64,8 +64,8 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result {
             queues,
         ),
         command => {
-            let store = store::open(&home, access)?;
-            let store = &*store;
+            let shared = store::open(&home, access)?;
+            let store = &*shared;
             match command {
                 Command::Enqueue { job, json } => {
                     enqueue::run(store, jobs.unwrap_or_default(), job == "-", json, out)
@@ -97,6 +97,19 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result {
                 Command::Dlq(command) => dlq::run(store, command, out),
                 Command::Queue(command) => queue::run(store, command, out),
                 Command::Stats { since, json } => stats::run(store, since, json, out),
+                Command::Dashboard {
+                    bind,
+                    token,
+                    read_only,
+                } => crate::dashboard::serve(
+                    shared.clone(),
+                    crate::dashboard::Options {
+                        bind,
+                        token,
+                        read_only,
+                    },
+                    out,
+                ),
                 Command::Config(command) => config::run(store, command, out),
                 Command::Purge { older_than } => purge::run(store, older_than, out),
                 Command::Cancel { ids } => control::cancel(store, &ids, out),

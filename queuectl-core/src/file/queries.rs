@@ -87,7 +87,7 @@ pub(super) fn attempts_since() -> String {
         .collect::<Vec<_>>()
         .join(", ");
     format!(
-        "SELECT j.queue, {columns} FROM attempts a INDEXED BY attempts_finished \
+        "SELECT j.queue, j.id, {columns} FROM attempts a INDEXED BY attempts_finished \
          JOIN jobs j ON j.seq = a.job_seq WHERE a.finished_at >= ?1 ORDER BY a.finished_at"
     )
 }

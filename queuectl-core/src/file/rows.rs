@@ -15,7 +15,7 @@ use crate::config::Config;
 use crate::error::StorageError;
 use crate::job::{Attempt, Job, JobId, JobState, Lease, Timestamp};
 use crate::rules::{self, Dependency};
-use crate::storage::{Activity, OutputChunk, QueueInfo, StateCounts, WorkerInfo};
+use crate::storage::{Activity, FinishedAttempt, OutputChunk, QueueInfo, StateCounts, WorkerInfo};
 
 /// The columns of a job, in the order [`job_from_row`] reads them.
 pub(super) const JOB_COLUMNS: &str = "seq, id, command, state, attempts, max_retries, \
@@ -201,7 +201,11 @@ pub(super) fn activity(conn: &Connection, since: Timestamp) -> TxResult<Activity
     let attempts = conn
         .prepare_cached(&super::queries::attempts_since())?
         .query_map([since], |row| {
-            Ok((row.get::<_, String>(0)?, attempt_at(row, 1)?))
+            Ok(FinishedAttempt {
+                queue: row.get(0)?,
+                job: parsed(row, 1)?,
+                attempt: attempt_at(row, 2)?,
+            })
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     let ended = conn
