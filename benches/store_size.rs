@@ -6,6 +6,10 @@
 //! runs at each size and the 100k/1k ratio; the peak memory (max RSS) of `status` and `list`
 //! at 100k; and the peak memory of an idle `worker start` at 100k after it ran a few jobs.
 //!
+//! The dashboard on the 100k store: the median time to serve the overview (its page and
+//! `/api/status`) and `/api/jobs?limit=50`, and how long after a `queuectl enqueue` returns the
+//! change reaches an open page's event stream.
+//!
 //! Run with `cargo bench -p queuectl-cli --bench store_size` (`STORE_SIZE_RUNS` sets the runs
 //! per figure, default 30).
 
@@ -204,4 +208,90 @@ fn main() {
     }
     let worker = idle_worker_peak_mib(large.path(), 20);
     println!("peak memory at 100k: idle worker (after 20 jobs) {worker:>6.1} MiB");
+    dashboard(large.path(), runs);
+}
+
+/// The dashboard's figures on the store in `home`.
+fn dashboard(home: &Path, runs: usize) {
+    let mut child = Command::new(BIN)
+        .arg("--home")
+        .arg(home)
+        .args(["dashboard", "--bind", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the dashboard");
+    let mut url = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut url)
+        .expect("the dashboard's address");
+    let base = url.trim().to_owned();
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .into();
+    let median = |paths: &[&str]| {
+        let mut times: Vec<f64> = (0..runs)
+            .map(|_| {
+                let started = Instant::now();
+                for path in paths {
+                    let mut response = agent.get(&format!("{base}{path}")).call().expect("GET");
+                    response.body_mut().read_to_string().expect("a body");
+                }
+                started.elapsed().as_secs_f64() * 1000.0
+            })
+            .collect();
+        times.sort_by(f64::total_cmp);
+        times[runs / 2]
+    };
+    let overview = median(&["", "api/status"]);
+    let jobs = median(&["api/jobs?limit=50"]);
+    let last_page = median(&["api/jobs?limit=50&offset=99950"]);
+    println!("dashboard at 100k: overview (page + /api/status)  {overview:>6.2} ms");
+    println!("dashboard at 100k: /api/jobs?limit=50             {jobs:>6.2} ms");
+    println!("dashboard at 100k: /api/jobs, last page            {last_page:>6.2} ms");
+    // Change → event: from `queuectl enqueue` returning to the event reaching the stream.
+    let addr = base
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned();
+    let mut stream = std::net::TcpStream::connect(&addr).expect("connect");
+    use std::io::Write as _;
+    write!(stream, "GET /api/events HTTP/1.1\r\nHost: {addr}\r\n\r\n").expect("request");
+    let mut events = BufReader::new(stream);
+    let mut line = String::new();
+    while line != "\r\n" {
+        line.clear();
+        events.read_line(&mut line).expect("headers");
+    }
+    let mut delays: Vec<f64> = (0..runs.min(20))
+        .map(|_| {
+            let status = queuectl(home, &["enqueue", r#"{"command":"true"}"#])
+                .status()
+                .expect("enqueue");
+            assert!(status.success());
+            let returned = Instant::now();
+            loop {
+                line.clear();
+                events.read_line(&mut line).expect("an event");
+                if line.starts_with("event: change") {
+                    break;
+                }
+            }
+            // The data line and the blank line after it.
+            for _ in 0..2 {
+                line.clear();
+                events.read_line(&mut line).expect("the event's end");
+            }
+            returned.elapsed().as_secs_f64() * 1000.0
+        })
+        .collect();
+    delays.sort_by(f64::total_cmp);
+    println!(
+        "dashboard: enqueue → event on an open page p50 {:.2} ms, max {:.2} ms",
+        delays[delays.len() / 2],
+        delays[delays.len() - 1]
+    );
+    let _ = child.kill();
+    let _ = child.wait();
 }

@@ -2231,6 +2231,10 @@ pub fn activity_reports_what_finished_since(h: &dyn Harness) {
             ),
         ]
     );
+    assert!(
+        activity.attempts.iter().all(|f| f.attempt.output.is_none()),
+        "without output"
+    );
     let mut ended = activity.ended.clone();
     ended.sort();
     assert_eq!(

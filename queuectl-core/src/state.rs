@@ -564,7 +564,10 @@ impl QueueState {
                     .map(|a| FinishedAttempt {
                         queue: job.queue.clone(),
                         job: job.id.clone(),
-                        attempt: a.clone(),
+                        attempt: Attempt {
+                            output: None,
+                            ..a.clone()
+                        },
                     })
             })
             .collect();

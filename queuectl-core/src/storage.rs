@@ -464,8 +464,8 @@ pub trait Storage: Send + Sync + Debug {
     /// Every queue that has jobs or settings, by name.
     fn queues(&self) -> Result<Vec<QueueInfo>>;
 
-    /// The attempts that finished at or after `since` (oldest first) and the jobs that ended
-    /// dead or cancelled then, as long as the store keeps them.
+    /// The attempts that finished at or after `since` (oldest first, without their output) and
+    /// the jobs that ended dead or cancelled then, as long as the store keeps them.
     fn activity(&self, since: Timestamp) -> Result<Activity>;
 
     /// Changes the settings of the queues `names` (`None`: every queue that has jobs or

@@ -12,6 +12,7 @@ use queuectl_core::{
     Job, JobId, JobState, ListQuery, QueueChange, Storage, StorageError, check_queue_name, now,
 };
 use serde::{Deserialize, Serialize};
+
 use serde_json::json;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -60,42 +61,12 @@ fn ok(value: impl Serialize) -> Response {
     Json(value).into_response()
 }
 
-/// Completions and failures per minute over the last hour, oldest first.
-#[derive(Serialize)]
-struct Minute {
-    #[serde(with = "time::serde::rfc3339")]
-    at: queuectl_core::Timestamp,
-    completed: usize,
-    failed: usize,
-}
-
 /// `GET /api/status`: counts per state and queue, workers, the last hour per minute.
 pub(crate) async fn status(State(state): State<Shared>) -> Response {
     let read_only = state.read_only;
+    let shared = state.clone();
     let found = blocking(&state, move |store| {
-        let at = now();
-        let hour_ago = at - time::Duration::HOUR;
-        let activity = store.activity(hour_ago)?;
-        let mut minutes: Vec<Minute> = (0..60)
-            .map(|i| Minute {
-                at: hour_ago + time::Duration::minutes(i + 1),
-                completed: 0,
-                failed: 0,
-            })
-            .collect();
-        for finished in &activity.attempts {
-            let attempt = &finished.attempt;
-            let Some(end) = attempt.finished_at else {
-                continue;
-            };
-            let i = ((end - hour_ago).whole_minutes().clamp(0, 59)) as usize;
-            match attempt.outcome {
-                queuectl_core::AttemptOutcome::Succeeded => minutes[i].completed += 1,
-                queuectl_core::AttemptOutcome::Failed
-                | queuectl_core::AttemptOutcome::Abandoned => minutes[i].failed += 1,
-                _ => {}
-            }
-        }
+        shared.metrics.refresh(store)?;
         let counts = store.counts()?;
         let workers = store.workers()?;
         Ok(json!({
@@ -104,7 +75,7 @@ pub(crate) async fn status(State(state): State<Shared>) -> Response {
             "queues": store.queues()?,
             "worker_slots": workers.iter().map(|w| w.concurrency).sum::<usize>(),
             "workers": workers,
-            "last_hour": minutes,
+            "last_hour": shared.metrics.last_hour(),
             "read_only": read_only,
         }))
     })

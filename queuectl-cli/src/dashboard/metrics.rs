@@ -8,7 +8,7 @@
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Mutex;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -43,12 +43,25 @@ const LOOKBACK: time::Duration = time::Duration::minutes(1);
 
 /// The attempts counted, to count each once.
 struct Counted {
-    /// Attempts that finished before this instant are never counted.
+    /// Attempts that finished before this instant are not in the counters.
     started: Timestamp,
-    /// When the last scrape read the history.
-    read_at: Timestamp,
+    /// When the history was last read (`None`: never; the first read goes an hour back).
+    read_at: Option<Timestamp>,
     /// The attempts counted that finished within [`LOOKBACK`] of the last read.
     seen: HashSet<(JobId, u32, Timestamp)>,
+    /// Attempts that succeeded and that failed, per minute (Unix time / 60) of their end, for
+    /// the last hour.
+    minutes: BTreeMap<i64, (usize, usize)>,
+}
+
+/// Completions and failures in one minute.
+#[derive(serde::Serialize)]
+pub(crate) struct Minute {
+    /// When the minute ends.
+    #[serde(with = "time::serde::rfc3339")]
+    pub(crate) at: Timestamp,
+    pub(crate) completed: usize,
+    pub(crate) failed: usize,
 }
 
 /// Run time buckets, in seconds: 5 ms to an hour.
@@ -100,10 +113,96 @@ impl Metrics {
             durations,
             counted: Mutex::new(Counted {
                 started: since,
-                read_at: since,
+                read_at: None,
                 seen: HashSet::new(),
+                minutes: BTreeMap::new(),
             }),
         }
+    }
+}
+
+impl Metrics {
+    /// Reads the attempts that finished since the last read (and the minute before it, for
+    /// commits that landed late), counting each once: into the counters if it ended after the
+    /// dashboard started, into the per-minute tally if it ended in the last hour.
+    pub(crate) fn refresh(&self, store: &dyn queuectl_core::Storage) -> queuectl_core::Result<()> {
+        let mut counted = self
+            .counted
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let read_at = queuectl_core::now();
+        let hour_ago = read_at - time::Duration::HOUR;
+        let from = counted
+            .read_at
+            .map_or(hour_ago, |at| (at - LOOKBACK).max(hour_ago));
+        let activity = store.activity(from)?;
+        for finished in &activity.attempts {
+            let attempt = &finished.attempt;
+            let Some(end) = attempt.finished_at else {
+                continue;
+            };
+            if !counted
+                .seen
+                .insert((finished.job.clone(), attempt.number, end))
+            {
+                continue;
+            }
+            let minute = counted
+                .minutes
+                .entry(end.unix_timestamp().div_euclid(60))
+                .or_default();
+            match attempt.outcome {
+                AttemptOutcome::Succeeded => minute.0 += 1,
+                AttemptOutcome::Failed | AttemptOutcome::Abandoned => minute.1 += 1,
+                _ => {}
+            }
+            if end < counted.started {
+                continue;
+            }
+            let queue = &finished.queue;
+            let labels = AttemptLabels {
+                queue: queue.clone(),
+                outcome: attempt.outcome.as_str().to_owned(),
+            };
+            self.attempts.get_or_create(&labels).inc();
+            if matches!(
+                attempt.outcome,
+                AttemptOutcome::Succeeded | AttemptOutcome::Failed
+            ) {
+                let took = (end - attempt.started_at).as_seconds_f64().max(0.0);
+                self.durations
+                    .get_or_create(&QueueLabel {
+                        queue: queue.clone(),
+                    })
+                    .observe(took);
+            }
+        }
+        let forget_before = read_at - LOOKBACK;
+        counted.seen.retain(|(_, _, end)| *end >= forget_before);
+        let first_minute = hour_ago.unix_timestamp().div_euclid(60);
+        counted.minutes.retain(|minute, _| *minute >= first_minute);
+        counted.read_at = Some(read_at);
+        Ok(())
+    }
+
+    /// The last hour, minute by minute, oldest first (after [`Metrics::refresh`]).
+    pub(crate) fn last_hour(&self) -> Vec<Minute> {
+        let counted = self
+            .counted
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let now = counted.read_at.unwrap_or_else(queuectl_core::now);
+        let this_minute = now.unix_timestamp().div_euclid(60);
+        (this_minute - 59..=this_minute)
+            .map(|minute| {
+                let (completed, failed) = counted.minutes.get(&minute).copied().unwrap_or_default();
+                Minute {
+                    at: Timestamp::from_unix_timestamp((minute + 1) * 60).unwrap_or(now),
+                    completed,
+                    failed,
+                }
+            })
+            .collect()
     }
 }
 
@@ -125,47 +224,7 @@ pub(crate) async fn render(State(state): State<Shared>) -> Response {
         }
         let slots: usize = store.workers()?.iter().map(|w| w.concurrency).sum();
         metrics.workers.set(slots as i64);
-        let mut counted = metrics
-            .counted
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let read_at = queuectl_core::now();
-        let from = (counted.read_at - LOOKBACK).max(counted.started);
-        let activity = store.activity(from)?;
-        for finished in &activity.attempts {
-            let attempt = &finished.attempt;
-            let Some(end) = attempt.finished_at else {
-                continue;
-            };
-            if !counted
-                .seen
-                .insert((finished.job.clone(), attempt.number, end))
-            {
-                continue;
-            }
-            let queue = &finished.queue;
-            let labels = AttemptLabels {
-                queue: queue.clone(),
-                outcome: attempt.outcome.as_str().to_owned(),
-            };
-            metrics.attempts.get_or_create(&labels).inc();
-            if matches!(
-                attempt.outcome,
-                AttemptOutcome::Succeeded | AttemptOutcome::Failed
-            ) {
-                let took = (end - attempt.started_at).as_seconds_f64().max(0.0);
-                metrics
-                    .durations
-                    .get_or_create(&QueueLabel {
-                        queue: queue.clone(),
-                    })
-                    .observe(took);
-            }
-        }
-        let forget_before = read_at - LOOKBACK;
-        counted.seen.retain(|(_, _, end)| *end >= forget_before);
-        counted.read_at = read_at;
-        drop(counted);
+        metrics.refresh(store)?;
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &metrics.registry)
             .expect("writing to a String cannot fail");

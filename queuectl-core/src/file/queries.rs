@@ -83,7 +83,14 @@ pub(super) const COUNTS: &str = "SELECT queue, state, jobs FROM counts";
 pub(super) fn attempts_since() -> String {
     let columns: String = super::rows::ATTEMPT_COLUMNS
         .split(", ")
-        .map(|c| format!("a.{c}"))
+        // The output stays out: statistics never need it, and it can be megabytes.
+        .map(|c| {
+            if c == "output" {
+                "NULL".to_owned()
+            } else {
+                format!("a.{c}")
+            }
+        })
         .collect::<Vec<_>>()
         .join(", ");
     format!(

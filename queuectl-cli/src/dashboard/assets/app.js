@@ -14,7 +14,7 @@ function el(tag, attrs, ...children) {
     if (key === "onclick") node.addEventListener("click", value);
     else if (value !== undefined && value !== null && value !== false) node.setAttribute(key, value);
   }
-  for (const child of children.flat()) {
+  for (const child of children.flat(Infinity)) {
     if (child === null || child === undefined) continue;
     node.append(child instanceof Node ? child : document.createTextNode(String(child)));
   }
@@ -173,7 +173,7 @@ async function render() {
     content = el("p", { class: "state-dead" }, "Could not load this page: " + error.message);
   }
   const focused = document.activeElement && document.activeElement.id;
-  document.getElementById("main").replaceChildren(...[content].flat().filter(Boolean));
+  document.getElementById("main").replaceChildren(...[content].flat(Infinity).filter(Boolean));
   if (focused && document.getElementById(focused)) document.getElementById(focused).focus();
 }
 
