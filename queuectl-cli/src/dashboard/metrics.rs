@@ -38,8 +38,9 @@ struct QueueLabel {
     queue: String,
 }
 
-/// How far back each scrape reads the history again: longer than a commit takes to land.
-const LOOKBACK: time::Duration = time::Duration::minutes(1);
+/// How far back each read of the history goes again: longer than a commit takes to land after
+/// the time it records (a write waits at most the store's busy timeout, 10 s, for its lock).
+const LOOKBACK: time::Duration = time::Duration::seconds(15);
 
 /// The attempts counted, to count each once.
 struct Counted {
