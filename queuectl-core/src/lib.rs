@@ -33,6 +33,8 @@ pub mod file;
 mod follow;
 pub mod job;
 mod memory;
+#[cfg(feature = "postgres")]
+pub mod pg;
 pub mod pool;
 mod rules;
 pub mod shell;
@@ -56,6 +58,8 @@ pub use job::{
     NewJob, Timestamp, check_queue_name, now,
 };
 pub use memory::MemoryStorage;
+#[cfg(feature = "postgres")]
+pub use pg::{PG_SCHEMA_VERSION, PgOptions, PgStorage};
 pub use pool::{
     Event, PoolError, StopReason, Stopper, Summary, Timings, WorkerPool, WorkerPoolBuilder,
 };

@@ -14,7 +14,7 @@
 mod home;
 mod legacy;
 mod queries;
-mod rows;
+pub(crate) mod rows;
 mod schema;
 mod watch;
 

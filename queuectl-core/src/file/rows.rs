@@ -53,13 +53,13 @@ pub(super) type TxResult<T> = std::result::Result<T, TxError>;
 // ----- values -----
 
 /// A timestamp as stored: whole microseconds since the Unix epoch.
-pub(super) fn micros(at: Timestamp) -> i64 {
+pub(crate) fn micros(at: Timestamp) -> i64 {
     // Every representable `Timestamp` (years -9999 to 9999) fits in i64 microseconds.
     at.unix_timestamp_nanos().div_euclid(1_000) as i64
 }
 
 /// A stored timestamp.
-fn timestamp(us: i64) -> Result<Timestamp, String> {
+pub(crate) fn timestamp(us: i64) -> Result<Timestamp, String> {
     Timestamp::from_unix_timestamp_nanos(i128::from(us) * 1_000)
         .map_err(|e| format!("timestamp {us} out of range: {e}"))
 }
@@ -71,7 +71,7 @@ fn duration_micros(d: Duration) -> i64 {
 
 /// Rounds a job's times down to what the database keeps (microseconds), so that what an
 /// operation returns is exactly what a later read returns.
-pub(super) fn normalize(job: &mut Job) {
+pub(crate) fn normalize(job: &mut Job) {
     let round = |at: &mut Timestamp| {
         *at = timestamp(micros(*at)).expect("a rounded-down timestamp is representable");
     };
@@ -93,7 +93,7 @@ pub(super) fn normalize(job: &mut Job) {
 }
 
 /// Rounds an attempt's times down to microseconds (see [`normalize`]).
-pub(super) fn normalize_attempt(attempt: &mut Attempt) {
+pub(crate) fn normalize_attempt(attempt: &mut Attempt) {
     fn round(at: Timestamp) -> Timestamp {
         timestamp(micros(at)).expect("a rounded-down timestamp is representable")
     }
