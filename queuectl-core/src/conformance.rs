@@ -158,7 +158,7 @@ fn failed(message: &str) -> AttemptReport {
 
 /// Runs `f` on `threads` threads at once (after a barrier), each with a handle of its own
 /// where the backend has them (every other thread), and returns what each returned.
-fn race<T: Send + 'static>(
+pub(crate) fn race<T: Send + 'static>(
     h: &dyn Harness,
     threads: usize,
     f: impl Fn(usize, Arc<dyn Storage>) -> T + Send + Sync + Copy + 'static,

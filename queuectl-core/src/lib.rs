@@ -31,6 +31,7 @@ mod error;
 pub mod executor;
 pub mod file;
 mod follow;
+mod generation;
 pub mod job;
 mod memory;
 #[cfg(feature = "postgres")]

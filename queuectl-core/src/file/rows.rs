@@ -418,7 +418,15 @@ pub(super) fn queue_settings(conn: &Connection) -> TxResult<HashMap<String, (boo
 
 /// Every queue that has jobs or settings, by name.
 pub(super) fn queues(conn: &Connection) -> TxResult<Vec<QueueInfo>> {
-    let settings = queue_settings(conn)?;
+    Ok(queue_infos(&queue_settings(conn)?, counts(conn)?))
+}
+
+/// Every queue that has settings or jobs, by name, from the settings of those that have any
+/// and the jobs per queue and state (rows of a queue and state may repeat: they add up).
+pub(crate) fn queue_infos(
+    settings: &HashMap<String, (bool, u32)>,
+    counts: Vec<(String, JobState, usize)>,
+) -> Vec<QueueInfo> {
     let mut queues: std::collections::BTreeMap<String, QueueInfo> = Default::default();
     let info = |name: &str| {
         let (paused, limit) = settings.get(name).copied().unwrap_or_default();
@@ -432,13 +440,13 @@ pub(super) fn queues(conn: &Connection) -> TxResult<Vec<QueueInfo>> {
     for name in settings.keys() {
         queues.insert(name.clone(), info(name));
     }
-    for (queue, state, jobs) in counts(conn)? {
+    for (queue, state, jobs) in counts {
         if jobs > 0 {
             let entry = queues.entry(queue.clone()).or_insert_with(|| info(&queue));
             *entry.counts.get_mut(state) += jobs;
         }
     }
-    Ok(queues.into_values().collect())
+    queues.into_values().collect()
 }
 
 /// Gives every free page back to the file system (`PRAGMA incremental_vacuum` frees one page

@@ -12,11 +12,12 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use parking_lot::{Condvar, Mutex};
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, Config, NoTls};
+
+use crate::generation::Generation;
 
 /// How long the thread waits for a notification before it checks that its connection is
 /// still there (a silent network can otherwise hide a dead connection for hours).
@@ -30,9 +31,9 @@ pub(super) struct Listener {
     running: Option<Running>,
 }
 
+#[derive(Default)]
 struct Shared {
-    generation: Mutex<u64>,
-    changed: Condvar,
+    heard: Generation,
     stop: AtomicBool,
 }
 
@@ -46,11 +47,7 @@ impl Listener {
     /// A listener that never hears anything: waiters poll.
     pub(super) fn poll_only() -> Self {
         Self {
-            shared: Arc::new(Shared {
-                generation: Mutex::new(0),
-                changed: Condvar::new(),
-                stop: AtomicBool::new(false),
-            }),
+            shared: Arc::default(),
             running: None,
         }
     }
@@ -81,29 +78,13 @@ impl Listener {
 
     /// The number of notifications heard so far.
     pub(super) fn generation(&self) -> u64 {
-        *self.shared.generation.lock()
+        self.shared.heard.get()
     }
 
     /// Blocks until the generation differs from `seen`, or `timeout` passes (poll-only: until
     /// `timeout` passes).
     pub(super) fn wait(&self, seen: u64, timeout: Duration) {
-        let deadline = Instant::now().checked_add(timeout);
-        let mut generation = self.shared.generation.lock();
-        while *generation == seen {
-            match deadline {
-                Some(deadline) => {
-                    if self
-                        .shared
-                        .changed
-                        .wait_until(&mut generation, deadline)
-                        .timed_out()
-                    {
-                        return;
-                    }
-                }
-                None => self.shared.changed.wait(&mut generation),
-            }
-        }
+        self.shared.heard.wait(seen, timeout);
     }
 
     /// Stops the thread: `notify` sends a notification on the channel it names. When that
@@ -132,11 +113,6 @@ fn listen(config: &Config, channels: &[String]) -> Result<Client, postgres::Erro
     Ok(client)
 }
 
-fn bump(shared: &Shared) {
-    *shared.generation.lock() += 1;
-    shared.changed.notify_all();
-}
-
 /// The thread: counts notifications until stopped; connects again when the connection breaks
 /// (waiters poll meanwhile, and look again once it is back).
 fn run(mut client: Client, config: &Config, channels: &[String], shared: &Shared) {
@@ -147,7 +123,7 @@ fn run(mut client: Client, config: &Config, channels: &[String], shared: &Shared
             let mut heard = notifications.timeout_iter(IDLE_CHECK);
             loop {
                 match heard.next() {
-                    Ok(Some(_)) => bump(shared),
+                    Ok(Some(_)) => shared.heard.bump(),
                     Ok(None) => break,
                     Err(_) => {
                         broken = true;
@@ -164,7 +140,7 @@ fn run(mut client: Client, config: &Config, channels: &[String], shared: &Shared
         }
         if broken || client.is_closed() || client.batch_execute("").is_err() {
             // Whatever was committed meanwhile went unheard: waiters look again.
-            bump(shared);
+            shared.heard.bump();
             let mut pause = Duration::from_millis(50);
             client = loop {
                 std::thread::sleep(pause);
@@ -176,7 +152,7 @@ fn run(mut client: Client, config: &Config, channels: &[String], shared: &Shared
                     Err(_) => pause = (pause * 2).min(MAX_RECONNECT_PAUSE),
                 }
             };
-            bump(shared);
+            shared.heard.bump();
         }
     }
 }

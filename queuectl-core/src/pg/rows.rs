@@ -14,10 +14,10 @@ use postgres::{Row, Statement, Transaction};
 use super::queries;
 use crate::config::Config;
 use crate::error::StorageError;
-use crate::file::rows::{micros, normalize, normalize_attempt, timestamp};
+use crate::file::rows::{micros, normalize, normalize_attempt, queue_infos, timestamp};
 use crate::job::{Attempt, Job, JobId, JobState, Lease, Timestamp};
 use crate::rules::{self, Dependency};
-use crate::storage::{Activity, OutputChunk, QueueInfo, StateCounts, WorkerInfo};
+use crate::storage::{Activity, OutputChunk, QueueInfo, WorkerInfo};
 
 /// The columns of a job, in the order [`job_from_row`] reads them.
 pub(super) const JOB_COLUMNS: &str = "seq, id, command, state, attempts, max_retries, \
@@ -923,26 +923,7 @@ pub(super) fn settings_from_row(row: &Row) -> TxResult<(String, (bool, u32))> {
 /// Every queue that has jobs or settings, by name.
 pub(super) fn queues(db: &mut Db) -> TxResult<Vec<QueueInfo>> {
     let settings = queue_settings(db)?;
-    let mut queues: BTreeMap<String, QueueInfo> = BTreeMap::new();
-    let info = |name: &str| {
-        let (paused, limit) = settings.get(name).copied().unwrap_or_default();
-        QueueInfo {
-            name: name.to_owned(),
-            paused,
-            limit,
-            counts: StateCounts::default(),
-        }
-    };
-    for name in settings.keys() {
-        queues.insert(name.clone(), info(name));
-    }
-    for (queue, state, jobs) in counts(db)? {
-        if jobs > 0 {
-            let entry = queues.entry(queue.clone()).or_insert_with(|| info(&queue));
-            *entry.counts.get_mut(state) += jobs;
-        }
-    }
-    Ok(queues.into_values().collect())
+    Ok(queue_infos(&settings, counts(db)?))
 }
 
 /// What happened at or after `since` ([`crate::Storage::activity`]).

@@ -101,26 +101,6 @@ mod conformance {
 
 const LEASE: Duration = Duration::from_secs(30);
 
-/// Starts `threads` threads at once, each with a handle of its own on `pg`'s schema.
-fn race<T: Send + 'static>(
-    pg: &Pg,
-    threads: usize,
-    f: impl Fn(usize, PgStorage) -> T + Send + Sync + Copy + 'static,
-) -> Vec<T> {
-    let barrier = Arc::new(Barrier::new(threads));
-    let handles: Vec<_> = (0..threads)
-        .map(|t| {
-            let store = pg.connect(PgOptions::default());
-            let barrier = barrier.clone();
-            std::thread::spawn(move || {
-                barrier.wait();
-                f(t, store)
-            })
-        })
-        .collect();
-    handles.into_iter().map(|h| h.join().unwrap()).collect()
-}
-
 /// Concurrent claims by separate handles never run more jobs of a limited queue than its
 /// limit, however they interleave (each round starts them together).
 #[test]
@@ -136,7 +116,7 @@ fn queue_limits_hold_under_concurrent_claims() {
         .change_queues(Some(&["a".to_owned()]), QueueChange::Limit(2))
         .unwrap();
     for round in 0..5 {
-        let claimed: usize = race(&pg, 4, |t, store| {
+        let claimed: usize = crate::conformance::race(&pg, 4, |t, store| {
             store
                 .claim(&format!("w{t}"), 5, LEASE, now())
                 .unwrap()
