@@ -34,6 +34,7 @@ mod follow;
 mod generation;
 pub mod job;
 mod memory;
+mod ops;
 #[cfg(feature = "postgres")]
 pub mod pg;
 pub mod pool;

@@ -790,3 +790,80 @@ impl rules::Dependents for Propagation<'_, '_> {
         self.tx.write_changes(old, &mut new, self.now)
     }
 }
+
+impl crate::ops::StoreTx for Tx<'_> {
+    type Error = TxError;
+
+    fn locked_jobs(&mut self, ids: &[JobId]) -> TxResult<HashMap<JobId, Job>> {
+        let mut jobs = HashMap::with_capacity(ids.len());
+        for id in ids {
+            if let Some(job) = job_by_id(self, id)? {
+                jobs.insert(id.clone(), job);
+            }
+        }
+        Ok(jobs)
+    }
+
+    fn job(&mut self, id: &JobId) -> TxResult<Option<Job>> {
+        job_by_id(self, id)
+    }
+
+    fn last_output(&mut self, seq: u64) -> TxResult<Option<String>> {
+        last_output(self, seq)
+    }
+
+    fn unique_holder(&mut self, key: &str) -> TxResult<Option<Job>> {
+        Ok(select_jobs(self, super::queries::UNIQUE_HOLDER, [key])?.pop())
+    }
+
+    fn dependency_states(&mut self, after: &[JobId]) -> TxResult<Vec<Dependency>> {
+        after
+            .iter()
+            .map(|id| Ok((id.clone(), state_of(self, id)?)))
+            .collect()
+    }
+
+    fn update_job(&mut self, old: Job, mut new: Job, now: Timestamp) -> TxResult<Job> {
+        Tx::update_job(self, &old, &mut new, now)?;
+        Ok(new)
+    }
+
+    fn insert_attempt(&mut self, seq: u64, mut attempt: Attempt) -> TxResult<()> {
+        Tx::insert_attempt(self, seq, &mut attempt)
+    }
+
+    fn delete_job(&mut self, job: &Job, now: Timestamp) -> TxResult<()> {
+        Tx::delete_job(self, job, now)
+    }
+
+    fn queues(&mut self) -> TxResult<Vec<QueueInfo>> {
+        queues(self)
+    }
+
+    fn queue_settings(&mut self) -> TxResult<HashMap<String, (bool, u32)>> {
+        queue_settings(self)
+    }
+
+    fn put_queue(&mut self, name: &str, paused: bool, limit: u32) -> TxResult<()> {
+        Tx::put_queue(self, name, paused, limit)
+    }
+
+    fn locked_config(&mut self) -> TxResult<Config> {
+        config(self)
+    }
+
+    fn set_config(&mut self, config: &Config) -> TxResult<()> {
+        let json = serde_json::to_string(config).expect("settings serialise");
+        self.set_meta("config", &json)
+    }
+
+    fn locked_workers(&mut self, id: Option<&str>) -> TxResult<Vec<WorkerInfo>> {
+        let mut all = workers(self)?;
+        all.retain(|worker| id.is_none_or(|id| worker.id == id));
+        Ok(all)
+    }
+
+    fn put_worker(&mut self, worker: &WorkerInfo) -> TxResult<()> {
+        Tx::put_worker(self, worker)
+    }
+}

@@ -467,28 +467,6 @@ impl PgStorage {
         Ok(pairs.into_iter().map(|(_, job)| job).collect())
     }
 
-    /// Runs `targets` (checked and locked by the caller) again, each with a fresh set of
-    /// attempts, unless that would give a unique key to two jobs (then nothing is retried).
-    fn retry_in(tx: &mut Tx, targets: Vec<Job>, now: Timestamp) -> TxResult<Vec<Job>> {
-        let mut retried = Vec::with_capacity(targets.len());
-        for old in targets {
-            // Read again: an earlier target retried in this transaction may hold its key now.
-            if let Some(key) = &old.unique_key {
-                let holder = rows::select_jobs(tx, queries::UNIQUE_HOLDER, &[key])?.pop();
-                rules::check_unique(&old, holder.as_ref())?;
-            }
-            let dependencies = rows::dependency_states(tx, &old.after, true)?;
-            let mut job = old.clone();
-            rules::retry(&mut job, &dependencies, now);
-            let mut pair = [(old, job)];
-            tx.update_jobs(&mut pair, now)?;
-            let [(_, mut job)] = pair;
-            job.output = rows::last_output(tx, job.seq)?;
-            retried.push(job);
-        }
-        Ok(retried)
-    }
-
     fn recover_in(
         tx: &mut Tx,
         picked: Vec<Job>,
@@ -508,27 +486,6 @@ impl PgStorage {
         tx.insert_attempts(&mut attempts)?;
         Ok(pairs.into_iter().map(|(_, job)| job).collect())
     }
-}
-
-/// The jobs `ids` names, locked, each checked by `check`, in order and without repeats.
-fn checked(tx: &mut Tx, ids: &[JobId], check: fn(&Job) -> Result<()>) -> TxResult<Vec<Job>> {
-    let mut found = rows::jobs_by_ids(
-        tx,
-        ids.iter().map(JobId::as_str),
-        queries::BY_IDS_FOR_UPDATE,
-    )?;
-    let mut jobs: Vec<Job> = Vec::with_capacity(ids.len());
-    for id in ids {
-        if jobs.iter().any(|job| &job.id == id) {
-            continue;
-        }
-        let job = found
-            .remove(id)
-            .ok_or_else(|| StorageError::NotFound { id: id.clone() })?;
-        check(&job)?;
-        jobs.push(job);
-    }
-    Ok(jobs)
 }
 
 fn lost(lease: &Lease) -> StorageError {
@@ -914,23 +871,7 @@ impl Storage for PgStorage {
             }
         }
         self.write("change queue settings", |tx| {
-            let mut names: Vec<String> = match names {
-                Some(names) => names.to_vec(),
-                None => rows::queues(tx)?.into_iter().map(|q| q.name).collect(),
-            };
-            names.sort();
-            names.dedup();
-            let settings = rows::queue_settings(tx)?;
-            for name in &names {
-                let (mut paused, mut limit) = settings.get(name).copied().unwrap_or_default();
-                rules::change_queue(&mut paused, &mut limit, change);
-                tx.put_queue(name, paused, limit)?;
-            }
-            let all = rows::queues(tx)?;
-            Ok(all
-                .into_iter()
-                .filter(|q| names.contains(&q.name))
-                .collect())
+            crate::ops::change_queues(tx, names, change)
         })
     }
 
@@ -941,54 +882,25 @@ impl Storage for PgStorage {
     fn retry_dead(&self, ids: Option<&[JobId]>, now: Timestamp) -> Result<Vec<Job>> {
         self.write("retry dead jobs", |tx| {
             let targets = match ids {
-                Some(ids) => checked(tx, ids, rules::check_retry)?,
+                Some(ids) => crate::ops::checked(tx, ids, rules::check_retry)?,
                 None => rows::select_jobs(tx, queries::DEAD, &[])?,
             };
-            Self::retry_in(tx, targets, now)
+            crate::ops::rerun(tx, targets, now)
         })
     }
 
     fn cancel(&self, ids: &[JobId], now: Timestamp) -> Result<Vec<Job>> {
-        self.write("cancel jobs", |tx| {
-            let targets = checked(tx, ids, rules::check_cancel)?;
-            let mut cancelled = Vec::with_capacity(targets.len());
-            for target in targets {
-                // Read again: cancelling an earlier target may have cancelled its dependents.
-                let old = rows::existing_job(tx, &target.id)?;
-                if old.state.is_finished() {
-                    cancelled.push(old);
-                    continue;
-                }
-                let mut job = old.clone();
-                let attempt = rules::cancel(&mut job, now);
-                let mut pair = [(old, job)];
-                tx.update_jobs(&mut pair, now)?;
-                let [(_, job)] = pair;
-                if let Some(attempt) = attempt {
-                    tx.insert_attempts(&mut [(job.seq, attempt)])?;
-                }
-                cancelled.push(job);
-            }
-            Ok(cancelled)
-        })
+        self.write("cancel jobs", |tx| crate::ops::cancel(tx, ids, now))
     }
 
     fn remove(&self, ids: &[JobId], now: Timestamp) -> Result<Vec<JobId>> {
-        self.write("remove jobs", |tx| {
-            let targets = checked(tx, ids, rules::check_remove)?;
-            for target in &targets {
-                // Read again: removing an earlier target may have cancelled this one.
-                let job = rows::existing_job(tx, &target.id)?;
-                tx.delete_jobs(&[job], Some(now))?;
-            }
-            Ok(targets.into_iter().map(|job| job.id).collect())
-        })
+        self.write("remove jobs", |tx| crate::ops::remove(tx, ids, now))
     }
 
     fn retry(&self, ids: &[JobId], now: Timestamp) -> Result<Vec<Job>> {
         self.write("retry jobs", |tx| {
-            let targets = checked(tx, ids, rules::check_rerun)?;
-            Self::retry_in(tx, targets, now)
+            let targets = crate::ops::checked(tx, ids, rules::check_rerun)?;
+            crate::ops::rerun(tx, targets, now)
         })
     }
 
@@ -1013,13 +925,7 @@ impl Storage for PgStorage {
         update: &mut dyn FnMut(&mut Config) -> Result<(), ConfigError>,
     ) -> Result<Config> {
         self.write("change the settings", |tx| {
-            let current = rows::config(tx, true)?;
-            let mut config = current.clone();
-            update(&mut config).map_err(StorageError::from)?;
-            if config != current {
-                tx.set_config(&config)?;
-            }
-            Ok(config)
+            crate::ops::update_config(tx, update)
         })
     }
 
@@ -1029,14 +935,7 @@ impl Storage for PgStorage {
 
     fn worker_heartbeat(&self, worker: &str, now: Timestamp) -> Result<bool> {
         self.write("record a worker heartbeat", |tx| {
-            let mut info = rows::workers(tx, "WHERE id = $1 FOR UPDATE", &[&worker])?
-                .pop()
-                .ok_or_else(|| StorageError::UnknownWorker {
-                    id: worker.to_owned(),
-                })?;
-            info.last_seen = now;
-            tx.put_worker(&info)?;
-            Ok(info.stop_requested)
+            crate::ops::worker_heartbeat(tx, worker, now)
         })
     }
 
@@ -1052,14 +951,7 @@ impl Storage for PgStorage {
     }
 
     fn request_stop(&self) -> Result<usize> {
-        self.write("ask workers to stop", |tx| {
-            let workers = rows::workers(tx, "ORDER BY id FOR UPDATE", &[])?;
-            for mut worker in workers.iter().cloned() {
-                worker.stop_requested = true;
-                tx.put_worker(&worker)?;
-            }
-            Ok(workers.len())
-        })
+        self.write("ask workers to stop", |tx| crate::ops::request_stop(tx))
     }
 
     fn change_version(&self) -> Result<u64> {

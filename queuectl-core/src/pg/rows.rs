@@ -947,3 +947,77 @@ pub(super) fn next_due(db: &mut Db, after: Timestamp) -> TxResult<Option<Timesta
     let us: Option<i64> = db.query(queries::NEXT_DUE, &[&micros(after)])?[0].try_get(0)?;
     opt_time(us)
 }
+
+impl crate::ops::StoreTx for Tx<'_> {
+    type Error = TxError;
+
+    fn locked_jobs(&mut self, ids: &[JobId]) -> TxResult<HashMap<JobId, Job>> {
+        jobs_by_ids(
+            self,
+            ids.iter().map(JobId::as_str),
+            queries::BY_IDS_FOR_UPDATE,
+        )
+    }
+
+    fn job(&mut self, id: &JobId) -> TxResult<Option<Job>> {
+        job_by_id(self, id)
+    }
+
+    fn last_output(&mut self, seq: u64) -> TxResult<Option<String>> {
+        last_output(self, seq)
+    }
+
+    fn unique_holder(&mut self, key: &str) -> TxResult<Option<Job>> {
+        Ok(select_jobs(self, queries::UNIQUE_HOLDER, &[&key])?.pop())
+    }
+
+    fn dependency_states(&mut self, after: &[JobId]) -> TxResult<Vec<Dependency>> {
+        dependency_states(self, after, true)
+    }
+
+    fn update_job(&mut self, old: Job, new: Job, now: Timestamp) -> TxResult<Job> {
+        let mut pair = [(old, new)];
+        self.update_jobs(&mut pair, now)?;
+        let [(_, new)] = pair;
+        Ok(new)
+    }
+
+    fn insert_attempt(&mut self, seq: u64, attempt: Attempt) -> TxResult<()> {
+        self.insert_attempts(&mut [(seq, attempt)])
+    }
+
+    fn delete_job(&mut self, job: &Job, now: Timestamp) -> TxResult<()> {
+        self.delete_jobs(std::slice::from_ref(job), Some(now))
+    }
+
+    fn queues(&mut self) -> TxResult<Vec<QueueInfo>> {
+        queues(self)
+    }
+
+    fn queue_settings(&mut self) -> TxResult<HashMap<String, (bool, u32)>> {
+        queue_settings(self)
+    }
+
+    fn put_queue(&mut self, name: &str, paused: bool, limit: u32) -> TxResult<()> {
+        Tx::put_queue(self, name, paused, limit)
+    }
+
+    fn locked_config(&mut self) -> TxResult<Config> {
+        config(self, true)
+    }
+
+    fn set_config(&mut self, config: &Config) -> TxResult<()> {
+        Tx::set_config(self, config)
+    }
+
+    fn locked_workers(&mut self, id: Option<&str>) -> TxResult<Vec<WorkerInfo>> {
+        match id {
+            Some(id) => workers(self, "WHERE id = $1 FOR UPDATE", &[&id]),
+            None => workers(self, "ORDER BY id FOR UPDATE", &[]),
+        }
+    }
+
+    fn put_worker(&mut self, worker: &WorkerInfo) -> TxResult<()> {
+        Tx::put_worker(self, worker)
+    }
+}
