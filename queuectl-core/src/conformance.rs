@@ -30,18 +30,32 @@ pub trait Harness {
 /// Stamps out one `#[test]` per conformance case for a backend.
 ///
 /// `$make` is an expression building a fresh [`Harness`] for each case. A backend whose data
-/// outlives its handles passes `durable` too, for the cases about reopening.
+/// outlives its handles passes `durable` too, for the cases about reopening. A backend that
+/// needs something a machine may lack (a database server) passes `guard = EXPR` last: each
+/// case first evaluates `EXPR` and, when it is `false`, returns at once (the guard says why).
 #[macro_export]
 macro_rules! storage_conformance {
     ($make:expr, durable) => {
-        $crate::storage_conformance!($make);
-        $crate::storage_conformance!(@cases $make;
+        $crate::storage_conformance!(@durable {} $make);
+    };
+    ($make:expr, durable, guard = $guard:expr) => {
+        $crate::storage_conformance!(@durable { if !$guard { return; } } $make);
+    };
+    ($make:expr) => {
+        $crate::storage_conformance!(@all {} $make);
+    };
+    ($make:expr, guard = $guard:expr) => {
+        $crate::storage_conformance!(@all { if !$guard { return; } } $make);
+    };
+    (@durable $guard:block $make:expr) => {
+        $crate::storage_conformance!(@all $guard $make);
+        $crate::storage_conformance!(@cases $guard $make;
             everything_survives_a_reopen,
             queue_settings_survive_a_reopen
         );
     };
-    ($make:expr) => {
-        $crate::storage_conformance!(@cases $make;
+    (@all $guard:block $make:expr) => {
+        $crate::storage_conformance!(@cases $guard $make;
             enqueue_and_get,
             unset_fields_take_config_defaults,
             duplicate_id_is_refused_and_changes_nothing,
@@ -98,10 +112,11 @@ macro_rules! storage_conformance {
             settling_keeps_the_reported_output_not_the_live_one
         );
     };
-    (@cases $make:expr; $($case:ident),* $(,)?) => {
+    (@cases $guard:block $make:expr; $($case:ident),* $(,)?) => {
         $(
             #[test]
             fn $case() {
+                $guard
                 let harness = $make;
                 $crate::conformance::$case(&harness);
             }
@@ -143,7 +158,7 @@ fn failed(message: &str) -> AttemptReport {
 
 /// Runs `f` on `threads` threads at once (after a barrier), each with a handle of its own
 /// where the backend has them (every other thread), and returns what each returned.
-fn race<T: Send + 'static>(
+pub(crate) fn race<T: Send + 'static>(
     h: &dyn Harness,
     threads: usize,
     f: impl Fn(usize, Arc<dyn Storage>) -> T + Send + Sync + Copy + 'static,

@@ -178,6 +178,18 @@ pub enum StorageError {
         /// The database's own error.
         source: Box<dyn std::error::Error + Send + Sync + 'static>,
     },
+    /// PostgreSQL failed, with what was being done, the database and the cause in words.
+    #[error("could not {op} in {database}: {fault}")]
+    Postgres {
+        /// What was being done.
+        op: &'static str,
+        /// The database: its URL without password, and the schema.
+        database: String,
+        /// The cause, in words.
+        fault: DatabaseFault,
+        /// PostgreSQL's own error (or the connection pool's).
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
     /// An error from a database or another backend, with what was being done.
     #[error("{op} failed")]
     Backend {
@@ -204,6 +216,10 @@ pub enum DatabaseFault {
     CannotOpen,
     /// The operating system reported an I/O error.
     Io,
+    /// The database server cannot be reached, or the connection to it broke.
+    Unreachable,
+    /// The database refused the operation for this user.
+    Denied,
     /// Anything else (the database's own message follows).
     Other,
 }
@@ -217,6 +233,8 @@ impl std::fmt::Display for DatabaseFault {
             DatabaseFault::ReadOnly => "the database cannot be written (check the permissions of the store directory and its files)",
             DatabaseFault::CannotOpen => "the database file cannot be opened (check that the directory exists and is accessible)",
             DatabaseFault::Io => "the operating system reported an I/O error",
+            DatabaseFault::Unreachable => "the database server cannot be reached (is it running, and are the address and credentials right?)",
+            DatabaseFault::Denied => "the database refused the operation (check the user's privileges on the database and the schema)",
             DatabaseFault::Other => "the database reported an error",
         })
     }
@@ -232,6 +250,7 @@ impl StorageError {
             StorageError::Database { fault, .. } => {
                 matches!(fault, DatabaseFault::ReadOnly | DatabaseFault::CannotOpen)
             }
+            StorageError::Postgres { fault, .. } => *fault == DatabaseFault::Denied,
             _ => false,
         }
     }
@@ -246,6 +265,10 @@ impl StorageError {
                 | StorageError::StoreChanged { .. }
                 | StorageError::Corrupt { .. }
                 | StorageError::Database {
+                    fault: DatabaseFault::Corrupt,
+                    ..
+                }
+                | StorageError::Postgres {
                     fault: DatabaseFault::Corrupt,
                     ..
                 }

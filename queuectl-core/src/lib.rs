@@ -31,8 +31,12 @@ mod error;
 pub mod executor;
 pub mod file;
 mod follow;
+mod generation;
 pub mod job;
 mod memory;
+mod ops;
+#[cfg(feature = "postgres")]
+pub mod pg;
 pub mod pool;
 mod rules;
 pub mod shell;
@@ -56,6 +60,8 @@ pub use job::{
     NewJob, Timestamp, check_queue_name, now,
 };
 pub use memory::MemoryStorage;
+#[cfg(feature = "postgres")]
+pub use pg::{PG_SCHEMA_VERSION, PgOptions, PgStorage};
 pub use pool::{
     Event, PoolError, StopReason, Stopper, Summary, Timings, WorkerPool, WorkerPoolBuilder,
 };

@@ -14,7 +14,7 @@
 mod home;
 mod legacy;
 mod queries;
-mod rows;
+pub(crate) mod rows;
 mod schema;
 mod watch;
 
@@ -691,26 +691,6 @@ impl FileStorage {
         Ok(claimed)
     }
 
-    /// Runs `targets` (checked by the caller) again, each with a fresh set of attempts, unless
-    /// that would give a unique key to two jobs (then nothing is retried).
-    fn retry_in(tx: &mut Tx, targets: Vec<Job>, now: Timestamp) -> TxResult<Vec<Job>> {
-        let mut retried = Vec::with_capacity(targets.len());
-        for old in targets {
-            // Read again: an earlier target retried in this transaction may hold its key now.
-            if let Some(key) = &old.unique_key {
-                let holder = rows::select_jobs(tx, queries::UNIQUE_HOLDER, [key])?.pop();
-                rules::check_unique(&old, holder.as_ref())?;
-            }
-            let dependencies = tx.dependency_states(&old)?;
-            let mut job = old.clone();
-            rules::retry(&mut job, &dependencies, now);
-            tx.update_job(&old, &mut job, now)?;
-            job.output = rows::last_output(tx, job.seq)?;
-            retried.push(job);
-        }
-        Ok(retried)
-    }
-
     fn recover_in(
         tx: &mut Tx,
         picked: Vec<Job>,
@@ -727,19 +707,6 @@ impl FileStorage {
         }
         Ok(recovered)
     }
-}
-
-/// The jobs `ids` names, each checked by `check`, in order and without repeats.
-fn checked(tx: &Tx, ids: &[JobId], check: fn(&Job) -> Result<()>) -> TxResult<Vec<Job>> {
-    let mut jobs: Vec<Job> = Vec::with_capacity(ids.len());
-    for id in ids {
-        let job = rows::existing_job(tx, id)?;
-        check(&job)?;
-        if !jobs.iter().any(|j| j.seq == job.seq) {
-            jobs.push(job);
-        }
-    }
-    Ok(jobs)
 }
 
 fn lost(lease: &Lease) -> StorageError {
@@ -1158,23 +1125,7 @@ impl Storage for FileStorage {
             }
         }
         self.write("change queue settings", |tx| {
-            let mut names: Vec<String> = match names {
-                Some(names) => names.to_vec(),
-                None => rows::queues(tx)?.into_iter().map(|q| q.name).collect(),
-            };
-            names.sort();
-            names.dedup();
-            let settings = rows::queue_settings(tx)?;
-            for name in &names {
-                let (mut paused, mut limit) = settings.get(name).copied().unwrap_or_default();
-                rules::change_queue(&mut paused, &mut limit, change);
-                tx.put_queue(name, paused, limit)?;
-            }
-            let all = rows::queues(tx)?;
-            Ok(all
-                .into_iter()
-                .filter(|q| names.contains(&q.name))
-                .collect())
+            crate::ops::change_queues(tx, names, change)
         })
     }
 
@@ -1207,63 +1158,25 @@ impl Storage for FileStorage {
     fn retry_dead(&self, ids: Option<&[JobId]>, now: Timestamp) -> Result<Vec<Job>> {
         self.write("retry dead jobs", |tx| {
             let targets = match ids {
-                Some(ids) => {
-                    let mut seen = std::collections::HashSet::new();
-                    let mut targets = Vec::with_capacity(ids.len());
-                    for id in ids {
-                        let job = rows::existing_job(tx, id)?;
-                        rules::check_retry(&job)?;
-                        if seen.insert(job.seq) {
-                            targets.push(job);
-                        }
-                    }
-                    targets
-                }
+                Some(ids) => crate::ops::checked(tx, ids, rules::check_retry)?,
                 None => rows::select_jobs(tx, queries::DEAD, [])?,
             };
-            Self::retry_in(tx, targets, now)
+            crate::ops::rerun(tx, targets, now)
         })
     }
 
     fn cancel(&self, ids: &[JobId], now: Timestamp) -> Result<Vec<Job>> {
-        self.write("cancel jobs", |tx| {
-            let targets = checked(tx, ids, rules::check_cancel)?;
-            let mut cancelled = Vec::with_capacity(targets.len());
-            for target in targets {
-                // Read again: cancelling an earlier target may have cancelled its dependents.
-                let old = rows::existing_job(tx, &target.id)?;
-                if old.state.is_finished() {
-                    cancelled.push(old);
-                    continue;
-                }
-                let mut job = old.clone();
-                let attempt = rules::cancel(&mut job, now);
-                tx.update_job(&old, &mut job, now)?;
-                if let Some(mut attempt) = attempt {
-                    tx.insert_attempt(job.seq, &mut attempt)?;
-                }
-                cancelled.push(job);
-            }
-            Ok(cancelled)
-        })
+        self.write("cancel jobs", |tx| crate::ops::cancel(tx, ids, now))
     }
 
     fn remove(&self, ids: &[JobId], now: Timestamp) -> Result<Vec<JobId>> {
-        self.write("remove jobs", |tx| {
-            let targets = checked(tx, ids, rules::check_remove)?;
-            for target in &targets {
-                // Read again: removing an earlier target may have cancelled this one.
-                let job = rows::existing_job(tx, &target.id)?;
-                tx.delete_job(&job, now)?;
-            }
-            Ok(targets.into_iter().map(|job| job.id).collect())
-        })
+        self.write("remove jobs", |tx| crate::ops::remove(tx, ids, now))
     }
 
     fn retry(&self, ids: &[JobId], now: Timestamp) -> Result<Vec<Job>> {
         self.write("retry jobs", |tx| {
-            let targets = checked(tx, ids, rules::check_rerun)?;
-            Self::retry_in(tx, targets, now)
+            let targets = crate::ops::checked(tx, ids, rules::check_rerun)?;
+            crate::ops::rerun(tx, targets, now)
         })
     }
 
@@ -1296,14 +1209,7 @@ impl Storage for FileStorage {
         update: &mut dyn FnMut(&mut Config) -> Result<(), ConfigError>,
     ) -> Result<Config> {
         self.write("change the settings", |tx| {
-            let current = rows::config(tx)?;
-            let mut config = current.clone();
-            update(&mut config).map_err(StorageError::from)?;
-            if config != current {
-                let json = serde_json::to_string(&config).expect("settings serialise");
-                tx.set_meta("config", &json)?;
-            }
-            Ok(config)
+            crate::ops::update_config(tx, update)
         })
     }
 
@@ -1313,15 +1219,7 @@ impl Storage for FileStorage {
 
     fn worker_heartbeat(&self, worker: &str, now: Timestamp) -> Result<bool> {
         self.write("record a worker heartbeat", |tx| {
-            let mut info = rows::workers(tx)?
-                .into_iter()
-                .find(|w| w.id == worker)
-                .ok_or_else(|| StorageError::UnknownWorker {
-                    id: worker.to_owned(),
-                })?;
-            info.last_seen = now;
-            tx.put_worker(&info)?;
-            Ok(info.stop_requested)
+            crate::ops::worker_heartbeat(tx, worker, now)
         })
     }
 
@@ -1338,14 +1236,7 @@ impl Storage for FileStorage {
     }
 
     fn request_stop(&self) -> Result<usize> {
-        self.write("ask workers to stop", |tx| {
-            let workers = rows::workers(tx)?;
-            for mut worker in workers.iter().cloned() {
-                worker.stop_requested = true;
-                tx.put_worker(&worker)?;
-            }
-            Ok(workers.len())
-        })
+        self.write("ask workers to stop", |tx| crate::ops::request_stop(tx))
     }
 
     fn change_version(&self) -> Result<u64> {

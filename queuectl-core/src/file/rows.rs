@@ -53,13 +53,13 @@ pub(super) type TxResult<T> = std::result::Result<T, TxError>;
 // ----- values -----
 
 /// A timestamp as stored: whole microseconds since the Unix epoch.
-pub(super) fn micros(at: Timestamp) -> i64 {
+pub(crate) fn micros(at: Timestamp) -> i64 {
     // Every representable `Timestamp` (years -9999 to 9999) fits in i64 microseconds.
     at.unix_timestamp_nanos().div_euclid(1_000) as i64
 }
 
 /// A stored timestamp.
-fn timestamp(us: i64) -> Result<Timestamp, String> {
+pub(crate) fn timestamp(us: i64) -> Result<Timestamp, String> {
     Timestamp::from_unix_timestamp_nanos(i128::from(us) * 1_000)
         .map_err(|e| format!("timestamp {us} out of range: {e}"))
 }
@@ -71,7 +71,7 @@ fn duration_micros(d: Duration) -> i64 {
 
 /// Rounds a job's times down to what the database keeps (microseconds), so that what an
 /// operation returns is exactly what a later read returns.
-pub(super) fn normalize(job: &mut Job) {
+pub(crate) fn normalize(job: &mut Job) {
     let round = |at: &mut Timestamp| {
         *at = timestamp(micros(*at)).expect("a rounded-down timestamp is representable");
     };
@@ -93,7 +93,7 @@ pub(super) fn normalize(job: &mut Job) {
 }
 
 /// Rounds an attempt's times down to microseconds (see [`normalize`]).
-pub(super) fn normalize_attempt(attempt: &mut Attempt) {
+pub(crate) fn normalize_attempt(attempt: &mut Attempt) {
     fn round(at: Timestamp) -> Timestamp {
         timestamp(micros(at)).expect("a rounded-down timestamp is representable")
     }
@@ -422,7 +422,15 @@ pub(super) fn queue_settings(conn: &Connection) -> TxResult<HashMap<String, (boo
 
 /// Every queue that has jobs or settings, by name.
 pub(super) fn queues(conn: &Connection) -> TxResult<Vec<QueueInfo>> {
-    let settings = queue_settings(conn)?;
+    Ok(queue_infos(&queue_settings(conn)?, counts(conn)?))
+}
+
+/// Every queue that has settings or jobs, by name, from the settings of those that have any
+/// and the jobs per queue and state (rows of a queue and state may repeat: they add up).
+pub(crate) fn queue_infos(
+    settings: &HashMap<String, (bool, u32)>,
+    counts: Vec<(String, JobState, usize)>,
+) -> Vec<QueueInfo> {
     let mut queues: std::collections::BTreeMap<String, QueueInfo> = Default::default();
     let info = |name: &str| {
         let (paused, limit) = settings.get(name).copied().unwrap_or_default();
@@ -436,13 +444,13 @@ pub(super) fn queues(conn: &Connection) -> TxResult<Vec<QueueInfo>> {
     for name in settings.keys() {
         queues.insert(name.clone(), info(name));
     }
-    for (queue, state, jobs) in counts(conn)? {
+    for (queue, state, jobs) in counts {
         if jobs > 0 {
             let entry = queues.entry(queue.clone()).or_insert_with(|| info(&queue));
             *entry.counts.get_mut(state) += jobs;
         }
     }
-    Ok(queues.into_values().collect())
+    queues.into_values().collect()
 }
 
 /// Gives every free page back to the file system (`PRAGMA incremental_vacuum` frees one page
@@ -784,5 +792,82 @@ impl rules::Dependents for Propagation<'_, '_> {
 
     fn write(&mut self, old: &Job, mut new: Job) -> TxResult<()> {
         self.tx.write_changes(old, &mut new, self.now)
+    }
+}
+
+impl crate::ops::StoreTx for Tx<'_> {
+    type Error = TxError;
+
+    fn locked_jobs(&mut self, ids: &[JobId]) -> TxResult<HashMap<JobId, Job>> {
+        let mut jobs = HashMap::with_capacity(ids.len());
+        for id in ids {
+            if let Some(job) = job_by_id(self, id)? {
+                jobs.insert(id.clone(), job);
+            }
+        }
+        Ok(jobs)
+    }
+
+    fn job(&mut self, id: &JobId) -> TxResult<Option<Job>> {
+        job_by_id(self, id)
+    }
+
+    fn last_output(&mut self, seq: u64) -> TxResult<Option<String>> {
+        last_output(self, seq)
+    }
+
+    fn unique_holder(&mut self, key: &str) -> TxResult<Option<Job>> {
+        Ok(select_jobs(self, super::queries::UNIQUE_HOLDER, [key])?.pop())
+    }
+
+    fn dependency_states(&mut self, after: &[JobId]) -> TxResult<Vec<Dependency>> {
+        after
+            .iter()
+            .map(|id| Ok((id.clone(), state_of(self, id)?)))
+            .collect()
+    }
+
+    fn update_job(&mut self, old: Job, mut new: Job, now: Timestamp) -> TxResult<Job> {
+        Tx::update_job(self, &old, &mut new, now)?;
+        Ok(new)
+    }
+
+    fn insert_attempt(&mut self, seq: u64, mut attempt: Attempt) -> TxResult<()> {
+        Tx::insert_attempt(self, seq, &mut attempt)
+    }
+
+    fn delete_job(&mut self, job: &Job, now: Timestamp) -> TxResult<()> {
+        Tx::delete_job(self, job, now)
+    }
+
+    fn queues(&mut self) -> TxResult<Vec<QueueInfo>> {
+        queues(self)
+    }
+
+    fn queue_settings(&mut self) -> TxResult<HashMap<String, (bool, u32)>> {
+        queue_settings(self)
+    }
+
+    fn put_queue(&mut self, name: &str, paused: bool, limit: u32) -> TxResult<()> {
+        Tx::put_queue(self, name, paused, limit)
+    }
+
+    fn locked_config(&mut self) -> TxResult<Config> {
+        config(self)
+    }
+
+    fn set_config(&mut self, config: &Config) -> TxResult<()> {
+        let json = serde_json::to_string(config).expect("settings serialise");
+        self.set_meta("config", &json)
+    }
+
+    fn locked_workers(&mut self, id: Option<&str>) -> TxResult<Vec<WorkerInfo>> {
+        let mut all = workers(self)?;
+        all.retain(|worker| id.is_none_or(|id| worker.id == id));
+        Ok(all)
+    }
+
+    fn put_worker(&mut self, worker: &WorkerInfo) -> TxResult<()> {
+        Tx::put_worker(self, worker)
     }
 }

@@ -11,9 +11,11 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use parking_lot::{Condvar, Mutex};
+use parking_lot::Mutex;
+
+use crate::generation::Generation;
 
 /// The file a committing handle writes to, to wake waiters.
 pub(super) const WAKE_FILE: &str = "queuectl.wake";
@@ -54,14 +56,9 @@ pub(super) fn wake(file: &File) -> io::Result<()> {
 /// counts relevant events in a generation number; waiters read it before they look at the
 /// store, so an event that comes between their look and their wait still ends the wait.
 pub(super) struct Notifier {
-    shared: Arc<Shared>,
+    shared: Arc<Generation>,
     thread: Mutex<Option<Running>>,
     dir: PathBuf,
-}
-
-struct Shared {
-    generation: Mutex<u64>,
-    changed: Condvar,
 }
 
 struct Running {
@@ -73,10 +70,7 @@ struct Running {
 impl Notifier {
     pub(super) fn new(dir: &Path) -> Self {
         Self {
-            shared: Arc::new(Shared {
-                generation: Mutex::new(0),
-                changed: Condvar::new(),
-            }),
+            shared: Arc::new(Generation::default()),
             thread: Mutex::new(None),
             dir: dir.to_owned(),
         }
@@ -91,7 +85,7 @@ impl Notifier {
             *thread = Some(start(&self.dir, self.shared.clone())?);
         }
         drop(thread);
-        Some(*self.shared.generation.lock())
+        Some(self.shared.get())
     }
 
     /// Blocks until the generation differs from `seen` (a relevant event), or `timeout`
@@ -101,23 +95,7 @@ impl Notifier {
             std::thread::sleep(timeout.min(FALLBACK_POLL));
             return;
         };
-        let deadline = Instant::now().checked_add(timeout);
-        let mut generation = self.shared.generation.lock();
-        while *generation == seen {
-            match deadline {
-                Some(deadline) => {
-                    if self
-                        .shared
-                        .changed
-                        .wait_until(&mut generation, deadline)
-                        .timed_out()
-                    {
-                        return;
-                    }
-                }
-                None => self.shared.changed.wait(&mut generation),
-            }
-        }
+        self.shared.wait(seen, timeout);
     }
 }
 
@@ -133,7 +111,7 @@ impl Drop for Notifier {
 }
 
 #[cfg(any(target_os = "linux", target_os = "android"))]
-fn start(dir: &Path, shared: Arc<Shared>) -> Option<Running> {
+fn start(dir: &Path, shared: Arc<Generation>) -> Option<Running> {
     use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
     let mask = AddWatchFlags::IN_MODIFY
         | AddWatchFlags::IN_MOVED_TO
@@ -153,13 +131,13 @@ fn start(dir: &Path, shared: Arc<Shared>) -> Option<Running> {
 }
 
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
-fn start(_dir: &Path, _shared: Arc<Shared>) -> Option<Running> {
+fn start(_dir: &Path, _shared: Arc<Generation>) -> Option<Running> {
     None
 }
 
 /// The watching thread: counts relevant events until `stop` becomes readable.
 #[cfg(any(target_os = "linux", target_os = "android"))]
-fn watch(inotify: &nix::sys::inotify::Inotify, stop: &io::PipeReader, shared: &Shared) {
+fn watch(inotify: &nix::sys::inotify::Inotify, stop: &io::PipeReader, shared: &Generation) {
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     use nix::sys::inotify::AddWatchFlags;
     use std::os::fd::AsFd;
@@ -173,7 +151,7 @@ fn watch(inotify: &nix::sys::inotify::Inotify, stop: &io::PipeReader, shared: &S
             Err(nix::errno::Errno::EINTR) => continue,
             // Cannot watch any more: wake everyone, so waiters fall back on their poll.
             Err(_) => {
-                bump(shared);
+                shared.bump();
                 return;
             }
         }
@@ -200,12 +178,7 @@ fn watch(inotify: &nix::sys::inotify::Inotify, stop: &io::PipeReader, shared: &S
             });
         }
         if relevant {
-            bump(shared);
+            shared.bump();
         }
     }
-}
-
-fn bump(shared: &Shared) {
-    *shared.generation.lock() += 1;
-    shared.changed.notify_all();
 }

@@ -1,0 +1,205 @@
+//! Storage operations written once for the SQL stores, over what their write transactions
+//! offer ([`StoreTx`]): the SQLite store's `Tx` and the PostgreSQL store's implement it. Each
+//! store keeps what it does its own way (claims, settlements, enqueues); these are the
+//! operations that only read rows, apply rules and write them back.
+
+use std::collections::HashMap;
+
+use crate::config::{Config, ConfigError};
+use crate::error::StorageError;
+use crate::job::{Attempt, Job, JobId, Timestamp};
+use crate::rules::{self, Dependency};
+use crate::storage::{QueueChange, QueueInfo, WorkerInfo};
+
+/// A store's write transaction, as the operations of this module use it.
+pub(crate) trait StoreTx {
+    /// What the transaction's operations fail with.
+    type Error: From<StorageError>;
+    /// The jobs with these ids that exist, locked for a change where the store locks rows.
+    fn locked_jobs(&mut self, ids: &[JobId]) -> Result<HashMap<JobId, Job>, Self::Error>;
+    /// The job with this id (without its output).
+    fn job(&mut self, id: &JobId) -> Result<Option<Job>, Self::Error>;
+    /// The output of the job's last finished attempt.
+    fn last_output(&mut self, seq: u64) -> Result<Option<String>, Self::Error>;
+    /// The job holding a unique key.
+    fn unique_holder(&mut self, key: &str) -> Result<Option<Job>, Self::Error>;
+    /// The states of the dependencies `after`, locked against changes where the store locks.
+    fn dependency_states(&mut self, after: &[JobId]) -> Result<Vec<Dependency>, Self::Error>;
+    /// Writes what a rule changed in `old`; returns the job as stored.
+    fn update_job(&mut self, old: Job, new: Job, now: Timestamp) -> Result<Job, Self::Error>;
+    /// Adds a finished attempt to the job's history.
+    fn insert_attempt(&mut self, seq: u64, attempt: Attempt) -> Result<(), Self::Error>;
+    /// Deletes a job; the jobs blocked waiting for it are cancelled at `now`.
+    fn delete_job(&mut self, job: &Job, now: Timestamp) -> Result<(), Self::Error>;
+    /// Every queue that has jobs or settings.
+    fn queues(&mut self) -> Result<Vec<QueueInfo>, Self::Error>;
+    /// The settings of the queues that have any.
+    fn queue_settings(&mut self) -> Result<HashMap<String, (bool, u32)>, Self::Error>;
+    /// Stores a queue's settings.
+    fn put_queue(&mut self, name: &str, paused: bool, limit: u32) -> Result<(), Self::Error>;
+    /// The settings, locked for a change.
+    fn locked_config(&mut self) -> Result<Config, Self::Error>;
+    /// Stores the settings.
+    fn set_config(&mut self, config: &Config) -> Result<(), Self::Error>;
+    /// The registered workers (only `id`, when given), by id, locked for a change.
+    fn locked_workers(&mut self, id: Option<&str>) -> Result<Vec<WorkerInfo>, Self::Error>;
+    /// Inserts or replaces a worker.
+    fn put_worker(&mut self, worker: &WorkerInfo) -> Result<(), Self::Error>;
+}
+
+/// The jobs `ids` names, each checked by `check`, in order and without repeats.
+pub(crate) fn checked<T: StoreTx>(
+    tx: &mut T,
+    ids: &[JobId],
+    check: fn(&Job) -> crate::Result<()>,
+) -> Result<Vec<Job>, T::Error> {
+    let mut found = tx.locked_jobs(ids)?;
+    let mut jobs: Vec<Job> = Vec::with_capacity(ids.len());
+    for id in ids {
+        if jobs.iter().any(|job| &job.id == id) {
+            continue;
+        }
+        let job = found
+            .remove(id)
+            .ok_or_else(|| StorageError::NotFound { id: id.clone() })?;
+        check(&job)?;
+        jobs.push(job);
+    }
+    Ok(jobs)
+}
+
+/// [`crate::Storage::change_queues`], the names checked.
+pub(crate) fn change_queues<T: StoreTx>(
+    tx: &mut T,
+    names: Option<&[String]>,
+    change: QueueChange,
+) -> Result<Vec<QueueInfo>, T::Error> {
+    let mut names: Vec<String> = match names {
+        Some(names) => names.to_vec(),
+        None => tx.queues()?.into_iter().map(|q| q.name).collect(),
+    };
+    names.sort();
+    names.dedup();
+    let settings = tx.queue_settings()?;
+    for name in &names {
+        let (mut paused, mut limit) = settings.get(name).copied().unwrap_or_default();
+        rules::change_queue(&mut paused, &mut limit, change);
+        tx.put_queue(name, paused, limit)?;
+    }
+    let all = tx.queues()?;
+    Ok(all
+        .into_iter()
+        .filter(|q| names.contains(&q.name))
+        .collect())
+}
+
+/// [`crate::Storage::cancel`].
+pub(crate) fn cancel<T: StoreTx>(
+    tx: &mut T,
+    ids: &[JobId],
+    now: Timestamp,
+) -> Result<Vec<Job>, T::Error> {
+    let targets = checked(tx, ids, rules::check_cancel)?;
+    let mut cancelled = Vec::with_capacity(targets.len());
+    for target in targets {
+        // Read again: cancelling an earlier target may have cancelled its dependents.
+        let old = existing(tx, &target.id)?;
+        if old.state.is_finished() {
+            cancelled.push(old);
+            continue;
+        }
+        let mut job = old.clone();
+        let attempt = rules::cancel(&mut job, now);
+        let job = tx.update_job(old, job, now)?;
+        if let Some(attempt) = attempt {
+            tx.insert_attempt(job.seq, attempt)?;
+        }
+        cancelled.push(job);
+    }
+    Ok(cancelled)
+}
+
+/// [`crate::Storage::remove`].
+pub(crate) fn remove<T: StoreTx>(
+    tx: &mut T,
+    ids: &[JobId],
+    now: Timestamp,
+) -> Result<Vec<JobId>, T::Error> {
+    let targets = checked(tx, ids, rules::check_remove)?;
+    for target in &targets {
+        // Read again: removing an earlier target may have cancelled this one.
+        let job = existing(tx, &target.id)?;
+        tx.delete_job(&job, now)?;
+    }
+    Ok(targets.into_iter().map(|job| job.id).collect())
+}
+
+/// Runs `targets` (checked by the caller) again, each with a fresh set of attempts, unless
+/// that would give a unique key to two jobs (then nothing is retried).
+pub(crate) fn rerun<T: StoreTx>(
+    tx: &mut T,
+    targets: Vec<Job>,
+    now: Timestamp,
+) -> Result<Vec<Job>, T::Error> {
+    let mut retried = Vec::with_capacity(targets.len());
+    for old in targets {
+        // Read again: an earlier target retried in this transaction may hold its key now.
+        if let Some(key) = &old.unique_key {
+            let holder = tx.unique_holder(key)?;
+            rules::check_unique(&old, holder.as_ref())?;
+        }
+        let dependencies = tx.dependency_states(&old.after)?;
+        let mut job = old.clone();
+        rules::retry(&mut job, &dependencies, now);
+        let mut job = tx.update_job(old, job, now)?;
+        job.output = tx.last_output(job.seq)?;
+        retried.push(job);
+    }
+    Ok(retried)
+}
+
+/// [`crate::Storage::update_config`].
+pub(crate) fn update_config<T: StoreTx>(
+    tx: &mut T,
+    update: &mut dyn FnMut(&mut Config) -> Result<(), ConfigError>,
+) -> Result<Config, T::Error> {
+    let current = tx.locked_config()?;
+    let mut config = current.clone();
+    update(&mut config).map_err(StorageError::from)?;
+    if config != current {
+        tx.set_config(&config)?;
+    }
+    Ok(config)
+}
+
+/// [`crate::Storage::worker_heartbeat`].
+pub(crate) fn worker_heartbeat<T: StoreTx>(
+    tx: &mut T,
+    worker: &str,
+    now: Timestamp,
+) -> Result<bool, T::Error> {
+    let mut info =
+        tx.locked_workers(Some(worker))?
+            .pop()
+            .ok_or_else(|| StorageError::UnknownWorker {
+                id: worker.to_owned(),
+            })?;
+    info.last_seen = now;
+    tx.put_worker(&info)?;
+    Ok(info.stop_requested)
+}
+
+/// [`crate::Storage::request_stop`].
+pub(crate) fn request_stop<T: StoreTx>(tx: &mut T) -> Result<usize, T::Error> {
+    let workers = tx.locked_workers(None)?;
+    for mut worker in workers.iter().cloned() {
+        worker.stop_requested = true;
+        tx.put_worker(&worker)?;
+    }
+    Ok(workers.len())
+}
+
+fn existing<T: StoreTx>(tx: &mut T, id: &JobId) -> Result<Job, T::Error> {
+    tx.job(id)?
+        .ok_or_else(|| StorageError::NotFound { id: id.clone() }.into())
+}

@@ -1,0 +1,158 @@
+//! Waking waiters when another process changes the queue: `LISTEN` on a connection of its own.
+//!
+//! Every transaction that changes something sends a notification on the schema's channel
+//! (`pg_notify`, delivered by PostgreSQL when it commits). One thread per store handle keeps
+//! a dedicated connection (never one of the pool's, which a transaction-mode pooler would
+//! share) listening on that channel, and counts notifications in a generation number;
+//! waiters read it before they look at the change counter, so a notification that comes
+//! between their look and their wait still ends the wait. A notification is a hint: waiters
+//! look again at least every `poll_interval`, so a lost one (the connection broke and is being
+//! made again) costs latency, not correctness.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use postgres::fallible_iterator::FallibleIterator;
+use postgres::{Client, Config, NoTls};
+
+use crate::generation::Generation;
+
+/// How long the thread waits for a notification before it checks that its connection is
+/// still there (a silent network can otherwise hide a dead connection for hours).
+const IDLE_CHECK: Duration = Duration::from_secs(30);
+/// The longest pause between attempts to connect again.
+const MAX_RECONNECT_PAUSE: Duration = Duration::from_secs(5);
+
+/// The listening thread of one store handle, or nothing in poll-only mode.
+pub(super) struct Listener {
+    shared: Arc<Shared>,
+    running: Option<Running>,
+}
+
+#[derive(Default)]
+struct Shared {
+    heard: Generation,
+    stop: AtomicBool,
+}
+
+struct Running {
+    thread: JoinHandle<()>,
+    /// The channel only this handle listens on: a notification there stops the thread.
+    stop_channel: String,
+}
+
+impl Listener {
+    /// A listener that never hears anything: waiters poll.
+    pub(super) fn poll_only() -> Self {
+        Self {
+            shared: Arc::default(),
+            running: None,
+        }
+    }
+
+    /// Connects and listens on `channel` before returning, so that no change committed after
+    /// this returns goes unheard.
+    pub(super) fn start(config: &Config, channel: &str) -> Result<Self, postgres::Error> {
+        let mut listener = Self::poll_only();
+        let stop_channel = format!(
+            "queuectl_stop_{}_{:016x}",
+            std::process::id(),
+            crate::job::random_u64()
+        );
+        let channels = [channel.to_owned(), stop_channel.clone()];
+        let client = listen(config, &channels)?;
+        let shared = listener.shared.clone();
+        let config = config.clone();
+        let thread = std::thread::Builder::new()
+            .name("queuectl-pg-listen".into())
+            .spawn(move || run(client, &config, &channels, &shared))
+            .expect("spawn the listening thread");
+        listener.running = Some(Running {
+            thread,
+            stop_channel,
+        });
+        Ok(listener)
+    }
+
+    /// The number of notifications heard so far.
+    pub(super) fn generation(&self) -> u64 {
+        self.shared.heard.get()
+    }
+
+    /// Blocks until the generation differs from `seen`, or `timeout` passes (poll-only: until
+    /// `timeout` passes).
+    pub(super) fn wait(&self, seen: u64, timeout: Duration) {
+        self.shared.heard.wait(seen, timeout);
+    }
+
+    /// Stops the thread: `notify` sends a notification on the channel it names. When that
+    /// fails the thread is left to end at its next idle check.
+    pub(super) fn stop(&mut self, notify: impl FnOnce(&str) -> bool) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        if let Some(Running {
+            thread,
+            stop_channel,
+        }) = self.running.take()
+            && notify(&stop_channel)
+        {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A new connection listening on `channels`.
+fn listen(config: &Config, channels: &[String]) -> Result<Client, postgres::Error> {
+    let mut client = config.connect(NoTls)?;
+    let sql: String = channels
+        .iter()
+        .map(|channel| format!("LISTEN \"{channel}\";"))
+        .collect();
+    client.batch_execute(&sql)?;
+    Ok(client)
+}
+
+/// The thread: counts notifications until stopped; connects again when the connection breaks
+/// (waiters poll meanwhile, and look again once it is back).
+fn run(mut client: Client, config: &Config, channels: &[String], shared: &Shared) {
+    loop {
+        let mut broken = false;
+        {
+            let mut notifications = client.notifications();
+            let mut heard = notifications.timeout_iter(IDLE_CHECK);
+            loop {
+                match heard.next() {
+                    Ok(Some(_)) => shared.heard.bump(),
+                    Ok(None) => break,
+                    Err(_) => {
+                        broken = true;
+                        break;
+                    }
+                }
+                if shared.stop.load(Ordering::SeqCst) {
+                    return;
+                }
+            }
+        }
+        if shared.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        if broken || client.is_closed() || client.batch_execute("").is_err() {
+            // Whatever was committed meanwhile went unheard: waiters look again.
+            shared.heard.bump();
+            let mut pause = Duration::from_millis(50);
+            client = loop {
+                std::thread::sleep(pause);
+                if shared.stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                match listen(config, channels) {
+                    Ok(client) => break client,
+                    Err(_) => pause = (pause * 2).min(MAX_RECONNECT_PAUSE),
+                }
+            };
+            shared.heard.bump();
+        }
+    }
+}

@@ -1,0 +1,983 @@
+//! `PgStorage`: the queue in a PostgreSQL database, shared by workers on many machines.
+//!
+//! The queue lives in a PostgreSQL schema of its own (`PgOptions::schema`, `queuectl` by
+//! default), created and migrated on connect (`schema.rs`; `docs/postgres.md` describes the
+//! tables). Every [`Storage`] method is one transaction on a connection of the handle's pool.
+//! As in the embedded store, what a transition does to a job is a rule of the crate's `rules`
+//! module: SQL selects the rows a transition applies to, through an index, locking them
+//! (`FOR UPDATE`, and `SKIP LOCKED` where another worker's claim may hold them), Rust applies
+//! the rule, and the columns it changed are written back. `DECISIONS.md` (§15) says how claims,
+//! limits, unique keys and wake-ups hold across processes.
+//!
+//! Time is the `now` each method is given, never the server's clock.
+
+mod listen;
+mod queries;
+mod rows;
+mod schema;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use postgres::error::SqlState;
+use postgres::{Client, IsolationLevel, NoTls, Statement};
+
+use self::listen::Listener;
+use self::rows::{Db, Tx, TxError, TxResult};
+use crate::config::{Config, ConfigError};
+use crate::error::{DatabaseFault, Result, StorageError};
+use crate::file::rows::micros;
+use crate::job::{Attempt, Job, JobId, JobState, Lease, NewJob, Timestamp};
+use crate::rules::{self, Abandoned};
+use crate::storage::{
+    Activity, ClaimRequest, Enqueued, ListQuery, OutputChunk, QueueChange, QueueInfo,
+    RunningOutput, Settlement, StateCounts, Storage, WorkerInfo,
+};
+
+pub use self::schema::PG_SCHEMA_VERSION;
+
+/// How many times an operation is run again after its connection was lost (reads, and writes
+/// that had not begun), and the first pause before it; each pause is four times the last.
+const CONNECTION_RETRIES: u32 = 3;
+const FIRST_PAUSE: Duration = Duration::from_millis(25);
+/// How many times a write transaction is run again after PostgreSQL aborted it for a
+/// conflict with a concurrent one (deadlock, serialization failure, a unique index race):
+/// nothing of it was applied.
+const CONFLICT_RETRIES: u32 = 5;
+/// The shortest [`PgOptions::poll_interval`] used.
+const MIN_POLL_INTERVAL: Duration = Duration::from_millis(10);
+
+/// How to connect a [`PgStorage`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgOptions {
+    /// The PostgreSQL schema the queue lives in (created if needed): lowercase ASCII letters,
+    /// digits and `_`, not starting with a digit, at most 63 bytes. Default `queuectl`.
+    pub schema: String,
+    /// At most this many pooled connections (at least 1; default 4). The handle also keeps
+    /// one listening connection of its own unless [`PgOptions::listen`] is off.
+    pub pool_size: u32,
+    /// Longest a [`Storage::wait_for_change`] goes without looking at the change counter
+    /// (at least 10 ms; default 1 s): the bound when a notification is lost, and how waiting
+    /// works without notifications.
+    pub poll_interval: Duration,
+    /// Wake waiters at once with `LISTEN`/`NOTIFY` (default). Off: they only poll, which is
+    /// what works through PgBouncer in transaction mode (it does not keep a `LISTEN`).
+    pub listen: bool,
+    /// How long to wait for a connection (to open one, or for a free one in the pool).
+    pub connect_timeout: Duration,
+}
+
+impl Default for PgOptions {
+    fn default() -> Self {
+        Self {
+            schema: "queuectl".to_owned(),
+            pool_size: 4,
+            poll_interval: Duration::from_secs(1),
+            listen: true,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A pooled connection, with the statements prepared on it.
+struct Conn {
+    client: Client,
+    statements: HashMap<String, Statement>,
+}
+
+/// Opens the pool's connections.
+#[derive(Debug)]
+struct Manager {
+    config: postgres::Config,
+}
+
+impl r2d2::ManageConnection for Manager {
+    type Connection = Conn;
+    type Error = postgres::Error;
+
+    fn connect(&self) -> std::result::Result<Conn, postgres::Error> {
+        Ok(Conn {
+            client: self.config.connect(NoTls)?,
+            statements: HashMap::new(),
+        })
+    }
+
+    fn is_valid(&self, conn: &mut Conn) -> std::result::Result<(), postgres::Error> {
+        conn.client.batch_execute("")
+    }
+
+    fn has_broken(&self, conn: &mut Conn) -> bool {
+        conn.client.is_closed()
+    }
+}
+
+/// A store in a PostgreSQL database, safe to share between threads, processes and machines.
+///
+/// See the [module documentation](self) for the design.
+///
+/// ```no_run
+/// use queuectl_core::{NewJob, PgOptions, PgStorage, StorageExt, now};
+/// let store = PgStorage::connect("postgres://postgres@127.0.0.1/queues", PgOptions::default())?;
+/// store.enqueue(NewJob::new("echo hi").id("hi")?, now())?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct PgStorage {
+    pool: r2d2::Pool<Manager>,
+    /// The schema's name (and the channel its changes are announced on).
+    schema: String,
+    /// The schema's name quoted, for statements.
+    quoted: String,
+    /// The database in words, for errors: its URL without password, and the schema.
+    database: String,
+    poll_interval: Duration,
+    listener: Listener,
+}
+
+impl PgStorage {
+    /// Connects to the database at `url` (`postgres://user[:password]@host[:port]/dbname`, or
+    /// the `key=value` form), creates or migrates the queue's schema, and starts listening
+    /// for changes.
+    pub fn connect(url: &str, options: PgOptions) -> Result<Self> {
+        let mut config: postgres::Config =
+            url.parse().map_err(|source| StorageError::Postgres {
+                op: "read the database URL",
+                database: "the database URL given".to_owned(),
+                fault: DatabaseFault::Other,
+                source: Box::new(source),
+            })?;
+        config.connect_timeout(options.connect_timeout);
+        config.keepalives(true);
+        config.application_name("queuectl");
+        let database = format!("{} (schema {})", describe(&config), options.schema);
+        check_schema_name(&options.schema, &database)?;
+        let pool = r2d2::Pool::builder()
+            .max_size(options.pool_size.max(1))
+            .min_idle(Some(0))
+            .test_on_check_out(false)
+            .connection_timeout(options.connect_timeout)
+            .build_unchecked(Manager {
+                config: config.clone(),
+            });
+        let quoted = format!("\"{}\"", options.schema);
+        let mut store = Self {
+            pool,
+            schema: options.schema.clone(),
+            quoted,
+            database,
+            poll_interval: options.poll_interval.max(MIN_POLL_INTERVAL),
+            listener: Listener::poll_only(),
+        };
+        store.migrate()?;
+        if options.listen {
+            store.listener = Listener::start(&config, &store.schema)
+                .map_err(|e| store.error("listen for changes", TxError::Db(e)))?;
+        }
+        Ok(store)
+    }
+
+    /// The schema the queue lives in.
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+
+    /// The database in words (its URL without password, and the schema).
+    pub fn database(&self) -> &str {
+        &self.database
+    }
+
+    /// Creates the schema or applies the migrations it lacks, in one transaction under an
+    /// advisory lock on the schema's name: concurrent connects wait for each other.
+    fn migrate(&self) -> Result<()> {
+        let op = "create or upgrade the queue's schema";
+        let mut conn = self.connection(op)?;
+        let version_table = format!("{}.schema_version", self.quoted);
+        let result = (|| -> TxResult<()> {
+            let client = &mut conn.client;
+            let current: Option<i32> = {
+                let exists: Option<String> = client
+                    .query_one("SELECT to_regclass($1)::text", &[&version_table])?
+                    .try_get(0)?;
+                match exists {
+                    Some(_) => client
+                        .query_opt(&format!("SELECT version FROM {version_table}"), &[])?
+                        .map(|row| row.try_get(0))
+                        .transpose()?,
+                    None => None,
+                }
+            };
+            if current == Some(PG_SCHEMA_VERSION as i32) {
+                return Ok(());
+            }
+            let mut tx = client.transaction()?;
+            let key = crc32fast::hash(self.schema.as_bytes()) as i32;
+            tx.execute(
+                "SELECT pg_advisory_xact_lock($1, $2)",
+                &[&schema::LOCK_CLASS, &key],
+            )?;
+            let foreign: bool = tx
+                .query_one(
+                    "SELECT EXISTS (SELECT FROM pg_tables WHERE schemaname = $1) AND NOT \
+                     EXISTS (SELECT FROM pg_tables WHERE schemaname = $1 AND \
+                     tablename = 'schema_version')",
+                    &[&self.schema],
+                )?
+                .try_get(0)?;
+            if foreign {
+                return Err(StorageError::Conflict {
+                    path: PathBuf::from(&self.database),
+                    reason: "the schema holds tables of another program; choose another schema"
+                        .to_owned(),
+                }
+                .into());
+            }
+            tx.batch_execute(&schema::BOOTSTRAP.replace("{s}", &self.quoted))?;
+            let version: i32 = tx
+                .query_one(&format!("SELECT version FROM {version_table}"), &[])?
+                .try_get(0)?;
+            let found = u32::try_from(version).unwrap_or(u32::MAX);
+            if found > PG_SCHEMA_VERSION {
+                return Err(StorageError::UnsupportedFormat {
+                    path: PathBuf::from(&self.database),
+                    found,
+                    supported: PG_SCHEMA_VERSION,
+                }
+                .into());
+            }
+            for migration in &schema::MIGRATIONS[found as usize..] {
+                tx.batch_execute(&migration.replace("{s}", &self.quoted))?;
+            }
+            tx.execute(
+                &format!("UPDATE {version_table} SET version = $1"),
+                &[&(PG_SCHEMA_VERSION as i32)],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })();
+        result.map_err(|e| self.error(op, e))
+    }
+
+    // ----- transactions -----
+
+    /// A connection of the pool.
+    fn connection(&self, op: &'static str) -> Result<r2d2::PooledConnection<Manager>> {
+        self.pool.get().map_err(|source| StorageError::Postgres {
+            op,
+            database: self.database.clone(),
+            fault: DatabaseFault::Unreachable,
+            source: Box::new(source),
+        })
+    }
+
+    /// Runs `f` in one read-committed transaction and commits it; when it changed anything,
+    /// bumps the change counter and notifies waiters in the same transaction. A transaction
+    /// PostgreSQL aborted for a conflict with another is run again, as is one whose
+    /// connection was found lost when it began; any other failure is returned (after a
+    /// failure at commit, whether it committed is unknown).
+    fn write<T>(&self, op: &'static str, mut f: impl FnMut(&mut Tx) -> TxResult<T>) -> Result<T> {
+        let mut lost = 0;
+        let mut conflicts = 0;
+        loop {
+            if lost > 0 {
+                pause(lost - 1);
+            }
+            let mut conn = self.connection(op)?;
+            let Conn { client, statements } = &mut *conn;
+            let tx = match client.transaction() {
+                Ok(tx) => tx,
+                Err(e) if is_connection_error(&e) && lost < CONNECTION_RETRIES => {
+                    lost += 1;
+                    continue;
+                }
+                Err(e) => return Err(self.error(op, e.into())),
+            };
+            let mut tx = Tx::new(Db::new(tx, statements, &self.quoted));
+            let stripe = (crate::job::random_u64() % schema::STRIPES as u64) as i32;
+            let result = (|| {
+                let out = f(&mut tx)?;
+                tx.commit(stripe, &self.schema)?;
+                Ok(out)
+            })();
+            match result {
+                Ok(out) => return Ok(out),
+                Err(TxError::Db(e)) if is_conflict(&e) && conflicts < CONFLICT_RETRIES => {
+                    conflicts += 1;
+                }
+                Err(e) => return Err(self.error(op, e)),
+            }
+        }
+    }
+
+    /// Runs `f` in one read-only repeatable-read transaction (one consistent snapshot). A
+    /// read whose connection was lost is run again, a few times, after a pause.
+    fn read<T>(&self, op: &'static str, mut f: impl FnMut(&mut Db) -> TxResult<T>) -> Result<T> {
+        let mut lost = 0;
+        loop {
+            if lost > 0 {
+                pause(lost - 1);
+            }
+            let mut conn = self.connection(op)?;
+            let Conn { client, statements } = &mut *conn;
+            let result = (|| {
+                let tx = client
+                    .build_transaction()
+                    .isolation_level(IsolationLevel::RepeatableRead)
+                    .read_only(true)
+                    .start()?;
+                let mut db = Db::new(tx, statements, &self.quoted);
+                let out = f(&mut db)?;
+                db.commit()?;
+                Ok(out)
+            })();
+            match result {
+                Err(TxError::Db(e)) if is_connection_error(&e) && lost < CONNECTION_RETRIES => {
+                    lost += 1;
+                }
+                result => return result.map_err(|e| self.error(op, e)),
+            }
+        }
+    }
+
+    fn error(&self, op: &'static str, error: TxError) -> StorageError {
+        let (fault, source): (_, Box<dyn std::error::Error + Send + Sync>) = match error {
+            TxError::Storage(error) => return error,
+            TxError::Db(error) => (fault_of(&error), Box::new(error)),
+            TxError::Decode(reason) => (DatabaseFault::Corrupt, reason.into()),
+        };
+        StorageError::Postgres {
+            op,
+            database: self.database.clone(),
+            fault,
+            source,
+        }
+    }
+
+    // ----- transitions -----
+
+    fn settle_in(
+        tx: &mut Tx,
+        settlements: &[Settlement],
+        now: Timestamp,
+    ) -> TxResult<Vec<Result<Job>>> {
+        let ids = settlements.iter().map(|s| s.lease().job_id.as_str());
+        let mut jobs = rows::jobs_by_ids(tx, ids, queries::BY_IDS_FOR_UPDATE)?;
+        let mut outcomes = Vec::with_capacity(settlements.len());
+        let mut pairs = Vec::new();
+        let mut attempts = Vec::new();
+        for settlement in settlements {
+            let lease = settlement.lease();
+            let checked = match jobs.get(&lease.job_id) {
+                Some(old) => rules::check_lease(old, lease).map(|()| old.clone()),
+                None => Err(lost(lease)),
+            };
+            match checked {
+                Ok(old) => {
+                    let mut job = old.clone();
+                    let attempt = rules::settle(&mut job, settlement, now);
+                    attempts.push((job.seq, attempt));
+                    jobs.insert(job.id.clone(), job.clone());
+                    outcomes.push(Ok(pairs.len()));
+                    pairs.push((old, job));
+                }
+                Err(error) => outcomes.push(Err(error)),
+            }
+        }
+        tx.update_jobs(&mut pairs, now)?;
+        tx.insert_attempts(&mut attempts)?;
+        Ok(outcomes
+            .into_iter()
+            .map(|outcome| outcome.map(|i| pairs[i].1.clone()))
+            .collect())
+    }
+
+    fn claim_in(tx: &mut Tx, request: &ClaimRequest, now: Timestamp) -> TxResult<Vec<Job>> {
+        if request.max == 0 {
+            return Ok(Vec::new());
+        }
+        // Index bookkeeping, not a change anyone sees: it does not count as one.
+        tx.execute(queries::PROMOTE, &[&micros(now)])?;
+        let mut queues = Vec::new();
+        for row in tx.query(queries::CLAIMABLE_QUEUES, &[])? {
+            let name: String = row.try_get(0)?;
+            let running: i64 = row.try_get(2)?;
+            let paused: bool = row.try_get(3)?;
+            let limit: i64 = row.try_get(4)?;
+            if !paused && request.takes(&name) {
+                queues.push((name, running, limit));
+            }
+        }
+        // Claims of a limited queue follow one another: each locks the queue's settings, then
+        // counts what runs (what the claims before it committed included).
+        let limited: Vec<&str> = queues
+            .iter()
+            .filter(|(_, _, limit)| *limit > 0)
+            .map(|(name, _, _)| name.as_str())
+            .collect();
+        if !limited.is_empty() {
+            let mut settings = HashMap::new();
+            for row in tx.query(queries::LOCK_LIMITED, &[&limited])? {
+                let (name, setting) = rows::settings_from_row(&row)?;
+                settings.insert(name, setting);
+            }
+            let mut running = HashMap::new();
+            for row in tx.query(queries::RUNNING_IN, &[&limited])? {
+                running.insert(row.try_get::<_, String>(0)?, row.try_get::<_, i64>(1)?);
+            }
+            queues.retain_mut(|(name, now_running, limit)| {
+                if *limit == 0 {
+                    return true;
+                }
+                let (paused, current) = settings.get(name).copied().unwrap_or_default();
+                *limit = i64::from(current);
+                *now_running = running.get(name).copied().unwrap_or(0);
+                !paused
+            });
+        }
+        let rooms: Vec<(String, i64)> = queues
+            .into_iter()
+            .filter_map(|(name, running, limit)| {
+                let room = rules::room_in_queue(
+                    u32::try_from(limit).unwrap_or(u32::MAX),
+                    usize::try_from(running).unwrap_or(0),
+                    request.max,
+                );
+                (room > 0).then(|| (name, i64::try_from(room).unwrap_or(i64::MAX)))
+            })
+            .collect();
+        if rooms.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut picked = rows::pick_ready(tx, &rooms, now)?;
+        // The first jobs of each queue, merged in claim order.
+        picked.sort_unstable_by_key(|job| (std::cmp::Reverse(job.priority), job.run_at, job.seq));
+        picked.truncate(request.max);
+        let mut pairs: Vec<(Job, Job)> = picked
+            .into_iter()
+            .map(|old| {
+                let mut job = old.clone();
+                rules::claim(&mut job, &request.worker, request.lease_for, now);
+                (old, job)
+            })
+            .collect();
+        tx.update_jobs(&mut pairs, now)?;
+        Ok(pairs.into_iter().map(|(_, job)| job).collect())
+    }
+
+    fn recover_in(
+        tx: &mut Tx,
+        picked: Vec<Job>,
+        why: Abandoned,
+        now: Timestamp,
+    ) -> TxResult<Vec<Job>> {
+        let mut attempts = Vec::with_capacity(picked.len());
+        let mut pairs: Vec<(Job, Job)> = picked
+            .into_iter()
+            .map(|old| {
+                let mut job = old.clone();
+                attempts.push((job.seq, rules::recover(&mut job, why, now)));
+                (old, job)
+            })
+            .collect();
+        tx.update_jobs(&mut pairs, now)?;
+        tx.insert_attempts(&mut attempts)?;
+        Ok(pairs.into_iter().map(|(_, job)| job).collect())
+    }
+}
+
+fn lost(lease: &Lease) -> StorageError {
+    StorageError::LeaseLost {
+        id: lease.job_id.clone(),
+    }
+}
+
+/// Pauses before the `n`th retry (0-based) of an operation whose connection was lost.
+fn pause(n: u32) {
+    std::thread::sleep(FIRST_PAUSE * 4u32.pow(n));
+}
+
+/// Schema names the store accepts: they need no quoting rules beyond the quotes themselves,
+/// and double as the name of the notification channel.
+fn check_schema_name(name: &str, database: &str) -> Result<()> {
+    let valid = !name.is_empty()
+        && name.len() <= 63
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if valid {
+        Ok(())
+    } else {
+        Err(StorageError::Conflict {
+            path: PathBuf::from(database),
+            reason: format!(
+                "the schema name {name:?} is not one of lowercase ASCII letters, digits and \
+                 `_` (at most 63, not starting with a digit)"
+            ),
+        })
+    }
+}
+
+/// The database of `config` in words: `postgres://user@host:port/dbname`, never the password.
+fn describe(config: &postgres::Config) -> String {
+    use postgres::config::Host;
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let name = match host {
+                Host::Tcp(name) => name.clone(),
+                Host::Unix(path) => path.display().to_string(),
+            };
+            match config.get_ports().get(i).or(config.get_ports().first()) {
+                Some(port) => format!("{name}:{port}"),
+                None => name,
+            }
+        })
+        .collect();
+    let user = config
+        .get_user()
+        .map(|u| format!("{u}@"))
+        .unwrap_or_default();
+    let dbname = config.get_dbname().unwrap_or_default();
+    format!("postgres://{user}{}/{dbname}", hosts.join(","))
+}
+
+/// Whether the connection broke (or the server is going away): what an idempotent
+/// operation may retry on a new connection.
+fn is_connection_error(error: &postgres::Error) -> bool {
+    if error.is_closed() {
+        return true;
+    }
+    if let Some(code) = error.code() {
+        return code.code().starts_with("08")
+            || [
+                SqlState::ADMIN_SHUTDOWN,
+                SqlState::CRASH_SHUTDOWN,
+                SqlState::CANNOT_CONNECT_NOW,
+            ]
+            .contains(code);
+    }
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if cause.is::<std::io::Error>() {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
+}
+
+/// Whether PostgreSQL aborted the transaction for a conflict with a concurrent one, so that
+/// running it again (from the start) is safe.
+fn is_conflict(error: &postgres::Error) -> bool {
+    error.code().is_some_and(|code| {
+        [
+            SqlState::T_R_SERIALIZATION_FAILURE,
+            SqlState::T_R_DEADLOCK_DETECTED,
+            SqlState::UNIQUE_VIOLATION,
+        ]
+        .contains(code)
+    })
+}
+
+/// A PostgreSQL error in words a user can act on.
+fn fault_of(error: &postgres::Error) -> DatabaseFault {
+    if is_connection_error(error) {
+        return DatabaseFault::Unreachable;
+    }
+    let Some(code) = error.code() else {
+        return DatabaseFault::Other;
+    };
+    if [SqlState::DISK_FULL, SqlState::OUT_OF_MEMORY].contains(code) {
+        DatabaseFault::DiskFull
+    } else if [SqlState::DATA_CORRUPTED, SqlState::INDEX_CORRUPTED].contains(code) {
+        DatabaseFault::Corrupt
+    } else if [
+        SqlState::T_R_SERIALIZATION_FAILURE,
+        SqlState::T_R_DEADLOCK_DETECTED,
+        SqlState::LOCK_NOT_AVAILABLE,
+        SqlState::QUERY_CANCELED,
+    ]
+    .contains(code)
+    {
+        DatabaseFault::Busy
+    } else if [
+        SqlState::INSUFFICIENT_PRIVILEGE,
+        SqlState::READ_ONLY_SQL_TRANSACTION,
+        SqlState::INVALID_PASSWORD,
+        SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
+    ]
+    .contains(code)
+    {
+        DatabaseFault::Denied
+    } else {
+        DatabaseFault::Other
+    }
+}
+
+impl fmt::Debug for PgStorage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgStorage")
+            .field("database", &self.database)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for PgStorage {
+    fn drop(&mut self) {
+        let pool = &self.pool;
+        self.listener.stop(|channel| {
+            pool.get().is_ok_and(|mut conn| {
+                conn.client
+                    .execute("SELECT pg_notify($1, '')", &[&channel])
+                    .is_ok()
+            })
+        });
+    }
+}
+
+impl Storage for PgStorage {
+    fn submit(&self, jobs: Vec<NewJob>, now: Timestamp) -> Result<Vec<Enqueued>> {
+        for job in &jobs {
+            job.validate()?;
+        }
+        let ids: Vec<JobId> = jobs
+            .iter()
+            .map(|new| new.id.clone().unwrap_or_else(JobId::generate))
+            .collect();
+        self.write("enqueue jobs", |tx| {
+            let config = rows::config(tx, false)?;
+            let mut entries = Vec::with_capacity(jobs.len());
+            for (new, id) in jobs.iter().zip(&ids) {
+                // At most a few rounds: each ends with the job added, a holder of its key
+                // found, or its id taken; a round runs again only when what stood in the way
+                // of the insert was gone by the time it looked.
+                let mut rounds = 0;
+                let entry = loop {
+                    if let Some(key) = &new.unique_key
+                        && let Some(mut holder) =
+                            rows::select_jobs(tx, queries::UNIQUE_HOLDER, &[key])?.pop()
+                    {
+                        holder.output = rows::last_output(tx, holder.seq)?;
+                        break Enqueued {
+                            job: holder,
+                            duplicate: true,
+                        };
+                    }
+                    // Locked against changes: a dependency cannot end, or go, unseen before
+                    // this job is committed as its dependent.
+                    let dependencies = rows::dependency_states(tx, &new.after, true)?;
+                    rules::check_dependencies(id, &dependencies)?;
+                    let mut job =
+                        rules::new_job(new.clone(), id.clone(), 0, &dependencies, &config, now);
+                    if tx.insert_job(&mut job, now)? {
+                        break Enqueued {
+                            job,
+                            duplicate: false,
+                        };
+                    }
+                    if rows::job_by_id(tx, id)?.is_some() {
+                        return Err(StorageError::AlreadyExists { id: id.clone() }.into());
+                    }
+                    rounds += 1;
+                    if rounds == 100 {
+                        return Err(TxError::Decode(format!(
+                            "job {id} could neither be added nor found in the way"
+                        )));
+                    }
+                };
+                entries.push(entry);
+            }
+            Ok(entries)
+        })
+    }
+
+    fn claim_jobs(&self, request: &ClaimRequest, now: Timestamp) -> Result<Vec<Job>> {
+        if request.max == 0 {
+            return Ok(Vec::new());
+        }
+        self.write("claim jobs", |tx| Self::claim_in(tx, request, now))
+    }
+
+    fn extend_leases(
+        &self,
+        leases: &[Lease],
+        lease_for: Duration,
+        now: Timestamp,
+    ) -> Result<Vec<JobId>> {
+        self.write("extend leases", |tx| {
+            let ids = leases.iter().map(|lease| lease.job_id.as_str());
+            let jobs = rows::jobs_by_ids(tx, ids, queries::BY_IDS_FOR_UPDATE)?;
+            let mut lost = Vec::new();
+            let mut pairs = Vec::new();
+            for lease in leases {
+                match jobs.get(&lease.job_id) {
+                    Some(old) if rules::check_lease(old, lease).is_ok() => {
+                        let mut job = old.clone();
+                        rules::extend_lease(&mut job, lease_for, now);
+                        pairs.push((old.clone(), job));
+                    }
+                    _ => lost.push(lease.job_id.clone()),
+                }
+            }
+            tx.update_jobs(&mut pairs, now)?;
+            Ok(lost)
+        })
+    }
+
+    fn settle(&self, settlements: Vec<Settlement>, now: Timestamp) -> Result<Vec<Result<Job>>> {
+        self.write("record job results", |tx| {
+            Self::settle_in(tx, &settlements, now)
+        })
+    }
+
+    fn settle_and_claim(
+        &self,
+        settlements: Vec<Settlement>,
+        request: &ClaimRequest,
+        now: Timestamp,
+    ) -> Result<(Vec<Result<Job>>, Vec<Job>)> {
+        self.write("record job results and claim jobs", |tx| {
+            let settled = Self::settle_in(tx, &settlements, now)?;
+            let claimed = Self::claim_in(tx, request, now)?;
+            Ok((settled, claimed))
+        })
+    }
+
+    fn record_output(&self, chunks: &[OutputChunk]) -> Result<Vec<JobId>> {
+        if chunks.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.write("record live output", |tx| {
+            // Locked against a settlement, which ends the attempt and drops its live output.
+            let ids = chunks.iter().map(|chunk| chunk.lease.job_id.as_str());
+            let jobs = rows::jobs_by_ids(tx, ids, queries::BY_IDS_FOR_SHARE)?;
+            let mut lost = Vec::new();
+            for chunk in chunks {
+                match jobs.get(&chunk.lease.job_id) {
+                    Some(job) if rules::check_lease(job, &chunk.lease).is_ok() => {
+                        tx.append_output(job.seq, chunk)?;
+                    }
+                    _ => lost.push(chunk.lease.job_id.clone()),
+                }
+            }
+            Ok(lost)
+        })
+    }
+
+    fn output_since(&self, id: &JobId, offset: u64) -> Result<RunningOutput> {
+        self.read("read a job's live output", |db| {
+            let job = rows::existing_job(db, id)?;
+            let finished = rows::finished_count(db, job.seq)?;
+            let (offset, text) = if job.state == JobState::Processing {
+                rows::live_output(db, job.seq, offset)?
+            } else {
+                (offset, String::new())
+            };
+            Ok(RunningOutput {
+                job,
+                finished,
+                offset,
+                text,
+            })
+        })
+    }
+
+    fn recover_expired(&self, now: Timestamp) -> Result<Vec<Job>> {
+        self.write("recover expired leases", |tx| {
+            let picked = rows::select_jobs(tx, queries::EXPIRED, &[&micros(now)])?;
+            Self::recover_in(tx, picked, Abandoned::LeaseExpired, now)
+        })
+    }
+
+    fn recover_worker(&self, worker: &str, now: Timestamp) -> Result<Vec<Job>> {
+        self.write("recover a dead worker's jobs", |tx| {
+            let picked = rows::select_jobs(tx, queries::OF_WORKER, &[&worker])?;
+            Self::recover_in(tx, picked, Abandoned::WorkerDied, now)
+        })
+    }
+
+    fn get(&self, id: &JobId) -> Result<Job> {
+        self.read("read a job", |db| {
+            let mut job = rows::existing_job(db, id)?;
+            if job.state != JobState::Processing {
+                job.output = rows::last_output(db, job.seq)?;
+            }
+            Ok(job)
+        })
+    }
+
+    fn attempts(&self, id: &JobId) -> Result<Vec<Attempt>> {
+        self.read("read a job's attempts", |db| {
+            let job = rows::existing_job(db, id)?;
+            let mut attempts = rows::finished_attempts(db, job.seq)?;
+            if let Some(mut running) = rules::running_attempt(&job) {
+                let (_, text) = rows::live_output(db, job.seq, 0)?;
+                running.output = (!text.is_empty()).then_some(text);
+                attempts.push(running);
+            }
+            Ok(attempts)
+        })
+    }
+
+    fn list(&self, query: &ListQuery) -> Result<Vec<Job>> {
+        let limit = query
+            .limit
+            .map(|limit| i64::try_from(limit).unwrap_or(i64::MAX));
+        let offset = i64::try_from(query.offset).unwrap_or(i64::MAX);
+        let page = queries::page(
+            query.state.is_some(),
+            query.queue.is_some(),
+            query.newest_first,
+        );
+        let state = query.state.map(JobState::as_str);
+        let queue = query.queue.as_deref();
+        self.read("list jobs", |db| {
+            rows::select_jobs(db, &page, &[&state, &queue, &limit, &offset])
+        })
+    }
+
+    fn counts(&self) -> Result<StateCounts> {
+        self.read("count jobs", |db| {
+            let mut counts = StateCounts::default();
+            for (_, state, jobs) in rows::counts(db)? {
+                *counts.get_mut(state) += jobs;
+            }
+            Ok(counts)
+        })
+    }
+
+    fn queues(&self) -> Result<Vec<QueueInfo>> {
+        self.read("list queues", rows::queues)
+    }
+
+    fn activity(&self, since: Timestamp) -> Result<Activity> {
+        self.read("read the recent history", |db| rows::activity(db, since))
+    }
+
+    fn change_queues(
+        &self,
+        names: Option<&[String]>,
+        change: QueueChange,
+    ) -> Result<Vec<QueueInfo>> {
+        if let Some(names) = names {
+            for name in names {
+                crate::job::check_queue_name(name)?;
+            }
+        }
+        self.write("change queue settings", |tx| {
+            crate::ops::change_queues(tx, names, change)
+        })
+    }
+
+    fn next_due(&self, after: Timestamp) -> Result<Option<Timestamp>> {
+        self.read("find the next due job", |db| rows::next_due(db, after))
+    }
+
+    fn retry_dead(&self, ids: Option<&[JobId]>, now: Timestamp) -> Result<Vec<Job>> {
+        self.write("retry dead jobs", |tx| {
+            let targets = match ids {
+                Some(ids) => crate::ops::checked(tx, ids, rules::check_retry)?,
+                None => rows::select_jobs(tx, queries::DEAD, &[])?,
+            };
+            crate::ops::rerun(tx, targets, now)
+        })
+    }
+
+    fn cancel(&self, ids: &[JobId], now: Timestamp) -> Result<Vec<Job>> {
+        self.write("cancel jobs", |tx| crate::ops::cancel(tx, ids, now))
+    }
+
+    fn remove(&self, ids: &[JobId], now: Timestamp) -> Result<Vec<JobId>> {
+        self.write("remove jobs", |tx| crate::ops::remove(tx, ids, now))
+    }
+
+    fn retry(&self, ids: &[JobId], now: Timestamp) -> Result<Vec<Job>> {
+        self.write("retry jobs", |tx| {
+            let targets = crate::ops::checked(tx, ids, rules::check_rerun)?;
+            crate::ops::rerun(tx, targets, now)
+        })
+    }
+
+    fn clear_dead(&self, now: Timestamp) -> Result<usize> {
+        self.write("delete dead jobs", |tx| {
+            let dead = rows::select_jobs(tx, queries::DEAD, &[])?;
+            tx.delete_jobs(&dead, Some(now))?;
+            Ok(dead.len())
+        })
+    }
+
+    fn purge_completed(&self, finished_before: Timestamp) -> Result<usize> {
+        self.write("purge completed jobs", |tx| tx.purge(finished_before))
+    }
+
+    fn config(&self) -> Result<Config> {
+        self.read("read the settings", |db| rows::config(db, false))
+    }
+
+    fn update_config(
+        &self,
+        update: &mut dyn FnMut(&mut Config) -> Result<(), ConfigError>,
+    ) -> Result<Config> {
+        self.write("change the settings", |tx| {
+            crate::ops::update_config(tx, update)
+        })
+    }
+
+    fn register_worker(&self, worker: WorkerInfo) -> Result<()> {
+        self.write("register a worker", |tx| tx.put_worker(&worker))
+    }
+
+    fn worker_heartbeat(&self, worker: &str, now: Timestamp) -> Result<bool> {
+        self.write("record a worker heartbeat", |tx| {
+            crate::ops::worker_heartbeat(tx, worker, now)
+        })
+    }
+
+    fn deregister_worker(&self, worker: &str) -> Result<()> {
+        self.write("deregister a worker", |tx| {
+            tx.write("DELETE FROM {s}.workers WHERE id = $1", &[&worker])?;
+            Ok(())
+        })
+    }
+
+    fn workers(&self) -> Result<Vec<WorkerInfo>> {
+        self.read("list workers", |db| rows::workers(db, "ORDER BY id", &[]))
+    }
+
+    fn request_stop(&self) -> Result<usize> {
+        self.write("ask workers to stop", |tx| crate::ops::request_stop(tx))
+    }
+
+    fn change_version(&self) -> Result<u64> {
+        self.read("look for changes", |db| {
+            let version: i64 = db.query(queries::VERSION, &[])?[0].try_get(0)?;
+            Ok(version as u64)
+        })
+    }
+
+    fn wait_for_change(&self, seen: u64, timeout: Duration) -> Result<u64> {
+        // A timeout too long to represent as an instant is as good as forever.
+        let deadline = Instant::now().checked_add(timeout);
+        loop {
+            // Read before looking, so a notification in between still ends the wait.
+            let generation = self.listener.generation();
+            let current = self.change_version()?;
+            if current != seen {
+                return Ok(current);
+            }
+            let left = deadline.map_or(Duration::MAX, |d| {
+                d.saturating_duration_since(Instant::now())
+            });
+            if left.is_zero() {
+                return Ok(current);
+            }
+            self.listener.wait(generation, left.min(self.poll_interval));
+        }
+    }
+}

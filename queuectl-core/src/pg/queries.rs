@@ -1,0 +1,156 @@
+//! The statements on the hot paths, in one place so a test can check each one's plan
+//! (`EXPLAIN`: each reads an index). `{s}` is the schema; `J` in a comment means the job
+//! columns of [`super::rows::JOB_COLUMNS`].
+
+/// After `SELECT J FROM {s}.jobs`: one job.
+pub(super) const BY_ID: &str = "WHERE id = $1";
+
+/// After `SELECT J FROM {s}.jobs`: the jobs with these ids, locked for a change, in seq
+/// order (so two transactions lock them in the same order).
+pub(super) const BY_IDS_FOR_UPDATE: &str = "WHERE id = ANY($1) ORDER BY seq FOR UPDATE";
+
+/// After `SELECT J FROM {s}.jobs`: the same, locked only against changes (live output).
+pub(super) const BY_IDS_FOR_SHARE: &str = "WHERE id = ANY($1) ORDER BY seq FOR SHARE";
+
+/// Scheduled jobs that became due join the ready ones. Rows another transaction holds are
+/// left to it: it changes them, or a later claim promotes them.
+pub(super) const PROMOTE: &str = "UPDATE {s}.jobs SET lane = 1 WHERE seq IN \
+     (SELECT seq FROM {s}.jobs WHERE lane = 0 AND run_at <= $1 FOR UPDATE SKIP LOCKED)";
+
+/// Per queue with jobs: waiting (pending or failed), running, and its settings.
+pub(super) const CLAIMABLE_QUEUES: &str = "SELECT c.queue, c.waiting::bigint, \
+     c.running::bigint, coalesce(q.paused, false), coalesce(q.max_running, 0) FROM \
+     (SELECT queue, sum(jobs) FILTER (WHERE state IN ('pending', 'failed')) AS waiting, \
+     coalesce(sum(jobs) FILTER (WHERE state = 'processing'), 0) AS running \
+     FROM {s}.counts GROUP BY queue) c LEFT JOIN {s}.queues q ON q.name = c.queue \
+     WHERE c.waiting > 0";
+
+/// Locks the settings of limited queues a claim takes from (in name order), so claims of
+/// one limited queue follow each other, each seeing what the one before committed.
+pub(super) const LOCK_LIMITED: &str = "SELECT name, paused, max_running FROM {s}.queues \
+     WHERE name = ANY($1) ORDER BY name FOR UPDATE";
+
+/// Running jobs per queue, read after [`LOCK_LIMITED`].
+pub(super) const RUNNING_IN: &str = "SELECT queue, coalesce(sum(jobs), 0)::bigint FROM \
+     {s}.counts WHERE queue = ANY($1) AND state = 'processing' GROUP BY queue";
+
+/// For each queue `$1[i]`, its first `$2[i]` due ready jobs in claim order that no other
+/// transaction holds, locked; `$3` is now. `J` is filled in by the caller.
+pub(super) const PICK_READY: &str = "SELECT j.* FROM unnest($1::text[], $2::bigint[]) AS \
+     q(name, room) CROSS JOIN LATERAL (SELECT J FROM {s}.jobs WHERE lane = 1 AND \
+     queue = q.name AND run_at <= $3 ORDER BY priority DESC, run_at, seq LIMIT q.room \
+     FOR UPDATE SKIP LOCKED) j";
+
+/// After `SELECT J FROM {s}.jobs`: the job that holds a unique key.
+pub(super) const UNIQUE_HOLDER: &str = "WHERE unique_key = $1 AND state IN \
+     ('pending', 'processing', 'failed')";
+
+/// After `SELECT J FROM {s}.jobs`: the blocked jobs waiting for job `$1`, locked.
+pub(super) const BLOCKED_DEPENDENTS: &str = "WHERE seq IN (SELECT job_seq FROM \
+     {s}.dependencies WHERE after_seq = $1) AND blocked ORDER BY seq FOR UPDATE";
+
+/// Of the jobs `$1`, those that other jobs wait for.
+pub(super) const HAVE_DEPENDENTS: &str =
+    "SELECT DISTINCT after_seq FROM {s}.dependencies WHERE after_seq = ANY($1)";
+
+/// The states of the jobs with these ids, locked against changes until the transaction ends
+/// (an enqueue after them then sees the state they end in).
+pub(super) const STATES_FOR_SHARE: &str =
+    "SELECT id, state FROM {s}.jobs WHERE id = ANY($1) ORDER BY seq FOR SHARE";
+
+/// The states of the jobs with these ids.
+pub(super) const STATES: &str = "SELECT id, state FROM {s}.jobs WHERE id = ANY($1)";
+
+/// After `SELECT J FROM {s}.jobs`: processing jobs whose lease ran out (those a settlement
+/// holds right now are left to it).
+pub(super) const EXPIRED: &str = "WHERE state = 'processing' AND lease_expires_at <= $1 \
+     ORDER BY lease_expires_at, seq FOR UPDATE SKIP LOCKED";
+
+/// After `SELECT J FROM {s}.jobs`: a worker's processing jobs.
+pub(super) const OF_WORKER: &str = "WHERE state = 'processing' AND lease_worker = $1 \
+     ORDER BY lease_expires_at, seq FOR UPDATE SKIP LOCKED";
+
+/// After `SELECT J FROM {s}.jobs`: a page of the jobs, of one state (`$1`) and/or one queue
+/// (`$2`) when asked, `LIMIT $3 OFFSET $4`.
+pub(super) fn page(state: bool, queue: bool, newest_first: bool) -> String {
+    let filter = match (state, queue) {
+        (false, false) => "WHERE $1::text IS NULL AND $2::text IS NULL",
+        (true, false) => "WHERE state = $1 AND $2::text IS NULL",
+        (false, true) => "WHERE queue = $2 AND $1::text IS NULL",
+        (true, true) => "WHERE queue = $2 AND state = $1",
+    };
+    let order = if newest_first { " DESC" } else { "" };
+    format!("{filter} ORDER BY seq{order} LIMIT $3 OFFSET $4")
+}
+
+/// After `SELECT J FROM {s}.jobs`: every dead job, locked.
+pub(super) const DEAD: &str = "WHERE state = 'dead' ORDER BY seq FOR UPDATE";
+
+/// Deletes the completed jobs that finished before `$1` (with their attempts and edges, by
+/// cascade); returns each one's queue.
+pub(super) const PURGE: &str = "DELETE FROM {s}.jobs WHERE seq IN (SELECT seq FROM {s}.jobs \
+     WHERE state = 'completed' AND coalesce(finished_at, updated_at) < $1 \
+     FOR UPDATE SKIP LOCKED) RETURNING queue";
+
+/// The earliest due time after `$1` of a job waiting to run.
+pub(super) const NEXT_DUE: &str = "SELECT least(\
+     (SELECT min(run_at) FROM {s}.jobs WHERE lane = 0 AND run_at > $1), \
+     (SELECT min(run_at) FROM {s}.jobs WHERE lane = 1 AND run_at > $1))";
+
+/// The output of a job's last finished attempt.
+pub(super) const LAST_OUTPUT: &str =
+    "SELECT output FROM {s}.attempts WHERE job_seq = $1 ORDER BY id DESC LIMIT 1";
+
+/// A job's finished attempts (columns of [`super::rows::ATTEMPT_COLUMNS`]).
+pub(super) const ATTEMPTS_OF: &str = "WHERE job_seq = $1 ORDER BY id";
+
+/// How many finished attempts a job has.
+pub(super) const FINISHED_COUNT: &str = "SELECT count(*) FROM {s}.attempts WHERE job_seq = $1";
+
+/// Jobs per queue and state.
+pub(super) const COUNTS: &str = "SELECT queue, state, sum(jobs)::bigint FROM {s}.counts \
+     GROUP BY queue, state HAVING sum(jobs) <> 0";
+
+/// The settings of every queue that has any.
+pub(super) const QUEUE_SETTINGS: &str = "SELECT name, paused, max_running FROM {s}.queues";
+
+/// The attempts that finished at or after `$1`, with their job's queue, oldest first.
+pub(super) const ATTEMPTS_SINCE: &str = "SELECT j.queue, j.id, a.number, a.worker, a.started_at, \
+     a.finished_at, a.outcome, a.exit_code, a.signal, a.error, NULL::text, a.due_at \
+     FROM {s}.attempts a JOIN {s}.jobs j ON j.seq = a.job_seq WHERE a.finished_at >= $1 \
+     ORDER BY a.finished_at, a.id";
+
+/// The jobs that ended dead or cancelled at or after `$1`.
+pub(super) const ENDED_SINCE: &str = "SELECT queue, state FROM {s}.jobs \
+     WHERE state IN ('dead', 'cancelled') AND coalesce(finished_at, updated_at) >= $1";
+
+/// Where a running attempt's recorded output ends.
+pub(super) const LIVE_END: &str = "SELECT max(upto) FROM {s}.live_output WHERE job_seq = $1";
+
+/// A running attempt's recorded chunks that end after an offset, in order.
+pub(super) const LIVE_SINCE: &str = "SELECT upto, output FROM {s}.live_output \
+     WHERE job_seq = $1 AND upto > $2 ORDER BY upto";
+
+/// Drops the chunks that end at or before an offset.
+pub(super) const LIVE_DROP: &str = "DELETE FROM {s}.live_output WHERE job_seq = $1 AND upto <= $2";
+
+/// Every chunk of the attempts that ended.
+pub(super) const LIVE_END_ATTEMPTS: &str = "DELETE FROM {s}.live_output WHERE job_seq = ANY($1)";
+
+/// A running attempt's first chunk that ends after an offset.
+pub(super) const LIVE_FIRST: &str = "SELECT upto, output FROM {s}.live_output \
+     WHERE job_seq = $1 AND upto > $2 ORDER BY upto LIMIT 1";
+
+/// The change counter: the sum of its stripes.
+pub(super) const VERSION: &str = "SELECT coalesce(sum(n), 0)::bigint FROM {s}.changes";
+
+/// What every transaction that changed something runs last: adds its count changes
+/// (`$1` queues, `$2` states, `$4` deltas) and one change to stripe `$3`, and notifies
+/// channel `$5` (delivered when the transaction commits). The change counter's row is
+/// locked first, then the count rows in (queue, state) order: every writer locks in the same
+/// order.
+pub(super) const FINISH: &str = "WITH c AS (INSERT INTO {s}.counts (queue, state, stripe, \
+     jobs) SELECT t.q, t.st, $3, t.d FROM unnest($1::text[], $2::text[], $4::bigint[]) AS \
+     t(q, st, d) ON CONFLICT (queue, state, stripe) DO UPDATE SET jobs = \
+     {s}.counts.jobs + EXCLUDED.jobs), b AS (UPDATE {s}.changes SET n = n + 1 \
+     WHERE stripe = $3 RETURNING n) SELECT pg_notify($5, '') FROM b";

@@ -1,0 +1,1029 @@
+//! Jobs and attempts as PostgreSQL rows, and the transactions every method runs in.
+//!
+//! As in the embedded store, the rules of [`crate::rules`] change `Job` values; this module
+//! reads them from rows and writes back only the columns a rule changed, many jobs per
+//! statement (`UPDATE … FROM unnest(…)`), so a batch costs a few round trips whatever its size.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use postgres::types::ToSql;
+use postgres::{Row, Statement, Transaction};
+
+use super::queries;
+use crate::config::Config;
+use crate::error::StorageError;
+use crate::file::rows::{micros, normalize, normalize_attempt, queue_infos, timestamp};
+use crate::job::{Attempt, Job, JobId, JobState, Lease, Timestamp};
+use crate::rules::{self, Dependency};
+use crate::storage::{Activity, FinishedAttempt, OutputChunk, QueueInfo, WorkerInfo};
+
+/// The columns of a job, in the order [`job_from_row`] reads them.
+pub(super) const JOB_COLUMNS: &str = "seq, id, command, state, attempts, max_retries, \
+     created_at, updated_at, priority, run_at, timeout_us, last_error, exit_code, started_at, \
+     finished_at, lease_worker, lease_token, lease_expires_at, runs, queue, unique_key, \
+     after_ids, blocked";
+
+/// The columns of an attempt, in the order [`attempt_at`] reads them.
+const ATTEMPT_COLUMNS: &str =
+    "number, worker, started_at, finished_at, outcome, exit_code, signal, error, output, due_at";
+
+/// An error inside a transaction.
+#[derive(Debug)]
+pub(super) enum TxError {
+    /// From PostgreSQL (mapped to a [`StorageError`] with the operation by the caller).
+    Db(postgres::Error),
+    /// A stored value that does not decode: damage, or a schema changed by hand.
+    Decode(String),
+    /// A refusal or failure that already says what it is.
+    Storage(StorageError),
+}
+
+impl From<postgres::Error> for TxError {
+    fn from(error: postgres::Error) -> Self {
+        TxError::Db(error)
+    }
+}
+
+impl From<StorageError> for TxError {
+    fn from(error: StorageError) -> Self {
+        TxError::Storage(error)
+    }
+}
+
+/// Result inside a transaction.
+pub(super) type TxResult<T> = std::result::Result<T, TxError>;
+
+type Param<'p> = &'p (dyn ToSql + Sync);
+
+// ----- one transaction -----
+
+/// A transaction on a pooled connection, with that connection's prepared statements: each
+/// statement is prepared once per connection (one round trip), then only executed.
+pub(super) struct Db<'a> {
+    tx: Transaction<'a>,
+    statements: &'a mut HashMap<String, Statement>,
+    /// The schema's quoted name, put in place of `{s}`.
+    schema: &'a str,
+}
+
+impl<'a> Db<'a> {
+    pub(super) fn new(
+        tx: Transaction<'a>,
+        statements: &'a mut HashMap<String, Statement>,
+        schema: &'a str,
+    ) -> Self {
+        Self {
+            tx,
+            statements,
+            schema,
+        }
+    }
+
+    fn statement(&mut self, template: &str) -> Result<Statement, postgres::Error> {
+        if let Some(statement) = self.statements.get(template) {
+            return Ok(statement.clone());
+        }
+        let statement = self.tx.prepare(&template.replace("{s}", self.schema))?;
+        self.statements
+            .insert(template.to_owned(), statement.clone());
+        Ok(statement)
+    }
+
+    pub(super) fn query(&mut self, template: &str, params: &[Param]) -> TxResult<Vec<Row>> {
+        let statement = self.statement(template)?;
+        Ok(self.tx.query(&statement, params)?)
+    }
+
+    pub(super) fn execute(&mut self, template: &str, params: &[Param]) -> TxResult<u64> {
+        let statement = self.statement(template)?;
+        Ok(self.tx.execute(&statement, params)?)
+    }
+
+    pub(super) fn commit(self) -> Result<(), postgres::Error> {
+        self.tx.commit()
+    }
+}
+
+/// A write transaction: every write of a store method goes through it, so that the
+/// per-queue counts change with the jobs they count, and the change counter (and the
+/// notification that wakes waiters) with anything that changed.
+pub(super) struct Tx<'a> {
+    db: Db<'a>,
+    /// Change of each queue's count of jobs in each state not yet written.
+    counts: BTreeMap<(String, &'static str), i64>,
+    /// Whether anything was written.
+    changed: bool,
+}
+
+impl<'a> std::ops::Deref for Tx<'a> {
+    type Target = Db<'a>;
+    fn deref(&self) -> &Db<'a> {
+        &self.db
+    }
+}
+
+impl<'a> std::ops::DerefMut for Tx<'a> {
+    fn deref_mut(&mut self) -> &mut Db<'a> {
+        &mut self.db
+    }
+}
+
+impl<'a> Tx<'a> {
+    pub(super) fn new(db: Db<'a>) -> Self {
+        Self {
+            db,
+            counts: BTreeMap::new(),
+            changed: false,
+        }
+    }
+
+    /// Runs a statement that writes, noting whether it changed anything.
+    pub(super) fn write(&mut self, template: &str, params: &[Param]) -> TxResult<u64> {
+        let rows = self.db.execute(template, params)?;
+        self.changed |= rows > 0;
+        Ok(rows)
+    }
+
+    fn count(&mut self, queue: &str, state: JobState, delta: i64) {
+        *self
+            .counts
+            .entry((queue.to_owned(), state.as_str()))
+            .or_default() += delta;
+        self.changed = true;
+    }
+
+    /// Writes the count changes and bumps the change counter (stripe `stripe`) when anything
+    /// changed, notifying `channel`, then commits. Returns whether anything changed.
+    pub(super) fn commit(mut self, stripe: i32, channel: &str) -> TxResult<bool> {
+        if self.changed {
+            let (mut queues, mut states, mut deltas) = (Vec::new(), Vec::new(), Vec::new());
+            for ((queue, state), delta) in &self.counts {
+                if *delta != 0 {
+                    queues.push(queue.as_str());
+                    states.push(*state);
+                    deltas.push(*delta);
+                }
+            }
+            self.db.query(
+                queries::FINISH,
+                &[&queues, &states, &stripe, &deltas, &channel],
+            )?;
+        }
+        self.db.commit()?;
+        Ok(self.changed)
+    }
+
+    /// Inserts a new job (`job.seq` is set from the row). Returns `false`, inserting nothing,
+    /// when a job with its id, or one holding its unique key, is in the way (committed, or
+    /// committed meanwhile by a concurrent transaction this one waited for).
+    pub(super) fn insert_job(&mut self, job: &mut Job, now: Timestamp) -> TxResult<bool> {
+        normalize(job);
+        let values = values(job, now);
+        let after: Vec<&str> = job.after.iter().map(JobId::as_str).collect();
+        let mut params: Vec<Param> = values.iter().map(V::param).collect();
+        params.push(&after);
+        let rows = self.db.query(&INSERT_JOB, &params)?;
+        let Some(row) = rows.first() else {
+            return Ok(false);
+        };
+        job.seq = row.try_get::<_, i64>(0)? as u64;
+        self.count(&job.queue, job.state, 1);
+        if !after.is_empty() {
+            let seq = job.seq as i64;
+            self.write(
+                "INSERT INTO {s}.dependencies (after_seq, job_seq) SELECT seq, $2 FROM \
+                 {s}.jobs WHERE id = ANY($1) ON CONFLICT DO NOTHING",
+                &[&after, &seq],
+            )?;
+        }
+        Ok(true)
+    }
+
+    /// Writes the columns in which each new job differs from its old record (the same job
+    /// before a rule ran), then lets the jobs waiting for those that finished follow
+    /// ([`rules::propagate`]).
+    pub(super) fn update_jobs(&mut self, pairs: &mut [(Job, Job)], now: Timestamp) -> TxResult<()> {
+        self.write_changes(pairs, now)?;
+        let finished: Vec<i64> = pairs
+            .iter()
+            .filter(|(old, new)| rules::finishes(old, new))
+            .map(|(_, new)| new.seq as i64)
+            .collect();
+        if finished.is_empty() {
+            return Ok(());
+        }
+        // One look for all of them: most jobs have no dependents.
+        let waited_for: HashSet<i64> = self
+            .db
+            .query(queries::HAVE_DEPENDENTS, &[&finished])?
+            .iter()
+            .map(|row| row.try_get(0))
+            .collect::<Result<_, _>>()?;
+        for (old, new) in pairs.iter() {
+            if rules::finishes(old, new) && waited_for.contains(&(new.seq as i64)) {
+                let finished = new.clone();
+                rules::propagate(&mut Propagation { tx: self, now }, &finished, false, now)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Tx::update_jobs`] without propagation: one statement per set of changed columns.
+    fn write_changes(&mut self, pairs: &mut [(Job, Job)], now: Timestamp) -> TxResult<()> {
+        let mut groups: BTreeMap<Vec<usize>, Vec<(i64, [V; WRITTEN.len()])>> = BTreeMap::new();
+        for (old, new) in pairs.iter_mut() {
+            normalize(new);
+            debug_assert_eq!(
+                (old.seq, &old.id, &old.after),
+                (new.seq, &new.id, &new.after)
+            );
+            let before = values(old, now);
+            let after = values(new, now);
+            let lane_may_change =
+                old.state != new.state || old.run_at != new.run_at || old.blocked != new.blocked;
+            let changed: Vec<usize> = (0..WRITTEN.len())
+                .filter(|&c| {
+                    if c == LANE {
+                        lane_may_change
+                    } else {
+                        before[c] != after[c]
+                    }
+                })
+                .collect();
+            if old.state != new.state {
+                self.count(&old.queue, old.state, -1);
+                self.count(&new.queue, new.state, 1);
+            }
+            if !changed.is_empty() {
+                groups
+                    .entry(changed)
+                    .or_default()
+                    .push((new.seq as i64, after));
+            }
+        }
+        for (columns, rows) in groups {
+            let seqs: Vec<i64> = rows.iter().map(|(seq, _)| *seq).collect();
+            let arrays: Vec<Array> = columns
+                .iter()
+                .map(|&c| Array::of(rows.iter().map(|(_, values)| &values[c])))
+                .collect();
+            let mut set = Vec::new();
+            let mut types = vec!["$1::bigint[]".to_owned()];
+            let mut names = vec!["seq"];
+            for (i, &c) in columns.iter().enumerate() {
+                let (name, kind) = WRITTEN[c];
+                set.push(format!("{name} = v.{name}"));
+                types.push(format!("${}::{kind}[]", i + 2));
+                names.push(name);
+            }
+            let sql = format!(
+                "UPDATE {{s}}.jobs AS j SET {} FROM unnest({}) AS v({}) WHERE j.seq = v.seq",
+                set.join(", "),
+                types.join(", "),
+                names.join(", ")
+            );
+            let mut params: Vec<Param> = vec![&seqs];
+            params.extend(arrays.iter().map(Array::param));
+            self.write(&sql, &params)?;
+        }
+        Ok(())
+    }
+
+    /// Adds finished attempts to their jobs' histories; what they recorded while running goes.
+    pub(super) fn insert_attempts(&mut self, attempts: &mut [(u64, Attempt)]) -> TxResult<()> {
+        if attempts.is_empty() {
+            return Ok(());
+        }
+        let mut a = AttemptArrays::default();
+        for (seq, attempt) in attempts.iter_mut() {
+            normalize_attempt(attempt);
+            a.push(*seq, attempt);
+        }
+        self.write(queries::LIVE_END_ATTEMPTS, &[&a.seq])?;
+        self.write(
+            &INSERT_ATTEMPTS,
+            &[
+                &a.seq,
+                &a.number,
+                &a.worker,
+                &a.started_at,
+                &a.finished_at,
+                &a.outcome,
+                &a.exit_code,
+                &a.signal,
+                &a.error,
+                &a.output,
+                &a.due_at,
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Appends a chunk of output to what the running attempt of job `seq` (whose lease was
+    /// checked) recorded so far (`rules::append_output`).
+    pub(super) fn append_output(&mut self, seq: u64, chunk: &OutputChunk) -> TxResult<()> {
+        let seq = seq as i64;
+        let end: Option<i64> = self.db.query(queries::LIVE_END, &[&seq])?[0].try_get(0)?;
+        let Some(appended) = rules::append_output(end.map_or(0, |end| end as u64), chunk) else {
+            return Ok(());
+        };
+        if appended.keep_from > 0 {
+            let keep = stored_offset(appended.keep_from);
+            self.write(queries::LIVE_DROP, &[&seq, &keep])?;
+            let first = self.db.query(queries::LIVE_FIRST, &[&seq, &keep])?;
+            if let Some(row) = first.first() {
+                let (upto, text): (i64, String) = (row.try_get(0)?, row.try_get(1)?);
+                let start = (upto as u64).saturating_sub(text.len() as u64);
+                let kept = rules::keep_from(&text, start, appended.keep_from);
+                if kept.len() != text.len() {
+                    self.write(
+                        "UPDATE {s}.live_output SET output = $3 WHERE job_seq = $1 AND upto = $2",
+                        &[&seq, &upto, &kept],
+                    )?;
+                }
+            }
+        }
+        let end = stored_offset(appended.end);
+        self.write(
+            "INSERT INTO {s}.live_output (job_seq, upto, output) VALUES ($1, $2, $3)",
+            &[&seq, &end, &appended.text],
+        )?;
+        Ok(())
+    }
+
+    /// Deletes jobs with their attempts, output and edges (by cascade). With `cancel_at`, the
+    /// jobs blocked waiting for each are cancelled then (it can no longer complete); without,
+    /// they count it as completed.
+    pub(super) fn delete_jobs(
+        &mut self,
+        jobs: &[Job],
+        cancel_at: Option<Timestamp>,
+    ) -> TxResult<()> {
+        if let Some(now) = cancel_at {
+            for job in jobs {
+                rules::propagate(&mut Propagation { tx: self, now }, job, true, now)?;
+            }
+        }
+        let seqs: Vec<i64> = jobs.iter().map(|job| job.seq as i64).collect();
+        self.write("DELETE FROM {s}.jobs WHERE seq = ANY($1)", &[&seqs])?;
+        for job in jobs {
+            self.count(&job.queue, job.state, -1);
+        }
+        Ok(())
+    }
+
+    /// Deletes the completed jobs that finished before `before`. Returns how many.
+    pub(super) fn purge(&mut self, before: Timestamp) -> TxResult<usize> {
+        let before = micros(before);
+        let queues: Vec<String> = self
+            .db
+            .query(queries::PURGE, &[&before])?
+            .iter()
+            .map(|row| row.try_get(0))
+            .collect::<Result<_, _>>()?;
+        for queue in &queues {
+            self.count(queue, JobState::Completed, -1);
+        }
+        Ok(queues.len())
+    }
+
+    /// Stores the settings.
+    pub(super) fn set_config(&mut self, config: &Config) -> TxResult<()> {
+        let json = serde_json::to_string(config).expect("settings serialise");
+        self.write(
+            "UPDATE {s}.meta SET value = $1 WHERE key = 'config'",
+            &[&json],
+        )?;
+        Ok(())
+    }
+
+    /// Stores a queue's settings (the defaults: none stored).
+    pub(super) fn put_queue(&mut self, name: &str, paused: bool, limit: u32) -> TxResult<()> {
+        if !paused && limit == 0 {
+            self.write("DELETE FROM {s}.queues WHERE name = $1", &[&name])?;
+        } else {
+            let limit = i64::from(limit);
+            self.write(
+                "INSERT INTO {s}.queues (name, paused, max_running) VALUES ($1, $2, $3) \
+                 ON CONFLICT (name) DO UPDATE SET paused = EXCLUDED.paused, \
+                 max_running = EXCLUDED.max_running",
+                &[&name, &paused, &limit],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Inserts or replaces a worker.
+    pub(super) fn put_worker(&mut self, worker: &WorkerInfo) -> TxResult<()> {
+        let json = serde_json::to_string(worker).expect("a worker serialises");
+        self.write(
+            "INSERT INTO {s}.workers (id, info) VALUES ($1, $2::text::jsonb) \
+             ON CONFLICT (id) DO UPDATE SET info = EXCLUDED.info",
+            &[&worker.id, &json],
+        )?;
+        Ok(())
+    }
+}
+
+/// A transaction seen as the graph [`rules::propagate`] walks.
+struct Propagation<'t, 'a> {
+    tx: &'t mut Tx<'a>,
+    now: Timestamp,
+}
+
+impl rules::Dependents for Propagation<'_, '_> {
+    type Error = TxError;
+
+    fn blocked_dependents(&mut self, seq: u64) -> TxResult<Vec<Job>> {
+        select_jobs(self.tx, queries::BLOCKED_DEPENDENTS, &[&(seq as i64)])
+    }
+
+    fn dependencies(&mut self, job: &Job) -> TxResult<Vec<Dependency>> {
+        dependency_states(self.tx, &job.after, false)
+    }
+
+    fn write(&mut self, old: &Job, new: Job) -> TxResult<()> {
+        self.tx.write_changes(&mut [(old.clone(), new)], self.now)
+    }
+}
+
+// ----- values -----
+
+/// The columns a job is written to (all but `seq`, and `after_ids`, which never changes),
+/// with their types, in [`values`] order.
+const WRITTEN: [(&str, &str); 22] = [
+    ("id", "text"),
+    ("command", "text"),
+    ("state", "text"),
+    ("attempts", "bigint"),
+    ("max_retries", "bigint"),
+    ("created_at", "bigint"),
+    ("updated_at", "bigint"),
+    ("priority", "integer"),
+    ("run_at", "bigint"),
+    ("timeout_us", "bigint"),
+    ("last_error", "text"),
+    ("exit_code", "integer"),
+    ("started_at", "bigint"),
+    ("finished_at", "bigint"),
+    ("lease_worker", "text"),
+    ("lease_token", "bigint"),
+    ("lease_expires_at", "bigint"),
+    ("runs", "bigint"),
+    ("queue", "text"),
+    ("unique_key", "text"),
+    ("blocked", "boolean"),
+    ("lane", "integer"),
+];
+
+/// Where `lane` is in [`WRITTEN`].
+const LANE: usize = 21;
+
+static INSERT_JOB: LazyLock<String> = LazyLock::new(|| {
+    let names: Vec<&str> = WRITTEN.iter().map(|(name, _)| *name).collect();
+    let places: Vec<String> = (1..=WRITTEN.len() + 1).map(|i| format!("${i}")).collect();
+    format!(
+        "INSERT INTO {{s}}.jobs ({}, after_ids) VALUES ({}) ON CONFLICT DO NOTHING RETURNING seq",
+        names.join(", "),
+        places.join(", ")
+    )
+});
+
+static INSERT_ATTEMPTS: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "INSERT INTO {{s}}.attempts (job_seq, {ATTEMPT_COLUMNS}) SELECT * FROM unnest(\
+         $1::bigint[], $2::bigint[], $3::text[], $4::bigint[], $5::bigint[], $6::text[], \
+         $7::integer[], $8::integer[], $9::text[], $10::text[], $11::bigint[])"
+    )
+});
+
+/// One column's value as written.
+#[derive(Debug, Clone, PartialEq)]
+enum V {
+    Big(Option<i64>),
+    Int(Option<i32>),
+    Text(Option<String>),
+    Bool(bool),
+}
+
+impl V {
+    fn param(&self) -> Param<'_> {
+        match self {
+            V::Big(v) => v,
+            V::Int(v) => v,
+            V::Text(v) => v,
+            V::Bool(v) => v,
+        }
+    }
+}
+
+/// One column's values for many rows, as an array parameter.
+#[derive(Debug)]
+enum Array {
+    Big(Vec<Option<i64>>),
+    Int(Vec<Option<i32>>),
+    Text(Vec<Option<String>>),
+    Bool(Vec<bool>),
+}
+
+impl Array {
+    /// The values of one column (all of one type, as [`WRITTEN`] says).
+    fn of<'v>(values: impl Iterator<Item = &'v V>) -> Array {
+        let mut values = values.peekable();
+        let one_type = "a column holds values of one type";
+        match values.peek() {
+            Some(V::Big(_)) | None => Array::Big(
+                values
+                    .map(|v| match v {
+                        V::Big(v) => *v,
+                        _ => unreachable!("{one_type}"),
+                    })
+                    .collect(),
+            ),
+            Some(V::Int(_)) => Array::Int(
+                values
+                    .map(|v| match v {
+                        V::Int(v) => *v,
+                        _ => unreachable!("{one_type}"),
+                    })
+                    .collect(),
+            ),
+            Some(V::Text(_)) => Array::Text(
+                values
+                    .map(|v| match v {
+                        V::Text(v) => v.clone(),
+                        _ => unreachable!("{one_type}"),
+                    })
+                    .collect(),
+            ),
+            Some(V::Bool(_)) => Array::Bool(
+                values
+                    .map(|v| match v {
+                        V::Bool(v) => *v,
+                        _ => unreachable!("{one_type}"),
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    fn param(&self) -> Param<'_> {
+        match self {
+            Array::Big(v) => v,
+            Array::Int(v) => v,
+            Array::Text(v) => v,
+            Array::Bool(v) => v,
+        }
+    }
+}
+
+/// The attempts of a batch, column by column.
+#[derive(Default)]
+struct AttemptArrays {
+    seq: Vec<i64>,
+    number: Vec<i64>,
+    worker: Vec<String>,
+    started_at: Vec<i64>,
+    finished_at: Vec<Option<i64>>,
+    outcome: Vec<&'static str>,
+    exit_code: Vec<Option<i32>>,
+    signal: Vec<Option<i32>>,
+    error: Vec<Option<String>>,
+    output: Vec<Option<String>>,
+    due_at: Vec<Option<i64>>,
+}
+
+impl AttemptArrays {
+    fn push(&mut self, seq: u64, attempt: &Attempt) {
+        self.seq.push(seq as i64);
+        self.number.push(attempt.number.into());
+        self.worker.push(attempt.worker.clone());
+        self.started_at.push(micros(attempt.started_at));
+        self.finished_at.push(attempt.finished_at.map(micros));
+        self.outcome.push(attempt.outcome.as_str());
+        self.exit_code.push(attempt.exit_code);
+        self.signal.push(attempt.signal);
+        self.error.push(attempt.error.clone());
+        self.output.push(attempt.output.clone());
+        self.due_at.push(attempt.due_at.map(micros));
+    }
+}
+
+/// A duration as stored: whole microseconds, saturating.
+fn duration_micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// An offset as stored (no output reaches 2^63 bytes).
+fn stored_offset(offset: u64) -> i64 {
+    i64::try_from(offset).unwrap_or(i64::MAX)
+}
+
+/// Where a job waiting to run waits (the `lane` column): 1 ready, 0 scheduled, `None`
+/// otherwise.
+fn lane(job: &Job, now: Timestamp) -> Option<i32> {
+    job.waits_to_run()
+        .then_some(if job.run_at <= now { 1 } else { 0 })
+}
+
+/// Every written column of `job`, in [`WRITTEN`] order.
+fn values(job: &Job, now: Timestamp) -> [V; WRITTEN.len()] {
+    let lease = job.lease.as_ref();
+    [
+        V::Text(Some(job.id.to_string())),
+        V::Text(Some(job.command.clone())),
+        V::Text(Some(job.state.as_str().to_owned())),
+        V::Big(Some(job.attempts.into())),
+        V::Big(Some(job.max_retries.into())),
+        V::Big(Some(micros(job.created_at))),
+        V::Big(Some(micros(job.updated_at))),
+        V::Int(Some(job.priority)),
+        V::Big(Some(micros(job.run_at))),
+        V::Big(job.timeout.map(duration_micros)),
+        V::Text(job.last_error.clone()),
+        V::Int(job.exit_code),
+        V::Big(job.started_at.map(micros)),
+        V::Big(job.finished_at.map(micros)),
+        V::Text(lease.map(|l| l.worker.clone())),
+        V::Big(lease.map(|l| l.token as i64)),
+        V::Big(lease.map(|l| micros(l.expires_at))),
+        V::Big(Some(job.runs.into())),
+        V::Text(Some(job.queue.clone())),
+        V::Text(job.unique_key.clone()),
+        V::Bool(job.blocked),
+        V::Int(lane(job, now)),
+    ]
+}
+
+// ----- decoding -----
+
+fn time_of(us: i64) -> TxResult<Timestamp> {
+    timestamp(us).map_err(TxError::Decode)
+}
+
+fn opt_time(us: Option<i64>) -> TxResult<Option<Timestamp>> {
+    us.map(time_of).transpose()
+}
+
+fn count_of(n: i64, what: &str) -> TxResult<u32> {
+    u32::try_from(n).map_err(|_| TxError::Decode(format!("{what} {n} is out of range")))
+}
+
+fn parsed<T: std::str::FromStr>(text: &str) -> TxResult<T>
+where
+    T::Err: std::fmt::Display,
+{
+    text.parse()
+        .map_err(|e: T::Err| TxError::Decode(format!("{text:?}: {e}")))
+}
+
+/// Reads a job from the columns [`JOB_COLUMNS`] names.
+fn job_from_row(row: &Row) -> TxResult<Job> {
+    let id: JobId = parsed(row.try_get::<_, &str>(1)?)?;
+    let lease = match row.try_get::<_, Option<String>>(15)? {
+        Some(worker) => Some(Lease {
+            job_id: id.clone(),
+            worker,
+            token: row.try_get::<_, i64>(16)? as u64,
+            expires_at: time_of(row.try_get(17)?)?,
+        }),
+        None => None,
+    };
+    let after: Vec<String> = row.try_get(21)?;
+    Ok(Job {
+        seq: row.try_get::<_, i64>(0)? as u64,
+        id,
+        command: row.try_get(2)?,
+        state: parsed(row.try_get::<_, &str>(3)?)?,
+        attempts: count_of(row.try_get(4)?, "attempts")?,
+        max_retries: count_of(row.try_get(5)?, "max_retries")?,
+        created_at: time_of(row.try_get(6)?)?,
+        updated_at: time_of(row.try_get(7)?)?,
+        priority: row.try_get(8)?,
+        run_at: time_of(row.try_get(9)?)?,
+        timeout: row
+            .try_get::<_, Option<i64>>(10)?
+            .map(|us| Duration::from_micros(us.max(0) as u64)),
+        last_error: row.try_get(11)?,
+        exit_code: row.try_get(12)?,
+        started_at: opt_time(row.try_get(13)?)?,
+        finished_at: opt_time(row.try_get(14)?)?,
+        output: None,
+        lease,
+        runs: count_of(row.try_get(18)?, "runs")?,
+        queue: row.try_get(19)?,
+        unique_key: row.try_get(20)?,
+        after: after.iter().map(|id| parsed(id)).collect::<TxResult<_>>()?,
+        blocked: row.try_get(22)?,
+    })
+}
+
+/// Reads an attempt from the columns [`ATTEMPT_COLUMNS`] names, starting at column `first`.
+fn attempt_at(row: &Row, first: usize) -> TxResult<Attempt> {
+    Ok(Attempt {
+        number: count_of(row.try_get(first)?, "attempt number")?,
+        worker: row.try_get(first + 1)?,
+        started_at: time_of(row.try_get(first + 2)?)?,
+        finished_at: opt_time(row.try_get(first + 3)?)?,
+        outcome: parsed(row.try_get::<_, &str>(first + 4)?)?,
+        exit_code: row.try_get(first + 5)?,
+        signal: row.try_get(first + 6)?,
+        error: row.try_get(first + 7)?,
+        output: row.try_get(first + 8)?,
+        due_at: opt_time(row.try_get(first + 9)?)?,
+    })
+}
+
+// ----- reads -----
+
+/// The jobs `SELECT <job columns> FROM {s}.jobs <tail>` returns.
+pub(super) fn select_jobs(db: &mut Db, tail: &str, params: &[Param]) -> TxResult<Vec<Job>> {
+    let sql = format!("SELECT {JOB_COLUMNS} FROM {{s}}.jobs {tail}");
+    db.query(&sql, params)?.iter().map(job_from_row).collect()
+}
+
+/// The due ready jobs of each queue, at most `room` of each, in claim order, locked
+/// ([`queries::PICK_READY`]).
+pub(super) fn pick_ready(
+    db: &mut Db,
+    queues: &[(String, i64)],
+    now: Timestamp,
+) -> TxResult<Vec<Job>> {
+    static SQL: LazyLock<String> =
+        LazyLock::new(|| queries::PICK_READY.replace(" J ", &format!(" {JOB_COLUMNS} ")));
+    let names: Vec<&str> = queues.iter().map(|(name, _)| name.as_str()).collect();
+    let rooms: Vec<i64> = queues.iter().map(|(_, room)| *room).collect();
+    db.query(&SQL, &[&names, &rooms, &micros(now)])?
+        .iter()
+        .map(job_from_row)
+        .collect()
+}
+
+/// The job with this id, without its output.
+pub(super) fn job_by_id(db: &mut Db, id: &JobId) -> TxResult<Option<Job>> {
+    Ok(select_jobs(db, queries::BY_ID, &[&id.as_str()])?.pop())
+}
+
+/// The job with this id, or [`StorageError::NotFound`].
+pub(super) fn existing_job(db: &mut Db, id: &JobId) -> TxResult<Job> {
+    job_by_id(db, id)?.ok_or_else(|| TxError::Storage(StorageError::NotFound { id: id.clone() }))
+}
+
+/// The jobs with these ids, locked (`lock`: a query of [`queries`]), by id.
+pub(super) fn jobs_by_ids(
+    db: &mut Db,
+    ids: impl Iterator<Item = impl AsRef<str>>,
+    lock: &str,
+) -> TxResult<HashMap<JobId, Job>> {
+    let ids: Vec<String> = ids.map(|id| id.as_ref().to_owned()).collect();
+    Ok(select_jobs(db, lock, &[&ids])?
+        .into_iter()
+        .map(|job| (job.id.clone(), job))
+        .collect())
+}
+
+/// The states of the dependencies `after` (locked against changes with `lock`).
+pub(super) fn dependency_states(
+    db: &mut Db,
+    after: &[JobId],
+    lock: bool,
+) -> TxResult<Vec<Dependency>> {
+    if after.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<&str> = after.iter().map(JobId::as_str).collect();
+    let query = if lock {
+        queries::STATES_FOR_SHARE
+    } else {
+        queries::STATES
+    };
+    let mut states = HashMap::new();
+    for row in db.query(query, &[&ids])? {
+        let id: String = row.try_get(0)?;
+        states.insert(id, parsed::<JobState>(row.try_get::<_, &str>(1)?)?);
+    }
+    Ok(after
+        .iter()
+        .map(|id| (id.clone(), states.get(id.as_str()).copied()))
+        .collect())
+}
+
+/// The output of the job's last finished attempt.
+pub(super) fn last_output(db: &mut Db, seq: u64) -> TxResult<Option<String>> {
+    let rows = db.query(queries::LAST_OUTPUT, &[&(seq as i64)])?;
+    match rows.first() {
+        Some(row) => Ok(row.try_get(0)?),
+        None => Ok(None),
+    }
+}
+
+/// The job's finished attempts, oldest first.
+pub(super) fn finished_attempts(db: &mut Db, seq: u64) -> TxResult<Vec<Attempt>> {
+    let sql = format!(
+        "SELECT {ATTEMPT_COLUMNS} FROM {{s}}.attempts {}",
+        queries::ATTEMPTS_OF
+    );
+    db.query(&sql, &[&(seq as i64)])?
+        .iter()
+        .map(|row| attempt_at(row, 0))
+        .collect()
+}
+
+/// How many finished attempts the job has.
+pub(super) fn finished_count(db: &mut Db, seq: u64) -> TxResult<usize> {
+    let count: i64 = db.query(queries::FINISHED_COUNT, &[&(seq as i64)])?[0].try_get(0)?;
+    Ok(usize::try_from(count).unwrap_or(0))
+}
+
+/// What the job's running attempt recorded from `offset` on, and where that starts.
+pub(super) fn live_output(db: &mut Db, seq: u64, offset: u64) -> TxResult<(u64, String)> {
+    let mut start = None;
+    let mut text = String::new();
+    for row in db.query(
+        queries::LIVE_SINCE,
+        &[&(seq as i64), &stored_offset(offset)],
+    )? {
+        let upto: i64 = row.try_get(0)?;
+        let chunk: &str = row.try_get(1)?;
+        start.get_or_insert((upto as u64).saturating_sub(chunk.len() as u64));
+        text.push_str(chunk);
+    }
+    let Some(start) = start else {
+        return Ok((offset, text));
+    };
+    let (at, rest) = rules::output_from(&text, start, offset);
+    let cut = text.len() - rest.len();
+    text.drain(..cut);
+    Ok((at, text))
+}
+
+/// The stored settings (defaults when none were stored); with `lock`, locked for a change.
+pub(super) fn config(db: &mut Db, lock: bool) -> TxResult<Config> {
+    let sql = if lock {
+        "SELECT value FROM {s}.meta WHERE key = 'config' FOR UPDATE"
+    } else {
+        "SELECT value FROM {s}.meta WHERE key = 'config'"
+    };
+    let rows = db.query(sql, &[])?;
+    match rows.first().map(|row| row.try_get::<_, Option<&str>>(0)) {
+        None | Some(Ok(None)) => Ok(Config::default()),
+        Some(Ok(Some(json))) => serde_json::from_str(json)
+            .map_err(|e| TxError::Decode(format!("stored settings are unreadable: {e}"))),
+        Some(Err(e)) => Err(e.into()),
+    }
+}
+
+/// The registered workers (`tail` after `FROM {s}.workers`), by id.
+pub(super) fn workers(db: &mut Db, tail: &str, params: &[Param]) -> TxResult<Vec<WorkerInfo>> {
+    let sql = format!("SELECT info::text FROM {{s}}.workers {tail}");
+    db.query(&sql, params)?
+        .iter()
+        .map(|row| {
+            let json: &str = row.try_get(0)?;
+            serde_json::from_str(json)
+                .map_err(|e| TxError::Decode(format!("a stored worker is unreadable: {e}")))
+        })
+        .collect()
+}
+
+/// Jobs per queue and state.
+pub(super) fn counts(db: &mut Db) -> TxResult<Vec<(String, JobState, usize)>> {
+    db.query(queries::COUNTS, &[])?
+        .iter()
+        .map(|row| {
+            let jobs: i64 = row.try_get(2)?;
+            Ok((
+                row.try_get(0)?,
+                parsed(row.try_get::<_, &str>(1)?)?,
+                usize::try_from(jobs)
+                    .map_err(|_| TxError::Decode(format!("a count of {jobs} jobs")))?,
+            ))
+        })
+        .collect()
+}
+
+/// Queue name → (paused, limit), for the queues that have settings.
+pub(super) fn queue_settings(db: &mut Db) -> TxResult<HashMap<String, (bool, u32)>> {
+    db.query(queries::QUEUE_SETTINGS, &[])?
+        .iter()
+        .map(settings_from_row)
+        .collect()
+}
+
+/// A queue's name and settings from `name, paused, max_running`.
+pub(super) fn settings_from_row(row: &Row) -> TxResult<(String, (bool, u32))> {
+    Ok((
+        row.try_get(0)?,
+        (row.try_get(1)?, count_of(row.try_get(2)?, "queue limit")?),
+    ))
+}
+
+/// Every queue that has jobs or settings, by name.
+pub(super) fn queues(db: &mut Db) -> TxResult<Vec<QueueInfo>> {
+    let settings = queue_settings(db)?;
+    Ok(queue_infos(&settings, counts(db)?))
+}
+
+/// What happened at or after `since` ([`crate::Storage::activity`]).
+pub(super) fn activity(db: &mut Db, since: Timestamp) -> TxResult<Activity> {
+    let since = micros(since);
+    let attempts = db
+        .query(queries::ATTEMPTS_SINCE, &[&since])?
+        .iter()
+        .map(|row| {
+            Ok(FinishedAttempt {
+                queue: row.try_get(0)?,
+                job: parsed(row.try_get::<_, &str>(1)?)?,
+                attempt: attempt_at(row, 2)?,
+            })
+        })
+        .collect::<TxResult<Vec<_>>>()?;
+    let ended = db
+        .query(queries::ENDED_SINCE, &[&since])?
+        .iter()
+        .map(|row| Ok((row.try_get(0)?, parsed(row.try_get::<_, &str>(1)?)?)))
+        .collect::<TxResult<Vec<_>>>()?;
+    Ok(Activity { attempts, ended })
+}
+
+/// The earliest `run_at` after `after` of a job waiting to run.
+pub(super) fn next_due(db: &mut Db, after: Timestamp) -> TxResult<Option<Timestamp>> {
+    let us: Option<i64> = db.query(queries::NEXT_DUE, &[&micros(after)])?[0].try_get(0)?;
+    opt_time(us)
+}
+
+impl crate::ops::StoreTx for Tx<'_> {
+    type Error = TxError;
+
+    fn locked_jobs(&mut self, ids: &[JobId]) -> TxResult<HashMap<JobId, Job>> {
+        jobs_by_ids(
+            self,
+            ids.iter().map(JobId::as_str),
+            queries::BY_IDS_FOR_UPDATE,
+        )
+    }
+
+    fn job(&mut self, id: &JobId) -> TxResult<Option<Job>> {
+        job_by_id(self, id)
+    }
+
+    fn last_output(&mut self, seq: u64) -> TxResult<Option<String>> {
+        last_output(self, seq)
+    }
+
+    fn unique_holder(&mut self, key: &str) -> TxResult<Option<Job>> {
+        Ok(select_jobs(self, queries::UNIQUE_HOLDER, &[&key])?.pop())
+    }
+
+    fn dependency_states(&mut self, after: &[JobId]) -> TxResult<Vec<Dependency>> {
+        dependency_states(self, after, true)
+    }
+
+    fn update_job(&mut self, old: Job, new: Job, now: Timestamp) -> TxResult<Job> {
+        let mut pair = [(old, new)];
+        self.update_jobs(&mut pair, now)?;
+        let [(_, new)] = pair;
+        Ok(new)
+    }
+
+    fn insert_attempt(&mut self, seq: u64, attempt: Attempt) -> TxResult<()> {
+        self.insert_attempts(&mut [(seq, attempt)])
+    }
+
+    fn delete_job(&mut self, job: &Job, now: Timestamp) -> TxResult<()> {
+        self.delete_jobs(std::slice::from_ref(job), Some(now))
+    }
+
+    fn queues(&mut self) -> TxResult<Vec<QueueInfo>> {
+        queues(self)
+    }
+
+    fn queue_settings(&mut self) -> TxResult<HashMap<String, (bool, u32)>> {
+        queue_settings(self)
+    }
+
+    fn put_queue(&mut self, name: &str, paused: bool, limit: u32) -> TxResult<()> {
+        Tx::put_queue(self, name, paused, limit)
+    }
+
+    fn locked_config(&mut self) -> TxResult<Config> {
+        config(self, true)
+    }
+
+    fn set_config(&mut self, config: &Config) -> TxResult<()> {
+        Tx::set_config(self, config)
+    }
+
+    fn locked_workers(&mut self, id: Option<&str>) -> TxResult<Vec<WorkerInfo>> {
+        match id {
+            Some(id) => workers(self, "WHERE id = $1 FOR UPDATE", &[&id]),
+            None => workers(self, "ORDER BY id FOR UPDATE", &[]),
+        }
+    }
+
+    fn put_worker(&mut self, worker: &WorkerInfo) -> TxResult<()> {
+        Tx::put_worker(self, worker)
+    }
+}

@@ -1,0 +1,161 @@
+//! The PostgreSQL schema and its migrations (documented in `docs/postgres.md`).
+//!
+//! Everything lives in one PostgreSQL schema of its own (`PgOptions::schema`), so several
+//! queues can share a database and a test can drop its queue with `DROP SCHEMA … CASCADE`.
+//! `{s}` in a statement stands for that schema's quoted name. The table `schema_version`
+//! holds the number of migrations applied; they are applied in order on connect, in one
+//! transaction holding a transaction-level advisory lock on the schema's name, so two workers
+//! starting together do not both migrate. A released migration is never edited: a change to
+//! the schema is a new migration.
+
+/// Each migration, in order; migration `n` (1-based) brings `schema_version` from `n - 1` to
+/// `n`.
+pub(super) const MIGRATIONS: &[&str] = &[V1];
+
+/// The schema version this build writes, and the newest it reads.
+pub const PG_SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
+
+/// How many rows `counts` and `changes` spread each counter over. A write adds its changes to
+/// one stripe chosen at random, so concurrent transactions rarely wait for each other's row
+/// lock; readers add the stripes up.
+pub(super) const STRIPES: i32 = 16;
+
+/// The first key of the advisory lock migrations hold (the second is the schema's name
+/// hashed): "QCTL" in ASCII, as the embedded store's `application_id`.
+pub(super) const LOCK_CLASS: i32 = 0x5143_544c;
+
+/// Creates the schema and its version table if needed (under the migration lock).
+pub(super) const BOOTSTRAP: &str = "
+CREATE SCHEMA IF NOT EXISTS {s};
+CREATE TABLE IF NOT EXISTS {s}.schema_version (version INTEGER NOT NULL);
+INSERT INTO {s}.schema_version (version)
+    SELECT 0 WHERE NOT EXISTS (SELECT FROM {s}.schema_version);
+";
+
+/// Version 1. Times are microseconds since the Unix epoch (UTC), durations microseconds, as
+/// in the embedded store: the job a method returns is exactly what a later read returns.
+const V1: &str = "
+CREATE TABLE {s}.jobs (
+    seq              BIGINT  GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id               TEXT    NOT NULL UNIQUE,
+    command          TEXT    NOT NULL,
+    state            TEXT    NOT NULL,
+    attempts         BIGINT  NOT NULL,
+    max_retries      BIGINT  NOT NULL,
+    created_at       BIGINT  NOT NULL,
+    updated_at       BIGINT  NOT NULL,
+    priority         INTEGER NOT NULL,
+    run_at           BIGINT  NOT NULL,
+    timeout_us       BIGINT,
+    last_error       TEXT,
+    exit_code        INTEGER,
+    started_at       BIGINT,
+    finished_at      BIGINT,
+    lease_worker     TEXT,
+    lease_token      BIGINT,
+    lease_expires_at BIGINT,
+    runs             BIGINT  NOT NULL DEFAULT 0,
+    queue            TEXT    NOT NULL,
+    unique_key       TEXT,
+    -- The ids of the jobs that must complete first; `dependencies` holds the same edges by
+    -- seq, for finding a job's dependents.
+    after_ids        TEXT[]  NOT NULL DEFAULT '{}',
+    blocked          BOOLEAN NOT NULL DEFAULT false,
+    -- Where a job waiting to run waits: 1 ready (due when written or promoted), 0 scheduled
+    -- for later, NULL otherwise (as in the embedded store).
+    lane             INTEGER
+);
+-- Claim order among a queue's ready jobs.
+CREATE INDEX jobs_ready ON {s}.jobs (queue, priority DESC, run_at, seq) WHERE lane = 1;
+-- `list --queue`.
+CREATE INDEX jobs_queue ON {s}.jobs (queue, seq);
+-- One job at a time holds a unique key: concurrent enqueues meet here.
+CREATE UNIQUE INDEX jobs_unique ON {s}.jobs (unique_key)
+    WHERE unique_key IS NOT NULL AND state IN ('pending', 'processing', 'failed');
+-- Promotion of scheduled jobs that became due, and the next due time.
+CREATE INDEX jobs_scheduled ON {s}.jobs (run_at) WHERE lane = 0;
+CREATE INDEX jobs_ready_at ON {s}.jobs (run_at) WHERE lane = 1;
+-- `list --state`, the dead letter queue.
+CREATE INDEX jobs_state ON {s}.jobs (state, seq);
+-- Recovery of expired leases and of a dead worker's jobs.
+CREATE INDEX jobs_lease_expiry ON {s}.jobs (lease_expires_at) WHERE state = 'processing';
+CREATE INDEX jobs_lease_worker ON {s}.jobs (lease_worker, lease_expires_at)
+    WHERE state = 'processing';
+-- Retention of completed jobs.
+CREATE INDEX jobs_completed ON {s}.jobs ((coalesce(finished_at, updated_at)))
+    WHERE state = 'completed';
+
+-- One row per finished attempt; output lives here, never in the rows claims read.
+CREATE TABLE {s}.attempts (
+    id          BIGINT  GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    job_seq     BIGINT  NOT NULL REFERENCES {s}.jobs (seq) ON DELETE CASCADE,
+    number      BIGINT  NOT NULL,
+    worker      TEXT    NOT NULL,
+    started_at  BIGINT  NOT NULL,
+    finished_at BIGINT,
+    outcome     TEXT    NOT NULL,
+    exit_code   INTEGER,
+    signal      INTEGER,
+    error       TEXT,
+    output      TEXT,
+    due_at      BIGINT
+);
+CREATE INDEX attempts_job ON {s}.attempts (job_seq, id);
+CREATE INDEX attempts_finished ON {s}.attempts (finished_at);
+
+-- Jobs per queue and state, spread over stripes (see `STRIPES`): a stripe may go below zero,
+-- the sum over a (queue, state) never does.
+CREATE TABLE {s}.counts (
+    queue  TEXT    NOT NULL,
+    state  TEXT    NOT NULL,
+    stripe INTEGER NOT NULL,
+    jobs   BIGINT  NOT NULL,
+    PRIMARY KEY (queue, state, stripe)
+);
+
+-- Settings of the queues that have any. A claim that takes jobs of a limited queue locks its
+-- row first, so limits hold across processes and machines.
+CREATE TABLE {s}.queues (
+    name        TEXT    PRIMARY KEY,
+    paused      BOOLEAN NOT NULL DEFAULT false,
+    max_running BIGINT  NOT NULL DEFAULT 0 CHECK (max_running >= 0)
+);
+
+-- Job `job_seq` runs once job `after_seq` has completed.
+CREATE TABLE {s}.dependencies (
+    after_seq BIGINT NOT NULL REFERENCES {s}.jobs (seq) ON DELETE CASCADE,
+    job_seq   BIGINT NOT NULL REFERENCES {s}.jobs (seq) ON DELETE CASCADE,
+    PRIMARY KEY (after_seq, job_seq)
+);
+CREATE INDEX dependencies_job ON {s}.dependencies (job_seq);
+
+-- Registered workers (their fields evolve with the pool, not with the schema).
+CREATE TABLE {s}.workers (
+    id   TEXT  PRIMARY KEY,
+    info JSONB NOT NULL
+);
+
+-- `config`: the settings as JSON (NULL: the defaults). The row always exists, so a change
+-- of the settings locks it.
+CREATE TABLE {s}.meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT
+);
+INSERT INTO {s}.meta (key, value) VALUES ('config', NULL);
+
+-- The change counter: every transaction that changes something adds one to a stripe before
+-- it commits (and sends a notification on the schema's channel).
+CREATE TABLE {s}.changes (
+    stripe INTEGER PRIMARY KEY,
+    n      BIGINT  NOT NULL
+);
+INSERT INTO {s}.changes (stripe, n) SELECT i, 0 FROM generate_series(0, 15) AS i;
+
+-- What running attempts printed so far, in the chunks their workers recorded.
+CREATE TABLE {s}.live_output (
+    job_seq BIGINT NOT NULL REFERENCES {s}.jobs (seq) ON DELETE CASCADE,
+    upto    BIGINT NOT NULL,
+    output  TEXT   NOT NULL,
+    PRIMARY KEY (job_seq, upto)
+);
+";

@@ -1,0 +1,385 @@
+//! The conformance suite and white-box tests for `PgStorage`.
+//!
+//! They need a PostgreSQL server: `QUEUECTL_TEST_DATABASE_URL` names a database where the
+//! tests may create schemas (`.ci/run` sets it). Each case works in a fresh schema with a
+//! random name, dropped at its end. Without the variable every test says it skips and returns.
+
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use postgres::{Client, NoTls};
+
+use super::{PgOptions, PgStorage};
+use crate::conformance::Harness;
+use crate::storage::Storage;
+use crate::{NewJob, QueueChange, StorageExt, now};
+
+/// The test database's URL, or `None` (having said that the test skips).
+fn database_url() -> Option<String> {
+    let url = std::env::var("QUEUECTL_TEST_DATABASE_URL")
+        .ok()
+        .filter(|url| !url.is_empty());
+    if url.is_none() {
+        eprintln!("skipping: QUEUECTL_TEST_DATABASE_URL is not set");
+    }
+    url
+}
+
+/// A fresh schema: `store()` is one shared handle, `reopen()` a new one on the same schema,
+/// as another process would connect. The schema is dropped when the case ends.
+struct Pg {
+    url: String,
+    schema: String,
+    store: Option<Arc<PgStorage>>,
+}
+
+impl Pg {
+    fn new() -> Self {
+        Self::with(PgOptions::default())
+    }
+
+    fn with(options: PgOptions) -> Self {
+        let url = database_url().expect("the guard checked QUEUECTL_TEST_DATABASE_URL");
+        let schema = format!("queuectl_test_{:016x}", crate::job::random_u64());
+        let mut pg = Self {
+            url,
+            schema,
+            store: None,
+        };
+        pg.store = Some(Arc::new(pg.connect(options)));
+        pg
+    }
+
+    fn connect(&self, options: PgOptions) -> PgStorage {
+        let options = PgOptions {
+            schema: self.schema.clone(),
+            ..options
+        };
+        PgStorage::connect(&self.url, options).expect("connect to the test database")
+    }
+
+    fn pg(&self) -> &PgStorage {
+        self.store.as_ref().expect("open until dropped")
+    }
+
+    /// A plain connection to the test database.
+    fn client(&self) -> Client {
+        Client::connect(&self.url, NoTls).expect("connect to the test database")
+    }
+}
+
+impl Harness for Pg {
+    fn store(&self) -> Arc<dyn Storage> {
+        self.store.clone().expect("open until dropped")
+    }
+
+    fn reopen(&self) -> Option<Arc<dyn Storage>> {
+        Some(Arc::new(self.connect(PgOptions::default())))
+    }
+}
+
+impl Drop for Pg {
+    fn drop(&mut self) {
+        self.store.take();
+        let dropped = self.client().batch_execute(&format!(
+            "DROP SCHEMA IF EXISTS \"{}\" CASCADE",
+            self.schema
+        ));
+        if let Err(e) = dropped {
+            eprintln!("could not drop the test schema {}: {e}", self.schema);
+        }
+    }
+}
+
+mod conformance {
+    crate::storage_conformance!(
+        super::Pg::new(),
+        durable,
+        guard = super::database_url().is_some()
+    );
+}
+
+const LEASE: Duration = Duration::from_secs(30);
+
+/// Concurrent claims by separate handles never run more jobs of a limited queue than its
+/// limit, however they interleave (each round starts them together).
+#[test]
+fn queue_limits_hold_under_concurrent_claims() {
+    if database_url().is_none() {
+        return;
+    }
+    let pg = Pg::new();
+    let store = pg.pg();
+    let batch = (0..60).map(|_| NewJob::new("true").queue("a")).collect();
+    store.enqueue_batch(batch, now()).unwrap();
+    store
+        .change_queues(Some(&["a".to_owned()]), QueueChange::Limit(2))
+        .unwrap();
+    for round in 0..5 {
+        let claimed: usize = crate::conformance::race(&pg, 4, |t, store| {
+            store
+                .claim(&format!("w{t}"), 5, LEASE, now())
+                .unwrap()
+                .len()
+        })
+        .into_iter()
+        .sum();
+        assert_eq!(claimed, 2, "round {round}: the limit is 2");
+        let running = store
+            .list(&crate::ListQuery::state(crate::JobState::Processing))
+            .unwrap();
+        for job in running {
+            store
+                .complete(job.lease.as_ref().unwrap(), Default::default(), now())
+                .unwrap();
+        }
+    }
+}
+
+/// A waiter in one handle wakes on another handle's commit through the notification, long
+/// before its poll would have looked.
+#[test]
+fn waiters_wake_on_notifications_not_the_poll() {
+    if database_url().is_none() {
+        return;
+    }
+    let slow_poll = PgOptions {
+        poll_interval: Duration::from_secs(60),
+        ..PgOptions::default()
+    };
+    let pg = Pg::with(slow_poll.clone());
+    let waiter = pg.pg();
+    let writer = pg.connect(PgOptions::default());
+    let seen = waiter.change_version().unwrap();
+    let started = Instant::now();
+    let thread = std::thread::spawn(move || {
+        writer.enqueue(NewJob::new("true"), now()).unwrap();
+    });
+    let version = waiter
+        .wait_for_change(seen, Duration::from_secs(20))
+        .unwrap();
+    thread.join().unwrap();
+    assert_ne!(version, seen, "the waiter saw the change");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "woken by the poll, not the notification: {:?}",
+        started.elapsed()
+    );
+}
+
+/// Without notifications (through a pooler in transaction mode), waiters still see changes,
+/// by polling.
+#[test]
+fn poll_only_waiters_see_changes() {
+    if database_url().is_none() {
+        return;
+    }
+    let poll_only = PgOptions {
+        listen: false,
+        poll_interval: Duration::from_millis(50),
+        ..PgOptions::default()
+    };
+    let pg = Pg::with(poll_only);
+    let waiter = pg.pg();
+    let writer = pg.connect(PgOptions::default());
+    let seen = waiter.change_version().unwrap();
+    writer.enqueue(NewJob::new("true"), now()).unwrap();
+    let version = waiter
+        .wait_for_change(seen, Duration::from_secs(20))
+        .unwrap();
+    assert_ne!(version, seen);
+}
+
+/// Handles connecting to a new schema at once all succeed: the migration runs once, under its
+/// lock, and the others find it done.
+#[test]
+fn concurrent_connects_migrate_once() {
+    if database_url().is_none() {
+        return;
+    }
+    let pg = Pg::new();
+    // A second, new schema, which the racing handles create.
+    let fresh = format!("{}_b", pg.schema);
+    let url = pg.url.clone();
+    let barrier = Arc::new(Barrier::new(4));
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let (url, fresh, barrier) = (url.clone(), fresh.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                let options = PgOptions {
+                    schema: fresh,
+                    ..PgOptions::default()
+                };
+                PgStorage::connect(&url, options).map(drop)
+            })
+        })
+        .collect();
+    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let mut client = pg.client();
+    let version: i32 = client
+        .query_one(
+            &format!("SELECT version FROM \"{fresh}\".schema_version"),
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    client
+        .batch_execute(&format!("DROP SCHEMA \"{fresh}\" CASCADE"))
+        .unwrap();
+    for result in results {
+        result.expect("every concurrent connect succeeds");
+    }
+    assert_eq!(version, super::PG_SCHEMA_VERSION as i32);
+}
+
+/// Reads survive the loss of every pooled connection (the server ended them): they are run
+/// again on new ones.
+#[test]
+fn reads_retry_after_lost_connections() {
+    if database_url().is_none() {
+        return;
+    }
+    let pg = Pg::new();
+    let store = pg.pg();
+    let job = store.enqueue(NewJob::new("true"), now()).unwrap();
+    let pid: i32 = {
+        let mut conn = store.pool.get().unwrap();
+        conn.client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .unwrap()
+            .get(0)
+    };
+    let mut client = pg.client();
+    let ended: bool = client
+        .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+        .unwrap()
+        .get(0);
+    assert!(ended);
+    assert_eq!(store.get(&job.id).unwrap(), job);
+    store.enqueue(NewJob::new("true"), now()).unwrap();
+    assert_eq!(store.counts().unwrap().pending, 2);
+}
+
+/// An error names what was being done and the database without its password, and says why
+/// in words.
+#[test]
+fn errors_name_the_database_without_its_password() {
+    let options = PgOptions {
+        connect_timeout: Duration::from_secs(2),
+        ..PgOptions::default()
+    };
+    // Nothing listens on port 1.
+    let error = PgStorage::connect("postgres://someone:secret@127.0.0.1:1/queues", options)
+        .expect_err("nothing to connect to");
+    let message = error.to_string();
+    assert!(
+        message.contains("postgres://someone@127.0.0.1:1/queues (schema queuectl)")
+            && message.contains("cannot be reached")
+            && !message.contains("secret"),
+        "{message}"
+    );
+}
+
+mod plans {
+    use super::super::{queries, rows};
+    use super::*;
+
+    /// The plan PostgreSQL chooses for `sql` (with `{s}` and `J` filled in) with `params`.
+    fn plan(
+        client: &mut Client,
+        schema: &str,
+        sql: &str,
+        params: &[&(dyn postgres::types::ToSql + Sync)],
+    ) -> String {
+        let sql = sql
+            .replace(" J ", &format!(" {} ", rows::JOB_COLUMNS))
+            .replace("{s}", &format!("\"{schema}\""));
+        client
+            .query(&format!("EXPLAIN {sql}"), params)
+            .unwrap()
+            .iter()
+            .map(|row| row.get::<_, String>(0))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn jobs(tail: &str) -> String {
+        format!("SELECT {} FROM {{s}}.jobs {tail}", rows::JOB_COLUMNS)
+    }
+
+    /// The hot statements read an index. The table holds 20,000 jobs (statistics gathered),
+    /// enough that the planner would scan it whole if no index served: the plans are the
+    /// ones PostgreSQL chooses on its own, not forced with `enable_seqscan = off`.
+    #[test]
+    fn hot_paths_use_indexes() {
+        if database_url().is_none() {
+            return;
+        }
+        let pg = Pg::new();
+        let store = pg.pg();
+        let at = now();
+        for chunk in 0..4 {
+            let batch = (0..5_000)
+                .map(|i| {
+                    NewJob::new("true")
+                        .priority(i % 3)
+                        .queue(if i % 2 == 0 { "a" } else { "b" })
+                        .unique_key(format!("k{chunk}-{i}"))
+                })
+                .collect();
+            store.enqueue_batch(batch, at).unwrap();
+        }
+        let rare = (0..10).map(|_| NewJob::new("true").queue("rare")).collect();
+        store.enqueue_batch(rare, at).unwrap();
+        let claimed = store.claim("w", 100, LEASE, at).unwrap();
+        let mut client = pg.client();
+        client
+            .batch_execute(&format!("ANALYZE \"{}\".jobs", pg.schema))
+            .unwrap();
+        let s = pg.schema.as_str();
+        let us = crate::file::rows::micros(at);
+        let queues = vec!["a".to_owned(), "b".to_owned()];
+        let rooms = vec![10i64, 10];
+        let id = claimed[0].id.as_str();
+        let limit = Some(50i64);
+        let offset = 0i64;
+        let none: Option<&str> = None;
+        let cases: Vec<(String, Vec<&(dyn postgres::types::ToSql + Sync)>, &str)> = vec![
+            (
+                queries::PICK_READY.to_owned(),
+                vec![&queues, &rooms, &us],
+                "jobs_ready",
+            ),
+            (jobs(queries::BY_ID), vec![&id], "jobs_id_key"),
+            (jobs(queries::UNIQUE_HOLDER), vec![&"k1-7"], "jobs_unique"),
+            (
+                jobs(&queries::page(false, false, true)),
+                vec![&none, &none, &limit, &offset],
+                "jobs_pkey",
+            ),
+            (
+                jobs(&queries::page(true, false, false)),
+                vec![&"dead", &none, &limit, &offset],
+                "jobs_state",
+            ),
+            (
+                jobs(&queries::page(false, true, false)),
+                vec![&none, &"rare", &limit, &offset],
+                "jobs_queue",
+            ),
+            (jobs(queries::EXPIRED), vec![&us], "jobs_lease_expiry"),
+            (queries::PROMOTE.to_owned(), vec![&us], "jobs_scheduled"),
+            (queries::NEXT_DUE.to_owned(), vec![&us], "jobs_scheduled"),
+        ];
+        for (sql, params, index) in &cases {
+            let plan = plan(&mut client, s, sql, params);
+            assert!(
+                (plan.contains(&format!("using {index} "))
+                    || plan.contains(&format!("on {index} ")))
+                    && !plan.contains("Seq Scan on jobs"),
+                "{sql}\nexpected a scan of {index}:\n{plan}"
+            );
+        }
+    }
+}
