@@ -17,6 +17,16 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "DIR")]
     pub home: Option<PathBuf>,
 
+    /// A PostgreSQL database to keep the queue in instead of the embedded store, so that
+    /// workers on many machines share it (postgres://user@host/db), or $QUEUECTL_DATABASE_URL.
+    #[arg(long, global = true, value_name = "URL")]
+    pub database_url: Option<String>,
+
+    /// The PostgreSQL schema of the queue (with --database-url), or
+    /// $QUEUECTL_DATABASE_SCHEMA [default: queuectl].
+    #[arg(long, global = true, value_name = "NAME")]
+    pub database_schema: Option<String>,
+
     /// What to do.
     #[command(subcommand)]
     pub command: Command,

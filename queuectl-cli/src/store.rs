@@ -1,10 +1,12 @@
 //! Opening the store the way each command needs it, and the housekeeping read commands do.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use queuectl_core::pool::{hostname, recover_abandoned};
-use queuectl_core::{FileOptions, FileStorage, MemoryStorage, Storage, StorageError, now};
+use queuectl_core::{
+    FileOptions, FileStorage, MemoryStorage, PgOptions, PgStorage, Storage, StorageError, now,
+};
 
 use crate::args::{Command, ConfigCommand, DlqCommand, QueueCommand, WorkerCommand};
 use crate::error::{CliError, Result};
@@ -60,11 +62,59 @@ pub fn default_home() -> Result<PathBuf> {
         .ok_or(CliError::NoHome)
 }
 
+/// Where the queue is: the embedded store in a directory, or a PostgreSQL database.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// `--home`, `QUEUECTL_HOME` or the platform data directory.
+    Home(PathBuf),
+    /// `--database-url` or `QUEUECTL_DATABASE_URL`.
+    Database {
+        /// The connection URL.
+        url: String,
+        /// The schema (`None`: the default).
+        schema: Option<String>,
+    },
+}
+
+/// The target the command line and environment name.
+pub fn target(
+    home: Option<PathBuf>,
+    url: Option<String>,
+    schema: Option<String>,
+) -> Result<Target> {
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    if let Some(url) = url
+        .filter(|u| !u.is_empty())
+        .or_else(|| env("QUEUECTL_DATABASE_URL"))
+    {
+        let schema = schema.or_else(|| env("QUEUECTL_DATABASE_SCHEMA"));
+        return Ok(Target::Database { url, schema });
+    }
+    let from_env = std::env::var_os("QUEUECTL_HOME").filter(|home| !home.is_empty());
+    match home.or(from_env.map(Into::into)) {
+        Some(home) => Ok(Target::Home(home)),
+        None => Ok(Target::Home(default_home()?)),
+    }
+}
+
+fn connect(url: &str, schema: &Option<String>) -> Result<Arc<dyn Storage>> {
+    let mut options = PgOptions::default();
+    if let Some(schema) = schema {
+        options.schema = schema.clone();
+    }
+    Ok(Arc::new(PgStorage::connect(url, options)?))
+}
+
 /// Opens the store for `worker start`, creating it if needed.
-pub fn open_for_work(home: &Path) -> Result<Arc<FileStorage>> {
-    let store = FileStorage::open(home)?;
-    announce(&store);
-    Ok(Arc::new(store))
+pub fn open_for_work(target: &Target) -> Result<Arc<dyn Storage>> {
+    match target {
+        Target::Database { url, schema } => connect(url, schema),
+        Target::Home(home) => {
+            let store = FileStorage::open(home)?;
+            announce(&store);
+            Ok(Arc::new(store))
+        }
+    }
 }
 
 fn announce(store: &FileStorage) {
@@ -75,7 +125,11 @@ fn announce(store: &FileStorage) {
 
 /// Opens the store as the command needs it. A read finds an empty queue where there is no
 /// store yet (and says so), and falls back to reading a store it cannot write.
-pub fn open(home: &Path, access: Access) -> Result<Arc<dyn Storage>> {
+pub fn open(target: &Target, access: Access) -> Result<Arc<dyn Storage>> {
+    let home = match target {
+        Target::Database { url, schema } => return connect(url, schema),
+        Target::Home(home) => home,
+    };
     let options = FileOptions {
         create: access == Access::Create,
         ..FileOptions::default()

@@ -37,11 +37,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result {
         }
         _ => {}
     }
-    let from_env = std::env::var_os("QUEUECTL_HOME").filter(|home| !home.is_empty());
-    let home = match cli.home.or(from_env.map(Into::into)) {
-        Some(home) => home,
-        None => store::default_home()?,
-    };
+    let target = store::target(cli.home, cli.database_url, cli.database_schema)?;
     // Parse job input before touching the store: refused input changes nothing.
     let jobs = match &cli.command {
         Command::Enqueue { job, .. } => Some(enqueue::parse(job)?),
@@ -50,21 +46,28 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result {
     queue::check_names(&cli.command)?;
     let access = store::access(&cli.command);
     match cli.command {
-        Command::Check(flag) => check::run(&home, flag.json, out),
+        Command::Check(flag) => match &target {
+            store::Target::Home(home) => check::run(home, flag.json, out),
+            store::Target::Database { .. } => Err(crate::error::CliError::Refused(
+                "check examines the embedded store; a PostgreSQL database has its own tools \
+                 (amcheck, pg_dump)"
+                    .into(),
+            )),
+        },
         Command::Worker(WorkerCommand::Start {
             count,
             exit_when_idle,
             prefetch,
             queues,
         }) => worker::start(
-            store::open_for_work(&home)?,
+            store::open_for_work(&target)?,
             count.map(usize::from),
             exit_when_idle,
             prefetch as usize,
             queues,
         ),
         command => {
-            let shared = store::open(&home, access)?;
+            let shared = store::open(&target, access)?;
             let store = &*shared;
             match command {
                 Command::Enqueue { job, json } => {

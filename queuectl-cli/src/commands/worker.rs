@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use queuectl_core::pool::{hostname, recover_abandoned};
-use queuectl_core::{Event, FileStorage, ShellExecutor, StopReason, Storage, WorkerPool, now};
+use queuectl_core::{Event, ShellExecutor, StopReason, Storage, WorkerPool, now};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
@@ -15,7 +15,7 @@ use crate::render::{ts, visible};
 
 /// Runs a pool of shell workers in the foreground until it is stopped.
 pub fn start(
-    store: Arc<FileStorage>,
+    store: Arc<dyn Storage>,
     count: Option<usize>,
     exit_when_idle: bool,
     prefetch: usize,
