@@ -11,7 +11,8 @@
 //! 7. queue limit: a limit of 3 on a queue drained by 3 worker processes × 4 slots (500 jobs):
 //!    the most jobs of the queue seen running at once.
 //!
-//! Run with `cargo bench -p queuectl-cli --bench e2e` (set `E2E_JOBS` to change the drain size).
+//! Run with `cargo bench -p queuectl-cli --bench e2e` (set `E2E_JOBS` to change the drain size,
+//! `E2E_DATABASE_URL=postgres://…` to run on PostgreSQL instead, a schema per figure).
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
@@ -23,10 +24,45 @@ use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_queuectl");
 
+/// The PostgreSQL server to run on instead of the embedded store (`E2E_DATABASE_URL`).
+fn database_url() -> Option<String> {
+    std::env::var("E2E_DATABASE_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+}
+
+/// The schemas used, dropped at the end.
+static SCHEMAS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// `queuectl` on the queue of `home`: the embedded store there, or with `E2E_DATABASE_URL`
+/// a PostgreSQL schema of its own named after `home`.
 fn queuectl(home: &Path) -> Command {
     let mut command = Command::new(BIN);
     command.env("QUEUECTL_HOME", home);
+    if let Some(url) = database_url() {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        home.hash(&mut hasher);
+        let schema = format!("queuectl_e2e_{:x}", hasher.finish());
+        let mut schemas = SCHEMAS.lock().unwrap();
+        if !schemas.contains(&schema) {
+            schemas.push(schema.clone());
+        }
+        command
+            .env("QUEUECTL_DATABASE_URL", url)
+            .env("QUEUECTL_DATABASE_SCHEMA", schema);
+    }
     command
+}
+
+fn drop_schemas() {
+    let Some(url) = database_url() else { return };
+    let mut client = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
+    for schema in SCHEMAS.lock().unwrap().drain(..) {
+        client
+            .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+            .expect("drop a bench schema");
+    }
 }
 
 fn run(home: &Path, args: &[&str]) -> String {
@@ -322,7 +358,12 @@ fn main() {
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(1000);
-    println!("queuectl end-to-end figures ({jobs} jobs for the drain)");
+    let store = if database_url().is_some() {
+        "PostgreSQL (E2E_DATABASE_URL)"
+    } else {
+        "the embedded store"
+    };
+    println!("queuectl end-to-end figures on {store} ({jobs} jobs for the drain)");
     let raw = raw_shell_rate(jobs);
     let drain = shell_drain(jobs, 0);
     let prefetched = shell_drain(jobs, 2);
@@ -356,4 +397,5 @@ fn main() {
         "crash recovery     {recovered:>10.2} s to completion elsewhere \
          (restarted after {restarted:.2} s; the job itself takes 1 s)"
     );
+    drop_schemas();
 }

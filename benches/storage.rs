@@ -9,15 +9,34 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use queuectl_core::{
-    FileStorage, FnExecutor, Job, MemoryStorage, NewJob, Settlement, Storage, StorageExt,
-    WorkerPool, now,
+    FileStorage, FnExecutor, Job, MemoryStorage, NewJob, PgOptions, PgStorage, Settlement, Storage,
+    StorageExt, WorkerPool, now,
 };
 use tempfile::TempDir;
 
-/// A fresh store of one backend; the temp dir (if any) lives as long as the store.
+/// A fresh store of one backend; the temp dir or database schema (if any) lives as long as
+/// the store.
 struct Fresh {
     store: Arc<dyn Storage>,
     dir: Option<TempDir>,
+    schema: Option<(String, String)>,
+}
+
+impl Drop for Fresh {
+    fn drop(&mut self) {
+        if let Some((url, schema)) = &self.schema
+            && let Ok(mut client) = postgres::Client::connect(url, postgres::NoTls)
+        {
+            let _ = client.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"));
+        }
+    }
+}
+
+/// The PostgreSQL server to measure, from `QUEUECTL_TEST_DATABASE_URL` (none: not measured).
+fn database_url() -> Option<String> {
+    std::env::var("QUEUECTL_TEST_DATABASE_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
 }
 
 type Backend = (&'static str, fn() -> Fresh);
@@ -26,6 +45,24 @@ fn memory() -> Fresh {
     Fresh {
         store: Arc::new(MemoryStorage::new()),
         dir: None,
+        schema: None,
+    }
+}
+
+fn pg() -> Fresh {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let url = database_url().expect("only measured with a server");
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let schema = format!("queuectl_bench_{}_{n}", std::process::id());
+    let options = PgOptions {
+        schema: schema.clone(),
+        ..PgOptions::default()
+    };
+    let store = PgStorage::connect(&url, options).expect("connect to PostgreSQL");
+    Fresh {
+        store: Arc::new(store),
+        dir: None,
+        schema: Some((url, schema)),
     }
 }
 
@@ -35,10 +72,18 @@ fn file() -> Fresh {
     Fresh {
         store: Arc::new(store),
         dir: Some(dir),
+        schema: None,
     }
 }
 
-const BACKENDS: [Backend; 2] = [("memory", memory), ("file", file)];
+/// The stores measured: PostgreSQL too when `QUEUECTL_TEST_DATABASE_URL` names a server.
+fn backends() -> Vec<Backend> {
+    let mut backends: Vec<Backend> = vec![("memory", memory), ("file", file)];
+    if database_url().is_some() {
+        backends.push(("postgres", pg));
+    }
+    backends
+}
 
 fn jobs(n: usize) -> Vec<NewJob> {
     (0..n).map(|_| NewJob::new("true")).collect()
@@ -71,7 +116,7 @@ fn drain(store: &dyn Storage, n: usize, batch: usize) -> usize {
 
 fn enqueue(c: &mut Criterion) {
     let mut group = c.benchmark_group("enqueue");
-    for (name, make) in BACKENDS {
+    for (name, make) in backends() {
         let fresh = make();
         group.throughput(Throughput::Elements(1));
         group.bench_function(BenchmarkId::new("one", name), |b| {
@@ -89,7 +134,7 @@ fn enqueue(c: &mut Criterion) {
 fn claim_complete(c: &mut Criterion) {
     let mut group = c.benchmark_group("claim_complete");
     group.throughput(Throughput::Elements(1));
-    for (name, make) in BACKENDS {
+    for (name, make) in backends() {
         for batch in [1, 64] {
             let fresh = make();
             group.bench_function(BenchmarkId::new(format!("batch{batch}"), name), |b| {
@@ -157,7 +202,7 @@ fn pool(c: &mut Criterion) {
     group.sample_size(10);
     const JOBS: usize = 20_000;
     group.throughput(Throughput::Elements(JOBS as u64));
-    for (name, make) in BACKENDS {
+    for (name, make) in backends() {
         for workers in [1, 2, 4] {
             group.bench_function(BenchmarkId::new(name, workers), |b| {
                 b.iter_custom(|iters| {

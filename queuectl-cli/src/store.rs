@@ -97,8 +97,15 @@ pub fn target(
     }
 }
 
-fn connect(url: &str, schema: &Option<String>) -> Result<Arc<dyn Storage>> {
+/// Connects to PostgreSQL; `waits` for a process that waits for changes (a worker, `wait`,
+/// `logs --follow`, the dashboard), which listens for notifications. A one-shot command
+/// neither listens nor keeps more than one connection: it saves a connection per run.
+fn connect(url: &str, schema: &Option<String>, waits: bool) -> Result<Arc<dyn Storage>> {
     let mut options = PgOptions::default();
+    if !waits {
+        options.listen = false;
+        options.pool_size = 1;
+    }
     if let Some(schema) = schema {
         options.schema = schema.clone();
     }
@@ -108,7 +115,7 @@ fn connect(url: &str, schema: &Option<String>) -> Result<Arc<dyn Storage>> {
 /// Opens the store for `worker start`, creating it if needed.
 pub fn open_for_work(target: &Target) -> Result<Arc<dyn Storage>> {
     match target {
-        Target::Database { url, schema } => connect(url, schema),
+        Target::Database { url, schema } => connect(url, schema, true),
         Target::Home(home) => {
             let store = FileStorage::open(home)?;
             announce(&store);
@@ -125,9 +132,9 @@ fn announce(store: &FileStorage) {
 
 /// Opens the store as the command needs it. A read finds an empty queue where there is no
 /// store yet (and says so), and falls back to reading a store it cannot write.
-pub fn open(target: &Target, access: Access) -> Result<Arc<dyn Storage>> {
+pub fn open(target: &Target, access: Access, waits: bool) -> Result<Arc<dyn Storage>> {
     let home = match target {
-        Target::Database { url, schema } => return connect(url, schema),
+        Target::Database { url, schema } => return connect(url, schema, waits),
         Target::Home(home) => home,
     };
     let options = FileOptions {

@@ -67,7 +67,11 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result {
             queues,
         ),
         command => {
-            let shared = store::open(&target, access)?;
+            let waits = matches!(
+                command,
+                Command::Wait { .. } | Command::Logs { .. } | Command::Dashboard { .. }
+            ) || matches!(command, Command::Worker(WorkerCommand::Stop { .. }));
+            let shared = store::open(&target, access, waits)?;
             let store = &*shared;
             match command {
                 Command::Enqueue { job, json } => {
