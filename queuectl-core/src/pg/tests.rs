@@ -383,3 +383,67 @@ mod plans {
         }
     }
 }
+
+/// A worker on another machine (another host name: its pid means nothing here) that holds a
+/// job and goes silent loses it when its lease runs out: a worker here runs it, and the
+/// abandoned attempt stays in the history.
+#[test]
+fn a_silent_worker_on_another_host_loses_its_job_when_the_lease_runs_out() {
+    let Some(_) = database_url() else { return };
+    let pg = Pg::new();
+    let store = pg.store();
+    store
+        .enqueue(NewJob::new("x").id("far").unwrap(), now())
+        .unwrap();
+    store
+        .register_worker(crate::WorkerInfo {
+            id: "elsewhere-1".into(),
+            hostname: "another-host".into(),
+            pid: std::process::id(),
+            concurrency: 1,
+            started_at: now(),
+            last_seen: now(),
+            stop_requested: false,
+            stop_forced: false,
+            identity: Default::default(),
+            queues: Vec::new(),
+        })
+        .unwrap();
+    let held = store
+        .claim("elsewhere-1", 1, Duration::from_millis(300), now())
+        .unwrap();
+    assert_eq!(held.len(), 1);
+    let (tx, ran) = crossbeam_channel::unbounded();
+    let executor = crate::FnExecutor::new(move |job: &crate::Job| {
+        let _ = tx.send(job.id.to_string());
+        Ok(())
+    });
+    let pool = crate::WorkerPool::builder(pg.reopen().unwrap(), Arc::new(executor))
+        .recovery_interval(Duration::from_millis(50))
+        .start()
+        .unwrap();
+    // The worker's pid is this process, alive: only the lease can free the job.
+    assert_eq!(
+        ran.recv_timeout(Duration::from_secs(10)).unwrap(),
+        "far",
+        "run here once the lease ran out"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store.get(&"far".parse().unwrap()).unwrap().state != crate::JobState::Completed {
+        assert!(Instant::now() < deadline, "the job never completed");
+        store
+            .wait_for_change(store.change_version().unwrap(), Duration::from_millis(200))
+            .unwrap();
+    }
+    pool.shutdown().unwrap();
+    let history = store.attempts(&"far".parse().unwrap()).unwrap();
+    let outcomes: Vec<_> = history.iter().map(|a| a.outcome).collect();
+    assert_eq!(
+        outcomes,
+        [
+            crate::AttemptOutcome::Abandoned,
+            crate::AttemptOutcome::Succeeded
+        ]
+    );
+    assert_eq!(history[0].worker, "elsewhere-1");
+}
