@@ -101,6 +101,10 @@ pub fn target(
 /// `logs --follow`, the dashboard), which listens for notifications. A one-shot command
 /// neither listens nor keeps more than one connection: it saves a connection per run.
 fn connect(url: &str, schema: &Option<String>, waits: bool) -> Result<Arc<dyn Storage>> {
+    Ok(Arc::new(pg(url, schema, waits)?))
+}
+
+fn pg(url: &str, schema: &Option<String>, waits: bool) -> Result<PgStorage> {
     let mut options = PgOptions::default();
     if !waits {
         options.listen = false;
@@ -109,13 +113,35 @@ fn connect(url: &str, schema: &Option<String>, waits: bool) -> Result<Arc<dyn St
     if let Some(schema) = schema {
         options.schema = schema.clone();
     }
-    Ok(Arc::new(PgStorage::connect(url, options)?))
+    Ok(PgStorage::connect(url, options)?)
+}
+
+/// What a worker says when its clock is off from the database server's by more than a second.
+pub fn clock_warning(offset: time::Duration) -> Option<String> {
+    (offset.abs() > time::Duration::SECOND).then(|| {
+        let (ahead, secs) = if offset.is_negative() {
+            ("ahead of", -offset.as_seconds_f64())
+        } else {
+            ("behind", offset.as_seconds_f64())
+        };
+        format!(
+            "warning: this machine's clock is {secs:.1} s {ahead} the database server's; \
+             workers decide due times and lease expiry by their own clocks, so keep every \
+             machine's clock synchronised (NTP)"
+        )
+    })
 }
 
 /// Opens the store for `worker start`, creating it if needed.
 pub fn open_for_work(target: &Target) -> Result<Arc<dyn Storage>> {
     match target {
-        Target::Database { url, schema } => connect(url, schema, true),
+        Target::Database { url, schema } => {
+            let store = pg(url, schema, true)?;
+            if let Some(warning) = clock_warning(store.clock_offset()?) {
+                say!("{warning}");
+            }
+            Ok(Arc::new(store))
+        }
         Target::Home(home) => {
             let store = FileStorage::open(home)?;
             announce(&store);
@@ -165,4 +191,19 @@ pub fn recover(store: &dyn Storage) -> Result<()> {
     let config = store.config()?;
     recover_abandoned(store, &hostname(), config.lease_duration() * 3, now())?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::clock_warning;
+
+    #[test]
+    fn a_clock_off_by_more_than_a_second_is_said() {
+        assert_eq!(clock_warning(time::Duration::milliseconds(900)), None);
+        assert_eq!(clock_warning(time::Duration::milliseconds(-999)), None);
+        let behind = clock_warning(time::Duration::seconds_f64(2.5)).unwrap();
+        assert!(behind.contains("2.5 s behind"), "{behind}");
+        let ahead = clock_warning(time::Duration::seconds(-3)).unwrap();
+        assert!(ahead.contains("3.0 s ahead of"), "{ahead}");
+    }
 }

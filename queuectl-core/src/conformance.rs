@@ -104,6 +104,9 @@ macro_rules! storage_conformance {
             enqueue_refuses_missing_or_failed_dependencies,
             retried_dependents_wait_again,
             purged_dependencies_count_as_completed,
+            a_new_job_taking_a_purged_dependencys_id_is_not_that_dependency,
+            removing_a_completed_dependency_cancels_nothing,
+            settle_and_claim_sees_the_room_its_settlements_made,
             activity_reports_what_finished_since,
             live_output_is_visible_to_other_handles,
             live_output_under_a_stale_lease_is_refused_and_changes_nothing,
@@ -2185,6 +2188,94 @@ pub fn purged_dependencies_count_as_completed(h: &dyn Harness) {
         .complete(b.lease.as_ref().unwrap(), AttemptReport::default(), at(5))
         .unwrap();
     assert_eq!(ids(&store.claim("w", 10, LEASE, at(5)).unwrap()), ["c"]);
+}
+
+/// A dependency purged after it completed counts as completed even when a new job takes its
+/// id: the dependent waits for the jobs it was enqueued after, not for whatever has their ids
+/// now (and a retried dependent likewise).
+pub fn a_new_job_taking_a_purged_dependencys_id_is_not_that_dependency(h: &dyn Harness) {
+    let store = h.store();
+    store
+        .enqueue_batch(vec![job("d"), job("e"), after("b", &["d", "e"])], at(0))
+        .unwrap();
+    let d = claim_one(&*store, at(1));
+    store
+        .complete(d.lease.as_ref().unwrap(), AttemptReport::default(), at(2))
+        .unwrap();
+    assert_eq!(store.purge_completed(at(3)).unwrap(), 1);
+    store.enqueue(job("d").run_at(at(100)), at(3)).unwrap();
+    let e = claim_one(&*store, at(4));
+    assert_eq!(e.id.as_str(), "e");
+    store
+        .complete(e.lease.as_ref().unwrap(), AttemptReport::default(), at(5))
+        .unwrap();
+    let b = store.get(&id("b")).unwrap();
+    assert!(!b.blocked, "the new d is not the d b waited for");
+    assert_eq!(ids(&store.claim("w", 10, LEASE, at(6)).unwrap()), ["b"]);
+    // Retried, it still does not wait for the new d.
+    store.cancel(&[id("b")], at(7)).unwrap();
+    let again = store.retry(&[id("b")], at(8)).unwrap().remove(0);
+    assert!(!again.blocked, "{again:?}");
+}
+
+/// Removing a dependency that completed cancels nothing: the dependents wait for the others.
+pub fn removing_a_completed_dependency_cancels_nothing(h: &dyn Harness) {
+    let store = h.store();
+    store
+        .enqueue_batch(vec![job("d"), job("e"), after("b", &["d", "e"])], at(0))
+        .unwrap();
+    let d = claim_one(&*store, at(1));
+    store
+        .complete(d.lease.as_ref().unwrap(), AttemptReport::default(), at(2))
+        .unwrap();
+    store.remove(&[id("d")], at(3)).unwrap();
+    let b = store.get(&id("b")).unwrap();
+    assert_eq!((b.state, b.blocked), (JobState::Pending, true), "{b:?}");
+    let e = claim_one(&*store, at(4));
+    store
+        .complete(e.lease.as_ref().unwrap(), AttemptReport::default(), at(5))
+        .unwrap();
+    assert_eq!(ids(&store.claim("w", 10, LEASE, at(6)).unwrap()), ["b"]);
+}
+
+/// In one `settle_and_claim`, the claim sees what the settlements did: a job failed with its
+/// retry due now, and room a finished job made under its queue's limit.
+pub fn settle_and_claim_sees_the_room_its_settlements_made(h: &dyn Harness) {
+    let store = h.store();
+    store
+        .enqueue_batch(
+            vec![in_queue("k1", "one"), in_queue("k2", "one"), job("j")],
+            at(0),
+        )
+        .unwrap();
+    store
+        .change_queues(Some(&names(&["one"])), QueueChange::Limit(1))
+        .unwrap();
+    let first = store.claim("w", 10, LEASE, at(1)).unwrap();
+    assert_eq!(ids(&first), ["k1", "j"]);
+    let lease = |id: &str| {
+        first
+            .iter()
+            .find(|job| job.id.as_str() == id)
+            .and_then(|job| job.lease.clone())
+            .unwrap()
+    };
+    let settlements = vec![
+        Settlement::Complete {
+            lease: lease("k1"),
+            report: AttemptReport::default(),
+        },
+        Settlement::Fail {
+            lease: lease("j"),
+            report: failed("x"),
+            retry_at: at(2),
+        },
+    ];
+    let (settled, claimed) = store
+        .settle_and_claim(settlements, &ClaimRequest::new("w", 10, LEASE), at(2))
+        .unwrap();
+    assert!(settled.iter().all(Result::is_ok));
+    assert_eq!(ids(&claimed), ["k2", "j"]);
 }
 
 // ----- statistics -----

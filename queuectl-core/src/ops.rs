@@ -23,8 +23,10 @@ pub(crate) trait StoreTx {
     fn last_output(&mut self, seq: u64) -> Result<Option<String>, Self::Error>;
     /// The job holding a unique key.
     fn unique_holder(&mut self, key: &str) -> Result<Option<Job>, Self::Error>;
-    /// The states of the dependencies `after`, locked against changes where the store locks.
-    fn dependency_states(&mut self, after: &[JobId]) -> Result<Vec<Dependency>, Self::Error>;
+    /// The states of the stored job's dependencies, through the links made when it was
+    /// enqueued (a dependency no longer linked, purged after it completed, is `None` even if
+    /// a new job took its id), locked against changes where the store locks.
+    fn dependency_states(&mut self, job: &Job) -> Result<Vec<Dependency>, Self::Error>;
     /// Writes what a rule changed in `old`; returns the job as stored.
     fn update_job(&mut self, old: Job, new: Job, now: Timestamp) -> Result<Job, Self::Error>;
     /// Adds a finished attempt to the job's history.
@@ -148,7 +150,7 @@ pub(crate) fn rerun<T: StoreTx>(
             let holder = tx.unique_holder(key)?;
             rules::check_unique(&old, holder.as_ref())?;
         }
-        let dependencies = tx.dependency_states(&old.after)?;
+        let dependencies = tx.dependency_states(&old)?;
         let mut job = old.clone();
         rules::retry(&mut job, &dependencies, now);
         let mut job = tx.update_job(old, job, now)?;

@@ -152,14 +152,17 @@ pub(crate) trait Dependents {
 
 /// After the job `finished` reached a finished state (or, with `removed`, was deleted): each
 /// blocked job waiting for it runs or is cancelled as [`resolve_dependencies`] says, and so on
-/// down the graph.
+/// down the graph. Removing a job that had not completed cancels its dependents.
 pub(crate) fn propagate<D: Dependents>(
     store: &mut D,
     finished: &Job,
     removed: bool,
     now: Timestamp,
 ) -> std::result::Result<(), D::Error> {
-    let mut work = vec![(finished.seq, removed.then(|| finished.id.clone()))];
+    // A completed job that is removed still completed: its dependents go on waiting for the
+    // others only (as when retention purges it).
+    let cancels = removed && finished.state != JobState::Completed;
+    let mut work = vec![(finished.seq, cancels.then(|| finished.id.clone()))];
     while let Some((seq, removed)) = work.pop() {
         for old in store.blocked_dependents(seq)? {
             let dependencies = store.dependencies(&old)?;

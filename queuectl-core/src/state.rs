@@ -209,11 +209,22 @@ impl QueueState {
         result.expect("the memory store's graph operations cannot fail");
     }
 
+    /// The states of a stored job's dependencies, through the links made when it was enqueued:
+    /// a dependency no longer linked (purged after it completed) is `None`, even if a new job
+    /// has taken its id since.
     fn dependencies_of(&self, job: &Job) -> Vec<Dependency> {
         job.after
             .iter()
             .map(|id| {
-                let state = self.ids.get(id).map(|seq| self.jobs[seq].state);
+                let state = self
+                    .ids
+                    .get(id)
+                    .filter(|seq| {
+                        self.dependents
+                            .get(seq)
+                            .is_some_and(|waiting| waiting.contains(&job.seq))
+                    })
+                    .map(|seq| self.jobs[seq].state);
                 (id.clone(), state)
             })
             .collect()

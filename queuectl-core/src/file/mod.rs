@@ -649,6 +649,8 @@ impl FileStorage {
         // Scheduled jobs that became due join the ready ones (the lane is index bookkeeping,
         // not job state).
         tx.prepare_cached(queries::PROMOTE)?.execute([now_us])?;
+        // Settlements earlier in this transaction changed the counts a claim reads.
+        tx.flush_counts()?;
         let settings = rows::queue_settings(tx)?;
         let mut picked = Vec::new();
         let queues = tx

@@ -22,6 +22,10 @@ pub(super) const QUEUE_SETTINGS: &str = "SELECT name, paused, max_running FROM q
 pub(super) const UNIQUE_HOLDER: &str = "INDEXED BY jobs_unique WHERE unique_key = ?1 \
      AND unique_key IS NOT NULL AND state IN ('pending', 'processing', 'failed')";
 
+/// The ids and states of the jobs the job `?1` is linked to as its dependencies.
+pub(super) const LINKED_STATES: &str = "SELECT j.id, j.state FROM dependencies d \
+     JOIN jobs j ON j.seq = d.after_seq WHERE d.job_seq = ?1";
+
 /// After `SELECT <job columns> FROM jobs`: the blocked jobs waiting for the job `?1`.
 pub(super) const BLOCKED_DEPENDENTS: &str = "WHERE seq IN \
      (SELECT job_seq FROM dependencies WHERE after_seq = ?1) AND blocked = 1";

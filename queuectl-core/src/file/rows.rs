@@ -492,9 +492,16 @@ impl<'c> Tx<'c> {
     }
 
     /// Writes the counters and commits.
-    pub(super) fn commit(self) -> rusqlite::Result<()> {
-        for ((queue, state), delta) in &self.counts {
-            if *delta == 0 {
+    pub(super) fn commit(mut self) -> rusqlite::Result<()> {
+        self.flush_counts()?;
+        self.tx.commit()
+    }
+
+    /// Writes the count changes made so far, so that reads later in the transaction (a claim
+    /// after settlements) see them.
+    pub(super) fn flush_counts(&mut self) -> rusqlite::Result<()> {
+        for ((queue, state), delta) in self.counts.drain() {
+            if delta == 0 {
                 continue;
             }
             let args = params![queue, state.as_str(), delta];
@@ -511,7 +518,7 @@ impl<'c> Tx<'c> {
                     .execute(args)?;
             }
         }
-        self.tx.commit()
+        Ok(())
     }
 
     /// Inserts a new job (`job.seq` is set to its row id). A job with the same id is
@@ -547,12 +554,24 @@ impl<'c> Tx<'c> {
         Ok(())
     }
 
-    /// The states of `job`'s dependencies.
+    /// The states of a stored job's dependencies, through its links (`dependencies`): a
+    /// dependency no longer linked (purged after it completed) is `None`, even if a new job
+    /// has taken its id since.
     pub(super) fn dependency_states(&self, job: &Job) -> TxResult<Vec<Dependency>> {
-        job.after
+        if job.after.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut statement = self.prepare_cached(super::queries::LINKED_STATES)?;
+        let linked = statement
+            .query_map([job.seq as i64], |row| {
+                Ok((row.get::<_, String>(0)?, parsed::<JobState>(row, 1)?))
+            })?
+            .collect::<rusqlite::Result<HashMap<_, _>>>()?;
+        Ok(job
+            .after
             .iter()
-            .map(|id| Ok((id.clone(), state_of(self, id)?)))
-            .collect()
+            .map(|id| (id.clone(), linked.get(id.as_str()).copied()))
+            .collect())
     }
 
     /// Writes the columns in which `new` differs from `old` (the same job before a rule ran);
@@ -820,11 +839,8 @@ impl crate::ops::StoreTx for Tx<'_> {
         Ok(select_jobs(self, super::queries::UNIQUE_HOLDER, [key])?.pop())
     }
 
-    fn dependency_states(&mut self, after: &[JobId]) -> TxResult<Vec<Dependency>> {
-        after
-            .iter()
-            .map(|id| Ok((id.clone(), state_of(self, id)?)))
-            .collect()
+    fn dependency_states(&mut self, job: &Job) -> TxResult<Vec<Dependency>> {
+        Tx::dependency_states(self, job)
     }
 
     fn update_job(&mut self, old: Job, mut new: Job, now: Timestamp) -> TxResult<Job> {

@@ -312,6 +312,26 @@ impl PgStorage {
         }
     }
 
+    /// How far the server's clock is ahead of this machine's (negative: behind), read around
+    /// one round trip (the server's reading taken as made halfway). Every decision uses the
+    /// callers' clocks (DECISIONS §15): a worker whose clock is off from the others' (here,
+    /// from the server's) sees leases expire early or jobs come due late.
+    pub fn clock_offset(&self) -> Result<time::Duration> {
+        let before = crate::job::now();
+        let server_us: i64 = self.read("read the server's clock", |db| {
+            let rows = db.query(
+                "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint",
+                &[],
+            )?;
+            Ok(rows[0].try_get(0)?)
+        })?;
+        let after = crate::job::now();
+        let halfway = before + (after - before) / 2;
+        let server =
+            Timestamp::from_unix_timestamp_nanos(i128::from(server_us) * 1_000).unwrap_or(halfway);
+        Ok(server - halfway)
+    }
+
     /// Runs `f` in one read-only repeatable-read transaction (one consistent snapshot). A
     /// read whose connection was lost is run again, a few times, after a pause.
     fn read<T>(&self, op: &'static str, mut f: impl FnMut(&mut Db) -> TxResult<T>) -> Result<T> {
@@ -401,12 +421,17 @@ impl PgStorage {
         // Index bookkeeping, not a change anyone sees: it does not count as one.
         tx.execute(queries::PROMOTE, &[&micros(now)])?;
         let mut queues = Vec::new();
+        // The counts as stored, plus what settlements earlier in this transaction changed.
         for row in tx.query(queries::CLAIMABLE_QUEUES, &[])? {
             let name: String = row.try_get(0)?;
-            let running: i64 = row.try_get(2)?;
+            let waiting = row.try_get::<_, Option<i64>>(1)?.unwrap_or(0)
+                + tx.pending_count(&name, JobState::Pending)
+                + tx.pending_count(&name, JobState::Failed);
+            let running: i64 =
+                row.try_get::<_, i64>(2)? + tx.pending_count(&name, JobState::Processing);
             let paused: bool = row.try_get(3)?;
             let limit: i64 = row.try_get(4)?;
-            if !paused && request.takes(&name) {
+            if waiting > 0 && !paused && request.takes(&name) {
                 queues.push((name, running, limit));
             }
         }
@@ -425,7 +450,10 @@ impl PgStorage {
             }
             let mut running = HashMap::new();
             for row in tx.query(queries::RUNNING_IN, &[&limited])? {
-                running.insert(row.try_get::<_, String>(0)?, row.try_get::<_, i64>(1)?);
+                let name = row.try_get::<_, String>(0)?;
+                let stored = row.try_get::<_, i64>(1)?;
+                let pending = tx.pending_count(&name, JobState::Processing);
+                running.insert(name, stored + pending);
             }
             queues.retain_mut(|(name, now_running, limit)| {
                 if *limit == 0 {

@@ -22,8 +22,7 @@ pub(super) const CLAIMABLE_QUEUES: &str = "SELECT c.queue, c.waiting::bigint, \
      c.running::bigint, coalesce(q.paused, false), coalesce(q.max_running, 0) FROM \
      (SELECT queue, sum(jobs) FILTER (WHERE state IN ('pending', 'failed')) AS waiting, \
      coalesce(sum(jobs) FILTER (WHERE state = 'processing'), 0) AS running \
-     FROM {s}.counts GROUP BY queue) c LEFT JOIN {s}.queues q ON q.name = c.queue \
-     WHERE c.waiting > 0";
+     FROM {s}.counts GROUP BY queue) c LEFT JOIN {s}.queues q ON q.name = c.queue";
 
 /// Locks the settings of limited queues a claim takes from (in name order), so claims of
 /// one limited queue follow each other, each seeing what the one before committed.
@@ -57,6 +56,10 @@ pub(super) const HAVE_DEPENDENTS: &str =
 /// (an enqueue after them then sees the state they end in).
 pub(super) const STATES_FOR_SHARE: &str =
     "SELECT id, state FROM {s}.jobs WHERE id = ANY($1) ORDER BY seq FOR SHARE";
+
+/// The ids and states of the jobs the job `$1` is linked to as its dependencies.
+pub(super) const LINKED_STATES: &str = "SELECT j.id, j.state FROM {s}.dependencies d \
+     JOIN {s}.jobs j ON j.seq = d.after_seq WHERE d.job_seq = $1 ORDER BY j.seq FOR SHARE OF j";
 
 /// The states of the jobs with these ids.
 pub(super) const STATES: &str = "SELECT id, state FROM {s}.jobs WHERE id = ANY($1)";

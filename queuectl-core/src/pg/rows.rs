@@ -146,6 +146,15 @@ impl<'a> Tx<'a> {
         Ok(rows)
     }
 
+    /// The change to `queue`'s count of jobs in `state` this transaction has made and not
+    /// written yet (it is written at commit).
+    pub(super) fn pending_count(&self, queue: &str, state: JobState) -> i64 {
+        self.counts
+            .get(&(queue.to_owned(), state.as_str()))
+            .copied()
+            .unwrap_or(0)
+    }
+
     fn count(&mut self, queue: &str, state: JobState, delta: i64) {
         *self
             .counts
@@ -441,7 +450,7 @@ impl rules::Dependents for Propagation<'_, '_> {
     }
 
     fn dependencies(&mut self, job: &Job) -> TxResult<Vec<Dependency>> {
-        dependency_states(self.tx, &job.after, false)
+        linked_dependency_states(self.tx, job)
     }
 
     fn write(&mut self, old: &Job, new: Job) -> TxResult<()> {
@@ -784,6 +793,24 @@ pub(super) fn jobs_by_ids(
         .collect())
 }
 
+/// The states of a stored job's dependencies, through its links: a dependency no longer
+/// linked (purged after it completed) is `None`, even if a new job has taken its id since.
+pub(super) fn linked_dependency_states(db: &mut Db, job: &Job) -> TxResult<Vec<Dependency>> {
+    if job.after.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut states = HashMap::new();
+    for row in db.query(queries::LINKED_STATES, &[&(job.seq as i64)])? {
+        let id: String = row.try_get(0)?;
+        states.insert(id, parsed::<JobState>(row.try_get::<_, &str>(1)?)?);
+    }
+    Ok(job
+        .after
+        .iter()
+        .map(|id| (id.clone(), states.get(id.as_str()).copied()))
+        .collect())
+}
+
 /// The states of the dependencies `after` (locked against changes with `lock`).
 pub(super) fn dependency_states(
     db: &mut Db,
@@ -977,8 +1004,8 @@ impl crate::ops::StoreTx for Tx<'_> {
         Ok(select_jobs(self, queries::UNIQUE_HOLDER, &[&key])?.pop())
     }
 
-    fn dependency_states(&mut self, after: &[JobId]) -> TxResult<Vec<Dependency>> {
-        dependency_states(self, after, true)
+    fn dependency_states(&mut self, job: &Job) -> TxResult<Vec<Dependency>> {
+        linked_dependency_states(self, job)
     }
 
     fn update_job(&mut self, old: Job, new: Job, now: Timestamp) -> TxResult<Job> {
