@@ -2190,18 +2190,23 @@ pub fn purged_dependencies_count_as_completed(h: &dyn Harness) {
     assert_eq!(ids(&store.claim("w", 10, LEASE, at(5)).unwrap()), ["c"]);
 }
 
+/// `b` after `d` and `e`; `d` has completed.
+fn b_after_d_and_e_with_d_completed(store: &dyn Storage) {
+    store
+        .enqueue_batch(vec![job("d"), job("e"), after("b", &["d", "e"])], at(0))
+        .unwrap();
+    let d = claim_one(store, at(1));
+    store
+        .complete(d.lease.as_ref().unwrap(), AttemptReport::default(), at(2))
+        .unwrap();
+}
+
 /// A dependency purged after it completed counts as completed even when a new job takes its
 /// id: the dependent waits for the jobs it was enqueued after, not for whatever has their ids
 /// now (and a retried dependent likewise).
 pub fn a_new_job_taking_a_purged_dependencys_id_is_not_that_dependency(h: &dyn Harness) {
     let store = h.store();
-    store
-        .enqueue_batch(vec![job("d"), job("e"), after("b", &["d", "e"])], at(0))
-        .unwrap();
-    let d = claim_one(&*store, at(1));
-    store
-        .complete(d.lease.as_ref().unwrap(), AttemptReport::default(), at(2))
-        .unwrap();
+    b_after_d_and_e_with_d_completed(&*store);
     assert_eq!(store.purge_completed(at(3)).unwrap(), 1);
     store.enqueue(job("d").run_at(at(100)), at(3)).unwrap();
     let e = claim_one(&*store, at(4));
@@ -2221,13 +2226,7 @@ pub fn a_new_job_taking_a_purged_dependencys_id_is_not_that_dependency(h: &dyn H
 /// Removing a dependency that completed cancels nothing: the dependents wait for the others.
 pub fn removing_a_completed_dependency_cancels_nothing(h: &dyn Harness) {
     let store = h.store();
-    store
-        .enqueue_batch(vec![job("d"), job("e"), after("b", &["d", "e"])], at(0))
-        .unwrap();
-    let d = claim_one(&*store, at(1));
-    store
-        .complete(d.lease.as_ref().unwrap(), AttemptReport::default(), at(2))
-        .unwrap();
+    b_after_d_and_e_with_d_completed(&*store);
     store.remove(&[id("d")], at(3)).unwrap();
     let b = store.get(&id("b")).unwrap();
     assert_eq!((b.state, b.blocked), (JobState::Pending, true), "{b:?}");
