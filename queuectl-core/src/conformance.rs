@@ -107,6 +107,7 @@ macro_rules! storage_conformance {
             a_new_job_taking_a_purged_dependencys_id_is_not_that_dependency,
             removing_a_completed_dependency_cancels_nothing,
             settle_and_claim_sees_the_room_its_settlements_made,
+            retrying_every_dead_job_leaves_those_whose_key_is_taken,
             activity_reports_what_finished_since,
             live_output_is_visible_to_other_handles,
             live_output_under_a_stale_lease_is_refused_and_changes_nothing,
@@ -1839,6 +1840,21 @@ pub fn queue_changes_refuse_invalid_names(h: &dyn Harness) {
         "{err:?}"
     );
     assert!(store.queues().unwrap().is_empty());
+    // A queue with no jobs whose settings go back to the defaults is still reported.
+    store
+        .change_queues(Some(&names(&["empty"])), QueueChange::Pause)
+        .unwrap();
+    let resumed = store
+        .change_queues(Some(&names(&["empty"])), QueueChange::Resume)
+        .unwrap();
+    assert_eq!(
+        resumed
+            .iter()
+            .map(|q| (q.name.as_str(), q.paused))
+            .collect::<Vec<_>>(),
+        [("empty", false)]
+    );
+    assert!(store.queues().unwrap().is_empty());
     let err = store.enqueue(job("x").queue("../etc"), at(0)).unwrap_err();
     assert!(matches!(err, StorageError::InvalidJob(_)), "{err:?}");
     assert_eq!(store.counts().unwrap().total(), 0);
@@ -2275,6 +2291,38 @@ pub fn settle_and_claim_sees_the_room_its_settlements_made(h: &dyn Harness) {
         .unwrap();
     assert!(settled.iter().all(Result::is_ok));
     assert_eq!(ids(&claimed), ["k2", "j"]);
+}
+
+/// `retry_dead(None)` runs again every dead job that can: of dead jobs sharing a unique key
+/// only the newest, none whose key a waiting job holds, and every other dead job.
+pub fn retrying_every_dead_job_leaves_those_whose_key_is_taken(h: &dyn Harness) {
+    let store = h.store();
+    let doomed = |name: &str, key: Option<&str>| {
+        let new = job(name).max_retries(1);
+        match key {
+            Some(key) => new.unique_key(key),
+            None => new,
+        }
+    };
+    for (name, key) in [
+        ("x1", Some("k")),
+        ("x2", Some("k")),
+        ("y", None),
+        ("z", Some("held")),
+    ] {
+        store.enqueue(doomed(name, key), at(0)).unwrap();
+        let running = claim_one(&*store, at(1));
+        store
+            .fail(running.lease.as_ref().unwrap(), failed("x"), at(2), at(2))
+            .unwrap();
+    }
+    store.enqueue(keyed("holder", "held"), at(3)).unwrap();
+    let retried = store.retry_dead(None, at(4)).unwrap();
+    let mut names = ids(&retried);
+    names.sort();
+    assert_eq!(names, ["x2", "y"]);
+    assert_eq!(store.get(&id("x1")).unwrap().state, JobState::Dead);
+    assert_eq!(store.get(&id("z")).unwrap().state, JobState::Dead);
 }
 
 // ----- statistics -----

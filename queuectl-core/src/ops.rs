@@ -83,15 +83,28 @@ pub(crate) fn change_queues<T: StoreTx>(
     names.sort();
     names.dedup();
     let settings = tx.queue_settings()?;
+    let mut changed = Vec::with_capacity(names.len());
     for name in &names {
         let (mut paused, mut limit) = settings.get(name).copied().unwrap_or_default();
         rules::change_queue(&mut paused, &mut limit, change);
         tx.put_queue(name, paused, limit)?;
+        changed.push((name, paused, limit));
     }
-    let all = tx.queues()?;
-    Ok(all
+    // Every queue named, also one left without jobs or settings by the change.
+    let mut all = tx.queues()?;
+    Ok(changed
         .into_iter()
-        .filter(|q| names.contains(&q.name))
+        .map(
+            |(name, paused, limit)| match all.iter().position(|q| &q.name == name) {
+                Some(i) => all.swap_remove(i),
+                None => QueueInfo {
+                    name: name.clone(),
+                    paused,
+                    limit,
+                    counts: Default::default(),
+                },
+            },
+        )
         .collect())
 }
 
@@ -134,6 +147,23 @@ pub(crate) fn remove<T: StoreTx>(
         tx.delete_job(&job, now)?;
     }
     Ok(targets.into_iter().map(|job| job.id).collect())
+}
+
+/// [`crate::Storage::retry_dead`] without ids: every dead job that can run again
+/// ([`rules::retry_all_targets`]).
+pub(crate) fn retry_all_dead<T: StoreTx>(
+    tx: &mut T,
+    dead: Vec<Job>,
+    now: Timestamp,
+) -> Result<Vec<Job>, T::Error> {
+    let mut held = std::collections::HashSet::new();
+    for key in dead.iter().filter_map(|job| job.unique_key.as_ref()) {
+        if tx.unique_holder(key)?.is_some() {
+            held.insert(key.clone());
+        }
+    }
+    let targets = rules::retry_all_targets(dead, |key| held.contains(key));
+    rerun(tx, targets, now)
 }
 
 /// Runs `targets` (checked by the caller) again, each with a fresh set of attempts, unless

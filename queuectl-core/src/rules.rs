@@ -195,6 +195,25 @@ pub(crate) fn check_unique(job: &Job, holder: Option<&Job>) -> Result<()> {
     }
 }
 
+/// Of the dead jobs `retry_dead(None)` looks at, the ones it runs again: of jobs sharing a
+/// unique key, only the newest (the others stay dead: running them too would give the key to
+/// two jobs), and none whose key `held` says another job holds.
+pub(crate) fn retry_all_targets(dead: Vec<Job>, held: impl Fn(&str) -> bool) -> Vec<Job> {
+    let mut newest: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    for job in &dead {
+        if let Some(key) = &job.unique_key {
+            let seq = newest.entry(key.clone()).or_insert(job.seq);
+            *seq = (*seq).max(job.seq);
+        }
+    }
+    dead.into_iter()
+        .filter(|job| match &job.unique_key {
+            Some(key) => newest.get(key) == Some(&job.seq) && !held(key),
+            None => true,
+        })
+        .collect()
+}
+
 /// Applies `change` to a queue's settings.
 pub(crate) fn change_queue(paused: &mut bool, limit: &mut u32, change: QueueChange) {
     match change {

@@ -657,7 +657,18 @@ impl QueueState {
                 }
                 seqs
             }
-            None => self.seqs_in(JobState::Dead),
+            None => {
+                let dead = self
+                    .seqs_in(JobState::Dead)
+                    .into_iter()
+                    .map(|seq| self.jobs[&seq].clone())
+                    .collect();
+                let held = |key: &str| self.index.unique.contains_key(key);
+                rules::retry_all_targets(dead, held)
+                    .into_iter()
+                    .map(|job| job.seq)
+                    .collect()
+            }
         };
         let mut targets = targets;
         let mut seen = HashSet::new();

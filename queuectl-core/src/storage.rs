@@ -484,7 +484,8 @@ pub trait Storage: Send + Sync + Debug {
     fn next_due(&self, after: Timestamp) -> Result<Option<Timestamp>>;
 
     /// Moves dead jobs back to `pending` with `attempts` reset to 0 (a full new set of
-    /// retries). `ids: None` retries every dead job. A named job that is not dead is
+    /// retries). `ids: None` retries every dead job that can run again: of dead jobs sharing a
+    /// unique key only the newest, and none whose key a waiting or running job holds. A named job that is not dead is
     /// [`StorageError::InvalidState`]; an unknown one [`StorageError::NotFound`]; either refuses
     /// the whole call.
     fn retry_dead(&self, ids: Option<&[JobId]>, now: Timestamp) -> Result<Vec<Job>>;

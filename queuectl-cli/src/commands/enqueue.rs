@@ -1,6 +1,6 @@
 //! `enqueue`: add one job, or JSON lines from standard input, all or none.
 
-use std::io::{self, BufRead, Write};
+use std::io::{self, BufRead, IsTerminal, Write};
 
 use queuectl_core::{Enqueued, JobSpec, NewJob, Storage, now};
 
@@ -15,9 +15,10 @@ pub fn parse(arg: &str) -> Result<Vec<NewJob>> {
         return Ok(vec![JobSpec::parse(arg)?.into_new_job(at)?]);
     }
     let mut jobs = Vec::new();
-    let progress = Progress::counter("reading jobs:");
+    // Not while someone types the jobs: the spinner would draw over their line.
+    let progress = (!io::stdin().is_terminal()).then(|| Progress::counter("reading jobs:"));
     for (n, line) in io::stdin().lock().lines().enumerate() {
-        if n % 1024 == 0 {
+        if let Some(progress) = progress.as_ref().filter(|_| n % 1024 == 0) {
             progress.set(n as u64);
         }
         let line = line.map_err(CliError::Input)?;

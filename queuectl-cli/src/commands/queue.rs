@@ -61,7 +61,10 @@ fn summary(changed: &[QueueInfo], change: QueueChange, every: bool) -> String {
     };
     match change {
         QueueChange::Pause => {
-            format!("paused {which}: no worker starts their jobs; running ones finish")
+            format!(
+                "paused {which}: no worker claims their jobs; running ones (and ones a worker \
+                 has already claimed ahead with --prefetch) finish"
+            )
         }
         QueueChange::Resume => format!("resumed {which}"),
         QueueChange::Limit(0) => format!("{which}: no limit"),

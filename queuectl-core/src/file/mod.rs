@@ -1158,12 +1158,15 @@ impl Storage for FileStorage {
     }
 
     fn retry_dead(&self, ids: Option<&[JobId]>, now: Timestamp) -> Result<Vec<Job>> {
-        self.write("retry dead jobs", |tx| {
-            let targets = match ids {
-                Some(ids) => crate::ops::checked(tx, ids, rules::check_retry)?,
-                None => rows::select_jobs(tx, queries::DEAD, [])?,
-            };
-            crate::ops::rerun(tx, targets, now)
+        self.write("retry dead jobs", |tx| match ids {
+            Some(ids) => {
+                let targets = crate::ops::checked(tx, ids, rules::check_retry)?;
+                crate::ops::rerun(tx, targets, now)
+            }
+            None => {
+                let dead = rows::select_jobs(tx, queries::DEAD, [])?;
+                crate::ops::retry_all_dead(tx, dead, now)
+            }
         })
     }
 
