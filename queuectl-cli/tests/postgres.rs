@@ -118,3 +118,148 @@ fn a_job_of_a_killed_worker_completes_on_another() {
     assert_eq!(job["history"][0]["outcome"], "abandoned", "{job}");
     assert_eq!(std::fs::read_to_string(&marks).unwrap(), "run\nrun\n");
 }
+
+/// A throwaway PostgreSQL server of this test's own (`initdb` and `pg_ctl`, run as the
+/// `postgres` user), stopped and deleted when dropped.
+struct Server {
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+impl Server {
+    /// `None` (having said why) where this machine cannot run one: no PostgreSQL binaries, or
+    /// not root (to act as the `postgres` user).
+    fn start() -> Option<Self> {
+        if !std::path::Path::new(PG_BIN).join("initdb").exists()
+            || !nix::unistd::Uid::effective().is_root()
+        {
+            println!("skipping: needs {PG_BIN}/initdb and root to run a server of its own");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let postgres = nix::unistd::User::from_name("postgres").unwrap().unwrap();
+        nix::unistd::chown(dir.path(), Some(postgres.uid), None).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let server = Self { dir, port };
+        server.as_postgres(&[
+            "initdb",
+            "-D",
+            &server.data(),
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+        ]);
+        server.pg_ctl(&["start", "-w"]);
+        Some(server)
+    }
+
+    fn data(&self) -> String {
+        self.dir.path().join("data").display().to_string()
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    fn as_postgres(&self, args: &[&str]) {
+        let program = format!("{PG_BIN}/{}", args[0]);
+        let status = std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--", &program])
+            .args(&args[1..])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "{args:?} failed");
+    }
+
+    fn pg_ctl(&self, args: &[&str]) {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1",
+            self.port,
+            self.dir.path().display()
+        );
+        let log = self.dir.path().join("log").display().to_string();
+        let data = self.data();
+        let mut all = vec![
+            "pg_ctl",
+            "-D",
+            data.as_str(),
+            "-o",
+            options.as_str(),
+            "-l",
+            log.as_str(),
+        ];
+        all.extend_from_slice(args);
+        self.as_postgres(&all);
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("runuser")
+            .args([
+                "-u",
+                "postgres",
+                "--",
+                &format!("{PG_BIN}/pg_ctl"),
+                "-D",
+                &self.data(),
+            ])
+            .args(["-m", "immediate", "stop"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+/// The server crashes (`pg_ctl stop -m immediate`) and comes back mid-run: the worker rides it
+/// out, every acknowledged job completes, none is left `processing`.
+#[test]
+fn the_server_crashing_and_coming_back_mid_run_loses_nothing() {
+    let Some(server) = Server::start() else {
+        return;
+    };
+    let q = Queue::new();
+    let url = server.url();
+    let db = |args: &[&str]| {
+        let mut all = vec!["--database-url", url.as_str()];
+        all.extend_from_slice(args);
+        q.cmd(all)
+    };
+    db(&["config", "set", "lease-timeout", "2"]).run();
+    let ran = q.scratch("ran");
+    let jobs: String = (0..100)
+        .map(|i| {
+            let command = format!("sleep 0.05; echo j{i} >> '{}'", ran.display());
+            serde_json::json!({ "id": format!("j{i}"), "command": command }).to_string() + "\n"
+        })
+        .collect();
+    let acknowledged = db(&["enqueue", "-"]).stdin(jobs).run().stdout;
+    assert_eq!(acknowledged.lines().count(), 100);
+    let mut worker = q.worker(&["--database-url", &url, "--count", "2", "--exit-when-idle"]);
+    support::eventually("20 jobs to have run", || {
+        std::fs::read_to_string(&ran).is_ok_and(|t| t.lines().count() >= 20)
+    });
+    server.pg_ctl(&["stop", "-m", "immediate"]);
+    server.pg_ctl(&["start", "-w"]);
+    let status = worker.wait_exit();
+    assert!(status.success(), "{}", worker.transcript());
+    let counts = db(&["status", "--json"]).run().json()["counts"].clone();
+    assert_eq!(counts["completed"], 100, "{counts}");
+    assert_eq!(counts["processing"], 0, "{counts}");
+    let lines = std::fs::read_to_string(&ran).unwrap();
+    let unique: HashSet<&str> = lines.lines().collect();
+    assert_eq!(
+        unique.len(),
+        100,
+        "every job ran (some maybe twice: at least once)"
+    );
+}
