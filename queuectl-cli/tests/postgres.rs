@@ -263,3 +263,139 @@ fn the_server_crashing_and_coming_back_mid_run_loses_nothing() {
         "every job ran (some maybe twice: at least once)"
     );
 }
+
+/// A TCP proxy to the test server that the test can cut (every connection closed, new ones
+/// refused) and mend.
+struct Proxy {
+    port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Proxy {
+    fn to(upstream: String) -> Self {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = cut.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if flag.load(Ordering::SeqCst) {
+                    continue; // dropped: refused while cut
+                }
+                let Ok(server) = std::net::TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                for (from, to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    let flag = flag.clone();
+                    std::thread::spawn(move || pump(from, to, &flag));
+                }
+            }
+        });
+        Self { port, cut }
+    }
+
+    fn set_cut(&self, cut: bool) {
+        self.cut.store(cut, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Copies `from` to `to` until either closes or the proxy is cut (then closes both).
+fn pump(
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
+    cut: &std::sync::atomic::AtomicBool,
+) {
+    use std::io::{Read, Write};
+    from.set_read_timeout(Some(std::time::Duration::from_millis(50)))
+        .unwrap();
+    let mut buffer = [0u8; 16 * 1024];
+    loop {
+        if cut.load(std::sync::atomic::Ordering::SeqCst) {
+            break;
+        }
+        match from.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => {
+                if to.write_all(&buffer[..n]).is_err() {
+                    break;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => break,
+        }
+    }
+    let _ = from.shutdown(std::net::Shutdown::Both);
+    let _ = to.shutdown(std::net::Shutdown::Both);
+}
+
+/// A network cut between one worker and the server: its lease runs out, a worker that still
+/// reaches the server runs the job, and when the link comes back the cut-off worker's result
+/// is refused and overwrites nothing.
+#[test]
+fn a_worker_cut_off_from_the_server_has_its_stale_result_refused() {
+    let Some(db) = Schema::new() else { return };
+    let upstream = {
+        let config: postgres::Config = db.url.parse().unwrap();
+        let host = match &config.get_hosts()[0] {
+            postgres::config::Host::Tcp(host) => host.clone(),
+            other => panic!("a TCP host is needed for the proxy, not {other:?}"),
+        };
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        format!("{host}:{port}")
+    };
+    let proxy = Proxy::to(upstream);
+    let via_proxy = db.url.replacen(
+        &db.url[db.url.find('@').unwrap() + 1..db.url.rfind('/').unwrap()],
+        &format!("127.0.0.1:{}", proxy.port),
+        1,
+    );
+    let q = Queue::new();
+    q.cmd(db.args(&["config", "set", "lease-timeout", "2"]))
+        .run();
+    let marks = q.scratch("runs");
+    let gate = q.scratch("gate");
+    support::make_gate(&gate);
+    // The first run (behind the cut) waits for the gate and prints "first"; the second
+    // completes at once.
+    let command = format!(
+        "echo run >> '{m}'; if [ $(wc -l < '{m}') -eq 1 ]; then read _ < '{g}'; echo first; \
+         else echo second; fi",
+        m = marks.display(),
+        g = gate.display()
+    );
+    let job = serde_json::json!({ "id": "far", "command": command });
+    q.cmd(db.args(&["enqueue", &job.to_string()])).run();
+    let mut cut_off = q.worker(&["--database-url", &via_proxy, "--database-schema", &db.name]);
+    cut_off.wait_for("[running] job far");
+    support::eventually("the first run to start", || marks.exists());
+    proxy.set_cut(true);
+    // Its lease (2 s) runs out without heartbeats; a worker that reaches the server runs it.
+    let mut rescuer = q.worker(&db.args(&[]));
+    rescuer.wait_for("[completed] job far");
+    proxy.set_cut(false);
+    support::open_gate(&gate);
+    cut_off.wait_for("[lost] job far");
+    let job = q.cmd(db.args(&["show", "far", "--json"])).run().json();
+    assert_eq!(job["state"], "completed", "{job}");
+    assert_eq!(
+        job["output"].as_str().unwrap().trim(),
+        "second",
+        "not overwritten: {job}"
+    );
+    let outcomes: Vec<&str> = job["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes, ["abandoned", "succeeded"], "{job}");
+}
