@@ -15,7 +15,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use postgres::fallible_iterator::FallibleIterator;
-use postgres::{Client, Config, NoTls};
+use postgres::{Client, Config};
+
+use super::tls::Connector;
 
 use crate::generation::Generation;
 
@@ -54,7 +56,11 @@ impl Listener {
 
     /// Connects and listens on `channel` before returning, so that no change committed after
     /// this returns goes unheard.
-    pub(super) fn start(config: &Config, channel: &str) -> Result<Self, postgres::Error> {
+    pub(super) fn start(
+        config: &Config,
+        connector: &Connector,
+        channel: &str,
+    ) -> Result<Self, postgres::Error> {
         let mut listener = Self::poll_only();
         let stop_channel = format!(
             "queuectl_stop_{}_{:016x}",
@@ -62,12 +68,13 @@ impl Listener {
             crate::job::random_u64()
         );
         let channels = [channel.to_owned(), stop_channel.clone()];
-        let client = listen(config, &channels)?;
+        let client = listen(config, connector, &channels)?;
         let shared = listener.shared.clone();
         let config = config.clone();
+        let connector = connector.clone();
         let thread = std::thread::Builder::new()
             .name("queuectl-pg-listen".into())
-            .spawn(move || run(client, &config, &channels, &shared))
+            .spawn(move || run(client, &config, &connector, &channels, &shared))
             .expect("spawn the listening thread");
         listener.running = Some(Running {
             thread,
@@ -103,8 +110,12 @@ impl Listener {
 }
 
 /// A new connection listening on `channels`.
-fn listen(config: &Config, channels: &[String]) -> Result<Client, postgres::Error> {
-    let mut client = config.connect(NoTls)?;
+fn listen(
+    config: &Config,
+    connector: &Connector,
+    channels: &[String],
+) -> Result<Client, postgres::Error> {
+    let mut client = connector.connect(config)?;
     let sql: String = channels
         .iter()
         .map(|channel| format!("LISTEN \"{channel}\";"))
@@ -115,7 +126,13 @@ fn listen(config: &Config, channels: &[String]) -> Result<Client, postgres::Erro
 
 /// The thread: counts notifications until stopped; connects again when the connection breaks
 /// (waiters poll meanwhile, and look again once it is back).
-fn run(mut client: Client, config: &Config, channels: &[String], shared: &Shared) {
+fn run(
+    mut client: Client,
+    config: &Config,
+    connector: &Connector,
+    channels: &[String],
+    shared: &Shared,
+) {
     loop {
         let mut broken = false;
         {
@@ -147,7 +164,7 @@ fn run(mut client: Client, config: &Config, channels: &[String], shared: &Shared
                 if shared.stop.load(Ordering::SeqCst) {
                     return;
                 }
-                match listen(config, channels) {
+                match listen(config, connector, channels) {
                     Ok(client) => break client,
                     Err(_) => pause = (pause * 2).min(MAX_RECONNECT_PAUSE),
                 }

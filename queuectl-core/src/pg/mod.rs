@@ -15,6 +15,7 @@ mod listen;
 mod queries;
 mod rows;
 mod schema;
+mod tls;
 
 #[cfg(test)]
 mod tests;
@@ -25,7 +26,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use postgres::error::SqlState;
-use postgres::{Client, IsolationLevel, NoTls, Statement};
+use postgres::{Client, IsolationLevel, Statement};
 
 use self::listen::Listener;
 use self::rows::{Db, Tx, TxError, TxResult};
@@ -94,6 +95,7 @@ struct Conn {
 #[derive(Debug)]
 struct Manager {
     config: postgres::Config,
+    connector: tls::Connector,
 }
 
 impl r2d2::ManageConnection for Manager {
@@ -102,7 +104,7 @@ impl r2d2::ManageConnection for Manager {
 
     fn connect(&self) -> std::result::Result<Conn, postgres::Error> {
         Ok(Conn {
-            client: self.config.connect(NoTls)?,
+            client: self.connector.connect(&self.config)?,
             statements: HashMap::new(),
         })
     }
@@ -152,9 +154,18 @@ impl PgStorage {
             })?;
         config.connect_timeout(options.connect_timeout);
         config.keepalives(true);
-        config.application_name("queuectl");
+        if config.get_application_name().is_none() {
+            config.application_name("queuectl");
+        }
         let database = format!("{} (schema {})", describe(&config), options.schema);
         check_schema_name(&options.schema, &database)?;
+        let connector =
+            tls::Connector::for_config(&config).map_err(|source| StorageError::Postgres {
+                op: "set up TLS (sslmode=require)",
+                database: database.clone(),
+                fault: DatabaseFault::Other,
+                source: Box::new(source),
+            })?;
         let pool = r2d2::Pool::builder()
             .max_size(options.pool_size.max(1))
             .min_idle(Some(0))
@@ -162,6 +173,7 @@ impl PgStorage {
             .connection_timeout(options.connect_timeout)
             .build_unchecked(Manager {
                 config: config.clone(),
+                connector: connector.clone(),
             });
         let quoted = format!("\"{}\"", options.schema);
         let mut store = Self {
@@ -174,7 +186,7 @@ impl PgStorage {
         };
         store.migrate()?;
         if options.listen {
-            store.listener = Listener::start(&config, &store.schema)
+            store.listener = Listener::start(&config, &connector, &store.schema)
                 .map_err(|e| store.error("listen for changes", TxError::Db(e)))?;
         }
         Ok(store)

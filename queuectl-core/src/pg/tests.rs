@@ -447,3 +447,46 @@ fn a_silent_worker_on_another_host_loses_its_job_when_the_lease_runs_out() {
     );
     assert_eq!(history[0].worker, "elsewhere-1");
 }
+
+/// `sslmode=require` in the URL makes every connection (the pool's and the listener's)
+/// encrypted; without it they are plain.
+#[test]
+fn sslmode_require_encrypts_every_connection() {
+    let Some(url) = database_url() else { return };
+    let mut client = Client::connect(&url, NoTls).unwrap();
+    let ssl: String = client.query_one("SHOW ssl", &[]).unwrap().get(0);
+    if ssl != "on" {
+        println!("skipping: the test server does not offer TLS (ssl = {ssl})");
+        return;
+    }
+    let schema = format!("queuectl_test_{:016x}", crate::job::random_u64());
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let tls_url = format!("{url}{separator}sslmode=require&application_name=queuectl_tls_test");
+    let options = PgOptions {
+        schema: schema.clone(),
+        ..PgOptions::default()
+    };
+    let store = PgStorage::connect(&tls_url, options).expect("connect with TLS");
+    store
+        .enqueue(NewJob::new("true").id("over-tls").unwrap(), now())
+        .unwrap();
+    let encrypted: Vec<bool> = client
+        .query(
+            "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a ON a.pid = s.pid \
+             WHERE a.application_name = 'queuectl_tls_test'",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(
+        encrypted.len() >= 2,
+        "the pool's and the listener's: {encrypted:?}"
+    );
+    assert!(encrypted.iter().all(|on| *on), "{encrypted:?}");
+    drop(store);
+    client
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+        .unwrap();
+}
