@@ -210,6 +210,18 @@ impl PgStorage {
         let version_table = format!("{}.schema_version", self.quoted);
         let result = (|| -> TxResult<()> {
             let client = &mut conn.client;
+            // The usual case in one round trip (no statement to prepare): the schema is there
+            // and current. Anything else (no table yet, another version) takes the full path.
+            let quick = client.simple_query(&format!("SELECT version FROM {version_table}"));
+            if let Ok(messages) = quick {
+                let current = messages.iter().find_map(|m| match m {
+                    postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+                    _ => None,
+                });
+                if current.as_deref() == Some(PG_SCHEMA_VERSION.to_string().as_str()) {
+                    return Ok(());
+                }
+            }
             let current: Option<i32> = {
                 let exists: Option<String> = client
                     .query_one("SELECT to_regclass($1)::text", &[&version_table])?
