@@ -53,7 +53,8 @@ pub struct QueueStats {
     pub cancelled: usize,
     /// Completed jobs per minute over the window.
     pub per_minute: f64,
-    /// From due to started, over every attempt that started in the window and has finished.
+    /// From due (or from the end of the job's attempt before, when that was later: a job
+    /// handed back) to started, over every attempt that finished in the window.
     pub wait: Option<Spread>,
     /// From started to finished, over attempts that succeeded or failed.
     pub run: Option<Spread>,
@@ -72,8 +73,16 @@ pub fn per_queue(activity: &Activity, since: Timestamp, now: Timestamp) -> Vec<Q
     }
     let seconds = |d: time::Duration| d.as_seconds_f64().max(0.0);
     let mut queues: BTreeMap<&str, Tally> = BTreeMap::new();
+    // When each job's previous attempt in the window ended: a job handed back keeps its due
+    // time, and its next attempt waited only from the hand-back.
+    let mut ended: std::collections::HashMap<&crate::JobId, Timestamp> =
+        std::collections::HashMap::new();
     for finished in &activity.attempts {
         let attempt = &finished.attempt;
+        let previous_end = ended.get(&finished.job).copied();
+        if let Some(end) = attempt.finished_at {
+            ended.insert(&finished.job, end);
+        }
         let tally = queues.entry(&finished.queue).or_default();
         match attempt.outcome {
             AttemptOutcome::Succeeded => tally.completed += 1,
@@ -81,7 +90,8 @@ pub fn per_queue(activity: &Activity, since: Timestamp, now: Timestamp) -> Vec<Q
             _ => {}
         }
         if let Some(due) = attempt.due_at {
-            tally.wait.push(seconds(attempt.started_at - due));
+            let waited_from = previous_end.map_or(due, |end| end.max(due));
+            tally.wait.push(seconds(attempt.started_at - waited_from));
         }
         if let (Some(end), AttemptOutcome::Succeeded | AttemptOutcome::Failed) =
             (attempt.finished_at, attempt.outcome)
@@ -145,12 +155,31 @@ mod tests {
         }
     }
 
+    /// An attempt of a job of its own.
     fn finished(queue: &str, attempt: Attempt) -> crate::storage::FinishedAttempt {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        of_job(&format!("j{n}"), queue, attempt)
+    }
+
+    fn of_job(job: &str, queue: &str, attempt: Attempt) -> crate::storage::FinishedAttempt {
         crate::storage::FinishedAttempt {
             queue: queue.into(),
-            job: crate::JobId::new("j").unwrap(),
+            job: crate::JobId::new(job).unwrap(),
             attempt,
         }
+    }
+
+    #[test]
+    fn a_handed_back_job_waited_only_from_the_hand_back() {
+        let released = attempt(AttemptOutcome::Released, 0.0, 1.0, 100.0);
+        let next = attempt(AttemptOutcome::Succeeded, 0.0, 101.0, 102.0);
+        let activity = Activity {
+            attempts: vec![of_job("x", "a", released), of_job("x", "a", next)],
+            ended: Vec::new(),
+        };
+        let wait = per_queue(&activity, at(0.0), at(200.0))[0].wait.unwrap();
+        assert_eq!((wait.count, wait.max), (2, 1.0), "1 s each, not 101 s");
     }
 
     #[test]
