@@ -702,8 +702,38 @@ impl Storage for PgStorage {
             .iter()
             .map(|new| new.id.clone().unwrap_or_else(JobId::generate))
             .collect();
+        let plain = jobs.len() > 1
+            && jobs
+                .iter()
+                .all(|new| new.unique_key.is_none() && new.after.is_empty());
         self.write("enqueue jobs", |tx| {
             let config = rows::config(tx, false)?;
+            if plain {
+                // No key to look up and no dependency to check: one statement for all.
+                let mut created: Vec<Job> = jobs
+                    .iter()
+                    .zip(&ids)
+                    .map(|(new, id)| rules::new_job(new.clone(), id.clone(), 0, &[], &config, now))
+                    .collect();
+                if !tx.insert_jobs(&mut created, now)? {
+                    let mut seen = std::collections::HashSet::new();
+                    for id in &ids {
+                        if !seen.insert(id) || rows::job_by_id(tx, id)?.is_some() {
+                            return Err(StorageError::AlreadyExists { id: id.clone() }.into());
+                        }
+                    }
+                    return Err(TxError::Decode(
+                        "a batch of jobs was not all inserted, and no id was taken".to_owned(),
+                    ));
+                }
+                return Ok(created
+                    .into_iter()
+                    .map(|job| Enqueued {
+                        job,
+                        duplicate: false,
+                    })
+                    .collect());
+            }
             let mut entries = Vec::with_capacity(jobs.len());
             for (new, id) in jobs.iter().zip(&ids) {
                 // At most a few rounds: each ends with the job added, a holder of its key

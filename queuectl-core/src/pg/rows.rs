@@ -210,6 +210,39 @@ impl<'a> Tx<'a> {
         Ok(true)
     }
 
+    /// Inserts new jobs without dependencies in one statement (each job's `seq` is set).
+    /// Returns `false`, with nothing to keep, when one of them was not inserted: its id is
+    /// taken, in the store or earlier in the batch (the caller says which and rolls back).
+    pub(super) fn insert_jobs(&mut self, jobs: &mut [Job], now: Timestamp) -> TxResult<bool> {
+        debug_assert!(jobs.iter().all(|job| job.after.is_empty()));
+        for job in jobs.iter_mut() {
+            normalize(job);
+        }
+        let rows: Vec<[V; WRITTEN.len()]> = jobs.iter().map(|job| values(job, now)).collect();
+        let arrays: Vec<Array> = (0..WRITTEN.len())
+            .map(|column| Array::of(rows.iter().map(|row| &row[column])))
+            .collect();
+        let params: Vec<Param> = arrays.iter().map(Array::param).collect();
+        let inserted = self.db.query(&INSERT_JOBS, &params)?;
+        if inserted.len() != jobs.len() {
+            return Ok(false);
+        }
+        let mut seqs = HashMap::with_capacity(inserted.len());
+        for row in &inserted {
+            seqs.insert(row.try_get::<_, String>(1)?, row.try_get::<_, i64>(0)?);
+        }
+        for job in jobs.iter_mut() {
+            let seq = seqs
+                .get(job.id.as_str())
+                .ok_or_else(|| TxError::Decode(format!("job {} was not returned", job.id)))?;
+            job.seq = *seq as u64;
+        }
+        for job in jobs.iter() {
+            self.count(&job.queue, job.state, 1);
+        }
+        Ok(true)
+    }
+
     /// Writes the columns in which each new job differs from its old record (the same job
     /// before a rule ran), then lets the jobs waiting for those that finished follow
     /// ([`rules::propagate`]).
@@ -497,6 +530,23 @@ static INSERT_JOB: LazyLock<String> = LazyLock::new(|| {
         "INSERT INTO {{s}}.jobs ({}, after_ids) VALUES ({}) ON CONFLICT DO NOTHING RETURNING seq",
         names.join(", "),
         places.join(", ")
+    )
+});
+
+/// Many jobs without dependencies in one statement, column arrays `$1`… in [`WRITTEN`]
+/// order; returns the seq and id of each job inserted (a job whose id is taken is not).
+static INSERT_JOBS: LazyLock<String> = LazyLock::new(|| {
+    let names: Vec<&str> = WRITTEN.iter().map(|(name, _)| *name).collect();
+    let arrays: Vec<String> = WRITTEN
+        .iter()
+        .enumerate()
+        .map(|(i, (_, kind))| format!("${}::{kind}[]", i + 1))
+        .collect();
+    format!(
+        "INSERT INTO {{s}}.jobs ({}) SELECT * FROM unnest({}) ON CONFLICT DO NOTHING \
+         RETURNING seq, id",
+        names.join(", "),
+        arrays.join(", ")
     )
 });
 
