@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use crate::error::Result;
+use crate::error::{Result, StorageError};
 use crate::job::{Attempt, AttemptOutcome, Job, JobId, JobState};
 use crate::rules;
 use crate::shell::kept_from;
@@ -83,6 +83,8 @@ pub enum FollowStep {
 pub struct Follow<'s> {
     store: &'s dyn Storage,
     id: JobId,
+    /// The job's place in the store: another `seq` under the same id is another job.
+    seq: u64,
     /// Follow only this attempt, then end.
     only: Option<u32>,
     poll: Duration,
@@ -127,6 +129,7 @@ impl<'s> Follow<'s> {
         let mut follow = Self {
             store,
             id: id.clone(),
+            seq: first.job.seq,
             only,
             poll: DEFAULT_POLL,
             shown: first.finished,
@@ -239,6 +242,12 @@ impl<'s> Follow<'s> {
     fn look(&mut self) -> Result<bool> {
         let offset = self.current.as_ref().map_or(0, |c| c.shown_upto);
         let seen = self.store.output_since(&self.id, offset)?;
+        if seen.job.seq != self.seq {
+            // Removed, and a new job took its id: the one followed is gone.
+            return Err(StorageError::NotFound {
+                id: self.id.clone(),
+            });
+        }
         if seen.finished > self.shown {
             // Only the attempts this look saw end: the history may have grown since.
             let history = self.store.attempts(&self.id)?;
@@ -394,6 +403,39 @@ mod tests {
         let job = NewJob::new("x").id("j").unwrap().max_retries(max_retries);
         store.enqueue(job, now()).unwrap();
         store
+    }
+
+    /// A job removed while followed, and a new one enqueued with its id: the follower ends
+    /// with "not found" instead of waiting for attempts of the old one.
+    #[test]
+    fn a_job_replaced_under_its_id_ends_the_follower() {
+        let store = store_with_job(3);
+        let lease = claim(&store);
+        store.fail(&lease, report("one\n"), now(), now()).unwrap();
+        let lease = claim(&store);
+        store.fail(&lease, report("two\n"), now(), now()).unwrap();
+        let (tx, ended) = crossbeam_channel::bounded(1);
+        let (started_tx, started) = crossbeam_channel::bounded(1);
+        let (go_tx, go) = crossbeam_channel::bounded(1);
+        let following = store.clone();
+        std::thread::spawn(move || {
+            let mut follow = follow_job(&*following, &id()).unwrap();
+            started_tx.send(()).unwrap();
+            // Its next look comes after both changes: it sees the new job, not a gap.
+            go.recv_timeout(LONG).unwrap();
+            let _ = tx.send(follow.find_map(|step| step.err()));
+        });
+        started.recv_timeout(LONG).expect("the follower started");
+        store.remove(&[id()], now()).unwrap();
+        store
+            .enqueue(NewJob::new("true").id("j").unwrap(), now())
+            .unwrap();
+        go_tx.send(()).unwrap();
+        let ended = ended.recv_timeout(LONG).expect("the follower ended");
+        assert!(
+            matches!(ended, Some(StorageError::NotFound { .. })),
+            "{ended:?}"
+        );
     }
 
     #[test]
