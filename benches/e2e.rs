@@ -14,10 +14,9 @@
 //! Run with `cargo bench -p queuectl-cli --bench e2e` (set `E2E_JOBS` to change the drain size,
 //! `E2E_DATABASE_URL=postgres://…` to run on PostgreSQL instead, a schema per figure).
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -91,54 +90,15 @@ fn enqueue_many(home: &Path, lines: &str) {
     assert!(child.wait().expect("wait enqueue").success());
 }
 
-/// A worker whose stderr lines arrive on a channel.
-struct Worker {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
+#[path = "support/worker.rs"]
+mod worker;
+use worker::Worker;
 
-impl Worker {
-    fn start(home: &Path, args: &[&str]) -> Worker {
-        let mut child = queuectl(home)
-            .args(["worker", "start"])
-            .args(args)
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn worker");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        let worker = Worker { child, lines };
-        worker.wait_for("[started]");
-        worker
-    }
-
-    fn wait_for(&self, needle: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = self
-                .lines
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("worker never printed {needle:?}"));
-            if line.contains(needle) {
-                return line;
-            }
-        }
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A worker on the queue of `home` (`worker start ARGS`), once it has started.
+fn start_worker(home: &Path, args: &[&str]) -> Worker {
+    let mut command = queuectl(home);
+    command.args(["worker", "start"]).args(args);
+    Worker::spawn(command)
 }
 
 fn raw_shell_rate(jobs: usize) -> f64 {
@@ -192,7 +152,7 @@ fn cli_enqueue_median_ms(samples: usize) -> f64 {
 /// `started_at` (taken by the worker process when it claimed the job).
 fn pickup_latency_ms(samples: usize) -> (f64, f64) {
     let home = tempfile::tempdir().expect("temp dir");
-    let worker = Worker::start(home.path(), &["--count", "1"]);
+    let worker = start_worker(home.path(), &["--count", "1"]);
     let mut latencies = Vec::with_capacity(samples);
     for i in 0..samples {
         let id = format!("p{i}");
@@ -225,9 +185,9 @@ fn crash_recovery_secs() -> (f64, f64) {
         home.path(),
         &["enqueue", r#"{"id":"victim","command":"sleep 1"}"#],
     );
-    let mut doomed = Worker::start(home.path(), &["--count", "1"]);
+    let mut doomed = start_worker(home.path(), &["--count", "1"]);
     doomed.wait_for("[running] job victim");
-    let rescuer = Worker::start(home.path(), &["--count", "1"]);
+    let rescuer = start_worker(home.path(), &["--count", "1"]);
     let killed = Instant::now();
     doomed.child.kill().expect("SIGKILL the worker");
     doomed.child.wait().expect("reap the worker");
@@ -244,8 +204,8 @@ fn stop_latency_ms(samples: usize) -> (f64, f64) {
     let mut latencies = Vec::with_capacity(samples);
     for _ in 0..samples {
         let mut workers = [
-            Worker::start(home.path(), &["--count", "1"]),
-            Worker::start(home.path(), &["--count", "1"]),
+            start_worker(home.path(), &["--count", "1"]),
+            start_worker(home.path(), &["--count", "1"]),
         ];
         // Both idle: give them a moment to finish their first look for work.
         std::thread::sleep(Duration::from_millis(50));
@@ -271,7 +231,7 @@ fn stop_latency_ms(samples: usize) -> (f64, f64) {
 fn cancel_latency_ms(samples: usize) -> (f64, f64) {
     let home = tempfile::tempdir().expect("temp dir");
     let scratch = tempfile::tempdir().expect("temp dir");
-    let worker = Worker::start(home.path(), &["--count", "1"]);
+    let worker = start_worker(home.path(), &["--count", "1"]);
     let mut latencies = Vec::with_capacity(samples);
     for i in 0..samples {
         let pid_file = scratch.path().join(format!("pid{i}"));

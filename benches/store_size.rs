@@ -14,10 +14,13 @@
 //! per figure, default 30).
 
 use std::io::{BufRead, BufReader};
+
+#[path = "support/worker.rs"]
+mod worker;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
+use worker::Worker;
 
 use queuectl_core::{
     AttemptReport, FileStorage, JobState, NewJob, Settlement, Storage, StorageExt, now,
@@ -120,31 +123,9 @@ fn peak_mib(home: &Path, args: &[&str]) -> Option<f64> {
 
 /// Peak memory of a worker that started on the store and ran `jobs` jobs, then idles.
 fn idle_worker_peak_mib(home: &Path, jobs: usize) -> f64 {
-    let mut child = Command::new(BIN)
-        .arg("--home")
-        .arg(home)
-        .args(["worker", "start"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn worker");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    let wait_for = |needle: &str| loop {
-        let line = lines
-            .recv_timeout(Duration::from_secs(120))
-            .unwrap_or_else(|_| panic!("worker never printed {needle:?}"));
-        if line.contains(needle) {
-            return;
-        }
-    };
-    wait_for("[started]");
+    let mut command = Command::new(BIN);
+    command.arg("--home").arg(home).args(["worker", "start"]);
+    let worker = Worker::spawn(command);
     for i in 0..jobs {
         let job = format!(r#"{{"id":"idle-{i}","command":"true"}}"#);
         assert!(
@@ -153,11 +134,10 @@ fn idle_worker_peak_mib(home: &Path, jobs: usize) -> f64 {
                 .unwrap()
                 .success()
         );
-        wait_for(&format!("[completed] job idle-{i}"));
+        worker.wait_for(&format!("[completed] job idle-{i}"));
     }
-    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
-    let _ = child.kill();
-    let _ = child.wait();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", worker.child.id())).unwrap();
+    drop(worker);
     let kib: f64 = status
         .lines()
         .find_map(|l| l.strip_prefix("VmHWM:"))
