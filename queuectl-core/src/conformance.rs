@@ -764,7 +764,14 @@ pub fn worker_registry_and_stop_request(h: &dyn Harness) {
     let listed = store.workers().unwrap();
     assert_eq!(listed.len(), 2);
     assert_eq!(listed[0].last_seen, at(5));
+    let (before, w1) = store.poll_worker("w1").unwrap();
+    assert_eq!(w1.as_ref(), listed.first());
     assert_eq!(store.request_stop().unwrap(), 2);
+    let (after, w1) = store.poll_worker("w1").unwrap();
+    assert_ne!(after, before, "a stop request is a change");
+    assert_eq!(after, store.change_version().unwrap());
+    assert!(w1.is_some_and(|w| w.stop_requested && !w.stop_forced));
+    assert_eq!(store.poll_worker("nobody").unwrap().1, None);
     store.register_worker(worker("w3")).unwrap();
     assert!(store.worker_heartbeat("w1", at(6)).unwrap());
     assert!(store.worker_heartbeat("w2", at(6)).unwrap());

@@ -545,6 +545,16 @@ pub trait Storage: Send + Sync + Debug {
     /// A number that changes whenever the store changes (in any process).
     fn change_version(&self) -> Result<u64>;
 
+    /// [`Storage::change_version`] and `worker`'s registration (`None`: not registered),
+    /// in one look: what a busy pool reads before it refills the slots of finished jobs (a
+    /// stop request is part of the registration). A store whose every read is a round trip
+    /// to a server reads both at once.
+    fn poll_worker(&self, worker: &str) -> Result<(u64, Option<WorkerInfo>)> {
+        let version = self.change_version()?;
+        let registration = self.workers()?.into_iter().find(|w| w.id == worker);
+        Ok((version, registration))
+    }
+
     /// Blocks until [`Storage::change_version`] differs from `seen`, or `timeout` passes.
     /// Returns the current version. Must not busy-wait.
     fn wait_for_change(&self, seen: u64, timeout: Duration) -> Result<u64>;

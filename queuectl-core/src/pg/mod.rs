@@ -11,6 +11,7 @@
 //!
 //! Time is the `now` each method is given, never the server's clock.
 
+mod link;
 mod listen;
 mod queries;
 mod rows;
@@ -25,9 +26,10 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use postgres::Statement;
 use postgres::error::SqlState;
-use postgres::{Client, IsolationLevel, Statement};
 
+use self::link::{ConnectError, Link};
 use self::listen::Listener;
 use self::rows::{Db, Tx, TxError, TxResult};
 use crate::config::{Config, ConfigError};
@@ -85,36 +87,55 @@ impl Default for PgOptions {
     }
 }
 
+/// How a read sees the store.
+#[derive(Debug, Clone, Copy)]
+enum Snapshot {
+    /// Its one statement's own snapshot.
+    Statement,
+    /// One snapshot for all its statements, in a read-only transaction.
+    Transaction,
+}
+
+/// How the statements of a write are planned.
+#[derive(Debug, Clone, Copy)]
+enum Plans {
+    /// As PostgreSQL chooses (a plan for the parameters given, until a generic one is seen
+    /// to be as good).
+    Chosen,
+    /// One generic plan per prepared statement, made once.
+    Generic,
+}
+
 /// A pooled connection, with the statements prepared on it.
 struct Conn {
-    client: Client,
+    link: Link,
     statements: HashMap<String, Statement>,
 }
 
 /// Opens the pool's connections.
 #[derive(Debug)]
 struct Manager {
-    config: postgres::Config,
+    config: tokio_postgres::Config,
     connector: tls::Connector,
 }
 
 impl r2d2::ManageConnection for Manager {
     type Connection = Conn;
-    type Error = postgres::Error;
+    type Error = ConnectError;
 
-    fn connect(&self) -> std::result::Result<Conn, postgres::Error> {
+    fn connect(&self) -> std::result::Result<Conn, ConnectError> {
         Ok(Conn {
-            client: self.connector.connect(&self.config)?,
+            link: Link::connect(&self.config, &self.connector)?,
             statements: HashMap::new(),
         })
     }
 
-    fn is_valid(&self, conn: &mut Conn) -> std::result::Result<(), postgres::Error> {
-        conn.client.batch_execute("")
+    fn is_valid(&self, conn: &mut Conn) -> std::result::Result<(), ConnectError> {
+        conn.link.simple("").map(drop).map_err(ConnectError::Db)
     }
 
     fn has_broken(&self, conn: &mut Conn) -> bool {
-        conn.client.is_closed()
+        conn.link.is_closed()
     }
 }
 
@@ -145,7 +166,7 @@ impl PgStorage {
     /// the `key=value` form), creates or migrates the queue's schema, and starts listening
     /// for changes.
     pub fn connect(url: &str, options: PgOptions) -> Result<Self> {
-        let mut config: postgres::Config =
+        let mut config: tokio_postgres::Config =
             url.parse().map_err(|source| StorageError::Postgres {
                 op: "read the database URL",
                 database: "the database URL given".to_owned(),
@@ -186,7 +207,7 @@ impl PgStorage {
         };
         store.migrate()?;
         if options.listen {
-            store.listener = Listener::start(&config, &connector, &store.schema)
+            store.listener = Listener::start(&config.into(), &connector, &store.schema)
                 .map_err(|e| store.error("listen for changes", TxError::Db(e)))?;
         }
         Ok(store)
@@ -208,11 +229,11 @@ impl PgStorage {
         let op = "create or upgrade the queue's schema";
         let mut conn = self.connection(op)?;
         let version_table = format!("{}.schema_version", self.quoted);
+        let Conn { link, statements } = &mut *conn;
         let result = (|| -> TxResult<()> {
-            let client = &mut conn.client;
             // The usual case in one round trip (no statement to prepare): the schema is there
             // and current. Anything else (no table yet, another version) takes the full path.
-            let quick = client.simple_query(&format!("SELECT version FROM {version_table}"));
+            let quick = link.simple(&format!("SELECT version FROM {version_table}"));
             if let Ok(messages) = quick {
                 let current = messages.iter().find_map(|m| match m {
                     postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
@@ -222,34 +243,18 @@ impl PgStorage {
                     return Ok(());
                 }
             }
-            let current: Option<i32> = {
-                let exists: Option<String> = client
-                    .query_one("SELECT to_regclass($1)::text", &[&version_table])?
-                    .try_get(0)?;
-                match exists {
-                    Some(_) => client
-                        .query_opt(&format!("SELECT version FROM {version_table}"), &[])?
-                        .map(|row| row.try_get(0))
-                        .transpose()?,
-                    None => None,
-                }
-            };
-            if current == Some(PG_SCHEMA_VERSION as i32) {
-                return Ok(());
-            }
-            let mut tx = client.transaction()?;
+            let mut tx = Db::begin(link, statements, &self.quoted, "BEGIN");
             let key = crc32fast::hash(self.schema.as_bytes()) as i32;
             tx.execute(
                 "SELECT pg_advisory_xact_lock($1, $2)",
                 &[&schema::LOCK_CLASS, &key],
             )?;
-            let foreign: bool = tx
-                .query_one(
-                    "SELECT EXISTS (SELECT FROM pg_tables WHERE schemaname = $1) AND NOT \
-                     EXISTS (SELECT FROM pg_tables WHERE schemaname = $1 AND \
-                     tablename = 'schema_version')",
-                    &[&self.schema],
-                )?
+            let foreign: bool = tx.query(
+                "SELECT EXISTS (SELECT FROM pg_tables WHERE schemaname = $1) AND NOT \
+                 EXISTS (SELECT FROM pg_tables WHERE schemaname = $1 AND \
+                 tablename = 'schema_version')",
+                &[&self.schema],
+            )?[0]
                 .try_get(0)?;
             if foreign {
                 return Err(StorageError::Conflict {
@@ -260,9 +265,8 @@ impl PgStorage {
                 .into());
             }
             tx.batch_execute(&schema::BOOTSTRAP.replace("{s}", &self.quoted))?;
-            let version: i32 = tx
-                .query_one(&format!("SELECT version FROM {version_table}"), &[])?
-                .try_get(0)?;
+            let version: i32 =
+                tx.query("SELECT version FROM {s}.schema_version", &[])?[0].try_get(0)?;
             let found = u32::try_from(version).unwrap_or(u32::MAX);
             if found > PG_SCHEMA_VERSION {
                 return Err(StorageError::UnsupportedFormat {
@@ -276,11 +280,10 @@ impl PgStorage {
                 tx.batch_execute(&migration.replace("{s}", &self.quoted))?;
             }
             tx.execute(
-                &format!("UPDATE {version_table} SET version = $1"),
+                "UPDATE {s}.schema_version SET version = $1",
                 &[&(PG_SCHEMA_VERSION as i32)],
             )?;
-            tx.commit()?;
-            Ok(())
+            tx.commit()
         })();
         result.map_err(|e| self.error(op, e))
     }
@@ -302,7 +305,25 @@ impl PgStorage {
     /// PostgreSQL aborted for a conflict with another is run again, as is one whose
     /// connection was found lost when it began; any other failure is returned (after a
     /// failure at commit, whether it committed is unknown).
-    fn write<T>(&self, op: &'static str, mut f: impl FnMut(&mut Tx) -> TxResult<T>) -> Result<T> {
+    fn write<T>(&self, op: &'static str, f: impl FnMut(&mut Tx) -> TxResult<T>) -> Result<T> {
+        self.write_in(op, Plans::Chosen, f)
+    }
+
+    /// [`PgStorage::write`] for the transactions of a busy worker (claims, settlements,
+    /// lease extensions, live output), run with generic plans: their statements look jobs up
+    /// by id, sequence number or the claim indexes, whatever the parameters, so planning them
+    /// again for every execution (most of their cost on the server) buys nothing. The
+    /// `plans::hot_paths_use_indexes` test checks those generic plans.
+    fn write_hot<T>(&self, op: &'static str, f: impl FnMut(&mut Tx) -> TxResult<T>) -> Result<T> {
+        self.write_in(op, Plans::Generic, f)
+    }
+
+    fn write_in<T>(
+        &self,
+        op: &'static str,
+        plans: Plans,
+        mut f: impl FnMut(&mut Tx) -> TxResult<T>,
+    ) -> Result<T> {
         let mut lost = 0;
         let mut conflicts = 0;
         loop {
@@ -310,24 +331,29 @@ impl PgStorage {
                 pause(lost - 1);
             }
             let mut conn = self.connection(op)?;
-            let Conn { client, statements } = &mut *conn;
-            let tx = match client.transaction() {
-                Ok(tx) => tx,
-                Err(e) if is_connection_error(&e) && lost < CONNECTION_RETRIES => {
-                    lost += 1;
-                    continue;
-                }
-                Err(e) => return Err(self.error(op, e.into())),
-            };
-            let mut tx = Tx::new(Db::new(tx, statements, &self.quoted));
+            let Conn { link, statements } = &mut *conn;
+            let mut tx = Tx::new(Db::begin(link, statements, &self.quoted, "BEGIN"));
+            if let Plans::Generic = plans {
+                tx.set_generic_plans();
+            }
             let stripe = (crate::job::random_u64() % schema::STRIPES as u64) as i32;
+            let mut began = false;
             let result = (|| {
-                let out = f(&mut tx)?;
+                let out = f(&mut tx);
+                // `BEGIN` goes with the first statement: a lost connection found before it
+                // came back means nothing of the transaction was applied.
+                began = tx.began();
+                let out = out?;
                 tx.commit(stripe, &self.schema)?;
                 Ok(out)
             })();
             match result {
                 Ok(out) => return Ok(out),
+                Err(TxError::Db(e))
+                    if !began && is_connection_error(&e) && lost < CONNECTION_RETRIES =>
+                {
+                    lost += 1;
+                }
                 Err(TxError::Db(e)) if is_conflict(&e) && conflicts < CONFLICT_RETRIES => {
                     conflicts += 1;
                 }
@@ -342,7 +368,7 @@ impl PgStorage {
     /// from the server's) sees leases expire early or jobs come due late.
     pub fn clock_offset(&self) -> Result<time::Duration> {
         let before = crate::job::now();
-        let server_us: i64 = self.read("read the server's clock", |db| {
+        let server_us: i64 = self.read_single("read the server's clock", |db| {
             let rows = db.query(
                 "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint",
                 &[],
@@ -358,21 +384,39 @@ impl PgStorage {
 
     /// Runs `f` in one read-only repeatable-read transaction (one consistent snapshot). A
     /// read whose connection was lost is run again, a few times, after a pause.
-    fn read<T>(&self, op: &'static str, mut f: impl FnMut(&mut Db) -> TxResult<T>) -> Result<T> {
+    fn read<T>(&self, op: &'static str, f: impl FnMut(&mut Db) -> TxResult<T>) -> Result<T> {
+        self.read_in(op, Snapshot::Transaction, f)
+    }
+
+    /// [`PgStorage::read`] for a read of one statement: a statement sees one snapshot on its
+    /// own, so it runs outside a transaction, in one round trip instead of three.
+    fn read_single<T>(&self, op: &'static str, f: impl FnMut(&mut Db) -> TxResult<T>) -> Result<T> {
+        self.read_in(op, Snapshot::Statement, f)
+    }
+
+    fn read_in<T>(
+        &self,
+        op: &'static str,
+        snapshot: Snapshot,
+        mut f: impl FnMut(&mut Db) -> TxResult<T>,
+    ) -> Result<T> {
         let mut lost = 0;
         loop {
             if lost > 0 {
                 pause(lost - 1);
             }
             let mut conn = self.connection(op)?;
-            let Conn { client, statements } = &mut *conn;
+            let Conn { link, statements } = &mut *conn;
             let result = (|| {
-                let tx = client
-                    .build_transaction()
-                    .isolation_level(IsolationLevel::RepeatableRead)
-                    .read_only(true)
-                    .start()?;
-                let mut db = Db::new(tx, statements, &self.quoted);
+                let mut db = match snapshot {
+                    Snapshot::Statement => Db::single(link, statements, &self.quoted),
+                    Snapshot::Transaction => Db::begin(
+                        link,
+                        statements,
+                        &self.quoted,
+                        "START TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY",
+                    ),
+                };
                 let out = f(&mut db)?;
                 db.commit()?;
                 Ok(out)
@@ -408,7 +452,7 @@ impl PgStorage {
         now: Timestamp,
     ) -> TxResult<Vec<Result<Job>>> {
         let ids = settlements.iter().map(|s| s.lease().job_id.as_str());
-        let mut jobs = rows::jobs_by_ids(tx, ids, queries::BY_IDS_FOR_UPDATE)?;
+        let mut jobs = tx.lock_jobs_noting_dependents(ids)?;
         let mut outcomes = Vec::with_capacity(settlements.len());
         let mut pairs = Vec::new();
         let mut attempts = Vec::new();
@@ -443,7 +487,7 @@ impl PgStorage {
             return Ok(Vec::new());
         }
         // Index bookkeeping, not a change anyone sees: it does not count as one.
-        tx.execute(queries::PROMOTE, &[&micros(now)])?;
+        tx.defer(queries::PROMOTE, vec![Box::new(micros(now))]);
         let mut queues = Vec::new();
         // The counts as stored, plus what settlements earlier in this transaction changed.
         for row in tx.query(queries::CLAIMABLE_QUEUES, &[])? {
@@ -574,8 +618,8 @@ fn check_schema_name(name: &str, database: &str) -> Result<()> {
 }
 
 /// The database of `config` in words: `postgres://user@host:port/dbname`, never the password.
-fn describe(config: &postgres::Config) -> String {
-    use postgres::config::Host;
+fn describe(config: &tokio_postgres::Config) -> String {
+    use tokio_postgres::config::Host;
     let hosts: Vec<String> = config
         .get_hosts()
         .iter()
@@ -684,10 +728,9 @@ impl Drop for PgStorage {
     fn drop(&mut self) {
         let pool = &self.pool;
         self.listener.stop(|channel| {
-            pool.get().is_ok_and(|mut conn| {
-                conn.client
-                    .execute("SELECT pg_notify($1, '')", &[&channel])
-                    .is_ok()
+            pool.get().is_ok_and(|conn| {
+                let notify = format!("NOTIFY \"{channel}\"");
+                conn.link.simple(&notify).is_ok()
             })
         });
     }
@@ -783,7 +826,7 @@ impl Storage for PgStorage {
         if request.max == 0 {
             return Ok(Vec::new());
         }
-        self.write("claim jobs", |tx| Self::claim_in(tx, request, now))
+        self.write_hot("claim jobs", |tx| Self::claim_in(tx, request, now))
     }
 
     fn extend_leases(
@@ -792,7 +835,7 @@ impl Storage for PgStorage {
         lease_for: Duration,
         now: Timestamp,
     ) -> Result<Vec<JobId>> {
-        self.write("extend leases", |tx| {
+        self.write_hot("extend leases", |tx| {
             let ids = leases.iter().map(|lease| lease.job_id.as_str());
             let jobs = rows::jobs_by_ids(tx, ids, queries::BY_IDS_FOR_UPDATE)?;
             let mut lost = Vec::new();
@@ -813,7 +856,7 @@ impl Storage for PgStorage {
     }
 
     fn settle(&self, settlements: Vec<Settlement>, now: Timestamp) -> Result<Vec<Result<Job>>> {
-        self.write("record job results", |tx| {
+        self.write_hot("record job results", |tx| {
             Self::settle_in(tx, &settlements, now)
         })
     }
@@ -824,7 +867,7 @@ impl Storage for PgStorage {
         request: &ClaimRequest,
         now: Timestamp,
     ) -> Result<(Vec<Result<Job>>, Vec<Job>)> {
-        self.write("record job results and claim jobs", |tx| {
+        self.write_hot("record job results and claim jobs", |tx| {
             let settled = Self::settle_in(tx, &settlements, now)?;
             let claimed = Self::claim_in(tx, request, now)?;
             Ok((settled, claimed))
@@ -835,7 +878,7 @@ impl Storage for PgStorage {
         if chunks.is_empty() {
             return Ok(Vec::new());
         }
-        self.write("record live output", |tx| {
+        self.write_hot("record live output", |tx| {
             // Locked against a settlement, which ends the attempt and drops its live output.
             let ids = chunks.iter().map(|chunk| chunk.lease.job_id.as_str());
             let jobs = rows::jobs_by_ids(tx, ids, queries::BY_IDS_FOR_SHARE)?;
@@ -919,13 +962,13 @@ impl Storage for PgStorage {
         );
         let state = query.state.map(JobState::as_str);
         let queue = query.queue.as_deref();
-        self.read("list jobs", |db| {
+        self.read_single("list jobs", |db| {
             rows::select_jobs(db, &page, &[&state, &queue, &limit, &offset])
         })
     }
 
     fn counts(&self) -> Result<StateCounts> {
-        self.read("count jobs", |db| {
+        self.read_single("count jobs", |db| {
             let mut counts = StateCounts::default();
             for (_, state, jobs) in rows::counts(db)? {
                 *counts.get_mut(state) += jobs;
@@ -958,7 +1001,7 @@ impl Storage for PgStorage {
     }
 
     fn next_due(&self, after: Timestamp) -> Result<Option<Timestamp>> {
-        self.read("find the next due job", |db| rows::next_due(db, after))
+        self.read_single("find the next due job", |db| rows::next_due(db, after))
     }
 
     fn retry_dead(&self, ids: Option<&[JobId]>, now: Timestamp) -> Result<Vec<Job>> {
@@ -1002,7 +1045,7 @@ impl Storage for PgStorage {
     }
 
     fn config(&self) -> Result<Config> {
-        self.read("read the settings", |db| rows::config(db, false))
+        self.read_single("read the settings", |db| rows::config(db, false))
     }
 
     fn update_config(
@@ -1032,7 +1075,7 @@ impl Storage for PgStorage {
     }
 
     fn workers(&self) -> Result<Vec<WorkerInfo>> {
-        self.read("list workers", |db| rows::workers(db, "ORDER BY id", &[]))
+        self.read_single("list workers", |db| rows::workers(db, "ORDER BY id", &[]))
     }
 
     fn request_stop(&self) -> Result<usize> {
@@ -1040,9 +1083,21 @@ impl Storage for PgStorage {
     }
 
     fn change_version(&self) -> Result<u64> {
-        self.read("look for changes", |db| {
+        self.read_single("look for changes", |db| {
             let version: i64 = db.query(queries::VERSION, &[])?[0].try_get(0)?;
             Ok(version as u64)
+        })
+    }
+
+    fn poll_worker(&self, worker: &str) -> Result<(u64, Option<WorkerInfo>)> {
+        self.read_single("look for changes and stop requests", |db| {
+            let rows = db.query(queries::VERSION_AND_WORKER, &[&worker])?;
+            let version: i64 = rows[0].try_get(0)?;
+            let registration = rows[0]
+                .try_get::<_, Option<&str>>(1)?
+                .map(rows::worker_from_json)
+                .transpose()?;
+            Ok((version as u64, registration))
         })
     }
 

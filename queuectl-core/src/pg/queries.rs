@@ -9,6 +9,12 @@ pub(super) const BY_ID: &str = "WHERE id = $1";
 /// order (so two transactions lock them in the same order).
 pub(super) const BY_IDS_FOR_UPDATE: &str = "WHERE id = ANY($1) ORDER BY seq FOR UPDATE";
 
+/// Of the jobs with the ids `$1`, those that other jobs wait for. Run after they were
+/// locked, in a statement of its own: its snapshot then includes every dependency added
+/// before the lock was taken (a new dependent locks what it waits for first).
+pub(super) const HAVE_DEPENDENTS_BY_IDS: &str = "SELECT DISTINCT j.seq FROM {s}.jobs j JOIN \
+     {s}.dependencies d ON d.after_seq = j.seq WHERE j.id = ANY($1)";
+
 /// After `SELECT J FROM {s}.jobs`: the same, locked only against changes (live output).
 pub(super) const BY_IDS_FOR_SHARE: &str = "WHERE id = ANY($1) ORDER BY seq FOR SHARE";
 
@@ -146,6 +152,10 @@ pub(super) const LIVE_FIRST: &str = "SELECT upto, output FROM {s}.live_output \
 
 /// The change counter: the sum of its stripes.
 pub(super) const VERSION: &str = "SELECT coalesce(sum(n), 0)::bigint FROM {s}.changes";
+
+/// [`VERSION`], and the registration of worker `$1` (`NULL`: none), in one statement.
+pub(super) const VERSION_AND_WORKER: &str = "SELECT (SELECT coalesce(sum(n), 0)::bigint FROM \
+     {s}.changes), (SELECT info::text FROM {s}.workers WHERE id = $1)";
 
 /// What every transaction that changed something runs last: adds its count changes
 /// (`$1` queues, `$2` states, `$4` deltas) and one change to stripe `$3`, and notifies

@@ -9,8 +9,9 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use postgres::types::ToSql;
-use postgres::{Row, Statement, Transaction};
+use postgres::{Row, Statement};
 
+use super::link::{Answer, Link, Param, Step};
 use super::queries;
 use crate::config::Config;
 use crate::error::StorageError;
@@ -55,54 +56,229 @@ impl From<StorageError> for TxError {
 /// Result inside a transaction.
 pub(super) type TxResult<T> = std::result::Result<T, TxError>;
 
-type Param<'p> = &'p (dyn ToSql + Sync);
-
 // ----- one transaction -----
 
-/// A transaction on a pooled connection, with that connection's prepared statements: each
+/// A statement's parameter that the statement owns, for one sent later.
+pub(super) type Owned = Box<dyn ToSql + Sync + Send>;
+
+/// A statement whose answer nobody waits for, sent with the next one somebody does.
+struct Deferred {
+    template: String,
+    params: Vec<Owned>,
+}
+
+/// The statement a [`Db::send`] waits for.
+#[derive(Clone, Copy)]
+enum Last<'t, 'p> {
+    Query(&'t str, &'t [Param<'p>]),
+    Execute(&'t str, &'t [Param<'p>]),
+    Simple(&'t str),
+}
+
+/// Statements on a pooled connection, with that connection's prepared statements: each
 /// statement is prepared once per connection (one round trip), then only executed.
+///
+/// In a transaction (`Db::begin`), `BEGIN` waits to go with the first statement, and
+/// statements whose answers are not needed ([`Db::defer`]: most writes) wait to go with the
+/// next statement whose answer is, or with `COMMIT`: each [`Db::query`] is one round trip
+/// for everything sent with it ([`Link::pipeline`]). Outside one, each statement is a
+/// transaction of its own, for a read of one statement, which sees one snapshot anyway.
 pub(super) struct Db<'a> {
-    tx: Transaction<'a>,
+    link: &'a Link,
     statements: &'a mut HashMap<String, Statement>,
     /// The schema's quoted name, put in place of `{s}`.
     schema: &'a str,
+    /// The statements that open the transaction, not sent yet.
+    begin: Option<String>,
+    /// Whether the server answered the statements that opened the transaction.
+    began: bool,
+    /// Whether this is a transaction that has not ended.
+    open: bool,
+    deferred: Vec<Deferred>,
 }
 
 impl<'a> Db<'a> {
-    pub(super) fn new(
-        tx: Transaction<'a>,
+    /// A transaction, opened by `begin` (`BEGIN …`).
+    pub(super) fn begin(
+        link: &'a Link,
+        statements: &'a mut HashMap<String, Statement>,
+        schema: &'a str,
+        begin: &str,
+    ) -> Self {
+        Self {
+            link,
+            statements,
+            schema,
+            begin: Some(begin.to_owned()),
+            began: false,
+            open: true,
+            deferred: Vec::new(),
+        }
+    }
+
+    /// Statements run outside a transaction: only for a read of one statement.
+    pub(super) fn single(
+        link: &'a Link,
         statements: &'a mut HashMap<String, Statement>,
         schema: &'a str,
     ) -> Self {
         Self {
-            tx,
+            link,
             statements,
             schema,
+            begin: None,
+            began: false,
+            open: false,
+            deferred: Vec::new(),
         }
     }
 
-    fn statement(&mut self, template: &str) -> Result<Statement, postgres::Error> {
-        if let Some(statement) = self.statements.get(template) {
-            return Ok(statement.clone());
+    /// Plans this transaction's statements generically (`plan_cache_mode`, until it ends);
+    /// sent with `BEGIN`.
+    pub(super) fn set_generic_plans(&mut self) {
+        if let Some(begin) = &mut self.begin {
+            begin.push_str("; SET LOCAL plan_cache_mode = force_generic_plan");
         }
-        let statement = self.tx.prepare(&template.replace("{s}", self.schema))?;
-        self.statements
-            .insert(template.to_owned(), statement.clone());
-        Ok(statement)
     }
 
+    /// Prepares what `templates` needs that this connection has not prepared yet, all in
+    /// one round trip.
+    fn prepare<'t>(&mut self, templates: impl Iterator<Item = &'t str>) -> TxResult<()> {
+        let mut missing: Vec<&str> = Vec::new();
+        for template in templates {
+            if !self.statements.contains_key(template) && !missing.contains(&template) {
+                missing.push(template);
+            }
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let sqls: Vec<String> = missing
+            .iter()
+            .map(|template| template.replace("{s}", self.schema))
+            .collect();
+        for (template, statement) in missing.iter().zip(self.link.prepare_all(&sqls)?) {
+            self.statements.insert((*template).to_owned(), statement);
+        }
+        Ok(())
+    }
+
+    /// Sends what waits (`BEGIN`, deferred statements) and then `lasts`, all in one round
+    /// trip, and returns the answers to `lasts`.
+    fn send(&mut self, lasts: &[Last]) -> TxResult<Vec<Answer>> {
+        let deferred = std::mem::take(&mut self.deferred);
+        self.prepare(
+            deferred
+                .iter()
+                .map(|d| d.template.as_str())
+                .chain(lasts.iter().filter_map(|last| match last {
+                    Last::Query(template, _) | Last::Execute(template, _) => Some(*template),
+                    Last::Simple(_) => None,
+                })),
+        )?;
+        let begin = self.begin.take();
+        let mut steps = Vec::with_capacity(deferred.len() + lasts.len() + 1);
+        if let Some(begin) = &begin {
+            steps.push(Step::Simple(begin));
+        }
+        for d in &deferred {
+            let params: Vec<Param> = d.params.iter().map(|p| &**p as Param).collect();
+            steps.push(Step::Execute(&self.statements[&d.template], params));
+        }
+        let waited = steps.len();
+        for last in lasts {
+            steps.push(match *last {
+                Last::Query(template, params) => {
+                    Step::Query(&self.statements[template], params.to_vec())
+                }
+                Last::Execute(template, params) => {
+                    Step::Execute(&self.statements[template], params.to_vec())
+                }
+                Last::Simple(sql) => Step::Simple(sql),
+            });
+        }
+        let mut answers = self.link.pipeline(steps)?;
+        self.began |= begin.is_some();
+        Ok(answers.split_off(waited))
+    }
+
+    /// Runs statements one after the other and returns their rows, all in one round trip
+    /// (with everything waiting to be sent).
+    pub(super) fn query_all<const N: usize>(
+        &mut self,
+        statements: [(&str, &[Param]); N],
+    ) -> TxResult<[Vec<Row>; N]> {
+        let lasts = statements.map(|(template, params)| Last::Query(template, params));
+        let answers = self.send(&lasts)?;
+        let rows: Vec<Vec<Row>> = answers
+            .into_iter()
+            .map(|answer| match answer {
+                Answer::Rows(rows) => Ok(rows),
+                other => Err(TxError::Decode(format!("rows expected, got {other:?}"))),
+            })
+            .collect::<TxResult<_>>()?;
+        rows.try_into()
+            .map_err(|_| TxError::Decode("an answer per statement expected".to_owned()))
+    }
+
+    /// Whether the server has answered the transaction's `BEGIN` (and what went with it).
+    pub(super) fn began(&self) -> bool {
+        self.began
+    }
+
+    /// Runs statements without parameters (simple protocol), with everything waiting.
+    pub(super) fn batch_execute(&mut self, sql: &str) -> TxResult<()> {
+        self.send(&[Last::Simple(sql)]).map(drop)
+    }
+
+    /// Runs a statement and returns its rows (with everything waiting to be sent).
     pub(super) fn query(&mut self, template: &str, params: &[Param]) -> TxResult<Vec<Row>> {
-        let statement = self.statement(template)?;
-        Ok(self.tx.query(&statement, params)?)
+        let [rows] = self.query_all([(template, params)])?;
+        Ok(rows)
     }
 
+    /// Runs a statement and returns how many rows it changed (with everything waiting).
     pub(super) fn execute(&mut self, template: &str, params: &[Param]) -> TxResult<u64> {
-        let statement = self.statement(template)?;
-        Ok(self.tx.execute(&statement, params)?)
+        match self.send(&[Last::Execute(template, params)])?.pop() {
+            Some(Answer::Count(n)) => Ok(n),
+            other => Err(TxError::Decode(format!(
+                "a row count expected, got {other:?}"
+            ))),
+        }
     }
 
-    pub(super) fn commit(self) -> Result<(), postgres::Error> {
-        self.tx.commit()
+    /// Has a statement sent with the next one whose answer is needed, or at commit. Its
+    /// failure, if any, is reported there (and aborts the transaction as ever).
+    pub(super) fn defer(&mut self, template: &str, params: Vec<Owned>) {
+        debug_assert!(self.open, "only a transaction defers statements");
+        self.deferred.push(Deferred {
+            template: template.to_owned(),
+            params,
+        });
+    }
+
+    /// Ends the transaction, sending what waits and `COMMIT` in one round trip (nothing at
+    /// all when nothing was sent).
+    pub(super) fn commit(mut self) -> TxResult<()> {
+        if !self.open {
+            return Ok(());
+        }
+        self.open = false;
+        if self.begin.is_some() && self.deferred.is_empty() {
+            return Ok(());
+        }
+        self.batch_execute("COMMIT")
+    }
+}
+
+impl Drop for Db<'_> {
+    fn drop(&mut self) {
+        // A transaction that ends without a commit (an error, a retry) is rolled back here,
+        // as the `postgres` crate's transactions are. A failed rollback means a lost
+        // connection, which the pool then drops: the server ends the transaction itself.
+        if self.open && self.begin.is_none() {
+            let _ = self.link.simple("ROLLBACK");
+        }
     }
 }
 
@@ -115,6 +291,9 @@ pub(super) struct Tx<'a> {
     counts: BTreeMap<(String, &'static str), i64>,
     /// Whether anything was written.
     changed: bool,
+    /// Of jobs this transaction locked, whether other jobs wait for them
+    /// ([`Tx::lock_jobs_noting_dependents`]).
+    dependents: HashMap<i64, bool>,
 }
 
 impl<'a> std::ops::Deref for Tx<'a> {
@@ -136,6 +315,7 @@ impl<'a> Tx<'a> {
             db,
             counts: BTreeMap::new(),
             changed: false,
+            dependents: HashMap::new(),
         }
     }
 
@@ -170,18 +350,54 @@ impl<'a> Tx<'a> {
             let (mut queues, mut states, mut deltas) = (Vec::new(), Vec::new(), Vec::new());
             for ((queue, state), delta) in &self.counts {
                 if *delta != 0 {
-                    queues.push(queue.as_str());
+                    queues.push(queue.clone());
                     states.push(*state);
                     deltas.push(*delta);
                 }
             }
-            self.db.query(
-                queries::FINISH,
-                &[&queues, &states, &stripe, &deltas, &channel],
-            )?;
+            let params: Vec<Owned> = vec![
+                Box::new(queues),
+                Box::new(states),
+                Box::new(stripe),
+                Box::new(deltas),
+                Box::new(channel.to_owned()),
+            ];
+            self.db.defer(queries::FINISH, params);
         }
         self.db.commit()?;
         Ok(self.changed)
+    }
+
+    /// The jobs with these ids, locked for update, noting for each whether other jobs wait
+    /// for it (in the same round trip): the lock keeps that true until the transaction
+    /// ends, so finishing them needs no second look.
+    pub(super) fn lock_jobs_noting_dependents<'i>(
+        &mut self,
+        ids: impl Iterator<Item = &'i str>,
+    ) -> TxResult<HashMap<JobId, Job>> {
+        static SQL: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "SELECT {JOB_COLUMNS} FROM {{s}}.jobs {}",
+                queries::BY_IDS_FOR_UPDATE
+            )
+        });
+        let ids: Vec<&str> = ids.collect();
+        let [locked, waited_for] = self.db.query_all([
+            (SQL.as_str(), &[&ids]),
+            (queries::HAVE_DEPENDENTS_BY_IDS, &[&ids]),
+        ])?;
+        let waited_for: HashSet<i64> = waited_for
+            .iter()
+            .map(|row| row.try_get(0))
+            .collect::<Result<_, _>>()?;
+        let mut jobs = HashMap::with_capacity(ids.len());
+        for row in &locked {
+            let job = job_from_row(row)?;
+            let seq = job.seq as i64;
+            self.dependents.insert(seq, waited_for.contains(&seq));
+            jobs.insert(job.id.clone(), job);
+        }
+        Ok(jobs)
     }
 
     /// Inserts a new job (`job.seq` is set from the row). Returns `false`, inserting nothing,
@@ -256,13 +472,23 @@ impl<'a> Tx<'a> {
         if finished.is_empty() {
             return Ok(());
         }
-        // One look for all of them: most jobs have no dependents.
-        let waited_for: HashSet<i64> = self
-            .db
-            .query(queries::HAVE_DEPENDENTS, &[&finished])?
-            .iter()
-            .map(|row| row.try_get(0))
-            .collect::<Result<_, _>>()?;
+        // One look for all of them not known already: most jobs have no dependents.
+        let mut waited_for: HashSet<i64> = HashSet::new();
+        let mut unknown = Vec::new();
+        for seq in finished {
+            match self.dependents.get(&seq) {
+                Some(true) => {
+                    waited_for.insert(seq);
+                }
+                Some(false) => {}
+                None => unknown.push(seq),
+            }
+        }
+        if !unknown.is_empty() {
+            for row in self.db.query(queries::HAVE_DEPENDENTS, &[&unknown])? {
+                waited_for.insert(row.try_get(0)?);
+            }
+        }
         for (old, new) in pairs.iter() {
             if rules::finishes(old, new) && waited_for.contains(&(new.seq as i64)) {
                 let finished = new.clone();
@@ -326,9 +552,11 @@ impl<'a> Tx<'a> {
                 types.join(", "),
                 names.join(", ")
             );
-            let mut params: Vec<Param> = vec![&seqs];
-            params.extend(arrays.iter().map(Array::param));
-            self.write(&sql, &params)?;
+            // The rows are there and locked: the update changes them all.
+            let mut params: Vec<Owned> = vec![Box::new(seqs)];
+            params.extend(arrays.into_iter().map(Array::owned));
+            self.db.defer(&sql, params);
+            self.changed = true;
         }
         Ok(())
     }
@@ -343,23 +571,38 @@ impl<'a> Tx<'a> {
             normalize_attempt(attempt);
             a.push(*seq, attempt);
         }
-        self.write(queries::LIVE_END_ATTEMPTS, &[&a.seq])?;
-        self.write(
+        self.db
+            .defer(queries::LIVE_END_ATTEMPTS, vec![Box::new(a.seq.clone())]);
+        let AttemptArrays {
+            seq,
+            number,
+            worker,
+            started_at,
+            finished_at,
+            outcome,
+            exit_code,
+            signal,
+            error,
+            output,
+            due_at,
+        } = a;
+        self.db.defer(
             &INSERT_ATTEMPTS,
-            &[
-                &a.seq,
-                &a.number,
-                &a.worker,
-                &a.started_at,
-                &a.finished_at,
-                &a.outcome,
-                &a.exit_code,
-                &a.signal,
-                &a.error,
-                &a.output,
-                &a.due_at,
+            vec![
+                Box::new(seq),
+                Box::new(number),
+                Box::new(worker),
+                Box::new(started_at),
+                Box::new(finished_at),
+                Box::new(outcome),
+                Box::new(exit_code),
+                Box::new(signal),
+                Box::new(error),
+                Box::new(output),
+                Box::new(due_at),
             ],
-        )?;
+        );
+        self.changed = true;
         Ok(())
     }
 
@@ -634,6 +877,15 @@ impl Array {
             Array::Int(v) => v,
             Array::Text(v) => v,
             Array::Bool(v) => v,
+        }
+    }
+
+    fn owned(self) -> Owned {
+        match self {
+            Array::Big(v) => Box::new(v),
+            Array::Int(v) => Box::new(v),
+            Array::Text(v) => Box::new(v),
+            Array::Bool(v) => Box::new(v),
         }
     }
 }
@@ -957,12 +1209,14 @@ pub(super) fn workers(db: &mut Db, tail: &str, params: &[Param]) -> TxResult<Vec
     let sql = format!("SELECT info::text FROM {{s}}.workers {tail}");
     db.query(&sql, params)?
         .iter()
-        .map(|row| {
-            let json: &str = row.try_get(0)?;
-            serde_json::from_str(json)
-                .map_err(|e| TxError::Decode(format!("a stored worker is unreadable: {e}")))
-        })
+        .map(|row| worker_from_json(row.try_get(0)?))
         .collect()
+}
+
+/// A worker's registration as stored.
+pub(super) fn worker_from_json(json: &str) -> TxResult<WorkerInfo> {
+    serde_json::from_str(json)
+        .map_err(|e| TxError::Decode(format!("a stored worker is unreadable: {e}")))
 }
 
 /// Jobs per queue and state.

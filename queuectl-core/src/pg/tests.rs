@@ -244,11 +244,16 @@ fn reads_retry_after_lost_connections() {
     let store = pg.pg();
     let job = store.enqueue(NewJob::new("true"), now()).unwrap();
     let pid: i32 = {
-        let mut conn = store.pool.get().unwrap();
-        conn.client
-            .query_one("SELECT pg_backend_pid()", &[])
+        let conn = store.pool.get().unwrap();
+        let rows = conn.link.simple("SELECT pg_backend_pid()").unwrap();
+        rows.iter()
+            .find_map(|m| match m {
+                postgres::SimpleQueryMessage::Row(row) => {
+                    row.get(0).map(|pid| pid.parse().unwrap())
+                }
+                _ => None,
+            })
             .unwrap()
-            .get(0)
     };
     let mut client = pg.client();
     let ended: bool = client

@@ -8,13 +8,17 @@
 
 use std::sync::Arc;
 
-use postgres::config::SslMode;
 use postgres::{Client, Config, NoTls};
 use rustls::DigitallySignedStruct;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use tokio_postgres::config::SslMode;
 use tokio_postgres_rustls::MakeRustlsConnect;
+
+/// The task that reads and writes a connection's socket.
+pub(super) type Driver =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), postgres::Error>> + Send>>;
 
 /// How connections to one server are made.
 #[derive(Clone)]
@@ -36,7 +40,7 @@ impl std::fmt::Debug for Connector {
 
 impl Connector {
     /// The connector `config`'s `sslmode` asks for.
-    pub(super) fn for_config(config: &Config) -> Result<Self, rustls::Error> {
+    pub(super) fn for_config(config: &tokio_postgres::Config) -> Result<Self, rustls::Error> {
         if config.get_ssl_mode() != SslMode::Require {
             return Ok(Connector::Plain);
         }
@@ -49,7 +53,24 @@ impl Connector {
         Ok(Connector::Tls(MakeRustlsConnect::new(tls)))
     }
 
-    /// A new connection.
+    /// A new connection, and the task that drives its socket (to be spawned on a runtime).
+    pub(super) async fn connect_async(
+        &self,
+        config: &tokio_postgres::Config,
+    ) -> Result<(tokio_postgres::Client, Driver), postgres::Error> {
+        Ok(match self {
+            Connector::Plain => {
+                let (client, connection) = config.connect(NoTls).await?;
+                (client, Box::pin(connection))
+            }
+            Connector::Tls(tls) => {
+                let (client, connection) = config.connect(tls.clone()).await?;
+                (client, Box::pin(connection))
+            }
+        })
+    }
+
+    /// A new connection (synchronous client).
     pub(super) fn connect(&self, config: &Config) -> Result<Client, postgres::Error> {
         match self {
             Connector::Plain => config.connect(NoTls),

@@ -403,11 +403,33 @@ impl Dispatcher {
         self.last_stop_check = Some(Instant::now());
         match self.storage.workers() {
             Ok(workers) => {
-                if let Some(me) = workers.iter().find(|w| w.id == self.id && w.stop_requested) {
-                    self.begin_stop(me.stop_forced, StopReason::StopRequest);
-                }
+                let me = workers.into_iter().find(|w| w.id == self.id);
+                self.stop_if_asked(me);
             }
             Err(error) => self.storage_error("looking for a stop request", &error),
+        }
+    }
+
+    /// Looks for a stop request before refilling the slots of finished jobs, reading the
+    /// store's version and this pool's registration together ([`Storage::poll_worker`]).
+    pub(super) fn poll_before_refill(&mut self) {
+        if self.stopping.as_ref().is_some_and(|s| s.forced) {
+            return;
+        }
+        match self.storage.poll_worker(&self.id) {
+            Ok((version, me)) => {
+                self.note_version(version);
+                self.stop_check_due = false;
+                self.last_stop_check = Some(Instant::now());
+                self.stop_if_asked(me);
+            }
+            Err(error) => self.storage_error("looking for a stop request", &error),
+        }
+    }
+
+    fn stop_if_asked(&mut self, me: Option<WorkerInfo>) {
+        if let Some(me) = me.filter(|me| me.stop_requested) {
+            self.begin_stop(me.stop_forced, StopReason::StopRequest);
         }
     }
 

@@ -97,8 +97,7 @@ impl Dispatcher {
         }
         self.last_settled = Instant::now();
         // Look for a stop request before refilling the slots this batch frees.
-        let version = self.storage.change_version().ok();
-        self.poll_stop_request(version, false);
+        self.poll_before_refill();
         let want = if self.stopping.is_none() {
             let busy = self.ledger.len().saturating_sub(batch.len());
             self.capacity.saturating_sub(busy)
