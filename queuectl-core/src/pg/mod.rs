@@ -96,16 +96,6 @@ enum Snapshot {
     Transaction,
 }
 
-/// How the statements of a write are planned.
-#[derive(Debug, Clone, Copy)]
-enum Plans {
-    /// As PostgreSQL chooses (a plan for the parameters given, until a generic one is seen
-    /// to be as good).
-    Chosen,
-    /// One generic plan per prepared statement, made once.
-    Generic,
-}
-
 /// A pooled connection, with the statements prepared on it.
 struct Conn {
     link: Link,
@@ -305,25 +295,7 @@ impl PgStorage {
     /// PostgreSQL aborted for a conflict with another is run again, as is one whose
     /// connection was found lost when it began; any other failure is returned (after a
     /// failure at commit, whether it committed is unknown).
-    fn write<T>(&self, op: &'static str, f: impl FnMut(&mut Tx) -> TxResult<T>) -> Result<T> {
-        self.write_in(op, Plans::Chosen, f)
-    }
-
-    /// [`PgStorage::write`] for the transactions of a busy worker (claims, settlements,
-    /// lease extensions, live output), run with generic plans: their statements look jobs up
-    /// by id, sequence number or the claim indexes, whatever the parameters, so planning them
-    /// again for every execution (most of their cost on the server) buys nothing. The
-    /// `plans::hot_paths_use_indexes` test checks those generic plans.
-    fn write_hot<T>(&self, op: &'static str, f: impl FnMut(&mut Tx) -> TxResult<T>) -> Result<T> {
-        self.write_in(op, Plans::Generic, f)
-    }
-
-    fn write_in<T>(
-        &self,
-        op: &'static str,
-        plans: Plans,
-        mut f: impl FnMut(&mut Tx) -> TxResult<T>,
-    ) -> Result<T> {
+    fn write<T>(&self, op: &'static str, mut f: impl FnMut(&mut Tx) -> TxResult<T>) -> Result<T> {
         let mut lost = 0;
         let mut conflicts = 0;
         loop {
@@ -333,9 +305,6 @@ impl PgStorage {
             let mut conn = self.connection(op)?;
             let Conn { link, statements } = &mut *conn;
             let mut tx = Tx::new(Db::begin(link, statements, &self.quoted, "BEGIN"));
-            if let Plans::Generic = plans {
-                tx.set_generic_plans();
-            }
             let stripe = (crate::job::random_u64() % schema::STRIPES as u64) as i32;
             let mut began = false;
             let result = (|| {
@@ -750,6 +719,7 @@ impl Storage for PgStorage {
                 .iter()
                 .all(|new| new.unique_key.is_none() && new.after.is_empty());
         self.write("enqueue jobs", |tx| {
+            rows::prepare_enqueue(tx, plain);
             let config = rows::config(tx, false)?;
             if plain {
                 // No key to look up and no dependency to check: one statement for all.
@@ -826,7 +796,7 @@ impl Storage for PgStorage {
         if request.max == 0 {
             return Ok(Vec::new());
         }
-        self.write_hot("claim jobs", |tx| Self::claim_in(tx, request, now))
+        self.write("claim jobs", |tx| Self::claim_in(tx, request, now))
     }
 
     fn extend_leases(
@@ -835,7 +805,7 @@ impl Storage for PgStorage {
         lease_for: Duration,
         now: Timestamp,
     ) -> Result<Vec<JobId>> {
-        self.write_hot("extend leases", |tx| {
+        self.write("extend leases", |tx| {
             let ids = leases.iter().map(|lease| lease.job_id.as_str());
             let jobs = rows::jobs_by_ids(tx, ids, queries::BY_IDS_FOR_UPDATE)?;
             let mut lost = Vec::new();
@@ -856,7 +826,7 @@ impl Storage for PgStorage {
     }
 
     fn settle(&self, settlements: Vec<Settlement>, now: Timestamp) -> Result<Vec<Result<Job>>> {
-        self.write_hot("record job results", |tx| {
+        self.write("record job results", |tx| {
             Self::settle_in(tx, &settlements, now)
         })
     }
@@ -867,7 +837,7 @@ impl Storage for PgStorage {
         request: &ClaimRequest,
         now: Timestamp,
     ) -> Result<(Vec<Result<Job>>, Vec<Job>)> {
-        self.write_hot("record job results and claim jobs", |tx| {
+        self.write("record job results and claim jobs", |tx| {
             let settled = Self::settle_in(tx, &settlements, now)?;
             let claimed = Self::claim_in(tx, request, now)?;
             Ok((settled, claimed))
@@ -878,7 +848,7 @@ impl Storage for PgStorage {
         if chunks.is_empty() {
             return Ok(Vec::new());
         }
-        self.write_hot("record live output", |tx| {
+        self.write("record live output", |tx| {
             // Locked against a settlement, which ends the attempt and drops its live output.
             let ids = chunks.iter().map(|chunk| chunk.lease.job_id.as_str());
             let jobs = rows::jobs_by_ids(tx, ids, queries::BY_IDS_FOR_SHARE)?;

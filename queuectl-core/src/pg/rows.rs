@@ -95,6 +95,8 @@ pub(super) struct Db<'a> {
     /// Whether this is a transaction that has not ended.
     open: bool,
     deferred: Vec<Deferred>,
+    /// Statements the transaction is going to run, prepared with the next ones that are.
+    ahead: Vec<&'static str>,
 }
 
 impl<'a> Db<'a> {
@@ -113,6 +115,7 @@ impl<'a> Db<'a> {
             began: false,
             open: true,
             deferred: Vec::new(),
+            ahead: Vec::new(),
         }
     }
 
@@ -130,14 +133,7 @@ impl<'a> Db<'a> {
             began: false,
             open: false,
             deferred: Vec::new(),
-        }
-    }
-
-    /// Plans this transaction's statements generically (`plan_cache_mode`, until it ends);
-    /// sent with `BEGIN`.
-    pub(super) fn set_generic_plans(&mut self) {
-        if let Some(begin) = &mut self.begin {
-            begin.push_str("; SET LOCAL plan_cache_mode = force_generic_plan");
+            ahead: Vec::new(),
         }
     }
 
@@ -145,7 +141,8 @@ impl<'a> Db<'a> {
     /// one round trip.
     fn prepare<'t>(&mut self, templates: impl Iterator<Item = &'t str>) -> TxResult<()> {
         let mut missing: Vec<&str> = Vec::new();
-        for template in templates {
+        let ahead = std::mem::take(&mut self.ahead);
+        for template in templates.chain(ahead) {
             if !self.statements.contains_key(template) && !missing.contains(&template) {
                 missing.push(template);
             }
@@ -219,6 +216,12 @@ impl<'a> Db<'a> {
             .collect::<TxResult<_>>()?;
         rows.try_into()
             .map_err(|_| TxError::Decode("an answer per statement expected".to_owned()))
+    }
+
+    /// Has `templates`, which this transaction is going to run, prepared together with the
+    /// next statement (a round trip each saved on a new connection).
+    pub(super) fn prepare_ahead(&mut self, templates: &[&'static str]) {
+        self.ahead.extend_from_slice(templates);
     }
 
     /// Whether the server has answered the transaction's `BEGIN` (and what went with it).
@@ -1188,12 +1191,21 @@ pub(super) fn live_output(db: &mut Db, seq: u64, offset: u64) -> TxResult<(u64, 
     Ok((at, text))
 }
 
+/// Has what an enqueue runs prepared with its first statement: the settings, the insert
+/// (of one job at a time, or of a `plain` batch in one statement) and the commit's counts.
+pub(super) fn prepare_enqueue(db: &mut Db, plain: bool) {
+    let insert: &'static str = if plain { &INSERT_JOBS } else { &INSERT_JOB };
+    db.prepare_ahead(&[CONFIG, insert, queries::FINISH]);
+}
+
+const CONFIG: &str = "SELECT value FROM {s}.meta WHERE key = 'config'";
+
 /// The stored settings (defaults when none were stored); with `lock`, locked for a change.
 pub(super) fn config(db: &mut Db, lock: bool) -> TxResult<Config> {
     let sql = if lock {
         "SELECT value FROM {s}.meta WHERE key = 'config' FOR UPDATE"
     } else {
-        "SELECT value FROM {s}.meta WHERE key = 'config'"
+        CONFIG
     };
     let rows = db.query(sql, &[])?;
     match rows.first().map(|row| row.try_get::<_, Option<&str>>(0)) {

@@ -347,6 +347,7 @@ mod plans {
         let queues = vec!["a".to_owned(), "b".to_owned()];
         let rooms = vec![10i64, 10];
         let id = claimed[0].id.as_str();
+        let ids = vec![claimed[0].id.as_str(), claimed[1].id.as_str()];
         let limit = Some(50i64);
         let offset = 0i64;
         let none: Option<&str> = None;
@@ -357,6 +358,12 @@ mod plans {
                 "jobs_ready",
             ),
             (jobs(queries::BY_ID), vec![&id], "jobs_id_key"),
+            (jobs(queries::BY_IDS_FOR_UPDATE), vec![&ids], "jobs_id_key"),
+            (
+                queries::HAVE_DEPENDENTS_BY_IDS.to_owned(),
+                vec![&ids],
+                "jobs_id_key",
+            ),
             (jobs(queries::UNIQUE_HOLDER), vec![&"k1-7"], "jobs_unique"),
             (
                 jobs(&queries::page(false, false, true)),
