@@ -99,6 +99,10 @@ pub(super) struct Dispatcher {
     quiet_at: Option<Instant>,
     /// When to look for lost leases again, after a change seen while that was throttled.
     lease_check_at: Option<Instant>,
+    /// The store's version as read before this turn's settlement, if there was one: the
+    /// turn uses it instead of reading again (it is older than the settlement, so any change
+    /// since, the settlement's own included, still wakes an armed waker).
+    polled: Option<u64>,
     /// An error that ends the pool, found where it could not be returned.
     pub(super) fatal: Option<PoolError>,
 }
@@ -159,6 +163,7 @@ impl Dispatcher {
             last_settled: start,
             quiet_at: None,
             lease_check_at: None,
+            polled: None,
             fatal: None,
         }
     }
@@ -220,8 +225,11 @@ impl Dispatcher {
             self.record_output(now_instant);
         }
         // One read of the version per turn, before looking for a stop request and for work:
-        // any change after it wakes the pool.
-        let version = self.storage.change_version().ok();
+        // any change after it wakes the pool. A turn that settled has read it already.
+        let version = match self.polled.take() {
+            Some(version) => Some(version),
+            None => self.storage.change_version().ok(),
+        };
         let throttled = !std::mem::take(&mut self.woken);
         self.poll_stop_request(version, throttled);
         // Here, after the turn's settlements, no attempt is between being reported finished
@@ -418,6 +426,7 @@ impl Dispatcher {
         }
         match self.storage.poll_worker(&self.id) {
             Ok((version, me)) => {
+                self.polled = Some(version);
                 self.note_version(version);
                 self.stop_check_due = false;
                 self.last_stop_check = Some(Instant::now());
