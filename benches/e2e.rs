@@ -12,7 +12,8 @@
 //!    the most jobs of the queue seen running at once.
 //!
 //! Run with `cargo bench -p queuectl-cli --bench e2e` (set `E2E_JOBS` to change the drain size,
-//! `E2E_DATABASE_URL=postgres://…` to run on PostgreSQL instead, a schema per figure).
+//! `E2E_DATABASE_URL=postgres://…` to run on PostgreSQL instead, a schema per figure; the drain
+//! is then also run in turns with the embedded store, side by side).
 
 use std::io::Write;
 use std::path::Path;
@@ -25,9 +26,29 @@ const BIN: &str = env!("CARGO_BIN_EXE_queuectl");
 
 /// The PostgreSQL server to run on instead of the embedded store (`E2E_DATABASE_URL`).
 fn database_url() -> Option<String> {
+    if EMBEDDED.load(std::sync::atomic::Ordering::Relaxed) {
+        return None;
+    }
     std::env::var("E2E_DATABASE_URL")
         .ok()
         .filter(|u| !u.is_empty())
+}
+
+/// Set while a figure is taken on the embedded store for comparison, in a PostgreSQL run.
+static EMBEDDED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// `f` on the embedded store, whatever `E2E_DATABASE_URL` says.
+fn on_embedded<T>(f: impl FnOnce() -> T) -> T {
+    EMBEDDED.store(true, std::sync::atomic::Ordering::Relaxed);
+    let out = f();
+    EMBEDDED.store(false, std::sync::atomic::Ordering::Relaxed);
+    out
+}
+
+/// The median of `values`.
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
 }
 
 /// The schemas used, dropped at the end.
@@ -334,8 +355,26 @@ fn main() {
         "with --prefetch 2  {prefetched:>10.0} jobs/s ({:.2} of raw)",
         prefetched / raw
     );
+    if database_url().is_some() {
+        // Side by side with the embedded store, in turns, so that both meet the same machine.
+        let (mut here, mut embedded) = (Vec::new(), Vec::new());
+        for _ in 0..3 {
+            embedded.push(on_embedded(|| shell_drain(jobs, 0)));
+            here.push(shell_drain(jobs, 0));
+        }
+        let (here, embedded) = (median(here), median(embedded));
+        println!(
+            "side by side       {here:>10.0} jobs/s here, {embedded:.0} on the embedded store \
+             (median of 3 turns each): {:.2} of it",
+            here / embedded
+        );
+    }
     let enqueue = cli_enqueue_median_ms(101);
     println!("CLI enqueue        {enqueue:>10.2} ms median per process");
+    if database_url().is_some() {
+        let embedded = on_embedded(|| cli_enqueue_median_ms(101));
+        println!("  on the embedded store, same run: {embedded:.2} ms");
+    }
     let (p50, p99) = pickup_latency_ms(100);
     println!("pickup latency     {p50:>10.2} ms p50   {p99:.2} ms p99");
     let (stop50, stop99) = stop_latency_ms(20);

@@ -171,8 +171,7 @@ struct Unrecorded {
     text: String,
     /// Where `text` starts in the attempt's output (in bytes of text).
     offset: u64,
-    /// The start of a character whose end has not been written yet.
-    partial: Vec<u8>,
+    decoder: Utf8Stream,
     limit: usize,
     /// When the first output was written.
     first_write: Option<Instant>,
@@ -190,7 +189,7 @@ impl LiveOutput {
         Self(Arc::new(Mutex::new(Unrecorded {
             text: String::new(),
             offset: 0,
-            partial: Vec::new(),
+            decoder: Utf8Stream::default(),
             limit: DEFAULT_LIVE_LIMIT,
             first_write: None,
         })))
@@ -212,35 +211,8 @@ impl LiveOutput {
         }
         let mut inner = self.0.lock();
         inner.first_write.get_or_insert_with(Instant::now);
-        let mut pending = std::mem::take(&mut inner.partial);
-        pending.extend_from_slice(bytes);
-        let mut rest = &pending[..];
-        while !rest.is_empty() {
-            match std::str::from_utf8(rest) {
-                Ok(text) => {
-                    inner.text.push_str(text);
-                    rest = &[];
-                }
-                Err(error) => {
-                    let (valid, after) = rest.split_at(error.valid_up_to());
-                    // Valid up to there by the error's own account.
-                    inner
-                        .text
-                        .push_str(std::str::from_utf8(valid).unwrap_or_default());
-                    match error.error_len() {
-                        Some(len) => {
-                            inner.text.push(char::REPLACEMENT_CHARACTER);
-                            rest = &after[len..];
-                        }
-                        None => {
-                            // A character cut short by the end of this write.
-                            inner.partial = after.to_vec();
-                            rest = &[];
-                        }
-                    }
-                }
-            }
-        }
+        let Unrecorded { decoder, text, .. } = &mut *inner;
+        decoder.decode(bytes, text);
         inner.trim();
     }
 
@@ -264,6 +236,54 @@ impl LiveOutput {
     /// When output was first written, if it was.
     pub(crate) fn first_write(&self) -> Option<Instant> {
         self.0.lock().first_write
+    }
+}
+
+/// Output bytes as text, decoded as they come: what is not UTF-8 becomes U+FFFD, and a
+/// character split between two writes is decoded whole. Both what a follower sees while a job
+/// runs ([`LiveOutput`]) and the output kept when it ends go through it, so that offsets in
+/// the one are offsets in the other.
+#[derive(Debug, Default)]
+pub(crate) struct Utf8Stream {
+    /// The start of a character whose end has not been written yet.
+    partial: Vec<u8>,
+}
+
+impl Utf8Stream {
+    /// Appends `bytes`, decoded, to `text` (holding back the start of a character they cut).
+    pub(crate) fn decode(&mut self, bytes: &[u8], text: &mut String) {
+        let mut pending = std::mem::take(&mut self.partial);
+        pending.extend_from_slice(bytes);
+        let mut rest = &pending[..];
+        while !rest.is_empty() {
+            match std::str::from_utf8(rest) {
+                Ok(valid) => {
+                    text.push_str(valid);
+                    rest = &[];
+                }
+                Err(error) => {
+                    let (valid, after) = rest.split_at(error.valid_up_to());
+                    // Valid up to there by the error's own account.
+                    text.push_str(std::str::from_utf8(valid).unwrap_or_default());
+                    match error.error_len() {
+                        Some(len) => {
+                            text.push(char::REPLACEMENT_CHARACTER);
+                            rest = &after[len..];
+                        }
+                        None => {
+                            // A character cut short by the end of this write.
+                            self.partial = after.to_vec();
+                            rest = &[];
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether the stream ends inside a character (which then counts as one U+FFFD).
+    pub(crate) fn cut_short(&self) -> bool {
+        !self.partial.is_empty()
     }
 }
 

@@ -1,12 +1,11 @@
 //! Output capture: the job's standard output and error, read as they come, of which the last
-//! `output_limit` bytes are kept.
+//! `output_limit` bytes (of text) are kept.
 
-use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::io::{self, PipeReader, Read};
 use std::thread;
 
-use crate::executor::LiveOutput;
+use crate::executor::{LiveOutput, Utf8Stream};
 
 /// The read end of the job's output pipe and what has been read from it. It is read by the
 /// attempt's own thread whenever it polls readable, so that a chatty job never blocks on a
@@ -89,11 +88,13 @@ impl Output {
     }
 }
 
-/// The last `limit` bytes of a stream, and how many bytes before them were dropped.
+/// The last `limit` bytes of a stream's text (decoded as [`Utf8Stream`] does, as live output
+/// is), and how many bytes of text before them were dropped.
 #[derive(Debug)]
 pub(super) struct Tail {
     limit: usize,
-    bytes: VecDeque<u8>,
+    decoder: Utf8Stream,
+    text: String,
     dropped: u64,
     notes: Vec<String>,
 }
@@ -102,19 +103,28 @@ impl Tail {
     pub(super) fn new(limit: usize) -> Self {
         Self {
             limit,
-            bytes: VecDeque::new(),
+            decoder: Utf8Stream::default(),
+            text: String::new(),
             dropped: 0,
             notes: Vec::new(),
         }
     }
 
     pub(super) fn push(&mut self, data: &[u8]) {
-        let skip = data.len().saturating_sub(self.limit);
-        let data = &data[skip..];
-        let overflow = (self.bytes.len() + data.len()).saturating_sub(self.limit);
-        self.bytes.drain(..overflow);
-        self.bytes.extend(data);
-        self.dropped += (skip + overflow) as u64;
+        self.decoder.decode(data, &mut self.text);
+        // Dropped in bulk, not at every read: moving what is kept costs as much as keeping it.
+        if self.text.len() > self.limit.saturating_mul(2).max(2 * READ_BUFFER) {
+            self.trim();
+        }
+    }
+
+    /// Drops what is beyond the limit (forward to a character boundary, as live output does).
+    fn trim(&mut self) {
+        let before = self.text.len();
+        if before > self.limit {
+            self.text = crate::job::tail(std::mem::take(&mut self.text), self.limit);
+            self.dropped += (before - self.text.len()) as u64;
+        }
     }
 
     /// Adds a line about the capture itself, shown after the output.
@@ -122,27 +132,19 @@ impl Tail {
         self.notes.push(note);
     }
 
-    /// The kept bytes as lossy UTF-8, after a `[... N bytes truncated]` line if bytes were
-    /// dropped, followed by the notes.
-    pub(super) fn render(&self) -> String {
-        let mut kept: Vec<u8> = self.bytes.iter().copied().collect();
-        let mut dropped = self.dropped;
-        if dropped > 0 {
-            // The cut may have split a character: drop its orphaned continuation bytes rather
-            // than render them as replacement characters.
-            let orphans = kept
-                .iter()
-                .take(3)
-                .take_while(|&&b| b & 0xc0 == 0x80)
-                .count();
-            kept.drain(..orphans);
-            dropped += orphans as u64;
-        }
+    /// The kept text, after a `[... N bytes truncated]` line if some was dropped (a
+    /// character the cut split is dropped whole), followed by the notes.
+    pub(super) fn render(&mut self) -> String {
+        self.trim();
         let mut out = String::new();
-        if dropped > 0 {
-            let _ = write!(out, "{}{dropped}{}", TRUNCATED.0, TRUNCATED.1);
+        if self.dropped > 0 {
+            let _ = write!(out, "{}{}{}", TRUNCATED.0, self.dropped, TRUNCATED.1);
         }
-        out.push_str(&String::from_utf8_lossy(&kept));
+        out.push_str(&self.text);
+        if self.decoder.cut_short() {
+            // The output ended inside a character.
+            out.push(char::REPLACEMENT_CHARACTER);
+        }
         for note in &self.notes {
             if !out.is_empty() && !out.ends_with('\n') {
                 out.push('\n');

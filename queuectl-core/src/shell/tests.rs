@@ -400,3 +400,50 @@ fn a_leader_whose_gate_never_opens_does_not_run_the_command() {
     assert!(within("the leader's exit", move || child.wait().unwrap()).success());
     assert!(ran.exists());
 }
+
+/// What a follower saw while the job ran (its live output) and the kept tail of the finished
+/// attempt count offsets alike, so that the follower can show the rest exactly: here with
+/// invalid UTF-8, a character split across reads, and more output than the limit.
+#[test]
+fn the_kept_tail_is_the_end_of_the_live_output_at_the_offset_it_says() {
+    let chunks: [&[u8]; 5] = [
+        b"ab\xff\xfecd",
+        "\u{e9}".as_bytes(),
+        b"\xe2\x82",
+        b"\xac-\xff",
+        b"xyz\n",
+    ];
+    for limit in [0, 3, 5, 8, 11, 100] {
+        let live = LiveOutput::new();
+        let mut tail = Tail::new(limit);
+        for chunk in chunks {
+            live.write(chunk);
+            tail.push(chunk);
+        }
+        let (start, text) = live.unrecorded().expect("output was written");
+        assert_eq!(start, 0);
+        let rendered = tail.render();
+        let (dropped, line) = super::kept_from(&rendered);
+        let kept = &rendered[line..];
+        assert_eq!(
+            dropped + kept.len() as u64,
+            text.len() as u64,
+            "limit {limit}: {rendered:?}"
+        );
+        assert_eq!(&text[dropped as usize..], kept, "limit {limit}");
+    }
+    // Longer than what the tail holds before it drops in bulk: the same, whole.
+    let many: Vec<u8> = (0..200_000u32)
+        .map(|i| [b'a', 0xc3, 0xa9, 0xff][i as usize % 4])
+        .collect();
+    let mut whole = String::new();
+    crate::executor::Utf8Stream::default().decode(&many, &mut whole);
+    let mut tail = Tail::new(1000);
+    for chunk in many.chunks(4093) {
+        tail.push(chunk);
+    }
+    let rendered = tail.render();
+    let (dropped, line) = super::kept_from(&rendered);
+    assert_eq!(&whole[dropped as usize..], &rendered[line..]);
+    assert!(rendered.len() - line <= 1000);
+}
