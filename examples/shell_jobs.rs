@@ -35,7 +35,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .start()?;
     for event in pool.events() {
         match event {
-            Event::Claimed {
+            Event::Running {
                 job,
                 attempt,
                 command,

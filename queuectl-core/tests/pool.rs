@@ -1047,3 +1047,33 @@ fn a_failure_to_record_live_output_is_reported_and_the_job_still_completes() {
         (JobState::Completed, Some("a one\na two\na three\n"))
     );
 }
+
+#[test]
+fn a_job_claimed_ahead_is_reported_running_only_when_a_thread_starts_it() {
+    let store = store();
+    enqueue(&store, "first");
+    enqueue(&store, "second");
+    let (gate, started, release) = gate();
+    let pool = WorkerPool::builder(store.clone(), gate)
+        .workers(1)
+        .prefetch(1)
+        .exit_when_idle(true)
+        .start()
+        .unwrap();
+    let running =
+        |e: &Event, id: &str| matches!(e, Event::Running { job, .. } if job.as_str() == id);
+    // The one thread runs "first" (and said so before it began); "second" is claimed ahead.
+    assert_eq!(recv(&started).as_str(), "first");
+    let mut seen = events_until(
+        pool.events(),
+        |e| matches!(e, Event::Claimed { job, .. } if job.as_str() == "second"),
+    );
+    seen.extend(pool.events().try_iter());
+    assert!(!seen.iter().any(|e| running(e, "second")), "{seen:#?}");
+    release.send(()).unwrap();
+    events_until(pool.events(), |e| running(e, "second"));
+    assert_eq!(recv(&started).as_str(), "second");
+    release.send(()).unwrap();
+    let summary = within("the pool to stop", move || pool.join()).unwrap();
+    assert_eq!(summary.completed, 2);
+}

@@ -66,7 +66,9 @@ pub fn start(
 
     for event in pool.events().iter() {
         let stopped = event == Event::Stopped;
-        say!("{} {}", ts(now()), visible(&describe(&event)));
+        if let Some(line) = describe(&event) {
+            say!("{} {}", ts(now()), visible(&line));
+        }
         if matches!(event, Event::Started { .. }) && !queues.is_empty() {
             say!("{} [queues] only jobs of {}", ts(now()), queues.join(", "));
         }
@@ -91,12 +93,14 @@ pub fn start(
 }
 
 /// One line of worker output.
-fn describe(event: &Event) -> String {
-    match event {
+fn describe(event: &Event) -> Option<String> {
+    Some(match event {
         Event::Started { worker, threads } => {
             format!("[started] worker {worker} running up to {threads} job(s) at once")
         }
-        Event::Claimed {
+        // Said when it runs: a job claimed ahead (`--prefetch`) may wait for a free slot.
+        Event::Claimed { .. } => return None,
+        Event::Running {
             job,
             attempt,
             command,
@@ -145,7 +149,7 @@ fn describe(event: &Event) -> String {
         }
         Event::StorageError { op, error } => format!("[error] {op}: {error}"),
         Event::Stopped => "[stopped] worker exited".to_owned(),
-    }
+    })
 }
 
 /// Asks every registered worker to stop and waits until they have deregistered. With

@@ -295,6 +295,7 @@ impl WorkerPoolBuilder {
                     executor: self.executor.clone(),
                     jobs: jobs_rx.clone(),
                     outcomes: outcomes_tx.clone(),
+                    events: events.clone(),
                 };
                 let handle = spawn(format!("queuectl-exec-{n}"), "executor", move || {
                     runner.run()

@@ -21,8 +21,18 @@ pub enum Event {
         /// Executor threads.
         threads: usize,
     },
-    /// A job was claimed for this pool (with prefetch, it may wait for a free thread).
+    /// A job was claimed for this pool (with prefetch, it may wait for a free thread;
+    /// [`Event::Running`] says when it starts).
     Claimed {
+        /// The job.
+        job: JobId,
+        /// The attempt number (1 for the first).
+        attempt: u32,
+        /// Its command.
+        command: String,
+    },
+    /// An executor thread started a claimed job's attempt.
+    Running {
         /// The job.
         job: JobId,
         /// The attempt number (1 for the first).
@@ -184,7 +194,7 @@ pub struct Summary {
 /// The pool's end of the events channel: a ring of bounded size. When the reader falls
 /// `capacity` events behind (or never reads), the oldest are dropped and counted, so a pool
 /// whose events nobody reads holds at most `capacity` of them.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct EventSink {
     tx: Option<Sender<Event>>,
     /// Our own clone of the receiving end, to drop the oldest event when full.

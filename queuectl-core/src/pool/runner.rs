@@ -9,7 +9,7 @@ use crossbeam_channel::{Receiver, Sender};
 use crate::executor::{CancelSignal, Executor, LiveOutput, Outcome, panic_message};
 use crate::job::Job;
 
-use super::events::error_chain;
+use super::events::{Event, EventSink, error_chain};
 
 /// A job given to an executor thread, with the signal that cancels this attempt alone and
 /// where its output goes as it is produced.
@@ -54,12 +54,18 @@ pub(crate) struct Runner {
     pub(crate) executor: Arc<dyn Executor>,
     pub(crate) jobs: Receiver<Assignment>,
     pub(crate) outcomes: Sender<Finished>,
+    pub(crate) events: EventSink,
 }
 
 impl Runner {
     /// Runs assignments until the jobs channel closes (or nobody takes outcomes any more).
     pub(crate) fn run(self) {
         for Assignment { job, cancel, live } in self.jobs.iter() {
+            self.events.emit(|| Event::Running {
+                job: job.id.clone(),
+                attempt: job.attempts,
+                command: job.command.clone(),
+            });
             // A panicking executor fails the attempt; the thread, and its slot, live on.
             let run = || self.executor.execute_live(&job, &cancel, &live);
             let outcome = match catch_unwind(AssertUnwindSafe(run)) {
