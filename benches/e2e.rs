@@ -13,7 +13,8 @@
 //!
 //! Run with `cargo bench -p queuectl-cli --bench e2e` (set `E2E_JOBS` to change the drain size,
 //! `E2E_DATABASE_URL=postgres://…` to run on PostgreSQL instead, a schema per figure; the drain
-//! is then also run in turns with the embedded store, side by side).
+//! is then also run in turns with the embedded store, side by side; `E2E_POOLER_URL`, a pooler
+//! such as PgBouncer in front of the same database, adds the CLI's enqueue through it).
 
 use std::io::Write;
 use std::path::Path;
@@ -29,6 +30,9 @@ fn database_url() -> Option<String> {
     if EMBEDDED.load(std::sync::atomic::Ordering::Relaxed) {
         return None;
     }
+    if POOLED.load(std::sync::atomic::Ordering::Relaxed) {
+        return pooler_url();
+    }
     std::env::var("E2E_DATABASE_URL")
         .ok()
         .filter(|u| !u.is_empty())
@@ -36,6 +40,17 @@ fn database_url() -> Option<String> {
 
 /// Set while a figure is taken on the embedded store for comparison, in a PostgreSQL run.
 static EMBEDDED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// A connection pooler in front of the same database (`E2E_POOLER_URL`, e.g. PgBouncer in
+/// session mode), through which the CLI's enqueue is measured as well.
+fn pooler_url() -> Option<String> {
+    std::env::var("E2E_POOLER_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+}
+
+/// Set while a figure is taken through the pooler.
+static POOLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// `f` on the embedded store, whatever `E2E_DATABASE_URL` says.
 fn on_embedded<T>(f: impl FnOnce() -> T) -> T {
@@ -374,6 +389,12 @@ fn main() {
     if database_url().is_some() {
         let embedded = on_embedded(|| cli_enqueue_median_ms(101));
         println!("  on the embedded store, same run: {embedded:.2} ms");
+        if pooler_url().is_some() {
+            POOLED.store(true, std::sync::atomic::Ordering::Relaxed);
+            let pooled = cli_enqueue_median_ms(101);
+            POOLED.store(false, std::sync::atomic::Ordering::Relaxed);
+            println!("  through the pooler (E2E_POOLER_URL), same run: {pooled:.2} ms");
+        }
     }
     let (p50, p99) = pickup_latency_ms(100);
     println!("pickup latency     {p50:>10.2} ms p50   {p99:.2} ms p99");

@@ -81,7 +81,8 @@ enum Last<'t, 'p> {
 /// In a transaction (`Db::begin`), `BEGIN` waits to go with the first statement, and
 /// statements whose answers are not needed ([`Db::defer`]: most writes) wait to go with the
 /// next statement whose answer is, or with `COMMIT`: each [`Db::query`] is one round trip
-/// for everything sent with it ([`Link::pipeline`]). Outside one, each statement is a
+/// for everything sent with it ([`Link::pipeline`]). Statements sent together are prepared
+/// before any of them runs, so none may need a table another creates. Outside one, each statement is a
 /// transaction of its own, for a read of one statement, which sees one snapshot anyway.
 pub(super) struct Db<'a> {
     link: &'a Link,

@@ -502,3 +502,48 @@ fn sslmode_require_encrypts_every_connection() {
         .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
         .unwrap();
 }
+
+/// Statements sent together keep their order, and the first that fails is the error a
+/// transaction reports (not the "transaction is aborted" of those sent after it); the
+/// transaction is rolled back, and the connection stays usable.
+#[test]
+fn pipelined_statements_run_in_order_and_report_the_first_failure() {
+    if database_url().is_none() {
+        return;
+    }
+    let pg = Pg::new();
+    let store = pg.pg();
+    let schema = format!("\"{}\"", pg.schema);
+    let mut conn = store.pool.get().unwrap();
+    let super::Conn { link, statements } = &mut *conn;
+    {
+        let mut tx = super::rows::Db::begin(link, statements, &schema, "BEGIN");
+        // Statements are prepared before any of them runs: the table must be there first.
+        tx.batch_execute("CREATE TEMP TABLE pipelined (n int)").unwrap();
+        tx.defer("INSERT INTO pipelined VALUES (1)", Vec::new());
+        tx.defer("INSERT INTO pipelined VALUES (2)", Vec::new());
+        let rows = tx.query("SELECT count(*) FROM pipelined", &[]).unwrap();
+        assert_eq!(
+            rows[0].get::<_, i64>(0),
+            2,
+            "deferred statements ran first, in order"
+        );
+        tx.defer("INSERT INTO pipelined VALUES (1 / 0)", Vec::new());
+        tx.defer("INSERT INTO pipelined VALUES (3)", Vec::new());
+        let error = match tx.query("SELECT count(*) FROM pipelined", &[]) {
+            Err(super::rows::TxError::Db(error)) => error,
+            other => panic!("expected a database error, got {other:?}"),
+        };
+        assert_eq!(
+            error.code(),
+            Some(&postgres::error::SqlState::DIVISION_BY_ZERO),
+            "{error}"
+        );
+    }
+    // Dropped without a commit: rolled back, the temporary table with it.
+    let mut single = super::rows::Db::single(link, statements, &schema);
+    let rows = single
+        .query("SELECT to_regclass('pg_temp.pipelined') IS NULL", &[])
+        .unwrap();
+    assert!(rows[0].get::<_, bool>(0), "the transaction was rolled back");
+}
