@@ -2126,10 +2126,25 @@ pub fn enqueue_refuses_missing_or_failed_dependencies(h: &dyn Harness) {
         .unwrap_err();
     match &err {
         StorageError::DependencyNotFound { id, after } => {
-            assert_eq!((id.as_str(), after.as_str()), ("b", "nope"));
+            assert_eq!(
+                (id.as_ref().map(JobId::as_str), after.as_str()),
+                (Some("b"), "nope")
+            );
         }
         other => panic!("{other:?}"),
     }
+    // A job without an id is not named by the one generated for it.
+    let err = store
+        .enqueue(NewJob::new("true").after([id("nope")]), at(0))
+        .unwrap_err();
+    assert!(
+        matches!(&err, StorageError::DependencyNotFound { id: None, .. }),
+        "{err:?}"
+    );
+    assert_eq!(
+        err.to_string(),
+        "the job cannot run after nope: there is no such job"
+    );
     assert_eq!(store.counts().unwrap().total(), 0);
     store.enqueue(job("a"), at(0)).unwrap();
     store.cancel(&[id("a")], at(1)).unwrap();

@@ -47,18 +47,22 @@ pub enum StorageError {
     #[error(transparent)]
     InvalidJob(#[from] InvalidJob),
     /// A job names a dependency that is not in the store (nor earlier in its batch).
-    #[error("job {id} cannot run after {after}: there is no such job")]
+    #[error("{} cannot run after {after}: there is no such job", named(id))]
     DependencyNotFound {
-        /// The job being enqueued.
-        id: JobId,
+        /// The job being enqueued, when its id was given (not one generated for it, which
+        /// nobody has seen).
+        id: Option<JobId>,
         /// The missing dependency.
         after: JobId,
     },
     /// A job names a dependency that has ended without completing, so it could never run.
-    #[error("job {id} cannot run after {after}: that job is {state} (retry it first)")]
+    #[error(
+        "{} cannot run after {after}: that job is {state} (retry it first)",
+        named(id)
+    )]
     DependencyFailed {
-        /// The job being enqueued.
-        id: JobId,
+        /// The job being enqueued, when its id was given.
+        id: Option<JobId>,
         /// The dependency.
         after: JobId,
         /// Its state (`dead` or `cancelled`).
@@ -293,3 +297,11 @@ impl StorageError {
 
 /// Result alias for storage operations.
 pub type Result<T, E = StorageError> = std::result::Result<T, E>;
+
+/// A job being enqueued, in words: by its id when it was given one.
+fn named(id: &Option<JobId>) -> String {
+    match id {
+        Some(id) => format!("job {id}"),
+        None => "the job".to_owned(),
+    }
+}

@@ -67,18 +67,18 @@ pub(crate) fn new_job(
 pub(crate) type Dependency = (JobId, Option<JobState>);
 
 /// Checks the dependencies of a job being enqueued: each must exist and may still complete.
-pub(crate) fn check_dependencies(id: &JobId, dependencies: &[Dependency]) -> Result<()> {
+pub(crate) fn check_dependencies(id: Option<&JobId>, dependencies: &[Dependency]) -> Result<()> {
     for (after, state) in dependencies {
         match state {
             None => {
                 return Err(StorageError::DependencyNotFound {
-                    id: id.clone(),
+                    id: id.cloned(),
                     after: after.clone(),
                 });
             }
             Some(state @ (JobState::Dead | JobState::Cancelled)) => {
                 return Err(StorageError::DependencyFailed {
-                    id: id.clone(),
+                    id: id.cloned(),
                     after: after.clone(),
                     state: *state,
                 });

@@ -315,7 +315,7 @@ impl QueueState {
                         Some(seq) => Some(self.jobs[seq].state),
                         None => ids.contains(after).then_some(JobState::Pending),
                     };
-                    rules::check_dependencies(&id, &[(after.clone(), state)])?;
+                    rules::check_dependencies(new.id.as_ref(), &[(after.clone(), state)])?;
                 }
                 ids.insert(id.clone());
                 keys.extend(new.unique_key.clone());

@@ -942,7 +942,7 @@ impl Storage for FileStorage {
                     .iter()
                     .map(|after| Ok((after.clone(), rows::state_of(tx, after)?)))
                     .collect::<TxResult<Vec<_>>>()?;
-                rules::check_dependencies(id, &dependencies)?;
+                rules::check_dependencies(new.id.as_ref(), &dependencies)?;
                 let mut job =
                     rules::new_job(new.clone(), id.clone(), 0, &dependencies, &config, now);
                 tx.insert_job(&mut job, now)?;

@@ -767,7 +767,7 @@ impl Storage for PgStorage {
                     // Locked against changes: a dependency cannot end, or go, unseen before
                     // this job is committed as its dependent.
                     let dependencies = rows::dependency_states(tx, &new.after, true)?;
-                    rules::check_dependencies(id, &dependencies)?;
+                    rules::check_dependencies(new.id.as_ref(), &dependencies)?;
                     let mut job =
                         rules::new_job(new.clone(), id.clone(), 0, &dependencies, &config, now);
                     if tx.insert_job(&mut job, now)? {

@@ -519,7 +519,8 @@ fn pipelined_statements_run_in_order_and_report_the_first_failure() {
     {
         let mut tx = super::rows::Db::begin(link, statements, &schema, "BEGIN");
         // Statements are prepared before any of them runs: the table must be there first.
-        tx.batch_execute("CREATE TEMP TABLE pipelined (n int)").unwrap();
+        tx.batch_execute("CREATE TEMP TABLE pipelined (n int)")
+            .unwrap();
         tx.defer("INSERT INTO pipelined VALUES (1)", Vec::new());
         tx.defer("INSERT INTO pipelined VALUES (2)", Vec::new());
         let rows = tx.query("SELECT count(*) FROM pipelined", &[]).unwrap();
