@@ -114,8 +114,15 @@ impl r2d2::ManageConnection for Manager {
     type Error = ConnectError;
 
     fn connect(&self) -> std::result::Result<Conn, ConnectError> {
+        let link = Link::connect(&self.config, &self.connector)?;
+        // Every execution of a prepared statement is planned for its parameters. Left to
+        // choose, PostgreSQL may settle on a generic plan after five runs, made while the
+        // table was small, and scan `jobs` whole with it once the queue has grown, until
+        // autovacuum's next `ANALYZE` (DECISIONS §15).
+        link.simple("SET plan_cache_mode = force_custom_plan")
+            .map_err(ConnectError::Db)?;
         Ok(Conn {
-            link: Link::connect(&self.config, &self.connector)?,
+            link,
             statements: HashMap::new(),
         })
     }

@@ -548,3 +548,57 @@ fn pipelined_statements_run_in_order_and_report_the_first_failure() {
         .unwrap();
     assert!(rows[0].get::<_, bool>(0), "the transaction was rolled back");
 }
+
+/// A busy store's prepared statements with parameters are planned for them at every run,
+/// never with a generic plan PostgreSQL could have made while the table was small (one
+/// without parameters has only the one plan).
+#[test]
+fn prepared_statements_are_never_planned_generically() {
+    if database_url().is_none() {
+        return;
+    }
+    let pg = Pg::with(PgOptions {
+        pool_size: 1,
+        ..PgOptions::default()
+    });
+    let store = pg.pg();
+    // More than the five runs after which PostgreSQL weighs a generic plan.
+    for round in 0..12 {
+        let batch = (0..3).map(|_| NewJob::new("true")).collect();
+        store.enqueue_batch(batch, now()).unwrap();
+        let claimed = store.claim("w", 2, Duration::from_secs(60), now()).unwrap();
+        let settlements = claimed
+            .into_iter()
+            .map(|job| crate::Settlement::Complete {
+                lease: job.lease.unwrap(),
+                report: Default::default(),
+            })
+            .collect();
+        for result in store.settle(settlements, now()).unwrap() {
+            result.unwrap_or_else(|e| panic!("round {round}: {e}"));
+        }
+        store
+            .get(&store.list(&Default::default()).unwrap()[0].id)
+            .unwrap();
+    }
+    let conn = store.pool.get().unwrap();
+    let rows = conn
+        .link
+        .simple(
+            "SELECT coalesce(sum(generic_plans), 0), coalesce(sum(custom_plans), 0) \
+             FROM pg_prepared_statements WHERE cardinality(parameter_types) > 0",
+        )
+        .unwrap();
+    let (generic, custom) = rows
+        .iter()
+        .find_map(|m| match m {
+            postgres::SimpleQueryMessage::Row(row) => Some((
+                row.get(0).unwrap().parse::<i64>().unwrap(),
+                row.get(1).unwrap().parse::<i64>().unwrap(),
+            )),
+            _ => None,
+        })
+        .unwrap();
+    assert!(custom > 0, "the statements ran prepared");
+    assert_eq!(generic, 0, "{custom} custom plans, {generic} generic");
+}
