@@ -73,6 +73,10 @@ pub struct PgOptions {
     pub listen: bool,
     /// How long to wait for a connection (to open one, or for a free one in the pool).
     pub connect_timeout: Duration,
+    /// How often a pooled connection looks whether the queue's tables have grown to twice
+    /// the size its cached plans were made for, and has them made again if so (default 1 s;
+    /// DECISIONS §15).
+    pub replan_check: Duration,
 }
 
 impl Default for PgOptions {
@@ -83,6 +87,7 @@ impl Default for PgOptions {
             poll_interval: Duration::from_secs(1),
             listen: true,
             connect_timeout: Duration::from_secs(10),
+            replan_check: Duration::from_secs(1),
         }
     }
 }
@@ -100,6 +105,9 @@ enum Snapshot {
 struct Conn {
     link: Link,
     statements: HashMap<String, Statement>,
+    /// The sizes of the queue's tables when its cached plans were last made or checked, and
+    /// when that was (`None`: not yet).
+    planned_for: Option<(Vec<i64>, Instant)>,
 }
 
 /// Opens the pool's connections.
@@ -114,16 +122,10 @@ impl r2d2::ManageConnection for Manager {
     type Error = ConnectError;
 
     fn connect(&self) -> std::result::Result<Conn, ConnectError> {
-        let link = Link::connect(&self.config, &self.connector)?;
-        // Every execution of a prepared statement is planned for its parameters. Left to
-        // choose, PostgreSQL may settle on a generic plan after five runs, made while the
-        // table was small, and scan `jobs` whole with it once the queue has grown, until
-        // autovacuum's next `ANALYZE` (DECISIONS §15).
-        link.simple("SET plan_cache_mode = force_custom_plan")
-            .map_err(ConnectError::Db)?;
         Ok(Conn {
-            link,
+            link: Link::connect(&self.config, &self.connector)?,
             statements: HashMap::new(),
+            planned_for: None,
         })
     }
 
@@ -155,6 +157,7 @@ pub struct PgStorage {
     /// The database in words, for errors: its URL without password, and the schema.
     database: String,
     poll_interval: Duration,
+    replan_check: Duration,
     listener: Listener,
 }
 
@@ -200,6 +203,7 @@ impl PgStorage {
             quoted,
             database,
             poll_interval: options.poll_interval.max(MIN_POLL_INTERVAL),
+            replan_check: options.replan_check,
             listener: Listener::poll_only(),
         };
         store.migrate()?;
@@ -224,9 +228,12 @@ impl PgStorage {
     /// advisory lock on the schema's name: concurrent connects wait for each other.
     fn migrate(&self) -> Result<()> {
         let op = "create or upgrade the queue's schema";
-        let mut conn = self.connection(op)?;
+        // Not `connection`: its look at the tables' sizes needs the tables.
+        let mut conn = self.pooled(op)?;
         let version_table = format!("{}.schema_version", self.quoted);
-        let Conn { link, statements } = &mut *conn;
+        let Conn {
+            link, statements, ..
+        } = &mut *conn;
         let result = (|| -> TxResult<()> {
             // The usual case in one round trip (no statement to prepare): the schema is there
             // and current. Anything else (no table yet, another version) takes the full path.
@@ -287,14 +294,71 @@ impl PgStorage {
 
     // ----- transactions -----
 
-    /// A connection of the pool.
+    /// A connection of the pool, its cached plans made again if the tables have outgrown
+    /// them ([`PgStorage::replan_if_grown`]).
     fn connection(&self, op: &'static str) -> Result<r2d2::PooledConnection<Manager>> {
+        let mut conn = self.pooled(op)?;
+        self.replan_if_grown(&mut conn)
+            .map_err(|e| self.error(op, TxError::Db(e)))?;
+        Ok(conn)
+    }
+
+    /// A connection of the pool, as it is.
+    fn pooled(&self, op: &'static str) -> Result<r2d2::PooledConnection<Manager>> {
         self.pool.get().map_err(|source| StorageError::Postgres {
             op,
             database: self.database.clone(),
             fault: DatabaseFault::Unreachable,
             source: Box::new(source),
         })
+    }
+
+    /// Every `replan_check`, reads the sizes of the queue's tables; when one has doubled
+    /// (from at least 64 KiB) since the connection's plans were made, drops them
+    /// (`DISCARD PLANS`: the statements stay prepared and are planned again at their next
+    /// run). After five runs of a prepared statement PostgreSQL may keep a generic plan, made
+    /// for the table as it was then: made while the queue was nearly empty, it scans `jobs`
+    /// whole once the queue has grown (DECISIONS §15).
+    fn replan_if_grown(&self, conn: &mut Conn) -> std::result::Result<(), postgres::Error> {
+        const MIN_GROWN: i64 = 64 * 1024;
+        if let Some((_, at)) = &conn.planned_for
+            && at.elapsed() < self.replan_check
+        {
+            return Ok(());
+        }
+        let sizes_sql = format!(
+            "SELECT pg_relation_size('{s}.jobs'), pg_relation_size('{s}.attempts'), \
+             pg_relation_size('{s}.dependencies'), pg_relation_size('{s}.live_output')",
+            s = self.quoted
+        );
+        let messages = conn.link.simple(&sizes_sql)?;
+        let sizes: Vec<i64> = messages
+            .iter()
+            .find_map(|m| match m {
+                postgres::SimpleQueryMessage::Row(row) => Some(
+                    (0..row.len())
+                        .map(|i| row.get(i).and_then(|v| v.parse().ok()).unwrap_or(0))
+                        .collect(),
+                ),
+                _ => None,
+            })
+            .unwrap_or_default();
+        let grown = match &conn.planned_for {
+            None => false,
+            Some((before, _)) => sizes
+                .iter()
+                .zip(before)
+                .any(|(now, then)| *now >= MIN_GROWN && *now >= then.saturating_mul(2)),
+        };
+        if grown {
+            conn.link.simple("DISCARD PLANS")?;
+        }
+        let keep = match (&conn.planned_for, grown) {
+            (Some((before, _)), false) => before.clone(),
+            _ => sizes,
+        };
+        conn.planned_for = Some((keep, Instant::now()));
+        Ok(())
     }
 
     /// Runs `f` in one read-committed transaction and commits it; when it changed anything,
@@ -310,7 +374,9 @@ impl PgStorage {
                 pause(lost - 1);
             }
             let mut conn = self.connection(op)?;
-            let Conn { link, statements } = &mut *conn;
+            let Conn {
+                link, statements, ..
+            } = &mut *conn;
             let mut tx = Tx::new(Db::begin(link, statements, &self.quoted, "BEGIN"));
             let stripe = (crate::job::random_u64() % schema::STRIPES as u64) as i32;
             let mut began = false;
@@ -382,7 +448,9 @@ impl PgStorage {
                 pause(lost - 1);
             }
             let mut conn = self.connection(op)?;
-            let Conn { link, statements } = &mut *conn;
+            let Conn {
+                link, statements, ..
+            } = &mut *conn;
             let result = (|| {
                 let mut db = match snapshot {
                     Snapshot::Statement => Db::single(link, statements, &self.quoted),

@@ -515,7 +515,9 @@ fn pipelined_statements_run_in_order_and_report_the_first_failure() {
     let store = pg.pg();
     let schema = format!("\"{}\"", pg.schema);
     let mut conn = store.pool.get().unwrap();
-    let super::Conn { link, statements } = &mut *conn;
+    let super::Conn {
+        link, statements, ..
+    } = &mut *conn;
     {
         let mut tx = super::rows::Db::begin(link, statements, &schema, "BEGIN");
         // Statements are prepared before any of them runs: the table must be there first.
@@ -549,24 +551,21 @@ fn pipelined_statements_run_in_order_and_report_the_first_failure() {
     assert!(rows[0].get::<_, bool>(0), "the transaction was rolled back");
 }
 
-/// A busy store's prepared statements with parameters are planned for them at every run,
-/// never with a generic plan PostgreSQL could have made while the table was small (one
-/// without parameters has only the one plan).
-#[test]
-fn prepared_statements_are_never_planned_generically() {
-    if database_url().is_none() {
-        return;
-    }
+/// The plan a handle's connection uses for the settlement's lock by id after it ran claims
+/// and settlements on a nearly empty queue and the queue then grew to 200,000 jobs, with
+/// the growth looked for every `replan_check`; and the size of `jobs` its plans are now
+/// taken to be made for.
+fn lock_plan_after_growth(replan_check: Duration) -> (String, i64) {
     let pg = Pg::with(PgOptions {
         pool_size: 1,
+        replan_check,
         ..PgOptions::default()
     });
     let store = pg.pg();
-    // More than the five runs after which PostgreSQL weighs a generic plan.
-    for round in 0..12 {
+    let cycle = || {
         let batch = (0..3).map(|_| NewJob::new("true")).collect();
         store.enqueue_batch(batch, now()).unwrap();
-        let claimed = store.claim("w", 2, Duration::from_secs(60), now()).unwrap();
+        let claimed = store.claim("w", 3, Duration::from_secs(60), now()).unwrap();
         let settlements = claimed
             .into_iter()
             .map(|job| crate::Settlement::Complete {
@@ -575,30 +574,72 @@ fn prepared_statements_are_never_planned_generically() {
             })
             .collect();
         for result in store.settle(settlements, now()).unwrap() {
-            result.unwrap_or_else(|e| panic!("round {round}: {e}"));
+            result.unwrap();
         }
-        store
-            .get(&store.list(&Default::default()).unwrap()[0].id)
-            .unwrap();
+    };
+    // More than the five runs after which PostgreSQL weighs a generic plan.
+    for _ in 0..12 {
+        cycle();
     }
+    pg.client()
+        .batch_execute(&format!(
+            "INSERT INTO \"{s}\".jobs (id, command, state, attempts, max_retries, \
+             created_at, updated_at, priority, run_at, runs, queue, blocked) SELECT 'old' || g, \
+             'true', 'completed', 1, 3, 1, 1, 0, 1, 1, 'default', false \
+             FROM generate_series(1, 200000) g",
+            s = pg.schema
+        ))
+        .unwrap();
+    cycle();
     let conn = store.pool.get().unwrap();
-    let rows = conn
-        .link
-        .simple(
-            "SELECT coalesce(sum(generic_plans), 0), coalesce(sum(custom_plans), 0) \
-             FROM pg_prepared_statements WHERE cardinality(parameter_types) > 0",
-        )
-        .unwrap();
-    let (generic, custom) = rows
-        .iter()
-        .find_map(|m| match m {
-            postgres::SimpleQueryMessage::Row(row) => Some((
-                row.get(0).unwrap().parse::<i64>().unwrap(),
-                row.get(1).unwrap().parse::<i64>().unwrap(),
-            )),
-            _ => None,
-        })
-        .unwrap();
-    assert!(custom > 0, "the statements ran prepared");
-    assert_eq!(generic, 0, "{custom} custom plans, {generic} generic");
+    let text = |messages: Vec<postgres::SimpleQueryMessage>| -> Vec<String> {
+        messages
+            .into_iter()
+            .filter_map(|m| match m {
+                postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+                _ => None,
+            })
+            .collect()
+    };
+    let names = text(
+        conn.link
+            .simple(
+                "SELECT name FROM pg_prepared_statements \
+                 WHERE statement LIKE '%WHERE id = ANY($1) ORDER BY seq FOR UPDATE'",
+            )
+            .unwrap(),
+    );
+    assert_eq!(
+        names.len(),
+        1,
+        "the lock statement is prepared once: {names:?}"
+    );
+    let plan = text(
+        conn.link
+            .simple(&format!("EXPLAIN EXECUTE {}('{{nope}}')", names[0]))
+            .unwrap(),
+    )
+    .join("\n");
+    let planned_for = conn.planned_for.as_ref().expect("looked at once at least");
+    (plan, planned_for.0[0])
+}
+
+/// A handle whose connections made their plans while the queue was nearly empty has them
+/// made again once it has grown: they search the index instead of scanning the table.
+/// (Whether PostgreSQL would have kept a generic plan made on the nearly empty table
+/// depends on its cost estimates; when it does, that plan scans the table.)
+#[test]
+fn cached_plans_are_made_again_once_the_queue_has_grown() {
+    if database_url().is_none() {
+        return;
+    }
+    let (plan, planned_for) = lock_plan_after_growth(Duration::ZERO);
+    assert!(!plan.contains("Seq Scan on jobs"), "{plan}");
+    assert!(
+        planned_for > 8 << 20,
+        "plans made again for {planned_for} bytes"
+    );
+    // Looked at only once, before the growth: the plans stay as they were made.
+    let (_, planned_for) = lock_plan_after_growth(Duration::from_secs(3600));
+    assert!(planned_for < 64 << 10, "{planned_for} bytes");
 }
