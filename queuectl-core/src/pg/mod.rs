@@ -101,13 +101,17 @@ enum Snapshot {
     Transaction,
 }
 
+/// The tables whose growth makes a connection's cached plans stale: those the hot
+/// statements search.
+const PLANNED_TABLES: [&str; 4] = ["jobs", "attempts", "dependencies", "live_output"];
+
 /// A pooled connection, with the statements prepared on it.
 struct Conn {
     link: Link,
     statements: HashMap<String, Statement>,
-    /// The sizes of the queue's tables when its cached plans were last made or checked, and
-    /// when that was (`None`: not yet).
-    planned_for: Option<(Vec<i64>, Instant)>,
+    /// The sizes of the queue's tables (in [`PLANNED_TABLES`] order) its cached plans were
+    /// made for, and when they were last looked at.
+    planned_for: (Vec<i64>, Instant),
 }
 
 /// Opens the pool's connections.
@@ -125,7 +129,7 @@ impl r2d2::ManageConnection for Manager {
         Ok(Conn {
             link: Link::connect(&self.config, &self.connector)?,
             statements: HashMap::new(),
-            planned_for: None,
+            planned_for: (vec![0; PLANNED_TABLES.len()], Instant::now()),
         })
     }
 
@@ -158,6 +162,8 @@ pub struct PgStorage {
     database: String,
     poll_interval: Duration,
     replan_check: Duration,
+    /// Reads the sizes of [`PLANNED_TABLES`].
+    sizes_sql: String,
     listener: Listener,
 }
 
@@ -204,6 +210,12 @@ impl PgStorage {
             database,
             poll_interval: options.poll_interval.max(MIN_POLL_INTERVAL),
             replan_check: options.replan_check,
+            sizes_sql: format!(
+                "SELECT {}",
+                PLANNED_TABLES
+                    .map(|table| format!("pg_relation_size('\"{}\".{table}')", options.schema))
+                    .join(", ")
+            ),
             listener: Listener::poll_only(),
         };
         store.migrate()?;
@@ -297,10 +309,20 @@ impl PgStorage {
     /// A connection of the pool, its cached plans made again if the tables have outgrown
     /// them ([`PgStorage::replan_if_grown`]).
     fn connection(&self, op: &'static str) -> Result<r2d2::PooledConnection<Manager>> {
-        let mut conn = self.pooled(op)?;
-        self.replan_if_grown(&mut conn)
-            .map_err(|e| self.error(op, TxError::Db(e)))?;
-        Ok(conn)
+        let mut lost = 0;
+        loop {
+            let mut conn = self.pooled(op)?;
+            match self.replan_if_grown(&mut conn) {
+                Ok(()) => return Ok(conn),
+                // A broken connection leaves the pool when it is given back.
+                Err(e) if is_connection_error(&e) && lost < CONNECTION_RETRIES => {
+                    drop(conn);
+                    pause(lost);
+                    lost += 1;
+                }
+                Err(e) => return Err(self.error(op, TxError::Db(e))),
+            }
+        }
     }
 
     /// A connection of the pool, as it is.
@@ -314,24 +336,19 @@ impl PgStorage {
     }
 
     /// Every `replan_check`, reads the sizes of the queue's tables; when one has doubled
-    /// (from at least 64 KiB) since the connection's plans were made, drops them
-    /// (`DISCARD PLANS`: the statements stay prepared and are planned again at their next
-    /// run). After five runs of a prepared statement PostgreSQL may keep a generic plan, made
-    /// for the table as it was then: made while the queue was nearly empty, it scans `jobs`
-    /// whole once the queue has grown (DECISIONS §15).
+    /// (to at least 64 KiB) since the connection's plans were made, drops them (`DISCARD
+    /// PLANS`: the statements stay prepared and are planned again at their next run). After
+    /// five runs of a prepared statement PostgreSQL may keep a generic plan, made for the
+    /// table as it was then: made while the queue was nearly empty, it scans `jobs` whole
+    /// once the queue has grown (DECISIONS §15). A new connection counts its plans as made
+    /// for empty tables, so that a command that is over within `replan_check` never looks.
     fn replan_if_grown(&self, conn: &mut Conn) -> std::result::Result<(), postgres::Error> {
         const MIN_GROWN: i64 = 64 * 1024;
-        if let Some((_, at)) = &conn.planned_for
-            && at.elapsed() < self.replan_check
-        {
+        let (planned_for, looked_at) = &conn.planned_for;
+        if looked_at.elapsed() < self.replan_check {
             return Ok(());
         }
-        let sizes_sql = format!(
-            "SELECT pg_relation_size('{s}.jobs'), pg_relation_size('{s}.attempts'), \
-             pg_relation_size('{s}.dependencies'), pg_relation_size('{s}.live_output')",
-            s = self.quoted
-        );
-        let messages = conn.link.simple(&sizes_sql)?;
+        let messages = conn.link.simple(&self.sizes_sql)?;
         let sizes: Vec<i64> = messages
             .iter()
             .find_map(|m| match m {
@@ -343,21 +360,16 @@ impl PgStorage {
                 _ => None,
             })
             .unwrap_or_default();
-        let grown = match &conn.planned_for {
-            None => false,
-            Some((before, _)) => sizes
-                .iter()
-                .zip(before)
-                .any(|(now, then)| *now >= MIN_GROWN && *now >= then.saturating_mul(2)),
-        };
+        let grown = sizes
+            .iter()
+            .zip(planned_for)
+            .any(|(now, then)| *now >= MIN_GROWN && *now >= then.saturating_mul(2));
         if grown {
             conn.link.simple("DISCARD PLANS")?;
+            conn.planned_for = (sizes, Instant::now());
+        } else {
+            conn.planned_for.1 = Instant::now();
         }
-        let keep = match (&conn.planned_for, grown) {
-            (Some((before, _)), false) => before.clone(),
-            _ => sizes,
-        };
-        conn.planned_for = Some((keep, Instant::now()));
         Ok(())
     }
 

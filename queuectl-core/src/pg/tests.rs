@@ -243,24 +243,7 @@ fn reads_retry_after_lost_connections() {
     let pg = Pg::new();
     let store = pg.pg();
     let job = store.enqueue(NewJob::new("true"), now()).unwrap();
-    let pid: i32 = {
-        let conn = store.pool.get().unwrap();
-        let rows = conn.link.simple("SELECT pg_backend_pid()").unwrap();
-        rows.iter()
-            .find_map(|m| match m {
-                postgres::SimpleQueryMessage::Row(row) => {
-                    row.get(0).map(|pid| pid.parse().unwrap())
-                }
-                _ => None,
-            })
-            .unwrap()
-    };
-    let mut client = pg.client();
-    let ended: bool = client
-        .query_one("SELECT pg_terminate_backend($1)", &[&pid])
-        .unwrap()
-        .get(0);
-    assert!(ended);
+    end_the_pooled_backend(&pg, store);
     assert_eq!(store.get(&job.id).unwrap(), job);
     store.enqueue(NewJob::new("true"), now()).unwrap();
     assert_eq!(store.counts().unwrap().pending, 2);
@@ -620,8 +603,7 @@ fn lock_plan_after_growth(replan_check: Duration) -> (String, i64) {
             .unwrap(),
     )
     .join("\n");
-    let planned_for = conn.planned_for.as_ref().expect("looked at once at least");
-    (plan, planned_for.0[0])
+    (plan, conn.planned_for.0[0])
 }
 
 /// A handle whose connections made their plans while the queue was nearly empty has them
@@ -642,4 +624,42 @@ fn cached_plans_are_made_again_once_the_queue_has_grown() {
     // Looked at only once, before the growth: the plans stay as they were made.
     let (_, planned_for) = lock_plan_after_growth(Duration::from_secs(3600));
     assert!(planned_for < 64 << 10, "{planned_for} bytes");
+}
+
+/// A connection found lost by the look at the tables' sizes is replaced, as one found lost
+/// by a read is.
+#[test]
+fn a_connection_lost_before_the_plan_check_is_replaced() {
+    if database_url().is_none() {
+        return;
+    }
+    let pg = Pg::with(PgOptions {
+        pool_size: 1,
+        replan_check: Duration::ZERO,
+        ..PgOptions::default()
+    });
+    let store = pg.pg();
+    let job = store.enqueue(NewJob::new("true"), now()).unwrap();
+    end_the_pooled_backend(&pg, store);
+    assert_eq!(store.get(&job.id).unwrap(), job);
+}
+
+/// Has the server end the one connection `store`'s pool holds so far.
+fn end_the_pooled_backend(pg: &Pg, store: &PgStorage) {
+    let pid: i32 = {
+        let conn = store.pool.get().unwrap();
+        let rows = conn.link.simple("SELECT pg_backend_pid()").unwrap();
+        rows.iter()
+            .find_map(|m| match m {
+                postgres::SimpleQueryMessage::Row(row) => row.get(0).map(|p| p.parse().unwrap()),
+                _ => None,
+            })
+            .unwrap()
+    };
+    let ended: bool = pg
+        .client()
+        .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+        .unwrap()
+        .get(0);
+    assert!(ended);
 }
