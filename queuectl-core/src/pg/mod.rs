@@ -31,7 +31,7 @@ use postgres::error::SqlState;
 
 use self::link::{ConnectError, Link};
 use self::listen::Listener;
-use self::rows::{Db, Tx, TxError, TxResult};
+use self::rows::{Also, Db, Tx, TxError, TxResult};
 use crate::config::{Config, ConfigError};
 use crate::error::{DatabaseFault, Result, StorageError};
 use crate::file::rows::micros;
@@ -502,13 +502,18 @@ impl PgStorage {
 
     // ----- transitions -----
 
+    /// Records `settlements`. With `then_queues`, the queues a claim may take from
+    /// ([`queries::CLAIMABLE_QUEUES`]) are read in the round trip that locks the jobs, and
+    /// returned for [`Self::claim_in`].
     fn settle_in(
         tx: &mut Tx,
         settlements: &[Settlement],
         now: Timestamp,
-    ) -> TxResult<Vec<Result<Job>>> {
+        then_queues: bool,
+    ) -> TxResult<(Vec<Result<Job>>, Also)> {
         let ids = settlements.iter().map(|s| s.lease().job_id.as_str());
-        let mut jobs = tx.lock_jobs_noting_dependents(ids)?;
+        let also = then_queues.then_some(queries::CLAIMABLE_QUEUES);
+        let (mut jobs, queues) = tx.lock_jobs_noting_dependents(ids, also)?;
         let mut outcomes = Vec::with_capacity(settlements.len());
         let mut pairs = Vec::new();
         let mut attempts = Vec::new();
@@ -532,21 +537,34 @@ impl PgStorage {
         }
         tx.update_jobs(&mut pairs, now)?;
         tx.insert_attempts(&mut attempts)?;
-        Ok(outcomes
+        let settled = outcomes
             .into_iter()
             .map(|outcome| outcome.map(|i| pairs[i].1.clone()))
-            .collect())
+            .collect();
+        Ok((settled, queues))
     }
 
-    fn claim_in(tx: &mut Tx, request: &ClaimRequest, now: Timestamp) -> TxResult<Vec<Job>> {
+    /// Claims jobs for `request`. `queues` are the rows of [`queries::CLAIMABLE_QUEUES`] if
+    /// this transaction read them already; counts are only written at commit, so rows read
+    /// before this transaction's settlements are as good as rows read after them.
+    fn claim_in(
+        tx: &mut Tx,
+        request: &ClaimRequest,
+        now: Timestamp,
+        queues: Also,
+    ) -> TxResult<Vec<Job>> {
         if request.max == 0 {
             return Ok(Vec::new());
         }
         // Index bookkeeping, not a change anyone sees: it does not count as one.
         tx.defer(queries::PROMOTE, vec![Box::new(micros(now))]);
+        let rows = match queues {
+            Some(rows) => rows,
+            None => tx.query(queries::CLAIMABLE_QUEUES, &[])?,
+        };
         let mut queues = Vec::new();
         // The counts as stored, plus what settlements earlier in this transaction changed.
-        for row in tx.query(queries::CLAIMABLE_QUEUES, &[])? {
+        for row in rows {
             let name: String = row.try_get(0)?;
             let waiting = row.try_get::<_, Option<i64>>(1)?.unwrap_or(0)
                 + tx.pending_count(&name, JobState::Pending)
@@ -567,13 +585,18 @@ impl PgStorage {
             .map(|(name, _, _)| name.as_str())
             .collect();
         if !limited.is_empty() {
+            // One round trip: the count runs after the lock was granted (its own snapshot).
+            let [locked, counted] = tx.query_all([
+                (queries::LOCK_LIMITED, &[&limited]),
+                (queries::RUNNING_IN, &[&limited]),
+            ])?;
             let mut settings = HashMap::new();
-            for row in tx.query(queries::LOCK_LIMITED, &[&limited])? {
-                let (name, setting) = rows::settings_from_row(&row)?;
+            for row in &locked {
+                let (name, setting) = rows::settings_from_row(row)?;
                 settings.insert(name, setting);
             }
             let mut running = HashMap::new();
-            for row in tx.query(queries::RUNNING_IN, &[&limited])? {
+            for row in counted {
                 let name = row.try_get::<_, String>(0)?;
                 let stored = row.try_get::<_, i64>(1)?;
                 let pending = tx.pending_count(&name, JobState::Processing);
@@ -883,7 +906,7 @@ impl Storage for PgStorage {
         if request.max == 0 {
             return Ok(Vec::new());
         }
-        self.write("claim jobs", |tx| Self::claim_in(tx, request, now))
+        self.write("claim jobs", |tx| Self::claim_in(tx, request, now, None))
     }
 
     fn extend_leases(
@@ -914,7 +937,7 @@ impl Storage for PgStorage {
 
     fn settle(&self, settlements: Vec<Settlement>, now: Timestamp) -> Result<Vec<Result<Job>>> {
         self.write("record job results", |tx| {
-            Self::settle_in(tx, &settlements, now)
+            Self::settle_in(tx, &settlements, now, false).map(|(settled, _)| settled)
         })
     }
 
@@ -925,8 +948,11 @@ impl Storage for PgStorage {
         now: Timestamp,
     ) -> Result<(Vec<Result<Job>>, Vec<Job>)> {
         self.write("record job results and claim jobs", |tx| {
-            let settled = Self::settle_in(tx, &settlements, now)?;
-            let claimed = Self::claim_in(tx, request, now)?;
+            if settlements.is_empty() {
+                return Ok((Vec::new(), Self::claim_in(tx, request, now, None)?));
+            }
+            let (settled, queues) = Self::settle_in(tx, &settlements, now, request.max > 0)?;
+            let claimed = Self::claim_in(tx, request, now, queues)?;
             Ok((settled, claimed))
         })
     }

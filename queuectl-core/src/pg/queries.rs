@@ -9,6 +9,18 @@ pub(super) const BY_ID: &str = "WHERE id = $1";
 /// order (so two transactions lock them in the same order).
 pub(super) const BY_IDS_FOR_UPDATE: &str = "WHERE id = ANY($1) ORDER BY seq FOR UPDATE";
 
+/// After `SELECT J FROM {s}.jobs`: [`BY_IDS_FOR_UPDATE`] for one job. Statements with an
+/// array parameter are planned afresh at every run (PostgreSQL's generic plan for them
+/// assumes ten elements and costs more than the plan for the one element it is given), so
+/// the batches of one job a busy worker mostly sends use statements with one value each,
+/// whose plan is made once ([`PICK_READY_IN`], [`HAS_DEPENDENTS_BY_ID`], and the update of
+/// one job in `rows`).
+pub(super) const BY_ID_FOR_UPDATE: &str = "WHERE id = $1 FOR UPDATE";
+
+/// [`HAVE_DEPENDENTS_BY_IDS`] for one job: its seq if another job waits for it.
+pub(super) const HAS_DEPENDENTS_BY_ID: &str = "SELECT j.seq FROM {s}.jobs j JOIN \
+     {s}.dependencies d ON d.after_seq = j.seq WHERE j.id = $1 LIMIT 1";
+
 /// Of the jobs with the ids `$1`, those that other jobs wait for. Run after they were
 /// locked, in a statement of its own: its snapshot then includes every dependency added
 /// before the lock was taken (a new dependent locks what it waits for first).
@@ -45,6 +57,11 @@ pub(super) const PICK_READY: &str = "SELECT j.* FROM unnest($1::text[], $2::bigi
      q(name, room) CROSS JOIN LATERAL (SELECT J FROM {s}.jobs WHERE lane = 1 AND \
      queue = q.name AND run_at <= $3 ORDER BY priority DESC, run_at, seq LIMIT q.room \
      FOR UPDATE SKIP LOCKED) j";
+
+/// [`PICK_READY`] for one queue: its first `$2` due ready jobs (`$1` the queue, `$3` now).
+pub(super) const PICK_READY_IN: &str = "SELECT J FROM {s}.jobs WHERE lane = 1 AND \
+     queue = $1 AND run_at <= $3 ORDER BY priority DESC, run_at, seq LIMIT $2 \
+     FOR UPDATE SKIP LOCKED";
 
 /// After `SELECT J FROM {s}.jobs`: the job that holds a unique key.
 pub(super) const UNIQUE_HOLDER: &str = "WHERE unique_key = $1 AND state IN \

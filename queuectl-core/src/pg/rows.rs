@@ -58,6 +58,9 @@ pub(super) type TxResult<T> = std::result::Result<T, TxError>;
 
 // ----- one transaction -----
 
+/// The rows of a statement sent along with others, if it was sent.
+pub(super) type Also = Option<Vec<Row>>;
+
 /// A statement's parameter that the statement owns, for one sent later.
 pub(super) type Owned = Box<dyn ToSql + Sync + Send>;
 
@@ -374,22 +377,43 @@ impl<'a> Tx<'a> {
 
     /// The jobs with these ids, locked for update, noting for each whether other jobs wait
     /// for it (in the same round trip): the lock keeps that true until the transaction
-    /// ends, so finishing them needs no second look.
+    /// ends, so finishing them needs no second look. `also`, a statement without
+    /// parameters, goes in the same round trip, after them; its rows are returned.
     pub(super) fn lock_jobs_noting_dependents<'i>(
         &mut self,
         ids: impl Iterator<Item = &'i str>,
-    ) -> TxResult<HashMap<JobId, Job>> {
+        also: Option<&str>,
+    ) -> TxResult<(HashMap<JobId, Job>, Also)> {
         static SQL: LazyLock<String> = LazyLock::new(|| {
             format!(
                 "SELECT {JOB_COLUMNS} FROM {{s}}.jobs {}",
                 queries::BY_IDS_FOR_UPDATE
             )
         });
+        static ONE: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "SELECT {JOB_COLUMNS} FROM {{s}}.jobs {}",
+                queries::BY_ID_FOR_UPDATE
+            )
+        });
         let ids: Vec<&str> = ids.collect();
-        let [locked, waited_for] = self.db.query_all([
-            (SQL.as_str(), &[&ids]),
-            (queries::HAVE_DEPENDENTS_BY_IDS, &[&ids]),
-        ])?;
+        let (lock, dependents, param): (&str, &str, Param) = match ids.as_slice() {
+            [id] => (ONE.as_str(), queries::HAS_DEPENDENTS_BY_ID, id),
+            _ => (SQL.as_str(), queries::HAVE_DEPENDENTS_BY_IDS, &ids),
+        };
+        let lock = (lock, &[param][..]);
+        let dependents = (dependents, &[param][..]);
+        let (locked, waited_for, also) = match also {
+            None => {
+                let [locked, waited_for] = self.db.query_all([lock, dependents])?;
+                (locked, waited_for, None)
+            }
+            Some(also) => {
+                let [locked, waited_for, rows] =
+                    self.db.query_all([lock, dependents, (also, &[])])?;
+                (locked, waited_for, Some(rows))
+            }
+        };
         let waited_for: HashSet<i64> = waited_for
             .iter()
             .map(|row| row.try_get(0))
@@ -401,7 +425,7 @@ impl<'a> Tx<'a> {
             self.dependents.insert(seq, waited_for.contains(&seq));
             jobs.insert(job.id.clone(), job);
         }
-        Ok(jobs)
+        Ok((jobs, also))
     }
 
     /// Inserts a new job (`job.seq` is set from the row). Returns `false`, inserting nothing,
@@ -535,7 +559,26 @@ impl<'a> Tx<'a> {
                     .push((new.seq as i64, after));
             }
         }
-        for (columns, rows) in groups {
+        for (columns, mut rows) in groups {
+            if rows.len() == 1 {
+                // One job: one value per column (see `queries::BY_ID_FOR_UPDATE`).
+                let (seq, mut values) = rows.pop().expect("one row");
+                let set: Vec<String> = columns
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &c)| format!("{} = ${}::{}", WRITTEN[c].0, i + 2, WRITTEN[c].1))
+                    .collect();
+                let sql = format!("UPDATE {{s}}.jobs SET {} WHERE seq = $1", set.join(", "));
+                let mut params: Vec<Owned> = vec![Box::new(seq)];
+                params.extend(
+                    columns
+                        .iter()
+                        .map(|&c| std::mem::replace(&mut values[c], V::Bool(false)).owned()),
+                );
+                self.db.defer(&sql, params);
+                self.changed = true;
+                continue;
+            }
             let seqs: Vec<i64> = rows.iter().map(|(seq, _)| *seq).collect();
             let arrays: Vec<Array> = columns
                 .iter()
@@ -823,6 +866,15 @@ impl V {
             V::Bool(v) => v,
         }
     }
+
+    fn owned(self) -> Owned {
+        match self {
+            V::Big(v) => Box::new(v),
+            V::Int(v) => Box::new(v),
+            V::Text(v) => Box::new(v),
+            V::Bool(v) => Box::new(v),
+        }
+    }
 }
 
 /// One column's values for many rows, as an array parameter.
@@ -1068,6 +1120,15 @@ pub(super) fn pick_ready(
 ) -> TxResult<Vec<Job>> {
     static SQL: LazyLock<String> =
         LazyLock::new(|| queries::PICK_READY.replace(" J ", &format!(" {JOB_COLUMNS} ")));
+    static ONE: LazyLock<String> =
+        LazyLock::new(|| queries::PICK_READY_IN.replace(" J ", &format!(" {JOB_COLUMNS} ")));
+    if let [(name, room)] = queues {
+        return db
+            .query(&ONE, &[name, room, &micros(now)])?
+            .iter()
+            .map(job_from_row)
+            .collect();
+    }
     let names: Vec<&str> = queues.iter().map(|(name, _)| name.as_str()).collect();
     let rooms: Vec<i64> = queues.iter().map(|(_, room)| *room).collect();
     db.query(&SQL, &[&names, &rooms, &micros(now)])?

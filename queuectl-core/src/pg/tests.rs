@@ -340,7 +340,18 @@ mod plans {
                 vec![&queues, &rooms, &us],
                 "jobs_ready",
             ),
+            (
+                queries::PICK_READY_IN.to_owned(),
+                vec![&"a", &rooms[0], &us],
+                "jobs_ready",
+            ),
             (jobs(queries::BY_ID), vec![&id], "jobs_id_key"),
+            (jobs(queries::BY_ID_FOR_UPDATE), vec![&id], "jobs_id_key"),
+            (
+                queries::HAS_DEPENDENTS_BY_ID.to_owned(),
+                vec![&id],
+                "jobs_id_key",
+            ),
             (jobs(queries::BY_IDS_FOR_UPDATE), vec![&ids], "jobs_id_key"),
             (
                 queries::HAVE_DEPENDENTS_BY_IDS.to_owned(),
@@ -575,16 +586,7 @@ fn lock_plan_after_growth(replan_check: Duration) -> (String, i64) {
         .unwrap();
     cycle();
     let conn = store.pool.get().unwrap();
-    let text = |messages: Vec<postgres::SimpleQueryMessage>| -> Vec<String> {
-        messages
-            .into_iter()
-            .filter_map(|m| match m {
-                postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
-                _ => None,
-            })
-            .collect()
-    };
-    let names = text(
+    let names = first_column(
         conn.link
             .simple(
                 "SELECT name FROM pg_prepared_statements \
@@ -597,7 +599,7 @@ fn lock_plan_after_growth(replan_check: Duration) -> (String, i64) {
         1,
         "the lock statement is prepared once: {names:?}"
     );
-    let plan = text(
+    let plan = first_column(
         conn.link
             .simple(&format!("EXPLAIN EXECUTE {}('{{nope}}')", names[0]))
             .unwrap(),
@@ -642,6 +644,61 @@ fn a_connection_lost_before_the_plan_check_is_replaced() {
     let job = store.enqueue(NewJob::new("true"), now()).unwrap();
     end_the_pooled_backend(&pg, store);
     assert_eq!(store.get(&job.id).unwrap(), job);
+}
+
+/// A worker that settles and claims one job at a time, as a busy one mostly does, runs
+/// statements whose plans PostgreSQL makes once and keeps: none of them is planned afresh
+/// at every run, as statements with array parameters are.
+#[test]
+fn one_job_turns_keep_their_plans() {
+    if database_url().is_none() {
+        return;
+    }
+    let pg = Pg::with(PgOptions {
+        pool_size: 1,
+        ..PgOptions::default()
+    });
+    let store = pg.pg();
+    // Enough jobs that PostgreSQL would not take a plan for several rows over one for one.
+    let batch = (0..3_000).map(|_| NewJob::new("true")).collect();
+    store.enqueue_batch(batch, now()).unwrap();
+    let request = crate::ClaimRequest::new("w", 1, LEASE);
+    let mut held = store.claim("w", 1, LEASE, now()).unwrap();
+    let runs = 12;
+    for _ in 0..runs {
+        let job = held.pop().expect("a job claimed");
+        let settlement = crate::Settlement::Complete {
+            lease: job.lease.unwrap(),
+            report: Default::default(),
+        };
+        let (settled, claimed) = store
+            .settle_and_claim(vec![settlement], &request, now())
+            .unwrap();
+        assert_eq!(settled.len(), 1);
+        settled.into_iter().for_each(|result| drop(result.unwrap()));
+        held = claimed;
+    }
+    let conn = store.pool.get().unwrap();
+    let replanned = first_column(
+        conn.link
+            .simple(&format!(
+                "SELECT custom_plans || ' ' || statement FROM pg_prepared_statements \
+                 WHERE custom_plans >= {runs}"
+            ))
+            .unwrap(),
+    );
+    assert!(replanned.is_empty(), "planned at every run: {replanned:#?}");
+}
+
+/// The first column of each row of a simple query's answer.
+fn first_column(messages: Vec<postgres::SimpleQueryMessage>) -> Vec<String> {
+    messages
+        .into_iter()
+        .filter_map(|m| match m {
+            postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Has the server end the one connection `store`'s pool holds so far.
