@@ -78,6 +78,7 @@ macro_rules! storage_conformance {
             purge_removes_old_completed_jobs_only,
             config_round_trip,
             worker_registry_and_stop_request,
+            a_settlement_that_polls_claims_nothing_once_a_stop_is_asked,
             waiters_wake_on_change,
             every_attempt_is_recorded,
             released_and_abandoned_attempts_are_recorded,
@@ -131,6 +132,22 @@ macro_rules! storage_conformance {
 /// A fixed instant all cases count from.
 pub fn t0() -> Timestamp {
     datetime!(2026-01-01 00:00:00 UTC)
+}
+
+/// A worker registration as a pool makes one, not asked to stop.
+fn worker_info(id: &str) -> WorkerInfo {
+    WorkerInfo {
+        id: id.to_owned(),
+        hostname: "host".to_owned(),
+        pid: 42,
+        concurrency: 2,
+        started_at: at(0),
+        last_seen: at(0),
+        stop_requested: false,
+        stop_forced: false,
+        identity: Default::default(),
+        queues: Vec::new(),
+    }
 }
 
 fn at(secs: i64) -> Timestamp {
@@ -742,24 +759,64 @@ pub fn config_round_trip(h: &dyn Harness) {
     );
 }
 
+/// A worker settling its jobs reads its registration and the version in the same call: while
+/// it may run, it claims as asked; once asked to stop, it records its results and claims
+/// nothing. The version is the one before the settlement.
+pub fn a_settlement_that_polls_claims_nothing_once_a_stop_is_asked(h: &dyn Harness) {
+    let store = h.store();
+    store.register_worker(worker_info("w1")).unwrap();
+    let batch = (0..3).map(|_| NewJob::new("true")).collect();
+    store.enqueue_batch(batch, at(0)).unwrap();
+    let request = ClaimRequest::new("w1", 1, LEASE);
+    let complete = |job: &Job| Settlement::Complete {
+        lease: job.lease.clone().unwrap(),
+        report: AttemptReport::default(),
+    };
+    let first = store.claim_jobs(&request, at(1)).unwrap();
+    let before = store.change_version().unwrap();
+    let polled = store
+        .settle_and_claim_polling(vec![complete(&first[0])], &request, at(2))
+        .unwrap();
+    assert_eq!(polled.version, before, "read before the settlement");
+    assert_ne!(store.change_version().unwrap(), before);
+    assert!(polled.worker.as_ref().is_some_and(|w| !w.stop_requested));
+    assert_eq!(polled.settled.len(), 1);
+    assert_eq!(
+        polled.settled[0].as_ref().unwrap().state,
+        JobState::Completed
+    );
+    assert_eq!(polled.claimed.len(), 1, "claims while it may run");
+    store.request_stop().unwrap();
+    let asked = store.change_version().unwrap();
+    let polled = store
+        .settle_and_claim_polling(vec![complete(&polled.claimed[0])], &request, at(3))
+        .unwrap();
+    assert_eq!(polled.version, asked);
+    assert!(polled.worker.is_some_and(|w| w.stop_requested));
+    assert_eq!(
+        polled.settled[0].as_ref().unwrap().state,
+        JobState::Completed
+    );
+    assert!(
+        polled.claimed.is_empty(),
+        "claims nothing once asked to stop"
+    );
+    assert_eq!(store.counts().unwrap().pending, 1);
+    // Not registered: nothing stops it.
+    let other = ClaimRequest::new("w2", 1, LEASE);
+    let polled = store
+        .settle_and_claim_polling(Vec::new(), &other, at(4))
+        .unwrap();
+    assert!(polled.worker.is_none());
+    assert_eq!(polled.claimed.len(), 1);
+}
+
 /// Workers register, heartbeat and deregister; a stop request reaches every registered worker
 /// but not workers that register afterwards.
 pub fn worker_registry_and_stop_request(h: &dyn Harness) {
     let store = h.store();
-    let worker = |id: &str| WorkerInfo {
-        id: id.to_owned(),
-        hostname: "host".to_owned(),
-        pid: 42,
-        concurrency: 2,
-        started_at: at(0),
-        last_seen: at(0),
-        stop_requested: false,
-        stop_forced: false,
-        identity: Default::default(),
-        queues: Vec::new(),
-    };
-    store.register_worker(worker("w1")).unwrap();
-    store.register_worker(worker("w2")).unwrap();
+    store.register_worker(worker_info("w1")).unwrap();
+    store.register_worker(worker_info("w2")).unwrap();
     assert!(!store.worker_heartbeat("w1", at(5)).unwrap());
     let listed = store.workers().unwrap();
     assert_eq!(listed.len(), 2);
@@ -772,7 +829,7 @@ pub fn worker_registry_and_stop_request(h: &dyn Harness) {
     assert_eq!(after, store.change_version().unwrap());
     assert!(w1.is_some_and(|w| w.stop_requested && !w.stop_forced));
     assert_eq!(store.poll_worker("nobody").unwrap().1, None);
-    store.register_worker(worker("w3")).unwrap();
+    store.register_worker(worker_info("w3")).unwrap();
     assert!(store.worker_heartbeat("w1", at(6)).unwrap());
     assert!(store.worker_heartbeat("w2", at(6)).unwrap());
     assert!(!store.worker_heartbeat("w3", at(6)).unwrap());
@@ -1568,20 +1625,7 @@ pub fn everything_survives_a_reopen(h: &dyn Harness) {
     store
         .update_config(&mut |c| c.set("max-retries", "8"))
         .unwrap();
-    store
-        .register_worker(WorkerInfo {
-            id: "w".into(),
-            hostname: "h".into(),
-            pid: 1,
-            concurrency: 1,
-            started_at: at(0),
-            last_seen: at(0),
-            stop_requested: false,
-            stop_forced: false,
-            identity: Default::default(),
-            queues: Vec::new(),
-        })
-        .unwrap();
+    store.register_worker(worker_info("w")).unwrap();
     store.request_stop().unwrap();
 
     let reopened = h.reopen().unwrap();

@@ -70,8 +70,8 @@ pub use shell::ShellExecutor;
 pub use spec::{JobSpec, SpecError};
 pub use storage::{
     Activity, AttemptReport, ClaimRequest, Enqueued, FinishedAttempt, ListQuery, OutputChunk,
-    ProcessIdentity, QueueChange, QueueInfo, RunningOutput, Settlement, StateCounts, Storage,
-    StorageExt, WorkerInfo,
+    Polled, ProcessIdentity, QueueChange, QueueInfo, RunningOutput, Settlement, StateCounts,
+    Storage, StorageExt, WorkerInfo,
 };
 pub use wait::{WaitOutcome, wait_for_jobs, wait_for_jobs_with};
 

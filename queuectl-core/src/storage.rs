@@ -71,6 +71,19 @@ pub struct Enqueued {
     pub duplicate: bool,
 }
 
+/// What [`Storage::settle_and_claim_polling`] found and did.
+#[derive(Debug)]
+pub struct Polled {
+    /// Per settlement, as [`Storage::settle`] returns them.
+    pub settled: Vec<Result<Job>>,
+    /// The jobs claimed (none when the worker was asked to stop).
+    pub claimed: Vec<Job>,
+    /// [`Storage::change_version`], read before the settlements were recorded.
+    pub version: u64,
+    /// The worker's registration (`None`: not registered).
+    pub worker: Option<WorkerInfo>,
+}
+
 /// What a worker asks for when it claims.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClaimRequest {
@@ -553,6 +566,33 @@ pub trait Storage: Send + Sync + Debug {
         let version = self.change_version()?;
         let registration = self.workers()?.into_iter().find(|w| w.id == worker);
         Ok((version, registration))
+    }
+
+    /// What a busy pool does when jobs finish: [`Storage::poll_worker`] for
+    /// `request.worker`, then [`Storage::settle_and_claim`], claiming nothing when the
+    /// registration asks the worker to stop. The version is read before the settlements are
+    /// recorded (so any change after it, theirs included, still differs from it). A store
+    /// whose every call is a round trip to a server reads the registration in the first
+    /// round trip of the settlement.
+    fn settle_and_claim_polling(
+        &self,
+        settlements: Vec<Settlement>,
+        request: &ClaimRequest,
+        now: Timestamp,
+    ) -> Result<Polled> {
+        let (version, worker) = self.poll_worker(&request.worker)?;
+        let stopping = worker.as_ref().is_some_and(|w| w.stop_requested);
+        let request = ClaimRequest {
+            max: if stopping { 0 } else { request.max },
+            ..request.clone()
+        };
+        let (settled, claimed) = self.settle_and_claim(settlements, &request, now)?;
+        Ok(Polled {
+            settled,
+            claimed,
+            version,
+            worker,
+        })
     }
 
     /// Blocks until [`Storage::change_version`] differs from `seen`, or `timeout` passes.

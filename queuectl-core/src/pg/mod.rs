@@ -26,19 +26,19 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use postgres::Statement;
 use postgres::error::SqlState;
+use postgres::{Row, Statement};
 
-use self::link::{ConnectError, Link};
+use self::link::{ConnectError, Link, Param};
 use self::listen::Listener;
-use self::rows::{Also, Db, Tx, TxError, TxResult};
+use self::rows::{Db, Tx, TxError, TxResult};
 use crate::config::{Config, ConfigError};
 use crate::error::{DatabaseFault, Result, StorageError};
 use crate::file::rows::micros;
 use crate::job::{Attempt, Job, JobId, JobState, Lease, NewJob, Timestamp};
 use crate::rules::{self, Abandoned};
 use crate::storage::{
-    Activity, ClaimRequest, Enqueued, ListQuery, OutputChunk, QueueChange, QueueInfo,
+    Activity, ClaimRequest, Enqueued, ListQuery, OutputChunk, Polled, QueueChange, QueueInfo,
     RunningOutput, Settlement, StateCounts, Storage, WorkerInfo,
 };
 
@@ -502,18 +502,16 @@ impl PgStorage {
 
     // ----- transitions -----
 
-    /// Records `settlements`. With `then_queues`, the queues a claim may take from
-    /// ([`queries::CLAIMABLE_QUEUES`]) are read in the round trip that locks the jobs, and
-    /// returned for [`Self::claim_in`].
+    /// Records `settlements`. The statements of `also` (reads) run in the round trip that
+    /// locks the jobs, and their rows are returned.
     fn settle_in(
         tx: &mut Tx,
         settlements: &[Settlement],
         now: Timestamp,
-        then_queues: bool,
-    ) -> TxResult<(Vec<Result<Job>>, Also)> {
+        also: &[(&str, &[Param])],
+    ) -> TxResult<(Vec<Result<Job>>, rows::Answers)> {
         let ids = settlements.iter().map(|s| s.lease().job_id.as_str());
-        let also = then_queues.then_some(queries::CLAIMABLE_QUEUES);
-        let (mut jobs, queues) = tx.lock_jobs_noting_dependents(ids, also)?;
+        let (mut jobs, answers) = tx.lock_jobs_noting_dependents(ids, also)?;
         let mut outcomes = Vec::with_capacity(settlements.len());
         let mut pairs = Vec::new();
         let mut attempts = Vec::new();
@@ -541,7 +539,7 @@ impl PgStorage {
             .into_iter()
             .map(|outcome| outcome.map(|i| pairs[i].1.clone()))
             .collect();
-        Ok((settled, queues))
+        Ok((settled, answers))
     }
 
     /// Claims jobs for `request`. `queues` are the rows of [`queries::CLAIMABLE_QUEUES`] if
@@ -551,7 +549,7 @@ impl PgStorage {
         tx: &mut Tx,
         request: &ClaimRequest,
         now: Timestamp,
-        queues: Also,
+        queues: Option<Vec<Row>>,
     ) -> TxResult<Vec<Job>> {
         if request.max == 0 {
             return Ok(Vec::new());
@@ -937,7 +935,7 @@ impl Storage for PgStorage {
 
     fn settle(&self, settlements: Vec<Settlement>, now: Timestamp) -> Result<Vec<Result<Job>>> {
         self.write("record job results", |tx| {
-            Self::settle_in(tx, &settlements, now, false).map(|(settled, _)| settled)
+            Self::settle_in(tx, &settlements, now, &[]).map(|(settled, _)| settled)
         })
     }
 
@@ -951,9 +949,48 @@ impl Storage for PgStorage {
             if settlements.is_empty() {
                 return Ok((Vec::new(), Self::claim_in(tx, request, now, None)?));
             }
-            let (settled, queues) = Self::settle_in(tx, &settlements, now, request.max > 0)?;
-            let claimed = Self::claim_in(tx, request, now, queues)?;
+            let claimable: &[(&str, &[Param])] = &[(queries::CLAIMABLE_QUEUES, &[])];
+            let also = if request.max > 0 { claimable } else { &[] };
+            let (settled, answers) = Self::settle_in(tx, &settlements, now, also)?;
+            let claimed = Self::claim_in(tx, request, now, answers.into_iter().next())?;
             Ok((settled, claimed))
+        })
+    }
+
+    fn settle_and_claim_polling(
+        &self,
+        settlements: Vec<Settlement>,
+        request: &ClaimRequest,
+        now: Timestamp,
+    ) -> Result<Polled> {
+        self.write("record job results and claim jobs", |tx| {
+            // The registration and version are read in the round trip that locks the jobs,
+            // before anything is written, along with the queues a claim may take from.
+            let worker: &str = &request.worker;
+            let also: [(&str, &[Param]); 2] = [
+                (queries::VERSION_AND_WORKER, &[&worker]),
+                (queries::CLAIMABLE_QUEUES, &[]),
+            ];
+            let (settled, answers) = Self::settle_in(tx, &settlements, now, &also)?;
+            let [polled, queues]: [Vec<Row>; 2] = answers
+                .try_into()
+                .map_err(|_| TxError::Decode("an answer per statement expected".to_owned()))?;
+            let (version, worker) = match polled.first() {
+                Some(row) => rows::polled(row)?,
+                None => return Err(TxError::Decode("no version read".to_owned())),
+            };
+            let stopping = worker.as_ref().is_some_and(|w| w.stop_requested);
+            let claimed = if stopping {
+                Vec::new()
+            } else {
+                Self::claim_in(tx, request, now, Some(queues))?
+            };
+            Ok(Polled {
+                settled,
+                claimed,
+                version,
+                worker,
+            })
         })
     }
 
@@ -1174,13 +1211,10 @@ impl Storage for PgStorage {
 
     fn poll_worker(&self, worker: &str) -> Result<(u64, Option<WorkerInfo>)> {
         self.read_single("look for changes and stop requests", |db| {
-            let rows = db.query(queries::VERSION_AND_WORKER, &[&worker])?;
-            let version: i64 = rows[0].try_get(0)?;
-            let registration = rows[0]
-                .try_get::<_, Option<&str>>(1)?
-                .map(rows::worker_from_json)
-                .transpose()?;
-            Ok((version as u64, registration))
+            match db.query(queries::VERSION_AND_WORKER, &[&worker])?.first() {
+                Some(row) => rows::polled(row),
+                None => Err(TxError::Decode("no version read".to_owned())),
+            }
         })
     }
 

@@ -58,8 +58,8 @@ pub(super) type TxResult<T> = std::result::Result<T, TxError>;
 
 // ----- one transaction -----
 
-/// The rows of a statement sent along with others, if it was sent.
-pub(super) type Also = Option<Vec<Row>>;
+/// The rows of each of several statements sent together, in order.
+pub(super) type Answers = Vec<Vec<Row>>;
 
 /// A statement's parameter that the statement owns, for one sent later.
 pub(super) type Owned = Box<dyn ToSql + Sync + Send>;
@@ -209,17 +209,27 @@ impl<'a> Db<'a> {
         &mut self,
         statements: [(&str, &[Param]); N],
     ) -> TxResult<[Vec<Row>; N]> {
-        let lasts = statements.map(|(template, params)| Last::Query(template, params));
-        let answers = self.send(&lasts)?;
-        let rows: Vec<Vec<Row>> = answers
+        self.query_many(&statements)?
+            .try_into()
+            .map_err(|_| TxError::Decode("an answer per statement expected".to_owned()))
+    }
+
+    /// [`Db::query_all`] for a number of statements known when it runs.
+    pub(super) fn query_many(
+        &mut self,
+        statements: &[(&str, &[Param])],
+    ) -> TxResult<Vec<Vec<Row>>> {
+        let lasts: Vec<Last> = statements
+            .iter()
+            .map(|&(template, params)| Last::Query(template, params))
+            .collect();
+        self.send(&lasts)?
             .into_iter()
             .map(|answer| match answer {
                 Answer::Rows(rows) => Ok(rows),
                 other => Err(TxError::Decode(format!("rows expected, got {other:?}"))),
             })
-            .collect::<TxResult<_>>()?;
-        rows.try_into()
-            .map_err(|_| TxError::Decode("an answer per statement expected".to_owned()))
+            .collect()
     }
 
     /// Has `templates`, which this transaction is going to run, prepared together with the
@@ -377,13 +387,13 @@ impl<'a> Tx<'a> {
 
     /// The jobs with these ids, locked for update, noting for each whether other jobs wait
     /// for it (in the same round trip): the lock keeps that true until the transaction
-    /// ends, so finishing them needs no second look. `also`, a statement without
-    /// parameters, goes in the same round trip, after them; its rows are returned.
+    /// ends, so finishing them needs no second look. The statements of `also` go in the same
+    /// round trip, after them; their rows are returned, in order.
     pub(super) fn lock_jobs_noting_dependents<'i>(
         &mut self,
         ids: impl Iterator<Item = &'i str>,
-        also: Option<&str>,
-    ) -> TxResult<(HashMap<JobId, Job>, Also)> {
+        also: &[(&str, &[Param])],
+    ) -> TxResult<(HashMap<JobId, Job>, Answers)> {
         static SQL: LazyLock<String> = LazyLock::new(|| {
             format!(
                 "SELECT {JOB_COLUMNS} FROM {{s}}.jobs {}",
@@ -401,18 +411,14 @@ impl<'a> Tx<'a> {
             [id] => (ONE.as_str(), queries::HAS_DEPENDENTS_BY_ID, id),
             _ => (SQL.as_str(), queries::HAVE_DEPENDENTS_BY_IDS, &ids),
         };
-        let lock = (lock, &[param][..]);
-        let dependents = (dependents, &[param][..]);
-        let (locked, waited_for, also) = match also {
-            None => {
-                let [locked, waited_for] = self.db.query_all([lock, dependents])?;
-                (locked, waited_for, None)
-            }
-            Some(also) => {
-                let [locked, waited_for, rows] =
-                    self.db.query_all([lock, dependents, (also, &[])])?;
-                (locked, waited_for, Some(rows))
-            }
+        let params = [param];
+        let mut statements = vec![(lock, &params[..]), (dependents, &params[..])];
+        statements.extend_from_slice(also);
+        let mut answers = self.db.query_many(&statements)?.into_iter();
+        let (Some(locked), Some(waited_for)) = (answers.next(), answers.next()) else {
+            return Err(TxError::Decode(
+                "an answer per statement expected".to_owned(),
+            ));
         };
         let waited_for: HashSet<i64> = waited_for
             .iter()
@@ -425,7 +431,7 @@ impl<'a> Tx<'a> {
             self.dependents.insert(seq, waited_for.contains(&seq));
             jobs.insert(job.id.clone(), job);
         }
-        Ok((jobs, also))
+        Ok((jobs, answers.collect()))
     }
 
     /// Inserts a new job (`job.seq` is set from the row). Returns `false`, inserting nothing,
@@ -1288,6 +1294,16 @@ pub(super) fn workers(db: &mut Db, tail: &str, params: &[Param]) -> TxResult<Vec
 }
 
 /// A worker's registration as stored.
+/// The version and registration a row of [`queries::VERSION_AND_WORKER`] holds.
+pub(super) fn polled(row: &Row) -> TxResult<(u64, Option<WorkerInfo>)> {
+    let version: i64 = row.try_get(0)?;
+    let registration = row
+        .try_get::<_, Option<&str>>(1)?
+        .map(worker_from_json)
+        .transpose()?;
+    Ok((version as u64, registration))
+}
+
 pub(super) fn worker_from_json(json: &str) -> TxResult<WorkerInfo> {
     serde_json::from_str(json)
         .map_err(|e| TxError::Decode(format!("a stored worker is unreadable: {e}")))

@@ -418,22 +418,15 @@ impl Dispatcher {
         }
     }
 
-    /// Looks for a stop request before refilling the slots of finished jobs, reading the
-    /// store's version and this pool's registration together ([`Storage::poll_worker`]).
-    pub(super) fn poll_before_refill(&mut self) {
-        if self.stopping.as_ref().is_some_and(|s| s.forced) {
-            return;
-        }
-        match self.storage.poll_worker(&self.id) {
-            Ok((version, me)) => {
-                self.polled = Some(version);
-                self.note_version(version);
-                self.stop_check_due = false;
-                self.last_stop_check = Some(Instant::now());
-                self.stop_if_asked(me);
-            }
-            Err(error) => self.storage_error("looking for a stop request", &error),
-        }
+    /// What the look for a stop request made with a settlement found
+    /// ([`Storage::settle_and_claim_polling`]): the store's version before the settlement,
+    /// and this pool's registration.
+    pub(super) fn polled_before_refill(&mut self, version: u64, me: Option<WorkerInfo>) {
+        self.polled = Some(version);
+        self.note_version(version);
+        self.stop_check_due = false;
+        self.last_stop_check = Some(Instant::now());
+        self.stop_if_asked(me);
     }
 
     fn stop_if_asked(&mut self, me: Option<WorkerInfo>) {

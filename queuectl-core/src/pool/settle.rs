@@ -96,8 +96,6 @@ impl Dispatcher {
             return;
         }
         self.last_settled = Instant::now();
-        // Look for a stop request before refilling the slots this batch frees.
-        self.poll_before_refill();
         let want = if self.stopping.is_none() {
             let busy = self.ledger.len().saturating_sub(batch.len());
             self.capacity.saturating_sub(busy)
@@ -109,10 +107,23 @@ impl Dispatcher {
             .iter()
             .map(|(lease, done)| settlement(&*self.backoff, lease.clone(), done, at))
             .unzip();
-        let settled = self
-            .storage
-            .settle_and_claim(settlements, &self.claim_request(want), at);
-        let (results, claimed) = match settled {
+        let request = self.claim_request(want);
+        // Unless a forced stop is under way, look for a stop request before refilling the
+        // slots this batch frees: the store does, in the same call.
+        let polling = !self.stopping.as_ref().is_some_and(|s| s.forced);
+        let settled = if polling {
+            self.storage
+                .settle_and_claim_polling(settlements, &request, at)
+                .map(|polled| {
+                    let seen = (polled.version, polled.worker);
+                    (polled.settled, polled.claimed, Some(seen))
+                })
+        } else {
+            self.storage
+                .settle_and_claim(settlements, &request, at)
+                .map(|(settled, claimed)| (settled, claimed, None))
+        };
+        let (results, claimed, polled) = match settled {
             Ok(settled) => settled,
             Err(error) => {
                 self.settle_failed(batch.into_iter().map(|(_, done)| done).collect(), error);
@@ -127,6 +138,9 @@ impl Dispatcher {
             self.report(end, &done, result);
         }
         self.hand_out(claimed);
+        if let Some((version, me)) = polled {
+            self.polled_before_refill(version, me);
+        }
     }
 
     fn settle_failed(&mut self, batch: Vec<Finished>, error: StorageError) {
