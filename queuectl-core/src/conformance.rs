@@ -777,9 +777,10 @@ pub fn a_settlement_that_polls_claims_nothing_once_a_stop_is_asked(h: &dyn Harne
     let polled = store
         .settle_and_claim_polling(vec![complete(&first[0])], &request, at(2))
         .unwrap();
-    assert_eq!(polled.version, before, "read before the settlement");
+    let (version, worker) = polled.poll.unwrap();
+    assert_eq!(version, before, "read before the settlement");
     assert_ne!(store.change_version().unwrap(), before);
-    assert!(polled.worker.as_ref().is_some_and(|w| !w.stop_requested));
+    assert!(worker.is_some_and(|w| !w.stop_requested));
     assert_eq!(polled.settled.len(), 1);
     assert_eq!(
         polled.settled[0].as_ref().unwrap().state,
@@ -791,8 +792,9 @@ pub fn a_settlement_that_polls_claims_nothing_once_a_stop_is_asked(h: &dyn Harne
     let polled = store
         .settle_and_claim_polling(vec![complete(&polled.claimed[0])], &request, at(3))
         .unwrap();
-    assert_eq!(polled.version, asked);
-    assert!(polled.worker.is_some_and(|w| w.stop_requested));
+    let (version, worker) = polled.poll.unwrap();
+    assert_eq!(version, asked);
+    assert!(worker.is_some_and(|w| w.stop_requested));
     assert_eq!(
         polled.settled[0].as_ref().unwrap().state,
         JobState::Completed
@@ -807,7 +809,7 @@ pub fn a_settlement_that_polls_claims_nothing_once_a_stop_is_asked(h: &dyn Harne
     let polled = store
         .settle_and_claim_polling(Vec::new(), &other, at(4))
         .unwrap();
-    assert!(polled.worker.is_none());
+    assert!(polled.poll.unwrap().1.is_none());
     assert_eq!(polled.claimed.len(), 1);
 }
 

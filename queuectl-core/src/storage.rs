@@ -78,10 +78,9 @@ pub struct Polled {
     pub settled: Vec<Result<Job>>,
     /// The jobs claimed (none when the worker was asked to stop).
     pub claimed: Vec<Job>,
-    /// [`Storage::change_version`], read before the settlements were recorded.
-    pub version: u64,
-    /// The worker's registration (`None`: not registered).
-    pub worker: Option<WorkerInfo>,
+    /// [`Storage::change_version`], read before the settlements were recorded, and the
+    /// worker's registration (`None`: not registered); or why they could not be read.
+    pub poll: Result<(u64, Option<WorkerInfo>)>,
 }
 
 /// What a worker asks for when it claims.
@@ -112,6 +111,15 @@ impl ClaimRequest {
     pub fn queues(mut self, queues: impl IntoIterator<Item = impl Into<String>>) -> Self {
         self.queues = queues.into_iter().map(Into::into).collect();
         self
+    }
+
+    /// This request, or one for no job if `poll` found the worker asked to stop.
+    pub fn unless_stopping(&self, poll: &Result<(u64, Option<WorkerInfo>)>) -> ClaimRequest {
+        let stopping = matches!(poll, Ok((_, Some(w))) if w.stop_requested);
+        ClaimRequest {
+            max: if stopping { 0 } else { self.max },
+            ..self.clone()
+        }
     }
 
     /// Whether the request takes jobs of `queue`.
@@ -571,27 +579,23 @@ pub trait Storage: Send + Sync + Debug {
     /// What a busy pool does when jobs finish: [`Storage::poll_worker`] for
     /// `request.worker`, then [`Storage::settle_and_claim`], claiming nothing when the
     /// registration asks the worker to stop. The version is read before the settlements are
-    /// recorded (so any change after it, theirs included, still differs from it). A store
-    /// whose every call is a round trip to a server reads the registration in the first
-    /// round trip of the settlement.
+    /// recorded (so any change after it, theirs included, still differs from it). A look
+    /// that fails does not stop the settlement: [`Polled::poll`] says why, and the claim is
+    /// made as asked. A store whose every call is a round trip to a server reads the
+    /// registration in the first round trip of the settlement.
     fn settle_and_claim_polling(
         &self,
         settlements: Vec<Settlement>,
         request: &ClaimRequest,
         now: Timestamp,
     ) -> Result<Polled> {
-        let (version, worker) = self.poll_worker(&request.worker)?;
-        let stopping = worker.as_ref().is_some_and(|w| w.stop_requested);
-        let request = ClaimRequest {
-            max: if stopping { 0 } else { request.max },
-            ..request.clone()
-        };
-        let (settled, claimed) = self.settle_and_claim(settlements, &request, now)?;
+        let poll = self.poll_worker(&request.worker);
+        let (settled, claimed) =
+            self.settle_and_claim(settlements, &request.unless_stopping(&poll), now)?;
         Ok(Polled {
             settled,
             claimed,
-            version,
-            worker,
+            poll,
         })
     }
 

@@ -1015,6 +1015,18 @@ fn running_attempts_output_reaches_the_store_while_they_run() {
     }
 }
 
+/// The error of the first storage error event of `op` the pool sends.
+fn storage_error(pool: &WorkerPool, op: &str) -> String {
+    let events = events_until(
+        pool.events(),
+        |e| matches!(e, Event::StorageError { op: seen, .. } if *seen == op),
+    );
+    match events.last() {
+        Some(Event::StorageError { error, .. }) => error.clone(),
+        other => panic!("{other:?}"),
+    }
+}
+
 /// A store that fails to record live output is reported (a storage error event; the output is
 /// sent again at the next flush) and does not fail the attempt.
 #[test]
@@ -1023,16 +1035,8 @@ fn a_failure_to_record_live_output_is_reported_and_the_job_still_completes() {
     store.fail_output.store(true, Ordering::SeqCst);
     let (pool, said, go) = talking_pool(&store, &["a"]);
     recv(&said);
-    let events = events_until(
-        pool.events(),
-        |e| matches!(e, Event::StorageError { op, .. } if *op == "recording live output"),
-    );
-    match events.last() {
-        Some(Event::StorageError { error, .. }) => {
-            assert!(error.contains("the disk went away"), "{error}")
-        }
-        other => panic!("{other:?}"),
-    }
+    let error = storage_error(&pool, "recording live output");
+    assert!(error.contains("the disk went away"), "{error}");
     store.fail_output.store(false, Ordering::SeqCst);
     until_store(&*store, "the first line", || {
         running_output(&*store, "a").as_deref() == Some("a one\n")
@@ -1046,6 +1050,27 @@ fn a_failure_to_record_live_output_is_reported_and_the_job_still_completes() {
         (job.state, job.output.as_deref()),
         (JobState::Completed, Some("a one\na two\na three\n"))
     );
+}
+
+/// A look for a stop request that fails is reported and does not hold up the results it
+/// goes with: the jobs complete and the slots are refilled.
+#[test]
+fn a_failed_look_for_a_stop_request_is_reported_and_results_are_still_recorded() {
+    let store = Arc::new(Faulty::default());
+    store.fail_polls.store(true, Ordering::SeqCst);
+    for id in ["a", "b", "c"] {
+        enqueue(&store.inner, id);
+    }
+    let pool = WorkerPool::builder(store.clone(), Arc::new(FnExecutor::new(|_: &Job| Ok(()))))
+        .workers(1)
+        .start()
+        .unwrap();
+    let error = storage_error(&pool, "looking for a stop request");
+    assert!(error.contains("the disk went away"), "{error}");
+    until_store(&*store, "every job completed", || {
+        store.counts().unwrap().completed == 3
+    });
+    within("the pool to stop", move || pool.shutdown()).unwrap();
 }
 
 #[test]

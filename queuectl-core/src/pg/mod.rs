@@ -965,31 +965,29 @@ impl Storage for PgStorage {
     ) -> Result<Polled> {
         self.write("record job results and claim jobs", |tx| {
             // The registration and version are read in the round trip that locks the jobs,
-            // before anything is written, along with the queues a claim may take from.
+            // before anything is written, along with the queues a claim may take from (not
+            // needed when nothing is to be claimed).
             let worker: &str = &request.worker;
-            let also: [(&str, &[Param]); 2] = [
-                (queries::VERSION_AND_WORKER, &[&worker]),
-                (queries::CLAIMABLE_QUEUES, &[]),
-            ];
-            let (settled, answers) = Self::settle_in(tx, &settlements, now, &also)?;
-            let [polled, queues]: [Vec<Row>; 2] = answers
-                .try_into()
-                .map_err(|_| TxError::Decode("an answer per statement expected".to_owned()))?;
-            let (version, worker) = match polled.first() {
-                Some(row) => rows::polled(row)?,
-                None => return Err(TxError::Decode("no version read".to_owned())),
-            };
-            let stopping = worker.as_ref().is_some_and(|w| w.stop_requested);
-            let claimed = if stopping {
-                Vec::new()
+            let poll: (&str, &[Param]) = (queries::VERSION_AND_WORKER, &[&worker]);
+            let queues: (&str, &[Param]) = (queries::CLAIMABLE_QUEUES, &[]);
+            let also = if request.max > 0 {
+                &[poll, queues][..]
             } else {
-                Self::claim_in(tx, request, now, Some(queues))?
+                &[poll][..]
             };
+            let (settled, answers) = Self::settle_in(tx, &settlements, now, also)?;
+            let mut answers = answers.into_iter();
+            let poll = match answers.next().as_deref() {
+                Some([row]) => {
+                    rows::polled(row).map_err(|e| self.error("read a worker's registration", e))
+                }
+                _ => return Err(TxError::Decode("the version was not read".to_owned())),
+            };
+            let claimed = Self::claim_in(tx, &request.unless_stopping(&poll), now, answers.next())?;
             Ok(Polled {
                 settled,
                 claimed,
-                version,
-                worker,
+                poll,
             })
         })
     }

@@ -407,6 +407,9 @@ impl<'a> Tx<'a> {
             )
         });
         let ids: Vec<&str> = ids.collect();
+        if ids.is_empty() {
+            return Ok((HashMap::new(), self.db.query_many(also)?));
+        }
         let (lock, dependents, param): (&str, &str, Param) = match ids.as_slice() {
             [id] => (ONE.as_str(), queries::HAS_DEPENDENTS_BY_ID, id),
             _ => (SQL.as_str(), queries::HAVE_DEPENDENTS_BY_IDS, &ids),

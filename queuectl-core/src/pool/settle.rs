@@ -114,10 +114,7 @@ impl Dispatcher {
         let settled = if polling {
             self.storage
                 .settle_and_claim_polling(settlements, &request, at)
-                .map(|polled| {
-                    let seen = (polled.version, polled.worker);
-                    (polled.settled, polled.claimed, Some(seen))
-                })
+                .map(|polled| (polled.settled, polled.claimed, Some(polled.poll)))
         } else {
             self.storage
                 .settle_and_claim(settlements, &request, at)
@@ -138,8 +135,10 @@ impl Dispatcher {
             self.report(end, &done, result);
         }
         self.hand_out(claimed);
-        if let Some((version, me)) = polled {
-            self.polled_before_refill(version, me);
+        match polled {
+            Some(Ok((version, me))) => self.polled_before_refill(version, me),
+            Some(Err(error)) => self.storage_error("looking for a stop request", &error),
+            None => {}
         }
     }
 

@@ -101,6 +101,8 @@ pub struct Faulty {
     pub claims: AtomicUsize,
     /// Recording live output fails with an I/O error.
     pub fail_output: AtomicBool,
+    /// Reading the version with a worker's registration (`poll_worker`) fails.
+    pub fail_polls: AtomicBool,
     /// Every batch of live output the store was asked to record, in order.
     pub outputs: parking_lot::Mutex<Vec<Vec<OutputChunk>>>,
     /// When set, `wait_for_change` reports each wait here, then waits for real.
@@ -242,6 +244,12 @@ impl Storage for Faulty {
     }
     fn change_version(&self) -> Result<u64> {
         self.inner.change_version()
+    }
+    fn poll_worker(&self, worker: &str) -> Result<(u64, Option<WorkerInfo>)> {
+        if self.fail_polls.load(Ordering::SeqCst) {
+            return Self::io_error();
+        }
+        self.inner.poll_worker(worker)
     }
     fn wait_for_change(&self, seen: u64, timeout: Duration) -> Result<u64> {
         if let Some(waits) = &self.waits {
