@@ -1,15 +1,118 @@
 //! Storage operations written once for the SQL stores, over what their write transactions
-//! offer ([`StoreTx`]): the SQLite store's `Tx` and the PostgreSQL store's implement it. Each
-//! store keeps what it does its own way (claims, settlements, enqueues); these are the
-//! operations that only read rows, apply rules and write them back.
+//! offer ([`StoreTx`]) and what their reads offer ([`StoreRead`]): the SQLite store's and the
+//! PostgreSQL store's implement both. Each store keeps what it does its own way (claims,
+//! settlements, enqueues); these are the operations that only read rows, apply rules and
+//! write them back, and the reads made of several rows.
 
 use std::collections::HashMap;
 
 use crate::config::{Config, ConfigError};
 use crate::error::StorageError;
-use crate::job::{Attempt, Job, JobId, Timestamp};
+use crate::job::{Attempt, Job, JobId, JobState, Timestamp};
 use crate::rules::{self, Dependency};
-use crate::storage::{QueueChange, QueueInfo, WorkerInfo};
+use crate::storage::{QueueChange, QueueInfo, RunningOutput, StateCounts, WorkerInfo};
+
+/// A store's reads, as the read operations of this module use them.
+pub(crate) trait StoreRead {
+    /// What the reads fail with.
+    type Error: From<StorageError>;
+    /// The job with this id (without its output), or [`StorageError::NotFound`].
+    fn existing_job(&mut self, id: &JobId) -> Result<Job, Self::Error>;
+    /// The output of the job's last finished attempt.
+    fn last_output(&mut self, seq: u64) -> Result<Option<String>, Self::Error>;
+    /// The job's finished attempts, oldest first.
+    fn finished_attempts(&mut self, seq: u64) -> Result<Vec<Attempt>, Self::Error>;
+    /// How many finished attempts the job has.
+    fn finished_count(&mut self, seq: u64) -> Result<usize, Self::Error>;
+    /// What the job's running attempt recorded from `offset` on, and where that starts.
+    fn live_output(&mut self, seq: u64, offset: u64) -> Result<(u64, String), Self::Error>;
+    /// Jobs per queue and state.
+    fn counts(&mut self) -> Result<Vec<(String, JobState, usize)>, Self::Error>;
+}
+
+/// Implements [`StoreRead`] for `$reader` (failing with `$error`) with the functions of the
+/// calling module named as its methods, each taking the reader first.
+macro_rules! store_read_by_module_fns {
+    ($reader:ty, $error:ty) => {
+        impl $crate::ops::StoreRead for $reader {
+            type Error = $error;
+            fn existing_job(
+                &mut self,
+                id: &$crate::job::JobId,
+            ) -> Result<$crate::job::Job, $error> {
+                existing_job(self, id)
+            }
+            fn last_output(&mut self, seq: u64) -> Result<Option<String>, $error> {
+                last_output(self, seq)
+            }
+            fn finished_attempts(&mut self, seq: u64) -> Result<Vec<$crate::job::Attempt>, $error> {
+                finished_attempts(self, seq)
+            }
+            fn finished_count(&mut self, seq: u64) -> Result<usize, $error> {
+                finished_count(self, seq)
+            }
+            fn live_output(&mut self, seq: u64, offset: u64) -> Result<(u64, String), $error> {
+                live_output(self, seq, offset)
+            }
+            fn counts(&mut self) -> Result<Vec<(String, $crate::job::JobState, usize)>, $error> {
+                counts(self)
+            }
+        }
+    };
+}
+pub(crate) use store_read_by_module_fns;
+
+/// [`crate::Storage::get`].
+pub(crate) fn get<R: StoreRead>(r: &mut R, id: &JobId) -> Result<Job, R::Error> {
+    let mut job = r.existing_job(id)?;
+    if job.state != JobState::Processing {
+        job.output = r.last_output(job.seq)?;
+    }
+    Ok(job)
+}
+
+/// [`crate::Storage::attempts`]: the finished ones, then the running one with what it
+/// printed so far.
+pub(crate) fn attempts<R: StoreRead>(r: &mut R, id: &JobId) -> Result<Vec<Attempt>, R::Error> {
+    let job = r.existing_job(id)?;
+    let mut attempts = r.finished_attempts(job.seq)?;
+    if let Some(mut running) = rules::running_attempt(&job) {
+        let (_, text) = r.live_output(job.seq, 0)?;
+        running.output = (!text.is_empty()).then_some(text);
+        attempts.push(running);
+    }
+    Ok(attempts)
+}
+
+/// [`crate::Storage::output_since`].
+pub(crate) fn output_since<R: StoreRead>(
+    r: &mut R,
+    id: &JobId,
+    offset: u64,
+) -> Result<RunningOutput, R::Error> {
+    let job = r.existing_job(id)?;
+    let finished = r.finished_count(job.seq)?;
+    let (offset, text) = if job.state == JobState::Processing {
+        r.live_output(job.seq, offset)?
+    } else {
+        (offset, String::new())
+    };
+    Ok(RunningOutput {
+        job,
+        finished,
+        offset,
+        text,
+    })
+}
+
+/// [`crate::Storage::counts`]: the jobs of every queue.
+pub(crate) fn state_counts<R: StoreRead>(r: &mut R) -> Result<StateCounts, R::Error> {
+    let mut counts = StateCounts::default();
+    for (_, state, jobs) in r.counts()? {
+        *counts.get_mut(state) += jobs;
+    }
+    Ok(counts)
+}
 
 /// A store's write transaction, as the operations of this module use it.
 pub(crate) trait StoreTx {

@@ -38,6 +38,7 @@ use self::watch::Notifier;
 use crate::config::{Config, ConfigError};
 use crate::error::{DatabaseFault, Result, StorageError};
 use crate::job::{Attempt, AttemptOutcome, Job, JobId, JobState, Lease, NewJob, Timestamp};
+use crate::ops;
 use crate::rules::{self, Abandoned};
 use crate::storage::{
     Activity, ClaimRequest, Enqueued, ListQuery, OutputChunk, QueueChange, QueueInfo,
@@ -1022,20 +1023,8 @@ impl Storage for FileStorage {
     }
 
     fn output_since(&self, id: &JobId, offset: u64) -> Result<RunningOutput> {
-        self.read("read a job's live output", |conn| {
-            let job = rows::existing_job(conn, id)?;
-            let finished = rows::finished_count(conn, job.seq)?;
-            let (offset, text) = if job.state == JobState::Processing {
-                rows::live_output(conn, job.seq, offset)?
-            } else {
-                (offset, String::new())
-            };
-            Ok(RunningOutput {
-                job,
-                finished,
-                offset,
-                text,
-            })
+        self.read("read a job's live output", |mut conn| {
+            ops::output_since(&mut conn, id, offset)
         })
     }
 
@@ -1054,25 +1043,12 @@ impl Storage for FileStorage {
     }
 
     fn get(&self, id: &JobId) -> Result<Job> {
-        self.read("read a job", |conn| {
-            let mut job = rows::existing_job(conn, id)?;
-            if job.state != JobState::Processing {
-                job.output = rows::last_output(conn, job.seq)?;
-            }
-            Ok(job)
-        })
+        self.read("read a job", |mut conn| ops::get(&mut conn, id))
     }
 
     fn attempts(&self, id: &JobId) -> Result<Vec<Attempt>> {
-        self.read("read a job's attempts", |conn| {
-            let job = rows::existing_job(conn, id)?;
-            let mut attempts = rows::finished_attempts(conn, job.seq)?;
-            if let Some(mut running) = rules::running_attempt(&job) {
-                let (_, text) = rows::live_output(conn, job.seq, 0)?;
-                running.output = (!text.is_empty()).then_some(text);
-                attempts.push(running);
-            }
-            Ok(attempts)
+        self.read("read a job's attempts", |mut conn| {
+            ops::attempts(&mut conn, id)
         })
     }
 
@@ -1097,13 +1073,7 @@ impl Storage for FileStorage {
     }
 
     fn counts(&self) -> Result<StateCounts> {
-        self.read("count jobs", |conn| {
-            let mut counts = StateCounts::default();
-            for (_, state, jobs) in rows::counts(conn)? {
-                *counts.get_mut(state) += jobs;
-            }
-            Ok(counts)
-        })
+        self.read("count jobs", |mut conn| ops::state_counts(&mut conn))
     }
 
     fn queues(&self) -> Result<Vec<QueueInfo>> {

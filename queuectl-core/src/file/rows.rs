@@ -28,7 +28,7 @@ pub(super) const ATTEMPT_COLUMNS: &str =
 
 /// An error inside a transaction: the database failed, or the operation was refused.
 #[derive(Debug)]
-pub(super) enum TxError {
+pub(crate) enum TxError {
     /// From SQLite (mapped to a [`StorageError`] with the operation and the file by the caller).
     Db(rusqlite::Error),
     /// A refusal or failure that already says what it is.
@@ -48,7 +48,7 @@ impl From<StorageError> for TxError {
 }
 
 /// Result inside a transaction.
-pub(super) type TxResult<T> = std::result::Result<T, TxError>;
+pub(crate) type TxResult<T> = std::result::Result<T, TxError>;
 
 // ----- values -----
 
@@ -813,6 +813,8 @@ impl rules::Dependents for Propagation<'_, '_> {
         self.tx.write_changes(old, &mut new, self.now)
     }
 }
+
+crate::ops::store_read_by_module_fns!(&Connection, TxError);
 
 impl crate::ops::StoreTx for Tx<'_> {
     type Error = TxError;

@@ -36,6 +36,7 @@ use crate::config::{Config, ConfigError};
 use crate::error::{DatabaseFault, Result, StorageError};
 use crate::file::rows::micros;
 use crate::job::{Attempt, Job, JobId, JobState, Lease, NewJob, Timestamp};
+use crate::ops;
 use crate::rules::{self, Abandoned};
 use crate::storage::{
     Activity, ClaimRequest, Enqueued, ListQuery, OutputChunk, Polled, QueueChange, QueueInfo,
@@ -1015,19 +1016,7 @@ impl Storage for PgStorage {
 
     fn output_since(&self, id: &JobId, offset: u64) -> Result<RunningOutput> {
         self.read("read a job's live output", |db| {
-            let job = rows::existing_job(db, id)?;
-            let finished = rows::finished_count(db, job.seq)?;
-            let (offset, text) = if job.state == JobState::Processing {
-                rows::live_output(db, job.seq, offset)?
-            } else {
-                (offset, String::new())
-            };
-            Ok(RunningOutput {
-                job,
-                finished,
-                offset,
-                text,
-            })
+            ops::output_since(db, id, offset)
         })
     }
 
@@ -1046,26 +1035,11 @@ impl Storage for PgStorage {
     }
 
     fn get(&self, id: &JobId) -> Result<Job> {
-        self.read("read a job", |db| {
-            let mut job = rows::existing_job(db, id)?;
-            if job.state != JobState::Processing {
-                job.output = rows::last_output(db, job.seq)?;
-            }
-            Ok(job)
-        })
+        self.read("read a job", |db| ops::get(db, id))
     }
 
     fn attempts(&self, id: &JobId) -> Result<Vec<Attempt>> {
-        self.read("read a job's attempts", |db| {
-            let job = rows::existing_job(db, id)?;
-            let mut attempts = rows::finished_attempts(db, job.seq)?;
-            if let Some(mut running) = rules::running_attempt(&job) {
-                let (_, text) = rows::live_output(db, job.seq, 0)?;
-                running.output = (!text.is_empty()).then_some(text);
-                attempts.push(running);
-            }
-            Ok(attempts)
-        })
+        self.read("read a job's attempts", |db| ops::attempts(db, id))
     }
 
     fn list(&self, query: &ListQuery) -> Result<Vec<Job>> {
@@ -1086,13 +1060,7 @@ impl Storage for PgStorage {
     }
 
     fn counts(&self) -> Result<StateCounts> {
-        self.read_single("count jobs", |db| {
-            let mut counts = StateCounts::default();
-            for (_, state, jobs) in rows::counts(db)? {
-                *counts.get_mut(state) += jobs;
-            }
-            Ok(counts)
-        })
+        self.read_single("count jobs", |db| ops::state_counts(db))
     }
 
     fn queues(&self) -> Result<Vec<QueueInfo>> {

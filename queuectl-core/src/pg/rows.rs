@@ -1378,6 +1378,8 @@ pub(super) fn next_due(db: &mut Db, after: Timestamp) -> TxResult<Option<Timesta
     opt_time(us)
 }
 
+crate::ops::store_read_by_module_fns!(Db<'_>, TxError);
+
 impl crate::ops::StoreTx for Tx<'_> {
     type Error = TxError;
 
