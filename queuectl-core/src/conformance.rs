@@ -59,6 +59,7 @@ macro_rules! storage_conformance {
             enqueue_and_get,
             unset_fields_take_config_defaults,
             duplicate_id_is_refused_and_changes_nothing,
+            a_refused_batch_names_its_first_problem_in_batch_order,
             invalid_job_is_refused,
             claim_orders_by_priority_then_due_time_then_enqueue_order,
             jobs_not_yet_due_are_not_claimed,
@@ -281,6 +282,32 @@ pub fn duplicate_id_is_refused_and_changes_nothing(h: &dyn Harness) {
     assert!(matches!(err, StorageError::AlreadyExists { .. }));
     assert_eq!(ids(&store.list(&ListQuery::all()).unwrap()), ["a"]);
     assert_eq!(store.get(&id("a")).unwrap().created_at, at(0));
+}
+
+/// A batch with several problems is refused for the first one in batch order, whatever the
+/// store: the same input gets the same message everywhere.
+pub fn a_refused_batch_names_its_first_problem_in_batch_order(h: &dyn Harness) {
+    let store = h.store();
+    store.enqueue(job("a"), at(0)).unwrap();
+    let refused = |batch: Vec<NewJob>| store.enqueue_batch(batch, at(1)).unwrap_err();
+    let taken = |err: &StorageError, which: &str| matches!(err, StorageError::AlreadyExists { id } if id.as_str() == which);
+    // Batches of plain jobs.
+    let err = refused(vec![job("q"), job("q"), job("a")]);
+    assert!(taken(&err, "q"), "{err:?}");
+    let err = refused(vec![job("r"), job("a"), job("r")]);
+    assert!(taken(&err, "a"), "{err:?}");
+    // Batches with dependencies.
+    let err = refused(vec![job("x"), job("a"), job("y").after([id("nope")])]);
+    assert!(taken(&err, "a"), "{err:?}");
+    let err = refused(vec![job("p").after([id("nope")]), job("a")]);
+    assert!(
+        matches!(&err, StorageError::DependencyNotFound { .. }),
+        "{err:?}"
+    );
+    // What a job says about itself is checked for the whole batch before the store is.
+    let err = refused(vec![job("a"), NewJob::new("   ")]);
+    assert!(matches!(err, StorageError::InvalidJob(_)), "{err:?}");
+    assert_eq!(ids(&store.list(&ListQuery::all()).unwrap()), ["a"]);
 }
 
 /// A blank command is refused, and the batch holding it with it.

@@ -294,13 +294,15 @@ impl QueueState {
     // ----- transitions -----
 
     pub(crate) fn submit(&mut self, jobs: Vec<NewJob>, now: Timestamp) -> Result<Vec<Enqueued>> {
-        // Checked in full first, against the store and the earlier jobs of the batch, so that
-        // a refusal changes nothing.
+        // Checked in full first, so that a refusal changes nothing: each job on its own, then
+        // against the store and the earlier jobs of the batch (the order of the SQL stores).
+        for new in &jobs {
+            new.validate()?;
+        }
         let mut ids = HashSet::with_capacity(jobs.len());
         let mut keys = HashSet::new();
         let mut prepared = Vec::with_capacity(jobs.len());
         for new in jobs {
-            new.validate()?;
             let id = new.id.clone().unwrap_or_else(JobId::generate);
             let duplicate = new
                 .unique_key

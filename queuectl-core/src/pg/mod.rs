@@ -837,16 +837,8 @@ impl Storage for PgStorage {
                     .zip(&ids)
                     .map(|(new, id)| rules::new_job(new.clone(), id.clone(), 0, &[], &config, now))
                     .collect();
-                if !tx.insert_jobs(&mut created, now)? {
-                    let mut seen = std::collections::HashSet::new();
-                    for id in &ids {
-                        if !seen.insert(id) || rows::job_by_id(tx, id)?.is_some() {
-                            return Err(StorageError::AlreadyExists { id: id.clone() }.into());
-                        }
-                    }
-                    return Err(TxError::Decode(
-                        "a batch of jobs was not all inserted, and no id was taken".to_owned(),
-                    ));
+                if let Some(id) = tx.insert_jobs(&mut created, now)? {
+                    return Err(StorageError::AlreadyExists { id }.into());
                 }
                 return Ok(created
                     .into_iter()

@@ -464,9 +464,14 @@ impl<'a> Tx<'a> {
     }
 
     /// Inserts new jobs without dependencies in one statement (each job's `seq` is set).
-    /// Returns `false`, with nothing to keep, when one of them was not inserted: its id is
-    /// taken, in the store or earlier in the batch (the caller says which and rolls back).
-    pub(super) fn insert_jobs(&mut self, jobs: &mut [Job], now: Timestamp) -> TxResult<bool> {
+    /// When one of them was not inserted, returns the first id in batch order that was in
+    /// the way (taken in the store, or earlier in the batch), with nothing to keep: the
+    /// caller rolls back.
+    pub(super) fn insert_jobs(
+        &mut self,
+        jobs: &mut [Job],
+        now: Timestamp,
+    ) -> TxResult<Option<JobId>> {
         debug_assert!(jobs.iter().all(|job| job.after.is_empty()));
         for job in jobs.iter_mut() {
             normalize(job);
@@ -477,12 +482,23 @@ impl<'a> Tx<'a> {
             .collect();
         let params: Vec<Param> = arrays.iter().map(Array::param).collect();
         let inserted = self.db.query(&INSERT_JOBS, &params)?;
-        if inserted.len() != jobs.len() {
-            return Ok(false);
-        }
         let mut seqs = HashMap::with_capacity(inserted.len());
         for row in &inserted {
             seqs.insert(row.try_get::<_, String>(1)?, row.try_get::<_, i64>(0)?);
+        }
+        if inserted.len() != jobs.len() {
+            // The first job in batch order whose id was taken: by a job stored before, or by
+            // one earlier in the batch (the one the statement inserted).
+            let mut seen = HashSet::new();
+            let taken = jobs
+                .iter()
+                .find(|job| !seen.insert(job.id.as_str()) || !seqs.contains_key(job.id.as_str()));
+            return match taken {
+                Some(job) => Ok(Some(job.id.clone())),
+                None => Err(TxError::Decode(
+                    "a batch of jobs was not all inserted, and no id was taken".to_owned(),
+                )),
+            };
         }
         for job in jobs.iter_mut() {
             let seq = seqs
@@ -493,7 +509,7 @@ impl<'a> Tx<'a> {
         for job in jobs.iter() {
             self.count(&job.queue, job.state, 1);
         }
-        Ok(true)
+        Ok(None)
     }
 
     /// Writes the columns in which each new job differs from its old record (the same job
