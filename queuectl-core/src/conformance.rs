@@ -304,6 +304,12 @@ pub fn a_refused_batch_names_its_first_problem_in_batch_order(h: &dyn Harness) {
         matches!(&err, StorageError::DependencyNotFound { .. }),
         "{err:?}"
     );
+    // One job with two problems: its dependencies are looked at before its id.
+    let err = refused(vec![job("a").after([id("nope")])]);
+    assert!(
+        matches!(&err, StorageError::DependencyNotFound { .. }),
+        "{err:?}"
+    );
     // What a job says about itself is checked for the whole batch before the store is.
     let err = refused(vec![job("a"), NewJob::new("   ")]);
     assert!(matches!(err, StorageError::InvalidJob(_)), "{err:?}");

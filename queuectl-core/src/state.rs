@@ -309,15 +309,17 @@ impl QueueState {
                 .as_ref()
                 .is_some_and(|key| self.index.unique.contains_key(key) || keys.contains(key));
             if !duplicate {
-                if self.ids.contains_key(&id) || ids.contains(&id) {
-                    return Err(StorageError::AlreadyExists { id });
-                }
+                // The dependencies, then the id: the order in which the SQL stores meet them
+                // (the id when the row is inserted).
                 for after in &new.after {
                     let state = match self.ids.get(after) {
                         Some(seq) => Some(self.jobs[seq].state),
                         None => ids.contains(after).then_some(JobState::Pending),
                     };
                     rules::check_dependencies(new.id.as_ref(), &[(after.clone(), state)])?;
+                }
+                if self.ids.contains_key(&id) || ids.contains(&id) {
+                    return Err(StorageError::AlreadyExists { id });
                 }
                 ids.insert(id.clone());
                 keys.extend(new.unique_key.clone());

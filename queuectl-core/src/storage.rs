@@ -580,9 +580,11 @@ pub trait Storage: Send + Sync + Debug {
     /// `request.worker`, then [`Storage::settle_and_claim`], claiming nothing when the
     /// registration asks the worker to stop. The version is read before the settlements are
     /// recorded (so any change after it, theirs included, still differs from it). A look
-    /// that fails does not stop the settlement: [`Polled::poll`] says why, and the claim is
-    /// made as asked. A store whose every call is a round trip to a server reads the
-    /// registration in the first round trip of the settlement.
+    /// whose answer cannot be had (an unreadable registration; in this default, any failed
+    /// read) does not stop the settlement: [`Polled::poll`] says why, and the claim is made
+    /// as asked. A store whose every call is a round trip to a server reads the registration
+    /// in the first round trip of the settlement, in its transaction: there a failure of the
+    /// database itself fails the whole call, as it would fail the settlement anyway.
     fn settle_and_claim_polling(
         &self,
         settlements: Vec<Settlement>,

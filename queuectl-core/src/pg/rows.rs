@@ -1312,7 +1312,6 @@ pub(super) fn workers(db: &mut Db, tail: &str, params: &[Param]) -> TxResult<Vec
         .collect()
 }
 
-/// A worker's registration as stored.
 /// The version and registration a row of [`queries::VERSION_AND_WORKER`] holds.
 pub(super) fn polled(row: &Row) -> TxResult<(u64, Option<WorkerInfo>)> {
     let version: i64 = row.try_get(0)?;
@@ -1323,6 +1322,7 @@ pub(super) fn polled(row: &Row) -> TxResult<(u64, Option<WorkerInfo>)> {
     Ok((version as u64, registration))
 }
 
+/// A worker's registration as stored.
 pub(super) fn worker_from_json(json: &str) -> TxResult<WorkerInfo> {
     serde_json::from_str(json)
         .map_err(|e| TxError::Decode(format!("a stored worker is unreadable: {e}")))
