@@ -270,8 +270,15 @@ pub fn unset_fields_take_config_defaults(h: &dyn Harness) {
 pub fn duplicate_id_is_refused_and_changes_nothing(h: &dyn Harness) {
     let store = h.store();
     store.enqueue(job("a"), at(0)).unwrap();
+    let before = store.change_version().unwrap();
     let err = store.enqueue(job("a"), at(1)).unwrap_err();
     assert!(matches!(&err, StorageError::AlreadyExists { id } if id.as_str() == "a"));
+    assert_eq!(
+        store.change_version().unwrap(),
+        before,
+        "a refusal is no change"
+    );
+    assert_eq!(store.counts().unwrap().total(), 1);
     let err = store
         .enqueue_batch(vec![job("b"), job("c"), job("a")], at(1))
         .unwrap_err();

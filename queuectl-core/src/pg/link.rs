@@ -49,6 +49,9 @@ pub(super) enum Step<'s> {
     Execute(&'s Statement, Vec<Param<'s>>),
     /// Statements without parameters in the simple protocol (`BEGIN`, `COMMIT`, `SET`).
     Simple(&'s str),
+    /// A statement without parameters, not prepared, its rows wanted (one round trip with
+    /// the others, where preparing it would cost one of its own).
+    Unprepared(&'s str),
 }
 
 /// The answer to one [`Step`].
@@ -57,6 +60,8 @@ pub(super) enum Answer {
     Rows(Vec<Row>),
     Count(u64),
     Done,
+    /// Of [`Link::prepare_with`]'s statements.
+    Prepared(Statement),
 }
 
 type Pending<'f> = Pin<Box<dyn Future<Output = Result<Answer, tokio_postgres::Error>> + 'f>>;
@@ -122,27 +127,70 @@ impl Link {
         &self,
         steps: Vec<Step<'_>>,
     ) -> Result<Vec<Answer>, tokio_postgres::Error> {
-        let client = self.client();
-        let pending: Vec<Pending> =
-            steps
-                .into_iter()
-                .map(|step| -> Pending {
-                    match step {
-                        Step::Query(statement, params) => Box::pin(async move {
-                            client.query(statement, &params).await.map(Answer::Rows)
-                        }),
-                        Step::Execute(statement, params) => Box::pin(async move {
-                            client.execute(statement, &params).await.map(Answer::Count)
-                        }),
-                        Step::Simple(sql) => Box::pin(async move {
-                            client.batch_execute(sql).await.map(|()| Answer::Done)
-                        }),
-                    }
-                })
-                .collect();
         self.runtime
-            .block_on(join_in_order(pending))
+            .block_on(join_in_order(self.pending(steps)))
             .into_iter()
+            .collect()
+    }
+
+    /// [`Link::prepare_all`] of `sqls` and [`Link::pipeline`] of `steps` (which do not use
+    /// them), in one round trip: statements a transaction will need are prepared with the
+    /// first ones it runs.
+    pub(super) fn prepare_with(
+        &self,
+        sqls: &[String],
+        steps: Vec<Step<'_>>,
+    ) -> (
+        Result<Vec<Statement>, tokio_postgres::Error>,
+        Result<Vec<Answer>, tokio_postgres::Error>,
+    ) {
+        let client = self.client();
+        let mut pending: Vec<Pending> = sqls
+            .iter()
+            .map(|sql| -> Pending {
+                Box::pin(async move { client.prepare(sql).await.map(Answer::Prepared) })
+            })
+            .collect();
+        pending.extend(self.pending(steps));
+        let mut answers = self.runtime.block_on(join_in_order(pending)).into_iter();
+        let statements = answers
+            .by_ref()
+            .take(sqls.len())
+            .map(|answer| match answer? {
+                Answer::Prepared(statement) => Ok(statement),
+                other => unreachable!("a prepare answers with its statement, not {other:?}"),
+            })
+            .collect();
+        (statements, answers.collect())
+    }
+
+    /// The futures that send `steps` and read their answers.
+    fn pending<'f>(&'f self, steps: Vec<Step<'f>>) -> Vec<Pending<'f>> {
+        let client = self.client();
+        steps
+            .into_iter()
+            .map(|step| -> Pending {
+                match step {
+                    Step::Query(statement, params) => {
+                        Box::pin(
+                            async move { client.query(statement, &params).await.map(Answer::Rows) },
+                        )
+                    }
+                    Step::Execute(statement, params) => Box::pin(async move {
+                        client.execute(statement, &params).await.map(Answer::Count)
+                    }),
+                    Step::Simple(sql) => {
+                        Box::pin(
+                            async move { client.batch_execute(sql).await.map(|()| Answer::Done) },
+                        )
+                    }
+                    Step::Unprepared(sql) => {
+                        Box::pin(
+                            async move { client.query_typed(sql, &[]).await.map(Answer::Rows) },
+                        )
+                    }
+                }
+            })
             .collect()
     }
 }

@@ -823,13 +823,27 @@ impl Storage for PgStorage {
             .iter()
             .map(|new| new.id.clone().unwrap_or_else(JobId::generate))
             .collect();
-        let plain = jobs.len() > 1
-            && jobs
-                .iter()
-                .all(|new| new.unique_key.is_none() && new.after.is_empty());
+        let simple = jobs
+            .iter()
+            .all(|new| new.unique_key.is_none() && new.after.is_empty());
+        let plain = jobs.len() > 1 && simple;
+        let alone = jobs.len() == 1 && simple;
         self.write("enqueue jobs", |tx| {
-            rows::prepare_enqueue(tx, plain);
+            rows::prepare_enqueue(tx, plain, alone);
             let config = rows::config(tx, false)?;
+            if alone {
+                // One job with no key and no dependency, what a `queuectl enqueue` mostly
+                // adds: inserted, counted and committed in one round trip.
+                let mut job = rules::new_job(jobs[0].clone(), ids[0].clone(), 0, &[], &config, now);
+                let stripe = (crate::job::random_u64() % schema::STRIPES as u64) as i32;
+                if !tx.insert_job_and_commit(&mut job, now, stripe, &self.schema)? {
+                    return Err(StorageError::AlreadyExists { id: ids[0].clone() }.into());
+                }
+                return Ok(vec![Enqueued {
+                    job,
+                    duplicate: false,
+                }]);
+            }
             if plain {
                 // No key to look up and no dependency to check: one statement for all.
                 let mut created: Vec<Job> = jobs

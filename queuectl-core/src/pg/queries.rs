@@ -174,9 +174,10 @@ pub(super) const VERSION: &str = "SELECT coalesce(sum(n), 0)::bigint FROM {s}.ch
 pub(super) const VERSION_AND_WORKER: &str = "SELECT (SELECT coalesce(sum(n), 0)::bigint FROM \
      {s}.changes), (SELECT info::text FROM {s}.workers WHERE id = $1)";
 
-/// What every transaction that changed something runs last: adds its count changes
-/// (`$1` queues, `$2` states, `$4` deltas) and one change to stripe `$3`, and notifies
-/// channel `$5` (delivered when the transaction commits). The change counter's row is
+/// What every transaction that changed something runs last: adds its count changes (`$1`
+/// queues, `$2` states, `$4` deltas) and one change to stripe `$3`, and notifies channel
+/// `$5` (delivered when the transaction commits). `rows::INSERT_JOB_AND_FINISH` does the
+/// same for the one job it inserts, and must follow any change here. The change counter's row is
 /// locked first, then the count rows in (queue, state) order: every writer locks in the same
 /// order.
 pub(super) const FINISH: &str = "WITH c AS (INSERT INTO {s}.counts (queue, state, stripe, \

@@ -76,6 +76,7 @@ enum Last<'t, 'p> {
     Query(&'t str, &'t [Param<'p>]),
     Execute(&'t str, &'t [Param<'p>]),
     Simple(&'t str),
+    Unprepared(&'t str),
 }
 
 /// Statements on a pooled connection, with that connection's prepared statements: each
@@ -141,12 +142,12 @@ impl<'a> Db<'a> {
         }
     }
 
-    /// Prepares what `templates` needs that this connection has not prepared yet, all in
-    /// one round trip.
-    fn prepare<'t>(&mut self, templates: impl Iterator<Item = &'t str>) -> TxResult<()> {
+    /// Prepares what `needed` uses that this connection has not prepared yet, all in one
+    /// round trip, with the statements to prepare ahead. When nothing needed is missing, the
+    /// ones ahead wait to be prepared with the next statements sent ([`Db::send`]).
+    fn prepare<'t>(&mut self, needed: impl Iterator<Item = &'t str>) -> TxResult<()> {
         let mut missing: Vec<&str> = Vec::new();
-        let ahead = std::mem::take(&mut self.ahead);
-        for template in templates.chain(ahead) {
+        for template in needed {
             if !self.statements.contains_key(template) && !missing.contains(&template) {
                 missing.push(template);
             }
@@ -154,18 +155,36 @@ impl<'a> Db<'a> {
         if missing.is_empty() {
             return Ok(());
         }
-        let sqls: Vec<String> = missing
-            .iter()
-            .map(|template| template.replace("{s}", self.schema))
-            .collect();
+        for template in self.missing_ahead() {
+            if !missing.contains(&template) {
+                missing.push(template);
+            }
+        }
+        let sqls: Vec<String> = missing.iter().map(|t| self.sql(t)).collect();
         for (template, statement) in missing.iter().zip(self.link.prepare_all(&sqls)?) {
             self.statements.insert((*template).to_owned(), statement);
         }
         Ok(())
     }
 
-    /// Sends what waits (`BEGIN`, deferred statements) and then `lasts`, all in one round
-    /// trip, and returns the answers to `lasts`.
+    /// The statements to prepare ahead that this connection has not prepared yet.
+    fn missing_ahead(&mut self) -> Vec<&'static str> {
+        let mut missing: Vec<&'static str> = Vec::new();
+        for template in std::mem::take(&mut self.ahead) {
+            if !self.statements.contains_key(template) && !missing.contains(&template) {
+                missing.push(template);
+            }
+        }
+        missing
+    }
+
+    /// A template with the schema put in.
+    fn sql(&self, template: &str) -> String {
+        template.replace("{s}", self.schema)
+    }
+
+    /// Sends what waits (`BEGIN`, deferred statements, statements to prepare ahead) and then
+    /// `lasts`, all in one round trip, and returns the answers to `lasts`.
     fn send(&mut self, lasts: &[Last]) -> TxResult<Vec<Answer>> {
         let deferred = std::mem::take(&mut self.deferred);
         self.prepare(
@@ -174,9 +193,19 @@ impl<'a> Db<'a> {
                 .map(|d| d.template.as_str())
                 .chain(lasts.iter().filter_map(|last| match last {
                     Last::Query(template, _) | Last::Execute(template, _) => Some(*template),
-                    Last::Simple(_) => None,
+                    Last::Simple(_) | Last::Unprepared(_) => None,
                 })),
         )?;
+        let ahead = self.missing_ahead();
+        let ahead_sqls: Vec<String> = ahead.iter().map(|t| self.sql(t)).collect();
+        let unprepared: Vec<String> = lasts
+            .iter()
+            .filter_map(|last| match last {
+                Last::Unprepared(template) => Some(self.sql(template)),
+                _ => None,
+            })
+            .collect();
+        let mut unprepared = unprepared.iter();
         let begin = self.begin.take();
         let mut steps = Vec::with_capacity(deferred.len() + lasts.len() + 1);
         if let Some(begin) = &begin {
@@ -196,11 +225,32 @@ impl<'a> Db<'a> {
                     Step::Execute(&self.statements[template], params.to_vec())
                 }
                 Last::Simple(sql) => Step::Simple(sql),
+                Last::Unprepared(_) => {
+                    Step::Unprepared(unprepared.next().expect("one SQL per unprepared step"))
+                }
             });
         }
-        let mut answers = self.link.pipeline(steps)?;
+        let mut answers = if ahead.is_empty() {
+            self.link.pipeline(steps)?
+        } else {
+            let (prepared, answers) = self.link.prepare_with(&ahead_sqls, steps);
+            let answers = answers?;
+            for (template, statement) in ahead.iter().zip(prepared?) {
+                self.statements.insert((*template).to_owned(), statement);
+            }
+            answers
+        };
         self.began |= begin.is_some();
         Ok(answers.split_off(waited))
+    }
+
+    /// Runs a statement without parameters that is not worth preparing (it runs once in a
+    /// command, and preparing it would cost a round trip of its own), with everything waiting.
+    pub(super) fn query_unprepared(&mut self, template: &str) -> TxResult<Vec<Row>> {
+        match self.send(&[Last::Unprepared(template)])?.pop() {
+            Some(Answer::Rows(rows)) => Ok(rows),
+            other => Err(TxError::Decode(format!("rows expected, got {other:?}"))),
+        }
     }
 
     /// Runs statements one after the other and returns their rows, all in one round trip
@@ -461,6 +511,44 @@ impl<'a> Tx<'a> {
             )?;
         }
         Ok(true)
+    }
+
+    /// Inserts a new job with no unique key and no dependency and commits, in one round trip
+    /// ([`INSERT_JOB_AND_FINISH`], stripe `stripe` of the change counter, notifying
+    /// `channel`). Returns `false` when its id was taken: then nothing was written. Nothing
+    /// may have been written earlier in the transaction (it is not counted).
+    pub(super) fn insert_job_and_commit(
+        &mut self,
+        job: &mut Job,
+        now: Timestamp,
+        stripe: i32,
+        channel: &str,
+    ) -> TxResult<bool> {
+        debug_assert!(job.unique_key.is_none() && job.after.is_empty() && !self.changed);
+        normalize(job);
+        let values = values(job, now);
+        let after: Vec<&str> = Vec::new();
+        let mut params: Vec<Param> = values.iter().map(V::param).collect();
+        params.push(&after);
+        params.push(&stripe);
+        params.push(&channel);
+        // Ended here, whatever the answer: the server commits, or rolls back a transaction a
+        // failure aborted.
+        self.db.open = false;
+        let answers = self.db.send(&[
+            Last::Query(&INSERT_JOB_AND_FINISH, &params),
+            Last::Simple("COMMIT"),
+        ])?;
+        let Some(Answer::Rows(rows)) = answers.first() else {
+            return Err(TxError::Decode("rows expected from the insert".to_owned()));
+        };
+        match rows.first() {
+            Some(row) => {
+                job.seq = row.try_get::<_, i64>(0)? as u64;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 
     /// Inserts new jobs without dependencies in one statement (each job's `seq` is set).
@@ -845,6 +933,26 @@ static INSERT_JOB: LazyLock<String> = LazyLock::new(|| {
         "INSERT INTO {{s}}.jobs ({}, after_ids) VALUES ({}) ON CONFLICT DO NOTHING RETURNING seq",
         names.join(", "),
         places.join(", ")
+    )
+});
+
+/// [`INSERT_JOB`] of a job with no unique key and no dependency, then what
+/// [`queries::FINISH`] does for it (its count, the change counter's stripe, the
+/// notification), all only if the row went in: returns its seq, or nothing when its id was
+/// taken. The same locking order as every writer: the job, the counter, the counts.
+static INSERT_JOB_AND_FINISH: LazyLock<String> = LazyLock::new(|| {
+    let n = WRITTEN.len();
+    format!(
+        "WITH ins AS ({} RETURNING seq, queue, state), \
+         c AS (INSERT INTO {{s}}.counts (queue, state, stripe, jobs) \
+         SELECT queue, state, ${stripe}, 1 FROM ins ON CONFLICT (queue, state, stripe) \
+         DO UPDATE SET jobs = {{s}}.counts.jobs + EXCLUDED.jobs), \
+         b AS (UPDATE {{s}}.changes SET n = n + 1 WHERE stripe = ${stripe} \
+         AND EXISTS (SELECT FROM ins) RETURNING n) \
+         SELECT ins.seq, (SELECT count(pg_notify(${channel}, '')) FROM b) FROM ins",
+        INSERT_JOB.trim_end_matches(" RETURNING seq"),
+        stripe = n + 2,
+        channel = n + 3,
     )
 });
 
@@ -1280,9 +1388,13 @@ pub(super) fn live_output(db: &mut Db, seq: u64, offset: u64) -> TxResult<(u64, 
 
 /// Has what an enqueue runs prepared with its first statement: the settings, the insert
 /// (of one job at a time, or of a `plain` batch in one statement) and the commit's counts.
-pub(super) fn prepare_enqueue(db: &mut Db, plain: bool) {
+pub(super) fn prepare_enqueue(db: &mut Db, plain: bool, alone: bool) {
+    if alone {
+        db.prepare_ahead(&[&INSERT_JOB_AND_FINISH]);
+        return;
+    }
     let insert: &'static str = if plain { &INSERT_JOBS } else { &INSERT_JOB };
-    db.prepare_ahead(&[CONFIG, insert, queries::FINISH]);
+    db.prepare_ahead(&[insert, queries::FINISH]);
 }
 
 const CONFIG: &str = "SELECT value FROM {s}.meta WHERE key = 'config'";
@@ -1294,7 +1406,8 @@ pub(super) fn config(db: &mut Db, lock: bool) -> TxResult<Config> {
     } else {
         CONFIG
     };
-    let rows = db.query(sql, &[])?;
+    // Read once per command: not prepared, it goes with the statements prepared ahead.
+    let rows = db.query_unprepared(sql)?;
     match rows.first().map(|row| row.try_get::<_, Option<&str>>(0)) {
         None | Some(Ok(None)) => Ok(Config::default()),
         Some(Ok(Some(json))) => serde_json::from_str(json)
