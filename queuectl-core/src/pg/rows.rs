@@ -532,13 +532,14 @@ impl<'a> Tx<'a> {
         params.push(&after);
         params.push(&stripe);
         params.push(&channel);
-        // Ended here, whatever the answer: the server commits, or rolls back a transaction a
-        // failure aborted.
-        self.db.open = false;
         let answers = self.db.send(&[
             Last::Query(&INSERT_JOB_AND_FINISH, &params),
             Last::Simple("COMMIT"),
-        ])?;
+        ]);
+        // Ended once answered. After a failure, whether `COMMIT` was sent or not, the
+        // transaction is rolled back when dropped (a rollback with none open only warns).
+        self.db.open = answers.is_err();
+        let answers = answers?;
         let Some(Answer::Rows(rows)) = answers.first() else {
             return Err(TxError::Decode("rows expected from the insert".to_owned()));
         };
