@@ -940,7 +940,10 @@ static INSERT_JOB: LazyLock<String> = LazyLock::new(|| {
 /// [`INSERT_JOB`] of a job with no unique key and no dependency, then what
 /// [`queries::FINISH`] does for it (its count, the change counter's stripe, the
 /// notification), all only if the row went in: returns its seq, or nothing when its id was
-/// taken. The same locking order as every writer: the job, the counter, the counts.
+/// taken. The same locking order as every writer: the job, the counter, the counts. (That
+/// order is PostgreSQL's way of running the statement: the main query reads `ins`, then the
+/// subquery on `b`, and `c`, read by nobody, runs last, as in [`queries::FINISH`]; were it
+/// ever otherwise, a deadlock is detected and the transaction runs again.)
 static INSERT_JOB_AND_FINISH: LazyLock<String> = LazyLock::new(|| {
     let n = WRITTEN.len();
     format!(

@@ -81,8 +81,9 @@ impl Harness for Pg {
 impl Drop for Pg {
     fn drop(&mut self) {
         self.store.take();
+        // Bounded: a case that failed may have left a connection holding locks.
         let dropped = self.client().batch_execute(&format!(
-            "DROP SCHEMA IF EXISTS \"{}\" CASCADE",
+            "SET lock_timeout = '10s'; DROP SCHEMA IF EXISTS \"{}\" CASCADE",
             self.schema
         ));
         if let Err(e) = dropped {
@@ -745,6 +746,117 @@ fn one_job_turns_keep_their_plans() {
             .unwrap(),
     );
     assert!(replanned.is_empty(), "planned at every run: {replanned:#?}");
+}
+
+/// One-job enqueues of the same ids, from threads on one handle and on several: each id is
+/// added once and refused to every other, and the counts and the change counter follow the
+/// jobs added, not the attempts.
+#[test]
+fn one_job_enqueues_of_the_same_id_race_to_one_winner() {
+    if database_url().is_none() {
+        return;
+    }
+    let pg = Pg::new();
+    const THREADS: usize = 6;
+    const ROUNDS: usize = 40;
+    let barrier = Arc::new(Barrier::new(THREADS));
+    let threads: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let store = if t % 2 == 0 {
+                pg.store()
+            } else {
+                pg.reopen().unwrap()
+            };
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                let mut won = Vec::new();
+                for round in 0..ROUNDS {
+                    barrier.wait();
+                    let job = NewJob::new("true").id(format!("j{round}")).unwrap();
+                    match store.enqueue(job, now()) {
+                        Ok(_) => won.push(round),
+                        Err(crate::StorageError::AlreadyExists { .. }) => {}
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+                won
+            })
+        })
+        .collect();
+    let mut wins = [0; ROUNDS];
+    for thread in threads {
+        for round in thread.join().unwrap() {
+            wins[round] += 1;
+        }
+    }
+    assert!(wins.iter().all(|&w| w == 1), "{wins:?}");
+    let store = pg.store();
+    assert_eq!(store.counts().unwrap().pending, ROUNDS);
+    assert_eq!(store.change_version().unwrap(), ROUNDS as u64);
+}
+
+/// An enqueue whose insert fails, or whose commit does, leaves nothing counted and no
+/// transaction open on the pooled connection: the next enqueue on it is a transaction of its
+/// own, committed.
+#[test]
+fn a_failed_one_job_enqueue_leaves_no_transaction_open() {
+    if database_url().is_none() {
+        return;
+    }
+    let pg = Pg::with(PgOptions {
+        pool_size: 1,
+        ..PgOptions::default()
+    });
+    let store = pg.pg();
+    store.enqueue(NewJob::new("true"), now()).unwrap();
+    let s = &pg.schema;
+    // `boom` fails as it is inserted, `late` only when the transaction commits. (Bounded: a
+    // transaction left open by the enqueue above would hold the table.)
+    pg.client()
+        .batch_execute(&format!(
+            "SET lock_timeout = '10s'; CREATE FUNCTION \"{s}\".refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+             IF NEW.command = 'boom' OR (NEW.command = 'late' AND TG_WHEN = 'AFTER') THEN \
+             RAISE EXCEPTION 'refused by the test'; END IF; RETURN NEW; END $$; \
+             CREATE TRIGGER boom BEFORE INSERT ON \"{s}\".jobs \
+             FOR EACH ROW EXECUTE FUNCTION \"{s}\".refuse(); \
+             CREATE CONSTRAINT TRIGGER late AFTER INSERT ON \"{s}\".jobs \
+             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION \"{s}\".refuse();"
+        ))
+        .unwrap();
+    let pid: i32 = {
+        let conn = store.pool.get().unwrap();
+        first_column(conn.link.simple("SELECT pg_backend_pid()").unwrap())[0]
+            .parse()
+            .unwrap()
+    };
+    let mut watcher = pg.client();
+    let mut state = || -> String {
+        watcher
+            .query_one("SELECT state FROM pg_stat_activity WHERE pid = $1", &[&pid])
+            .unwrap()
+            .get(0)
+    };
+    for command in ["boom", "late"] {
+        let error = store.enqueue(NewJob::new(command), now()).unwrap_err();
+        let mut said = error.to_string();
+        let mut source = std::error::Error::source(&error);
+        while let Some(cause) = source {
+            said = format!("{said}: {cause}");
+            source = cause.source();
+        }
+        assert!(said.contains("refused by the test"), "{said}");
+        assert_eq!(state(), "idle", "after {command}");
+    }
+    store.enqueue(NewJob::new("true"), now()).unwrap();
+    assert_eq!(state(), "idle");
+    let committed: i64 = pg
+        .client()
+        .query_one(&format!("SELECT count(*) FROM \"{s}\".jobs"), &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(committed, 2);
+    assert_eq!(store.counts().unwrap().pending, 2);
+    assert_eq!(store.change_version().unwrap(), 2);
 }
 
 /// The first column of each row of a simple query's answer.
