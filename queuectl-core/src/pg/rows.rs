@@ -244,9 +244,15 @@ impl<'a> Db<'a> {
         Ok(answers.split_off(waited))
     }
 
-    /// Runs a statement without parameters that is not worth preparing (it runs once in a
-    /// command, and preparing it would cost a round trip of its own), with everything waiting.
-    pub(super) fn query_unprepared(&mut self, template: &str) -> TxResult<Vec<Row>> {
+    /// Runs a statement without parameters, with everything waiting: prepared if this
+    /// connection has prepared it; otherwise unprepared, and prepared in the same round trip
+    /// for the next time. A one-shot command pays no round trip to prepare it, a long-lived
+    /// handle plans it once.
+    pub(super) fn query_first_unprepared(&mut self, template: &'static str) -> TxResult<Vec<Row>> {
+        if self.statements.contains_key(template) {
+            return self.query(template, &[]);
+        }
+        self.ahead.push(template);
         match self.send(&[Last::Unprepared(template)])?.pop() {
             Some(Answer::Rows(rows)) => Ok(rows),
             other => Err(TxError::Decode(format!("rows expected, got {other:?}"))),
@@ -1410,8 +1416,8 @@ pub(super) fn config(db: &mut Db, lock: bool) -> TxResult<Config> {
     } else {
         CONFIG
     };
-    // Read once per command: not prepared, it goes with the statements prepared ahead.
-    let rows = db.query_unprepared(sql)?;
+    // Not prepared the first time: it goes with the statements prepared ahead.
+    let rows = db.query_first_unprepared(sql)?;
     match rows.first().map(|row| row.try_get::<_, Option<&str>>(0)) {
         None | Some(Ok(None)) => Ok(Config::default()),
         Some(Ok(Some(json))) => serde_json::from_str(json)
