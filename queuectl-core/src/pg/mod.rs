@@ -390,8 +390,10 @@ impl PgStorage {
             let Conn {
                 link, statements, ..
             } = &mut *conn;
-            let mut tx = Tx::new(Db::begin(link, statements, &self.quoted, "BEGIN"));
-            let stripe = (crate::job::random_u64() % schema::STRIPES as u64) as i32;
+            let mut tx = Tx::new(
+                Db::begin(link, statements, &self.quoted, "BEGIN"),
+                &self.schema,
+            );
             let mut began = false;
             let result = (|| {
                 let out = f(&mut tx);
@@ -399,7 +401,7 @@ impl PgStorage {
                 // came back means nothing of the transaction was applied.
                 began = tx.began();
                 let out = out?;
-                tx.commit(stripe, &self.schema)?;
+                tx.commit()?;
                 Ok(out)
             })();
             match result {
@@ -835,8 +837,7 @@ impl Storage for PgStorage {
                 // One job with no key and no dependency, what a `queuectl enqueue` mostly
                 // adds: inserted, counted and committed in one round trip.
                 let mut job = rules::new_job(jobs[0].clone(), ids[0].clone(), 0, &[], &config, now);
-                let stripe = (crate::job::random_u64() % schema::STRIPES as u64) as i32;
-                if !tx.insert_job_and_commit(&mut job, now, stripe, &self.schema)? {
+                if !tx.insert_job_and_commit(&mut job, now)? {
                     return Err(StorageError::AlreadyExists { id: ids[0].clone() }.into());
                 }
                 return Ok(vec![Enqueued {

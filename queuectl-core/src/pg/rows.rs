@@ -12,7 +12,7 @@ use postgres::types::ToSql;
 use postgres::{Row, Statement};
 
 use super::link::{Answer, Link, Param, Step};
-use super::queries;
+use super::{queries, schema};
 use crate::config::Config;
 use crate::error::StorageError;
 use crate::file::rows::{micros, normalize, normalize_attempt, queue_infos, timestamp};
@@ -367,6 +367,10 @@ pub(super) struct Tx<'a> {
     /// Of jobs this transaction locked, whether other jobs wait for them
     /// ([`Tx::lock_jobs_noting_dependents`]).
     dependents: HashMap<i64, bool>,
+    /// The stripe of the change counter this transaction adds to, and the channel it
+    /// notifies, when it changes anything.
+    stripe: i32,
+    channel: &'a str,
 }
 
 impl<'a> std::ops::Deref for Tx<'a> {
@@ -383,12 +387,16 @@ impl<'a> std::ops::DerefMut for Tx<'a> {
 }
 
 impl<'a> Tx<'a> {
-    pub(super) fn new(db: Db<'a>) -> Self {
+    /// A transaction that, when it changes anything, adds to a stripe of the change counter
+    /// chosen at random and notifies `channel`.
+    pub(super) fn new(db: Db<'a>, channel: &'a str) -> Self {
         Self {
             db,
             counts: BTreeMap::new(),
             changed: false,
             dependents: HashMap::new(),
+            stripe: (crate::job::random_u64() % schema::STRIPES as u64) as i32,
+            channel,
         }
     }
 
@@ -416,9 +424,9 @@ impl<'a> Tx<'a> {
         self.changed = true;
     }
 
-    /// Writes the count changes and bumps the change counter (stripe `stripe`) when anything
-    /// changed, notifying `channel`, then commits. Returns whether anything changed.
-    pub(super) fn commit(mut self, stripe: i32, channel: &str) -> TxResult<bool> {
+    /// Writes the count changes and bumps the change counter when anything changed,
+    /// notifying the channel, then commits. Returns whether anything changed.
+    pub(super) fn commit(mut self) -> TxResult<bool> {
         if self.changed {
             let (mut queues, mut states, mut deltas) = (Vec::new(), Vec::new(), Vec::new());
             for ((queue, state), delta) in &self.counts {
@@ -431,9 +439,9 @@ impl<'a> Tx<'a> {
             let params: Vec<Owned> = vec![
                 Box::new(queues),
                 Box::new(states),
-                Box::new(stripe),
+                Box::new(self.stripe),
                 Box::new(deltas),
-                Box::new(channel.to_owned()),
+                Box::new(self.channel.to_owned()),
             ];
             self.db.defer(queries::FINISH, params);
         }
@@ -520,15 +528,13 @@ impl<'a> Tx<'a> {
     }
 
     /// Inserts a new job with no unique key and no dependency and commits, in one round trip
-    /// ([`INSERT_JOB_AND_FINISH`], stripe `stripe` of the change counter, notifying
-    /// `channel`). Returns `false` when its id was taken: then nothing was written. Nothing
-    /// may have been written earlier in the transaction (it is not counted).
+    /// ([`INSERT_JOB_AND_FINISH`], with what [`Tx::commit`] would write). Returns `false`
+    /// when its id was taken: then nothing was written. Nothing may have been written earlier
+    /// in the transaction (it is not counted).
     pub(super) fn insert_job_and_commit(
         &mut self,
         job: &mut Job,
         now: Timestamp,
-        stripe: i32,
-        channel: &str,
     ) -> TxResult<bool> {
         debug_assert!(job.unique_key.is_none() && job.after.is_empty() && !self.changed);
         normalize(job);
@@ -536,8 +542,8 @@ impl<'a> Tx<'a> {
         let after: Vec<&str> = Vec::new();
         let mut params: Vec<Param> = values.iter().map(V::param).collect();
         params.push(&after);
-        params.push(&stripe);
-        params.push(&channel);
+        params.push(&self.stripe);
+        params.push(&self.channel);
         let answers = self.db.send(&[
             Last::Query(&INSERT_JOB_AND_FINISH, &params),
             Last::Simple("COMMIT"),
