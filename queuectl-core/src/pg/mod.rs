@@ -102,6 +102,14 @@ enum Snapshot {
     Transaction,
 }
 
+/// What a settle-and-claim did ([`PgStorage::settle_then_claim`]), and what its look for a
+/// stop request found, if it made one ([`Polled::poll`]).
+struct Turn {
+    settled: Vec<Result<Job>>,
+    claimed: Vec<Job>,
+    poll: Option<Result<(u64, Option<WorkerInfo>)>>,
+}
+
 /// The tables whose growth makes a connection's cached plans stale: those the hot
 /// statements search.
 const PLANNED_TABLES: [&str; 4] = ["jobs", "attempts", "dependencies", "live_output"];
@@ -545,6 +553,51 @@ impl PgStorage {
         Ok((settled, answers))
     }
 
+    /// Settles, then claims for `request`. The queues a claim may take from are read in the
+    /// round trip that locks the settled jobs, before anything is written; with `polling`, so
+    /// are the worker's registration and the change version, and nothing is claimed once the
+    /// worker is asked to stop.
+    fn settle_then_claim(
+        &self,
+        tx: &mut Tx,
+        settlements: &[Settlement],
+        request: &ClaimRequest,
+        now: Timestamp,
+        polling: bool,
+    ) -> TxResult<Turn> {
+        let worker: &str = &request.worker;
+        let worker: [Param; 1] = [&worker];
+        let mut also: Vec<(&str, &[Param])> = Vec::with_capacity(2);
+        if polling {
+            also.push((queries::VERSION_AND_WORKER, &worker));
+        }
+        if request.max > 0 {
+            also.push((queries::CLAIMABLE_QUEUES, &[]));
+        }
+        let (settled, answers) = Self::settle_in(tx, settlements, now, &also)?;
+        let mut answers = answers.into_iter();
+        let poll = if polling {
+            Some(match answers.next().as_deref() {
+                Some([row]) => {
+                    rows::polled(row).map_err(|e| self.error("read a worker's registration", e))
+                }
+                _ => return Err(TxError::Decode("the version was not read".to_owned())),
+            })
+        } else {
+            None
+        };
+        let request = match &poll {
+            Some(poll) => request.unless_stopping(poll),
+            None => request.clone(),
+        };
+        let claimed = Self::claim_in(tx, &request, now, answers.next())?;
+        Ok(Turn {
+            settled,
+            claimed,
+            poll,
+        })
+    }
+
     /// Claims jobs for `request`. `queues` are the rows of [`queries::CLAIMABLE_QUEUES`] if
     /// this transaction read them already; counts are only written at commit, so rows read
     /// before this transaction's settlements are as good as rows read after them.
@@ -954,14 +1007,8 @@ impl Storage for PgStorage {
         now: Timestamp,
     ) -> Result<(Vec<Result<Job>>, Vec<Job>)> {
         self.write("record job results and claim jobs", |tx| {
-            if settlements.is_empty() {
-                return Ok((Vec::new(), Self::claim_in(tx, request, now, None)?));
-            }
-            let claimable: &[(&str, &[Param])] = &[(queries::CLAIMABLE_QUEUES, &[])];
-            let also = if request.max > 0 { claimable } else { &[] };
-            let (settled, answers) = Self::settle_in(tx, &settlements, now, also)?;
-            let claimed = Self::claim_in(tx, request, now, answers.into_iter().next())?;
-            Ok((settled, claimed))
+            let turn = self.settle_then_claim(tx, &settlements, request, now, false)?;
+            Ok((turn.settled, turn.claimed))
         })
     }
 
@@ -972,30 +1019,13 @@ impl Storage for PgStorage {
         now: Timestamp,
     ) -> Result<Polled> {
         self.write("record job results and claim jobs", |tx| {
-            // The registration and version are read in the round trip that locks the jobs,
-            // before anything is written, along with the queues a claim may take from (not
-            // needed when nothing is to be claimed).
-            let worker: &str = &request.worker;
-            let poll: (&str, &[Param]) = (queries::VERSION_AND_WORKER, &[&worker]);
-            let queues: (&str, &[Param]) = (queries::CLAIMABLE_QUEUES, &[]);
-            let also = if request.max > 0 {
-                &[poll, queues][..]
-            } else {
-                &[poll][..]
-            };
-            let (settled, answers) = Self::settle_in(tx, &settlements, now, also)?;
-            let mut answers = answers.into_iter();
-            let poll = match answers.next().as_deref() {
-                Some([row]) => {
-                    rows::polled(row).map_err(|e| self.error("read a worker's registration", e))
-                }
-                _ => return Err(TxError::Decode("the version was not read".to_owned())),
-            };
-            let claimed = Self::claim_in(tx, &request.unless_stopping(&poll), now, answers.next())?;
+            let turn = self.settle_then_claim(tx, &settlements, request, now, true)?;
             Ok(Polled {
-                settled,
-                claimed,
-                poll,
+                settled: turn.settled,
+                claimed: turn.claimed,
+                poll: turn
+                    .poll
+                    .expect("a polling settlement reads the registration"),
             })
         })
     }
