@@ -146,12 +146,7 @@ impl<'a> Db<'a> {
     /// round trip, with the statements to prepare ahead. When nothing needed is missing, the
     /// ones ahead wait to be prepared with the next statements sent ([`Db::send`]).
     fn prepare<'t>(&mut self, needed: impl Iterator<Item = &'t str>) -> TxResult<()> {
-        let mut missing: Vec<&str> = Vec::new();
-        for template in needed {
-            if !self.statements.contains_key(template) && !missing.contains(&template) {
-                missing.push(template);
-            }
-        }
+        let mut missing = self.unprepared(needed);
         if missing.is_empty() {
             return Ok(());
         }
@@ -169,8 +164,14 @@ impl<'a> Db<'a> {
 
     /// The statements to prepare ahead that this connection has not prepared yet.
     fn missing_ahead(&mut self) -> Vec<&'static str> {
-        let mut missing: Vec<&'static str> = Vec::new();
-        for template in std::mem::take(&mut self.ahead) {
+        let ahead = std::mem::take(&mut self.ahead);
+        self.unprepared(ahead.into_iter())
+    }
+
+    /// Of `templates`, those this connection has not prepared, each once.
+    fn unprepared<'t>(&self, templates: impl Iterator<Item = &'t str>) -> Vec<&'t str> {
+        let mut missing: Vec<&str> = Vec::new();
+        for template in templates {
             if !self.statements.contains_key(template) && !missing.contains(&template) {
                 missing.push(template);
             }
@@ -271,10 +272,7 @@ impl<'a> Db<'a> {
     }
 
     /// [`Db::query_all`] for a number of statements known when it runs.
-    pub(super) fn query_many(
-        &mut self,
-        statements: &[(&str, &[Param])],
-    ) -> TxResult<Vec<Vec<Row>>> {
+    pub(super) fn query_many(&mut self, statements: &[(&str, &[Param])]) -> TxResult<Answers> {
         let lasts: Vec<Last> = statements
             .iter()
             .map(|&(template, params)| Last::Query(template, params))
@@ -688,7 +686,7 @@ impl<'a> Tx<'a> {
         for (columns, mut rows) in groups {
             if rows.len() == 1 {
                 // One job: one value per column (see `queries::BY_ID_FOR_UPDATE`).
-                let (seq, mut values) = rows.pop().expect("one row");
+                let (seq, values) = rows.pop().expect("one row");
                 let set: Vec<String> = columns
                     .iter()
                     .enumerate()
@@ -696,11 +694,7 @@ impl<'a> Tx<'a> {
                     .collect();
                 let sql = format!("UPDATE {{s}}.jobs SET {} WHERE seq = $1", set.join(", "));
                 let mut params: Vec<Owned> = vec![Box::new(seq)];
-                params.extend(
-                    columns
-                        .iter()
-                        .map(|&c| std::mem::replace(&mut values[c], V::Bool(false)).owned()),
-                );
+                params.extend(columns.iter().map(|&c| values[c].clone().owned()));
                 self.db.defer(&sql, params);
                 self.changed = true;
                 continue;
@@ -1402,8 +1396,9 @@ pub(super) fn live_output(db: &mut Db, seq: u64, offset: u64) -> TxResult<(u64, 
     Ok((at, text))
 }
 
-/// Has what an enqueue runs prepared with its first statement: the settings, the insert
-/// (of one job at a time, or of a `plain` batch in one statement) and the commit's counts.
+/// Has what an enqueue runs prepared with its first statement: the insert (of one job at a
+/// time, or of a `plain` batch in one statement) and the commit's counts, or for one job
+/// `alone` (no unique key, no dependency) the one statement that does both.
 pub(super) fn prepare_enqueue(db: &mut Db, plain: bool, alone: bool) {
     if alone {
         db.prepare_ahead(&[&INSERT_JOB_AND_FINISH]);
