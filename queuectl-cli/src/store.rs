@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use queuectl_core::pool::{hostname, recover_abandoned};
 use queuectl_core::{
-    FileOptions, FileStorage, MemoryStorage, PgOptions, PgStorage, Storage, StorageError, now,
+    FileOptions, FileStorage, MemoryStorage, PgOptions, PgStorage, SchemaCheck, Storage,
+    StorageError, now,
 };
 
 use crate::args::{Command, ConfigCommand, DlqCommand, QueueCommand, WorkerCommand};
@@ -99,7 +100,8 @@ pub fn target(
 
 /// Connects to PostgreSQL; `waits` for a process that waits for changes (a worker, `wait`,
 /// `logs --follow`, the dashboard), which listens for notifications. A one-shot command
-/// neither listens nor keeps more than one connection: it saves a connection per run.
+/// neither listens nor keeps more than one connection, and checks the schema with its first
+/// operation: it saves a connection and a round trip per run.
 fn connect(url: &str, schema: &Option<String>, waits: bool) -> Result<Arc<dyn Storage>> {
     Ok(Arc::new(pg(url, schema, waits)?))
 }
@@ -109,6 +111,7 @@ fn pg(url: &str, schema: &Option<String>, waits: bool) -> Result<PgStorage> {
     if !waits {
         options.listen = false;
         options.pool_size = 1;
+        options.schema_check = SchemaCheck::WithFirstUse;
     }
     if let Some(schema) = schema {
         options.schema = schema.clone();

@@ -136,7 +136,7 @@ pub fn t0() -> Timestamp {
 }
 
 /// A worker registration as a pool makes one, not asked to stop.
-fn worker_info(id: &str) -> WorkerInfo {
+pub(crate) fn worker_info(id: &str) -> WorkerInfo {
     WorkerInfo {
         id: id.to_owned(),
         hostname: "host".to_owned(),

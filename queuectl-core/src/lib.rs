@@ -61,7 +61,7 @@ pub use job::{
 };
 pub use memory::MemoryStorage;
 #[cfg(feature = "postgres")]
-pub use pg::{PG_SCHEMA_VERSION, PgOptions, PgStorage};
+pub use pg::{PG_SCHEMA_VERSION, PgOptions, PgStorage, SchemaCheck};
 pub use pool::{
     Event, PoolError, StopReason, Stopper, Summary, Timings, WorkerPool, WorkerPoolBuilder,
 };

@@ -64,7 +64,10 @@ pub(super) enum Answer {
     Prepared(Statement),
 }
 
-type Pending<'f> = Pin<Box<dyn Future<Output = Result<Answer, tokio_postgres::Error>> + 'f>>;
+/// A step's answer, or why it failed.
+pub(super) type Answered = Result<Answer, tokio_postgres::Error>;
+
+type Pending<'f> = Pin<Box<dyn Future<Output = Answered> + 'f>>;
 
 impl Link {
     /// Opens a connection as `config` says, over TLS when `connector` is for TLS.
@@ -121,29 +124,20 @@ impl Link {
     }
 
     /// Sends every step at once and waits for all the answers: one round trip. The answers
-    /// come in the order of the steps; the first step that failed gives the error (a failure
-    /// aborts the transaction, so the steps after it fail too, saying only that).
-    pub(super) fn pipeline(
-        &self,
-        steps: Vec<Step<'_>>,
-    ) -> Result<Vec<Answer>, tokio_postgres::Error> {
-        self.runtime
-            .block_on(join_in_order(self.pending(steps)))
-            .into_iter()
-            .collect()
+    /// come in the order of the steps, each its step's rows or error (a failure aborts the
+    /// transaction, so the steps after it fail too, saying only that).
+    pub(super) fn pipeline(&self, steps: Vec<Step<'_>>) -> Vec<Answered> {
+        self.runtime.block_on(join_in_order(self.pending(steps)))
     }
 
-    /// [`Link::prepare_all`] of `sqls` and [`Link::pipeline`] of `steps` (which do not use
-    /// them), in one round trip: statements a transaction will need are prepared with the
+    /// [`Link::prepare_all`] of `sqls` and [`Link::pipeline`] of `steps` (which do not
+    /// use them), in one round trip: statements a transaction will need are prepared with the
     /// first ones it runs.
     pub(super) fn prepare_with(
         &self,
         sqls: &[String],
         steps: Vec<Step<'_>>,
-    ) -> (
-        Result<Vec<Statement>, tokio_postgres::Error>,
-        Result<Vec<Answer>, tokio_postgres::Error>,
-    ) {
+    ) -> (Result<Vec<Statement>, tokio_postgres::Error>, Vec<Answered>) {
         let client = self.client();
         let mut pending: Vec<Pending> = sqls
             .iter()
@@ -152,16 +146,16 @@ impl Link {
             })
             .collect();
         pending.extend(self.pending(steps));
-        let mut answers = self.runtime.block_on(join_in_order(pending)).into_iter();
+        let mut answers = self.runtime.block_on(join_in_order(pending));
+        let steps = answers.split_off(sqls.len());
         let statements = answers
-            .by_ref()
-            .take(sqls.len())
+            .into_iter()
             .map(|answer| match answer? {
                 Answer::Prepared(statement) => Ok(statement),
                 other => unreachable!("a prepare answers with its statement, not {other:?}"),
             })
             .collect();
-        (statements, answers.collect())
+        (statements, steps)
     }
 
     /// The futures that send `steps` and read their answers.

@@ -1,8 +1,8 @@
 //! `PgStorage`: the queue in a PostgreSQL database, shared by workers on many machines.
 //!
 //! The queue lives in a PostgreSQL schema of its own (`PgOptions::schema`, `queuectl` by
-//! default), created and migrated on connect (`schema.rs`; `docs/postgres.md` describes the
-//! tables). Every [`Storage`] method is one transaction on a connection of the handle's pool.
+//! default), created and migrated on connect or with the first operation ([`SchemaCheck`];
+//! `schema.rs`; `docs/postgres.md` describes the tables). Every [`Storage`] method is one transaction on a connection of the handle's pool.
 //! As in the embedded store, what a transition does to a job is a rule of the crate's `rules`
 //! module: SQL selects the rows a transition applies to, through an index, locking them
 //! (`FOR UPDATE`, and `SKIP LOCKED` where another worker's claim may hold them), Rust applies
@@ -24,6 +24,7 @@ mod tests;
 use std::collections::HashMap;
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use postgres::error::SqlState;
@@ -78,6 +79,23 @@ pub struct PgOptions {
     /// the size its cached plans were made for, and has them made again if so (default 1 s;
     /// DECISIONS §15).
     pub replan_check: Duration,
+    /// When the handle makes sure the schema is there and current (default: on connect).
+    pub schema_check: SchemaCheck,
+}
+
+/// When a [`PgStorage`] makes sure its schema is there and at the version it uses, creating
+/// or migrating it if needed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SchemaCheck {
+    /// In [`PgStorage::connect`]: a schema the handle cannot use fails the connect.
+    #[default]
+    OnConnect,
+    /// In the first round trip of the handle's first operation, which saves a round trip
+    /// (what a one-shot command, which runs one or two operations, wants). The connect
+    /// opens no connection; a schema the handle cannot use fails that first operation, and
+    /// nothing of it is applied. When the check finds no schema yet, or an older one, the
+    /// handle creates or migrates it and runs the operation again.
+    WithFirstUse,
 }
 
 impl Default for PgOptions {
@@ -89,6 +107,7 @@ impl Default for PgOptions {
             listen: true,
             connect_timeout: Duration::from_secs(10),
             replan_check: Duration::from_secs(1),
+            schema_check: SchemaCheck::OnConnect,
         }
     }
 }
@@ -174,11 +193,14 @@ pub struct PgStorage {
     /// Reads the sizes of [`PLANNED_TABLES`].
     sizes_sql: String,
     listener: Listener,
+    /// Whether the schema was found there and current ([`SchemaCheck`]).
+    schema_checked: AtomicBool,
 }
 
 impl PgStorage {
     /// Connects to the database at `url` (`postgres://user[:password]@host[:port]/dbname`, or
-    /// the `key=value` form), creates or migrates the queue's schema, and starts listening
+    /// the `key=value` form), creates or migrates the queue's schema (unless
+    /// [`PgOptions::schema_check`] leaves that to the first operation), and starts listening
     /// for changes.
     pub fn connect(url: &str, options: PgOptions) -> Result<Self> {
         let mut config: tokio_postgres::Config =
@@ -226,8 +248,11 @@ impl PgStorage {
                     .join(", ")
             ),
             listener: Listener::poll_only(),
+            schema_checked: AtomicBool::new(false),
         };
-        store.migrate()?;
+        if options.schema_check == SchemaCheck::OnConnect {
+            store.migrate()?;
+        }
         if options.listen {
             store.listener = Listener::start(&config.into(), &connector, &store.schema)
                 .map_err(|e| store.error("listen for changes", TxError::Db(e)))?;
@@ -246,8 +271,17 @@ impl PgStorage {
     }
 
     /// Creates the schema or applies the migrations it lacks, in one transaction under an
-    /// advisory lock on the schema's name: concurrent connects wait for each other.
+    /// advisory lock on the schema's name: concurrent connects wait for each other. Once it
+    /// succeeded, transactions no longer check the schema ([`SchemaCheck`]).
     fn migrate(&self) -> Result<()> {
+        let migrated = self.migrate_now();
+        if migrated.is_ok() {
+            self.schema_checked.store(true, Ordering::Release);
+        }
+        migrated
+    }
+
+    fn migrate_now(&self) -> Result<()> {
         let op = "create or upgrade the queue's schema";
         // Not `connection`: its look at the tables' sizes needs the tables.
         let mut conn = self.pooled(op)?;
@@ -354,7 +388,8 @@ impl PgStorage {
     fn replan_if_grown(&self, conn: &mut Conn) -> std::result::Result<(), postgres::Error> {
         const MIN_GROWN: i64 = 64 * 1024;
         let (planned_for, looked_at) = &conn.planned_for;
-        if looked_at.elapsed() < self.replan_check {
+        // The sizes are of tables that may not be there before the schema check.
+        if looked_at.elapsed() < self.replan_check || !self.schema_checked.load(Ordering::Acquire) {
             return Ok(());
         }
         let messages = conn.link.simple(&self.sizes_sql)?;
@@ -398,10 +433,9 @@ impl PgStorage {
             let Conn {
                 link, statements, ..
             } = &mut *conn;
-            let mut tx = Tx::new(
-                Db::begin(link, statements, &self.quoted, "BEGIN"),
-                &self.schema,
-            );
+            let mut db = Db::begin(link, statements, &self.quoted, "BEGIN");
+            self.check_schema_with(&mut db);
+            let mut tx = Tx::new(db, &self.schema);
             let mut began = false;
             let result = (|| {
                 let out = f(&mut tx);
@@ -414,6 +448,11 @@ impl PgStorage {
             })();
             match result {
                 Ok(out) => return Ok(out),
+                // Nothing was applied: once the schema is made current, run again.
+                Err(TxError::Unchecked(_)) => {
+                    drop(conn);
+                    self.migrate()?;
+                }
                 Err(TxError::Db(e))
                     if !began && is_connection_error(&e) && lost < CONNECTION_RETRIES =>
                 {
@@ -484,11 +523,17 @@ impl PgStorage {
                         "START TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY",
                     ),
                 };
+                self.check_schema_with(&mut db);
                 let out = f(&mut db)?;
                 db.commit()?;
                 Ok(out)
             })();
             match result {
+                // Nothing was applied: once the schema is made current, run again.
+                Err(TxError::Unchecked(_)) => {
+                    drop(conn);
+                    self.migrate()?;
+                }
                 Err(TxError::Db(e)) if is_connection_error(&e) && lost < CONNECTION_RETRIES => {
                     lost += 1;
                 }
@@ -497,10 +542,17 @@ impl PgStorage {
         }
     }
 
+    /// Has `db` check the schema with its first round trip, until a check found it current.
+    fn check_schema_with<'a>(&'a self, db: &mut Db<'a>) {
+        if !self.schema_checked.load(Ordering::Acquire) {
+            db.check_schema(&self.schema_checked);
+        }
+    }
+
     fn error(&self, op: &'static str, error: TxError) -> StorageError {
         let (fault, source): (_, Box<dyn std::error::Error + Send + Sync>) = match error {
             TxError::Storage(error) => return error,
-            TxError::Db(error) => (fault_of(&error), Box::new(error)),
+            TxError::Db(error) | TxError::Unchecked(error) => (fault_of(&error), Box::new(error)),
             TxError::Decode(reason) => (DatabaseFault::Corrupt, reason.into()),
         };
         StorageError::Postgres {

@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::LazyLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use postgres::types::ToSql;
@@ -39,6 +40,11 @@ pub(super) enum TxError {
     Decode(String),
     /// A refusal or failure that already says what it is.
     Storage(StorageError),
+    /// The first round trip of a handle that checks the schema with its first use
+    /// ([`Db::check_schema`]) found the schema missing, at another version or unreadable,
+    /// with PostgreSQL's error; nothing the transaction sent was applied. The handle creates
+    /// or migrates the schema (or says why it cannot) and runs the transaction again.
+    Unchecked(postgres::Error),
 }
 
 impl From<postgres::Error> for TxError {
@@ -102,6 +108,9 @@ pub(super) struct Db<'a> {
     deferred: Vec<Deferred>,
     /// Statements the transaction is going to run, prepared with the next ones that are.
     ahead: Vec<&'static str>,
+    /// Set once the schema was found current, when the next round trip is to check it
+    /// ([`Db::check_schema`]).
+    check: Option<&'a AtomicBool>,
 }
 
 impl<'a> Db<'a> {
@@ -121,6 +130,7 @@ impl<'a> Db<'a> {
             open: true,
             deferred: Vec::new(),
             ahead: Vec::new(),
+            check: None,
         }
     }
 
@@ -139,6 +149,7 @@ impl<'a> Db<'a> {
             open: false,
             deferred: Vec::new(),
             ahead: Vec::new(),
+            check: None,
         }
     }
 
@@ -184,19 +195,41 @@ impl<'a> Db<'a> {
         template.replace("{s}", self.schema)
     }
 
+    /// Has the next round trip also check that the schema is there and at the version this
+    /// build uses ([`schema::GUARD`], after `BEGIN`: a schema at another version aborts the
+    /// transaction, so nothing sent with the check is applied), and set `checked` when it
+    /// is. When it is not, or a statement could not be prepared before the check went, the
+    /// round trip fails with [`TxError::Unchecked`]. This saves a handle the round trip of
+    /// a check of its own before its first use.
+    pub(super) fn check_schema(&mut self, checked: &'a AtomicBool) {
+        self.check = Some(checked);
+    }
+
+    /// `error`, as [`TxError::Unchecked`] while the schema check is still to be sent: the
+    /// error may well come from the schema (a table that is not there).
+    fn unless_checking(&mut self, error: TxError) -> TxError {
+        match (self.check.take(), error) {
+            (Some(_), TxError::Db(e)) if !super::is_connection_error(&e) => {
+                self.statements.clear();
+                TxError::Unchecked(e)
+            }
+            (_, error) => error,
+        }
+    }
+
     /// Sends what waits (`BEGIN`, deferred statements, statements to prepare ahead) and then
     /// `lasts`, all in one round trip, and returns the answers to `lasts`.
     fn send(&mut self, lasts: &[Last]) -> TxResult<Vec<Answer>> {
         let deferred = std::mem::take(&mut self.deferred);
-        self.prepare(
-            deferred
-                .iter()
-                .map(|d| d.template.as_str())
-                .chain(lasts.iter().filter_map(|last| match last {
-                    Last::Query(template, _) | Last::Execute(template, _) => Some(*template),
-                    Last::Simple(_) | Last::Unprepared(_) => None,
-                })),
-        )?;
+        let prepared = self.prepare(deferred.iter().map(|d| d.template.as_str()).chain(
+            lasts.iter().filter_map(|last| match last {
+                Last::Query(template, _) | Last::Execute(template, _) => Some(*template),
+                Last::Simple(_) | Last::Unprepared(_) => None,
+            }),
+        ));
+        if let Err(e) = prepared {
+            return Err(self.unless_checking(e));
+        }
         let ahead = self.missing_ahead();
         let ahead_sqls: Vec<String> = ahead.iter().map(|t| self.sql(t)).collect();
         let unprepared: Vec<String> = lasts
@@ -208,9 +241,15 @@ impl<'a> Db<'a> {
             .collect();
         let mut unprepared = unprepared.iter();
         let begin = self.begin.take();
-        let mut steps = Vec::with_capacity(deferred.len() + lasts.len() + 1);
+        let check = self.check.take();
+        let guard = check.map(|_| self.sql(&schema::GUARD));
+        let mut steps = Vec::with_capacity(deferred.len() + lasts.len() + 2);
         if let Some(begin) = &begin {
             steps.push(Step::Simple(begin));
+        }
+        let guard_at = steps.len();
+        if let Some(guard) = &guard {
+            steps.push(Step::Unprepared(guard));
         }
         for d in &deferred {
             let params: Vec<Param> = d.params.iter().map(|p| &**p as Param).collect();
@@ -231,18 +270,36 @@ impl<'a> Db<'a> {
                 }
             });
         }
-        let mut answers = if ahead.is_empty() {
-            self.link.pipeline(steps)?
+        let (prepared, mut answers) = if ahead.is_empty() {
+            (Ok(Vec::new()), self.link.pipeline(steps))
         } else {
-            let (prepared, answers) = self.link.prepare_with(&ahead_sqls, steps);
-            let answers = answers?;
-            for (template, statement) in ahead.iter().zip(prepared?) {
-                self.statements.insert((*template).to_owned(), statement);
-            }
-            answers
+            self.link.prepare_with(&ahead_sqls, steps)
         };
+        if let Some(checked) = check {
+            match answers.remove(guard_at) {
+                Ok(Answer::Rows(rows)) if rows.len() == 1 => checked.store(true, Ordering::Release),
+                // The check did not happen; the next transaction makes it.
+                Err(e) if super::is_connection_error(&e) => return Err(e.into()),
+                guard => {
+                    // The check failed, aborting its transaction: nothing sent with it is
+                    // applied, and what was prepared may be for other tables.
+                    self.statements.clear();
+                    return Err(match guard {
+                        Err(e) => TxError::Unchecked(e),
+                        Ok(answer) => TxError::Decode(format!(
+                            "one row expected from the schema check, got {answer:?}"
+                        )),
+                    });
+                }
+            }
+        }
+        let mut answers = answers.into_iter().collect::<Result<Vec<_>, _>>()?;
         self.began |= begin.is_some();
-        Ok(answers.split_off(waited))
+        for (template, statement) in ahead.iter().zip(prepared?) {
+            self.statements.insert((*template).to_owned(), statement);
+        }
+        // The check's answer was taken out above.
+        Ok(answers.split_off(waited - usize::from(check.is_some())))
     }
 
     /// Runs a statement without parameters, with everything waiting: prepared if this

@@ -3,10 +3,13 @@
 //! Everything lives in one PostgreSQL schema of its own (`PgOptions::schema`), so several
 //! queues can share a database and a test can drop its queue with `DROP SCHEMA … CASCADE`.
 //! `{s}` in a statement stands for that schema's quoted name. The table `schema_version`
-//! holds the number of migrations applied; they are applied in order on connect, in one
-//! transaction holding a transaction-level advisory lock on the schema's name, so two workers
-//! starting together do not both migrate. A released migration is never edited: a change to
+//! holds the number of migrations applied; they are applied in order on connect (or with the
+//! first operation, `SchemaCheck::WithFirstUse`), in one transaction holding a
+//! transaction-level advisory lock on the schema's name, so two workers starting together do
+//! not both migrate. A released migration is never edited: a change to
 //! the schema is a new migration.
+
+use std::sync::LazyLock;
 
 /// Each migration, in order; migration `n` (1-based) brings `schema_version` from `n - 1` to
 /// `n`.
@@ -19,6 +22,18 @@ pub const PG_SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
 /// one stripe chosen at random, so concurrent transactions rarely wait for each other's row
 /// lock; readers add the stripes up.
 pub(super) const STRIPES: i32 = 16;
+
+/// Fails unless the schema's version table holds one row, [`PG_SCHEMA_VERSION`]: in a
+/// transaction, the failure aborts it, so that nothing sent with the check is applied to a
+/// schema this build does not know (`Db::check_schema`). The error says what was found.
+pub(super) static GUARD: LazyLock<String> = LazyLock::new(|| {
+    let v = PG_SCHEMA_VERSION;
+    format!(
+        "SELECT CASE WHEN count(*) = 1 AND min(version) = {v} THEN 0 ELSE \
+         ('the queue''s schema is at version ' || coalesce(string_agg(version::text, ', '), \
+         'none') || ', not {v}')::int END FROM {{s}}.schema_version"
+    )
+});
 
 /// The first key of the advisory lock migrations hold (the second is the schema's name
 /// hashed): "QCTL" in ASCII, as the embedded store's `application_id`.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use postgres::{Client, NoTls};
 
-use super::{PgOptions, PgStorage};
+use super::{PG_SCHEMA_VERSION, PgOptions, PgStorage, SchemaCheck};
 use crate::conformance::Harness;
 use crate::storage::Storage;
 use crate::{NewJob, QueueChange, StorageExt, now};
@@ -36,6 +36,15 @@ struct Pg {
 impl Pg {
     fn new() -> Self {
         Self::with(PgOptions::default())
+    }
+
+    /// A fresh schema name, with nothing made in the database yet.
+    fn unopened() -> Self {
+        Self {
+            url: database_url().expect("the guard checked QUEUECTL_TEST_DATABASE_URL"),
+            schema: format!("queuectl_test_{:016x}", crate::job::random_u64()),
+            store: None,
+        }
     }
 
     fn with(options: PgOptions) -> Self {
@@ -73,8 +82,12 @@ impl Harness for Pg {
         self.store.clone().expect("open until dropped")
     }
 
+    /// As a one-shot command connects: the schema is checked with the first operation.
     fn reopen(&self) -> Option<Arc<dyn Storage>> {
-        Some(Arc::new(self.connect(PgOptions::default())))
+        Some(Arc::new(self.connect(PgOptions {
+            schema_check: SchemaCheck::WithFirstUse,
+            ..PgOptions::default()
+        })))
     }
 }
 
@@ -888,4 +901,168 @@ fn end_the_pooled_backend(pg: &Pg, store: &PgStorage) {
         .unwrap()
         .get(0);
     assert!(ended);
+}
+
+/// The schema's version, or `None` when the schema has no version table.
+fn stored_version(pg: &Pg) -> Option<i32> {
+    let rows = pg
+        .client()
+        .query(
+            &format!(
+                "SELECT version FROM \"{}\".schema_version WHERE to_regclass($1) IS NOT NULL",
+                pg.schema
+            ),
+            &[&format!("\"{}\".schema_version", pg.schema)],
+        )
+        .ok()?;
+    rows.first().map(|row| row.get(0))
+}
+
+fn checked_with_first_use(pg: &Pg) -> PgStorage {
+    pg.connect(PgOptions {
+        schema_check: SchemaCheck::WithFirstUse,
+        ..PgOptions::default()
+    })
+}
+
+/// A handle that checks the schema with its first operation touches nothing on connect;
+/// its first operation (a one-job enqueue, a read of one statement, a read transaction)
+/// creates the schema and then runs.
+#[test]
+fn a_first_use_that_finds_no_schema_creates_it_and_runs() {
+    if database_url().is_none() {
+        return;
+    }
+    let first_uses: [fn(&PgStorage); 3] = [
+        |store| {
+            store
+                .enqueue(NewJob::new("true").id("a").unwrap(), now())
+                .unwrap();
+            assert_eq!(store.counts().unwrap().total(), 1);
+        },
+        |store| assert_eq!(store.counts().unwrap().total(), 0),
+        |store| assert!(store.queues().unwrap().is_empty()),
+    ];
+    for first_use in first_uses {
+        let pg = Pg::unopened();
+        let store = checked_with_first_use(&pg);
+        let schema_made = |pg: &Pg| -> bool {
+            pg.client()
+                .query_one(
+                    "SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = $1)",
+                    &[&pg.schema],
+                )
+                .unwrap()
+                .get(0)
+        };
+        assert!(!schema_made(&pg), "nothing is made on connect");
+        first_use(&store);
+        assert_eq!(stored_version(&pg), Some(PG_SCHEMA_VERSION as i32));
+        // And on the schema now there, the check passes with what it goes with.
+        let again = checked_with_first_use(&pg);
+        assert_eq!(again.config().unwrap(), crate::Config::default());
+    }
+}
+
+/// A handle that checks the schema with its first operation, on a schema of a newer
+/// version: the operation fails saying so, and nothing of it is applied, whether it is a
+/// one-job enqueue, a batch, a settings change or a worker's registration.
+#[test]
+fn a_first_use_on_a_schema_of_another_version_applies_nothing() {
+    if database_url().is_none() {
+        return;
+    }
+    let pg = Pg::new();
+    let newer = PG_SCHEMA_VERSION as i32 + 1;
+    let set_version = |version: i32| {
+        pg.client()
+            .execute(
+                &format!("UPDATE \"{}\".schema_version SET version = $1", pg.schema),
+                &[&version],
+            )
+            .unwrap();
+    };
+    set_version(newer);
+    let first_uses: [fn(&PgStorage) -> crate::Result<()>; 4] = [
+        |store| store.enqueue(NewJob::new("true"), now()).map(drop),
+        |store| {
+            let batch = vec![NewJob::new("true"), NewJob::new("true")];
+            store.enqueue_batch(batch, now()).map(drop)
+        },
+        |store| {
+            let mut set = |config: &mut crate::Config| config.set("max-retries", "5");
+            store.update_config(&mut set).map(drop)
+        },
+        |store| store.register_worker(crate::conformance::worker_info("w")),
+    ];
+    for first_use in first_uses {
+        let store = checked_with_first_use(&pg);
+        match first_use(&store) {
+            Err(crate::StorageError::UnsupportedFormat { found, .. }) => {
+                assert_eq!(found, newer as u32)
+            }
+            other => panic!("expected the version to be refused, got {other:?}"),
+        }
+    }
+    set_version(PG_SCHEMA_VERSION as i32);
+    let written: i64 = pg
+        .client()
+        .query_one(
+            &format!(
+                "SELECT (SELECT count(*) FROM \"{s}\".jobs) + (SELECT count(*) FROM \
+                 \"{s}\".workers) + (SELECT count(*) FROM \"{s}\".meta WHERE value IS NOT \
+                 NULL) + (SELECT sum(n) FROM \"{s}\".changes)::bigint",
+                s = pg.schema
+            ),
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(written, 0, "nothing was written");
+}
+
+/// The check goes with the first statements, after `BEGIN`: on a schema of another
+/// version it aborts the transaction, so statements sent with it, a `COMMIT` included, are
+/// not applied.
+#[test]
+fn the_schema_check_aborts_what_is_sent_with_it() {
+    if database_url().is_none() {
+        return;
+    }
+    let pg = Pg::new();
+    pg.client()
+        .batch_execute(&format!(
+            "UPDATE \"{s}\".schema_version SET version = version + 1; \
+             CREATE TABLE \"{s}\".probe (n int)",
+            s = pg.schema
+        ))
+        .unwrap();
+    let store = pg.pg();
+    let schema = format!("\"{}\"", pg.schema);
+    let checked = std::sync::atomic::AtomicBool::new(false);
+    let mut conn = store.pool.get().unwrap();
+    let super::Conn {
+        link, statements, ..
+    } = &mut *conn;
+    let mut db = super::rows::Db::begin(link, statements, &schema, "BEGIN");
+    db.check_schema(&checked);
+    db.defer("INSERT INTO {s}.probe VALUES (1)", Vec::new());
+    match db.commit() {
+        Err(super::rows::TxError::Unchecked(error)) => assert_eq!(
+            error.code(),
+            Some(&postgres::error::SqlState::INVALID_TEXT_REPRESENTATION),
+            "{error}"
+        ),
+        other => panic!("expected the check to fail, got {other:?}"),
+    }
+    assert!(!checked.load(std::sync::atomic::Ordering::Acquire));
+    let probed: i64 = pg
+        .client()
+        .query_one(
+            &format!("SELECT count(*) FROM \"{}\".probe", pg.schema),
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(probed, 0, "the insert sent with the check was not applied");
 }
