@@ -11,19 +11,26 @@
 //! change reaches an open page's event stream.
 //!
 //! Run with `cargo bench -p queuectl-cli --bench store_size` (`STORE_SIZE_RUNS` sets the runs
-//! per figure, default 30).
+//! per figure, default 30). The stores are embedded ones in temporary directories, unless
+//! `E2E_DATABASE_URL=postgres://…` names a PostgreSQL database (as for the `e2e` bench): the
+//! stores are then built there, in two fresh schemas `bench_size_1k_PID` and
+//! `bench_size_100k_PID`, and vacuumed and analysed once built, as autovacuum would have done
+//! during the week (the server may have it off); every command runs with `--database-url` and
+//! `--database-schema`, the size reported is that of the schema's tables with their indexes,
+//! and both schemas are dropped at the end, also when a figure fails.
 
 use std::io::{BufRead, BufReader};
 
 #[path = "support/worker.rs"]
 mod worker;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use tempfile::TempDir;
 use worker::Worker;
 
 use queuectl_core::{
-    AttemptReport, FileStorage, JobState, NewJob, Settlement, Storage, StorageExt, now,
+    AttemptReport, FileStorage, JobState, NewJob, PgOptions, PgStorage, Settlement, Storage,
+    StorageExt, now,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_queuectl");
@@ -31,8 +38,7 @@ const LEASE: Duration = Duration::from_secs(600);
 
 /// A store of `n` jobs as a week of use leaves it: 97% completed with output, 2% failed
 /// waiting for their retry, 1% pending again after their worker died.
-fn build(home: &Path, n: usize) {
-    let store = FileStorage::open(home).expect("open store");
+fn build(store: &dyn Storage, n: usize) {
     let chunks = n.div_ceil(1000);
     for chunk in 0..chunks {
         let size = 1000.min(n - chunk * 1000);
@@ -82,22 +88,129 @@ fn build(home: &Path, n: usize) {
     let counts = store.counts().expect("counts");
     assert_eq!(counts.total(), n);
     assert!(counts.get(JobState::Completed) > 0 && counts.get(JobState::Pending) > 0);
-    store.checkpoint().expect("checkpoint");
 }
 
-fn queuectl(home: &Path, args: &[&str]) -> Command {
+/// Where a store is: an embedded one in a temporary directory, or a schema of its own in a
+/// PostgreSQL database, dropped with the value.
+enum Target {
+    Home(TempDir),
+    Database { url: String, schema: String },
+}
+
+impl Target {
+    /// A fresh schema `schema` in the database at `url` (one left by an earlier run of the
+    /// same name is dropped first).
+    fn database(url: &str, schema: String) -> Target {
+        let target = Target::Database {
+            url: url.to_owned(),
+            schema,
+        };
+        target.drop_schema().expect("drop a leftover bench schema");
+        target
+    }
+
+    /// Builds a store of `n` jobs here (see [`build`]).
+    fn build(&self, n: usize) {
+        match self {
+            Target::Home(dir) => {
+                let store = FileStorage::open(dir.path()).expect("open store");
+                build(&store, n);
+                store.checkpoint().expect("checkpoint");
+            }
+            Target::Database { url, schema } => {
+                let options = PgOptions {
+                    schema: schema.clone(),
+                    ..PgOptions::default()
+                };
+                let store = PgStorage::connect(url, options).expect("connect");
+                build(&store, n);
+                drop(store);
+                // What autovacuum would have done in a week: without it, every index of the
+                // jobs table still points at the dead rows of each job's earlier states.
+                let mut client = postgres::Client::connect(url, postgres::NoTls).expect("connect");
+                let tables: Vec<String> = client
+                    .query(
+                        "SELECT tablename FROM pg_tables WHERE schemaname = $1",
+                        &[schema],
+                    )
+                    .expect("the schema's tables")
+                    .iter()
+                    .map(|row| format!("{schema}.{}", row.get::<_, String>(0)))
+                    .collect();
+                client
+                    .batch_execute(&format!("VACUUM (ANALYZE) {}", tables.join(", ")))
+                    .expect("vacuum");
+            }
+        }
+    }
+
+    /// Adds the arguments that point `queuectl` here.
+    fn apply<'a>(&self, command: &'a mut Command) -> &'a mut Command {
+        match self {
+            // The variable would take precedence over `--home`.
+            Target::Home(dir) => command
+                .env_remove("QUEUECTL_DATABASE_URL")
+                .arg("--home")
+                .arg(dir.path()),
+            Target::Database { url, schema } => command
+                .args(["--database-url", url])
+                .args(["--database-schema", schema]),
+        }
+    }
+
+    /// The store's size in MiB: the database file, or the schema's tables with their indexes
+    /// and TOAST data.
+    fn size_mib(&self) -> f64 {
+        let bytes = match self {
+            Target::Home(dir) => std::fs::metadata(dir.path().join("queuectl.db"))
+                .map(|m| m.len())
+                .unwrap_or(0),
+            Target::Database { url, schema } => {
+                let mut client = postgres::Client::connect(url, postgres::NoTls).expect("connect");
+                let row = client
+                    .query_one(
+                        "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0)::bigint \
+                         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                         WHERE n.nspname = $1 AND c.relkind = 'r'",
+                        &[schema],
+                    )
+                    .expect("the schema's size");
+                row.get::<_, i64>(0) as u64
+            }
+        };
+        bytes as f64 / (1 << 20) as f64
+    }
+
+    fn drop_schema(&self) -> Result<(), postgres::Error> {
+        if let Target::Database { url, schema } = self {
+            let mut client = postgres::Client::connect(url, postgres::NoTls)?;
+            client.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        if let Err(e) = self.drop_schema() {
+            eprintln!("could not drop a bench schema: {e}");
+        }
+    }
+}
+
+fn queuectl(target: &Target, args: &[&str]) -> Command {
     let mut command = Command::new(BIN);
-    command.arg("--home").arg(home).args(args);
+    target.apply(&mut command).args(args);
     command.stdout(Stdio::null()).stderr(Stdio::null());
     command
 }
 
 /// Median wall time of `runs` runs, in milliseconds.
-fn median_ms(home: &Path, args: &[&str], runs: usize) -> f64 {
+fn median_ms(target: &Target, args: &[&str], runs: usize) -> f64 {
     let mut times: Vec<f64> = (0..runs)
         .map(|_| {
             let started = Instant::now();
-            let status = queuectl(home, args).status().expect("run queuectl");
+            let status = queuectl(target, args).status().expect("run queuectl");
             let took = started.elapsed().as_secs_f64() * 1000.0;
             assert!(status.success(), "queuectl {args:?} failed");
             took
@@ -108,10 +221,11 @@ fn median_ms(home: &Path, args: &[&str], runs: usize) -> f64 {
 }
 
 /// Peak resident memory of one run, in MiB (from `/usr/bin/time`).
-fn peak_mib(home: &Path, args: &[&str]) -> Option<f64> {
-    let output = Command::new("/usr/bin/time")
-        .args(["-f", "%M", BIN, "--home"])
-        .arg(home)
+fn peak_mib(target: &Target, args: &[&str]) -> Option<f64> {
+    let mut command = Command::new("/usr/bin/time");
+    command.args(["-f", "%M", BIN]);
+    let output = target
+        .apply(&mut command)
         .args(args)
         .stdout(Stdio::null())
         .output()
@@ -122,14 +236,14 @@ fn peak_mib(home: &Path, args: &[&str]) -> Option<f64> {
 }
 
 /// Peak memory of a worker that started on the store and ran `jobs` jobs, then idles.
-fn idle_worker_peak_mib(home: &Path, jobs: usize) -> f64 {
+fn idle_worker_peak_mib(target: &Target, jobs: usize) -> f64 {
     let mut command = Command::new(BIN);
-    command.arg("--home").arg(home).args(["worker", "start"]);
+    target.apply(&mut command).args(["worker", "start"]);
     let worker = Worker::spawn(command);
     for i in 0..jobs {
         let job = format!(r#"{{"id":"idle-{i}","command":"true"}}"#);
         assert!(
-            queuectl(home, &["enqueue", &job])
+            queuectl(target, &["enqueue", &job])
                 .status()
                 .unwrap()
                 .success()
@@ -151,17 +265,35 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(30);
-    let small = tempfile::tempdir().expect("temp dir");
-    let large = tempfile::tempdir().expect("temp dir");
+    let url = std::env::var("E2E_DATABASE_URL")
+        .ok()
+        .filter(|u| !u.is_empty());
+    let (small, large) = match &url {
+        Some(url) => {
+            let pid = std::process::id();
+            let small = Target::database(url, format!("bench_size_1k_{pid}"));
+            let large = Target::database(url, format!("bench_size_100k_{pid}"));
+            println!(
+                "queuectl store size figures on PostgreSQL (E2E_DATABASE_URL, schemas \
+                 bench_size_1k_{pid} and bench_size_100k_{pid})"
+            );
+            (small, large)
+        }
+        None => {
+            let dir = || Target::Home(tempfile::tempdir().expect("temp dir"));
+            println!("queuectl store size figures on the embedded store");
+            (dir(), dir())
+        }
+    };
     let started = Instant::now();
-    build(small.path(), 1_000);
-    build(large.path(), 100_000);
-    let db_mib = std::fs::metadata(large.path().join("queuectl.db"))
-        .map(|m| m.len() as f64 / (1 << 20) as f64)
-        .unwrap_or(0.0);
+    small.build(1_000);
+    let large_started = Instant::now();
+    large.build(100_000);
     println!(
-        "stores built in {:.1} s (100k store: {db_mib:.1} MiB); {runs} runs per figure",
-        started.elapsed().as_secs_f64()
+        "stores built in {:.1} s (100k store: {:.1} s, {:.1} MiB); {runs} runs per figure",
+        started.elapsed().as_secs_f64(),
+        large_started.elapsed().as_secs_f64(),
+        large.size_mib()
     );
     println!(
         "{:<22} {:>9} {:>9} {:>7}",
@@ -174,8 +306,8 @@ fn main() {
         &["enqueue", r#"{"command":"true"}"#],
     ];
     for args in commands {
-        let a = median_ms(small.path(), args, runs);
-        let b = median_ms(large.path(), args, runs);
+        let a = median_ms(&small, args, runs);
+        let b = median_ms(&large, args, runs);
         let name = args[..args.len().min(3)].join(" ");
         let name = if name.starts_with("enqueue") {
             "enqueue"
@@ -185,21 +317,21 @@ fn main() {
         println!("{name:<22} {a:>9.2} {b:>9.2} {:>7.2}", b / a);
     }
     for args in [&["status"][..], &["list", "--limit", "10"]] {
-        match peak_mib(large.path(), args) {
+        match peak_mib(&large, args) {
             Some(mib) => println!("peak memory at 100k: {:<18} {mib:>6.1} MiB", args.join(" ")),
             None => println!("peak memory: /usr/bin/time is not installed"),
         }
     }
-    let worker = idle_worker_peak_mib(large.path(), 20);
+    let worker = idle_worker_peak_mib(&large, 20);
     println!("peak memory at 100k: idle worker (after 20 jobs) {worker:>6.1} MiB");
-    dashboard(large.path(), runs);
+    dashboard(&large, runs);
 }
 
-/// The dashboard's figures on the store in `home`.
-fn dashboard(home: &Path, runs: usize) {
-    let mut child = Command::new(BIN)
-        .arg("--home")
-        .arg(home)
+/// The dashboard's figures on the store at `target`.
+fn dashboard(target: &Target, runs: usize) {
+    let mut command = Command::new(BIN);
+    let mut child = target
+        .apply(&mut command)
         .args(["dashboard", "--bind", "127.0.0.1:0"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -252,7 +384,7 @@ fn dashboard(home: &Path, runs: usize) {
     let mut delays: Vec<f64> = (0..runs.min(20))
         .map(|_| {
             let started = Instant::now();
-            let status = queuectl(home, &["enqueue", r#"{"command":"true"}"#])
+            let status = queuectl(target, &["enqueue", r#"{"command":"true"}"#])
                 .status()
                 .expect("enqueue");
             assert!(status.success());
