@@ -10,6 +10,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -30,6 +31,9 @@ pub(super) struct Link {
     /// Taken when the link closes (dropping the client is what ends the connection).
     client: Option<Client>,
     driver: Option<tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>>,
+    /// How many round trips the link waited for since it connected (for tests that keep
+    /// the count of a hot path down).
+    round_trips: AtomicU64,
 }
 
 /// Why a connection could not be opened.
@@ -85,6 +89,7 @@ impl Link {
             runtime,
             client: Some(client),
             driver: Some(driver),
+            round_trips: AtomicU64::new(0),
         })
     }
 
@@ -92,6 +97,18 @@ impl Link {
         self.client
             .as_ref()
             .expect("a link's client is there until it closes")
+    }
+
+    /// How many round trips the link waited for since it connected.
+    #[cfg(test)]
+    pub(super) fn round_trips(&self) -> u64 {
+        self.round_trips.load(Ordering::Relaxed)
+    }
+
+    /// Waits for `future`, one round trip.
+    fn wait<T>(&self, future: impl Future<Output = T>) -> T {
+        self.round_trips.fetch_add(1, Ordering::Relaxed);
+        self.runtime.block_on(future)
     }
 
     /// Whether the connection is gone (the server closed it, or the network failed).
@@ -109,10 +126,7 @@ impl Link {
             .iter()
             .map(|sql| -> Pin<Box<dyn Future<Output = _>>> { Box::pin(client.prepare(sql)) })
             .collect();
-        self.runtime
-            .block_on(join_in_order(pending))
-            .into_iter()
-            .collect()
+        self.wait(join_in_order(pending)).into_iter().collect()
     }
 
     /// Runs a simple-protocol statement (one round trip).
@@ -120,14 +134,14 @@ impl Link {
         &self,
         sql: &str,
     ) -> Result<Vec<tokio_postgres::SimpleQueryMessage>, tokio_postgres::Error> {
-        self.runtime.block_on(self.client().simple_query(sql))
+        self.wait(self.client().simple_query(sql))
     }
 
     /// Sends every step at once and waits for all the answers: one round trip. The answers
     /// come in the order of the steps, each its step's rows or error (a failure aborts the
     /// transaction, so the steps after it fail too, saying only that).
     pub(super) fn pipeline(&self, steps: Vec<Step<'_>>) -> Vec<Answered> {
-        self.runtime.block_on(join_in_order(self.pending(steps)))
+        self.wait(join_in_order(self.pending(steps)))
     }
 
     /// [`Link::prepare_all`] of `sqls` and [`Link::pipeline`] of `steps` (which do not
@@ -146,7 +160,7 @@ impl Link {
             })
             .collect();
         pending.extend(self.pending(steps));
-        let mut answers = self.runtime.block_on(join_in_order(pending));
+        let mut answers = self.wait(join_in_order(pending));
         let steps = answers.split_off(sqls.len());
         let statements = answers
             .into_iter()

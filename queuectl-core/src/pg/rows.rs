@@ -219,7 +219,26 @@ impl<'a> Db<'a> {
 
     /// Sends what waits (`BEGIN`, deferred statements, statements to prepare ahead) and then
     /// `lasts`, all in one round trip, and returns the answers to `lasts`.
+    ///
+    /// A query without parameters that this connection has not prepared runs unprepared,
+    /// and is prepared in the same round trip for the next time: a one-shot command pays no
+    /// round trip to prepare it, a long-lived handle plans it once. (One with parameters
+    /// needs its preparation's answer, the parameters' types, before it can be sent.)
     fn send(&mut self, lasts: &[Last]) -> TxResult<Vec<Answer>> {
+        let mut first_time: Vec<&str> = Vec::new();
+        let lasts: Vec<Last> = lasts
+            .iter()
+            .map(|last| match *last {
+                Last::Query(template, []) if !self.statements.contains_key(template) => {
+                    if !first_time.contains(&template) {
+                        first_time.push(template);
+                    }
+                    Last::Unprepared(template)
+                }
+                other => other,
+            })
+            .collect();
+        let lasts = &lasts[..];
         let deferred = std::mem::take(&mut self.deferred);
         let prepared = self.prepare(deferred.iter().map(|d| d.template.as_str()).chain(
             lasts.iter().filter_map(|last| match last {
@@ -230,7 +249,12 @@ impl<'a> Db<'a> {
         if let Err(e) = prepared {
             return Err(self.unless_checking(e));
         }
-        let ahead = self.missing_ahead();
+        let mut ahead: Vec<&str> = self.missing_ahead();
+        for template in first_time {
+            if !ahead.contains(&template) {
+                ahead.push(template);
+            }
+        }
         let ahead_sqls: Vec<String> = ahead.iter().map(|t| self.sql(t)).collect();
         let unprepared: Vec<String> = lasts
             .iter()
@@ -300,21 +324,6 @@ impl<'a> Db<'a> {
         }
         // The check's answer was taken out above.
         Ok(answers.split_off(waited - usize::from(check.is_some())))
-    }
-
-    /// Runs a statement without parameters, with everything waiting: prepared if this
-    /// connection has prepared it; otherwise unprepared, and prepared in the same round trip
-    /// for the next time. A one-shot command pays no round trip to prepare it, a long-lived
-    /// handle plans it once.
-    pub(super) fn query_first_unprepared(&mut self, template: &'static str) -> TxResult<Vec<Row>> {
-        if self.statements.contains_key(template) {
-            return self.query(template, &[]);
-        }
-        self.ahead.push(template);
-        match self.send(&[Last::Unprepared(template)])?.pop() {
-            Some(Answer::Rows(rows)) => Ok(rows),
-            other => Err(TxError::Decode(format!("rows expected, got {other:?}"))),
-        }
     }
 
     /// Runs statements one after the other and returns their rows, all in one round trip
@@ -1474,8 +1483,9 @@ pub(super) fn config(db: &mut Db, lock: bool) -> TxResult<Config> {
     } else {
         CONFIG
     };
-    // Not prepared the first time: it goes with the statements prepared ahead.
-    let rows = db.query_first_unprepared(sql)?;
+    // Without parameters: not prepared the first time ([`Db::send`]), so it goes with the
+    // statements prepared ahead, not after them.
+    let rows = db.query(sql, &[])?;
     match rows.first().map(|row| row.try_get::<_, Option<&str>>(0)) {
         None | Some(Ok(None)) => Ok(Config::default()),
         Some(Ok(Some(json))) => serde_json::from_str(json)

@@ -1066,3 +1066,29 @@ fn the_schema_check_aborts_what_is_sent_with_it() {
         .get(0);
     assert_eq!(probed, 0, "the insert sent with the check was not applied");
 }
+
+/// What a one-shot command's handle (one connection, the schema checked with the first use)
+/// costs in round trips after connecting: an enqueue of one job two (the check, the
+/// settings and the statements prepared ahead; then the insert with its commit), and a read
+/// of one statement without parameters one, prepared or not.
+#[test]
+fn one_shot_operations_keep_their_round_trips() {
+    if database_url().is_none() {
+        return;
+    }
+    let pg = Pg::new();
+    let store = pg.connect(PgOptions {
+        pool_size: 1,
+        listen: false,
+        schema_check: SchemaCheck::WithFirstUse,
+        ..PgOptions::default()
+    });
+    let round_trips = || store.pool.get().unwrap().link.round_trips();
+    store.enqueue(NewJob::new("true"), now()).unwrap();
+    assert_eq!(round_trips(), 2, "a one-job enqueue");
+    for turn in ["first", "second"] {
+        let before = round_trips();
+        assert_eq!(store.counts().unwrap().total(), 1);
+        assert_eq!(round_trips() - before, 1, "the {turn} count of jobs");
+    }
+}
