@@ -92,8 +92,8 @@ pub enum SchemaCheck {
     OnConnect,
     /// In the first round trip of the handle's first operation, which saves a round trip
     /// (what a one-shot command, which runs one or two operations, wants). The connect
-    /// opens no connection; a schema the handle cannot use fails that first operation, and
-    /// nothing of it is applied. When the check finds no schema yet, or an older one, the
+    /// opens a connection but reads nothing; a schema the handle cannot use fails that first
+    /// operation, and nothing of it is applied. When the check finds no schema yet, or an older one, the
     /// handle creates or migrates it and runs the operation again.
     WithFirstUse,
 }
@@ -250,8 +250,11 @@ impl PgStorage {
             listener: Listener::poll_only(),
             schema_checked: AtomicBool::new(false),
         };
-        if options.schema_check == SchemaCheck::OnConnect {
-            store.migrate()?;
+        match options.schema_check {
+            SchemaCheck::OnConnect => store.migrate()?,
+            // Connected all the same: an unreachable server fails the connect, and what the
+            // caller times after it (a job's creation) does not include connecting.
+            SchemaCheck::WithFirstUse => drop(store.pooled("connect")?),
         }
         if options.listen {
             store.listener = Listener::start(&config.into(), &connector, &store.schema)

@@ -925,7 +925,7 @@ fn checked_with_first_use(pg: &Pg) -> PgStorage {
     })
 }
 
-/// A handle that checks the schema with its first operation touches nothing on connect;
+/// A handle that checks the schema with its first operation makes nothing on connect;
 /// its first operation (a one-job enqueue, a read of one statement, a read transaction)
 /// creates the schema and then runs.
 #[test]
