@@ -2,12 +2,13 @@
 //!
 //! The queue lives in a PostgreSQL schema of its own (`PgOptions::schema`, `queuectl` by
 //! default), created and migrated on connect or with the first operation ([`SchemaCheck`];
-//! `schema.rs`; `docs/postgres.md` describes the tables). Every [`Storage`] method is one transaction on a connection of the handle's pool.
-//! As in the embedded store, what a transition does to a job is a rule of the crate's `rules`
-//! module: SQL selects the rows a transition applies to, through an index, locking them
-//! (`FOR UPDATE`, and `SKIP LOCKED` where another worker's claim may hold them), Rust applies
-//! the rule, and the columns it changed are written back. `DECISIONS.md` (§15) says how claims,
-//! limits, unique keys and wake-ups hold across processes.
+//! `schema.rs`; `docs/postgres.md` describes the tables). Every [`Storage`] method is one
+//! transaction on a connection of the handle's pool. As in the embedded store, what a
+//! transition does to a job is a rule of the crate's `rules` module: SQL selects the rows a
+//! transition applies to, through an index, locking them (`FOR UPDATE`, and `SKIP LOCKED`
+//! where another worker's claim may hold them), Rust applies the rule, and the columns it
+//! changed are written back. `DECISIONS.md` (§15) says how claims, limits, unique keys and
+//! wake-ups hold across processes.
 //!
 //! Time is the `now` each method is given, never the server's clock.
 
@@ -93,8 +94,8 @@ pub enum SchemaCheck {
     /// In the first round trip of the handle's first operation, which saves a round trip
     /// (what a one-shot command, which runs one or two operations, wants). The connect
     /// opens a connection but reads nothing; a schema the handle cannot use fails that first
-    /// operation, and nothing of it is applied. When the check finds no schema yet, or an older one, the
-    /// handle creates or migrates it and runs the operation again.
+    /// operation, and nothing of it is applied. When the check finds no schema yet, or an
+    /// older one, the handle creates or migrates it and runs the operation again.
     WithFirstUse,
 }
 
@@ -277,14 +278,6 @@ impl PgStorage {
     /// advisory lock on the schema's name: concurrent connects wait for each other. Once it
     /// succeeded, transactions no longer check the schema ([`SchemaCheck`]).
     fn migrate(&self) -> Result<()> {
-        let migrated = self.migrate_now();
-        if migrated.is_ok() {
-            self.schema_checked.store(true, Ordering::Release);
-        }
-        migrated
-    }
-
-    fn migrate_now(&self) -> Result<()> {
         let op = "create or upgrade the queue's schema";
         // Not `connection`: its look at the tables' sizes needs the tables.
         let mut conn = self.pooled(op)?;
@@ -347,7 +340,9 @@ impl PgStorage {
             )?;
             tx.commit()
         })();
-        result.map_err(|e| self.error(op, e))
+        result.map_err(|e| self.error(op, e))?;
+        self.schema_checked.store(true, Ordering::Release);
+        Ok(())
     }
 
     // ----- transactions -----

@@ -209,12 +209,20 @@ impl<'a> Db<'a> {
     /// error may well come from the schema (a table that is not there).
     fn unless_checking(&mut self, error: TxError) -> TxError {
         match (self.check.take(), error) {
-            (Some(_), TxError::Db(e)) if !super::is_connection_error(&e) => {
-                self.statements.clear();
-                TxError::Unchecked(e)
-            }
+            (Some(_), TxError::Db(e)) => self.check_failed(e),
             (_, error) => error,
         }
+    }
+
+    /// What the check, or what went before it, failing with `error` means: the check was
+    /// not made when the connection was lost (the next transaction makes it); otherwise the
+    /// schema may not be what this build uses, and what was prepared may be for other tables.
+    fn check_failed(&mut self, error: postgres::Error) -> TxError {
+        if super::is_connection_error(&error) {
+            return error.into();
+        }
+        self.statements.clear();
+        TxError::Unchecked(error)
     }
 
     /// Sends what waits (`BEGIN`, deferred statements, statements to prepare ahead) and then
@@ -302,18 +310,12 @@ impl<'a> Db<'a> {
         if let Some(checked) = check {
             match answers.remove(guard_at) {
                 Ok(Answer::Rows(rows)) if rows.len() == 1 => checked.store(true, Ordering::Release),
-                // The check did not happen; the next transaction makes it.
-                Err(e) if super::is_connection_error(&e) => return Err(e.into()),
-                guard => {
-                    // The check failed, aborting its transaction: nothing sent with it is
-                    // applied, and what was prepared may be for other tables.
-                    self.statements.clear();
-                    return Err(match guard {
-                        Err(e) => TxError::Unchecked(e),
-                        Ok(answer) => TxError::Decode(format!(
-                            "one row expected from the schema check, got {answer:?}"
-                        )),
-                    });
+                // Failing, the check aborted its transaction: nothing sent with it is applied.
+                Err(e) => return Err(self.check_failed(e)),
+                Ok(answer) => {
+                    return Err(TxError::Decode(format!(
+                        "one row expected from the schema check, got {answer:?}"
+                    )));
                 }
             }
         }

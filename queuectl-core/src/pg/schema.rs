@@ -6,8 +6,8 @@
 //! holds the number of migrations applied; they are applied in order on connect (or with the
 //! first operation, `SchemaCheck::WithFirstUse`), in one transaction holding a
 //! transaction-level advisory lock on the schema's name, so two workers starting together do
-//! not both migrate. A released migration is never edited: a change to
-//! the schema is a new migration.
+//! not both migrate. A released migration is never edited: a change to the schema is a new
+//! migration.
 
 use std::sync::LazyLock;
 

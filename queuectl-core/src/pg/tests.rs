@@ -75,6 +75,12 @@ impl Pg {
     fn client(&self) -> Client {
         Client::connect(&self.url, NoTls).expect("connect to the test database")
     }
+
+    /// The number a query of one `bigint` gives, `{s}` in it standing for the schema.
+    fn count(&self, template: &str) -> i64 {
+        let sql = template.replace("{s}", &format!("\"{}\"", self.schema));
+        self.client().query_one(&sql, &[]).unwrap().get(0)
+    }
 }
 
 impl Harness for Pg {
@@ -862,12 +868,7 @@ fn a_failed_one_job_enqueue_leaves_no_transaction_open() {
     }
     store.enqueue(NewJob::new("true"), now()).unwrap();
     assert_eq!(state(), "idle");
-    let committed: i64 = pg
-        .client()
-        .query_one(&format!("SELECT count(*) FROM \"{s}\".jobs"), &[])
-        .unwrap()
-        .get(0);
-    assert_eq!(committed, 2);
+    assert_eq!(pg.count("SELECT count(*) FROM {s}.jobs"), 2);
     assert_eq!(store.counts().unwrap().pending, 2);
     assert_eq!(store.change_version().unwrap(), 2);
 }
@@ -1005,19 +1006,11 @@ fn a_first_use_on_a_schema_of_another_version_applies_nothing() {
         }
     }
     set_version(PG_SCHEMA_VERSION as i32);
-    let written: i64 = pg
-        .client()
-        .query_one(
-            &format!(
-                "SELECT (SELECT count(*) FROM \"{s}\".jobs) + (SELECT count(*) FROM \
-                 \"{s}\".workers) + (SELECT count(*) FROM \"{s}\".meta WHERE value IS NOT \
-                 NULL) + (SELECT sum(n) FROM \"{s}\".changes)::bigint",
-                s = pg.schema
-            ),
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let written = pg.count(
+        "SELECT (SELECT count(*) FROM {s}.jobs) + (SELECT count(*) FROM {s}.workers) + \
+         (SELECT count(*) FROM {s}.meta WHERE value IS NOT NULL) + \
+         (SELECT sum(n) FROM {s}.changes)::bigint",
+    );
     assert_eq!(written, 0, "nothing was written");
 }
 
@@ -1056,15 +1049,11 @@ fn the_schema_check_aborts_what_is_sent_with_it() {
         other => panic!("expected the check to fail, got {other:?}"),
     }
     assert!(!checked.load(std::sync::atomic::Ordering::Acquire));
-    let probed: i64 = pg
-        .client()
-        .query_one(
-            &format!("SELECT count(*) FROM \"{}\".probe", pg.schema),
-            &[],
-        )
-        .unwrap()
-        .get(0);
-    assert_eq!(probed, 0, "the insert sent with the check was not applied");
+    assert_eq!(
+        pg.count("SELECT count(*) FROM {s}.probe"),
+        0,
+        "the insert sent with the check was not applied"
+    );
 }
 
 /// What a one-shot command's handle (one connection, the schema checked with the first use)
