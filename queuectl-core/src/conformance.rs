@@ -885,7 +885,8 @@ pub fn worker_registry_and_stop_request(h: &dyn Harness) {
     assert_eq!(left, ["w2", "w3"]);
 }
 
-/// A waiter on `wait_for_change` wakes when another thread changes the store.
+/// A waiter on `wait_for_change` wakes when another thread changes the store; a new job also
+/// ends a wait for work.
 pub fn waiters_wake_on_change(h: &dyn Harness) {
     let store = h.store();
     let seen = store.change_version().unwrap();
@@ -927,6 +928,12 @@ pub fn waiters_wake_on_change(h: &dyn Harness) {
     thread.join().unwrap();
     assert_ne!(version, seen, "the waiter saw the change");
     assert_eq!(store.get(&id("wake")).unwrap().state, JobState::Pending);
+    // A new job is work: what an idle pool waits with ends at it too.
+    assert_ne!(
+        store.wait_for_work(seen, Duration::ZERO).unwrap(),
+        seen,
+        "a new job ends a wait for work"
+    );
 }
 
 /// Each attempt is in the job's history with what it produced; the running one is last.

@@ -605,6 +605,21 @@ pub trait Storage: Send + Sync + Debug {
     /// Returns the current version. Must not busy-wait.
     fn wait_for_change(&self, seen: u64, timeout: Duration) -> Result<u64>;
 
+    /// What a worker pool out of work waits with: blocks until the store may have changed in
+    /// a way that gives the pool something to do since version `seen`, or `timeout` passes.
+    /// Returns a version other than `seen` when it may have (the current one), `seen`
+    /// otherwise.
+    ///
+    /// Any change will do: the default is [`Storage::wait_for_change`]. A store may leave
+    /// out changes that give no worker anything to do (jobs claimed or finished in queues
+    /// without a limit, leases extended, output recorded), so that idle workers do not wake
+    /// each time a job finishes elsewhere; it must not leave out a job that waits to run
+    /// (new, retried, due later, no longer blocked), room made in a limited queue others
+    /// wait for, or a change of a queue, a worker's registration or the settings.
+    fn wait_for_work(&self, seen: u64, timeout: Duration) -> Result<u64> {
+        self.wait_for_change(seen, timeout)
+    }
+
     /// Whether this handle refuses every change (opened read-only, or on files it cannot
     /// write): callers skip housekeeping writes such as recovery.
     fn is_read_only(&self) -> bool {

@@ -1,11 +1,13 @@
 //! Waking waiters when another process changes the queue: `LISTEN` on a connection of its own.
 //!
-//! Every transaction that changes something sends a notification on the schema's channel
-//! (`pg_notify`, delivered by PostgreSQL when it commits). One thread per store handle keeps
-//! a dedicated connection (never one of the pool's, which a transaction-mode pooler would
-//! share) listening on that channel, and counts notifications in a generation number;
-//! waiters read it before they look at the change counter, so a notification that comes
-//! between their look and their wait still ends the wait. A notification is a hint: waiters
+//! Every transaction that changes something sends a notification on one of the schema's two
+//! channels (`pg_notify`, delivered by PostgreSQL when it commits): the work channel for
+//! changes that may give a worker something to do, the quiet one for the rest
+//! (`rows::Channels`). One thread per store handle keeps a dedicated connection (never one of
+//! the pool's, which a transaction-mode pooler would share) listening on both, and counts
+//! notifications in two generation numbers, one for each channel heard and one for the work
+//! channel; waiters read one before they look at the change counter, so a notification that
+//! comes between their look and their wait still ends the wait. A notification is a hint: waiters
 //! look again at least every `poll_interval`, so a lost one (the connection broke and is being
 //! made again) costs latency, not correctness.
 
@@ -17,6 +19,7 @@ use std::time::Duration;
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, Config};
 
+use super::rows::Channels;
 use super::tls::Connector;
 
 use crate::generation::Generation;
@@ -33,9 +36,21 @@ pub(super) struct Listener {
     running: Option<Running>,
 }
 
+/// Which notifications a waiter counts.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Heard {
+    /// On either channel: any change.
+    Any,
+    /// On the work channel: changes that may give a worker something to do.
+    Work,
+}
+
 #[derive(Default)]
 struct Shared {
+    /// Notifications on any channel.
     heard: Generation,
+    /// Notifications on the work channel ([`Channels`]).
+    heard_work: Generation,
     stop: AtomicBool,
 }
 
@@ -43,6 +58,15 @@ struct Running {
     thread: JoinHandle<()>,
     /// The channel only this handle listens on: a notification there stops the thread.
     stop_channel: String,
+}
+
+impl Shared {
+    fn of(&self, heard: Heard) -> &Generation {
+        match heard {
+            Heard::Any => &self.heard,
+            Heard::Work => &self.heard_work,
+        }
+    }
 }
 
 impl Listener {
@@ -54,12 +78,12 @@ impl Listener {
         }
     }
 
-    /// Connects and listens on `channel` before returning, so that no change committed after
+    /// Connects and listens on `channels` before returning, so that no change committed after
     /// this returns goes unheard.
     pub(super) fn start(
         config: &Config,
         connector: &Connector,
-        channel: &str,
+        channels: &Channels,
     ) -> Result<Self, postgres::Error> {
         let mut listener = Self::poll_only();
         let stop_channel = format!(
@@ -67,14 +91,15 @@ impl Listener {
             std::process::id(),
             crate::job::random_u64()
         );
-        let channels = [channel.to_owned(), stop_channel.clone()];
+        let work = channels.work.clone();
+        let channels = [work.clone(), channels.quiet.clone(), stop_channel.clone()];
         let client = listen(config, connector, &channels)?;
         let shared = listener.shared.clone();
         let config = config.clone();
         let connector = connector.clone();
         let thread = std::thread::Builder::new()
             .name("queuectl-pg-listen".into())
-            .spawn(move || run(client, &config, &connector, &channels, &shared))
+            .spawn(move || run(client, &config, &connector, &channels, &work, &shared))
             .expect("spawn the listening thread");
         listener.running = Some(Running {
             thread,
@@ -83,15 +108,15 @@ impl Listener {
         Ok(listener)
     }
 
-    /// The number of notifications heard so far.
-    pub(super) fn generation(&self) -> u64 {
-        self.shared.heard.get()
+    /// The number of notifications of the kind `heard` heard so far.
+    pub(super) fn generation(&self, heard: Heard) -> u64 {
+        self.shared.of(heard).get()
     }
 
-    /// Blocks until the generation differs from `seen`, or `timeout` passes (poll-only: until
-    /// `timeout` passes).
-    pub(super) fn wait(&self, seen: u64, timeout: Duration) {
-        self.shared.heard.wait(seen, timeout);
+    /// Blocks until [`Listener::generation`] differs from `seen`, or `timeout` passes
+    /// (poll-only: until `timeout` passes).
+    pub(super) fn wait(&self, heard: Heard, seen: u64, timeout: Duration) {
+        self.shared.of(heard).wait(seen, timeout);
     }
 
     /// Stops the thread: `notify` sends a notification on the channel it names. When that
@@ -131,6 +156,7 @@ fn run(
     config: &Config,
     connector: &Connector,
     channels: &[String],
+    work: &str,
     shared: &Shared,
 ) {
     loop {
@@ -140,7 +166,12 @@ fn run(
             let mut heard = notifications.timeout_iter(IDLE_CHECK);
             loop {
                 match heard.next() {
-                    Ok(Some(_)) => shared.heard.bump(),
+                    Ok(Some(notification)) => {
+                        if notification.channel() == work {
+                            shared.heard_work.bump();
+                        }
+                        shared.heard.bump();
+                    }
                     Ok(None) => break,
                     Err(_) => {
                         broken = true;
@@ -158,6 +189,7 @@ fn run(
         if broken || client.is_closed() || client.batch_execute("").is_err() {
             // Whatever was committed meanwhile went unheard: waiters look again.
             shared.heard.bump();
+            shared.heard_work.bump();
             let mut pause = Duration::from_millis(50);
             client = loop {
                 std::thread::sleep(pause);
@@ -170,6 +202,7 @@ fn run(
                 }
             };
             shared.heard.bump();
+            shared.heard_work.bump();
         }
     }
 }

@@ -32,7 +32,7 @@ use postgres::error::SqlState;
 use postgres::{Row, Statement};
 
 use self::link::{ConnectError, Link, Param};
-use self::listen::Listener;
+use self::listen::{Heard, Listener};
 use self::rows::{Db, Tx, TxError, TxResult};
 use crate::config::{Config, ConfigError};
 use crate::error::{DatabaseFault, Result, StorageError};
@@ -183,8 +183,10 @@ impl r2d2::ManageConnection for Manager {
 /// ```
 pub struct PgStorage {
     pool: r2d2::Pool<Manager>,
-    /// The schema's name (and the channel its changes are announced on).
+    /// The schema's name.
     schema: String,
+    /// The channels its changes are announced on.
+    channels: rows::Channels,
     /// The schema's name quoted, for statements.
     quoted: String,
     /// The database in words, for errors: its URL without password, and the schema.
@@ -238,6 +240,7 @@ impl PgStorage {
         let mut store = Self {
             pool,
             schema: options.schema.clone(),
+            channels: rows::Channels::of(&options.schema),
             quoted,
             database,
             poll_interval: options.poll_interval.max(MIN_POLL_INTERVAL),
@@ -258,7 +261,7 @@ impl PgStorage {
             SchemaCheck::WithFirstUse => drop(store.pooled("connect")?),
         }
         if options.listen {
-            store.listener = Listener::start(&config.into(), &connector, &store.schema)
+            store.listener = Listener::start(&config.into(), &connector, &store.channels)
                 .map_err(|e| store.error("listen for changes", TxError::Db(e)))?;
         }
         Ok(store)
@@ -433,7 +436,7 @@ impl PgStorage {
             } = &mut *conn;
             let mut db = Db::begin(link, statements, &self.quoted, "BEGIN");
             self.check_schema_with(&mut db);
-            let mut tx = Tx::new(db, &self.schema);
+            let mut tx = Tx::new(db, &self.channels);
             let mut began = false;
             let result = (|| {
                 let out = f(&mut tx);
@@ -540,6 +543,33 @@ impl PgStorage {
         }
     }
 
+    /// Blocks until the version has moved from `seen` (with [`Heard::Work`], its work part),
+    /// or `timeout` passes; returns the version then, or `seen`.
+    fn wait_for(&self, heard: Heard, seen: u64, timeout: Duration) -> Result<u64> {
+        // A timeout too long to represent as an instant is as good as forever.
+        let deadline = Instant::now().checked_add(timeout);
+        loop {
+            // Read before looking, so a notification in between still ends the wait.
+            let generation = self.listener.generation(heard);
+            let current = self.change_version()?;
+            let moved = match heard {
+                Heard::Any => current != seen,
+                Heard::Work => queries::work_part(current) != queries::work_part(seen),
+            };
+            if moved {
+                return Ok(current);
+            }
+            let left = deadline.map_or(Duration::MAX, |d| {
+                d.saturating_duration_since(Instant::now())
+            });
+            if left.is_zero() {
+                return Ok(seen);
+            }
+            self.listener
+                .wait(heard, generation, left.min(self.poll_interval));
+        }
+    }
+
     /// Has `db` check the schema with its first round trip, until a check found it current.
     fn check_schema_with<'a>(&'a self, db: &mut Db<'a>) {
         if !self.schema_checked.load(Ordering::Acquire) {
@@ -623,6 +653,8 @@ impl PgStorage {
         }
         if request.max > 0 {
             also.push((queries::CLAIMABLE_QUEUES, &[]));
+            // With the queues read, whether a settlement made room others wait for is known.
+            tx.give_no_work();
         }
         let (settled, answers) = Self::settle_in(tx, settlements, now, &also)?;
         let mut answers = answers.into_iter();
@@ -640,7 +672,13 @@ impl PgStorage {
             Some(poll) => request.unless_stopping(poll),
             None => request.clone(),
         };
-        let claimed = Self::claim_in(tx, &request, now, answers.next())?;
+        let queues = answers.next();
+        if let Some(rows) = &queues
+            && makes_awaited_room(rows, &settled)?
+        {
+            tx.give_work();
+        }
+        let claimed = Self::claim_in(tx, &request, now, queues)?;
         Ok(Turn {
             settled,
             claimed,
@@ -765,6 +803,26 @@ impl PgStorage {
         tx.insert_attempts(&mut attempts)?;
         Ok(pairs.into_iter().map(|(_, job)| job).collect())
     }
+}
+
+/// Whether one of the `settled` jobs ran in a queue with a limit and jobs waiting, as
+/// `queues` (rows of [`queries::CLAIMABLE_QUEUES`]) tell: the room it left is work for
+/// whoever waits for it.
+fn makes_awaited_room(queues: &[Row], settled: &[Result<Job>]) -> TxResult<bool> {
+    for row in queues {
+        let name: &str = row.try_get(0)?;
+        let waiting = row.try_get::<_, Option<i64>>(1)?.unwrap_or(0);
+        let limit: i64 = row.try_get(4)?;
+        if limit > 0
+            && waiting > 0
+            && settled
+                .iter()
+                .any(|job| job.as_ref().is_ok_and(|job| job.queue == name))
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 fn lost(lease: &Lease) -> StorageError {
@@ -1015,7 +1073,10 @@ impl Storage for PgStorage {
         if request.max == 0 {
             return Ok(Vec::new());
         }
-        self.write("claim jobs", |tx| Self::claim_in(tx, request, now, None))
+        self.write("claim jobs", |tx| {
+            tx.give_no_work();
+            Self::claim_in(tx, request, now, None)
+        })
     }
 
     fn extend_leases(
@@ -1025,6 +1086,7 @@ impl Storage for PgStorage {
         now: Timestamp,
     ) -> Result<Vec<JobId>> {
         self.write("extend leases", |tx| {
+            tx.give_no_work();
             let ids = leases.iter().map(|lease| lease.job_id.as_str());
             let jobs = rows::jobs_by_ids(tx, ids, queries::BY_IDS_FOR_UPDATE)?;
             let mut lost = Vec::new();
@@ -1085,6 +1147,7 @@ impl Storage for PgStorage {
             return Ok(Vec::new());
         }
         self.write("record live output", |tx| {
+            tx.give_no_work();
             // Locked against a settlement, which ends the attempt and drops its live output.
             let ids = chunks.iter().map(|chunk| chunk.lease.job_id.as_str());
             let jobs = rows::jobs_by_ids(tx, ids, queries::BY_IDS_FOR_SHARE)?;
@@ -1272,22 +1335,12 @@ impl Storage for PgStorage {
     }
 
     fn wait_for_change(&self, seen: u64, timeout: Duration) -> Result<u64> {
-        // A timeout too long to represent as an instant is as good as forever.
-        let deadline = Instant::now().checked_add(timeout);
-        loop {
-            // Read before looking, so a notification in between still ends the wait.
-            let generation = self.listener.generation();
-            let current = self.change_version()?;
-            if current != seen {
-                return Ok(current);
-            }
-            let left = deadline.map_or(Duration::MAX, |d| {
-                d.saturating_duration_since(Instant::now())
-            });
-            if left.is_zero() {
-                return Ok(current);
-            }
-            self.listener.wait(generation, left.min(self.poll_interval));
-        }
+        self.wait_for(Heard::Any, seen, timeout)
+    }
+
+    /// Changes announced on the work channel only, counted in the version's high half
+    /// (`queries::work_part`): a job finishing elsewhere does not end the wait.
+    fn wait_for_work(&self, seen: u64, timeout: Duration) -> Result<u64> {
+        self.wait_for(Heard::Work, seen, timeout)
     }
 }

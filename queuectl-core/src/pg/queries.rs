@@ -167,21 +167,41 @@ pub(super) const LIVE_END_ATTEMPTS: &str = "DELETE FROM {s}.live_output WHERE jo
 pub(super) const LIVE_FIRST: &str = "SELECT upto, output FROM {s}.live_output \
      WHERE job_seq = $1 AND upto > $2 ORDER BY upto LIMIT 1";
 
-/// The change counter: the sum of its stripes.
-pub(super) const VERSION: &str = "SELECT coalesce(sum(n), 0)::bigint FROM {s}.changes";
+/// The store's version from the change counter's stripes: the changes that may give a worker
+/// something to do (`work`) in the high 32 bits, all changes (`n`) in the low 32, each modulo
+/// its width (a version only has to differ from the one before; `work_part` reads the high
+/// half).
+macro_rules! version_of_changes {
+    () => {
+        "((coalesce(sum(work), 0) % 2147483648) * 4294967296 \
+         + coalesce(sum(n), 0) % 4294967296)::bigint FROM {s}.changes"
+    };
+}
+
+/// The store's version (see `version_of_changes`).
+pub(super) const VERSION: &str = concat!("SELECT ", version_of_changes!());
 
 /// [`VERSION`], and the registration of worker `$1` (`NULL`: none), in one statement.
-pub(super) const VERSION_AND_WORKER: &str = "SELECT (SELECT coalesce(sum(n), 0)::bigint FROM \
-     {s}.changes), (SELECT info::text FROM {s}.workers WHERE id = $1)";
+pub(super) const VERSION_AND_WORKER: &str = concat!(
+    "SELECT (SELECT ",
+    version_of_changes!(),
+    "), (SELECT info::text FROM {s}.workers WHERE id = $1)"
+);
+
+/// The part of a version that only changes that may give a worker something to do move.
+pub(super) fn work_part(version: u64) -> u64 {
+    version >> 32
+}
 
 /// What every transaction that changed something runs last: adds its count changes (`$1`
-/// queues, `$2` states, `$4` deltas) and one change to stripe `$3`, and notifies channel
-/// `$5` (delivered when the transaction commits). `rows::INSERT_JOB_AND_FINISH` does the
+/// queues, `$2` states, `$4` deltas), one change to stripe `$3` (and `$6`, 0 or 1, to its
+/// count of changes that may give a worker something to do), and notifies channel `$5`
+/// (delivered when the transaction commits). `rows::INSERT_JOB_AND_FINISH` does the
 /// same for the one job it inserts, and must follow any change here. The change counter's row is
 /// locked first, then the count rows in (queue, state) order: every writer locks in the same
 /// order.
 pub(super) const FINISH: &str = "WITH c AS (INSERT INTO {s}.counts (queue, state, stripe, \
      jobs) SELECT t.q, t.st, $3, t.d FROM unnest($1::text[], $2::text[], $4::bigint[]) AS \
      t(q, st, d) ON CONFLICT (queue, state, stripe) DO UPDATE SET jobs = \
-     {s}.counts.jobs + EXCLUDED.jobs), b AS (UPDATE {s}.changes SET n = n + 1 \
-     WHERE stripe = $3 RETURNING n) SELECT pg_notify($5, '') FROM b";
+     {s}.counts.jobs + EXCLUDED.jobs), b AS (UPDATE {s}.changes SET n = n + 1, \
+     work = work + $6 WHERE stripe = $3 RETURNING n) SELECT pg_notify($5, '') FROM b";

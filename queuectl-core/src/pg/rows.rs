@@ -433,10 +433,38 @@ pub(super) struct Tx<'a> {
     /// Of jobs this transaction locked, whether other jobs wait for them
     /// ([`Tx::lock_jobs_noting_dependents`]).
     dependents: HashMap<i64, bool>,
-    /// The stripe of the change counter this transaction adds to, and the channel it
-    /// notifies, when it changes anything.
+    /// The stripe of the change counter this transaction adds to, and the channels it
+    /// notifies on, when it changes anything.
     stripe: i32,
-    channel: &'a str,
+    channels: &'a Channels,
+    /// Whether what this transaction changes gives no worker anything to do
+    /// ([`Tx::give_no_work`]).
+    quiet: bool,
+}
+
+/// The notification channels of a queue's schema. A change that may give a worker something
+/// to do (a job to claim now or later, room in a limited queue, a stop request, new settings)
+/// is announced on `work`, named after the schema; any other change (a job claimed or
+/// finished, a lease extended, output recorded) on `quiet`. Waiters for any change listen on
+/// both, workers waiting for jobs only on `work`: a busy queue does not wake every idle
+/// worker each time a job finishes.
+#[derive(Debug, Clone)]
+pub(super) struct Channels {
+    pub(super) work: String,
+    pub(super) quiet: String,
+}
+
+impl Channels {
+    /// The channels of `schema` (a valid schema name: lowercase ASCII letters, digits, `_`).
+    pub(super) fn of(schema: &str) -> Self {
+        // `~` is in no schema name, so no schema's work channel is another's quiet one. A
+        // channel name has at most 63 bytes: two schemas whose names share their first 62
+        // share a quiet channel, which only wakes some waiters to look again.
+        Self {
+            work: schema.to_owned(),
+            quiet: format!("{}~", &schema[..schema.len().min(62)]),
+        }
+    }
 }
 
 impl<'a> std::ops::Deref for Tx<'a> {
@@ -454,16 +482,31 @@ impl<'a> std::ops::DerefMut for Tx<'a> {
 
 impl<'a> Tx<'a> {
     /// A transaction that, when it changes anything, adds to a stripe of the change counter
-    /// chosen at random and notifies `channel`.
-    pub(super) fn new(db: Db<'a>, channel: &'a str) -> Self {
+    /// chosen at random and notifies one of `channels`.
+    pub(super) fn new(db: Db<'a>, channels: &'a Channels) -> Self {
         Self {
             db,
             counts: BTreeMap::new(),
             changed: false,
             dependents: HashMap::new(),
             stripe: (crate::job::random_u64() % schema::STRIPES as u64) as i32,
-            channel,
+            channels,
+            quiet: false,
         }
+    }
+
+    /// Announces this transaction's changes as giving no worker anything to do (what claims,
+    /// settlements, lease extensions and live output change), unless it leaves a job waiting
+    /// to run (`Tx::write_changes` notes that: a retry, a dependent that may now run) or
+    /// [`Tx::give_work`] is called.
+    pub(super) fn give_no_work(&mut self) {
+        self.quiet = true;
+    }
+
+    /// Announces this transaction's changes as ones that may give a worker something to do
+    /// (the default).
+    pub(super) fn give_work(&mut self) {
+        self.quiet = false;
     }
 
     /// Runs a statement that writes, noting whether it changed anything.
@@ -502,12 +545,18 @@ impl<'a> Tx<'a> {
                     deltas.push(*delta);
                 }
             }
+            let channel = if self.quiet {
+                &self.channels.quiet
+            } else {
+                &self.channels.work
+            };
             let params: Vec<Owned> = vec![
                 Box::new(queues),
                 Box::new(states),
                 Box::new(self.stripe),
                 Box::new(deltas),
-                Box::new(self.channel.to_owned()),
+                Box::new(channel.clone()),
+                Box::new(i64::from(!self.quiet)),
             ];
             self.db.defer(queries::FINISH, params);
         }
@@ -609,7 +658,8 @@ impl<'a> Tx<'a> {
         let mut params: Vec<Param> = values.iter().map(V::param).collect();
         params.push(&after);
         params.push(&self.stripe);
-        params.push(&self.channel);
+        // A new job is work (`rows::INSERT_JOB_AND_FINISH` counts it as such).
+        params.push(&self.channels.work);
         let answers = self.db.send(&[
             Last::Query(&INSERT_JOB_AND_FINISH, &params),
             Last::Simple("COMMIT"),
@@ -723,6 +773,10 @@ impl<'a> Tx<'a> {
         let mut groups: BTreeMap<Vec<usize>, Vec<(i64, [V; WRITTEN.len()])>> = BTreeMap::new();
         for (old, new) in pairs.iter_mut() {
             normalize(new);
+            if matches!(new.state, JobState::Pending | JobState::Failed) {
+                // A job waiting to run: a worker has it to claim, now or once due.
+                self.give_work();
+            }
             debug_assert_eq!(
                 (old.seq, &old.id, &old.after),
                 (new.seq, &new.id, &new.after)
@@ -1025,7 +1079,7 @@ static INSERT_JOB_AND_FINISH: LazyLock<String> = LazyLock::new(|| {
          c AS (INSERT INTO {{s}}.counts (queue, state, stripe, jobs) \
          SELECT queue, state, ${stripe}, 1 FROM ins ON CONFLICT (queue, state, stripe) \
          DO UPDATE SET jobs = {{s}}.counts.jobs + EXCLUDED.jobs), \
-         b AS (UPDATE {{s}}.changes SET n = n + 1 WHERE stripe = ${stripe} \
+         b AS (UPDATE {{s}}.changes SET n = n + 1, work = work + 1 WHERE stripe = ${stripe} \
          AND EXISTS (SELECT FROM ins) RETURNING n) \
          SELECT ins.seq, (SELECT count(pg_notify(${channel}, '')) FROM b) FROM ins",
         INSERT_JOB.trim_end_matches(" RETURNING seq"),

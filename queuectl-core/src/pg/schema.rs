@@ -13,7 +13,7 @@ use std::sync::LazyLock;
 
 /// Each migration, in order; migration `n` (1-based) brings `schema_version` from `n - 1` to
 /// `n`.
-pub(super) const MIGRATIONS: &[&str] = &[V1];
+pub(super) const MIGRATIONS: &[&str] = &[V1, V2];
 
 /// The schema version this build writes, and the newest it reads.
 pub const PG_SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -173,4 +173,11 @@ CREATE TABLE {s}.live_output (
     output  TEXT   NOT NULL,
     PRIMARY KEY (job_seq, upto)
 );
+";
+
+/// Version 2: the change counter also counts, apart, the changes that may give a worker
+/// something to do (`work`): a worker waiting for jobs is woken by those only, not by every
+/// job finishing elsewhere (`PgStorage::wait_for_work`).
+const V2: &str = "
+ALTER TABLE {s}.changes ADD COLUMN work BIGINT NOT NULL DEFAULT 0;
 ";

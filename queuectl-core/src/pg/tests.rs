@@ -121,6 +121,11 @@ mod conformance {
 
 const LEASE: Duration = Duration::from_secs(30);
 
+/// The version of a store that counted `work` changes that give work among `changes` in all.
+fn version_of(work: u64, changes: u64) -> u64 {
+    (work << 32) + changes
+}
+
 /// Concurrent claims by separate handles never run more jobs of a limited queue than its
 /// limit, however they interleave (each round starts them together).
 #[test]
@@ -811,7 +816,12 @@ fn one_job_enqueues_of_the_same_id_race_to_one_winner() {
     assert!(wins.iter().all(|&w| w == 1), "{wins:?}");
     let store = pg.store();
     assert_eq!(store.counts().unwrap().pending, ROUNDS);
-    assert_eq!(store.change_version().unwrap(), ROUNDS as u64);
+    let rounds = ROUNDS as u64;
+    assert_eq!(
+        store.change_version().unwrap(),
+        version_of(rounds, rounds),
+        "one change each, each giving work"
+    );
 }
 
 /// An enqueue whose insert fails, or whose commit does, leaves nothing counted and no
@@ -870,7 +880,7 @@ fn a_failed_one_job_enqueue_leaves_no_transaction_open() {
     assert_eq!(state(), "idle");
     assert_eq!(pg.count("SELECT count(*) FROM {s}.jobs"), 2);
     assert_eq!(store.counts().unwrap().pending, 2);
-    assert_eq!(store.change_version().unwrap(), 2);
+    assert_eq!(store.change_version().unwrap(), version_of(2, 2));
 }
 
 /// The first column of each row of a simple query's answer.
@@ -1080,4 +1090,206 @@ fn one_shot_operations_keep_their_round_trips() {
         assert_eq!(store.counts().unwrap().total(), 1);
         assert_eq!(round_trips() - before, 1, "the {turn} count of jobs");
     }
+}
+
+/// Only changes that may give a worker something to do end a wait for work: a job claimed,
+/// kept alive or finished elsewhere does not, so idle workers sleep through a busy queue; a
+/// new job, a retry, a dependent set free, room in a limited queue jobs wait for, a resumed
+/// queue and a stop request do.
+#[test]
+fn only_changes_that_may_give_work_end_a_wait_for_work() {
+    use crate::{ClaimRequest, JobState, Settlement};
+    let Some(_) = database_url() else { return };
+    let pg = Pg::new();
+    let store = pg.pg();
+    let id = |id: &str| id.parse::<crate::JobId>().unwrap();
+    let claim_from = |queue: &str| {
+        let request = ClaimRequest::new("w", 1, LEASE).queues([queue]);
+        let mut claimed = store.claim_jobs(&request, now()).unwrap();
+        assert_eq!(claimed.len(), 1, "a job of {queue} to claim");
+        claimed.pop().unwrap().lease.unwrap()
+    };
+    // Settles as a busy worker does, claiming with the same call (from a queue with nothing).
+    let settle = |settlement: Settlement| {
+        let request = ClaimRequest::new("w", 1, LEASE).queues(["nothing"]);
+        let (mut settled, claimed) = store
+            .settle_and_claim(vec![settlement], &request, now())
+            .unwrap();
+        assert!(claimed.is_empty());
+        settled.pop().unwrap().unwrap()
+    };
+    let complete = |lease| {
+        settle(Settlement::Complete {
+            lease,
+            report: Default::default(),
+        })
+    };
+    let fail = |lease| {
+        settle(Settlement::Fail {
+            lease,
+            report: Default::default(),
+            retry_at: now() + Duration::from_secs(60),
+        })
+    };
+    // Whether what happened since `seen` ends a wait for work (one that does not wait).
+    let gives_work = |seen: u64| store.wait_for_work(seen, Duration::ZERO).unwrap() != seen;
+    let version = || store.change_version().unwrap();
+
+    let seen = version();
+    store
+        .enqueue(NewJob::new("a").id("a").unwrap(), now())
+        .unwrap();
+    assert!(gives_work(seen), "a new job");
+
+    let seen = version();
+    let lease = claim_from("default");
+    store.heartbeat(&lease, LEASE, now()).unwrap();
+    let chunk = crate::OutputChunk {
+        lease: lease.clone(),
+        offset: 0,
+        text: "out".into(),
+    };
+    assert!(store.record_output(&[chunk]).unwrap().is_empty());
+    assert_eq!(complete(lease).state, JobState::Completed);
+    assert_ne!(version(), seen, "each of them changed the store");
+    assert!(
+        !gives_work(seen),
+        "a claim, a heartbeat, output, a completion"
+    );
+
+    store
+        .enqueue(NewJob::new("b").id("b").unwrap().max_retries(2), now())
+        .unwrap();
+    let seen = version();
+    assert_eq!(fail(claim_from("default")).state, JobState::Failed);
+    assert!(gives_work(seen), "a failure to retry");
+
+    store
+        .enqueue(NewJob::new("c").id("c").unwrap().max_retries(1), now())
+        .unwrap();
+    store
+        .enqueue(NewJob::new("d").id("d").unwrap(), now())
+        .unwrap();
+    let after_d = NewJob::new("e").id("e").unwrap().after([id("d")]);
+    store.enqueue(after_d, now()).unwrap();
+    let seen = version();
+    let mut leases = vec![claim_from("default"), claim_from("default")];
+    leases.sort_by(|a, b| a.job_id.as_str().cmp(b.job_id.as_str()));
+    let [c, d] = <[_; 2]>::try_from(leases).unwrap();
+    assert_eq!((c.job_id.as_str(), d.job_id.as_str()), ("c", "d"));
+    assert_eq!(fail(c).state, JobState::Dead);
+    assert!(!gives_work(seen), "a job that died with nothing after it");
+    complete(d);
+    assert!(gives_work(seen), "a completion that lets its dependent run");
+
+    for queue in ["limited", "open"] {
+        for n in 0..2 {
+            let job = NewJob::new("x").id(format!("{queue}{n}")).unwrap();
+            store.enqueue(job.queue(queue), now()).unwrap();
+        }
+    }
+    store
+        .change_queues(Some(&["limited".to_owned()]), QueueChange::Limit(1))
+        .unwrap();
+    let (limited, open) = (claim_from("limited"), claim_from("open"));
+    let seen = version();
+    complete(open);
+    assert!(
+        !gives_work(seen),
+        "a completion where nobody waits for room"
+    );
+    complete(limited);
+    assert!(
+        gives_work(seen),
+        "room in a limited queue with a job waiting"
+    );
+
+    let seen = version();
+    store
+        .change_queues(Some(&["open".to_owned()]), QueueChange::Pause)
+        .unwrap();
+    assert!(gives_work(seen), "a paused queue");
+    store
+        .register_worker(crate::conformance::worker_info("w"))
+        .unwrap();
+    let seen = version();
+    assert_eq!(store.request_stop().unwrap(), 1);
+    assert!(gives_work(seen), "a stop request");
+}
+
+/// Notifications of changes that give no work reach waiters for any change, not waiters for
+/// work: a worker out of work is not woken each time a job finishes elsewhere.
+#[test]
+fn finished_jobs_notify_waiters_for_changes_but_not_for_work() {
+    use super::listen::Heard;
+    use crate::{ClaimRequest, Settlement};
+    let Some(_) = database_url() else { return };
+    let pg = Pg::new();
+    let waiter = pg.pg();
+    let writer = pg.connect(PgOptions::default());
+    // Each of these commits sends one notification: work, quiet, quiet, work.
+    writer.enqueue(NewJob::new("true"), now()).unwrap();
+    let lease = writer
+        .claim("w", 1, LEASE, now())
+        .unwrap()
+        .pop()
+        .unwrap()
+        .lease
+        .unwrap();
+    let request = ClaimRequest::new("w", 1, LEASE).queues(["nothing"]);
+    let settlement = Settlement::Complete {
+        lease,
+        report: Default::default(),
+    };
+    writer
+        .settle_and_claim(vec![settlement], &request, now())
+        .unwrap();
+    writer.enqueue(NewJob::new("true"), now()).unwrap();
+    // They arrive in commit order; the waiter's listener heard nothing before.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let heard = waiter.listener.generation(Heard::Any);
+        if heard >= 4 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {heard} notifications heard"
+        );
+        waiter
+            .listener
+            .wait(Heard::Any, heard, Duration::from_secs(1));
+    }
+    assert_eq!(waiter.listener.generation(Heard::Any), 4);
+    assert_eq!(
+        waiter.listener.generation(Heard::Work),
+        2,
+        "the two enqueues, not the claim and the completion"
+    );
+}
+
+/// A schema made by the first release (version 1) is brought to the current version on
+/// connect, its change counter gaining the count of changes that give work.
+#[test]
+fn a_schema_of_version_1_is_migrated() {
+    let Some(_) = database_url() else { return };
+    let pg = Pg::unopened();
+    let quoted = format!("\"{}\"", pg.schema);
+    let v1 = [super::schema::BOOTSTRAP, super::schema::MIGRATIONS[0]]
+        .map(|sql| sql.replace("{s}", &quoted))
+        .join(";");
+    let mut client = pg.client();
+    client
+        .batch_execute(&format!(
+            "{v1}; UPDATE {quoted}.schema_version SET version = 1; \
+             UPDATE {quoted}.changes SET n = 7 WHERE stripe = 0"
+        ))
+        .unwrap();
+    let store = pg.connect(PgOptions::default());
+    assert_eq!(stored_version(&pg), Some(PG_SCHEMA_VERSION as i32));
+    let seen = store.change_version().unwrap();
+    assert_eq!(seen, version_of(0, 7), "no work counted yet, seven changes");
+    store.enqueue(NewJob::new("true"), now()).unwrap();
+    let version = store.wait_for_work(seen, Duration::ZERO).unwrap();
+    assert_eq!(version, version_of(1, 8));
 }

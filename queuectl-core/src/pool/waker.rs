@@ -1,4 +1,4 @@
-//! The waker thread: turns [`Storage::wait_for_change`] into a channel message, so that the
+//! The waker thread: turns [`Storage::wait_for_work`] into a channel message, so that the
 //! dispatcher can wait on outcomes, control messages and storage changes at once.
 
 use std::time::Duration;
@@ -36,7 +36,7 @@ pub(crate) fn run(
             if let Ok(newer) = arm.try_recv() {
                 seen = newer;
             }
-            match storage.wait_for_change(seen, poll) {
+            match storage.wait_for_work(seen, poll) {
                 Ok(version) if version != seen => {
                     if let Err(TrySendError::Disconnected(())) = wake.try_send(()) {
                         return;

@@ -105,14 +105,16 @@ pub struct Faulty {
     pub fail_polls: AtomicBool,
     /// Every batch of live output the store was asked to record, in order.
     pub outputs: parking_lot::Mutex<Vec<Vec<OutputChunk>>>,
-    /// When set, `wait_for_change` reports each wait here, then waits for real.
+    /// When set, `wait_for_work` (what the pool's waker waits with) reports each wait here,
+    /// then waits for real.
     pub waits: Option<crossbeam_channel::Sender<()>>,
-    /// `wait_for_change` never sees a change: it sleeps its whole timeout.
+    /// `wait_for_change` and `wait_for_work` never see a change: they sleep their whole
+    /// timeout.
     pub deaf: bool,
 }
 
 impl Faulty {
-    /// A store whose `wait_for_change` reports that the waker is waiting, then waits.
+    /// A store whose `wait_for_work` reports that the waker is waiting, then waits.
     pub fn reporting() -> (std::sync::Arc<Self>, Receiver<()>) {
         let (tx, rx) = crossbeam_channel::unbounded();
         let store = Faulty {
@@ -252,6 +254,13 @@ impl Storage for Faulty {
         self.inner.poll_worker(worker)
     }
     fn wait_for_change(&self, seen: u64, timeout: Duration) -> Result<u64> {
+        if self.deaf {
+            thread::sleep(timeout);
+            return self.inner.change_version();
+        }
+        self.inner.wait_for_change(seen, timeout)
+    }
+    fn wait_for_work(&self, seen: u64, timeout: Duration) -> Result<u64> {
         if let Some(waits) = &self.waits {
             let _ = waits.send(());
         }
@@ -259,6 +268,6 @@ impl Storage for Faulty {
             thread::sleep(timeout);
             return self.inner.change_version();
         }
-        self.inner.wait_for_change(seen, timeout)
+        self.inner.wait_for_work(seen, timeout)
     }
 }
