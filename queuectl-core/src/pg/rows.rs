@@ -773,6 +773,8 @@ impl<'a> Tx<'a> {
         let mut groups: BTreeMap<Vec<usize>, Vec<(i64, [V; WRITTEN.len()])>> = BTreeMap::new();
         for (old, new) in pairs.iter_mut() {
             normalize(new);
+            storable(&mut new.last_error);
+            storable(&mut new.output);
             if matches!(new.state, JobState::Pending | JobState::Failed) {
                 // A job waiting to run: a worker has it to claim, now or once due.
                 self.give_work();
@@ -858,6 +860,8 @@ impl<'a> Tx<'a> {
         let mut a = AttemptArrays::default();
         for (seq, attempt) in attempts.iter_mut() {
             normalize_attempt(attempt);
+            storable(&mut attempt.output);
+            storable(&mut attempt.error);
             a.push(*seq, attempt);
         }
         self.db
@@ -900,9 +904,11 @@ impl<'a> Tx<'a> {
     pub(super) fn append_output(&mut self, seq: u64, chunk: &OutputChunk) -> TxResult<()> {
         let seq = seq as i64;
         let end: Option<i64> = self.db.query(queries::LIVE_END, &[&seq])?[0].try_get(0)?;
-        let Some(appended) = rules::append_output(end.map_or(0, |end| end as u64), chunk) else {
+        let Some(mut appended) = rules::append_output(end.map_or(0, |end| end as u64), chunk)
+        else {
             return Ok(());
         };
+        appended.text = without_nul(appended.text);
         if appended.keep_from > 0 {
             let keep = stored_offset(appended.keep_from);
             self.write(queries::LIVE_DROP, &[&seq, &keep])?;
@@ -1240,6 +1246,24 @@ impl AttemptArrays {
         self.error.push(attempt.error.clone());
         self.output.push(attempt.output.clone());
         self.due_at.push(attempt.due_at.map(micros));
+    }
+}
+
+/// What PostgreSQL's `text` can hold of what a job printed: every NUL byte (which it refuses)
+/// becomes SUB (U+001A, the ASCII substitute character), one byte for one, so that offsets
+/// into the output stay right.
+fn without_nul(text: String) -> String {
+    if text.contains('\0') {
+        text.replace('\0', "\u{1a}")
+    } else {
+        text
+    }
+}
+
+/// [`without_nul`] in place, so that what an operation returns is what a later read returns.
+fn storable(text: &mut Option<String>) {
+    if let Some(t) = text.take() {
+        *text = Some(without_nul(t));
     }
 }
 

@@ -1293,3 +1293,64 @@ fn a_schema_of_version_1_is_migrated() {
     let version = store.wait_for_work(seen, Duration::ZERO).unwrap();
     assert_eq!(version, version_of(1, 8));
 }
+
+/// What a job prints may hold NUL bytes, which PostgreSQL's `text` refuses: its output, live
+/// and final, and its error are recorded with SUB in their place (same length), and the
+/// results settled with it are recorded, not refused with it.
+#[test]
+fn output_with_nul_bytes_is_recorded_with_sub_in_their_place() {
+    use crate::{ClaimRequest, Settlement};
+    let Some(_) = database_url() else { return };
+    let pg = Pg::new();
+    let store = pg.pg();
+    for id in ["nul", "plain"] {
+        store
+            .enqueue(NewJob::new("x").id(id).unwrap().max_retries(1), now())
+            .unwrap();
+    }
+    let leases: Vec<_> = store
+        .claim("w", 2, LEASE, now())
+        .unwrap()
+        .into_iter()
+        .map(|job| job.lease.unwrap())
+        .collect();
+    let nul = leases.iter().find(|l| l.job_id.as_str() == "nul").unwrap();
+    let chunk = crate::OutputChunk {
+        lease: nul.clone(),
+        offset: 0,
+        text: "live\0".into(),
+    };
+    assert!(store.record_output(&[chunk]).unwrap().is_empty());
+    let live = store.output_since(&nul.job_id, 0).unwrap();
+    assert_eq!(live.text, "live\u{1a}");
+    let settlements = leases
+        .iter()
+        .map(|lease| Settlement::Fail {
+            lease: lease.clone(),
+            report: crate::AttemptReport {
+                exit_code: Some(1),
+                output: Some(format!("{}\0out\n", lease.job_id)),
+                error: Some("said \0".into()),
+                ..Default::default()
+            },
+            retry_at: now(),
+        })
+        .collect();
+    let request = ClaimRequest::new("w", 1, LEASE).queues(["nothing"]);
+    let (settled, _) = store
+        .settle_and_claim(settlements, &request, now())
+        .unwrap();
+    for (job, id) in settled.into_iter().zip(["nul", "plain"]) {
+        let job = job.unwrap();
+        assert_eq!(job.state, crate::JobState::Dead);
+        assert_eq!(
+            job.output.as_deref(),
+            Some(format!("{id}\u{1a}out\n").as_str())
+        );
+        assert_eq!(job.last_error.as_deref(), Some("said \u{1a}"));
+        assert_eq!(store.get(&job.id).unwrap(), job, "returned as stored");
+        let attempts = store.attempts(&job.id).unwrap();
+        assert_eq!(attempts[0].output, job.output);
+        assert_eq!(attempts[0].error, job.last_error);
+    }
+}
