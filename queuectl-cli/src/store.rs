@@ -100,23 +100,31 @@ pub fn target(
 
 /// Connects to PostgreSQL; `waits` for a process that waits for changes (a worker, `wait`,
 /// `logs --follow`, the dashboard), which listens for notifications. A one-shot command
-/// neither listens nor keeps more than one connection, and checks the schema with its first
-/// operation: it saves a connection and a round trip per run.
-fn connect(url: &str, schema: &Option<String>, waits: bool) -> Result<Arc<dyn Storage>> {
-    Ok(Arc::new(pg(url, schema, waits)?))
-}
-
-fn pg(url: &str, schema: &Option<String>, waits: bool) -> Result<PgStorage> {
-    let mut options = PgOptions::default();
+/// neither listens nor keeps more than one connection. One that may create the queue's schema
+/// checks it with its first operation, which saves a round trip per run; the others check it
+/// on connect, where a missing schema is found before anything is shown or changed (and
+/// nothing is created).
+fn pg(
+    url: &str,
+    schema: &Option<String>,
+    waits: bool,
+    access: Access,
+) -> std::result::Result<PgStorage, StorageError> {
+    let mut options = PgOptions {
+        create: access == Access::Create,
+        ..PgOptions::default()
+    };
     if !waits {
         options.listen = false;
         options.pool_size = 1;
-        options.schema_check = SchemaCheck::WithFirstUse;
+        if access == Access::Create {
+            options.schema_check = SchemaCheck::WithFirstUse;
+        }
     }
     if let Some(schema) = schema {
         options.schema = schema.clone();
     }
-    Ok(PgStorage::connect(url, options)?)
+    PgStorage::connect(url, options)
 }
 
 /// What a worker says when its clock is off from the database server's by more than a second.
@@ -139,7 +147,7 @@ pub fn clock_warning(offset: time::Duration) -> Option<String> {
 pub fn open_for_work(target: &Target) -> Result<Arc<dyn Storage>> {
     match target {
         Target::Database { url, schema } => {
-            let store = pg(url, schema, true)?;
+            let store = pg(url, schema, true, Access::Create)?;
             if let Some(warning) = clock_warning(store.clock_offset()?) {
                 say!("{warning}");
             }
@@ -162,27 +170,38 @@ fn announce(store: &FileStorage) {
 /// Opens the store as the command needs it. A read finds an empty queue where there is no
 /// store yet (and says so), and falls back to reading a store it cannot write.
 pub fn open(target: &Target, access: Access, waits: bool) -> Result<Arc<dyn Storage>> {
-    let home = match target {
-        Target::Database { url, schema } => return connect(url, schema, waits),
-        Target::Home(home) => home,
+    let opened: std::result::Result<Arc<dyn Storage>, StorageError> = match target {
+        Target::Database { url, schema } => {
+            pg(url, schema, waits, access).map(|store| Arc::new(store) as Arc<dyn Storage>)
+        }
+        Target::Home(home) => open_home(home, access).map(|store| {
+            announce(&store);
+            Arc::new(store) as Arc<dyn Storage>
+        }),
     };
+    match opened {
+        Err(StorageError::NoStore { path }) if access == Access::Read => {
+            say!("note: there is no queue at {} yet", path.display());
+            Ok(Arc::new(MemoryStorage::new()))
+        }
+        other => Ok(other?),
+    }
+}
+
+fn open_home(
+    home: &std::path::Path,
+    access: Access,
+) -> std::result::Result<FileStorage, StorageError> {
     let options = FileOptions {
         create: access == Access::Create,
         ..FileOptions::default()
     };
-    let opened = match FileStorage::open_with(home, options) {
-        Err(StorageError::NoStore { path }) if access == Access::Read => {
-            say!("note: there is no queue at {} yet", path.display());
-            return Ok(Arc::new(MemoryStorage::new()));
-        }
+    match FileStorage::open_with(home, options) {
         Err(error) if access == Access::Read && error.is_permission_problem() => {
             FileStorage::open_with(home, FileOptions::read_only())
         }
         other => other,
-    };
-    let store = opened?;
-    announce(&store);
-    Ok(Arc::new(store))
+    }
 }
 
 /// Returns jobs abandoned by dead workers to the queue before showing anything, so that what is

@@ -401,3 +401,55 @@ fn a_worker_cut_off_from_the_server_has_its_stale_result_refused() {
         .collect();
     assert_eq!(outcomes, ["abandoned", "succeeded"], "{job}");
 }
+
+/// On a schema that does not exist, read commands show an empty queue and say there is none,
+/// commands that change a queue refuse, and neither creates the schema: a mistyped name
+/// leaves nothing behind. `enqueue` creates it.
+#[test]
+fn commands_on_a_missing_schema_create_nothing_but_enqueue() {
+    let Some(db) = Schema::new() else { return };
+    let q = Queue::new();
+    let exists = || {
+        let mut client = postgres::Client::connect(&db.url, postgres::NoTls).unwrap();
+        let sql = "SELECT count(*) FROM pg_namespace WHERE nspname = $1";
+        client.query_one(sql, &[&db.name]).unwrap().get::<_, i64>(0) == 1
+    };
+    for read in [
+        &["status", "--json"][..],
+        &["list", "--json"],
+        &["dlq", "list", "--json"],
+        &["config", "show", "--json"],
+    ] {
+        let out = q.cmd(db.args(read)).run();
+        out.json();
+        assert!(
+            out.stderr.contains("note: there is no queue at"),
+            "{read:?}: {}",
+            out.stderr
+        );
+    }
+    assert_eq!(
+        q.cmd(db.args(&["status", "--json"])).run().json()["counts"]["pending"],
+        0
+    );
+    for change in [
+        &["cancel", "nosuch"][..],
+        &["dlq", "retry", "--all"],
+        &["purge"],
+        &["worker", "stop", "--no-wait"],
+    ] {
+        let out = q.cmd(db.args(change)).status(1).run();
+        assert!(out.stdout.is_empty(), "{change:?}: {}", out.stdout);
+        assert!(
+            out.stderr.contains("there is no queue at"),
+            "{change:?}: {}",
+            out.stderr
+        );
+    }
+    assert!(!exists(), "nothing was created");
+    q.cmd(db.args(&["enqueue", r#"{"id":"a","command":"true"}"#]))
+        .run();
+    assert!(exists());
+    let out = q.cmd(db.args(&["cancel", "a"])).run();
+    assert!(!out.stderr.contains("no queue"), "{}", out.stderr);
+}

@@ -82,6 +82,9 @@ pub struct PgOptions {
     pub replan_check: Duration,
     /// When the handle makes sure the schema is there and current (default: on connect).
     pub schema_check: SchemaCheck,
+    /// Create the queue's schema where there is none (default). Off, a schema that does not
+    /// exist or holds nothing is [`StorageError::NoStore`], and nothing is created.
+    pub create: bool,
 }
 
 /// When a [`PgStorage`] makes sure its schema is there and at the version it uses, creating
@@ -109,6 +112,7 @@ impl Default for PgOptions {
             connect_timeout: Duration::from_secs(10),
             replan_check: Duration::from_secs(1),
             schema_check: SchemaCheck::OnConnect,
+            create: true,
         }
     }
 }
@@ -195,6 +199,8 @@ pub struct PgStorage {
     replan_check: Duration,
     /// Reads the sizes of [`PLANNED_TABLES`].
     sizes_sql: String,
+    /// Whether a missing schema is created ([`PgOptions::create`]).
+    create: bool,
     listener: Listener,
     /// Whether the schema was found there and current ([`SchemaCheck`]).
     schema_checked: AtomicBool,
@@ -253,6 +259,7 @@ impl PgStorage {
             ),
             listener: Listener::poll_only(),
             schema_checked: AtomicBool::new(false),
+            create: options.create,
         };
         match options.schema_check {
             SchemaCheck::OnConnect => store.migrate()?,
@@ -307,21 +314,12 @@ impl PgStorage {
                 "SELECT pg_advisory_xact_lock($1, $2)",
                 &[&schema::LOCK_CLASS, &key],
             )?;
-            let foreign: bool = tx.query(
-                "SELECT EXISTS (SELECT FROM pg_tables WHERE schemaname = $1) AND NOT \
-                 EXISTS (SELECT FROM pg_tables WHERE schemaname = $1 AND \
-                 tablename = 'schema_version')",
-                &[&self.schema],
-            )?[0]
-                .try_get(0)?;
-            if foreign {
-                return Err(StorageError::Conflict {
-                    path: PathBuf::from(&self.database),
-                    reason: "the schema holds tables of another program; choose another schema"
-                        .to_owned(),
-                }
-                .into());
-            }
+            let contents: Vec<String> = tx
+                .query(schema::CONTENTS, &[&self.schema])?
+                .iter()
+                .map(|row| row.try_get(0))
+                .collect::<Result<_, _>>()?;
+            self.check_ours(&contents)?;
             tx.batch_execute(&schema::BOOTSTRAP.replace("{s}", &self.quoted))?;
             let version: i32 =
                 tx.query("SELECT version FROM {s}.schema_version", &[])?[0].try_get(0)?;
@@ -346,6 +344,54 @@ impl PgStorage {
         result.map_err(|e| self.error(op, e))?;
         self.schema_checked.store(true, Ordering::Release);
         Ok(())
+    }
+
+    /// Refuses a schema that is not a queue's: one without the tables the first migration
+    /// makes (`contents`: the names of what it holds, [`schema::CONTENTS`]) that holds
+    /// anything. What someone added to a queue's schema (a view over its jobs, say) is left
+    /// alone. An empty or missing schema is [`StorageError::NoStore`] unless the handle
+    /// creates one.
+    fn check_ours(&self, contents: &[String]) -> TxResult<()> {
+        if contents.is_empty() {
+            if !self.create {
+                return Err(StorageError::NoStore {
+                    path: PathBuf::from(&self.database),
+                }
+                .into());
+            }
+            return Ok(());
+        }
+        let has = |name: &str| contents.iter().any(|c| c == name);
+        if has("schema_version") && has("meta") && has("jobs") {
+            return Ok(());
+        }
+        let theirs: Vec<&str> = contents
+            .iter()
+            .map(String::as_str)
+            .filter(|name| !schema::OURS.contains(name))
+            .collect();
+        let reason = if theirs.is_empty() {
+            "the schema holds some of a queue's tables but not all: it was not made by \
+             queuectl; choose another schema"
+                .to_owned()
+        } else {
+            let shown = theirs
+                .iter()
+                .take(5)
+                .copied()
+                .collect::<Vec<_>>()
+                .join(", ");
+            let more = if theirs.len() > 5 { ", …" } else { "" };
+            format!(
+                "the schema holds objects of another program ({shown}{more}); choose another \
+                 schema"
+            )
+        };
+        Err(StorageError::Conflict {
+            path: PathBuf::from(&self.database),
+            reason,
+        }
+        .into())
     }
 
     // ----- transactions -----

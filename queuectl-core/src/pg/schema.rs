@@ -35,6 +35,35 @@ pub(super) static GUARD: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
+/// The name of every table the migrations make and of the sequences of its identity columns:
+/// what a schema that is not a queue's holds besides these is named in the error that refuses
+/// it (`PgStorage::check_ours`). A migration that adds a table adds it here
+/// (`the_schema_holds_what_ours_names` checks).
+pub(super) const OURS: &[&str] = &[
+    "schema_version",
+    "jobs",
+    "jobs_seq_seq",
+    "attempts",
+    "attempts_id_seq",
+    "counts",
+    "queues",
+    "dependencies",
+    "workers",
+    "meta",
+    "changes",
+    "live_output",
+];
+
+/// The names of what schema `$1` holds, but its indexes (which belong to its tables) and the
+/// types PostgreSQL makes for its tables: every relation (tables, views, sequences, …), every
+/// function and every type of its own.
+pub(super) const CONTENTS: &str = "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n \
+     ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relkind NOT IN ('i', 'I') \
+     UNION ALL SELECT p.proname::text FROM pg_proc p JOIN pg_namespace n \
+     ON n.oid = p.pronamespace WHERE n.nspname = $1 \
+     UNION ALL SELECT t.typname::text FROM pg_type t JOIN pg_namespace n \
+     ON n.oid = t.typnamespace WHERE n.nspname = $1 AND t.typrelid = 0 AND t.typcategory <> 'A'";
+
 /// The first key of the advisory lock migrations hold (the second is the schema's name
 /// hashed): "QCTL" in ASCII, as the embedded store's `application_id`.
 pub(super) const LOCK_CLASS: i32 = 0x5143_544c;

@@ -1269,7 +1269,8 @@ fn finished_jobs_notify_waiters_for_changes_but_not_for_work() {
 }
 
 /// A schema made by the first release (version 1) is brought to the current version on
-/// connect, its change counter gaining the count of changes that give work.
+/// connect, its change counter gaining the count of changes that give work. A view someone
+/// added to it is theirs, and the schema still a queue's.
 #[test]
 fn a_schema_of_version_1_is_migrated() {
     let Some(_) = database_url() else { return };
@@ -1282,7 +1283,8 @@ fn a_schema_of_version_1_is_migrated() {
     client
         .batch_execute(&format!(
             "{v1}; UPDATE {quoted}.schema_version SET version = 1; \
-             UPDATE {quoted}.changes SET n = 7 WHERE stripe = 0"
+             UPDATE {quoted}.changes SET n = 7 WHERE stripe = 0; \
+             CREATE VIEW {quoted}.report AS SELECT id FROM {quoted}.jobs"
         ))
         .unwrap();
     let store = pg.connect(PgOptions::default());
@@ -1353,4 +1355,141 @@ fn output_with_nul_bytes_is_recorded_with_sub_in_their_place() {
         assert_eq!(attempts[0].output, job.output);
         assert_eq!(attempts[0].error, job.last_error);
     }
+}
+
+/// What a schema holds, counted (its relations, functions and types, as `schema::CONTENTS`
+/// lists them), and the rows of a `schema_version` table in it if there is one.
+fn holdings(pg: &Pg) -> (usize, Vec<i32>) {
+    let mut client = pg.client();
+    let contents = client
+        .query(super::schema::CONTENTS, &[&pg.schema])
+        .unwrap()
+        .len();
+    let versions = client
+        .query(
+            &format!("SELECT version FROM \"{}\".schema_version", pg.schema),
+            &[],
+        )
+        .map(|rows| rows.iter().map(|row| row.get(0)).collect())
+        .unwrap_or_default();
+    (contents, versions)
+}
+
+/// A schema holding anything queuectl does not make is refused, whatever it holds and
+/// however the handle checks it, and is left as it was.
+#[test]
+fn schemas_not_made_by_queuectl_are_refused_and_left_alone() {
+    let Some(_) = database_url() else { return };
+    let version_table = "CREATE TABLE {s}.schema_version (version int); ";
+    for (what, sql) in [
+        ("a table", "CREATE TABLE {s}.customers (id int)".to_owned()),
+        (
+            "a view",
+            "CREATE VIEW {s}.report AS SELECT 1 AS x".to_owned(),
+        ),
+        ("a sequence", "CREATE SEQUENCE {s}.invoice_no".to_owned()),
+        (
+            "a function",
+            "CREATE FUNCTION {s}.f() RETURNS int LANGUAGE sql AS 'SELECT 1'".to_owned(),
+        ),
+        ("a type", "CREATE TYPE {s}.mood AS ENUM ('ok')".to_owned()),
+        (
+            "a version table beside a table",
+            format!(
+                "{version_table}INSERT INTO {{s}}.schema_version VALUES (0); \
+                 CREATE TABLE {{s}}.customers (id int)"
+            ),
+        ),
+        (
+            "a version table alone",
+            format!("{version_table}INSERT INTO {{s}}.schema_version VALUES (1)"),
+        ),
+    ] {
+        let pg = Pg::unopened();
+        let quoted = format!("\"{}\"", pg.schema);
+        pg.client()
+            .batch_execute(&format!(
+                "CREATE SCHEMA {quoted}; {}",
+                sql.replace("{s}", &quoted)
+            ))
+            .unwrap();
+        let before = holdings(&pg);
+        let options = PgOptions {
+            schema: pg.schema.clone(),
+            ..PgOptions::default()
+        };
+        let on_connect = PgStorage::connect(&pg.url, options.clone()).map(drop);
+        let first_use = PgStorage::connect(
+            &pg.url,
+            PgOptions {
+                schema_check: SchemaCheck::WithFirstUse,
+                ..options
+            },
+        )
+        .unwrap()
+        .enqueue(NewJob::new("true"), now())
+        .map(drop);
+        for result in [on_connect, first_use] {
+            let error = result.expect_err(what);
+            assert!(
+                matches!(error, crate::StorageError::Conflict { .. }),
+                "{what}: {error}"
+            );
+        }
+        assert_eq!(holdings(&pg), before, "{what}: left as it was");
+    }
+}
+
+/// A handle that does not create (what read and change commands open) finds no queue in a
+/// missing or empty schema and makes nothing there; once a queue is there, it uses it.
+#[test]
+fn a_handle_that_does_not_create_finds_no_queue_and_makes_none() {
+    let Some(_) = database_url() else { return };
+    let pg = Pg::unopened();
+    let not_creating = |schema_check| PgOptions {
+        schema: pg.schema.clone(),
+        create: false,
+        schema_check,
+        ..PgOptions::default()
+    };
+    let no_store = |error: crate::StorageError| {
+        assert!(
+            matches!(error, crate::StorageError::NoStore { .. }),
+            "{error}"
+        );
+    };
+    for schema_exists in [false, true] {
+        if schema_exists {
+            pg.client()
+                .batch_execute(&format!("CREATE SCHEMA \"{}\"", pg.schema))
+                .unwrap();
+        }
+        no_store(PgStorage::connect(&pg.url, not_creating(SchemaCheck::OnConnect)).unwrap_err());
+        let store = PgStorage::connect(&pg.url, not_creating(SchemaCheck::WithFirstUse)).unwrap();
+        no_store(store.list(&crate::ListQuery::default()).unwrap_err());
+        no_store(store.enqueue(NewJob::new("true"), now()).unwrap_err());
+        assert_eq!(holdings(&pg), (0, Vec::new()), "nothing made");
+    }
+    pg.connect(PgOptions::default());
+    let store = PgStorage::connect(&pg.url, not_creating(SchemaCheck::OnConnect)).unwrap();
+    assert!(store.list(&crate::ListQuery::default()).unwrap().is_empty());
+}
+
+/// `schema::OURS` names everything the migrations make: a migration that adds a table
+/// without naming it there would have its own schema refused as another program's.
+#[test]
+fn the_schema_holds_what_ours_names() {
+    let Some(_) = database_url() else { return };
+    let pg = Pg::new();
+    let mut held: Vec<String> = pg
+        .client()
+        .query(super::schema::CONTENTS, &[&pg.schema])
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    held.sort();
+    let mut ours: Vec<&str> = super::schema::OURS.to_vec();
+    ours.sort();
+    assert_eq!(held, ours);
 }
