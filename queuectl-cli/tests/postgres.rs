@@ -453,3 +453,42 @@ fn commands_on_a_missing_schema_create_nothing_but_enqueue() {
     let out = q.cmd(db.args(&["cancel", "a"])).run();
     assert!(!out.stderr.contains("no queue"), "{}", out.stderr);
 }
+
+/// A database user that may read the queue but not change it (here: read-only transactions,
+/// as on a replica) can run the read commands: the recovery they do first is skipped, and
+/// they say so. A change is refused.
+#[test]
+fn read_commands_work_for_a_user_that_cannot_write() {
+    let Some(db) = Schema::new() else { return };
+    let q = Queue::new();
+    q.cmd(db.args(&["enqueue", r#"{"id":"a","command":"true"}"#]))
+        .run();
+    let read_only = format!(
+        "{}{}options=-c%20default_transaction_read_only%3Don",
+        db.url,
+        if db.url.contains('?') { "&" } else { "?" }
+    );
+    let as_reader = |args: &[&str]| {
+        let mut all = vec!["--database-url", read_only.as_str()];
+        all.extend_from_slice(&["--database-schema", db.name.as_str()]);
+        all.extend_from_slice(args);
+        all.into_iter().map(str::to_owned).collect::<Vec<_>>()
+    };
+    for read in [
+        &["status", "--json"][..],
+        &["list", "--json"],
+        &["show", "a", "--json"],
+    ] {
+        let out = q.cmd(as_reader(read)).run();
+        out.json();
+        assert!(
+            out.stderr.contains("were not looked for") && out.stderr.contains("refused"),
+            "{read:?}: {}",
+            out.stderr
+        );
+    }
+    let out = q.cmd(as_reader(&["cancel", "a"])).status(1).run();
+    assert!(out.stderr.contains("refused"), "{}", out.stderr);
+    let job = q.cmd(db.args(&["show", "a", "--json"])).run().json();
+    assert_eq!(job["state"], "pending");
+}
