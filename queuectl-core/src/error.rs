@@ -224,6 +224,8 @@ pub enum DatabaseFault {
     Unreachable,
     /// The database refused the operation for this user.
     Denied,
+    /// The database URL is not one the client reads.
+    BadUrl,
     /// Anything else (the database's own message follows).
     Other,
 }
@@ -239,6 +241,7 @@ impl std::fmt::Display for DatabaseFault {
             DatabaseFault::Io => "the operating system reported an I/O error",
             DatabaseFault::Unreachable => "the database server cannot be reached (is it running, and are the address and credentials right?)",
             DatabaseFault::Denied => "the database refused the operation (check the user's privileges on the database and the schema)",
+            DatabaseFault::BadUrl => "it is not a PostgreSQL connection URL (postgres://user@host:port/dbname, or key=value pairs)",
             DatabaseFault::Other => "the database reported an error",
         })
     }

@@ -147,6 +147,26 @@ struct Conn {
     planned_for: (Vec<i64>, Instant),
 }
 
+/// The last error of the pool's attempts to open a connection (r2d2 keeps only its message).
+#[derive(Debug, Default, Clone)]
+struct ConnectErrors(std::sync::Arc<parking_lot::Mutex<Option<ConnectError>>>);
+
+impl ConnectErrors {
+    fn take(&self) -> Option<ConnectError> {
+        self.0.lock().take()
+    }
+
+    fn any(&self) -> bool {
+        self.0.lock().is_some()
+    }
+}
+
+impl r2d2::HandleError<ConnectError> for ConnectErrors {
+    fn handle_error(&self, error: ConnectError) {
+        *self.0.lock() = Some(error);
+    }
+}
+
 /// Opens the pool's connections.
 #[derive(Debug)]
 struct Manager {
@@ -201,6 +221,11 @@ pub struct PgStorage {
     sizes_sql: String,
     /// Whether a missing schema is created ([`PgOptions::create`]).
     create: bool,
+    /// Why the pool's last attempt to open a connection failed, if it did since looked at.
+    connect_errors: ConnectErrors,
+    /// Whether a connection was ever opened ([`PgStorage::pooled`]).
+    connected: AtomicBool,
+    connect_timeout: Duration,
     listener: Listener,
     /// Whether the schema was found there and current ([`SchemaCheck`]).
     schema_checked: AtomicBool,
@@ -216,10 +241,15 @@ impl PgStorage {
             url.parse().map_err(|source| StorageError::Postgres {
                 op: "read the database URL",
                 database: "the database URL given".to_owned(),
-                fault: DatabaseFault::Other,
+                fault: DatabaseFault::BadUrl,
                 source: Box::new(source),
             })?;
-        config.connect_timeout(options.connect_timeout);
+        // A `connect_timeout` in the URL is the caller's choice, as `PgOptions`' is.
+        let connect_timeout = config
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(options.connect_timeout);
+        config.connect_timeout(connect_timeout);
         config.keepalives(true);
         if config.get_application_name().is_none() {
             config.application_name("queuectl");
@@ -233,11 +263,13 @@ impl PgStorage {
                 fault: DatabaseFault::Other,
                 source: Box::new(source),
             })?;
+        let connect_errors = ConnectErrors::default();
         let pool = r2d2::Pool::builder()
             .max_size(options.pool_size.max(1))
             .min_idle(Some(0))
             .test_on_check_out(false)
-            .connection_timeout(options.connect_timeout)
+            .connection_timeout(connect_timeout)
+            .error_handler(Box::new(connect_errors.clone()))
             .build_unchecked(Manager {
                 config: config.clone(),
                 connector: connector.clone(),
@@ -260,6 +292,9 @@ impl PgStorage {
             listener: Listener::poll_only(),
             schema_checked: AtomicBool::new(false),
             create: options.create,
+            connect_errors,
+            connected: AtomicBool::new(false),
+            connect_timeout,
         };
         match options.schema_check {
             SchemaCheck::OnConnect => store.migrate()?,
@@ -288,7 +323,11 @@ impl PgStorage {
     /// advisory lock on the schema's name: concurrent connects wait for each other. Once it
     /// succeeded, transactions no longer check the schema ([`SchemaCheck`]).
     fn migrate(&self) -> Result<()> {
-        let op = "create or upgrade the queue's schema";
+        let op = if self.create {
+            "create or upgrade the queue's schema"
+        } else {
+            "open the queue's schema"
+        };
         // Not `connection`: its look at the tables' sizes needs the tables.
         let mut conn = self.pooled(op)?;
         let version_table = format!("{}.schema_version", self.quoted);
@@ -416,13 +455,44 @@ impl PgStorage {
     }
 
     /// A connection of the pool, as it is.
+    /// A connection of the pool. Until one was ever opened, the first failure to open one
+    /// is returned at once, with its cause (a database or user that does not exist, a server
+    /// that refuses the connection): that is a mistake to report, not a moment to wait out.
+    /// Afterwards a connection that cannot be opened is tried again until `connect_timeout`,
+    /// so that a server restarting under a running worker is waited for.
     fn pooled(&self, op: &'static str) -> Result<r2d2::PooledConnection<Manager>> {
-        self.pool.get().map_err(|source| StorageError::Postgres {
-            op,
-            database: self.database.clone(),
-            fault: DatabaseFault::Unreachable,
-            source: Box::new(source),
-        })
+        const SLICE: Duration = Duration::from_millis(10);
+        let failed = |timeout: r2d2::Error| {
+            let (fault, source): (_, Box<dyn std::error::Error + Send + Sync>) =
+                match self.connect_errors.take() {
+                    Some(ConnectError::Db(error)) => (fault_of(&error), Box::new(error)),
+                    Some(other) => (DatabaseFault::Unreachable, Box::new(other)),
+                    None => (DatabaseFault::Unreachable, Box::new(timeout)),
+                };
+            StorageError::Postgres {
+                op,
+                database: self.database.clone(),
+                fault,
+                source,
+            }
+        };
+        if self.connected.load(Ordering::Acquire) {
+            return self.pool.get().map_err(failed);
+        }
+        let deadline = Instant::now() + self.connect_timeout;
+        loop {
+            match self.pool.get_timeout(SLICE) {
+                Ok(conn) => {
+                    self.connected.store(true, Ordering::Release);
+                    return Ok(conn);
+                }
+                Err(timeout) => {
+                    if self.connect_errors.any() || Instant::now() >= deadline {
+                        return Err(failed(timeout));
+                    }
+                }
+            }
+        }
     }
 
     /// Every `replan_check`, reads the sizes of the queue's tables; when one has doubled

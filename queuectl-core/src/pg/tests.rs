@@ -1493,3 +1493,59 @@ fn the_schema_holds_what_ours_names() {
     ours.sort();
     assert_eq!(held, ours);
 }
+
+/// A connect that cannot succeed (a database or a user that does not exist, a port where
+/// nothing listens) fails at once with the reason, not once `connect_timeout` has passed with
+/// only "db error" to show.
+#[test]
+fn a_connect_that_cannot_succeed_fails_at_once_with_its_cause() {
+    let Some(url) = database_url() else { return };
+    let config: postgres::Config = url.parse().unwrap();
+    let host = match &config.get_hosts()[0] {
+        postgres::config::Host::Tcp(host) => host.clone(),
+        postgres::config::Host::Unix(path) => path.display().to_string(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let user = config.get_user().unwrap_or("postgres").to_owned();
+    let dbname = config.get_dbname().unwrap_or(&user).to_owned();
+    let free_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let at = |host: &str, port: u16, user: &str, dbname: &str| {
+        format!("host={host} port={port} user={user} dbname={dbname}")
+    };
+    for (url, cause) in [
+        (
+            at(&host, port, &user, "queuectl_no_such_db"),
+            "does not exist",
+        ),
+        (
+            at(&host, port, "queuectl_no_such_user", &dbname),
+            "does not exist",
+        ),
+        (at("127.0.0.1", free_port, &user, &dbname), "refused"),
+    ] {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let target = url.clone();
+        std::thread::spawn(move || {
+            let options = PgOptions {
+                connect_timeout: Duration::from_secs(60),
+                ..PgOptions::default()
+            };
+            let _ = tx.send(PgStorage::connect(&target, options).map(drop));
+        });
+        let error = rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("{url}: still trying"))
+            .expect_err(&url);
+        let mut said = error.to_string();
+        let mut source = std::error::Error::source(&error);
+        while let Some(cause) = source {
+            said = format!("{said}: {cause}");
+            source = cause.source();
+        }
+        assert!(said.contains(cause), "{url}: {said}");
+    }
+}
