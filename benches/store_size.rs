@@ -147,7 +147,7 @@ impl Target {
     /// Adds the arguments that point `queuectl` here.
     fn apply<'a>(&self, command: &'a mut Command) -> &'a mut Command {
         match self {
-            // The variable would take precedence over `--home`.
+            // `--home` wins over the variable; without it the run is plainer to read.
             Target::Home(dir) => command
                 .env_remove("QUEUECTL_DATABASE_URL")
                 .arg("--home")

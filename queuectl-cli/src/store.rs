@@ -84,12 +84,31 @@ pub fn target(
     schema: Option<String>,
 ) -> Result<Target> {
     let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
-    if let Some(url) = url
-        .filter(|u| !u.is_empty())
-        .or_else(|| env("QUEUECTL_DATABASE_URL"))
-    {
+    let url = url.filter(|u| !u.is_empty());
+    // Flags that contradict each other are refused, not one of them ignored; a flag
+    // overrides what the environment sets.
+    if url.is_some() && home.is_some() {
+        return Err(CliError::Refused(
+            "--home names an embedded store and --database-url a PostgreSQL one: give one of \
+             them"
+                .to_owned(),
+        ));
+    }
+    let url = match (url, &home) {
+        (Some(url), _) => Some(url),
+        (None, Some(_)) => None,
+        (None, None) => env("QUEUECTL_DATABASE_URL"),
+    };
+    if let Some(url) = url {
         let schema = schema.or_else(|| env("QUEUECTL_DATABASE_SCHEMA"));
         return Ok(Target::Database { url, schema });
+    }
+    if schema.is_some() {
+        return Err(CliError::Refused(
+            "--database-schema needs a PostgreSQL database: pass --database-url or set \
+             QUEUECTL_DATABASE_URL"
+                .to_owned(),
+        ));
     }
     let from_env = std::env::var_os("QUEUECTL_HOME").filter(|home| !home.is_empty());
     match home.or(from_env.map(Into::into)) {

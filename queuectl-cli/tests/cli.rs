@@ -1389,3 +1389,44 @@ fn logs_follow_exits_1_when_the_job_does_not_complete() {
     );
     worker.wait_for("[dead] job j");
 }
+
+/// Flags that contradict each other are refused before anything is opened: `--home` with a
+/// database URL, and `--database-schema` with no database to put it in. The environment's
+/// settings are defaults a flag overrides, not a contradiction.
+#[test]
+fn contradicting_store_flags_are_refused() {
+    let q = Queue::new();
+    let out = q
+        .cmd([
+            "--database-url",
+            "postgres://nobody@127.0.0.1:1/none",
+            "status",
+        ])
+        .status(1)
+        .run();
+    assert!(out.stderr.contains("give one of them"), "{}", out.stderr);
+    let out = q
+        .cmd([
+            "--database-schema",
+            "jobs",
+            "enqueue",
+            r#"{"command":"true"}"#,
+        ])
+        .status(1)
+        .run();
+    assert!(
+        out.stderr.contains("--database-schema needs"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stdout.is_empty());
+    assert!(!q.home().exists(), "nothing was created");
+    // A URL in the environment gives way to --home.
+    q.cmd(["enqueue", r#"{"id":"here","command":"true"}"#])
+        .env(
+            "QUEUECTL_DATABASE_URL",
+            "postgres://nobody@127.0.0.1:1/none",
+        )
+        .run();
+    assert_eq!(q.job("here")["state"], "pending");
+}

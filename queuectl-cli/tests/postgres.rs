@@ -69,9 +69,9 @@ fn three_worker_processes_run_each_of_300_jobs_exactly_once() {
             serde_json::json!({ "id": format!("j{i}"), "command": command }).to_string() + "\n"
         })
         .collect();
-    q.cmd(db.args(&["enqueue", "-"])).stdin(jobs).run();
+    q.on_database(db.args(&["enqueue", "-"])).stdin(jobs).run();
     let workers: Vec<_> = (0..3)
-        .map(|_| q.cmd(db.args(&["worker", "start", "--count", "2", "--exit-when-idle"])))
+        .map(|_| q.on_database(db.args(&["worker", "start", "--count", "2", "--exit-when-idle"])))
         .map(|cmd| std::thread::spawn(move || cmd.run()))
         .collect();
     for worker in workers {
@@ -81,7 +81,7 @@ fn three_worker_processes_run_each_of_300_jobs_exactly_once() {
     let seen: Vec<&str> = lines.lines().collect();
     let unique: HashSet<&str> = seen.iter().copied().collect();
     assert_eq!((seen.len(), unique.len()), (300, 300), "each job once");
-    let status = q.cmd(db.args(&["status", "--json"])).run().json();
+    let status = q.on_database(db.args(&["status", "--json"])).run().json();
     assert_eq!(status["counts"]["completed"], 300, "{status}");
     assert!(
         !q.home().exists(),
@@ -105,7 +105,7 @@ fn a_job_of_a_killed_worker_completes_on_another() {
         g = gate.display()
     );
     let job = serde_json::json!({ "id": "victim", "command": command });
-    q.cmd(db.args(&["enqueue", &job.to_string()])).run();
+    q.on_database(db.args(&["enqueue", &job.to_string()])).run();
     let mut doomed = q.worker(&db.args(&[]));
     doomed.wait_for("[running] job victim");
     support::eventually("the first run to start", || marks.exists());
@@ -113,7 +113,10 @@ fn a_job_of_a_killed_worker_completes_on_another() {
     doomed.wait_exit();
     let mut rescuer = q.worker(&db.args(&[]));
     rescuer.wait_for("[completed] job victim");
-    let job = q.cmd(db.args(&["show", "victim", "--json"])).run().json();
+    let job = q
+        .on_database(db.args(&["show", "victim", "--json"]))
+        .run()
+        .json();
     assert_eq!(job["state"], "completed", "{job}");
     assert_eq!(job["history"][0]["outcome"], "abandoned", "{job}");
     assert_eq!(std::fs::read_to_string(&marks).unwrap(), "run\nrun\n");
@@ -234,7 +237,7 @@ fn the_server_crashing_and_coming_back_mid_run_loses_nothing() {
     let db = |args: &[&str]| {
         let mut all = vec!["--database-url", url.as_str()];
         all.extend_from_slice(args);
-        q.cmd(all)
+        q.on_database(all)
     };
     db(&["config", "set", "lease-timeout", "2"]).run();
     let ran = q.scratch("ran");
@@ -361,7 +364,7 @@ fn a_worker_cut_off_from_the_server_has_its_stale_result_refused() {
         1,
     );
     let q = Queue::new();
-    q.cmd(db.args(&["config", "set", "lease-timeout", "2"]))
+    q.on_database(db.args(&["config", "set", "lease-timeout", "2"]))
         .run();
     let marks = q.scratch("runs");
     let gate = q.scratch("gate");
@@ -375,7 +378,7 @@ fn a_worker_cut_off_from_the_server_has_its_stale_result_refused() {
         g = gate.display()
     );
     let job = serde_json::json!({ "id": "far", "command": command });
-    q.cmd(db.args(&["enqueue", &job.to_string()])).run();
+    q.on_database(db.args(&["enqueue", &job.to_string()])).run();
     let mut cut_off = q.worker(&["--database-url", &via_proxy, "--database-schema", &db.name]);
     cut_off.wait_for("[running] job far");
     support::eventually("the first run to start", || marks.exists());
@@ -386,7 +389,10 @@ fn a_worker_cut_off_from_the_server_has_its_stale_result_refused() {
     proxy.set_cut(false);
     support::open_gate(&gate);
     cut_off.wait_for("[lost] job far");
-    let job = q.cmd(db.args(&["show", "far", "--json"])).run().json();
+    let job = q
+        .on_database(db.args(&["show", "far", "--json"]))
+        .run()
+        .json();
     assert_eq!(job["state"], "completed", "{job}");
     assert_eq!(
         job["output"].as_str().unwrap().trim(),
@@ -420,7 +426,7 @@ fn commands_on_a_missing_schema_create_nothing_but_enqueue() {
         &["dlq", "list", "--json"],
         &["config", "show", "--json"],
     ] {
-        let out = q.cmd(db.args(read)).run();
+        let out = q.on_database(db.args(read)).run();
         out.json();
         assert!(
             out.stderr.contains("note: there is no queue at"),
@@ -429,7 +435,7 @@ fn commands_on_a_missing_schema_create_nothing_but_enqueue() {
         );
     }
     assert_eq!(
-        q.cmd(db.args(&["status", "--json"])).run().json()["counts"]["pending"],
+        q.on_database(db.args(&["status", "--json"])).run().json()["counts"]["pending"],
         0
     );
     for change in [
@@ -438,7 +444,7 @@ fn commands_on_a_missing_schema_create_nothing_but_enqueue() {
         &["purge"],
         &["worker", "stop", "--no-wait"],
     ] {
-        let out = q.cmd(db.args(change)).status(1).run();
+        let out = q.on_database(db.args(change)).status(1).run();
         assert!(out.stdout.is_empty(), "{change:?}: {}", out.stdout);
         assert!(
             out.stderr.contains("there is no queue at"),
@@ -447,10 +453,10 @@ fn commands_on_a_missing_schema_create_nothing_but_enqueue() {
         );
     }
     assert!(!exists(), "nothing was created");
-    q.cmd(db.args(&["enqueue", r#"{"id":"a","command":"true"}"#]))
+    q.on_database(db.args(&["enqueue", r#"{"id":"a","command":"true"}"#]))
         .run();
     assert!(exists());
-    let out = q.cmd(db.args(&["cancel", "a"])).run();
+    let out = q.on_database(db.args(&["cancel", "a"])).run();
     assert!(!out.stderr.contains("no queue"), "{}", out.stderr);
 }
 
@@ -461,7 +467,7 @@ fn commands_on_a_missing_schema_create_nothing_but_enqueue() {
 fn read_commands_work_for_a_user_that_cannot_write() {
     let Some(db) = Schema::new() else { return };
     let q = Queue::new();
-    q.cmd(db.args(&["enqueue", r#"{"id":"a","command":"true"}"#]))
+    q.on_database(db.args(&["enqueue", r#"{"id":"a","command":"true"}"#]))
         .run();
     let read_only = format!(
         "{}{}options=-c%20default_transaction_read_only%3Don",
@@ -479,7 +485,7 @@ fn read_commands_work_for_a_user_that_cannot_write() {
         &["list", "--json"],
         &["show", "a", "--json"],
     ] {
-        let out = q.cmd(as_reader(read)).run();
+        let out = q.on_database(as_reader(read)).run();
         out.json();
         assert!(
             out.stderr.contains("were not looked for") && out.stderr.contains("refused"),
@@ -487,8 +493,11 @@ fn read_commands_work_for_a_user_that_cannot_write() {
             out.stderr
         );
     }
-    let out = q.cmd(as_reader(&["cancel", "a"])).status(1).run();
+    let out = q.on_database(as_reader(&["cancel", "a"])).status(1).run();
     assert!(out.stderr.contains("refused"), "{}", out.stderr);
-    let job = q.cmd(db.args(&["show", "a", "--json"])).run().json();
+    let job = q
+        .on_database(db.args(&["show", "a", "--json"]))
+        .run()
+        .json();
     assert_eq!(job["state"], "pending");
 }

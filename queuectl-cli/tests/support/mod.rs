@@ -65,6 +65,19 @@ impl Queue {
         Cmd::new(self.home()).args(args)
     }
 
+    /// `queuectl ARGS` where the arguments name a PostgreSQL database: with `QUEUECTL_HOME`
+    /// (not `--home`, which contradicts a database URL) at this queue's directory, so that a
+    /// test can see the embedded store was left alone.
+    pub fn on_database<I, S>(&self, args: I) -> Cmd
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        Cmd::without_home()
+            .env("QUEUECTL_HOME", self.home())
+            .args(args)
+    }
+
     /// Runs `ARGS` successfully and returns stdout.
     pub fn run(&self, args: &[&str]) -> String {
         self.cmd(args).run().stdout
@@ -128,6 +141,8 @@ impl Background {
             .arg(home)
             .args(args)
             .env_remove("QUEUECTL_HOME")
+            .env_remove("QUEUECTL_DATABASE_URL")
+            .env_remove("QUEUECTL_DATABASE_SCHEMA")
             .current_dir(home.parent().unwrap_or(home))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -278,11 +293,13 @@ impl Cmd {
         cmd
     }
 
-    /// `queuectl` without `--home` (and without an inherited `QUEUECTL_HOME`).
+    /// `queuectl` without `--home` (and without an inherited `QUEUECTL_HOME` or database).
     pub fn without_home() -> Self {
         let mut command = Command::new(BIN);
         command
             .env_remove("QUEUECTL_HOME")
+            .env_remove("QUEUECTL_DATABASE_URL")
+            .env_remove("QUEUECTL_DATABASE_SCHEMA")
             .env_remove("RUST_BACKTRACE");
         Self {
             command,
@@ -415,12 +432,18 @@ pub struct Worker {
 
 impl Worker {
     fn start(home: &Path, args: &[&str]) -> Self {
-        let mut child = Command::new(BIN)
-            .arg("--home")
-            .arg(home)
+        let mut command = Command::new(BIN);
+        if args.contains(&"--database-url") {
+            // `--home` would contradict the URL: the home is only there to be left alone.
+            command.env("QUEUECTL_HOME", home);
+        } else {
+            command.arg("--home").arg(home).env_remove("QUEUECTL_HOME");
+        }
+        let mut child = command
             .args(["worker", "start"])
             .args(args)
-            .env_remove("QUEUECTL_HOME")
+            .env_remove("QUEUECTL_DATABASE_URL")
+            .env_remove("QUEUECTL_DATABASE_SCHEMA")
             .current_dir(home.parent().unwrap_or(home))
             // Its own process group, like a foreground job in a terminal: a test can send it
             // a terminal's Ctrl+C with `killpg`.
