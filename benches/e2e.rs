@@ -9,7 +9,9 @@
 //! 6. cancel latency: `queuectl cancel` of a job running in another worker process → its
 //!    process group is gone;
 //! 7. queue limit: a limit of 3 on a queue drained by 3 worker processes × 4 slots (500 jobs):
-//!    the most jobs of the queue seen running at once.
+//!    the most jobs of the queue seen running at once;
+//! 8. the drain beside 3 idle worker processes (waiting on a queue that gets no jobs), against
+//!    the drain alone, in turns: what idle workers cost while jobs finish elsewhere.
 //!
 //! Run with `cargo bench -p queuectl-cli --bench e2e` (set `E2E_JOBS` to change the drain size,
 //! `E2E_DATABASE_URL=postgres://…` to run on PostgreSQL instead, a schema per figure; the drain
@@ -153,9 +155,18 @@ fn raw_shell_rate(jobs: usize) -> f64 {
 }
 
 fn shell_drain(jobs: usize, prefetch: u32) -> f64 {
+    shell_drain_beside(jobs, prefetch, 0)
+}
+
+/// [`shell_drain`] with `idle` more worker processes (2 slots each) started first on a queue
+/// that gets no jobs: what they cost the drain while they wait.
+fn shell_drain_beside(jobs: usize, prefetch: u32, idle: usize) -> f64 {
     let home = tempfile::tempdir().expect("temp dir");
     let lines: String = (0..jobs).map(|_| "{\"command\":\"true\"}\n").collect();
     enqueue_many(home.path(), &lines);
+    let _idle: Vec<Worker> = (0..idle)
+        .map(|_| start_worker(home.path(), &["--count", "2", "--queue", "elsewhere"]))
+        .collect();
     let started = Instant::now();
     let status = queuectl(home.path())
         .args(["worker", "start", "--count", "2", "--exit-when-idle"])
@@ -384,6 +395,18 @@ fn main() {
             here / embedded
         );
     }
+    // Alone and beside idle workers, in turns.
+    let (mut alone, mut beside) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        alone.push(shell_drain(jobs, 0));
+        beside.push(shell_drain_beside(jobs, 0, 3));
+    }
+    let (alone, beside) = (median(alone), median(beside));
+    println!(
+        "beside 3 idle workers {beside:>7.0} jobs/s, {alone:.0} alone (median of 3 turns each): \
+         {:.2} of it",
+        beside / alone
+    );
     let enqueue = cli_enqueue_median_ms(101);
     println!("CLI enqueue        {enqueue:>10.2} ms median per process");
     if database_url().is_some() {
