@@ -147,23 +147,29 @@ struct Conn {
     planned_for: (Vec<i64>, Instant),
 }
 
-/// The last error of the pool's attempts to open a connection (r2d2 keeps only its message).
+/// The last error of the pool's attempts to open a connection (r2d2 keeps only its message),
+/// and when it came.
 #[derive(Debug, Default, Clone)]
-struct ConnectErrors(std::sync::Arc<parking_lot::Mutex<Option<ConnectError>>>);
+struct ConnectErrors(std::sync::Arc<parking_lot::Mutex<Option<(Instant, ConnectError)>>>);
 
 impl ConnectErrors {
-    fn take(&self) -> Option<ConnectError> {
-        self.0.lock().take()
+    /// The last error, if it came at `since` or later (an older one is forgotten: it belongs
+    /// to an attempt that something else waited for).
+    fn take_since(&self, since: Instant) -> Option<ConnectError> {
+        match self.0.lock().take() {
+            Some((at, error)) if at >= since => Some(error),
+            _ => None,
+        }
     }
 
-    fn any(&self) -> bool {
-        self.0.lock().is_some()
+    fn any_since(&self, since: Instant) -> bool {
+        self.0.lock().as_ref().is_some_and(|(at, _)| *at >= since)
     }
 }
 
 impl r2d2::HandleError<ConnectError> for ConnectErrors {
     fn handle_error(&self, error: ConnectError) {
-        *self.0.lock() = Some(error);
+        *self.0.lock() = Some((Instant::now(), error));
     }
 }
 
@@ -454,17 +460,18 @@ impl PgStorage {
         }
     }
 
-    /// A connection of the pool, as it is.
     /// A connection of the pool. Until one was ever opened, the first failure to open one
     /// is returned at once, with its cause (a database or user that does not exist, a server
     /// that refuses the connection): that is a mistake to report, not a moment to wait out.
-    /// Afterwards a connection that cannot be opened is tried again until `connect_timeout`,
-    /// so that a server restarting under a running worker is waited for.
+    /// It is looked for at growing intervals (10 ms, 20 ms, …), each of which may have r2d2
+    /// start one more connection when the server is slow to answer. Afterwards a connection
+    /// that cannot be opened is tried again until `connect_timeout`, so that a server
+    /// restarting under a running worker is waited for.
     fn pooled(&self, op: &'static str) -> Result<r2d2::PooledConnection<Manager>> {
-        const SLICE: Duration = Duration::from_millis(10);
+        let since = Instant::now();
         let failed = |timeout: r2d2::Error| {
             let (fault, source): (_, Box<dyn std::error::Error + Send + Sync>) =
-                match self.connect_errors.take() {
+                match self.connect_errors.take_since(since) {
                     Some(ConnectError::Db(error)) => (fault_of(&error), Box::new(error)),
                     Some(other) => (DatabaseFault::Unreachable, Box::new(other)),
                     None => (DatabaseFault::Unreachable, Box::new(timeout)),
@@ -479,19 +486,22 @@ impl PgStorage {
         if self.connected.load(Ordering::Acquire) {
             return self.pool.get().map_err(failed);
         }
-        let deadline = Instant::now() + self.connect_timeout;
+        let deadline = since + self.connect_timeout;
+        let mut slice = Duration::from_millis(10);
         loop {
-            match self.pool.get_timeout(SLICE) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.pool.get_timeout(slice.min(left)) {
                 Ok(conn) => {
                     self.connected.store(true, Ordering::Release);
                     return Ok(conn);
                 }
                 Err(timeout) => {
-                    if self.connect_errors.any() || Instant::now() >= deadline {
+                    if self.connect_errors.any_since(since) || Instant::now() >= deadline {
                         return Err(failed(timeout));
                     }
                 }
             }
+            slice *= 2;
         }
     }
 
@@ -815,7 +825,7 @@ impl PgStorage {
             return Ok(Vec::new());
         }
         // Index bookkeeping, not a change anyone sees: it does not count as one.
-        tx.defer(queries::PROMOTE, vec![Box::new(micros(now))]);
+        tx.promote_due(now);
         let rows = match queues {
             Some(rows) => rows,
             None => tx.query(queries::CLAIMABLE_QUEUES, &[])?,
@@ -887,7 +897,12 @@ impl PgStorage {
         let mut picked = rows::pick_ready(tx, &rooms, now)?;
         // The first jobs of each queue, merged in claim order.
         picked.sort_unstable_by_key(|job| (std::cmp::Reverse(job.priority), job.run_at, job.seq));
-        picked.truncate(request.max);
+        if picked.len() > request.max {
+            // Jobs locked and not kept: a worker that skipped them while they were locked
+            // must hear that they are still there.
+            tx.give_work();
+            picked.truncate(request.max);
+        }
         let mut pairs: Vec<(Job, Job)> = picked
             .into_iter()
             .map(|old| {
@@ -921,16 +936,15 @@ impl PgStorage {
     }
 }
 
-/// Whether one of the `settled` jobs ran in a queue with a limit and jobs waiting, as
-/// `queues` (rows of [`queries::CLAIMABLE_QUEUES`]) tell: the room it left is work for
-/// whoever waits for it.
+/// Whether one of the `settled` jobs ran in a queue with a limit, as `queues` (rows of
+/// [`queries::CLAIMABLE_QUEUES`]) tell: the room it left is work for whoever waits for it.
+/// Whether jobs wait there is not asked: one enqueued after the counts were read, by a
+/// transaction that woke a worker before this one freed the room, would be missed.
 fn makes_awaited_room(queues: &[Row], settled: &[Result<Job>]) -> TxResult<bool> {
     for row in queues {
         let name: &str = row.try_get(0)?;
-        let waiting = row.try_get::<_, Option<i64>>(1)?.unwrap_or(0);
         let limit: i64 = row.try_get(4)?;
         if limit > 0
-            && waiting > 0
             && settled
                 .iter()
                 .any(|job| job.as_ref().is_ok_and(|job| job.queue == name))

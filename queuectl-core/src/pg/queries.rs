@@ -32,8 +32,15 @@ pub(super) const BY_IDS_FOR_SHARE: &str = "WHERE id = ANY($1) ORDER BY seq FOR S
 
 /// Scheduled jobs that became due join the ready ones. Rows another transaction holds are
 /// left to it: it changes them, or a later claim promotes them.
-pub(super) const PROMOTE: &str = "UPDATE {s}.jobs SET lane = 1 WHERE seq IN \
-     (SELECT seq FROM {s}.jobs WHERE lane = 0 AND run_at <= $1 FOR UPDATE SKIP LOCKED)";
+///
+/// A promotion is work (`rows::Channels`): a worker that skipped the row while this
+/// transaction held it must hear of it even when the transaction is otherwise quiet, so when
+/// any row was promoted it adds one to the work count of stripe `$2` and notifies the work
+/// channel `$3` itself.
+pub(super) const PROMOTE: &str = "WITH p AS (UPDATE {s}.jobs SET lane = 1 WHERE seq IN \
+     (SELECT seq FROM {s}.jobs WHERE lane = 0 AND run_at <= $1 FOR UPDATE SKIP LOCKED) \
+     RETURNING seq) UPDATE {s}.changes SET work = work + 1 WHERE stripe = $2 \
+     AND EXISTS (SELECT FROM p) RETURNING pg_notify($3, '')";
 
 /// Per queue with jobs: waiting (pending or failed), running, and its settings.
 pub(super) const CLAIMABLE_QUEUES: &str = "SELECT c.queue, c.waiting::bigint, \

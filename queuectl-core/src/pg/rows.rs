@@ -503,6 +503,17 @@ impl<'a> Tx<'a> {
         self.quiet = true;
     }
 
+    /// Makes due scheduled jobs ready (index bookkeeping, not counted as a change, but work:
+    /// [`queries::PROMOTE`] says so itself when it promotes any), with the next statement.
+    pub(super) fn promote_due(&mut self, now: Timestamp) {
+        let params: Vec<Owned> = vec![
+            Box::new(micros(now)),
+            Box::new(self.stripe),
+            Box::new(self.channels.work.clone()),
+        ];
+        self.db.defer(queries::PROMOTE, params);
+    }
+
     /// Announces this transaction's changes as ones that may give a worker something to do
     /// (the default).
     pub(super) fn give_work(&mut self) {

@@ -400,7 +400,11 @@ mod plans {
                 "jobs_queue",
             ),
             (jobs(queries::EXPIRED), vec![&us], "jobs_lease_expiry"),
-            (queries::PROMOTE.to_owned(), vec![&us], "jobs_scheduled"),
+            (
+                queries::PROMOTE.to_owned(),
+                vec![&us, &0i32, &"channel"],
+                "jobs_scheduled",
+            ),
             (queries::NEXT_DUE.to_owned(), vec![&us], "jobs_scheduled"),
         ];
         for (sql, params, index) in &cases {
@@ -1203,6 +1207,14 @@ fn only_changes_that_may_give_work_end_a_wait_for_work() {
         gives_work(seen),
         "room in a limited queue with a job waiting"
     );
+    let last = claim_from("limited");
+    let seen = version();
+    complete(last);
+    // A job enqueued after the counts were read may wait for this room.
+    assert!(
+        gives_work(seen),
+        "room in a limited queue, whatever the counts said"
+    );
 
     let seen = version();
     store
@@ -1548,4 +1560,40 @@ fn a_connect_that_cannot_succeed_fails_at_once_with_its_cause() {
         }
         assert!(said.contains(cause), "{url}: {said}");
     }
+}
+
+/// A claim that locked jobs it did not keep (the first of several queues' jobs, beyond its
+/// room), or made scheduled jobs ready that it did not take, gives work: a worker that skipped
+/// those rows while they were locked has them to claim.
+#[test]
+fn claims_that_leave_jobs_they_locked_give_work() {
+    use crate::ClaimRequest;
+    let Some(_) = database_url() else { return };
+    let pg = Pg::new();
+    let store = pg.pg();
+    let t = now();
+    let gives_work = |seen: u64| store.wait_for_work(seen, Duration::ZERO).unwrap() != seen;
+    for queue in ["qa", "qb"] {
+        store.enqueue(NewJob::new("x").queue(queue), t).unwrap();
+    }
+    let seen = store.change_version().unwrap();
+    let request = ClaimRequest::new("w", 1, LEASE);
+    assert_eq!(store.claim_jobs(&request, t).unwrap().len(), 1);
+    assert!(gives_work(seen), "a job locked and left");
+    let later = t + Duration::from_secs(1);
+    store
+        .enqueue(NewJob::new("x").queue("later").run_at(later), t)
+        .unwrap();
+    let seen = store.change_version().unwrap();
+    let elsewhere = ClaimRequest::new("w", 1, LEASE).queues(["nothing"]);
+    let after = later + Duration::from_secs(1);
+    assert!(store.claim_jobs(&elsewhere, after).unwrap().is_empty());
+    assert!(gives_work(seen), "a scheduled job made ready and left");
+    let seen = store.change_version().unwrap();
+    assert!(store.claim_jobs(&elsewhere, after).unwrap().is_empty());
+    assert_eq!(
+        store.change_version().unwrap(),
+        seen,
+        "nothing left to promote"
+    );
 }
