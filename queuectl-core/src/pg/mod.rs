@@ -231,7 +231,6 @@ pub struct PgStorage {
     connect_errors: ConnectErrors,
     /// Whether a connection was ever opened ([`PgStorage::pooled`]).
     connected: AtomicBool,
-    connect_timeout: Duration,
     listener: Listener,
     /// Whether the schema was found there and current ([`SchemaCheck`]).
     schema_checked: AtomicBool,
@@ -300,7 +299,6 @@ impl PgStorage {
             create: options.create,
             connect_errors,
             connected: AtomicBool::new(false),
-            connect_timeout,
         };
         match options.schema_check {
             SchemaCheck::OnConnect => store.migrate()?,
@@ -486,7 +484,7 @@ impl PgStorage {
         if self.connected.load(Ordering::Acquire) {
             return self.pool.get().map_err(failed);
         }
-        let deadline = since + self.connect_timeout;
+        let deadline = since + self.pool.connection_timeout();
         let mut slice = Duration::from_millis(10);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
