@@ -177,7 +177,8 @@ pub enum Command {
     },
     /// Print the manual page (roff): queuectl man | man -l -
     Man,
-    /// Check the store for damage (SQLite's integrity check and the job counters).
+    /// Check the store for damage: its job counts, and on the embedded store SQLite's
+    /// integrity check.
     ///
     /// Exits 0 when the store is sound, 1 when it is damaged (the problems are listed).
     Check(JsonFlag),

@@ -22,6 +22,14 @@ pub enum CliError {
         /// Why.
         source: SpecError,
     },
+    /// The store refused a job given on standard input (its id is taken).
+    #[error("job on line {line} of standard input refused; nothing was enqueued")]
+    StoredLine {
+        /// 1-based line number.
+        line: usize,
+        /// Why.
+        source: StorageError,
+    },
     /// A setting was refused.
     #[error(transparent)]
     Config(#[from] ConfigError),

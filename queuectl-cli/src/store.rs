@@ -123,7 +123,7 @@ pub fn target(
 /// checks it with its first operation, which saves a round trip per run; the others check it
 /// on connect, where a missing schema is found before anything is shown or changed (and
 /// nothing is created).
-fn pg(
+pub fn pg(
     url: &str,
     schema: &Option<String>,
     waits: bool,

@@ -517,9 +517,15 @@ fn bad_input_is_refused_and_changes_nothing() {
         (&["enqueue", "-"], Some(stdin_batch), 1, "line 2"),
         (
             &["enqueue", "-"],
-            Some("{\"id\":\"c1\",\"command\":\"x\"}\n{\"id\":\"c1\",\"command\":\"y\"}\n"),
+            Some("{\"id\":\"c1\",\"command\":\"x\"}\n\n{\"id\":\"c1\",\"command\":\"y\"}\n"),
             1,
-            "already exists",
+            "job on line 3 of standard input refused: line 1 has its id c1 too",
+        ),
+        (
+            &["enqueue", "-"],
+            Some("{\"id\":\"c2\",\"command\":\"x\"}\n{\"id\":\"existing\",\"command\":\"y\"}\n"),
+            1,
+            "line 2 of standard input refused; nothing was enqueued\ncaused by: job existing already exists",
         ),
         (
             &["config", "set", "max-retries", "-1"],
@@ -1429,4 +1435,29 @@ fn contradicting_store_flags_are_refused() {
         )
         .run();
     assert_eq!(q.job("here")["state"], "pending");
+}
+
+/// `dlq retry --all` runs one dead job per unique key again (the newest); the others stay dead,
+/// and it says which and why instead of leaving them silently.
+#[test]
+fn dlq_retry_all_names_the_jobs_a_unique_key_keeps_dead() {
+    let q = Queue::new();
+    q.config_set("max-retries", "1");
+    for id in ["old", "new"] {
+        q.enqueue(&format!(
+            r#"{{"id":"{id}","command":"exit 1","unique_key":"nightly"}}"#
+        ));
+        q.cmd(["worker", "start", "--exit-when-idle"]).run();
+    }
+    q.enqueue(r#"{"id":"plain","command":"exit 1"}"#);
+    q.cmd(["worker", "start", "--exit-when-idle"]).run();
+    let out = q.cmd(["dlq", "retry", "--all"]).run();
+    assert_eq!(out.stdout, "new\nplain\n");
+    assert!(
+        out.stderr.contains("job old stays dead") && out.stderr.contains("\"nightly\""),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("job new"), "{}", out.stderr);
+    assert_eq!(q.job("old")["state"], "dead");
 }

@@ -501,3 +501,46 @@ fn read_commands_work_for_a_user_that_cannot_write() {
         .json();
     assert_eq!(job["state"], "pending");
 }
+
+/// `check` on PostgreSQL checks the queue's job counts: sound, it says so (in JSON with
+/// `--json`, naming the database); with a count off, it names it and exits 1.
+#[test]
+fn check_reports_on_the_queue_in_the_database() {
+    let Some(db) = Schema::new() else { return };
+    let q = Queue::new();
+    q.on_database(db.args(&["enqueue", r#"{"id":"a","command":"true"}"#]))
+        .run();
+    let out = q.on_database(db.args(&["check"])).run();
+    assert!(
+        out.stdout.starts_with("ok: ") && out.stdout.contains(&db.name),
+        "{}",
+        out.stdout
+    );
+    let report = q.on_database(db.args(&["check", "--json"])).run().json();
+    assert_eq!(report["ok"], true, "{report}");
+    assert!(
+        report["database"].as_str().unwrap().contains(&db.name),
+        "{report}"
+    );
+    let mut client = postgres::Client::connect(&db.url, postgres::NoTls).unwrap();
+    client
+        .batch_execute(&format!(
+            "UPDATE {}.counts SET jobs = jobs - 1 WHERE jobs > 0",
+            db.name
+        ))
+        .unwrap();
+    let out = q.on_database(db.args(&["check"])).status(1).run();
+    assert!(
+        out.stdout.contains("has problems") && out.stdout.contains("off by -1"),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stderr.contains("is damaged"), "{}", out.stderr);
+    let report = q
+        .on_database(db.args(&["check", "--json"]))
+        .status(1)
+        .run()
+        .json();
+    assert_eq!(report["ok"], false, "{report}");
+    assert_eq!(report["problems"].as_array().unwrap().len(), 1, "{report}");
+}

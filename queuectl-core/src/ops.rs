@@ -105,6 +105,15 @@ pub(crate) fn output_since<R: StoreRead>(
     })
 }
 
+/// What a store's check says of a (queue, state) whose stored count is `off_by` from the jobs
+/// there (the same words on both SQL stores).
+pub(crate) fn count_out_of_step(queue: &str, state: &str, off_by: i64) -> String {
+    format!(
+        "the count of {state} jobs in queue {queue} is off by {off_by} (the status summary \
+         would be wrong)"
+    )
+}
+
 /// [`crate::Storage::counts`]: the jobs of every queue.
 pub(crate) fn state_counts<R: StoreRead>(r: &mut R) -> Result<StateCounts, R::Error> {
     let mut counts = StateCounts::default();

@@ -1102,3 +1102,63 @@ fn a_job_claimed_ahead_is_reported_running_only_when_a_thread_starts_it() {
     let summary = within("the pool to stop", move || pool.join()).unwrap();
     assert_eq!(summary.completed, 2);
 }
+
+/// Pausing a queue keeps its jobs claimed ahead (`prefetch`) from starting: they go back to
+/// the queue unstarted and uncharged, while the job already running finishes. Jobs of other
+/// queues claimed ahead still run.
+#[test]
+fn pausing_a_queue_hands_back_its_jobs_claimed_ahead() {
+    let store = store();
+    enqueue(&store, "running");
+    for (id, queue) in [("mail-1", "mail"), ("other", "default"), ("mail-2", "mail")] {
+        let job = NewJob::new(id).id(id).unwrap().queue(queue);
+        store.enqueue(job, now()).unwrap();
+    }
+    let (gate, started, release) = gate();
+    let pool = WorkerPool::builder(store.clone(), gate)
+        .workers(1)
+        .prefetch(3)
+        .timings(Timings {
+            stop_check_every: Duration::from_millis(5),
+            ..Timings::default()
+        })
+        .start()
+        .unwrap();
+    assert_eq!(recv(&started).as_str(), "running");
+    assert_eq!(store.counts().unwrap().processing, 4, "three claimed ahead");
+    store
+        .change_queues(
+            Some(&["mail".to_owned()]),
+            queuectl_core::QueueChange::Pause,
+        )
+        .unwrap();
+    let released = |e: &Event| matches!(e, Event::Released { .. });
+    let mut seen = Vec::new();
+    while seen.iter().filter(|e| released(e)).count() < 2 {
+        seen.extend(events_until(pool.events(), released));
+    }
+    let handed_back: Vec<String> = seen
+        .iter()
+        .filter_map(|e| match e {
+            Event::Released { job } => Some(job.to_string()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(handed_back, ["mail-1", "mail-2"], "{seen:#?}");
+    release.send(()).unwrap();
+    assert_eq!(recv(&started).as_str(), "other");
+    release.send(()).unwrap();
+    let stopper = pool.stopper();
+    count_completed(pool.events(), 2);
+    stopper.graceful();
+    let summary = within("the pool to stop", move || pool.join()).unwrap();
+    assert_eq!((summary.completed, summary.released), (2, 2));
+    assert!(
+        started.try_recv().is_err(),
+        "no job of the paused queue started"
+    );
+    for id in ["mail-1", "mail-2"] {
+        let job = store.get(&JobId::new(id).unwrap()).unwrap();
+        assert_eq!((job.state, job.attempts), (JobState::Pending, 0), "{id}");
+    }
+}

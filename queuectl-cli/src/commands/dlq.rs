@@ -21,7 +21,19 @@ pub fn run(store: &dyn Storage, command: DlqCommand, out: &mut dyn Write) -> Res
         }
         DlqCommand::Retry { ids, all } => {
             let retried = if all {
-                store.retry_dead(None, now())?
+                let retried = store.retry_dead(None, now())?;
+                // What `--all` leaves behind on purpose: a unique key goes to one job only.
+                for job in store.list(&ListQuery::state(JobState::Dead))? {
+                    if let Some(key) = &job.unique_key {
+                        say!(
+                            "note: job {} stays dead: another job holds its unique key {key:?} \
+                             (one job at a time may; `queuectl remove {}` deletes it)",
+                            job.id,
+                            job.id
+                        );
+                    }
+                }
+                retried
             } else {
                 let ids = ids
                     .into_iter()

@@ -1,20 +1,32 @@
 //! `enqueue`: add one job, or JSON lines from standard input, all or none.
 
+use std::collections::HashMap;
 use std::io::{self, BufRead, IsTerminal, Write};
 
-use queuectl_core::{Enqueued, JobSpec, NewJob, Storage, now};
+use queuectl_core::{Enqueued, JobId, JobSpec, NewJob, Storage, StorageError, now};
 
 use crate::error::{CliError, Result};
 use crate::progress::Progress;
 use crate::render;
 
-/// The jobs of `enqueue ARG`: one JSON object, or JSON lines on stdin for "-".
-pub fn parse(arg: &str) -> Result<Vec<NewJob>> {
+/// The jobs of one `enqueue`, with the line of standard input of each that has an id.
+#[derive(Default)]
+pub struct Batch {
+    jobs: Vec<NewJob>,
+    lines: HashMap<JobId, usize>,
+}
+
+/// The jobs of `enqueue ARG`: one JSON object, or JSON lines on stdin for "-". Two lines that
+/// give the same id are refused here, naming both.
+pub fn parse(arg: &str) -> Result<Batch> {
     let at = now();
     if arg != "-" {
-        return Ok(vec![JobSpec::parse(arg)?.into_new_job(at)?]);
+        return Ok(Batch {
+            jobs: vec![JobSpec::parse(arg)?.into_new_job(at)?],
+            lines: HashMap::new(),
+        });
     }
-    let mut jobs = Vec::new();
+    let mut batch = Batch::default();
     // Not while someone types the jobs: the spinner would draw over their line.
     let progress = (!io::stdin().is_terminal()).then(|| Progress::counter("reading jobs:"));
     for (n, line) in io::stdin().lock().lines().enumerate() {
@@ -31,9 +43,18 @@ pub fn parse(arg: &str) -> Result<Vec<NewJob>> {
                 line: n + 1,
                 source,
             })?;
-        jobs.push(job);
+        if let Some(id) = &job.id
+            && let Some(first) = batch.lines.insert(id.clone(), n + 1)
+        {
+            return Err(CliError::Refused(format!(
+                "job on line {} of standard input refused: line {first} has its id {id} too; \
+                 nothing was enqueued",
+                n + 1
+            )));
+        }
+        batch.jobs.push(job);
     }
-    Ok(jobs)
+    Ok(batch)
 }
 
 /// Adds `jobs` (parsed by [`parse`] before the store was opened) and prints their ids, or the
@@ -41,16 +62,25 @@ pub fn parse(arg: &str) -> Result<Vec<NewJob>> {
 /// with `"duplicate": true` when it is an existing job holding the new one's unique key.
 pub fn run(
     store: &dyn Storage,
-    jobs: Vec<NewJob>,
+    batch: Batch,
     from_stdin: bool,
     json: bool,
     out: &mut dyn Write,
 ) -> Result {
+    let Batch { jobs, lines } = batch;
     let progress = (jobs.len() >= 1024).then(|| Progress::counter("adding jobs:"));
     if let Some(progress) = &progress {
         progress.set(jobs.len() as u64);
     }
-    let entries = store.submit(jobs, now())?;
+    let entries = match store.submit(jobs, now()) {
+        Err(StorageError::AlreadyExists { id }) if lines.contains_key(&id) => {
+            return Err(CliError::StoredLine {
+                line: lines[&id],
+                source: StorageError::AlreadyExists { id },
+            });
+        }
+        other => other?,
+    };
     drop(progress);
     for entry in entries.iter().filter(|e| e.duplicate) {
         let job = &entry.job;

@@ -46,14 +46,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result {
     queue::check_names(&cli.command)?;
     let access = store::access(&cli.command);
     match cli.command {
-        Command::Check(flag) => match &target {
-            store::Target::Home(home) => check::run(home, flag.json, out),
-            store::Target::Database { .. } => Err(crate::error::CliError::Refused(
-                "check examines the embedded store; a PostgreSQL database has its own tools \
-                 (amcheck, pg_dump)"
-                    .into(),
-            )),
-        },
+        Command::Check(flag) => check::run(&target, flag.json, out),
         Command::Worker(WorkerCommand::Start {
             count,
             exit_when_idle,

@@ -141,6 +141,13 @@ fn describe(event: &Event) -> Option<String> {
             "[stopping] ({reason}) claiming no more jobs; waiting for running ones \
              (Ctrl+C again to kill them)"
         ),
+        // The store failed: nothing can be handed back, the jobs wait for their leases.
+        Event::Stopping {
+            forced: true,
+            reason: StopReason::StorageFailure,
+        } => "[stopping] (storage failure) killing running jobs; the queue cannot be told, so \
+              they run again elsewhere once their leases run out"
+            .to_owned(),
         Event::Stopping {
             forced: true,
             reason,
@@ -224,5 +231,28 @@ pub fn stop(store: &dyn Storage, timeout: Duration, no_wait: bool, force: bool) 
         }
         // Wakes on any change (a worker deregistering); the cap re-checks for dead workers.
         store.wait_for_change(version, remaining.min(Duration::from_secs(1)))?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stop on a storage failure does not claim to hand jobs back: it cannot.
+    #[test]
+    fn a_stop_on_a_storage_failure_says_the_jobs_wait_for_their_leases() {
+        let said = |reason| {
+            describe(&Event::Stopping {
+                forced: true,
+                reason,
+            })
+            .unwrap()
+        };
+        let failure = said(StopReason::StorageFailure);
+        assert!(
+            failure.contains("leases run out") && !failure.contains("handing them back"),
+            "{failure}"
+        );
+        assert!(said(StopReason::Requested).contains("handing them back"));
     }
 }

@@ -313,10 +313,7 @@ impl FileStorage {
                     .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
                     .collect::<rusqlite::Result<_>>()?;
                 for (queue, state, off_by) in off {
-                    problems.push(format!(
-                        "the count of {state} jobs in queue {queue} is off by {off_by} (the \
-                         status summary would be wrong)"
-                    ));
+                    problems.push(crate::ops::count_out_of_step(&queue, &state, off_by));
                 }
             }
             Ok(problems)

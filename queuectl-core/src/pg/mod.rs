@@ -591,6 +591,21 @@ impl PgStorage {
         }
     }
 
+    /// Looks for what the database's own checks cannot see: job counts per queue and state
+    /// (what `status` shows) out of step with the jobs. Returns each problem in words, none
+    /// when the queue is sound; the database itself is checked with its own tools (`amcheck`).
+    pub fn check(&self) -> Result<Vec<String>> {
+        self.read_single("check the job counts", |db| {
+            db.query(queries::COUNTS_OUT_OF_STEP, &[])?
+                .iter()
+                .map(|row| {
+                    let (queue, state): (String, String) = (row.try_get(0)?, row.try_get(1)?);
+                    Ok(ops::count_out_of_step(&queue, &state, row.try_get(2)?))
+                })
+                .collect()
+        })
+    }
+
     /// How far the server's clock is ahead of this machine's (negative: behind), read around
     /// one round trip (the server's reading taken as made halfway). Every decision uses the
     /// callers' clocks (DECISIONS §15): a worker whose clock is off from the others' (here,

@@ -144,6 +144,13 @@ pub(super) const FINISHED_COUNT: &str = "SELECT count(*) FROM {s}.attempts WHERE
 pub(super) const COUNTS: &str = "SELECT queue, state, sum(jobs)::bigint FROM {s}.counts \
      GROUP BY queue, state HAVING sum(jobs) <> 0";
 
+/// The (queue, state) pairs whose stored count is not the number of their jobs, and by how
+/// much it is off.
+pub(super) const COUNTS_OUT_OF_STEP: &str = "SELECT queue, state, sum(n)::bigint FROM ( \
+     SELECT queue, state, jobs AS n FROM {s}.counts UNION ALL \
+     SELECT queue, state, -count(*) FROM {s}.jobs GROUP BY queue, state) t \
+     GROUP BY queue, state HAVING sum(n) <> 0 ORDER BY queue, state";
+
 /// The settings of every queue that has any.
 pub(super) const QUEUE_SETTINGS: &str = "SELECT name, paused, max_running FROM {s}.queues";
 

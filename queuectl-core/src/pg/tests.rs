@@ -1597,3 +1597,32 @@ fn claims_that_leave_jobs_they_locked_give_work() {
         "nothing left to promote"
     );
 }
+
+/// `check` finds nothing in a sound queue, and names each (queue, state) whose stored count
+/// is out of step with its jobs, by how much.
+#[test]
+fn check_names_counts_out_of_step_with_the_jobs() {
+    let Some(_) = database_url() else { return };
+    let pg = Pg::new();
+    let store = pg.pg();
+    for (id, queue) in [("a", "default"), ("b", "default"), ("c", "mail")] {
+        let job = NewJob::new("true").id(id).unwrap().queue(queue);
+        store.enqueue(job, now()).unwrap();
+    }
+    store.claim("w", 1, LEASE, now()).unwrap();
+    assert_eq!(store.check().unwrap(), Vec::<String>::new());
+    let quoted = format!("\"{}\"", pg.schema);
+    pg.client()
+        .batch_execute(&format!(
+            "UPDATE {quoted}.counts SET jobs = jobs + 2 \
+             WHERE (queue, state, stripe) IN (SELECT queue, state, stripe FROM {quoted}.counts \
+             WHERE queue = 'mail' AND jobs > 0 LIMIT 1)"
+        ))
+        .unwrap();
+    let problems = store.check().unwrap();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(
+        problems[0].contains("queue mail") && problems[0].contains("off by 2"),
+        "{problems:?}"
+    );
+}

@@ -451,7 +451,40 @@ impl Dispatcher {
             _ => {
                 self.last_lease_check = Some((version, Instant::now()));
                 self.check_leases();
+                self.check_paused();
             }
+        }
+    }
+
+    /// Hands back the jobs claimed ahead (`prefetch`) that no executor has started, of queues
+    /// paused since they were claimed: a paused queue starts nothing new. They go back to the
+    /// queue uncharged, with the next settlement; the others keep their place.
+    fn check_paused(&mut self) {
+        if self.unstarted.is_empty() {
+            return;
+        }
+        let paused: std::collections::HashSet<String> = match self.storage.queues() {
+            Ok(queues) => queues
+                .into_iter()
+                .filter(|q| q.paused)
+                .map(|q| q.name)
+                .collect(),
+            Err(error) => return self.storage_error("looking for paused queues", &error),
+        };
+        if paused.is_empty() {
+            return;
+        }
+        let mut handed_back = Vec::new();
+        for assignment in self.unstarted.try_iter().collect::<Vec<_>>() {
+            if paused.contains(&assignment.job.queue) {
+                handed_back.push(Finished::unstarted(assignment.job));
+            } else {
+                self.start(assignment);
+            }
+        }
+        if !handed_back.is_empty() {
+            self.unsettled.extend(handed_back);
+            self.settle_at = Some(Instant::now());
         }
     }
 
