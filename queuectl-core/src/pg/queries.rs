@@ -60,14 +60,21 @@ pub(super) const RUNNING_IN: &str = "SELECT queue, coalesce(sum(jobs), 0)::bigin
 
 /// For each queue `$1[i]`, its first `$2[i]` due ready jobs in claim order that no other
 /// transaction holds, locked; `$3` is now. `J` is filled in by the caller.
+///
+/// `run_at + 0`, not `run_at`: the due condition must not be one `jobs_ready_at` can serve.
+/// Where the table's statistics are missing or old (a new queue, a burst of jobs before
+/// autovacuum's next `ANALYZE`), the planner takes `queue = $1` for rare, reads every due job
+/// through `jobs_ready_at` and sorts them, at each claim: a drain of n jobs read n²/2 rows.
+/// The claim-order index `jobs_ready` stops at the first jobs it needs, whatever the
+/// statistics say.
 pub(super) const PICK_READY: &str = "SELECT j.* FROM unnest($1::text[], $2::bigint[]) AS \
      q(name, room) CROSS JOIN LATERAL (SELECT J FROM {s}.jobs WHERE lane = 1 AND \
-     queue = q.name AND run_at <= $3 ORDER BY priority DESC, run_at, seq LIMIT q.room \
+     queue = q.name AND run_at + 0 <= $3 ORDER BY priority DESC, run_at, seq LIMIT q.room \
      FOR UPDATE SKIP LOCKED) j";
 
 /// [`PICK_READY`] for one queue: its first `$2` due ready jobs (`$1` the queue, `$3` now).
 pub(super) const PICK_READY_IN: &str = "SELECT J FROM {s}.jobs WHERE lane = 1 AND \
-     queue = $1 AND run_at <= $3 ORDER BY priority DESC, run_at, seq LIMIT $2 \
+     queue = $1 AND run_at + 0 <= $3 ORDER BY priority DESC, run_at, seq LIMIT $2 \
      FOR UPDATE SKIP LOCKED";
 
 /// After `SELECT J FROM {s}.jobs`: the job that holds a unique key.

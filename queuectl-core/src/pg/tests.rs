@@ -456,6 +456,56 @@ mod plans {
         }
     }
 
+    /// Claims read the claim-order index even where the table has no statistics yet (a new
+    /// queue, or a burst of jobs before autovacuum's `ANALYZE`): a plan that read every due
+    /// job through `jobs_ready_at` and sorted them would make a drain quadratic. Both the
+    /// plans made for the values given and the generic ones.
+    #[test]
+    fn claims_read_the_claim_order_index_before_statistics_exist() {
+        if database_url().is_none() {
+            return;
+        }
+        let pg = Pg::new();
+        let at = now();
+        let batch = (0..1_000).map(|_| NewJob::new("true")).collect();
+        pg.pg().enqueue_batch(batch, at).unwrap();
+        let mut client = pg.client();
+        let s = pg.schema.as_str();
+        let us = crate::file::rows::micros(at);
+        let (queues, rooms) = (vec!["default".to_owned()], vec![1i64]);
+        let cases: [(&str, Vec<&(dyn postgres::types::ToSql + Sync)>, String); 2] = [
+            (
+                queries::PICK_READY,
+                vec![&queues, &rooms, &us],
+                format!("'{{default}}', '{{1}}', {us}"),
+            ),
+            (
+                queries::PICK_READY_IN,
+                vec![&"default", &rooms[0], &us],
+                format!("'default', 1, {us}"),
+            ),
+        ];
+        client
+            .batch_execute("SET plan_cache_mode = force_generic_plan")
+            .unwrap();
+        for (i, (sql, params, args)) in cases.iter().enumerate() {
+            assert_scans(sql, &plan(&mut client, s, sql, params), "jobs_ready");
+            let sql = sql
+                .replace(" J ", &format!(" {} ", rows::JOB_COLUMNS))
+                .replace("{s}", &format!("\"{s}\""));
+            client
+                .batch_execute(&format!("PREPARE fresh{i} AS {sql}"))
+                .unwrap();
+            let generic = first_column(
+                client
+                    .simple_query(&format!("EXPLAIN EXECUTE fresh{i}({args})"))
+                    .unwrap(),
+            )
+            .join("\n");
+            assert_scans(&sql, &generic, "jobs_ready");
+        }
+    }
+
     fn assert_scans(sql: &str, plan: &str, index: &str) {
         assert!(
             (plan.contains(&format!("using {index} ")) || plan.contains(&format!("on {index} ")))
