@@ -544,3 +544,23 @@ fn check_reports_on_the_queue_in_the_database() {
     assert_eq!(report["ok"], false, "{report}");
     assert_eq!(report["problems"].as_array().unwrap().len(), 1, "{report}");
 }
+
+/// A worker process's connection pool runs one thread of its own (r2d2 would start three).
+#[test]
+fn a_worker_runs_one_thread_for_its_connection_pool() {
+    let Some(db) = Schema::new() else { return };
+    let q = Queue::new();
+    let mut worker = q.worker(&db.args(&[]));
+    worker.wait_for("[started]");
+    let tasks = format!("/proc/{}/task", worker.pid());
+    let names: Vec<String> = std::fs::read_dir(&tasks)
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim_end().to_owned())
+        .collect();
+    let pool_threads = names
+        .iter()
+        .filter(|name| name.starts_with("queuectl-pool") || name.starts_with("r2d2"))
+        .count();
+    assert_eq!(pool_threads, 1, "{names:?}");
+}

@@ -25,11 +25,13 @@ mod tests;
 use std::collections::HashMap;
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use postgres::error::SqlState;
 use postgres::{Row, Statement};
+use scheduled_thread_pool::ScheduledThreadPool;
 
 use self::link::{ConnectError, Link, Param};
 use self::listen::{Heard, Listener};
@@ -270,6 +272,14 @@ impl PgStorage {
             })?;
         let connect_errors = ConnectErrors::default();
         let pool = r2d2::Pool::builder()
+            // The pool's own threads open connections and would close idle ones: one is
+            // plenty (r2d2 starts three), and a one-shot command starts one thread, not three.
+            .thread_pool(Arc::new(
+                ScheduledThreadPool::builder()
+                    .num_threads(1)
+                    .thread_name_pattern("queuectl-pool-{}")
+                    .build(),
+            ))
             .max_size(options.pool_size.max(1))
             .min_idle(Some(0))
             .test_on_check_out(false)
