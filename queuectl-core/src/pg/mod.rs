@@ -1446,18 +1446,26 @@ impl Storage for PgStorage {
         })
     }
 
+    // A worker coming, staying or going gives no other worker anything to claim: quiet
+    // changes, which idle workers sleep through (a stop request, which is work, goes through
+    // `request_stop`; jobs a stopping worker hands back through its settlements).
     fn register_worker(&self, worker: WorkerInfo) -> Result<()> {
-        self.write("register a worker", |tx| tx.put_worker(&worker))
+        self.write("register a worker", |tx| {
+            tx.give_no_work();
+            tx.put_worker(&worker)
+        })
     }
 
     fn worker_heartbeat(&self, worker: &str, now: Timestamp) -> Result<bool> {
         self.write("record a worker heartbeat", |tx| {
+            tx.give_no_work();
             crate::ops::worker_heartbeat(tx, worker, now)
         })
     }
 
     fn deregister_worker(&self, worker: &str) -> Result<()> {
         self.write("deregister a worker", |tx| {
+            tx.give_no_work();
             tx.write("DELETE FROM {s}.workers WHERE id = $1", &[&worker])?;
             Ok(())
         })

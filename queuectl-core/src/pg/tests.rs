@@ -1210,6 +1210,17 @@ fn only_changes_that_may_give_work_end_a_wait_for_work() {
         !gives_work(seen),
         "a claim, a heartbeat, output, a completion"
     );
+    let worker = crate::conformance::worker_info("elsewhere");
+    store.register_worker(worker).unwrap();
+    assert!(!gives_work(seen), "a worker registered");
+    assert!(
+        !store.worker_heartbeat("elsewhere", now()).unwrap(),
+        "not asked to stop"
+    );
+    assert!(!gives_work(seen), "a worker's heartbeat");
+    store.deregister_worker("elsewhere").unwrap();
+    assert_ne!(version(), seen, "they changed the store");
+    assert!(!gives_work(seen), "a worker gone");
 
     store
         .enqueue(NewJob::new("b").id("b").unwrap().max_retries(2), now())
