@@ -78,7 +78,7 @@ pub(super) fn classify(dir: &Path) -> Result<Home> {
             // Created by another process since we looked.
             return Ok(Home::Store);
         }
-        if name == super::watch::WAKE_FILE {
+        if name == super::watch::WAKE_FILE || name == super::watch::WORK_FILE {
             // Ours, and holds nothing, if it is a plain file.
             if !entry.file_type().is_ok_and(|t| t.is_file()) {
                 return Err(not_a_store(format!("{name} is not a regular file")));

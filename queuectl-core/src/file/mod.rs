@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use rusqlite::{Connection, ErrorCode, OpenFlags, TransactionBehavior};
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
 
 use self::home::Home;
 use self::rows::{Tx, TxError, TxResult, micros};
@@ -172,9 +172,10 @@ pub struct FileStorage {
     /// Committed transactions of this handle that changed something (`PRAGMA data_version`
     /// counts only other connections' commits).
     local_changes: AtomicU64,
-    /// The file this handle writes to after each commit that changed something, to wake
-    /// waiters in every process (`None` when read-only).
-    wake: Option<fs::File>,
+    /// The files this handle writes to after each commit that changed something, to wake
+    /// waiters in every process: the wake file, and the work file too after a commit that may
+    /// give a worker something to do (`None` when read-only).
+    wake: Option<(fs::File, fs::File)>,
     /// Wakes this handle's waiters on other handles' commits.
     notifier: Notifier,
     imported: Option<ImportReport>,
@@ -254,13 +255,14 @@ impl FileStorage {
         store.imported = store.prepare(legacy_store, options.busy_timeout)?;
         if !read_only {
             // Only once the database is known to be ours.
-            let wake_path = store.dir.join(watch::WAKE_FILE);
-            let wake = watch::open_wake_file(&store.dir).map_err(|source| StorageError::Io {
-                op: "open the wake file",
-                path: wake_path,
-                source,
-            })?;
-            store.wake = Some(wake);
+            let open = |name| {
+                watch::open_wake_file(&store.dir, name).map_err(|source| StorageError::Io {
+                    op: "open the wake file",
+                    path: store.dir.join(name),
+                    source,
+                })
+            };
+            store.wake = Some((open(watch::WAKE_FILE)?, open(watch::WORK_FILE)?));
         }
         Ok(store)
     }
@@ -552,18 +554,24 @@ impl FileStorage {
                 .and_then(|tx| {
                     let mut tx = Tx::new(tx);
                     let out = f(&mut tx)?;
-                    tx.commit()?;
-                    Ok(out)
+                    let quiet = tx.commit()?;
+                    Ok((out, quiet))
                 });
             match result {
-                Ok(out) => {
+                Ok((out, quiet)) => {
                     if conn.total_changes() != before {
                         self.local_changes.fetch_add(1, Ordering::Relaxed);
                         drop(conn);
-                        if let Some(wake) = &self.wake {
+                        if let Some((wake, work)) = &self.wake {
                             // The change is committed, so the operation succeeded whatever
                             // happens here: a lost wake-up only delays waiters until their
-                            // next poll (`FileOptions::poll_interval`).
+                            // next poll (`FileOptions::poll_interval`). The wake file is
+                            // written for work too, for the waiters of earlier versions.
+                            // The work file first: a watcher that counts the wake file's
+                            // event has counted the work file's.
+                            if !quiet {
+                                let _ = watch::wake(work);
+                            }
                             let _ = watch::wake(wake);
                         }
                     }
@@ -957,7 +965,10 @@ impl Storage for FileStorage {
         if request.max == 0 {
             return Ok(Vec::new());
         }
-        self.write("claim jobs", |tx| Self::claim_in(tx, request, now))
+        self.write("claim jobs", |tx| {
+            tx.give_no_work();
+            Self::claim_in(tx, request, now)
+        })
     }
 
     fn extend_leases(
@@ -967,6 +978,7 @@ impl Storage for FileStorage {
         now: Timestamp,
     ) -> Result<Vec<JobId>> {
         self.write("extend leases", |tx| {
+            tx.give_no_work();
             let mut lost = Vec::new();
             for lease in leases {
                 match rows::job_by_id(tx, &lease.job_id)? {
@@ -995,7 +1007,20 @@ impl Storage for FileStorage {
         now: Timestamp,
     ) -> Result<(Vec<Result<Job>>, Vec<Job>)> {
         self.write("record job results and claim jobs", |tx| {
+            // A busy worker's turn: quiet, unless it leaves a job waiting to run or frees
+            // room in a limited queue, for which other workers may wait. (Without a claim it
+            // is work: a stopping worker's last results, say.)
+            if request.max > 0 {
+                tx.give_no_work();
+            }
             let settled = Self::settle_in(tx, &settlements, now)?;
+            if request.max > 0 && !settlements.is_empty() {
+                let settings = rows::queue_settings(tx)?;
+                let limited = |job: &Job| settings.get(&job.queue).is_some_and(|q| q.1 > 0);
+                if settled.iter().flatten().any(limited) {
+                    tx.give_work();
+                }
+            }
             let claimed = Self::claim_in(tx, request, now)?;
             Ok((settled, claimed))
         })
@@ -1006,6 +1031,7 @@ impl Storage for FileStorage {
             return Ok(Vec::new());
         }
         self.write("record live output", |tx| {
+            tx.give_no_work();
             let mut lost = Vec::new();
             for chunk in chunks {
                 match rows::job_by_id(tx, &chunk.lease.job_id)? {
@@ -1185,18 +1211,25 @@ impl Storage for FileStorage {
         })
     }
 
+    // A worker coming, staying or going gives no other worker anything to claim (a stop
+    // request is `request_stop`'s, which is work).
     fn register_worker(&self, worker: WorkerInfo) -> Result<()> {
-        self.write("register a worker", |tx| tx.put_worker(&worker))
+        self.write("register a worker", |tx| {
+            tx.give_no_work();
+            tx.put_worker(&worker)
+        })
     }
 
     fn worker_heartbeat(&self, worker: &str, now: Timestamp) -> Result<bool> {
         self.write("record a worker heartbeat", |tx| {
+            tx.give_no_work();
             crate::ops::worker_heartbeat(tx, worker, now)
         })
     }
 
     fn deregister_worker(&self, worker: &str) -> Result<()> {
         self.write("deregister a worker", |tx| {
+            tx.give_no_work();
             tx.prepare_cached("DELETE FROM workers WHERE id = ?1")?
                 .execute([worker])?;
             Ok(())
@@ -1211,13 +1244,23 @@ impl Storage for FileStorage {
         self.write("ask workers to stop", |tx| crate::ops::request_stop(tx))
     }
 
+    /// The commits this handle has seen (others' counted by SQLite's `data_version`, its own
+    /// by itself) in the low 32 bits, and in the high 32 the stored count of commits that may
+    /// have given a worker something to do ([`FileStorage::wait_for_work`]).
     fn change_version(&self) -> Result<u64> {
         let conn = self.conn.lock();
         self.check_identity()?;
-        let theirs: i64 = conn
-            .pragma_query_value(None, "data_version", |row| row.get(0))
-            .map_err(|e| db_error("look for changes", &self.db_path, e))?;
-        Ok((theirs as u64).wrapping_add(self.local_changes.load(Ordering::Relaxed)))
+        let read = || -> rusqlite::Result<(i64, i64)> {
+            let theirs: i64 = conn.pragma_query_value(None, "data_version", |row| row.get(0))?;
+            let work: Option<i64> = conn
+                .prepare_cached(rows::WORK_COUNT)?
+                .query_row([], |row| row.get(0))
+                .optional()?;
+            Ok((theirs, work.unwrap_or(0)))
+        };
+        let (theirs, work) = read().map_err(|e| db_error("look for changes", &self.db_path, e))?;
+        let changes = (theirs as u64).wrapping_add(self.local_changes.load(Ordering::Relaxed));
+        Ok((work as u64) << 32 | (changes & u64::from(u32::MAX)))
     }
 
     fn is_read_only(&self) -> bool {
@@ -1245,6 +1288,32 @@ impl Storage for FileStorage {
                 return Ok(current);
             }
             self.notifier.wait(generation, left.min(self.poll_interval));
+        }
+    }
+
+    /// Waits until the stored work count (the version's high half) moves: commits that may
+    /// give a worker something to do count there and write the work file, which wakes this
+    /// wait ([`rows::Tx::give_no_work`]); a job finishing elsewhere does not end it. A work
+    /// file write that was lost is found at the next look, every `poll_interval`. (Commits of
+    /// earlier versions count nothing: an idle pool finds their jobs at its next turn, at
+    /// most a second away.) Where the directory cannot be watched, it looks in short steps.
+    fn wait_for_work(&self, seen: u64, timeout: Duration) -> Result<u64> {
+        let deadline = Instant::now().checked_add(timeout);
+        loop {
+            // Read before looking again, so a work event in between still ends the wait.
+            let generation = self.notifier.work_generation();
+            let current = self.change_version()?;
+            if current >> 32 != seen >> 32 {
+                return Ok(current);
+            }
+            let left = deadline.map_or(Duration::MAX, |d| {
+                d.saturating_duration_since(Instant::now())
+            });
+            if left.is_zero() {
+                return Ok(seen);
+            }
+            self.notifier
+                .wait_work(generation, left.min(self.poll_interval));
         }
     }
 }

@@ -366,6 +366,10 @@ pub(super) fn meta(conn: &Connection, key: &str) -> TxResult<Option<String>> {
     Ok(statement.query_row([key], |row| row.get(0)).optional()?)
 }
 
+/// How many committed transactions may have given a worker something to do (0 when none
+/// has yet), as `meta` holds it under `work`: the high half of the store's version.
+pub(super) const WORK_COUNT: &str = "SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'work'";
+
 /// The stored settings (defaults when none were stored).
 pub(super) fn config(conn: &Connection) -> TxResult<Config> {
     match meta(conn, "config")? {
@@ -470,6 +474,11 @@ pub(super) struct Tx<'c> {
     tx: Transaction<'c>,
     /// Change of each queue's count of jobs in each state not yet written.
     counts: HashMap<(String, JobState), i64>,
+    /// Whether what this transaction changes gives no worker anything to do
+    /// ([`Tx::give_no_work`]).
+    quiet: bool,
+    /// The connection's count of changed rows when the transaction began.
+    changes_before: u64,
 }
 
 impl<'c> std::ops::Deref for Tx<'c> {
@@ -481,20 +490,49 @@ impl<'c> std::ops::Deref for Tx<'c> {
 
 impl<'c> Tx<'c> {
     pub(super) fn new(tx: Transaction<'c>) -> Self {
+        let changes_before = tx.total_changes();
         Self {
             tx,
             counts: HashMap::new(),
+            quiet: false,
+            changes_before,
         }
+    }
+
+    /// Announces this transaction's changes as giving no worker anything to do (what claims,
+    /// lease extensions, live output and worker registrations change), unless it leaves a job
+    /// waiting to run (`Tx::write_changes` notes that: a retry, a job handed back, a dependent
+    /// that may now run) or [`Tx::give_work`] is called. Idle workers wait for work only
+    /// (`FileStorage::wait_for_work`).
+    pub(super) fn give_no_work(&mut self) {
+        self.quiet = true;
+    }
+
+    /// Announces this transaction's changes as ones that may give a worker something to do
+    /// (the default).
+    pub(super) fn give_work(&mut self) {
+        self.quiet = false;
     }
 
     fn count(&mut self, queue: &str, state: JobState, delta: i64) {
         *self.counts.entry((queue.to_owned(), state)).or_default() += delta;
     }
 
-    /// Writes the counters and commits.
-    pub(super) fn commit(mut self) -> rusqlite::Result<()> {
+    /// Writes the counters, counts the transaction as work in the stored work count
+    /// ([`WORK_COUNT`]) when it changed something and was not quiet ([`Tx::give_no_work`]),
+    /// and commits. Returns whether it was quiet.
+    pub(super) fn commit(mut self) -> rusqlite::Result<bool> {
         self.flush_counts()?;
-        self.tx.commit()
+        if !self.quiet && self.tx.total_changes() != self.changes_before {
+            self.tx
+                .prepare_cached(
+                    "INSERT INTO meta (key, value) VALUES ('work', '1') ON CONFLICT (key) \
+                     DO UPDATE SET value = CAST(value AS INTEGER) + 1",
+                )?
+                .execute([])?;
+        }
+        self.tx.commit()?;
+        Ok(self.quiet)
     }
 
     /// Writes the count changes made so far, so that reads later in the transaction (a claim
@@ -616,6 +654,9 @@ impl<'c> Tx<'c> {
         if old.state != new.state {
             self.count(&old.queue, old.state, -1);
             self.count(&new.queue, new.state, 1);
+        }
+        if new.waits_to_run() {
+            self.give_work();
         }
         Ok(())
     }

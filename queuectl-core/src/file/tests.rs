@@ -189,3 +189,143 @@ mod counts {
         );
     }
 }
+
+/// Another handle's commits that give no worker anything to do (a claim, a lease extended,
+/// output, a completion with a claim, a worker registering, beating, leaving) leave the work
+/// count an idle pool waits on alone; a new job, a retry, a job handed back and a completion
+/// that frees room in a limited queue end a wait for work.
+#[test]
+fn only_commits_that_may_give_work_end_a_wait_for_work() {
+    use crate::conformance::worker_info;
+    use crate::job::{NewJob, now};
+    use crate::storage::{ClaimRequest, OutputChunk, QueueChange, Settlement, StorageExt};
+    use std::time::{Duration, Instant};
+
+    const WAIT: Duration = Duration::from_secs(10);
+    const LEASE: Duration = Duration::from_secs(30);
+    let files = Files::new();
+    // It never looks again on its own within a wait: only a wake-up ends one.
+    let options = super::FileOptions {
+        poll_interval: Duration::from_secs(3600),
+        ..Default::default()
+    };
+    let watcher = FileStorage::open_with(files.dir.path().join("store"), options).unwrap();
+    let other = &files.store;
+    let claim = |queue: &str| {
+        let request = ClaimRequest::new("w", 1, LEASE).queues([queue]);
+        let mut claimed = other.claim_jobs(&request, now()).unwrap();
+        claimed.pop().expect("a job to claim").lease.unwrap()
+    };
+    // Settles as a busy worker does: with a claim (from a queue with nothing).
+    let settle = |settlement: Settlement| {
+        let request = ClaimRequest::new("w", 1, LEASE).queues(["nothing"]);
+        other
+            .settle_and_claim(vec![settlement], &request, now())
+            .unwrap();
+    };
+    // Runs `op` on the other handle and waits until the watcher has counted its wake file
+    // (written after the work file, when there is one): the work file was not written.
+    let quietly = |what: &str, op: &dyn Fn()| {
+        let any = watcher.notifier.generation().expect("inotify here");
+        let work = watcher.notifier.work_generation();
+        op();
+        let deadline = Instant::now() + WAIT;
+        while watcher.notifier.generation() == Some(any) {
+            assert!(Instant::now() < deadline, "{what}: no wake-up came");
+            watcher.notifier.wait(Some(any), WAIT);
+        }
+        assert_eq!(
+            watcher.notifier.work_generation(),
+            work,
+            "{what}: woke idle workers"
+        );
+    };
+    // Work is counted, and the work file written: a waiting idle worker wakes.
+    let gives_work = |what: &str, op: &dyn Fn()| {
+        let seen = watcher.change_version().unwrap();
+        let work = watcher.notifier.work_generation().expect("inotify here");
+        op();
+        assert_ne!(watcher.wait_for_work(seen, WAIT).unwrap(), seen, "{what}");
+        let deadline = Instant::now() + WAIT;
+        while watcher.notifier.work_generation() == Some(work) {
+            assert!(Instant::now() < deadline, "{what}: no work wake-up came");
+            watcher.notifier.wait_work(Some(work), WAIT);
+        }
+    };
+
+    gives_work("a new job", &|| {
+        other
+            .enqueue(NewJob::new("a").id("a").unwrap(), now())
+            .unwrap();
+    });
+    let seen = watcher.change_version().unwrap();
+    let lease = std::cell::RefCell::new(None);
+    quietly("a claim", &|| *lease.borrow_mut() = Some(claim("default")));
+    let lease = lease.into_inner().unwrap();
+    quietly("a lease extended", &|| {
+        other
+            .extend_leases(std::slice::from_ref(&lease), LEASE, now())
+            .unwrap();
+    });
+    quietly("output", &|| {
+        let chunk = OutputChunk {
+            lease: lease.clone(),
+            offset: 0,
+            text: "out".into(),
+        };
+        other.record_output(&[chunk]).unwrap();
+    });
+    quietly("a completion", &|| {
+        settle(Settlement::Complete {
+            lease: lease.clone(),
+            report: Default::default(),
+        });
+    });
+    quietly("a worker registered", &|| {
+        other.register_worker(worker_info("x")).unwrap()
+    });
+    quietly("a heartbeat", &|| {
+        other.worker_heartbeat("x", now()).unwrap();
+    });
+    quietly("a worker gone", &|| other.deregister_worker("x").unwrap());
+    let now_version = watcher.change_version().unwrap();
+    assert_ne!(now_version, seen, "each of them changed the store");
+    assert_eq!(now_version >> 32, seen >> 32, "none of them was work");
+    assert_eq!(watcher.wait_for_work(seen, Duration::ZERO).unwrap(), seen);
+
+    other
+        .enqueue(NewJob::new("b").id("b").unwrap().max_retries(2), now())
+        .unwrap();
+    let lease = claim("default");
+    gives_work("a failure to retry", &|| {
+        settle(Settlement::Fail {
+            lease: lease.clone(),
+            report: Default::default(),
+            retry_at: now() + Duration::from_secs(60),
+        });
+    });
+    other
+        .enqueue(NewJob::new("c").id("c").unwrap(), now())
+        .unwrap();
+    let lease = claim("default");
+    gives_work("a job handed back", &|| {
+        settle(Settlement::Release {
+            lease: lease.clone(),
+        });
+    });
+    let limited = ["limited".to_owned()];
+    other
+        .change_queues(Some(&limited), QueueChange::Limit(1))
+        .unwrap();
+    for id in ["l1", "l2"] {
+        let job = NewJob::new(id).id(id).unwrap().queue("limited");
+        other.enqueue(job, now()).unwrap();
+    }
+    let lease = claim("limited");
+    gives_work("room made in a limited queue", &|| {
+        settle(Settlement::Complete {
+            lease: lease.clone(),
+            report: Default::default(),
+        });
+    });
+}

@@ -4,6 +4,8 @@
 //! written (and fsynced) before the commit is published in shared memory, which no file event
 //! marks. So every handle that commits a change then writes one byte to the store's wake file,
 //! and waiters watch the directory for that (and for the database being deleted or replaced).
+//! A commit that may give a worker something to do writes the work file as well: idle workers
+//! wait for that one only, and sleep through jobs claimed and finished elsewhere.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -20,19 +22,23 @@ use crate::generation::Generation;
 /// The file a committing handle writes to, to wake waiters.
 pub(super) const WAKE_FILE: &str = "queuectl.wake";
 
+/// The file a handle also writes to after a commit that may give a worker something to do.
+pub(super) const WORK_FILE: &str = "queuectl.work";
+
 /// How often to look again when inotify is unavailable.
 const FALLBACK_POLL: Duration = Duration::from_millis(25);
 
-/// Opens (creating it with mode 0600 if needed) the wake file for writing. A symbolic link or
-/// anything but a regular file in its place is refused: the store writes to its own file only.
-pub(super) fn open_wake_file(dir: &Path) -> io::Result<File> {
+/// Opens (creating it with mode 0600 if needed) the wake file `name` ([`WAKE_FILE`] or
+/// [`WORK_FILE`]) for writing. A symbolic link or anything but a regular file in its place is
+/// refused: the store writes to its own files only.
+pub(super) fn open_wake_file(dir: &Path, name: &str) -> io::Result<File> {
     let file = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(false)
         .mode(0o600)
         .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
-        .open(dir.join(WAKE_FILE))?;
+        .open(dir.join(name))?;
     if !file.metadata()?.is_file() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -56,7 +62,7 @@ pub(super) fn wake(file: &File) -> io::Result<()> {
 /// counts relevant events in a generation number; waiters read it before they look at the
 /// store, so an event that comes between their look and their wait still ends the wait.
 pub(super) struct Notifier {
-    shared: Arc<Generation>,
+    shared: Arc<Counts>,
     thread: Mutex<Option<Running>>,
     dir: PathBuf,
 }
@@ -67,10 +73,17 @@ struct Running {
     stop: io::PipeWriter,
 }
 
+/// What the watching thread counts: every relevant event, and those that may mean work.
+#[derive(Debug, Default)]
+struct Counts {
+    any: Generation,
+    work: Generation,
+}
+
 impl Notifier {
     pub(super) fn new(dir: &Path) -> Self {
         Self {
-            shared: Arc::new(Generation::default()),
+            shared: Arc::new(Counts::default()),
             thread: Mutex::new(None),
             dir: dir.to_owned(),
         }
@@ -80,22 +93,42 @@ impl Notifier {
     /// `None` when the directory cannot be watched (no inotify here, or its limit reached):
     /// then waiting is looking again in short steps.
     pub(super) fn generation(&self) -> Option<u64> {
+        self.start()?;
+        Some(self.shared.any.get())
+    }
+
+    /// The number of events seen so far that may mean work: the work file written, or the
+    /// database deleted or replaced (or `None`, as [`Notifier::generation`]).
+    pub(super) fn work_generation(&self) -> Option<u64> {
+        self.start()?;
+        Some(self.shared.work.get())
+    }
+
+    fn start(&self) -> Option<()> {
         let mut thread = self.thread.lock();
         if thread.is_none() {
             *thread = Some(start(&self.dir, self.shared.clone())?);
         }
-        drop(thread);
-        Some(self.shared.get())
+        Some(())
     }
 
     /// Blocks until the generation differs from `seen` (a relevant event), or `timeout`
     /// passes. With no watching thread (`seen` is `None`), sleeps a short step instead.
     pub(super) fn wait(&self, seen: Option<u64>, timeout: Duration) {
+        Self::wait_on(&self.shared.any, seen, timeout);
+    }
+
+    /// [`Notifier::wait`] for the work generation.
+    pub(super) fn wait_work(&self, seen: Option<u64>, timeout: Duration) {
+        Self::wait_on(&self.shared.work, seen, timeout);
+    }
+
+    fn wait_on(generation: &Generation, seen: Option<u64>, timeout: Duration) {
         let Some(seen) = seen else {
             std::thread::sleep(timeout.min(FALLBACK_POLL));
             return;
         };
-        self.shared.wait(seen, timeout);
+        generation.wait(seen, timeout);
     }
 }
 
@@ -111,7 +144,7 @@ impl Drop for Notifier {
 }
 
 #[cfg(any(target_os = "linux", target_os = "android"))]
-fn start(dir: &Path, shared: Arc<Generation>) -> Option<Running> {
+fn start(dir: &Path, shared: Arc<Counts>) -> Option<Running> {
     use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
     let mask = AddWatchFlags::IN_MODIFY
         | AddWatchFlags::IN_MOVED_TO
@@ -131,13 +164,13 @@ fn start(dir: &Path, shared: Arc<Generation>) -> Option<Running> {
 }
 
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
-fn start(_dir: &Path, _shared: Arc<Generation>) -> Option<Running> {
+fn start(_dir: &Path, _shared: Arc<Counts>) -> Option<Running> {
     None
 }
 
 /// The watching thread: counts relevant events until `stop` becomes readable.
 #[cfg(any(target_os = "linux", target_os = "android"))]
-fn watch(inotify: &nix::sys::inotify::Inotify, stop: &io::PipeReader, shared: &Generation) {
+fn watch(inotify: &nix::sys::inotify::Inotify, stop: &io::PipeReader, shared: &Counts) {
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     use nix::sys::inotify::AddWatchFlags;
     use std::os::fd::AsFd;
@@ -151,7 +184,8 @@ fn watch(inotify: &nix::sys::inotify::Inotify, stop: &io::PipeReader, shared: &G
             Err(nix::errno::Errno::EINTR) => continue,
             // Cannot watch any more: wake everyone, so waiters fall back on their poll.
             Err(_) => {
-                shared.bump();
+                shared.work.bump();
+                shared.any.bump();
                 return;
             }
         }
@@ -161,24 +195,34 @@ fn watch(inotify: &nix::sys::inotify::Inotify, stop: &io::PipeReader, shared: &G
         // Drain everything queued; what counts is the wake file, the database itself, or the
         // directory going away. SQLite's own writes to its -wal and -shm files are ignored:
         // they come before the commit is visible.
-        let mut relevant = false;
+        let (mut relevant, mut work) = (false, false);
         while let Ok(events) = inotify.read_events() {
             if events.is_empty() {
                 break;
             }
-            relevant |= events.iter().any(|event| {
+            for event in &events {
                 let name = event.name.as_deref().and_then(|n| n.to_str());
                 // A full event queue may have dropped the event that mattered.
-                event.mask.intersects(
+                let everyone = event.mask.intersects(
                     AddWatchFlags::IN_DELETE_SELF
                         | AddWatchFlags::IN_MOVE_SELF
                         | AddWatchFlags::IN_IGNORED
                         | AddWatchFlags::IN_Q_OVERFLOW,
-                ) || matches!(name, Some(WAKE_FILE | super::schema::DB_FILE))
-            });
+                );
+                let database = name == Some(super::schema::DB_FILE);
+                // The database written in place is a checkpoint, not work; deleted, renamed
+                // or replaced, everyone must look.
+                let replaced = database && !event.mask.contains(AddWatchFlags::IN_MODIFY);
+                work |= everyone || replaced || name == Some(WORK_FILE);
+                relevant |= everyone || database || matches!(name, Some(WAKE_FILE | WORK_FILE));
+            }
+        }
+        // Work first: a waiter for any change that sees the work count move has seen work.
+        if work {
+            shared.work.bump();
         }
         if relevant {
-            shared.bump();
+            shared.any.bump();
         }
     }
 }
