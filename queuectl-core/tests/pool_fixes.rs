@@ -404,3 +404,56 @@ fn a_job_cancelled_as_it_finishes_then_retried_runs_again() {
     within("the pool to stop", move || pool.shutdown()).unwrap();
     assert_eq!(store.get(&id).unwrap().state, JobState::Completed);
 }
+
+/// An idle pool stops at once even when its waker would look again only after an hour: the
+/// pool's deregistration ends the waker's wait for work (it once was a quiet change there,
+/// and the pool's exit waited out the waker's poll). On the embedded store, and on
+/// PostgreSQL where `QUEUECTL_TEST_DATABASE_URL` is set.
+#[test]
+fn an_idle_pool_stops_without_waiting_out_its_wakers_poll() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut stores: Vec<Arc<dyn Storage>> = vec![Arc::new(
+        queuectl_core::FileStorage::open(dir.path().join("store")).unwrap(),
+    )];
+    let schema = format!("queuectl_stop_{:016x}", rand_u64());
+    match std::env::var("QUEUECTL_TEST_DATABASE_URL") {
+        Ok(url) if !url.is_empty() => {
+            let options = queuectl_core::PgOptions {
+                schema: schema.clone(),
+                ..Default::default()
+            };
+            stores.push(Arc::new(
+                queuectl_core::PgStorage::connect(&url, options).unwrap(),
+            ));
+        }
+        _ => println!("skipping PostgreSQL: QUEUECTL_TEST_DATABASE_URL is not set"),
+    }
+    for store in stores {
+        let (store, waits) = Faulty::over(store);
+        let pool = WorkerPool::builder(store, Arc::new(FnExecutor::new(|_| Ok(()))))
+            .timings(queuectl_core::Timings {
+                waker_poll: HOUR,
+                ..queuectl_core::Timings::default()
+            })
+            .start()
+            .unwrap();
+        // Idle: its waker waits for work.
+        waits.recv_timeout(TIMEOUT).expect("the waker to wait");
+        let stopper = pool.stopper();
+        stopper.graceful();
+        within("the idle pool to stop", move || pool.join()).unwrap();
+    }
+    if let Ok(url) = std::env::var("QUEUECTL_TEST_DATABASE_URL")
+        && !url.is_empty()
+        && let Ok(mut client) = postgres::Client::connect(&url, postgres::NoTls)
+    {
+        let _ = client.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"));
+    }
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(std::process::id());
+    hasher.finish()
+}

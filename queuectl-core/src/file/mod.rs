@@ -1211,8 +1211,8 @@ impl Storage for FileStorage {
         })
     }
 
-    // A worker coming, staying or going gives no other worker anything to claim (a stop
-    // request is `request_stop`'s, which is work).
+    // A worker coming or staying gives no other worker anything to claim (a stop request is
+    // `request_stop`'s, which is work).
     fn register_worker(&self, worker: WorkerInfo) -> Result<()> {
         self.write("register a worker", |tx| {
             tx.give_no_work();
@@ -1228,8 +1228,9 @@ impl Storage for FileStorage {
     }
 
     fn deregister_worker(&self, worker: &str) -> Result<()> {
+        // Work, unlike registering: the pool's own waker, waiting for work, wakes at it and
+        // sees the pool closing (`Dispatcher::finish`).
         self.write("deregister a worker", |tx| {
-            tx.give_no_work();
             tx.prepare_cached("DELETE FROM workers WHERE id = ?1")?
                 .execute([worker])?;
             Ok(())

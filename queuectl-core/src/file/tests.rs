@@ -191,9 +191,9 @@ mod counts {
 }
 
 /// Another handle's commits that give no worker anything to do (a claim, a lease extended,
-/// output, a completion with a claim, a worker registering, beating, leaving) leave the work
-/// count an idle pool waits on alone; a new job, a retry, a job handed back and a completion
-/// that frees room in a limited queue end a wait for work.
+/// output, a completion with a claim, a worker registering or beating) leave the work
+/// count an idle pool waits on alone; a new job, a worker leaving, a retry, a job handed back
+/// and a completion that frees room in a limited queue end a wait for work.
 #[test]
 fn only_commits_that_may_give_work_end_a_wait_for_work() {
     use crate::conformance::worker_info;
@@ -287,11 +287,16 @@ fn only_commits_that_may_give_work_end_a_wait_for_work() {
     quietly("a heartbeat", &|| {
         other.worker_heartbeat("x", now()).unwrap();
     });
-    quietly("a worker gone", &|| other.deregister_worker("x").unwrap());
     let now_version = watcher.change_version().unwrap();
     assert_ne!(now_version, seen, "each of them changed the store");
     assert_eq!(now_version >> 32, seen >> 32, "none of them was work");
     assert_eq!(watcher.wait_for_work(seen, Duration::ZERO).unwrap(), seen);
+    gives_work(
+        "a worker gone: its own waker sees its pool closing",
+        &|| {
+            other.deregister_worker("x").unwrap();
+        },
+    );
 
     other
         .enqueue(NewJob::new("b").id("b").unwrap().max_retries(2), now())

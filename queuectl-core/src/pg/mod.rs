@@ -1446,9 +1446,9 @@ impl Storage for PgStorage {
         })
     }
 
-    // A worker coming, staying or going gives no other worker anything to claim: quiet
-    // changes, which idle workers sleep through (a stop request, which is work, goes through
-    // `request_stop`; jobs a stopping worker hands back through its settlements).
+    // A worker coming or staying gives no other worker anything to claim: quiet changes,
+    // which idle workers sleep through (a stop request, which is work, goes through
+    // `request_stop`).
     fn register_worker(&self, worker: WorkerInfo) -> Result<()> {
         self.write("register a worker", |tx| {
             tx.give_no_work();
@@ -1464,8 +1464,9 @@ impl Storage for PgStorage {
     }
 
     fn deregister_worker(&self, worker: &str) -> Result<()> {
+        // Work, unlike registering: the pool's own waker, waiting for work, wakes at it and
+        // sees the pool closing (`Dispatcher::finish`).
         self.write("deregister a worker", |tx| {
-            tx.give_no_work();
             tx.write("DELETE FROM {s}.workers WHERE id = $1", &[&worker])?;
             Ok(())
         })

@@ -111,6 +111,8 @@ pub struct Faulty {
     /// `wait_for_change` and `wait_for_work` never see a change: they sleep their whole
     /// timeout.
     pub deaf: bool,
+    /// Another store to work on instead of `inner` ([`Faulty::over`]).
+    pub over: Option<std::sync::Arc<dyn Storage>>,
 }
 
 impl Faulty {
@@ -124,6 +126,22 @@ impl Faulty {
         (std::sync::Arc::new(store), rx)
     }
 
+    /// A store over `store`, whose `wait_for_work` reports that the waker is waiting.
+    pub fn over(store: std::sync::Arc<dyn Storage>) -> (std::sync::Arc<Self>, Receiver<()>) {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let faulty = Faulty {
+            waits: Some(tx),
+            over: Some(store),
+            ..Faulty::default()
+        };
+        (std::sync::Arc::new(faulty), rx)
+    }
+
+    /// The store underneath.
+    fn store(&self) -> &dyn Storage {
+        self.over.as_deref().unwrap_or(&self.inner)
+    }
+
     fn io_error<T>() -> Result<T> {
         Err(StorageError::Io {
             op: "append to",
@@ -135,14 +153,14 @@ impl Faulty {
 
 impl Storage for Faulty {
     fn submit(&self, jobs: Vec<NewJob>, at: Timestamp) -> Result<Vec<Enqueued>> {
-        self.inner.submit(jobs, at)
+        self.store().submit(jobs, at)
     }
     fn claim_jobs(&self, request: &ClaimRequest, at: Timestamp) -> Result<Vec<Job>> {
         self.claims.fetch_add(1, Ordering::SeqCst);
         if self.fail_claims.load(Ordering::SeqCst) {
             return Self::io_error();
         }
-        self.inner.claim_jobs(request, at)
+        self.store().claim_jobs(request, at)
     }
     fn extend_leases(
         &self,
@@ -150,115 +168,115 @@ impl Storage for Faulty {
         lease_for: Duration,
         at: Timestamp,
     ) -> Result<Vec<JobId>> {
-        self.inner.extend_leases(leases, lease_for, at)
+        self.store().extend_leases(leases, lease_for, at)
     }
     fn settle(&self, settlements: Vec<Settlement>, at: Timestamp) -> Result<Vec<Result<Job>>> {
         if self.fail_settles.load(Ordering::SeqCst) {
             return Self::io_error();
         }
-        self.inner.settle(settlements, at)
+        self.store().settle(settlements, at)
     }
     fn record_output(&self, chunks: &[OutputChunk]) -> Result<Vec<JobId>> {
         self.outputs.lock().push(chunks.to_vec());
         if self.fail_output.load(Ordering::SeqCst) {
             return Self::io_error();
         }
-        self.inner.record_output(chunks)
+        self.store().record_output(chunks)
     }
     fn output_since(&self, id: &JobId, offset: u64) -> Result<RunningOutput> {
-        self.inner.output_since(id, offset)
+        self.store().output_since(id, offset)
     }
     fn recover_expired(&self, at: Timestamp) -> Result<Vec<Job>> {
-        self.inner.recover_expired(at)
+        self.store().recover_expired(at)
     }
     fn recover_worker(&self, worker: &str, at: Timestamp) -> Result<Vec<Job>> {
-        self.inner.recover_worker(worker, at)
+        self.store().recover_worker(worker, at)
     }
     fn get(&self, id: &JobId) -> Result<Job> {
-        self.inner.get(id)
+        self.store().get(id)
     }
     fn attempts(&self, id: &JobId) -> Result<Vec<queuectl_core::Attempt>> {
-        self.inner.attempts(id)
+        self.store().attempts(id)
     }
     fn cancel(&self, ids: &[JobId], at: Timestamp) -> Result<Vec<Job>> {
-        self.inner.cancel(ids, at)
+        self.store().cancel(ids, at)
     }
     fn remove(&self, ids: &[JobId], at: Timestamp) -> Result<Vec<JobId>> {
-        self.inner.remove(ids, at)
+        self.store().remove(ids, at)
     }
     fn retry(&self, ids: &[JobId], at: Timestamp) -> Result<Vec<Job>> {
-        self.inner.retry(ids, at)
+        self.store().retry(ids, at)
     }
     fn list(&self, query: &ListQuery) -> Result<Vec<Job>> {
-        self.inner.list(query)
+        self.store().list(query)
     }
     fn counts(&self) -> Result<StateCounts> {
-        self.inner.counts()
+        self.store().counts()
     }
     fn queues(&self) -> Result<Vec<QueueInfo>> {
-        self.inner.queues()
+        self.store().queues()
     }
     fn activity(&self, since: Timestamp) -> Result<Activity> {
-        self.inner.activity(since)
+        self.store().activity(since)
     }
     fn change_queues(
         &self,
         names: Option<&[String]>,
         change: QueueChange,
     ) -> Result<Vec<QueueInfo>> {
-        self.inner.change_queues(names, change)
+        self.store().change_queues(names, change)
     }
     fn next_due(&self, after: Timestamp) -> Result<Option<Timestamp>> {
-        self.inner.next_due(after)
+        self.store().next_due(after)
     }
     fn retry_dead(&self, ids: Option<&[JobId]>, at: Timestamp) -> Result<Vec<Job>> {
-        self.inner.retry_dead(ids, at)
+        self.store().retry_dead(ids, at)
     }
     fn clear_dead(&self, at: Timestamp) -> Result<usize> {
-        self.inner.clear_dead(at)
+        self.store().clear_dead(at)
     }
     fn purge_completed(&self, before: Timestamp) -> Result<usize> {
-        self.inner.purge_completed(before)
+        self.store().purge_completed(before)
     }
     fn config(&self) -> Result<Config> {
-        self.inner.config()
+        self.store().config()
     }
     fn update_config(
         &self,
         update: &mut dyn FnMut(&mut Config) -> std::result::Result<(), ConfigError>,
     ) -> Result<Config> {
-        self.inner.update_config(update)
+        self.store().update_config(update)
     }
     fn register_worker(&self, worker: WorkerInfo) -> Result<()> {
-        self.inner.register_worker(worker)
+        self.store().register_worker(worker)
     }
     fn worker_heartbeat(&self, worker: &str, at: Timestamp) -> Result<bool> {
-        self.inner.worker_heartbeat(worker, at)
+        self.store().worker_heartbeat(worker, at)
     }
     fn deregister_worker(&self, worker: &str) -> Result<()> {
-        self.inner.deregister_worker(worker)
+        self.store().deregister_worker(worker)
     }
     fn workers(&self) -> Result<Vec<WorkerInfo>> {
-        self.inner.workers()
+        self.store().workers()
     }
     fn request_stop(&self) -> Result<usize> {
-        self.inner.request_stop()
+        self.store().request_stop()
     }
     fn change_version(&self) -> Result<u64> {
-        self.inner.change_version()
+        self.store().change_version()
     }
     fn poll_worker(&self, worker: &str) -> Result<(u64, Option<WorkerInfo>)> {
         if self.fail_polls.load(Ordering::SeqCst) {
             return Self::io_error();
         }
-        self.inner.poll_worker(worker)
+        self.store().poll_worker(worker)
     }
     fn wait_for_change(&self, seen: u64, timeout: Duration) -> Result<u64> {
         if self.deaf {
             thread::sleep(timeout);
-            return self.inner.change_version();
+            return self.store().change_version();
         }
-        self.inner.wait_for_change(seen, timeout)
+        self.store().wait_for_change(seen, timeout)
     }
     fn wait_for_work(&self, seen: u64, timeout: Duration) -> Result<u64> {
         if let Some(waits) = &self.waits {
@@ -266,8 +284,8 @@ impl Storage for Faulty {
         }
         if self.deaf {
             thread::sleep(timeout);
-            return self.inner.change_version();
+            return self.store().change_version();
         }
-        self.inner.wait_for_work(seen, timeout)
+        self.store().wait_for_work(seen, timeout)
     }
 }
