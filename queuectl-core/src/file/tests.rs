@@ -334,3 +334,41 @@ fn only_commits_that_may_give_work_end_a_wait_for_work() {
         });
     });
 }
+
+/// The watching thread of a handle that waits for work only (an idle worker's) is not woken
+/// by commits that give none: it watches the work file, not the wake file, until someone on
+/// the handle waits for any change.
+#[test]
+fn a_handle_waiting_for_work_only_sleeps_through_quiet_commits() {
+    use crate::conformance::worker_info;
+    use std::time::{Duration, Instant};
+
+    const WAIT: Duration = Duration::from_secs(10);
+    let files = Files::new();
+    let idle = FileStorage::open(files.dir.path().join("store")).unwrap();
+    let observer = FileStorage::open(files.dir.path().join("store")).unwrap();
+    let busy = &files.store;
+    let work = idle.notifier.work_generation().expect("inotify here");
+    let woke = idle.notifier.wake_ups();
+    for i in 0..20 {
+        // Quiet commits, each seen by a handle that watches everything.
+        let seen = observer.notifier.generation().unwrap();
+        busy.register_worker(worker_info(&format!("w{i}"))).unwrap();
+        let deadline = Instant::now() + WAIT;
+        while observer.notifier.generation() == Some(seen) {
+            assert!(Instant::now() < deadline, "no wake-up came");
+            observer.notifier.wait(Some(seen), WAIT);
+        }
+    }
+    busy.request_stop().unwrap();
+    let deadline = Instant::now() + WAIT;
+    while idle.notifier.work_generation() == Some(work) {
+        assert!(Instant::now() < deadline, "the work wake-up never came");
+        idle.notifier.wait_work(Some(work), WAIT);
+    }
+    assert_eq!(
+        idle.notifier.wake_ups() - woke,
+        idle.notifier.work_generation().unwrap() - work,
+        "woken by work only"
+    );
+}

@@ -71,6 +71,9 @@ struct Running {
     thread: JoinHandle<()>,
     /// Written to (then dropped) to stop the thread.
     stop: io::PipeWriter,
+    /// What is watched, shared with the thread.
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    watched: Arc<linux::Watched>,
 }
 
 /// What the watching thread counts: every relevant event, and those that may mean work.
@@ -93,7 +96,17 @@ impl Notifier {
     /// `None` when the directory cannot be watched (no inotify here, or its limit reached):
     /// then waiting is looking again in short steps.
     pub(super) fn generation(&self) -> Option<u64> {
-        self.start()?;
+        // A waiter for any change: the wake file's writes count from now on (a handle that
+        // only waits for work never wakes at them).
+        let mut thread = self.thread.lock();
+        if thread.is_none() {
+            *thread = Some(start(&self.dir, self.shared.clone())?);
+        }
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        if let Some(running) = thread.as_ref() {
+            running.watched.watch_wake_file().ok()?;
+        }
+        drop(thread);
         Some(self.shared.any.get())
     }
 
@@ -110,6 +123,12 @@ impl Notifier {
             *thread = Some(start(&self.dir, self.shared.clone())?);
         }
         Some(())
+    }
+
+    /// How many times the watching thread woke for anything (for tests).
+    #[cfg(test)]
+    pub(super) fn wake_ups(&self) -> u64 {
+        self.shared.any.get()
     }
 
     /// Blocks until the generation differs from `seen` (a relevant event), or `timeout`
@@ -134,7 +153,10 @@ impl Notifier {
 
 impl Drop for Notifier {
     fn drop(&mut self) {
-        if let Some(Running { thread, mut stop }) = self.thread.get_mut().take() {
+        if let Some(Running {
+            thread, mut stop, ..
+        }) = self.thread.get_mut().take()
+        {
             // If the write fails the pipe still closes when `stop` drops: either ends the thread.
             let _ = stop.write_all(b"x");
             drop(stop);
@@ -145,22 +167,20 @@ impl Drop for Notifier {
 
 #[cfg(any(target_os = "linux", target_os = "android"))]
 fn start(dir: &Path, shared: Arc<Counts>) -> Option<Running> {
-    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
-    let mask = AddWatchFlags::IN_MODIFY
-        | AddWatchFlags::IN_MOVED_TO
-        | AddWatchFlags::IN_CREATE
-        | AddWatchFlags::IN_DELETE
-        | AddWatchFlags::IN_MOVED_FROM
-        | AddWatchFlags::IN_DELETE_SELF
-        | AddWatchFlags::IN_MOVE_SELF;
-    let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).ok()?;
-    inotify.add_watch(dir, mask).ok()?;
+    let watched = Arc::new(linux::Watched::new(dir).ok()?);
     let (stop_read, stop) = io::pipe().ok()?;
     let thread = std::thread::Builder::new()
         .name("queuectl-store-watch".into())
-        .spawn(move || watch(&inotify, &stop_read, &shared))
+        .spawn({
+            let watched = watched.clone();
+            move || linux::watch(&watched, &stop_read, &shared)
+        })
         .ok()?;
-    Some(Running { thread, stop })
+    Some(Running {
+        thread,
+        stop,
+        watched,
+    })
 }
 
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
@@ -168,61 +188,149 @@ fn start(_dir: &Path, _shared: Arc<Counts>) -> Option<Running> {
     None
 }
 
-/// The watching thread: counts relevant events until `stop` becomes readable.
+/// Watching with inotify: the directory for the database and the wake files coming and
+/// going, and the work file's writes; the wake file's writes only once someone waits for any
+/// change. So the watching thread of a handle that waits for work only (an idle worker's)
+/// sleeps through the commits of a busy queue.
 #[cfg(any(target_os = "linux", target_os = "android"))]
-fn watch(inotify: &nix::sys::inotify::Inotify, stop: &io::PipeReader, shared: &Counts) {
-    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-    use nix::sys::inotify::AddWatchFlags;
-    use std::os::fd::AsFd;
-    loop {
-        let mut fds = [
-            PollFd::new(inotify.as_fd(), PollFlags::POLLIN),
-            PollFd::new(stop.as_fd(), PollFlags::POLLIN),
-        ];
-        match poll(&mut fds, PollTimeout::NONE) {
-            Ok(_) => {}
-            Err(nix::errno::Errno::EINTR) => continue,
-            // Cannot watch any more: wake everyone, so waiters fall back on their poll.
-            Err(_) => {
-                shared.work.bump();
-                shared.any.bump();
+mod linux {
+    use std::io;
+    use std::path::{Path, PathBuf};
+
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
+    use parking_lot::Mutex;
+
+    use super::{Counts, WAKE_FILE, WORK_FILE};
+
+    /// The directory: files created, deleted or renamed in it, and it itself going away.
+    const DIR: AddWatchFlags = AddWatchFlags::IN_MOVED_TO
+        .union(AddWatchFlags::IN_CREATE)
+        .union(AddWatchFlags::IN_DELETE)
+        .union(AddWatchFlags::IN_MOVED_FROM)
+        .union(AddWatchFlags::IN_DELETE_SELF)
+        .union(AddWatchFlags::IN_MOVE_SELF);
+
+    pub(super) struct Watched {
+        inotify: Inotify,
+        dir: PathBuf,
+        watches: Mutex<Watches>,
+    }
+
+    /// What the watch descriptors stand for.
+    #[derive(Default, Clone, Copy)]
+    struct Watches {
+        work: Option<WatchDescriptor>,
+        wake: Option<WatchDescriptor>,
+        /// A wake file was missing (a store opened read-only, of an earlier version): the
+        /// directory's writes are watched instead, and tell the files apart by name.
+        dir_writes: bool,
+    }
+
+    impl Watched {
+        pub(super) fn new(dir: &Path) -> io::Result<Self> {
+            let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
+            inotify.add_watch(dir, DIR)?;
+            let watched = Self {
+                inotify,
+                dir: dir.to_owned(),
+                watches: Mutex::new(Watches::default()),
+            };
+            let mut watches = watched.watches.lock();
+            match watched.watch_file(WORK_FILE) {
+                Ok(wd) => watches.work = Some(wd),
+                Err(_) => watched.watch_dir_writes(&mut watches)?,
+            }
+            drop(watches);
+            Ok(watched)
+        }
+
+        /// Has the wake file's writes counted too (once).
+        pub(super) fn watch_wake_file(&self) -> io::Result<()> {
+            let mut watches = self.watches.lock();
+            if watches.wake.is_some() || watches.dir_writes {
+                return Ok(());
+            }
+            match self.watch_file(WAKE_FILE) {
+                Ok(wd) => watches.wake = Some(wd),
+                Err(_) => self.watch_dir_writes(&mut watches)?,
+            }
+            Ok(())
+        }
+
+        fn watch_file(&self, name: &str) -> io::Result<WatchDescriptor> {
+            let mask = AddWatchFlags::IN_MODIFY | AddWatchFlags::IN_DONT_FOLLOW;
+            Ok(self.inotify.add_watch(&self.dir.join(name), mask)?)
+        }
+
+        fn watch_dir_writes(&self, watches: &mut Watches) -> io::Result<()> {
+            self.inotify
+                .add_watch(&self.dir, DIR | AddWatchFlags::IN_MODIFY)?;
+            watches.dir_writes = true;
+            Ok(())
+        }
+    }
+
+    /// The watching thread: counts relevant events until `stop` becomes readable.
+    pub(super) fn watch(watched: &Watched, stop: &io::PipeReader, shared: &Counts) {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        use std::os::fd::AsFd;
+        loop {
+            let mut fds = [
+                PollFd::new(watched.inotify.as_fd(), PollFlags::POLLIN),
+                PollFd::new(stop.as_fd(), PollFlags::POLLIN),
+            ];
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => continue,
+                // Cannot watch any more: wake everyone, so waiters fall back on their poll.
+                Err(_) => {
+                    shared.work.bump();
+                    shared.any.bump();
+                    return;
+                }
+            }
+            if fds[1].any().unwrap_or(true) {
                 return;
             }
-        }
-        if fds[1].any().unwrap_or(true) {
-            return;
-        }
-        // Drain everything queued; what counts is the wake file, the database itself, or the
-        // directory going away. SQLite's own writes to its -wal and -shm files are ignored:
-        // they come before the commit is visible.
-        let (mut relevant, mut work) = (false, false);
-        while let Ok(events) = inotify.read_events() {
-            if events.is_empty() {
-                break;
+            // Drain everything queued. What counts: the wake files written, the database or
+            // a wake file created, deleted or renamed, the directory going away. SQLite's
+            // own files are ignored: they are written before the commit is visible.
+            let (mut any, mut work) = (false, false);
+            while let Ok(events) = watched.inotify.read_events() {
+                if events.is_empty() {
+                    break;
+                }
+                let watches = *watched.watches.lock();
+                for event in &events {
+                    let written = event.mask.contains(AddWatchFlags::IN_MODIFY);
+                    let name = event.name.as_deref().and_then(|n| n.to_str());
+                    // A full event queue may have dropped the event that mattered; a watched
+                    // file deleted ends its watch.
+                    let everyone = event.mask.intersects(
+                        AddWatchFlags::IN_DELETE_SELF
+                            | AddWatchFlags::IN_MOVE_SELF
+                            | AddWatchFlags::IN_IGNORED
+                            | AddWatchFlags::IN_Q_OVERFLOW,
+                    ) || (!written
+                        && matches!(
+                            name,
+                            Some(WAKE_FILE | WORK_FILE | super::super::schema::DB_FILE)
+                        ));
+                    let work_written = Some(event.wd) == watches.work
+                        || (watches.dir_writes && written && name == Some(WORK_FILE));
+                    let wake_written = Some(event.wd) == watches.wake
+                        || (watches.dir_writes && written && name == Some(WAKE_FILE));
+                    work |= everyone || work_written;
+                    any |= everyone || work_written || wake_written;
+                }
             }
-            for event in &events {
-                let name = event.name.as_deref().and_then(|n| n.to_str());
-                // A full event queue may have dropped the event that mattered.
-                let everyone = event.mask.intersects(
-                    AddWatchFlags::IN_DELETE_SELF
-                        | AddWatchFlags::IN_MOVE_SELF
-                        | AddWatchFlags::IN_IGNORED
-                        | AddWatchFlags::IN_Q_OVERFLOW,
-                );
-                let database = name == Some(super::schema::DB_FILE);
-                // The database written in place is a checkpoint, not work; deleted, renamed
-                // or replaced, everyone must look.
-                let replaced = database && !event.mask.contains(AddWatchFlags::IN_MODIFY);
-                work |= everyone || replaced || name == Some(WORK_FILE);
-                relevant |= everyone || database || matches!(name, Some(WAKE_FILE | WORK_FILE));
+            // Work first: a waiter for any change that sees the work count move has seen work.
+            if work {
+                shared.work.bump();
             }
-        }
-        // Work first: a waiter for any change that sees the work count move has seen work.
-        if work {
-            shared.work.bump();
-        }
-        if relevant {
-            shared.any.bump();
+            if any {
+                shared.any.bump();
+            }
         }
     }
 }
