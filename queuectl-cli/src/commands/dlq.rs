@@ -21,9 +21,21 @@ pub fn run(store: &dyn Storage, command: DlqCommand, out: &mut dyn Write) -> Res
         }
         DlqCommand::Retry { ids, all } => {
             let retried = if all {
+                let before: std::collections::HashSet<JobId> = store
+                    .list(&ListQuery::state(JobState::Dead))?
+                    .into_iter()
+                    .map(|job| job.id)
+                    .collect();
                 let retried = store.retry_dead(None, now())?;
                 // What `--all` leaves behind on purpose: a unique key goes to one job only.
+                // (Jobs that died meanwhile, this command's own retries among them, were not
+                // left behind: they were not dead when it looked.)
+                let ran: std::collections::HashSet<&JobId> =
+                    retried.iter().map(|job| &job.id).collect();
                 for job in store.list(&ListQuery::state(JobState::Dead))? {
+                    if !before.contains(&job.id) || ran.contains(&job.id) {
+                        continue;
+                    }
                     if let Some(key) = &job.unique_key {
                         say!(
                             "note: job {} stays dead: another job holds its unique key {key:?} \

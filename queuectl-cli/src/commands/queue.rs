@@ -62,8 +62,8 @@ fn summary(changed: &[QueueInfo], change: QueueChange, every: bool) -> String {
     match change {
         QueueChange::Pause => {
             format!(
-                "paused {which}: no worker claims their jobs; running ones (and ones a worker \
-                 has already claimed ahead with --prefetch) finish"
+                "paused {which}: no worker starts their jobs; running ones finish, and ones \
+                 claimed ahead with --prefetch go back to the queue"
             )
         }
         QueueChange::Resume => format!("resumed {which}"),

@@ -141,13 +141,15 @@ fn describe(event: &Event) -> Option<String> {
             "[stopping] ({reason}) claiming no more jobs; waiting for running ones \
              (Ctrl+C again to kill them)"
         ),
-        // The store failed: nothing can be handed back, the jobs wait for their leases.
+        // The pool gives up on its jobs: nothing is handed back, the jobs wait for their
+        // leases.
         Event::Stopping {
             forced: true,
-            reason: StopReason::StorageFailure,
-        } => "[stopping] (storage failure) killing running jobs; the queue cannot be told, so \
-              they run again elsewhere once their leases run out"
-            .to_owned(),
+            reason: reason @ (StopReason::StorageFailure | StopReason::ExecutorsGone),
+        } => format!(
+            "[stopping] ({reason}) killing running jobs; their results cannot be recorded, so \
+             they run again elsewhere once their leases run out"
+        ),
         Event::Stopping {
             forced: true,
             reason,
@@ -248,11 +250,13 @@ mod tests {
             })
             .unwrap()
         };
-        let failure = said(StopReason::StorageFailure);
-        assert!(
-            failure.contains("leases run out") && !failure.contains("handing them back"),
-            "{failure}"
-        );
+        for reason in [StopReason::StorageFailure, StopReason::ExecutorsGone] {
+            let failure = said(reason);
+            assert!(
+                failure.contains("leases run out") && !failure.contains("handing them back"),
+                "{failure}"
+            );
+        }
         assert!(said(StopReason::Requested).contains("handing them back"));
     }
 }

@@ -43,6 +43,9 @@ pub(super) enum ConnectError {
     Db(tokio_postgres::Error),
     #[error("could not start the connection's event loop: {0}")]
     Runtime(std::io::Error),
+    /// The server accepted the connection but did not finish its start-up in time.
+    #[error("the server did not finish starting the connection within {0:?}")]
+    TimedOut(Duration),
 }
 
 /// One statement of a [`Link::pipeline`].
@@ -81,9 +84,18 @@ impl Link {
             .enable_time()
             .build()
             .map_err(ConnectError::Runtime)?;
-        let (client, driver) = runtime
-            .block_on(connector.connect_async(config))
-            .map_err(ConnectError::Db)?;
+        // `connect_timeout` bounds the TCP connect only; a server (or a link) that accepts it
+        // and then says nothing would hold the pool's connecting thread for good.
+        let limit = config.get_connect_timeout().copied();
+        let (client, driver) = runtime.block_on(async {
+            match limit {
+                Some(limit) => tokio::time::timeout(limit, connector.connect_async(config))
+                    .await
+                    .map_err(|_| ConnectError::TimedOut(limit))?,
+                None => connector.connect_async(config).await,
+            }
+            .map_err(ConnectError::Db)
+        })?;
         let driver = runtime.spawn(driver);
         Ok(Self {
             runtime,

@@ -272,18 +272,21 @@ impl PgStorage {
             })?;
         let connect_errors = ConnectErrors::default();
         let pool = r2d2::Pool::builder()
-            // The pool's own threads open connections and would close idle ones: one is
-            // plenty (r2d2 starts three), and a one-shot command starts one thread, not three.
+            // The pool's own threads open connections: a one-shot command, with a pool of one
+            // connection, needs one (r2d2 starts three); a larger pool keeps up to three, so
+            // that one connection slow to start does not hold up the others.
             .thread_pool(Arc::new(
                 ScheduledThreadPool::builder()
-                    .num_threads(1)
+                    .num_threads(options.pool_size.clamp(1, 3) as usize)
                     .thread_name_pattern("queuectl-pool-{}")
                     .build(),
             ))
             .max_size(options.pool_size.max(1))
             .min_idle(Some(0))
             .test_on_check_out(false)
-            .connection_timeout(connect_timeout)
+            // Longer than a connect may take (`Link::connect` gives up at `connect_timeout`),
+            // so that a connect that failed is reported with its own cause.
+            .connection_timeout(connect_timeout.saturating_add(connect_timeout / 2))
             .error_handler(Box::new(connect_errors.clone()))
             .build_unchecked(Manager {
                 config: config.clone(),

@@ -1690,3 +1690,33 @@ fn check_names_counts_out_of_step_with_the_jobs() {
         "{problems:?}"
     );
 }
+
+/// A server that accepts the connection and then says nothing (a link cut after the TCP
+/// handshake, a server stuck in authentication) fails the connect after `connect_timeout`
+/// with that cause, instead of holding the pool's connecting thread for good. (No real
+/// server needed: a socket that is never read.)
+#[test]
+fn a_server_that_never_answers_fails_the_connect_with_its_cause() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let url = format!("host=127.0.0.1 port={port} user=postgres dbname=test");
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    std::thread::spawn(move || {
+        let options = PgOptions {
+            connect_timeout: Duration::from_millis(300),
+            listen: false,
+            ..PgOptions::default()
+        };
+        let _ = tx.send(PgStorage::connect(&url, options).map(drop));
+    });
+    let error = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the connect to give up")
+        .expect_err("nothing answered");
+    let said = crate::pool::error_chain(&error);
+    assert!(
+        said.contains("did not finish starting the connection"),
+        "{said}"
+    );
+    drop(silent);
+}

@@ -303,7 +303,7 @@ impl Dispatcher {
     /// Whether the pool has finished, and how.
     fn end(&mut self) -> Option<Result<Summary, PoolError>> {
         if let Some(error) = self.fatal.take() {
-            self.abandon();
+            self.abandon(&error);
             return Some(Err(error));
         }
         let done = self.stopping.is_some()
@@ -739,8 +739,12 @@ impl Dispatcher {
 
     /// Ends the pool after a fatal error: kills running attempts and forgets them (their
     /// leases expire and the jobs run again elsewhere).
-    fn abandon(&mut self) {
-        self.begin_stop(true, StopReason::StorageFailure);
+    fn abandon(&mut self, error: &PoolError) {
+        let reason = match error {
+            PoolError::ExecutorsGone { .. } => StopReason::ExecutorsGone,
+            _ => StopReason::StorageFailure,
+        };
+        self.begin_stop(true, reason);
         self.ledger.clear();
         self.unsettled.clear();
     }

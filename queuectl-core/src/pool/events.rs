@@ -125,6 +125,8 @@ pub enum StopReason {
     HandleDropped,
     /// Storage failed in a way the pool cannot work around.
     StorageFailure,
+    /// Every executor thread ended while attempts were out: their results cannot come.
+    ExecutorsGone,
 }
 
 impl fmt::Display for StopReason {
@@ -136,6 +138,7 @@ impl fmt::Display for StopReason {
             StopReason::ShutdownTimeout => "shutdown timeout",
             StopReason::HandleDropped => "pool handle dropped",
             StopReason::StorageFailure => "storage failure",
+            StopReason::ExecutorsGone => "executor threads gone",
         })
     }
 }
