@@ -1294,7 +1294,7 @@ impl Storage for FileStorage {
 
     /// Waits until the stored work count (the version's high half) moves: commits that may
     /// give a worker something to do count there and write the work file, which wakes this
-    /// wait ([`rows::Tx::give_no_work`]); a job finishing elsewhere does not end it. A work
+    /// wait (`rows::Tx::give_no_work`); a job finishing elsewhere does not end it. A work
     /// file write that was lost is found at the next look, every `poll_interval`. (Commits of
     /// earlier versions count nothing: an idle pool finds their jobs at its next turn, at
     /// most a second away.) Where the directory cannot be watched, it looks in short steps.
