@@ -372,3 +372,55 @@ fn a_handle_waiting_for_work_only_sleeps_through_quiet_commits() {
         "woken by work only"
     );
 }
+
+/// A wake file deleted and made anew (by the next handle to open the store) keeps waking the
+/// handles that were already watching: the watch follows the name, not the old file.
+#[test]
+fn wake_files_made_anew_still_wake_the_handles_watching() {
+    use crate::job::{NewJob, now};
+    use crate::storage::StorageExt;
+    use std::time::{Duration, Instant};
+
+    const WAIT: Duration = Duration::from_secs(10);
+    let files = Files::new();
+    let dir = files.dir.path().join("store");
+    let watcher = &files.store;
+    let work = watcher.notifier.work_generation().expect("inotify here");
+    // It waits for work and for any change: it watches both files.
+    watcher.notifier.generation().expect("inotify here");
+    for name in [super::watch::WAKE_FILE, super::watch::WORK_FILE] {
+        std::fs::remove_file(dir.join(name)).unwrap();
+    }
+    let newcomer = FileStorage::open(&dir).unwrap();
+    // The files' deletion and making anew wake everyone; seen, they move nothing any more.
+    let deadline = Instant::now() + WAIT;
+    while watcher.notifier.work_generation() == Some(work) {
+        assert!(
+            Instant::now() < deadline,
+            "the files made anew were not seen"
+        );
+        watcher.notifier.wait_work(Some(work), WAIT);
+    }
+    let (work, any) = (
+        watcher.notifier.work_generation().unwrap(),
+        watcher.notifier.generation().unwrap(),
+    );
+    // Until the watcher has seen the files made anew, a write may still go unseen: try a few.
+    let woke = |generation: &dyn Fn() -> Option<u64>, before: u64| {
+        (0..5).any(|i| {
+            let at = generation().unwrap();
+            newcomer
+                .enqueue(NewJob::new("x").id(format!("j{i}-{at}")).unwrap(), now())
+                .unwrap();
+            let deadline = Instant::now() + WAIT / 5;
+            while generation() == Some(at) && Instant::now() < deadline {
+                watcher
+                    .notifier
+                    .wait_work(Some(at), deadline - Instant::now());
+            }
+            generation() != Some(at) && generation().unwrap() > before
+        })
+    };
+    assert!(woke(&|| watcher.notifier.work_generation(), work), "work");
+    assert!(woke(&|| watcher.notifier.generation(), any), "any change");
+}

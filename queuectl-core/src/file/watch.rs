@@ -295,7 +295,7 @@ mod linux {
             // Drain everything queued. What counts: the wake files written, the database or
             // a wake file created, deleted or renamed, the directory going away. SQLite's
             // own files are ignored: they are written before the commit is visible.
-            let (mut any, mut work) = (false, false);
+            let (mut any, mut work, mut replaced) = (false, false, false);
             while let Ok(events) = watched.inotify.read_events() {
                 if events.is_empty() {
                     break;
@@ -322,6 +322,20 @@ mod linux {
                         || (watches.dir_writes && written && name == Some(WAKE_FILE));
                     work |= everyone || work_written;
                     any |= everyone || work_written || wake_written;
+                    // A wake file made anew: its watch stays with the old file, which only
+                    // handles opened before still write to.
+                    replaced |= event
+                        .mask
+                        .intersects(AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO)
+                        && matches!(name, Some(WAKE_FILE | WORK_FILE));
+                }
+            }
+            if replaced {
+                // From now on the files are told apart by name, whatever their inode. (If
+                // that fails, waiters still look again every `poll_interval`.)
+                let mut watches = watched.watches.lock();
+                if !watches.dir_writes {
+                    let _ = watched.watch_dir_writes(&mut watches);
                 }
             }
             // Work first: a waiter for any change that sees the work count move has seen work.
