@@ -717,6 +717,52 @@ impl FileStorage {
     }
 }
 
+/// What a wait waits for: any change, or one that may give a worker something to do.
+#[derive(Clone, Copy)]
+enum Kind {
+    Any,
+    Work,
+}
+
+impl FileStorage {
+    /// Blocks until the version moved from `seen` (in its high half, the work count, for
+    /// [`Kind::Work`]) or `timeout` passes; returns the current version, or `seen`.
+    fn wait_for(&self, kind: Kind, seen: u64, timeout: Duration) -> Result<u64> {
+        let moved = |current: u64| match kind {
+            Kind::Any => current != seen,
+            Kind::Work => current >> 32 != seen >> 32,
+        };
+        let current = self.change_version()?;
+        if moved(current) {
+            return Ok(current);
+        }
+        // A timeout too long to represent as an instant is as good as forever.
+        let deadline = Instant::now().checked_add(timeout);
+        loop {
+            // Read before looking again, so an event in between still ends the wait.
+            let generation = match kind {
+                Kind::Any => self.notifier.generation(),
+                Kind::Work => self.notifier.work_generation(),
+            };
+            let current = self.change_version()?;
+            if moved(current) {
+                return Ok(current);
+            }
+            let left = deadline.map_or(Duration::MAX, |d| {
+                d.saturating_duration_since(Instant::now())
+            });
+            if left.is_zero() {
+                return Ok(seen);
+            }
+            let step = left.min(self.poll_interval);
+            match kind {
+                Kind::Any => self.notifier.wait(generation, step),
+                Kind::Work => self.notifier.wait_work(generation, step),
+            }
+        }
+    }
+}
+
 fn lost(lease: &Lease) -> StorageError {
     StorageError::LeaseLost {
         id: lease.job_id.clone(),
@@ -1269,27 +1315,7 @@ impl Storage for FileStorage {
     }
 
     fn wait_for_change(&self, seen: u64, timeout: Duration) -> Result<u64> {
-        let current = self.change_version()?;
-        if current != seen {
-            return Ok(current);
-        }
-        // A timeout too long to represent as an instant is as good as forever.
-        let deadline = Instant::now().checked_add(timeout);
-        loop {
-            // Read before looking again, so a change in between still ends the wait.
-            let generation = self.notifier.generation();
-            let current = self.change_version()?;
-            if current != seen {
-                return Ok(current);
-            }
-            let left = deadline.map_or(Duration::MAX, |d| {
-                d.saturating_duration_since(Instant::now())
-            });
-            if left.is_zero() {
-                return Ok(current);
-            }
-            self.notifier.wait(generation, left.min(self.poll_interval));
-        }
+        self.wait_for(Kind::Any, seen, timeout)
     }
 
     /// Waits until the stored work count (the version's high half) moves: commits that may
@@ -1299,22 +1325,6 @@ impl Storage for FileStorage {
     /// earlier versions count nothing: an idle pool finds their jobs at its next turn, at
     /// most a second away.) Where the directory cannot be watched, it looks in short steps.
     fn wait_for_work(&self, seen: u64, timeout: Duration) -> Result<u64> {
-        let deadline = Instant::now().checked_add(timeout);
-        loop {
-            // Read before looking again, so a work event in between still ends the wait.
-            let generation = self.notifier.work_generation();
-            let current = self.change_version()?;
-            if current >> 32 != seen >> 32 {
-                return Ok(current);
-            }
-            let left = deadline.map_or(Duration::MAX, |d| {
-                d.saturating_duration_since(Instant::now())
-            });
-            if left.is_zero() {
-                return Ok(seen);
-            }
-            self.notifier
-                .wait_work(generation, left.min(self.poll_interval));
-        }
+        self.wait_for(Kind::Work, seen, timeout)
     }
 }

@@ -317,6 +317,27 @@ mod plans {
             .join("\n")
     }
 
+    /// The generic plan (the session's `plan_cache_mode` forcing it) of `sql`, prepared as
+    /// `name` and run with `args` (SQL literals).
+    fn generic_plan(
+        client: &mut Client,
+        schema: &str,
+        name: &str,
+        sql: &str,
+        args: &str,
+    ) -> String {
+        let sql = sql
+            .replace(" J ", &format!(" {} ", rows::JOB_COLUMNS))
+            .replace("{s}", &format!("\"{schema}\""));
+        client
+            .batch_execute(&format!("PREPARE {name} AS {sql}"))
+            .unwrap();
+        let explained = client
+            .simple_query(&format!("EXPLAIN EXECUTE {name}({args})"))
+            .unwrap();
+        first_column(explained).join("\n")
+    }
+
     fn jobs(tail: &str) -> String {
         format!("SELECT {} FROM {{s}}.jobs {tail}", rows::JOB_COLUMNS)
     }
@@ -440,19 +461,8 @@ mod plans {
             .batch_execute("SET plan_cache_mode = force_generic_plan")
             .unwrap();
         for (i, (sql, args, index)) in generic.iter().enumerate() {
-            let sql = sql
-                .replace(" J ", &format!(" {} ", rows::JOB_COLUMNS))
-                .replace("{s}", &format!("\"{s}\""));
-            client
-                .batch_execute(&format!("PREPARE generic{i} AS {sql}"))
-                .unwrap();
-            let plan = first_column(
-                client
-                    .simple_query(&format!("EXPLAIN EXECUTE generic{i}({args})"))
-                    .unwrap(),
-            )
-            .join("\n");
-            assert_scans(&sql, &plan, index);
+            let plan = generic_plan(&mut client, s, &format!("generic{i}"), sql, args);
+            assert_scans(sql, &plan, index);
         }
     }
 
@@ -490,19 +500,8 @@ mod plans {
             .unwrap();
         for (i, (sql, params, args)) in cases.iter().enumerate() {
             assert_scans(sql, &plan(&mut client, s, sql, params), "jobs_ready");
-            let sql = sql
-                .replace(" J ", &format!(" {} ", rows::JOB_COLUMNS))
-                .replace("{s}", &format!("\"{s}\""));
-            client
-                .batch_execute(&format!("PREPARE fresh{i} AS {sql}"))
-                .unwrap();
-            let generic = first_column(
-                client
-                    .simple_query(&format!("EXPLAIN EXECUTE fresh{i}({args})"))
-                    .unwrap(),
-            )
-            .join("\n");
-            assert_scans(&sql, &generic, "jobs_ready");
+            let generic = generic_plan(&mut client, s, &format!("fresh{i}"), sql, args);
+            assert_scans(sql, &generic, "jobs_ready");
         }
     }
 
