@@ -117,6 +117,21 @@ pub fn target(
     }
 }
 
+/// The key of the queue `target` names among the relays of this machine
+/// ([`queuectl_core::relay`]): only PostgreSQL queues have relays, since the embedded store's
+/// own enqueue costs no more than handing it over would.
+pub fn relay_key(target: &Target) -> Option<String> {
+    match target {
+        Target::Database { url, schema } => {
+            let schema = schema
+                .clone()
+                .unwrap_or_else(|| PgOptions::default().schema);
+            Some(queuectl_core::relay::database_key(url, &schema))
+        }
+        Target::Home(_) => None,
+    }
+}
+
 /// Connects to PostgreSQL; `waits` for a process that waits for changes (a worker, `wait`,
 /// `logs --follow`, the dashboard), which listens for notifications. A one-shot command
 /// neither listens nor keeps more than one connection. One that may create the queue's schema

@@ -1461,3 +1461,68 @@ fn dlq_retry_all_names_the_jobs_a_unique_key_keeps_dead() {
     assert!(!out.stderr.contains("job new"), "{}", out.stderr);
     assert_eq!(q.job("old")["state"], "dead");
 }
+
+/// With a worker on the machine serving a PostgreSQL queue's enqueues (here a relay over a
+/// memory store in the test, for a database nothing listens for), `enqueue` hands the jobs over
+/// instead of connecting: they land in the relay's store, and the output is the same. What the
+/// relay declines, or with no relay at all, the enqueue adds itself, so here it fails to
+/// connect.
+#[test]
+fn enqueue_hands_its_jobs_to_the_worker_serving_the_machine() {
+    use std::sync::Arc;
+
+    use queuectl_core::relay::{self, Relay};
+    use queuectl_core::{JobId, MemoryStorage, Storage};
+
+    let q = Queue::new();
+    let url = "postgres://nobody@127.0.0.1:9/nowhere";
+    let key = relay::database_key(url, "queuectl");
+    let runtime = support::runtime_dir(q.home());
+    let socket = relay::socket_in(&runtime.join("queuectl"), &key).unwrap();
+    let store = Arc::new(MemoryStorage::new());
+    let relay = Relay::start(store.clone(), &socket, &key)
+        .unwrap()
+        .expect("no other relay");
+    let job = |id: &str| store.get(&JobId::new(id).unwrap()).unwrap();
+
+    let out = q
+        .on_database(["--database-url", url, "enqueue"])
+        .args([r#"{"id":"one","command":"echo one","priority":3}"#])
+        .run();
+    assert_eq!(out.stdout, "one\n");
+    assert_eq!(job("one").command, "echo one");
+    assert_eq!(job("one").priority, 3);
+
+    let out = q
+        .on_database(["--database-url", url, "enqueue", "--json"])
+        .args([r#"{"command":"echo two"}"#])
+        .run()
+        .json();
+    let id = out["id"].as_str().unwrap();
+    assert_eq!(out["duplicate"], false);
+    assert_eq!(out["command"], "echo two");
+    assert_eq!(job(id).command, "echo two");
+
+    let out = q
+        .on_database(["--database-url", url, "enqueue", "-"])
+        .stdin("{\"id\":\"a\",\"command\":\"true\"}\n{\"id\":\"b\",\"command\":\"true\"}\n")
+        .run();
+    assert_eq!(out.stdout, "a\nb\n");
+    assert_eq!(store.list(&Default::default()).unwrap().len(), 4);
+
+    // Adding it here fails: nothing listens at the database's address.
+    let added_here = |job: &str| {
+        let out = q
+            .on_database(["--database-url", url, "enqueue", job])
+            .status(1)
+            .run();
+        assert!(out.stderr.contains("127.0.0.1:9"), "{}", out.stderr);
+        assert_eq!(out.stdout, "");
+    };
+    // A taken id: the relay declines, and the enqueue connects itself.
+    added_here(r#"{"id":"one","command":"true"}"#);
+    assert_eq!(store.list(&Default::default()).unwrap().len(), 4);
+    relay.stop();
+    added_here(r#"{"id":"three","command":"true"}"#);
+    assert_eq!(store.list(&Default::default()).unwrap().len(), 4);
+}

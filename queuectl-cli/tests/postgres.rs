@@ -274,6 +274,8 @@ fn the_server_crashing_and_coming_back_mid_run_loses_nothing() {
 struct Proxy {
     port: u16,
     cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// New connections are closed at once; those already made carry on.
+    refuse_new: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Proxy {
@@ -282,12 +284,14 @@ impl Proxy {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let refuse_new = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = cut.clone();
+        let refusing = refuse_new.clone();
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { continue };
-                if flag.load(Ordering::SeqCst) {
-                    continue; // dropped: refused while cut
+                if flag.load(Ordering::SeqCst) || refusing.load(Ordering::SeqCst) {
+                    continue; // dropped: refused
                 }
                 let Ok(server) = std::net::TcpStream::connect(&upstream) else {
                     continue;
@@ -301,11 +305,37 @@ impl Proxy {
                 }
             }
         });
-        Self { port, cut }
+        Self {
+            port,
+            cut,
+            refuse_new,
+        }
+    }
+
+    /// The proxy to the test server, and the test URL through it.
+    fn for_test_server(db: &Schema) -> (Self, String) {
+        let config: postgres::Config = db.url.parse().unwrap();
+        let host = match &config.get_hosts()[0] {
+            postgres::config::Host::Tcp(host) => host.clone(),
+            other => panic!("a TCP host is needed for the proxy, not {other:?}"),
+        };
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        let proxy = Proxy::to(format!("{host}:{port}"));
+        let via_proxy = db.url.replacen(
+            &db.url[db.url.find('@').unwrap() + 1..db.url.rfind('/').unwrap()],
+            &format!("127.0.0.1:{}", proxy.port),
+            1,
+        );
+        (proxy, via_proxy)
     }
 
     fn set_cut(&self, cut: bool) {
         self.cut.store(cut, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn set_refuse_new(&self, refuse: bool) {
+        self.refuse_new
+            .store(refuse, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -348,21 +378,7 @@ fn pump(
 #[test]
 fn a_worker_cut_off_from_the_server_has_its_stale_result_refused() {
     let Some(db) = Schema::new() else { return };
-    let upstream = {
-        let config: postgres::Config = db.url.parse().unwrap();
-        let host = match &config.get_hosts()[0] {
-            postgres::config::Host::Tcp(host) => host.clone(),
-            other => panic!("a TCP host is needed for the proxy, not {other:?}"),
-        };
-        let port = config.get_ports().first().copied().unwrap_or(5432);
-        format!("{host}:{port}")
-    };
-    let proxy = Proxy::to(upstream);
-    let via_proxy = db.url.replacen(
-        &db.url[db.url.find('@').unwrap() + 1..db.url.rfind('/').unwrap()],
-        &format!("127.0.0.1:{}", proxy.port),
-        1,
-    );
+    let (proxy, via_proxy) = Proxy::for_test_server(&db);
     let q = Queue::new();
     q.on_database(db.args(&["config", "set", "lease-timeout", "2"]))
         .run();
@@ -406,6 +422,52 @@ fn a_worker_cut_off_from_the_server_has_its_stale_result_refused() {
         .map(|a| a["outcome"].as_str().unwrap())
         .collect();
     assert_eq!(outcomes, ["abandoned", "succeeded"], "{job}");
+}
+
+/// A worker serves the enqueues of its machine on its own connections: with the server
+/// refusing new connections, an enqueue still gets its job added and run. Once the worker has
+/// stopped, the enqueue connects itself, and here fails, adding nothing.
+#[test]
+fn enqueues_on_the_machine_go_through_its_worker() {
+    let Some(db) = Schema::new() else { return };
+    let (proxy, via_proxy) = Proxy::for_test_server(&db);
+    let on_proxy = [
+        "--database-url",
+        via_proxy.as_str(),
+        "--database-schema",
+        &db.name,
+    ];
+    let q = Queue::new();
+    let enqueue = |job: &str| {
+        let mut args = on_proxy.to_vec();
+        args.extend(["enqueue", job]);
+        q.on_database(args)
+    };
+    let mut worker = q.worker(&on_proxy);
+    worker.wait_for("[relay] enqueues on this machine go through this worker");
+    enqueue(r#"{"id":"warm","command":"true"}"#).run();
+    worker.wait_for("[completed] job warm");
+
+    proxy.set_refuse_new(true);
+    let out = enqueue(r#"{"id":"relayed","command":"echo relayed"}"#).run();
+    assert_eq!(out.stdout, "relayed\n");
+    worker.wait_for("[completed] job relayed");
+
+    worker.signal(Signal::SIGTERM);
+    assert!(worker.wait_exit().success());
+    let out = enqueue(r#"{"id":"alone","command":"true"}"#)
+        .status(1)
+        .run();
+    assert!(out.stderr.contains("127.0.0.1"), "{}", out.stderr);
+    proxy.set_refuse_new(false);
+    let jobs = q.on_database(db.args(&["list", "--json"])).run().json();
+    let ids: Vec<&str> = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|job| job["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["warm", "relayed"]);
 }
 
 /// On a schema that does not exist, read commands show an empty queue and say there is none,

@@ -452,7 +452,10 @@ mod opt_secs {
 }
 
 /// A job to enqueue. Unset fields take the store's configured defaults.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// Its serde form (used to hand jobs to a worker, [`crate::relay`]) keeps every field exactly:
+/// `run_at` in RFC 3339, `timeout` in seconds and nanoseconds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NewJob {
     /// Id; `None` generates one.
     pub id: Option<JobId>,
@@ -463,6 +466,7 @@ pub struct NewJob {
     /// Higher runs first.
     pub priority: i32,
     /// Not before this instant; `None` means now.
+    #[serde(with = "time::serde::rfc3339::option")]
     pub run_at: Option<Timestamp>,
     /// Per-attempt time limit; `None` uses the `job-timeout` setting, zero means no limit.
     pub timeout: Option<Duration>,

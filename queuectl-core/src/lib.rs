@@ -38,6 +38,7 @@ mod ops;
 #[cfg(feature = "postgres")]
 pub mod pg;
 pub mod pool;
+pub mod relay;
 mod rules;
 pub mod shell;
 pub mod spec;

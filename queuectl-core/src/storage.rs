@@ -63,7 +63,7 @@ impl Settlement {
 }
 
 /// What [`Storage::submit`] did with one job.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Enqueued {
     /// The new job, or the existing one that holds the same unique key.
     pub job: Job,

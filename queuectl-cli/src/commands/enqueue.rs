@@ -3,11 +3,13 @@
 use std::collections::HashMap;
 use std::io::{self, BufRead, IsTerminal, Write};
 
+use queuectl_core::relay::{self, Handover};
 use queuectl_core::{Enqueued, JobId, JobSpec, NewJob, Storage, StorageError, now};
 
 use crate::error::{CliError, Result};
 use crate::progress::Progress;
 use crate::render;
+use crate::store::{self, Target};
 
 /// The jobs of one `enqueue`, with the line of standard input of each that has an id.
 #[derive(Default)]
@@ -57,31 +59,70 @@ pub fn parse(arg: &str) -> Result<Batch> {
     Ok(batch)
 }
 
-/// Adds `jobs` (parsed by [`parse`] before the store was opened) and prints their ids, or the
-/// stored jobs as JSON (an object for one job given as an argument, an array for stdin), each
-/// with `"duplicate": true` when it is an existing job holding the new one's unique key.
-pub fn run(
-    store: &dyn Storage,
-    batch: Batch,
-    from_stdin: bool,
-    json: bool,
-    out: &mut dyn Write,
-) -> Result {
+/// Hands `batch` to a worker on this machine that serves the queue (`relay`), when there is
+/// one: `None` when nothing was handed over and the jobs are to be added here. Jobs without an
+/// id get one first, so that adding them again after a declined request can never add them
+/// twice.
+pub fn hand_over(target: &Target, batch: &mut Batch) -> Result<Option<Vec<Enqueued>>> {
+    let Some(key) = store::relay_key(target) else {
+        return Ok(None);
+    };
+    if batch.jobs.is_empty() || batch.jobs.len() > relay::MAX_JOBS {
+        return Ok(None);
+    }
+    // A runtime directory that is not private is the worker's to report, not every enqueue's.
+    let Ok(socket) = relay::socket_for(&key) else {
+        return Ok(None);
+    };
+    for job in batch.jobs.iter_mut().filter(|job| job.id.is_none()) {
+        job.id = Some(JobId::generate());
+    }
+    match relay::hand_over(&socket, &key, &batch.jobs, now()) {
+        Handover::Done(entries) => Ok(Some(entries)),
+        Handover::NotHandedOver(_) => Ok(None),
+        Handover::Unknown(error) => {
+            let ids: Vec<String> = batch
+                .jobs
+                .iter()
+                .filter_map(|j| j.id.as_ref())
+                .map(|id| id.to_string())
+                .collect();
+            let named = match ids.len() {
+                0..=3 => ids.join(", "),
+                n => format!("{} and {} more", ids[..3].join(", "), n - 3),
+            };
+            Err(CliError::Refused(format!(
+                "the worker that takes this machine's enqueues ({}) stopped answering: \
+                 {error}; the jobs may or may not have been added: look for {named} with \
+                 queuectl show",
+                socket.display(),
+            )))
+        }
+    }
+}
+
+/// Adds `batch` (parsed by [`parse`] before the store was opened) to `store`.
+pub fn submit(store: &dyn Storage, batch: Batch) -> Result<Vec<Enqueued>> {
     let Batch { jobs, lines } = batch;
     let progress = (jobs.len() >= 1024).then(|| Progress::counter("adding jobs:"));
     if let Some(progress) = &progress {
         progress.set(jobs.len() as u64);
     }
-    let entries = match store.submit(jobs, now()) {
+    match store.submit(jobs, now()) {
         Err(StorageError::AlreadyExists { id }) if lines.contains_key(&id) => {
-            return Err(CliError::StoredLine {
+            Err(CliError::StoredLine {
                 line: lines[&id],
                 source: StorageError::AlreadyExists { id },
-            });
+            })
         }
-        other => other?,
-    };
-    drop(progress);
+        other => Ok(other?),
+    }
+}
+
+/// Prints the ids of the jobs `submit` added, or the stored jobs as JSON (an object for one
+/// job given as an argument, an array for stdin), each with `"duplicate": true` when it is an
+/// existing job holding the new one's unique key.
+pub fn print(entries: &[Enqueued], from_stdin: bool, json: bool, out: &mut dyn Write) -> Result {
     for entry in entries.iter().filter(|e| e.duplicate) {
         let job = &entry.job;
         say!(
@@ -97,7 +138,7 @@ pub fn run(
         let all: Vec<_> = entries.iter().map(with_flag).collect();
         render::print_json(out, &all)
     } else {
-        for entry in &entries {
+        for entry in entries {
             writeln!(out, "{}", entry.job.id)?;
         }
         Ok(())

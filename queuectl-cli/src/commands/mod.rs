@@ -39,11 +39,16 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result {
     }
     let target = store::target(cli.home, cli.database_url, cli.database_schema)?;
     // Parse job input before touching the store: refused input changes nothing.
-    let jobs = match &cli.command {
+    let mut jobs = match &cli.command {
         Command::Enqueue { job, .. } => Some(enqueue::parse(job)?),
         _ => None,
     };
     queue::check_names(&cli.command)?;
+    if let (Command::Enqueue { job, json }, Some(batch)) = (&cli.command, &mut jobs)
+        && let Some(entries) = enqueue::hand_over(&target, batch)?
+    {
+        return enqueue::print(&entries, job == "-", *json, out);
+    }
     let access = store::access(&cli.command);
     match cli.command {
         Command::Check(flag) => check::run(&target, flag.json, out),
@@ -58,6 +63,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result {
             exit_when_idle,
             prefetch as usize,
             queues,
+            store::relay_key(&target),
         ),
         command => {
             let waits = matches!(
@@ -68,7 +74,8 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result {
             let store = &*shared;
             match command {
                 Command::Enqueue { job, json } => {
-                    enqueue::run(store, jobs.unwrap_or_default(), job == "-", json, out)
+                    let entries = enqueue::submit(store, jobs.unwrap_or_default())?;
+                    enqueue::print(&entries, job == "-", json, out)
                 }
                 Command::Worker(WorkerCommand::Stop {
                     timeout,

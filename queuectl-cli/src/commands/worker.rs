@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use queuectl_core::pool::{hostname, recover_abandoned};
+use queuectl_core::relay::{self, Relay};
 use queuectl_core::{Event, ShellExecutor, StopReason, Storage, WorkerPool, now};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
@@ -20,6 +21,7 @@ pub fn start(
     exit_when_idle: bool,
     prefetch: usize,
     queues: Vec<String>,
+    relay_key: Option<String>,
 ) -> Result {
     if std::process::id() == 1 {
         // Job processes a finished job leaves behind are handed to PID 1 when they exit; a
@@ -37,6 +39,7 @@ pub fn start(
     let signal_handle = signals.handle();
     let config = store.config()?;
     let executor = ShellExecutor::new().output_limit(config.output_limit());
+    let relay_store = store.clone();
     let pool = WorkerPool::builder(store, Arc::new(executor))
         .config(&config)
         .workers(count.unwrap_or(config.worker_count()))
@@ -44,6 +47,9 @@ pub fn start(
         .prefetch(prefetch)
         .queues(queues.iter().cloned())
         .start()?;
+    // Enqueues on this machine hand their jobs to this worker's open connections rather than
+    // open their own, while it runs.
+    let relay = relay_key.and_then(|key| start_relay(relay_store, &key));
     let stopper = pool.stopper();
     let signal_thread = std::thread::Builder::new()
         .name("queuectl-signals".into())
@@ -72,11 +78,21 @@ pub fn start(
         if matches!(event, Event::Started { .. }) && !queues.is_empty() {
             say!("{} [queues] only jobs of {}", ts(now()), queues.join(", "));
         }
+        if let (Event::Started { .. }, Some(relay)) = (&event, &relay) {
+            say!(
+                "{} [relay] enqueues on this machine go through this worker ({})",
+                ts(now()),
+                relay.path().display()
+            );
+        }
         if stopped {
             break;
         }
     }
     let result = pool.join();
+    if let Some(relay) = relay {
+        relay.stop();
+    }
     signal_handle.close();
     // The thread ends as soon as the handle is closed.
     let _ = signal_thread.join();
@@ -90,6 +106,15 @@ pub fn start(
         summary.released
     );
     Ok(())
+}
+
+/// The relay of the queue `key` on this machine, unless another worker runs it.
+fn start_relay(store: Arc<dyn Storage>, key: &str) -> Option<Relay> {
+    let started = relay::socket_for(key).and_then(|path| Relay::start(store, &path, key));
+    started.unwrap_or_else(|error| {
+        say!("note: enqueues on this machine will connect to the database themselves: {error}");
+        None
+    })
 }
 
 /// One line of worker output.

@@ -27,6 +27,12 @@ pub const TIMEOUT: Duration = Duration::from_secs(30);
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_queuectl");
 
+/// The runtime directory of the commands on the queue at `home` (where workers serve this
+/// machine's enqueues), beside it: never the user's own.
+pub fn runtime_dir(home: &Path) -> PathBuf {
+    home.parent().unwrap_or(home).join("run")
+}
+
 /// A queue in a fresh temporary directory (the store in `home/`, files jobs write in
 /// `scratch/` beside it), removed when dropped.
 pub struct Queue {
@@ -75,6 +81,7 @@ impl Queue {
     {
         Cmd::without_home()
             .env("QUEUECTL_HOME", self.home())
+            .env("XDG_RUNTIME_DIR", runtime_dir(self.home()))
             .args(args)
     }
 
@@ -143,6 +150,7 @@ impl Background {
             .env_remove("QUEUECTL_HOME")
             .env_remove("QUEUECTL_DATABASE_URL")
             .env_remove("QUEUECTL_DATABASE_SCHEMA")
+            .env("XDG_RUNTIME_DIR", runtime_dir(home))
             .current_dir(home.parent().unwrap_or(home))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -288,7 +296,11 @@ impl Cmd {
     fn new(home: &Path) -> Self {
         let mut cmd = Self::without_home();
         let cwd = home.parent().unwrap_or(home);
-        cmd.command.arg("--home").arg(home).current_dir(cwd);
+        cmd.command
+            .arg("--home")
+            .arg(home)
+            .env("XDG_RUNTIME_DIR", runtime_dir(home))
+            .current_dir(cwd);
         cmd.description = format!("queuectl --home {}", home.display());
         cmd
     }
@@ -444,6 +456,7 @@ impl Worker {
             .args(args)
             .env_remove("QUEUECTL_DATABASE_URL")
             .env_remove("QUEUECTL_DATABASE_SCHEMA")
+            .env("XDG_RUNTIME_DIR", runtime_dir(home))
             .current_dir(home.parent().unwrap_or(home))
             // Its own process group, like a foreground job in a terminal: a test can send it
             // a terminal's Ctrl+C with `killpg`.
