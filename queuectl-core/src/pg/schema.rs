@@ -56,13 +56,27 @@ pub(super) const OURS: &[&str] = &[
 
 /// The names of what schema `$1` holds, but its indexes (which belong to its tables) and the
 /// types PostgreSQL makes for its tables: every relation (tables, views, sequences, …), every
-/// function and every type of its own.
+/// function and type of its own, and every other kind of object a schema can hold (operators,
+/// their classes and families, collations, conversions, text search objects, extended
+/// statistics).
 pub(super) const CONTENTS: &str = "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n \
      ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relkind NOT IN ('i', 'I') \
      UNION ALL SELECT p.proname::text FROM pg_proc p JOIN pg_namespace n \
      ON n.oid = p.pronamespace WHERE n.nspname = $1 \
      UNION ALL SELECT t.typname::text FROM pg_type t JOIN pg_namespace n \
-     ON n.oid = t.typnamespace WHERE n.nspname = $1 AND t.typrelid = 0 AND t.typcategory <> 'A'";
+     ON n.oid = t.typnamespace WHERE n.nspname = $1 AND t.typrelid = 0 AND t.typcategory <> 'A' \
+     UNION ALL SELECT o.name::text FROM pg_namespace n JOIN ( \
+         SELECT oprname AS name, oprnamespace AS ns FROM pg_operator \
+         UNION ALL SELECT opcname, opcnamespace FROM pg_opclass \
+         UNION ALL SELECT opfname, opfnamespace FROM pg_opfamily \
+         UNION ALL SELECT collname, collnamespace FROM pg_collation \
+         UNION ALL SELECT conname, connamespace FROM pg_conversion \
+         UNION ALL SELECT cfgname, cfgnamespace FROM pg_ts_config \
+         UNION ALL SELECT dictname, dictnamespace FROM pg_ts_dict \
+         UNION ALL SELECT prsname, prsnamespace FROM pg_ts_parser \
+         UNION ALL SELECT tmplname, tmplnamespace FROM pg_ts_template \
+         UNION ALL SELECT stxname, stxnamespace FROM pg_statistic_ext \
+     ) o ON o.ns = n.oid WHERE n.nspname = $1";
 
 /// The first key of the advisory lock migrations hold (the second is the schema's name
 /// hashed): "QCTL" in ASCII, as the embedded store's `application_id`.

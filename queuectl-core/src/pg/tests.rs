@@ -1432,8 +1432,7 @@ fn output_with_nul_bytes_is_recorded_with_sub_in_their_place() {
     }
 }
 
-/// What a schema holds, counted (its relations, functions and types, as `schema::CONTENTS`
-/// lists them), and the rows of a `schema_version` table in it if there is one.
+/// What a schema holds, counted (as `schema::CONTENTS` lists it), and the rows of a `schema_version` table in it if there is one.
 fn holdings(pg: &Pg) -> (usize, Vec<i32>) {
     let mut client = pg.client();
     let contents = client
@@ -1468,6 +1467,18 @@ fn schemas_not_made_by_queuectl_are_refused_and_left_alone() {
             "CREATE FUNCTION {s}.f() RETURNS int LANGUAGE sql AS 'SELECT 1'".to_owned(),
         ),
         ("a type", "CREATE TYPE {s}.mood AS ENUM ('ok')".to_owned()),
+        (
+            "an operator",
+            "CREATE OPERATOR {s}.=== (LEFTARG = int, RIGHTARG = int, FUNCTION = int4eq)".to_owned(),
+        ),
+        (
+            "a collation",
+            "CREATE COLLATION {s}.plain FROM \"C\"".to_owned(),
+        ),
+        (
+            "a text search configuration",
+            "CREATE TEXT SEARCH CONFIGURATION {s}.plain (COPY = simple)".to_owned(),
+        ),
         (
             "a version table beside a table",
             format!(
