@@ -42,7 +42,9 @@ pub enum Command {
     /// unique_key (nothing is added while a job with the same key is pending, processing or
     /// failed: its id is printed instead), after (an id or a list of ids of jobs that must
     /// complete first). Prints the job's id. With "-", reads one JSON job per line from
-    /// standard input and adds all of them or none.
+    /// standard input and adds all of them or none. On PostgreSQL, a worker running on this
+    /// machine for the same queue adds the jobs on its open connections (faster than a
+    /// connection of the enqueue's own).
     Enqueue {
         /// The job as a JSON object, or "-" for JSON lines on standard input.
         job: String,
@@ -197,7 +199,9 @@ pub enum WorkerCommand {
     /// Run workers in the foreground until Ctrl+C, SIGTERM, SIGHUP or `queuectl worker stop`.
     ///
     /// The first signal stops claiming and lets running jobs finish; a second one kills them
-    /// and hands them back to the queue.
+    /// and hands them back to the queue. On PostgreSQL, a worker also adds the jobs of the
+    /// `queuectl enqueue`s run on its machine for its queue, over a Unix socket private to its
+    /// user (one worker per queue and machine does).
     Start {
         /// How many jobs run at once [default: the worker-count setting].
         #[arg(long, short = 'c', value_parser = clap::value_parser!(u16).range(1..=MAX_WORKERS as i64))]
