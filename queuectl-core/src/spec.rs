@@ -87,6 +87,13 @@ pub enum SpecError {
         /// The value given.
         value: f64,
     },
+    /// A `run_at` that is not between the years 0000 and 9999 in UTC, where RFC 3339 (the form
+    /// jobs are shown in) cannot write it.
+    #[error("invalid \"run_at\": {value} is not between the years 0000 and 9999 in UTC")]
+    RunAtRange {
+        /// The time given, as written.
+        value: String,
+    },
     /// A `max_retries` beyond the range `config set max-retries` accepts.
     #[error("invalid \"max_retries\": {value} (expected {})", RETRIES.expected)]
     Retries {
@@ -144,7 +151,15 @@ impl JobSpec {
         job.run_at = match (self.run_at, self.delay) {
             (Some(_), Some(_)) => return Err(SpecError::RunAtAndDelay),
             // Stored in UTC whatever offset it was written with.
-            (Some(at), None) => Some(at.to_offset(time::UtcOffset::UTC)),
+            (Some(at), None) => Some(
+                at.checked_to_offset(time::UtcOffset::UTC)
+                    .filter(|utc| (0..=9999).contains(&utc.year()))
+                    .ok_or_else(|| SpecError::RunAtRange {
+                        value: at
+                            .format(&time::format_description::well_known::Rfc3339)
+                            .unwrap_or_else(|_| at.to_string()),
+                    })?,
+            ),
             (None, Some(delay)) => Some(now + seconds("delay", delay)?),
             (None, None) => None,
         };
@@ -278,6 +293,15 @@ mod tests {
             (
                 r#"{"command":"x","delay":1,"run_at":"2026-01-01T00:00:00Z"}"#,
                 "not both",
+            ),
+            // In UTC the year 10000, and the year -1: no RFC 3339 time shows them.
+            (
+                r#"{"command":"x","run_at":"9999-12-31T23:30:00-01:00"}"#,
+                "invalid \"run_at\": 9999-12-31T23:30:00-01:00 is not between the years 0000 and 9999",
+            ),
+            (
+                r#"{"command":"x","run_at":"0000-01-01T00:30:00+01:00"}"#,
+                "invalid \"run_at\": 0000-01-01T00:30:00+01:00 is not between",
             ),
         ];
         for (json, expected) in cases {
