@@ -1478,7 +1478,7 @@ fn enqueue_hands_its_jobs_to_the_worker_serving_the_machine() {
     let url = "postgres://nobody@127.0.0.1:9/nowhere";
     let key = relay::database_key(url, "queuectl");
     let runtime = support::runtime_dir(q.home());
-    let socket = relay::socket_in(&runtime.join("queuectl"), &key).unwrap();
+    let socket = relay::socket_to_serve(&runtime.join("queuectl"), &key).unwrap();
     let store = Arc::new(MemoryStorage::new());
     let relay = Relay::start(store.clone(), &socket, &key)
         .unwrap()

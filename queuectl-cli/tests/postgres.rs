@@ -447,6 +447,18 @@ fn enqueues_on_the_machine_go_through_its_worker() {
     worker.wait_for("[relay] enqueues on this machine go through this worker");
     enqueue(r#"{"id":"warm","command":"true"}"#).run();
     worker.wait_for("[completed] job warm");
+    // What the worker declines is added here, with the words it has without a worker: no id
+    // made up for the handover shows.
+    let refused = enqueue(r#"{"command":"true","after":"nope"}"#)
+        .status(1)
+        .run();
+    assert!(
+        refused
+            .stderr
+            .contains("the job cannot run after nope: there is no such job"),
+        "{}",
+        refused.stderr
+    );
 
     proxy.set_refuse_new(true);
     let out = enqueue(r#"{"id":"relayed","command":"echo relayed"}"#).run();

@@ -454,8 +454,10 @@ mod opt_secs {
 /// A job to enqueue. Unset fields take the store's configured defaults.
 ///
 /// Its serde form (used to hand jobs to a worker, [`crate::relay`]) keeps every field exactly:
-/// `run_at` in RFC 3339, `timeout` in seconds and nanoseconds.
+/// `run_at` in RFC 3339, `timeout` in seconds and nanoseconds. A field it does not know is
+/// refused, not dropped.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct NewJob {
     /// Id; `None` generates one.
     pub id: Option<JobId>,

@@ -4,53 +4,71 @@
 //! connection, authentication, and the first use of every table it touches, several times the
 //! cost of its one insert. A worker already holds open connections. While it runs, a worker
 //! serves its queue's enqueues on a Unix socket (a [`Relay`]), in a directory that only its
-//! user may open ([`socket_for`]); an enqueue that finds the socket hands its jobs over
-//! ([`hand_over`]) and gets back what [`Storage::submit`] returned in the worker. One that finds
-//! no socket, or whose jobs the worker declines, adds them itself, so nothing depends on a
-//! worker running.
+//! user may open ([`socket_to_serve`]); an enqueue that finds the socket
+//! ([`socket_to_call`]) hands its jobs over ([`hand_over`]) and gets back what
+//! [`Storage::submit`] returned in the worker. One that finds no socket, or whose jobs the
+//! worker declines, adds them itself, so nothing depends on a worker running.
 //!
-//! A request is one JSON line, `{"key", "now", "jobs"}`, and is acted on only when it arrived
-//! whole; the reply is one JSON line too. The key names the queue (the database and schema,
-//! say): a relay declines a request for any other, so two queues whose keys share a socket name
-//! cannot mix. The relay answers only after the store's `submit` returned, so a job it reports
-//! added is committed; a worker that dies between the two leaves the outcome unknown, which
-//! the caller is told ([`Handover::Unknown`]) and must not guess at. A declined request
-//! changed nothing, as a failed `submit` changes nothing, except where the store's commit
-//! itself failed: then, as for a direct `submit`, the jobs may have been added. Give the jobs
-//! ids before handing them over, and adding them again after a refusal cannot add them twice.
+//! A request is one JSON line, `{"protocol", "key", "jobs"}`, and is acted on only when it
+//! arrived whole; the reply is one JSON line too. The key names the queue (the database and
+//! schema, say): a relay declines a request for any other, so two queues whose keys share a
+//! socket name cannot mix, and a request of another protocol version, or with fields it does
+//! not know, so that no field is dropped on the way.
+//!
+//! What a reply means:
+//! - done: `submit` returned, so the jobs it reports added are committed;
+//! - declined: the store refused the jobs (a taken id, say) or the relay would not take them,
+//!   and nothing changed;
+//! - failed: the store failed (the database could not be reached, say), and as for a direct
+//!   `submit` that fails, the jobs may have been added if it was the commit that failed. Jobs
+//!   given ids before they were handed over cannot then be added twice by adding them again.
+//!
+//! A worker that dies after it read a request and before it answered leaves the outcome
+//! unknown, which the caller is told ([`Handover::Unknown`]) and must not guess at. A stopping
+//! relay first removes its socket, so that no new caller reaches it, then answers the callers
+//! already waiting, as it answers those it is serving.
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+use nix::sys::socket::{
+    AddressFamily, SockFlag, SockType, UnixAddr, connect, getsockopt, socket,
+    sockopt::PeerCredentials,
+};
 use serde::{Deserialize, Serialize};
 
-use crate::job::{NewJob, Timestamp};
+use crate::error::StorageError;
+use crate::job::{NewJob, now};
 use crate::storage::{Enqueued, Storage};
 
-/// The most jobs one request hands over. A larger batch costs far more than a connection of
-/// its own, and a worker serves one request at a time.
+/// The most jobs one request hands over. For a larger batch a connection of its own is a
+/// small part of the cost.
 pub const MAX_JOBS: usize = 1_000;
-/// The longest a request may take to arrive whole once a caller has connected.
+/// The version of the request and reply lines.
+const PROTOCOL: u32 = 1;
+/// The longest a caller may take to send its whole request once connected.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest a caller waits for the relay's answer.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
-/// The longest request line read: [`MAX_JOBS`] jobs with long commands fit.
-const MAX_REQUEST_BYTES: u64 = 64 << 20;
+/// The longest request line a relay reads; a caller with a longer one adds its jobs itself.
+const MAX_REQUEST_BYTES: usize = 64 << 20;
+/// Callers served at once; more are declined at once, and add their jobs themselves.
+const MAX_CALLERS: usize = 16;
 
 #[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Request {
+    protocol: u32,
     key: String,
-    #[serde(with = "time::serde::rfc3339")]
-    now: Timestamp,
     jobs: Vec<NewJob>,
 }
 
@@ -59,8 +77,12 @@ struct Request {
 enum Reply {
     /// What `submit` returned: the jobs are committed.
     Done(Vec<Enqueued>),
-    /// Not added here, with the reason.
+    /// `submit` returned, but what it returned could not be written as JSON.
+    DoneUnshown(String),
+    /// Not added, nothing changed, with the reason.
     Declined(String),
+    /// The store failed, with the reason.
+    Failed(String),
 }
 
 /// The key of the queue in the schema `schema` of the PostgreSQL database at `url`.
@@ -68,63 +90,90 @@ pub fn database_key(url: &str, schema: &str) -> String {
     format!("postgresql\n{url}\n{schema}")
 }
 
-/// The socket of the relay for the queue `key`: in `$XDG_RUNTIME_DIR/queuectl`, or where that
-/// is not set in `queuectl-UID` under the temporary directory ([`socket_in`]).
-pub fn socket_for(key: &str) -> io::Result<PathBuf> {
-    let dir = match std::env::var_os("XDG_RUNTIME_DIR").filter(|dir| !dir.is_empty()) {
+/// Where this user's relays put their sockets: `$XDG_RUNTIME_DIR/queuectl`, or where that is
+/// not set `queuectl-UID` under the temporary directory.
+pub fn runtime_dir() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR").filter(|dir| !dir.is_empty()) {
         Some(dir) => PathBuf::from(dir).join("queuectl"),
         None => std::env::temp_dir().join(format!("queuectl-{}", nix::unistd::geteuid())),
-    };
-    socket_in(&dir, key)
+    }
 }
 
-/// The socket of the relay for the queue `key` in the directory `dir`, which is created
-/// private to this user when missing. A directory that another user owns, or that others may
-/// open, is refused, not used.
-pub fn socket_in(dir: &Path, key: &str) -> io::Result<PathBuf> {
-    private_dir(dir)?;
-    Ok(dir.join(format!("{:08x}.sock", crc32fast::hash(key.as_bytes()))))
-}
-
-/// Makes `dir` if needed and checks that it is a directory only this user may open.
-fn private_dir(dir: &Path) -> io::Result<()> {
-    DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|error| {
-            io::Error::new(
+/// The socket a relay for the queue `key` serves on in `dir` ([`runtime_dir`]). `dir` is
+/// created, private to this user, when missing; its parent must exist and belong to this user
+/// or to root. A directory another user owns, or that others may open, is refused, not used.
+pub fn socket_to_serve(dir: &Path, key: &str) -> io::Result<PathBuf> {
+    let parent = dir.parent().unwrap_or(Path::new("/"));
+    let parent_meta = fs::metadata(parent)
+        .map_err(|error| io::Error::new(error.kind(), format!("{}: {error}", parent.display())))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if parent_meta.uid() != me && parent_meta.uid() != 0 {
+        return Err(refused(
+            dir,
+            &format!(
+                "{} belongs to user {}, not to this one ({me})",
+                parent.display(),
+                parent_meta.uid()
+            ),
+        ));
+    }
+    match DirBuilder::new().mode(0o700).create(dir) {
+        Err(error) if error.kind() != io::ErrorKind::AlreadyExists => {
+            return Err(io::Error::new(
                 error.kind(),
                 format!("cannot create {}: {error}", dir.display()),
-            )
-        })?;
+            ));
+        }
+        _ => {}
+    }
+    check_private(dir)?;
+    Ok(socket_in(dir, key))
+}
+
+/// The socket of a relay for the queue `key` in `dir`, if there is one in a directory private
+/// to this user (nothing is created).
+pub fn socket_to_call(dir: &Path, key: &str) -> Option<PathBuf> {
+    check_private(dir).ok()?;
+    let socket = socket_in(dir, key);
+    socket.exists().then_some(socket)
+}
+
+fn socket_in(dir: &Path, key: &str) -> PathBuf {
+    dir.join(format!("{:08x}.sock", crc32fast::hash(key.as_bytes())))
+}
+
+fn refused(dir: &Path, problem: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        format!(
+            "{} is not used for the local relay: {problem}",
+            dir.display()
+        ),
+    )
+}
+
+/// Checks that `dir` is a directory only this user may open.
+fn check_private(dir: &Path) -> io::Result<()> {
     let meta = fs::symlink_metadata(dir)
         .map_err(|error| io::Error::new(error.kind(), format!("{}: {error}", dir.display())))?;
     let me = nix::unistd::geteuid().as_raw();
-    let problem = if !meta.is_dir() {
-        Some("it is not a directory".to_owned())
+    if !meta.is_dir() {
+        Err(refused(dir, "it is not a directory"))
     } else if meta.uid() != me {
-        Some(format!(
-            "it belongs to user {}, not to this one ({me})",
-            meta.uid()
+        Err(refused(
+            dir,
+            &format!("it belongs to user {}, not to this one ({me})", meta.uid()),
         ))
     } else if meta.mode() & 0o077 != 0 {
-        Some(format!(
-            "others may open it (mode {:o}, 700 wanted)",
-            meta.mode() & 0o777
+        Err(refused(
+            dir,
+            &format!(
+                "others may open it (mode {:o}, 700 wanted)",
+                meta.mode() & 0o777
+            ),
         ))
     } else {
-        None
-    };
-    match problem {
-        Some(problem) => Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            format!(
-                "{} is not used for the local relay: {problem}",
-                dir.display()
-            ),
-        )),
-        None => Ok(()),
+        Ok(())
     }
 }
 
@@ -144,10 +193,18 @@ impl std::fmt::Debug for Relay {
     }
 }
 
+/// What the relay's threads share.
+struct Shared {
+    store: Arc<dyn Storage>,
+    key: String,
+    /// Callers being served.
+    callers: AtomicUsize,
+}
+
 impl Relay {
-    /// Serves enqueues for the queue `key` into `store` on the socket `path`, on a thread of
-    /// its own. `Ok(None)` when another live relay already serves that socket. A socket left
-    /// behind by a relay that died is replaced.
+    /// Serves enqueues for the queue `key` into `store` on the socket `path`
+    /// ([`socket_to_serve`]), on threads of its own. `Ok(None)` when another live relay already
+    /// serves that socket. A socket left behind by a relay that died is replaced.
     pub fn start(store: Arc<dyn Storage>, path: &Path, key: &str) -> io::Result<Option<Self>> {
         let context = |what: &str, error: io::Error| {
             io::Error::new(error.kind(), format!("{what} {}: {error}", path.display()))
@@ -182,10 +239,15 @@ impl Relay {
             .set_nonblocking(true)
             .map_err(|error| context("cannot set up", error))?;
         let (stopped, stop) = io::pipe()?;
-        let key = key.to_owned();
+        let shared = Arc::new(Shared {
+            store,
+            key: key.to_owned(),
+            callers: AtomicUsize::new(0),
+        });
+        let socket = path.to_owned();
         let thread = std::thread::Builder::new()
             .name("queuectl-relay".into())
-            .spawn(move || serve(&listener, &stopped, &*store, &key))?;
+            .spawn(move || serve(&listener, &stopped, &socket, &shared))?;
         Ok(Some(Self {
             path: path.to_owned(),
             stop: Some(stop),
@@ -199,7 +261,8 @@ impl Relay {
         &self.path
     }
 
-    /// Stops serving: the request being served is answered first; the socket is removed.
+    /// Stops serving: the socket is removed, and the callers already connected are answered
+    /// first.
     pub fn stop(mut self) {
         self.shut_down();
     }
@@ -208,8 +271,6 @@ impl Relay {
         drop(self.stop.take());
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
-            // While the lock is still held, so that no newer relay's socket is removed.
-            let _ = fs::remove_file(&self.path);
         }
     }
 }
@@ -220,8 +281,11 @@ impl Drop for Relay {
     }
 }
 
-/// The relay's thread: answers one caller at a time until `stopped` hangs up.
-fn serve(listener: &UnixListener, stopped: &io::PipeReader, store: &dyn Storage, key: &str) {
+/// The relay's accepting thread: a thread per caller, until `stopped` hangs up. Then the
+/// socket is removed (while the relay still holds its lock, so that no newer relay's is), the
+/// callers already waiting are taken, and every caller's answer is waited for.
+fn serve(listener: &UnixListener, stopped: &io::PipeReader, path: &Path, shared: &Arc<Shared>) {
+    let mut handlers = Vec::new();
     loop {
         let mut fds = [
             PollFd::new(listener.as_fd(), PollFlags::POLLIN),
@@ -229,56 +293,169 @@ fn serve(listener: &UnixListener, stopped: &io::PipeReader, store: &dyn Storage,
         ];
         match poll(&mut fds, PollTimeout::NONE) {
             Err(nix::errno::Errno::EINTR) => continue,
-            Err(_) => return,
+            Err(_) => break,
             Ok(_) => {}
         }
         if fds[1].any().unwrap_or(true) {
-            return;
+            break;
         }
-        match listener.accept() {
-            // A failure with one caller (gone, too slow, not this user) is that caller's.
-            Ok((stream, _)) => drop(answer(stream, store, key)),
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
-            Err(_) => return,
+        take_callers(listener, shared, &mut handlers);
+        handlers.retain(|handler: &JoinHandle<()>| !handler.is_finished());
+    }
+    let _ = fs::remove_file(path);
+    take_callers(listener, shared, &mut handlers);
+    for handler in handlers {
+        let _ = handler.join();
+    }
+}
+
+/// Accepts every caller waiting on `listener`.
+fn take_callers(listener: &UnixListener, shared: &Arc<Shared>, handlers: &mut Vec<JoinHandle<()>>) {
+    loop {
+        let stream = match listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => return,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => {
+                // Out of file descriptors or memory, say: the callers wait, or add their jobs
+                // themselves once their wait is over.
+                std::thread::sleep(Duration::from_millis(10));
+                return;
+            }
+        };
+        if shared.callers.fetch_add(1, Ordering::SeqCst) >= MAX_CALLERS {
+            shared.callers.fetch_sub(1, Ordering::SeqCst);
+            let busy = Reply::Declined(format!("the worker serves {MAX_CALLERS} callers already"));
+            let _ = stream
+                .set_nonblocking(false)
+                .and_then(|()| stream.set_write_timeout(Some(REQUEST_TIMEOUT)))
+                .and_then(|()| send(&stream, &busy));
+            continue;
+        }
+        let caller = shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name("queuectl-relay-caller".into())
+            .spawn(move || {
+                // A failure with one caller (gone, too slow, not this user) is that caller's.
+                let _ = answer(&stream, &caller);
+                caller.callers.fetch_sub(1, Ordering::SeqCst);
+            });
+        match spawned {
+            Ok(handler) => handlers.push(handler),
+            // The caller's connection closed with the closure: it adds its jobs itself.
+            Err(_) => {
+                shared.callers.fetch_sub(1, Ordering::SeqCst);
+            }
         }
     }
 }
 
 /// Reads one request from `stream`, acts on it, and writes the reply.
-fn answer(stream: UnixStream, store: &dyn Storage, key: &str) -> io::Result<()> {
+fn answer(stream: &UnixStream, shared: &Shared) -> io::Result<()> {
     stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(REQUEST_TIMEOUT))?;
     stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;
-    let peer = getsockopt(&stream, PeerCredentials).map_err(io::Error::from)?;
+    let peer = getsockopt(stream, PeerCredentials).map_err(io::Error::from)?;
     if peer.uid() != nix::unistd::geteuid().as_raw() {
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
             "a caller of another user",
         ));
     }
-    let mut line = String::new();
-    BufReader::new((&stream).take(MAX_REQUEST_BYTES)).read_line(&mut line)?;
-    if !line.ends_with('\n') {
+    let Some(line) = read_request(stream)? else {
         // Cut short: the caller gave up, or sent more than a request may hold.
         return Ok(());
-    }
-    let reply = match serde_json::from_str::<Request>(&line) {
+    };
+    let reply = match serde_json::from_slice::<Request>(&line) {
         Err(error) => Reply::Declined(format!("the request could not be read: {error}")),
-        Ok(request) if request.key != key => {
+        Ok(request) if request.protocol != PROTOCOL => Reply::Declined(format!(
+            "the request is of protocol {}, this worker's {PROTOCOL}",
+            request.protocol
+        )),
+        Ok(request) if request.key != shared.key => {
             Reply::Declined("this relay serves another queue".to_owned())
         }
         Ok(request) if request.jobs.len() > MAX_JOBS => Reply::Declined(format!(
             "{} jobs are more than the {MAX_JOBS} a request may hand over",
             request.jobs.len()
         )),
-        Ok(request) => match store.submit(request.jobs, request.now) {
+        // The job's creation time is taken here, where a direct enqueue takes it: after its
+        // connection is ready, before its transaction.
+        Ok(request) => match shared.store.submit(request.jobs, now()) {
             Ok(entries) => Reply::Done(entries),
-            Err(error) => Reply::Declined(error.to_string()),
+            Err(error) if is_refusal(&error) => Reply::Declined(error.to_string()),
+            Err(error) => Reply::Failed(error.to_string()),
         },
     };
-    let mut reply = serde_json::to_string(&reply).map_err(io::Error::other)?;
-    reply.push('\n');
-    (&stream).write_all(reply.as_bytes())
+    match send(stream, &reply) {
+        Err(error) if error.kind() == io::ErrorKind::InvalidData => send(
+            stream,
+            &Reply::DoneUnshown(format!(
+                "the jobs added could not be written as JSON: {error}"
+            )),
+        ),
+        other => other,
+    }
+}
+
+/// Whether `error` says the store refused the jobs for what they are, having changed nothing
+/// (not that it failed).
+fn is_refusal(error: &StorageError) -> bool {
+    matches!(
+        error,
+        StorageError::AlreadyExists { .. }
+            | StorageError::NotFound { .. }
+            | StorageError::InvalidState { .. }
+            | StorageError::InvalidJob(_)
+            | StorageError::DependencyNotFound { .. }
+            | StorageError::DependencyFailed { .. }
+            | StorageError::UniqueKeyTaken { .. }
+            | StorageError::Config(_)
+    )
+}
+
+/// The request line, read within [`REQUEST_TIMEOUT`] of now; `None` when it did not come
+/// whole in time or is longer than [`MAX_REQUEST_BYTES`].
+fn read_request(stream: &UnixStream) -> io::Result<Option<Vec<u8>>> {
+    let deadline = Instant::now() + REQUEST_TIMEOUT;
+    let mut line = Vec::new();
+    let mut chunk = [0u8; 64 * 1024];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(None);
+        }
+        stream.set_read_timeout(Some(left))?;
+        let n = match (&*stream).read(&mut chunk) {
+            Ok(0) => return Ok(None),
+            Ok(n) => n,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Ok(None);
+            }
+            Err(error) => return Err(error),
+        };
+        if let Some(end) = chunk[..n].iter().position(|&b| b == b'\n') {
+            line.extend_from_slice(&chunk[..end]);
+            return Ok((line.len() <= MAX_REQUEST_BYTES).then_some(line));
+        }
+        line.extend_from_slice(&chunk[..n]);
+        if line.len() > MAX_REQUEST_BYTES {
+            return Ok(None);
+        }
+    }
+}
+
+/// Writes `reply` as one line; `InvalidData` when it cannot be written as JSON.
+fn send(stream: &UnixStream, reply: &Reply) -> io::Result<()> {
+    let mut line = serde_json::to_vec(reply)
+        .map_err(|error| io::Error::new(io::ErrorKind::InvalidData, error))?;
+    line.push(b'\n');
+    (&*stream).write_all(&line)
 }
 
 /// What [`hand_over`] came to.
@@ -286,69 +463,104 @@ fn answer(stream: UnixStream, store: &dyn Storage, key: &str) -> io::Result<()> 
 pub enum Handover {
     /// The relay added the jobs (or found them duplicates), as [`Storage::submit`] returns.
     Done(Vec<Enqueued>),
-    /// Nothing was handed over (no relay, or one that declined): add the jobs yourself. The
-    /// reason, for diagnostics.
+    /// The relay added the jobs, but could not say how (the reason).
+    DoneUnshown(String),
+    /// Nothing was handed over, or the relay declined the jobs, and nothing changed: add them
+    /// yourself. The reason, for diagnostics.
     NotHandedOver(String),
+    /// The relay's store failed (the reason): add the jobs yourself, with the same ids, since
+    /// the jobs may have been added if it was the commit that failed.
+    Failed(String),
     /// The request went out whole but no answer came back: the jobs may or may not have been
     /// added.
-    Unknown(io::Error),
+    Unknown(String),
 }
 
-/// Hands `jobs` for the queue `key` to the relay on the socket `path`, if one is there.
-pub fn hand_over(path: &Path, key: &str, jobs: &[NewJob], now: Timestamp) -> Handover {
+/// Hands `jobs` for the queue `key` to the relay on the socket `path` ([`socket_to_call`]).
+pub fn hand_over(path: &Path, key: &str, jobs: &[NewJob]) -> Handover {
     if jobs.len() > MAX_JOBS {
         return Handover::NotHandedOver(format!("more than {MAX_JOBS} jobs"));
     }
-    let stream = match UnixStream::connect(path) {
+    let request = Request {
+        protocol: PROTOCOL,
+        key: key.to_owned(),
+        jobs: jobs.to_vec(),
+    };
+    let mut line = match serde_json::to_vec(&request) {
+        Ok(line) if line.len() <= MAX_REQUEST_BYTES => line,
+        Ok(_) => return Handover::NotHandedOver("the request is too long".to_owned()),
+        Err(error) => {
+            return Handover::NotHandedOver(format!("the jobs cannot be written as JSON: {error}"));
+        }
+    };
+    line.push(b'\n');
+    let stream = match connect_now(path) {
         Ok(stream) => stream,
         Err(error) => {
             return Handover::NotHandedOver(format!("no relay at {}: {error}", path.display()));
         }
     };
-    let request = Request {
-        key: key.to_owned(),
-        now,
-        jobs: jobs.to_vec(),
-    };
-    let mut line = serde_json::to_string(&request).expect("a request serialises");
-    line.push('\n');
     let sent = stream
         .set_write_timeout(Some(REQUEST_TIMEOUT))
-        .and_then(|()| (&stream).write_all(line.as_bytes()));
+        .and_then(|()| (&stream).write_all(&line));
     if let Err(error) = sent {
         // The relay acts only on a whole line, and this one did not get out whole.
         return Handover::NotHandedOver(format!("the relay did not take the request: {error}"));
     }
-    let mut reply = String::new();
+    // Up to the end of the line and no further: a relay that declined before reading the
+    // request closes with it unread, and a read past the reply would then fail.
+    let mut reply = Vec::new();
     let read = stream
         .set_read_timeout(Some(REPLY_TIMEOUT))
-        .and_then(|()| BufReader::new(&stream).read_line(&mut reply));
+        .and_then(|()| io::BufReader::new(&stream).read_until(b'\n', &mut reply));
     match read {
-        Ok(_) if reply.ends_with('\n') => match serde_json::from_str(&reply) {
+        Ok(_) if reply.ends_with(b"\n") => match serde_json::from_slice(&reply) {
             Ok(Reply::Done(entries)) => Handover::Done(entries),
+            Ok(Reply::DoneUnshown(reason)) => Handover::DoneUnshown(reason),
             Ok(Reply::Declined(reason)) => Handover::NotHandedOver(reason),
-            Err(error) => Handover::Unknown(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("the relay's answer could not be read: {error}"),
-            )),
+            Ok(Reply::Failed(reason)) => Handover::Failed(reason),
+            Err(error) => Handover::Unknown(format!("its answer could not be read: {error}")),
         },
-        Ok(_) => Handover::Unknown(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "the relay closed the connection without answering",
-        )),
-        Err(error) => Handover::Unknown(error),
+        Ok(_) => Handover::Unknown("it closed the connection without answering".to_owned()),
+        Err(error)
+            if matches!(
+                error.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            Handover::Unknown(format!(
+                "it did not answer within {} s",
+                REPLY_TIMEOUT.as_secs()
+            ))
+        }
+        Err(error) => Handover::Unknown(format!("its answer did not come: {error}")),
     }
+}
+
+/// A connection to `path` that fails at once, rather than waiting, when the relay has more
+/// callers waiting than its socket queues.
+fn connect_now(path: &Path) -> io::Result<UnixStream> {
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &UnixAddr::new(path)?)?;
+    let stream = UnixStream::from(fd);
+    stream.set_nonblocking(false)?;
+    Ok(stream)
 }
 
 #[cfg(test)]
 mod tests {
-    use std::io::{BufRead, BufReader};
+    use std::io::{BufRead, BufReader, Write};
     use std::os::unix::fs::PermissionsExt;
-    use std::os::unix::net::UnixListener;
+    use std::os::unix::net::{UnixListener, UnixStream};
     use std::sync::Arc;
     use std::time::Duration;
 
-    use super::{Handover, Relay, hand_over, socket_in};
+    use super::{Handover, Relay, hand_over, socket_to_call, socket_to_serve};
     use crate::job::{JobId, NewJob, now};
     use crate::memory::MemoryStorage;
     use crate::storage::Storage;
@@ -364,7 +576,7 @@ mod tests {
     /// A relay over a fresh memory store, on a socket in a fresh directory.
     fn relay() -> (tempfile::TempDir, Arc<MemoryStorage>, Relay) {
         let dir = tempfile::tempdir().unwrap();
-        let socket = socket_in(&dir.path().join("queuectl"), KEY).unwrap();
+        let socket = socket_to_serve(&dir.path().join("queuectl"), KEY).unwrap();
         let store = Arc::new(MemoryStorage::new());
         let relay = Relay::start(store.clone(), &socket, KEY)
             .unwrap()
@@ -379,6 +591,25 @@ mod tests {
         }
     }
 
+    fn count(store: &MemoryStorage) -> usize {
+        store.list(&Default::default()).unwrap().len()
+    }
+
+    /// A request line of protocol `protocol` for one job.
+    fn request_line(protocol: u32, job: impl serde::Serialize) -> String {
+        let request = serde_json::json!({ "protocol": protocol, "key": KEY, "jobs": [job] });
+        format!("{request}\n")
+    }
+
+    /// Sends `line` on a connection of its own to `path` and returns the reply line.
+    fn raw_request(path: &std::path::Path, line: &str) -> String {
+        let stream = UnixStream::connect(path).unwrap();
+        (&stream).write_all(line.as_bytes()).unwrap();
+        let mut reply = String::new();
+        BufReader::new(&stream).read_line(&mut reply).unwrap();
+        reply
+    }
+
     #[test]
     fn handed_over_jobs_are_added_by_the_relays_store_as_given() {
         let (_dir, store, relay) = relay();
@@ -391,8 +622,9 @@ mod tests {
         full.run_at = Some(now() + Duration::from_nanos(3_600_000_000_123));
         let mut later = job("later", "echo later");
         later.after = vec![JobId::new("full").unwrap()];
-        let at = now();
-        let entries = done(hand_over(relay.path(), KEY, &[full.clone(), later], at));
+        let before = now();
+        let entries = done(hand_over(relay.path(), KEY, &[full.clone(), later]));
+        let after = now();
         assert_eq!(entries.len(), 2);
         assert!(entries.iter().all(|e| !e.duplicate));
         let stored = store.get(&JobId::new("full").unwrap()).unwrap();
@@ -404,7 +636,7 @@ mod tests {
         assert_eq!(stored.unique_key.as_deref(), Some("k"));
         assert_eq!(stored.timeout, full.timeout);
         assert_eq!(Some(stored.run_at), full.run_at);
-        assert_eq!(stored.created_at, at, "the caller's time is the job's");
+        assert!((before..=after).contains(&stored.created_at));
         let later = store.get(&JobId::new("later").unwrap()).unwrap();
         assert_eq!(later.after, [JobId::new("full").unwrap()]);
         assert!(later.blocked);
@@ -412,7 +644,7 @@ mod tests {
         // A duplicate by unique key comes back as the job holding the key.
         let mut again = job("again", "echo again");
         again.unique_key = Some("k".to_owned());
-        let entries = done(hand_over(relay.path(), KEY, &[again], now()));
+        let entries = done(hand_over(relay.path(), KEY, &[again]));
         assert!(entries[0].duplicate);
         assert_eq!(entries[0].job.id.as_str(), "full");
     }
@@ -420,44 +652,76 @@ mod tests {
     #[test]
     fn a_request_the_store_refuses_or_for_another_queue_is_declined_and_changes_nothing() {
         let (_dir, store, relay) = relay();
-        done(hand_over(relay.path(), KEY, &[job("taken", "true")], now()));
+        done(hand_over(relay.path(), KEY, &[job("taken", "true")]));
         let before = store.list(&Default::default()).unwrap();
         let refused = hand_over(
             relay.path(),
             KEY,
             &[job("fresh", "true"), job("taken", "true")],
-            now(),
         );
         assert!(
             matches!(&refused, Handover::NotHandedOver(why) if why.contains("taken")),
             "{refused:?}"
         );
-        let other = hand_over(relay.path(), "another queue", &[job("x", "true")], now());
+        let other = hand_over(relay.path(), "another queue", &[job("x", "true")]);
         assert!(
             matches!(&other, Handover::NotHandedOver(why) if why.contains("another queue")),
             "{other:?}"
+        );
+        // Another version of the protocol, or a field this relay does not know, would lose
+        // something on the way.
+        let newer = raw_request(relay.path(), &request_line(2, job("y", "true")));
+        assert!(
+            newer.contains("declined") && newer.contains("protocol 2"),
+            "{newer}"
+        );
+        let mut coloured = serde_json::to_value(job("z", "true")).unwrap();
+        coloured["colour"] = 1.into();
+        let unknown = raw_request(relay.path(), &request_line(1, coloured));
+        assert!(
+            unknown.contains("declined") && unknown.contains("colour"),
+            "{unknown}"
         );
         assert_eq!(store.list(&Default::default()).unwrap(), before);
     }
 
     #[test]
+    fn a_request_too_long_for_a_relay_is_not_sent() {
+        let (_dir, store, relay) = relay();
+        let long = "x".repeat(120_000);
+        let jobs: Vec<NewJob> = (0..600)
+            .map(|i| job(&format!("j{i}"), &format!("echo {long}")))
+            .collect();
+        let sent = hand_over(relay.path(), KEY, &jobs);
+        assert!(
+            matches!(&sent, Handover::NotHandedOver(why) if why.contains("too long")),
+            "{sent:?}"
+        );
+        assert_eq!(count(&store), 0);
+    }
+
+    #[test]
     fn without_a_live_relay_nothing_is_handed_over() {
         let dir = tempfile::tempdir().unwrap();
-        let socket = socket_in(&dir.path().join("queuectl"), KEY).unwrap();
-        let none = hand_over(&socket, KEY, &[job("a", "true")], now());
+        let runtime = dir.path().join("queuectl");
+        assert_eq!(socket_to_call(&runtime, KEY), None, "nothing there yet");
+        assert!(!runtime.exists(), "looking creates nothing");
+        let socket = socket_to_serve(&runtime, KEY).unwrap();
+        assert_eq!(socket_to_call(&runtime, KEY), None, "no socket yet");
+        let none = hand_over(&socket, KEY, &[job("a", "true")]);
         assert!(matches!(none, Handover::NotHandedOver(_)), "{none:?}");
         // The socket a dead relay left behind.
         drop(UnixListener::bind(&socket).unwrap());
-        assert!(socket.exists());
-        let stale = hand_over(&socket, KEY, &[job("a", "true")], now());
+        assert_eq!(socket_to_call(&runtime, KEY), Some(socket.clone()));
+        let stale = hand_over(&socket, KEY, &[job("a", "true")]);
         assert!(matches!(stale, Handover::NotHandedOver(_)), "{stale:?}");
         // A new relay takes its place.
         let store = Arc::new(MemoryStorage::new());
         let relay = Relay::start(store.clone(), &socket, KEY).unwrap().unwrap();
-        done(hand_over(&socket, KEY, &[job("a", "true")], now()));
+        done(hand_over(&socket, KEY, &[job("a", "true")]));
         relay.stop();
         assert!(!socket.exists(), "a stopped relay removes its socket");
-        assert_eq!(store.list(&Default::default()).unwrap().len(), 1);
+        assert_eq!(count(&store), 1);
     }
 
     #[test]
@@ -466,8 +730,8 @@ mod tests {
         let second_store = Arc::new(MemoryStorage::new());
         let second = Relay::start(second_store.clone(), first.path(), KEY).unwrap();
         assert!(second.is_none(), "two relays on one socket");
-        done(hand_over(first.path(), KEY, &[job("a", "true")], now()));
-        assert_eq!(first_store.list(&Default::default()).unwrap().len(), 1);
+        done(hand_over(first.path(), KEY, &[job("a", "true")]));
+        assert_eq!(count(&first_store), 1);
         let path = first.path().to_owned();
         first.stop();
         let second = Relay::start(second_store.clone(), &path, KEY).unwrap();
@@ -475,14 +739,60 @@ mod tests {
             second.is_some(),
             "the socket is free once the first stopped"
         );
-        done(hand_over(&path, KEY, &[job("b", "true")], now()));
-        assert_eq!(second_store.list(&Default::default()).unwrap().len(), 1);
+        done(hand_over(&path, KEY, &[job("b", "true")]));
+        assert_eq!(count(&second_store), 1);
+    }
+
+    /// A caller that is slow to send its request holds up only itself: another is answered
+    /// meanwhile, and the slow one after it, once its request is whole (a relay serving one
+    /// caller at a time would first wait out the slow one's time limit and cut it off).
+    #[test]
+    fn a_slow_caller_holds_up_no_one_else() {
+        let (_dir, store, relay) = relay();
+        let slow = UnixStream::connect(relay.path()).unwrap();
+        let request = request_line(1, job("slow", "true"));
+        let (first, rest) = request.split_at(10);
+        (&slow).write_all(first.as_bytes()).unwrap();
+        done(hand_over(relay.path(), KEY, &[job("quick", "true")]));
+        (&slow).write_all(rest.as_bytes()).unwrap();
+        let mut reply = String::new();
+        BufReader::new(&slow).read_line(&mut reply).unwrap();
+        assert!(reply.starts_with("{\"done\""), "{reply}");
+        assert_eq!(count(&store), 2);
+    }
+
+    /// A caller connected when the relay is asked to stop is still answered, and the stop
+    /// waits for it.
+    #[test]
+    fn a_stopping_relay_answers_the_callers_already_connected() {
+        let (_dir, store, relay) = relay();
+        let path = relay.path().to_owned();
+        let caller = UnixStream::connect(&path).unwrap();
+        let request = request_line(1, job("late", "true"));
+        let (first, rest) = request.split_at(10);
+        (&caller).write_all(first.as_bytes()).unwrap();
+        let stopping = std::thread::spawn(move || relay.stop());
+        let asked = std::time::Instant::now();
+        while path.exists() {
+            assert!(
+                asked.elapsed() < Duration::from_secs(10),
+                "the socket stays"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(!stopping.is_finished(), "the stop waits for the caller");
+        (&caller).write_all(rest.as_bytes()).unwrap();
+        let mut reply = String::new();
+        BufReader::new(&caller).read_line(&mut reply).unwrap();
+        stopping.join().unwrap();
+        assert!(reply.starts_with("{\"done\""), "{reply}");
+        assert_eq!(count(&store), 1);
     }
 
     #[test]
     fn a_relay_gone_before_it_answers_leaves_the_outcome_unknown() {
         let dir = tempfile::tempdir().unwrap();
-        let socket = socket_in(&dir.path().join("queuectl"), KEY).unwrap();
+        let socket = socket_to_serve(&dir.path().join("queuectl"), KEY).unwrap();
         let listener = UnixListener::bind(&socket).unwrap();
         let server = std::thread::spawn(move || {
             let (stream, _) = listener.accept().unwrap();
@@ -491,7 +801,7 @@ mod tests {
             // Took the whole request, then died without a word.
             assert!(line.ends_with('\n'));
         });
-        let unknown = hand_over(&socket, KEY, &[job("a", "true")], now());
+        let unknown = hand_over(&socket, KEY, &[job("a", "true")]);
         server.join().unwrap();
         assert!(matches!(unknown, Handover::Unknown(_)), "{unknown:?}");
     }
@@ -500,20 +810,36 @@ mod tests {
     fn a_directory_others_may_open_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let made = dir.path().join("made");
-        socket_in(&made, KEY).unwrap();
+        socket_to_serve(&made, KEY).unwrap();
         let mode = std::fs::metadata(&made).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o700, "made private");
+        let deeper = dir.path().join("missing").join("queuectl");
+        assert!(
+            socket_to_serve(&deeper, KEY).is_err(),
+            "parents are not made"
+        );
+        assert!(!deeper.parent().unwrap().exists());
         let open = dir.path().join("open");
         std::fs::create_dir(&open).unwrap();
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let refused = socket_in(&open, KEY).unwrap_err();
+        let refused = socket_to_serve(&open, KEY).unwrap_err();
         assert!(
             refused.to_string().contains("others may open it"),
             "{refused}"
         );
+        std::fs::write(socket_to_call_path(&open), "").unwrap();
+        assert_eq!(
+            socket_to_call(&open, KEY),
+            None,
+            "not called in a shared directory"
+        );
         let file = dir.path().join("file");
         std::fs::write(&file, "").unwrap();
-        let refused = socket_in(&file, KEY).unwrap_err();
+        let refused = socket_to_serve(&file, KEY).unwrap_err();
         assert!(refused.to_string().contains("file"), "{refused}");
+    }
+
+    fn socket_to_call_path(dir: &std::path::Path) -> std::path::PathBuf {
+        super::socket_in(dir, KEY)
     }
 }

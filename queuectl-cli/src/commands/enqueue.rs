@@ -60,9 +60,9 @@ pub fn parse(arg: &str) -> Result<Batch> {
 }
 
 /// Hands `batch` to a worker on this machine that serves the queue (`relay`), when there is
-/// one: `None` when nothing was handed over and the jobs are to be added here. Jobs without an
-/// id get one first, so that adding them again after a declined request can never add them
-/// twice.
+/// one: `None` when the jobs are to be added here. Jobs without an id get one for the worker,
+/// and keep it only when the worker's store failed, so that adding them here cannot add them
+/// twice; otherwise the batch is added here as it was given, with the same messages.
 pub fn hand_over(target: &Target, batch: &mut Batch) -> Result<Option<Vec<Enqueued>>> {
     let Some(key) = store::relay_key(target) else {
         return Ok(None);
@@ -70,34 +70,42 @@ pub fn hand_over(target: &Target, batch: &mut Batch) -> Result<Option<Vec<Enqueu
     if batch.jobs.is_empty() || batch.jobs.len() > relay::MAX_JOBS {
         return Ok(None);
     }
-    // A runtime directory that is not private is the worker's to report, not every enqueue's.
-    let Ok(socket) = relay::socket_for(&key) else {
+    let Some(socket) = relay::socket_to_call(&relay::runtime_dir(), &key) else {
         return Ok(None);
     };
-    for job in batch.jobs.iter_mut().filter(|job| job.id.is_none()) {
+    let mut jobs = batch.jobs.clone();
+    for job in jobs.iter_mut().filter(|job| job.id.is_none()) {
         job.id = Some(JobId::generate());
     }
-    match relay::hand_over(&socket, &key, &batch.jobs, now()) {
+    let ids = || {
+        let ids: Vec<String> = jobs
+            .iter()
+            .filter_map(|job| job.id.as_ref().map(ToString::to_string))
+            .collect();
+        match ids.len() {
+            0..=3 => ids.join(", "),
+            n => format!("{} and {} more", ids[..3].join(", "), n - 3),
+        }
+    };
+    match relay::hand_over(&socket, &key, &jobs) {
         Handover::Done(entries) => Ok(Some(entries)),
         Handover::NotHandedOver(_) => Ok(None),
-        Handover::Unknown(error) => {
-            let ids: Vec<String> = batch
-                .jobs
-                .iter()
-                .filter_map(|j| j.id.as_ref())
-                .map(|id| id.to_string())
-                .collect();
-            let named = match ids.len() {
-                0..=3 => ids.join(", "),
-                n => format!("{} and {} more", ids[..3].join(", "), n - 3),
-            };
-            Err(CliError::Refused(format!(
-                "the worker that takes this machine's enqueues ({}) stopped answering: \
-                 {error}; the jobs may or may not have been added: look for {named} with \
-                 queuectl show",
-                socket.display(),
-            )))
+        Handover::Failed(_) => {
+            batch.jobs = jobs;
+            Ok(None)
         }
+        Handover::DoneUnshown(reason) => Err(CliError::Refused(format!(
+            "the worker that takes this machine's enqueues ({}) added the jobs but could not \
+             say how ({reason}): look for {} with queuectl show",
+            socket.display(),
+            ids()
+        ))),
+        Handover::Unknown(reason) => Err(CliError::Refused(format!(
+            "the worker that takes this machine's enqueues ({}) stopped answering ({reason}): \
+             the jobs may or may not have been added: look for {} with queuectl show",
+            socket.display(),
+            ids()
+        ))),
     }
 }
 

@@ -110,7 +110,8 @@ pub fn start(
 
 /// The relay of the queue `key` on this machine, unless another worker runs it.
 fn start_relay(store: Arc<dyn Storage>, key: &str) -> Option<Relay> {
-    let started = relay::socket_for(key).and_then(|path| Relay::start(store, &path, key));
+    let started = relay::socket_to_serve(&relay::runtime_dir(), key)
+        .and_then(|path| Relay::start(store, &path, key));
     started.unwrap_or_else(|error| {
         say!("note: enqueues on this machine will connect to the database themselves: {error}");
         None

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::Value;
+use std::os::unix::fs::DirBuilderExt;
 use tempfile::TempDir;
 
 /// How long any single wait may take before the test fails.
@@ -47,6 +48,10 @@ impl Queue {
             .tempdir()
             .expect("create a temporary directory");
         let home = root.path().join("home");
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(runtime_dir(&home))
+            .expect("create the runtime directory");
         Self { root, home }
     }
 
