@@ -3,7 +3,8 @@
 //! in one run.
 //!
 //! For `enqueue`, `status`, `list --limit 10` and `show ID`: the median wall time of repeated
-//! runs at each size and the 100k/1k ratio; the peak memory (max RSS) of `status` and `list`
+//! runs at each size and the 100k/1k ratio, and for `enqueue` also with a worker running (on
+//! PostgreSQL it takes the machine's enqueues); the peak memory (max RSS) of `status` and `list`
 //! at 100k; and the peak memory of an idle `worker start` at 100k after it ran a few jobs.
 //!
 //! The dashboard on the 100k store: the median time to serve the overview (its page and
@@ -235,6 +236,25 @@ fn peak_mib(target: &Target, args: &[&str]) -> Option<f64> {
     Some(kib / 1024.0)
 }
 
+/// Median wall time of `runs` enqueues while a worker runs on the store (on PostgreSQL it
+/// takes this machine's enqueues), in milliseconds. The worker and the jobs keep to a queue
+/// of their own, so the store's own jobs stay as they are.
+fn enqueue_beside_worker_ms(target: &Target, runs: usize) -> f64 {
+    let mut command = Command::new(BIN);
+    target
+        .apply(&mut command)
+        .args(["worker", "start", "--count", "1", "--queue", "bench-beside"]);
+    let worker = Worker::spawn(command);
+    if matches!(target, Target::Database { .. }) {
+        worker.wait_for("[relay]");
+    }
+    median_ms(
+        target,
+        &["enqueue", r#"{"command":"true","queue":"bench-beside"}"#],
+        runs,
+    )
+}
+
 /// Peak memory of a worker that started on the store and ran `jobs` jobs, then idles.
 fn idle_worker_peak_mib(target: &Target, jobs: usize) -> f64 {
     let mut command = Command::new(BIN);
@@ -316,6 +336,13 @@ fn main() {
         };
         println!("{name:<22} {a:>9.2} {b:>9.2} {:>7.2}", b / a);
     }
+    let a = enqueue_beside_worker_ms(&small, runs);
+    let b = enqueue_beside_worker_ms(&large, runs);
+    println!(
+        "{:<22} {a:>9.2} {b:>9.2} {:>7.2}",
+        "enqueue, worker running",
+        b / a
+    );
     for args in [&["status"][..], &["list", "--limit", "10"]] {
         match peak_mib(&large, args) {
             Some(mib) => println!("peak memory at 100k: {:<18} {mib:>6.1} MiB", args.join(" ")),
