@@ -57,8 +57,11 @@ pub const MAX_JOBS: usize = 1_000;
 const PROTOCOL: u32 = 1;
 /// The longest a caller may take to send its whole request once connected.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// The longest a caller waits for the relay's answer.
-const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a relay working on a request tells its caller it is still at it.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+/// The longest a caller waits without a word from the relay (its answer, or a heartbeat)
+/// before it takes the worker for stuck or gone.
+const SILENCE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest request line a relay reads; a caller with a longer one adds its jobs itself.
 const MAX_REQUEST_BYTES: usize = 64 << 20;
 /// Callers served at once; more are declined at once, and add their jobs themselves.
@@ -91,9 +94,10 @@ pub fn database_key(url: &str, schema: &str) -> String {
 }
 
 /// Where this user's relays put their sockets: `$XDG_RUNTIME_DIR/queuectl`, or where that is
-/// not set `queuectl-UID` under the temporary directory.
+/// not set (or not an absolute path, which the XDG rules say to ignore) `queuectl-UID` under
+/// the temporary directory.
 pub fn runtime_dir() -> PathBuf {
-    match std::env::var_os("XDG_RUNTIME_DIR").filter(|dir| !dir.is_empty()) {
+    match std::env::var_os("XDG_RUNTIME_DIR").filter(|dir| Path::new(dir).is_absolute()) {
         Some(dir) => PathBuf::from(dir).join("queuectl"),
         None => std::env::temp_dir().join(format!("queuectl-{}", nix::unistd::geteuid())),
     }
@@ -235,6 +239,8 @@ impl Relay {
             UnixListener::bind(path).map_err(|error| context("cannot listen on", error))?;
         fs::set_permissions(path, fs::Permissions::from_mode(0o600))
             .map_err(|error| context("cannot restrict", error))?;
+        let bound = fs::symlink_metadata(path).map_err(|error| context("cannot read", error))?;
+        let identity = (bound.dev(), bound.ino());
         listener
             .set_nonblocking(true)
             .map_err(|error| context("cannot set up", error))?;
@@ -247,7 +253,7 @@ impl Relay {
         let socket = path.to_owned();
         let thread = std::thread::Builder::new()
             .name("queuectl-relay".into())
-            .spawn(move || serve(&listener, &stopped, &socket, &shared))?;
+            .spawn(move || serve(&listener, &stopped, &socket, identity, &shared))?;
         Ok(Some(Self {
             path: path.to_owned(),
             stop: Some(stop),
@@ -282,9 +288,16 @@ impl Drop for Relay {
 }
 
 /// The relay's accepting thread: a thread per caller, until `stopped` hangs up. Then the
-/// socket is removed (while the relay still holds its lock, so that no newer relay's is), the
-/// callers already waiting are taken, and every caller's answer is waited for.
-fn serve(listener: &UnixListener, stopped: &io::PipeReader, path: &Path, shared: &Arc<Shared>) {
+/// socket is removed, if it is still the one bound (`identity`: its device and inode; a
+/// cleaner of old files may have removed it and a newer relay bound its own), the callers
+/// already waiting are taken, and every caller's answer is waited for.
+fn serve(
+    listener: &UnixListener,
+    stopped: &io::PipeReader,
+    path: &Path,
+    identity: (u64, u64),
+    shared: &Arc<Shared>,
+) {
     let mut handlers = Vec::new();
     loop {
         let mut fds = [
@@ -302,7 +315,9 @@ fn serve(listener: &UnixListener, stopped: &io::PipeReader, path: &Path, shared:
         take_callers(listener, shared, &mut handlers);
         handlers.retain(|handler: &JoinHandle<()>| !handler.is_finished());
     }
-    let _ = fs::remove_file(path);
+    if fs::symlink_metadata(path).is_ok_and(|meta| (meta.dev(), meta.ino()) == identity) {
+        let _ = fs::remove_file(path);
+    }
     take_callers(listener, shared, &mut handlers);
     for handler in handlers {
         let _ = handler.join();
@@ -325,14 +340,24 @@ fn take_callers(listener: &UnixListener, shared: &Arc<Shared>, handlers: &mut Ve
         };
         if shared.callers.fetch_add(1, Ordering::SeqCst) >= MAX_CALLERS {
             shared.callers.fetch_sub(1, Ordering::SeqCst);
-            let busy = Reply::Declined(format!("the worker serves {MAX_CALLERS} callers already"));
-            let _ = stream
-                .set_nonblocking(false)
-                .and_then(|()| stream.set_write_timeout(Some(REQUEST_TIMEOUT)))
-                .and_then(|()| send(&stream, &busy));
+            decline(
+                &stream,
+                &format!("the worker serves {MAX_CALLERS} callers already"),
+            );
             continue;
         }
         let caller = shared.clone();
+        let declined = match stream.try_clone() {
+            Ok(clone) => clone,
+            Err(error) => {
+                shared.callers.fetch_sub(1, Ordering::SeqCst);
+                decline(
+                    &stream,
+                    &format!("the worker cannot serve the request: {error}"),
+                );
+                continue;
+            }
+        };
         let spawned = std::thread::Builder::new()
             .name("queuectl-relay-caller".into())
             .spawn(move || {
@@ -342,28 +367,51 @@ fn take_callers(listener: &UnixListener, shared: &Arc<Shared>, handlers: &mut Ve
             });
         match spawned {
             Ok(handler) => handlers.push(handler),
-            // The caller's connection closed with the closure: it adds its jobs itself.
-            Err(_) => {
+            Err(error) => {
                 shared.callers.fetch_sub(1, Ordering::SeqCst);
+                decline(
+                    &declined,
+                    &format!("the worker cannot serve the request: {error}"),
+                );
             }
         }
     }
+}
+
+/// Answers `stream` that nothing is added, if it can (the caller then adds its jobs itself).
+fn decline(stream: &UnixStream, reason: &str) {
+    let _ = stream
+        .set_nonblocking(false)
+        .and_then(|()| stream.set_write_timeout(Some(REQUEST_TIMEOUT)))
+        .and_then(|()| send(stream, &Reply::Declined(reason.to_owned())));
 }
 
 /// Reads one request from `stream`, acts on it, and writes the reply.
 fn answer(stream: &UnixStream, shared: &Shared) -> io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;
-    let peer = getsockopt(stream, PeerCredentials).map_err(io::Error::from)?;
+    let peer = match getsockopt(stream, PeerCredentials) {
+        Ok(peer) => peer,
+        Err(error) => {
+            decline(
+                stream,
+                &format!("the caller's user could not be read: {error}"),
+            );
+            return Ok(());
+        }
+    };
     if peer.uid() != nix::unistd::geteuid().as_raw() {
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
             "a caller of another user",
         ));
     }
-    let Some(line) = read_request(stream)? else {
-        // Cut short: the caller gave up, or sent more than a request may hold.
-        return Ok(());
+    let line = match read_request(stream)? {
+        Ok(line) => line,
+        Err(reason) => {
+            decline(stream, &reason);
+            return Ok(());
+        }
     };
     let reply = match serde_json::from_slice::<Request>(&line) {
         Err(error) => Reply::Declined(format!("the request could not be read: {error}")),
@@ -378,13 +426,10 @@ fn answer(stream: &UnixStream, shared: &Shared) -> io::Result<()> {
             "{} jobs are more than the {MAX_JOBS} a request may hand over",
             request.jobs.len()
         )),
-        // The job's creation time is taken here, where a direct enqueue takes it: after its
-        // connection is ready, before its transaction.
-        Ok(request) => match shared.store.submit(request.jobs, now()) {
-            Ok(entries) => Reply::Done(entries),
-            Err(error) if is_refusal(&error) => Reply::Declined(error.to_string()),
-            Err(error) => Reply::Failed(error.to_string()),
-        },
+        // A caller that gave up waiting (this worker was stopped with SIGSTOP, say) was told
+        // the outcome is unknown and may look and add the jobs again: leave them to it.
+        Ok(_) if caller_gone(stream) => return Ok(()),
+        Ok(request) => submit_beating(stream, shared, request.jobs),
     };
     match send(stream, &reply) {
         Err(error) if error.kind() == io::ErrorKind::InvalidData => send(
@@ -394,6 +439,58 @@ fn answer(stream: &UnixStream, shared: &Shared) -> io::Result<()> {
             )),
         ),
         other => other,
+    }
+}
+
+/// Whether the caller on `stream` has hung up (its request read, it has nothing more to send,
+/// so a look at what comes next finds the end of the stream, or an error).
+fn caller_gone(stream: &UnixStream) -> bool {
+    use nix::sys::socket::{MsgFlags, recv};
+    let mut byte = [0u8; 1];
+    let fd = std::os::fd::AsRawFd::as_raw_fd(stream);
+    match recv(fd, &mut byte, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(nix::errno::Errno::EAGAIN) => false,
+        Err(_) => true,
+    }
+}
+
+/// Adds `jobs` to the store, writing a space to the caller every [`HEARTBEAT`] meanwhile so
+/// that it waits as long as the store takes (a lock held elsewhere, say), and no longer than
+/// [`SILENCE_TIMEOUT`] for a worker that is stuck.
+fn submit_beating(stream: &UnixStream, shared: &Shared, jobs: Vec<NewJob>) -> Reply {
+    let finished = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let beating = scope.spawn(|| {
+            loop {
+                std::thread::park_timeout(HEARTBEAT);
+                if finished.load(Ordering::SeqCst) || stream.write_all_bytes(b" ").is_err() {
+                    return;
+                }
+            }
+        });
+        // The job's creation time is taken here, where a direct enqueue takes it: after its
+        // connection is ready, before its transaction.
+        let reply = match shared.store.submit(jobs, now()) {
+            Ok(entries) => Reply::Done(entries),
+            Err(error) if is_refusal(&error) => Reply::Declined(error.to_string()),
+            Err(error) => Reply::Failed(error.to_string()),
+        };
+        finished.store(true, Ordering::SeqCst);
+        beating.thread().unpark();
+        reply
+    })
+}
+
+/// Writing to a shared reference of a stream.
+trait WriteAllBytes {
+    fn write_all_bytes(&self, bytes: &[u8]) -> io::Result<()>;
+}
+
+impl WriteAllBytes for UnixStream {
+    fn write_all_bytes(&self, bytes: &[u8]) -> io::Result<()> {
+        (&*self).write_all(bytes)
     }
 }
 
@@ -413,20 +510,35 @@ fn is_refusal(error: &StorageError) -> bool {
     )
 }
 
-/// The request line, read within [`REQUEST_TIMEOUT`] of now; `None` when it did not come
-/// whole in time or is longer than [`MAX_REQUEST_BYTES`].
-fn read_request(stream: &UnixStream) -> io::Result<Option<Vec<u8>>> {
+/// The request line, read within [`REQUEST_TIMEOUT`] of now; `Err` with the reason when it
+/// did not come whole in time or is longer than [`MAX_REQUEST_BYTES`].
+fn read_request(stream: &UnixStream) -> io::Result<Result<Vec<u8>, String>> {
+    let late = || {
+        Err(format!(
+            "the request did not come whole within {} s",
+            REQUEST_TIMEOUT.as_secs()
+        ))
+    };
+    let long = || {
+        Err(format!(
+            "the request is longer than {MAX_REQUEST_BYTES} bytes"
+        ))
+    };
     let deadline = Instant::now() + REQUEST_TIMEOUT;
     let mut line = Vec::new();
     let mut chunk = [0u8; 64 * 1024];
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Ok(None);
+            return Ok(late());
         }
         stream.set_read_timeout(Some(left))?;
         let n = match (&*stream).read(&mut chunk) {
-            Ok(0) => return Ok(None),
+            Ok(0) => {
+                return Ok(Err(
+                    "the caller left before its request was whole".to_owned()
+                ));
+            }
             Ok(n) => n,
             Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
             Err(error)
@@ -435,17 +547,21 @@ fn read_request(stream: &UnixStream) -> io::Result<Option<Vec<u8>>> {
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) =>
             {
-                return Ok(None);
+                return Ok(late());
             }
             Err(error) => return Err(error),
         };
         if let Some(end) = chunk[..n].iter().position(|&b| b == b'\n') {
             line.extend_from_slice(&chunk[..end]);
-            return Ok((line.len() <= MAX_REQUEST_BYTES).then_some(line));
+            return Ok(if line.len() <= MAX_REQUEST_BYTES {
+                Ok(line)
+            } else {
+                long()
+            });
         }
         line.extend_from_slice(&chunk[..n]);
         if line.len() > MAX_REQUEST_BYTES {
-            return Ok(None);
+            return Ok(long());
         }
     }
 }
@@ -511,7 +627,7 @@ pub fn hand_over(path: &Path, key: &str, jobs: &[NewJob]) -> Handover {
     // request closes with it unread, and a read past the reply would then fail.
     let mut reply = Vec::new();
     let read = stream
-        .set_read_timeout(Some(REPLY_TIMEOUT))
+        .set_read_timeout(Some(SILENCE_TIMEOUT))
         .and_then(|()| io::BufReader::new(&stream).read_until(b'\n', &mut reply));
     match read {
         Ok(_) if reply.ends_with(b"\n") => match serde_json::from_slice(&reply) {
@@ -529,11 +645,52 @@ pub fn hand_over(path: &Path, key: &str, jobs: &[NewJob]) -> Handover {
             ) =>
         {
             Handover::Unknown(format!(
-                "it did not answer within {} s",
-                REPLY_TIMEOUT.as_secs()
+                "no word from it for {} s",
+                SILENCE_TIMEOUT.as_secs()
             ))
         }
         Err(error) => Handover::Unknown(format!("its answer did not come: {error}")),
+    }
+}
+
+/// Adds `jobs` to `store` after a [`Handover::Failed`] for them, begun at `since`. The relay's
+/// commit may have taken effect all the same: then the jobs are there already under the ids
+/// they were handed over with, created since `since` with the same commands, and they are
+/// returned as the relay's `submit` would have returned them, rather than refused as taken
+/// (or, for a unique key, as duplicates of themselves).
+pub fn submit_after_failure(
+    store: &dyn Storage,
+    jobs: Vec<NewJob>,
+    since: crate::job::Timestamp,
+) -> crate::Result<Vec<Enqueued>> {
+    let ours = |job: &NewJob, found: &crate::job::Job| {
+        job.id.as_ref() == Some(&found.id)
+            && found.command == job.command
+            && found.created_at >= since
+    };
+    match store.submit(jobs.clone(), now()) {
+        Ok(mut entries) => {
+            for (job, entry) in jobs.iter().zip(&mut entries) {
+                if entry.duplicate && ours(job, &entry.job) {
+                    entry.duplicate = false;
+                }
+            }
+            Ok(entries)
+        }
+        Err(StorageError::AlreadyExists { id }) => {
+            let mut added = Vec::with_capacity(jobs.len());
+            for job in &jobs {
+                match job.id.as_ref().map(|id| store.get(id)) {
+                    Some(Ok(found)) if ours(job, &found) => added.push(Enqueued {
+                        job: found,
+                        duplicate: false,
+                    }),
+                    _ => return Err(StorageError::AlreadyExists { id }),
+                }
+            }
+            Ok(added)
+        }
+        Err(error) => Err(error),
     }
 }
 
@@ -593,6 +750,28 @@ mod tests {
 
     fn count(store: &MemoryStorage) -> usize {
         store.list(&Default::default()).unwrap().len()
+    }
+
+    /// A stand-in for a relay, serving one caller: it reads the whole request, then `then`
+    /// does with the connection what the test needs.
+    fn fake_relay(
+        then: impl FnOnce(&UnixStream) + Send + 'static,
+    ) -> (
+        tempfile::TempDir,
+        std::path::PathBuf,
+        std::thread::JoinHandle<()>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = socket_to_serve(&dir.path().join("queuectl"), KEY).unwrap();
+        let listener = UnixListener::bind(&socket).unwrap();
+        let server = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut line = String::new();
+            BufReader::new(&stream).read_line(&mut line).unwrap();
+            assert!(line.ends_with('\n'));
+            then(&stream);
+        });
+        (dir, socket, server)
     }
 
     /// A request line of protocol `protocol` for one job.
@@ -791,16 +970,8 @@ mod tests {
 
     #[test]
     fn a_relay_gone_before_it_answers_leaves_the_outcome_unknown() {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = socket_to_serve(&dir.path().join("queuectl"), KEY).unwrap();
-        let listener = UnixListener::bind(&socket).unwrap();
-        let server = std::thread::spawn(move || {
-            let (stream, _) = listener.accept().unwrap();
-            let mut line = String::new();
-            BufReader::new(&stream).read_line(&mut line).unwrap();
-            // Took the whole request, then died without a word.
-            assert!(line.ends_with('\n'));
-        });
+        // Takes the whole request, then dies without a word.
+        let (_dir, socket, server) = fake_relay(|_| {});
         let unknown = hand_over(&socket, KEY, &[job("a", "true")]);
         server.join().unwrap();
         assert!(matches!(unknown, Handover::Unknown(_)), "{unknown:?}");
@@ -837,6 +1008,78 @@ mod tests {
         std::fs::write(&file, "").unwrap();
         let refused = socket_to_serve(&file, KEY).unwrap_err();
         assert!(refused.to_string().contains("file"), "{refused}");
+    }
+
+    /// What a caller reads: spaces while the relay works (heartbeats), then the answer.
+    #[test]
+    fn heartbeats_before_the_answer_are_waited_through() {
+        let (_dir, socket, server) = fake_relay(|mut stream| {
+            for _ in 0..3 {
+                stream.write_all(b" ").unwrap();
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            stream.write_all(b"{\"declined\":\"busy\"}\n").unwrap();
+        });
+        let declined = hand_over(&socket, KEY, &[job("a", "true")]);
+        server.join().unwrap();
+        assert!(
+            matches!(&declined, Handover::NotHandedOver(why) if why == "busy"),
+            "{declined:?}"
+        );
+    }
+
+    /// A caller that hung up after its request is not served: it was told the outcome is
+    /// unknown and may add the jobs again itself.
+    #[test]
+    fn a_caller_that_hung_up_is_seen_gone() {
+        let (caller, relay_end) = UnixStream::pair().unwrap();
+        (&caller).write_all(b"{}\n").unwrap();
+        let mut line = String::new();
+        BufReader::new(&relay_end).read_line(&mut line).unwrap();
+        assert!(!super::caller_gone(&relay_end), "still there");
+        drop(caller);
+        assert!(super::caller_gone(&relay_end), "gone");
+    }
+
+    /// After the relay's store failed, its commit may still have taken effect: the jobs
+    /// found under their ids, made since the handover with the same commands, are the ones
+    /// handed over; a job that was there before is refused as taken.
+    #[test]
+    fn jobs_added_by_a_failed_relay_after_all_are_not_refused_as_taken() {
+        let store = MemoryStorage::new();
+        let earlier = job("earlier", "echo earlier");
+        store.submit(vec![earlier.clone()], now()).unwrap();
+        let since = now();
+        let mut keyed = job("keyed", "echo keyed");
+        keyed.unique_key = Some("k".to_owned());
+        let handed = vec![job("plain", "echo plain"), keyed];
+        // The relay's commit took effect, though it said it failed.
+        store.submit(handed.clone(), now()).unwrap();
+        let entries = super::submit_after_failure(&store, handed.clone(), since).unwrap();
+        let ids: Vec<&str> = entries.iter().map(|e| e.job.id.as_str()).collect();
+        assert_eq!(ids, ["plain", "keyed"]);
+        assert!(entries.iter().all(|e| !e.duplicate), "{entries:?}");
+        assert_eq!(count(&store), 3, "nothing added twice");
+        // The job with the key alone: found as its own duplicate, which it is not.
+        let entries = super::submit_after_failure(&store, handed[1..].to_vec(), since).unwrap();
+        assert!(!entries[0].duplicate);
+        // A job that was there before the handover is taken, as ever.
+        let taken = super::submit_after_failure(&store, vec![earlier], since).unwrap_err();
+        assert!(
+            matches!(taken, crate::StorageError::AlreadyExists { .. }),
+            "{taken}"
+        );
+        let other = super::submit_after_failure(&store, vec![job("plain", "echo other")], since)
+            .unwrap_err();
+        assert!(
+            matches!(other, crate::StorageError::AlreadyExists { .. }),
+            "{other}"
+        );
+        assert_eq!(count(&store), 3);
+        // Jobs the relay did not add are added now.
+        let fresh = super::submit_after_failure(&store, vec![job("fresh", "true")], since).unwrap();
+        assert_eq!(fresh[0].job.id.as_str(), "fresh");
+        assert_eq!(count(&store), 4);
     }
 
     fn socket_to_call_path(dir: &std::path::Path) -> std::path::PathBuf {

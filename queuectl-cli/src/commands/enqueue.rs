@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::io::{self, BufRead, IsTerminal, Write};
 
 use queuectl_core::relay::{self, Handover};
-use queuectl_core::{Enqueued, JobId, JobSpec, NewJob, Storage, StorageError, now};
+use queuectl_core::{Enqueued, JobId, JobSpec, NewJob, Storage, StorageError, Timestamp, now};
 
 use crate::error::{CliError, Result};
 use crate::progress::Progress;
@@ -16,6 +16,9 @@ use crate::store::{self, Target};
 pub struct Batch {
     jobs: Vec<NewJob>,
     lines: HashMap<JobId, usize>,
+    /// When they were handed to a worker whose store failed (its commit may have taken
+    /// effect all the same).
+    relay_failed_since: Option<Timestamp>,
 }
 
 /// The jobs of `enqueue ARG`: one JSON object, or JSON lines on stdin for "-". Two lines that
@@ -25,7 +28,7 @@ pub fn parse(arg: &str) -> Result<Batch> {
     if arg != "-" {
         return Ok(Batch {
             jobs: vec![JobSpec::parse(arg)?.into_new_job(at)?],
-            lines: HashMap::new(),
+            ..Batch::default()
         });
     }
     let mut batch = Batch::default();
@@ -87,11 +90,13 @@ pub fn hand_over(target: &Target, batch: &mut Batch) -> Result<Option<Vec<Enqueu
             n => format!("{} and {} more", ids[..3].join(", "), n - 3),
         }
     };
+    let since = now();
     match relay::hand_over(&socket, &key, &jobs) {
         Handover::Done(entries) => Ok(Some(entries)),
         Handover::NotHandedOver(_) => Ok(None),
         Handover::Failed(_) => {
             batch.jobs = jobs;
+            batch.relay_failed_since = Some(since);
             Ok(None)
         }
         Handover::DoneUnshown(reason) => Err(CliError::Refused(format!(
@@ -111,12 +116,20 @@ pub fn hand_over(target: &Target, batch: &mut Batch) -> Result<Option<Vec<Enqueu
 
 /// Adds `batch` (parsed by [`parse`] before the store was opened) to `store`.
 pub fn submit(store: &dyn Storage, batch: Batch) -> Result<Vec<Enqueued>> {
-    let Batch { jobs, lines } = batch;
+    let Batch {
+        jobs,
+        lines,
+        relay_failed_since,
+    } = batch;
     let progress = (jobs.len() >= 1024).then(|| Progress::counter("adding jobs:"));
     if let Some(progress) = &progress {
         progress.set(jobs.len() as u64);
     }
-    match store.submit(jobs, now()) {
+    let submitted = match relay_failed_since {
+        Some(since) => relay::submit_after_failure(store, jobs, since),
+        None => store.submit(jobs, now()),
+    };
+    match submitted {
         Err(StorageError::AlreadyExists { id }) if lines.contains_key(&id) => {
             Err(CliError::StoredLine {
                 line: lines[&id],
