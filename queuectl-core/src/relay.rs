@@ -63,7 +63,8 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 /// before it takes the worker for stuck or gone.
 const SILENCE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest request line a relay reads; a caller with a longer one adds its jobs itself.
-const MAX_REQUEST_BYTES: usize = 64 << 20;
+/// With [`MAX_CALLERS`] callers at once, the most the relay holds of requests is 256 MiB.
+const MAX_REQUEST_BYTES: usize = 16 << 20;
 /// Callers served at once; more are declined at once, and add their jobs themselves.
 const MAX_CALLERS: usize = 16;
 
@@ -867,8 +868,8 @@ mod tests {
     #[test]
     fn a_request_too_long_for_a_relay_is_not_sent() {
         let (_dir, store, relay) = relay();
-        let long = "x".repeat(120_000);
-        let jobs: Vec<NewJob> = (0..600)
+        let long = "x".repeat(100_000);
+        let jobs: Vec<NewJob> = (0..200)
             .map(|i| job(&format!("j{i}"), &format!("echo {long}")))
             .collect();
         let sent = hand_over(relay.path(), KEY, &jobs);
