@@ -35,7 +35,7 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsE
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -62,6 +62,11 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 /// The longest a caller waits without a word from the relay (its answer, or a heartbeat)
 /// before it takes the worker for stuck or gone.
 const SILENCE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest a caller waits for the answer in all, heartbeats or not (a database link that
+/// stalled holds the worker's statement for as long as TCP takes to give up).
+const REPLY_LIMIT: Duration = Duration::from_secs(60);
+/// The longest a stopping relay waits for the answers of the callers it is serving.
+const STOP_PATIENCE: Duration = Duration::from_secs(10);
 /// The longest request line a relay reads; a caller with a longer one adds its jobs itself.
 /// With [`MAX_CALLERS`] callers at once, the most the relay holds of requests is 256 MiB.
 const MAX_REQUEST_BYTES: usize = 16 << 20;
@@ -202,8 +207,42 @@ impl std::fmt::Debug for Relay {
 struct Shared {
     store: Arc<dyn Storage>,
     key: String,
-    /// Callers being served.
-    callers: AtomicUsize,
+    /// Callers being served, and its change told.
+    callers: parking_lot::Mutex<usize>,
+    caller_left: parking_lot::Condvar,
+}
+
+impl Shared {
+    /// Counts a new caller in, unless [`MAX_CALLERS`] are being served.
+    fn arrive(&self) -> bool {
+        let mut callers = self.callers.lock();
+        if *callers >= MAX_CALLERS {
+            return false;
+        }
+        *callers += 1;
+        true
+    }
+
+    /// Counts a caller out.
+    fn leave(&self) {
+        *self.callers.lock() -= 1;
+        self.caller_left.notify_all();
+    }
+
+    /// Waits until no caller is being served, or `patience` has passed.
+    fn wait_for_callers(&self, patience: Duration) {
+        let deadline = Instant::now() + patience;
+        let mut callers = self.callers.lock();
+        while *callers > 0 {
+            if self
+                .caller_left
+                .wait_until(&mut callers, deadline)
+                .timed_out()
+            {
+                return;
+            }
+        }
+    }
 }
 
 impl Relay {
@@ -249,7 +288,8 @@ impl Relay {
         let shared = Arc::new(Shared {
             store,
             key: key.to_owned(),
-            callers: AtomicUsize::new(0),
+            callers: parking_lot::Mutex::new(0),
+            caller_left: parking_lot::Condvar::new(),
         });
         let socket = path.to_owned();
         let thread = std::thread::Builder::new()
@@ -269,7 +309,7 @@ impl Relay {
     }
 
     /// Stops serving: the socket is removed, and the callers already connected are answered
-    /// first.
+    /// first (waiting for them [`STOP_PATIENCE`] at most).
     pub fn stop(mut self) {
         self.shut_down();
     }
@@ -291,7 +331,7 @@ impl Drop for Relay {
 /// The relay's accepting thread: a thread per caller, until `stopped` hangs up. Then the
 /// socket is removed, if it is still the one bound (`identity`: its device and inode; a
 /// cleaner of old files may have removed it and a newer relay bound its own), the callers
-/// already waiting are taken, and every caller's answer is waited for.
+/// already waiting are taken, and their answers are waited for, [`STOP_PATIENCE`] at most.
 fn serve(
     listener: &UnixListener,
     stopped: &io::PipeReader,
@@ -320,9 +360,10 @@ fn serve(
         let _ = fs::remove_file(path);
     }
     take_callers(listener, shared, &mut handlers);
-    for handler in handlers {
-        let _ = handler.join();
-    }
+    // A caller whose answer waits on a database that stalled is left to find the worker gone
+    // (its answer is unknown to it, as it is to the worker).
+    shared.wait_for_callers(STOP_PATIENCE);
+    drop(handlers);
 }
 
 /// Accepts every caller waiting on `listener`.
@@ -339,8 +380,7 @@ fn take_callers(listener: &UnixListener, shared: &Arc<Shared>, handlers: &mut Ve
                 return;
             }
         };
-        if shared.callers.fetch_add(1, Ordering::SeqCst) >= MAX_CALLERS {
-            shared.callers.fetch_sub(1, Ordering::SeqCst);
+        if !shared.arrive() {
             decline(
                 &stream,
                 &format!("the worker serves {MAX_CALLERS} callers already"),
@@ -351,7 +391,7 @@ fn take_callers(listener: &UnixListener, shared: &Arc<Shared>, handlers: &mut Ve
         let declined = match stream.try_clone() {
             Ok(clone) => clone,
             Err(error) => {
-                shared.callers.fetch_sub(1, Ordering::SeqCst);
+                shared.leave();
                 decline(
                     &stream,
                     &format!("the worker cannot serve the request: {error}"),
@@ -364,12 +404,12 @@ fn take_callers(listener: &UnixListener, shared: &Arc<Shared>, handlers: &mut Ve
             .spawn(move || {
                 // A failure with one caller (gone, too slow, not this user) is that caller's.
                 let _ = answer(&stream, &caller);
-                caller.callers.fetch_sub(1, Ordering::SeqCst);
+                caller.leave();
             });
         match spawned {
             Ok(handler) => handlers.push(handler),
             Err(error) => {
-                shared.callers.fetch_sub(1, Ordering::SeqCst);
+                shared.leave();
                 decline(
                     &declined,
                     &format!("the worker cannot serve the request: {error}"),
@@ -473,10 +513,14 @@ fn submit_beating(stream: &UnixStream, shared: &Shared, jobs: Vec<NewJob>) -> Re
         });
         // The job's creation time is taken here, where a direct enqueue takes it: after its
         // connection is ready, before its transaction.
-        let reply = match shared.store.submit(jobs, now()) {
-            Ok(entries) => Reply::Done(entries),
-            Err(error) if is_refusal(&error) => Reply::Declined(error.to_string()),
-            Err(error) => Reply::Failed(error.to_string()),
+        let submitted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            shared.store.submit(jobs, now())
+        }));
+        let reply = match submitted {
+            Ok(Ok(entries)) => Reply::Done(entries),
+            Ok(Err(error)) if is_refusal(&error) => Reply::Declined(error.to_string()),
+            Ok(Err(error)) => Reply::Failed(error.to_string()),
+            Err(_) => Reply::Failed("the worker failed while adding the jobs".to_owned()),
         };
         finished.store(true, Ordering::SeqCst);
         beating.thread().unpark();
@@ -624,33 +668,63 @@ pub fn hand_over(path: &Path, key: &str, jobs: &[NewJob]) -> Handover {
         // The relay acts only on a whole line, and this one did not get out whole.
         return Handover::NotHandedOver(format!("the relay did not take the request: {error}"));
     }
-    // Up to the end of the line and no further: a relay that declined before reading the
-    // request closes with it unread, and a read past the reply would then fail.
-    let mut reply = Vec::new();
-    let read = stream
-        .set_read_timeout(Some(SILENCE_TIMEOUT))
-        .and_then(|()| io::BufReader::new(&stream).read_until(b'\n', &mut reply));
-    match read {
-        Ok(_) if reply.ends_with(b"\n") => match serde_json::from_slice(&reply) {
+    match read_reply(&stream) {
+        Ok(reply) => match serde_json::from_slice(&reply) {
             Ok(Reply::Done(entries)) => Handover::Done(entries),
             Ok(Reply::DoneUnshown(reason)) => Handover::DoneUnshown(reason),
             Ok(Reply::Declined(reason)) => Handover::NotHandedOver(reason),
             Ok(Reply::Failed(reason)) => Handover::Failed(reason),
             Err(error) => Handover::Unknown(format!("its answer could not be read: {error}")),
         },
-        Ok(_) => Handover::Unknown("it closed the connection without answering".to_owned()),
-        Err(error)
-            if matches!(
-                error.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-            ) =>
-        {
-            Handover::Unknown(format!(
-                "no word from it for {} s",
-                SILENCE_TIMEOUT.as_secs()
-            ))
+        Err(reason) => Handover::Unknown(reason),
+    }
+}
+
+/// The relay's answer line, heartbeats before it included; `Err` with the reason when it did
+/// not come: the relay closed without it, went [`SILENCE_TIMEOUT`] without a word, or took
+/// longer than [`REPLY_LIMIT`] in all. Read up to the end of the line and no further: a relay
+/// that declined before reading the request closes with it unread, and a read past the
+/// answer would then fail.
+fn read_reply(stream: &UnixStream) -> Result<Vec<u8>, String> {
+    let deadline = Instant::now() + REPLY_LIMIT;
+    let mut reply = Vec::new();
+    let mut reader = io::BufReader::new(stream);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!("no answer within {} s", REPLY_LIMIT.as_secs()));
         }
-        Err(error) => Handover::Unknown(format!("its answer did not come: {error}")),
+        stream
+            .set_read_timeout(Some(left.min(SILENCE_TIMEOUT)))
+            .map_err(|error| format!("its answer could not be awaited: {error}"))?;
+        let available = match reader.fill_buf() {
+            Ok([]) => return Err("it closed the connection without answering".to_owned()),
+            Ok(available) => available,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(match left <= SILENCE_TIMEOUT {
+                    true => format!("no answer within {} s", REPLY_LIMIT.as_secs()),
+                    false => format!("no word from it for {} s", SILENCE_TIMEOUT.as_secs()),
+                });
+            }
+            Err(error) => return Err(format!("its answer did not come: {error}")),
+        };
+        match available.iter().position(|&b| b == b'\n') {
+            Some(end) => {
+                reply.extend_from_slice(&available[..=end]);
+                return Ok(reply);
+            }
+            None => {
+                let n = available.len();
+                reply.extend_from_slice(available);
+                reader.consume(n);
+            }
+        }
     }
 }
 
@@ -679,17 +753,41 @@ pub fn submit_after_failure(
             Ok(entries)
         }
         Err(StorageError::AlreadyExists { id }) => {
-            let mut added = Vec::with_capacity(jobs.len());
-            for job in &jobs {
-                match job.id.as_ref().map(|id| store.get(id)) {
-                    Some(Ok(found)) if ours(job, &found) => added.push(Enqueued {
-                        job: found,
-                        duplicate: false,
-                    }),
-                    _ => return Err(StorageError::AlreadyExists { id }),
-                }
+            let found: Vec<Option<crate::job::Job>> = jobs
+                .iter()
+                .map(|job| {
+                    let stored = job.id.as_ref().and_then(|id| store.get(id).ok());
+                    stored.filter(|stored| ours(job, stored))
+                })
+                .collect();
+            // The batch is all or nothing: if none of it is there, the id was taken before.
+            // If some is, the others were duplicates by unique key in the relay's commit (of
+            // a job there before, or of one earlier in the batch), and only those can be.
+            let rest: Vec<NewJob> = jobs
+                .iter()
+                .zip(&found)
+                .filter(|(_, found)| found.is_none())
+                .map(|(job, _)| job.clone())
+                .collect();
+            if found.iter().all(Option::is_none) || rest.iter().any(|j| j.unique_key.is_none()) {
+                return Err(StorageError::AlreadyExists { id });
             }
-            Ok(added)
+            // What they are duplicates of: adding them again finds it.
+            let mut again = match rest.is_empty() {
+                true => Vec::new(),
+                false => store.submit(rest, now())?,
+            }
+            .into_iter();
+            Ok(found
+                .into_iter()
+                .map(|found| match found {
+                    Some(job) => Enqueued {
+                        job,
+                        duplicate: false,
+                    },
+                    None => again.next().expect("an entry for each job submitted"),
+                })
+                .collect())
         }
         Err(error) => Err(error),
     }
@@ -1081,6 +1179,20 @@ mod tests {
         let fresh = super::submit_after_failure(&store, vec![job("fresh", "true")], since).unwrap();
         assert_eq!(fresh[0].job.id.as_str(), "fresh");
         assert_eq!(count(&store), 4);
+        // A batch whose job with a key was a duplicate (of "keyed") in the relay's commit: that
+        // one is not under its own id, and is found again as the duplicate it was.
+        let since = now();
+        let mut dup = job("dup", "echo dup");
+        dup.unique_key = Some("k".to_owned());
+        let batch = vec![job("plain2", "echo plain2"), dup];
+        store.submit(batch.clone(), now()).unwrap();
+        let entries = super::submit_after_failure(&store, batch, since).unwrap();
+        let found: Vec<(&str, bool)> = entries
+            .iter()
+            .map(|e| (e.job.id.as_str(), e.duplicate))
+            .collect();
+        assert_eq!(found, [("plain2", false), ("keyed", true)]);
+        assert_eq!(count(&store), 5);
     }
 
     fn socket_to_call_path(dir: &std::path::Path) -> std::path::PathBuf {
