@@ -586,12 +586,7 @@ fn read_request(stream: &UnixStream) -> io::Result<Result<Vec<u8>, String>> {
             }
             Ok(n) => n,
             Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-            Err(error)
-                if matches!(
-                    error.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
+            Err(error) if timed_out(&error) => {
                 return Ok(late());
             }
             Err(error) => return Err(error),
@@ -609,6 +604,14 @@ fn read_request(stream: &UnixStream) -> io::Result<Result<Vec<u8>, String>> {
             return Ok(long());
         }
     }
+}
+
+/// Whether a read with a time limit ran out of time.
+fn timed_out(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }
 
 /// Writes `reply` as one line; `InvalidData` when it cannot be written as JSON.
@@ -701,12 +704,7 @@ fn read_reply(stream: &UnixStream) -> Result<Vec<u8>, String> {
             Ok([]) => return Err("it closed the connection without answering".to_owned()),
             Ok(available) => available,
             Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-            Err(error)
-                if matches!(
-                    error.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
+            Err(error) if timed_out(&error) => {
                 return Err(match left <= SILENCE_TIMEOUT {
                     true => format!("no answer within {} s", REPLY_LIMIT.as_secs()),
                     false => format!("no word from it for {} s", SILENCE_TIMEOUT.as_secs()),
