@@ -309,7 +309,7 @@ impl Relay {
     }
 
     /// Stops serving: the socket is removed, and the callers already connected are answered
-    /// first (waiting for them [`STOP_PATIENCE`] at most).
+    /// first (waiting for them 10 s at most).
     pub fn stop(mut self) {
         self.shut_down();
     }
