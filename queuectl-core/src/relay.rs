@@ -339,7 +339,6 @@ fn serve(
     identity: (u64, u64),
     shared: &Arc<Shared>,
 ) {
-    let mut handlers = Vec::new();
     loop {
         let mut fds = [
             PollFd::new(listener.as_fd(), PollFlags::POLLIN),
@@ -353,21 +352,20 @@ fn serve(
         if fds[1].any().unwrap_or(true) {
             break;
         }
-        take_callers(listener, shared, &mut handlers);
-        handlers.retain(|handler: &JoinHandle<()>| !handler.is_finished());
+        take_callers(listener, shared);
     }
     if fs::symlink_metadata(path).is_ok_and(|meta| (meta.dev(), meta.ino()) == identity) {
         let _ = fs::remove_file(path);
     }
-    take_callers(listener, shared, &mut handlers);
+    take_callers(listener, shared);
     // A caller whose answer waits on a database that stalled is left to find the worker gone
     // (its answer is unknown to it, as it is to the worker).
     shared.wait_for_callers(STOP_PATIENCE);
-    drop(handlers);
 }
 
-/// Accepts every caller waiting on `listener`.
-fn take_callers(listener: &UnixListener, shared: &Arc<Shared>, handlers: &mut Vec<JoinHandle<()>>) {
+/// Accepts every caller waiting on `listener`, each answered on a thread of its own (counted
+/// in [`Shared::callers`], which is what a stop waits on).
+fn take_callers(listener: &UnixListener, shared: &Arc<Shared>) {
     loop {
         let stream = match listener.accept() {
             Ok((stream, _)) => stream,
@@ -407,7 +405,7 @@ fn take_callers(listener: &UnixListener, shared: &Arc<Shared>, handlers: &mut Ve
                 caller.leave();
             });
         match spawned {
-            Ok(handler) => handlers.push(handler),
+            Ok(_) => {}
             Err(error) => {
                 shared.leave();
                 decline(
@@ -506,7 +504,7 @@ fn submit_beating(stream: &UnixStream, shared: &Shared, jobs: Vec<NewJob>) -> Re
         let beating = scope.spawn(|| {
             loop {
                 std::thread::park_timeout(HEARTBEAT);
-                if finished.load(Ordering::SeqCst) || stream.write_all_bytes(b" ").is_err() {
+                if finished.load(Ordering::SeqCst) || (&*stream).write_all(b" ").is_err() {
                     return;
                 }
             }
@@ -526,17 +524,6 @@ fn submit_beating(stream: &UnixStream, shared: &Shared, jobs: Vec<NewJob>) -> Re
         beating.thread().unpark();
         reply
     })
-}
-
-/// Writing to a shared reference of a stream.
-trait WriteAllBytes {
-    fn write_all_bytes(&self, bytes: &[u8]) -> io::Result<()>;
-}
-
-impl WriteAllBytes for UnixStream {
-    fn write_all_bytes(&self, bytes: &[u8]) -> io::Result<()> {
-        (&*self).write_all(bytes)
-    }
 }
 
 /// Whether `error` says the store refused the jobs for what they are, having changed nothing
