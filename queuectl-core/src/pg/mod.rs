@@ -1147,8 +1147,9 @@ impl Storage for PgStorage {
             .all(|new| new.unique_key.is_none() && new.after.is_empty());
         let plain = jobs.len() > 1 && simple;
         let alone = jobs.len() == 1 && simple;
+        let generated = jobs.iter().all(|new| new.id.is_none());
         self.write("enqueue jobs", |tx| {
-            rows::prepare_enqueue(tx, plain, alone);
+            rows::prepare_enqueue(tx, plain, generated, alone);
             let config = rows::config(tx, false)?;
             if alone {
                 // One job with no key and no dependency, what a `queuectl enqueue` mostly
@@ -1169,7 +1170,7 @@ impl Storage for PgStorage {
                     .zip(&ids)
                     .map(|(new, id)| rules::new_job(new.clone(), id.clone(), 0, &[], &config, now))
                     .collect();
-                if let Some(id) = tx.insert_jobs(&mut created, now)? {
+                if let Some(id) = tx.insert_jobs(&mut created, generated, now)? {
                     return Err(StorageError::AlreadyExists { id }.into());
                 }
                 return Ok(created

@@ -13,7 +13,7 @@ use std::sync::LazyLock;
 
 /// Each migration, in order; migration `n` (1-based) brings `schema_version` from `n - 1` to
 /// `n`.
-pub(super) const MIGRATIONS: &[&str] = &[V1, V2];
+pub(super) const MIGRATIONS: &[&str] = &[V1, V2, V3];
 
 /// The schema version this build writes, and the newest it reads.
 pub const PG_SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -223,4 +223,19 @@ CREATE TABLE {s}.live_output (
 /// job finishing elsewhere (`PgStorage::wait_for_work`).
 const V2: &str = "
 ALTER TABLE {s}.changes ADD COLUMN work BIGINT NOT NULL DEFAULT 0;
+";
+
+/// Version 3: less written per job, for the same reads.
+///
+/// - `attempts` no longer references `jobs`: the foreign key's check ran a query for every
+///   attempt recorded, about half the cost of its insert. A job's attempts are deleted with
+///   it by the statements that delete jobs (`queries::PURGE`, `Tx::delete_jobs`), and an
+///   attempt is only ever added by a settlement holding its job's row lock, so none is left
+///   without its job.
+/// - `jobs_lease_worker` goes: each claim wrote an entry to it. A dead worker's jobs are
+///   found through `jobs_lease_expiry`, which holds the running jobs only (as many as the
+///   workers run at once).
+const V3: &str = "
+ALTER TABLE {s}.attempts DROP CONSTRAINT attempts_job_seq_fkey;
+DROP INDEX {s}.jobs_lease_worker;
 ";

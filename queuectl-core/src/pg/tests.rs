@@ -421,6 +421,7 @@ mod plans {
                 "jobs_queue",
             ),
             (jobs(queries::EXPIRED), vec![&us], "jobs_lease_expiry"),
+            (jobs(queries::OF_WORKER), vec![&"w"], "jobs_lease_expiry"),
             (
                 queries::PROMOTE.to_owned(),
                 vec![&us, &0i32, &"channel"],
@@ -1369,6 +1370,40 @@ fn a_schema_of_version_1_is_migrated() {
     store.enqueue(NewJob::new("true"), now()).unwrap();
     let version = store.wait_for_work(seen, Duration::ZERO).unwrap();
     assert_eq!(version, version_of(1, 8));
+}
+
+/// `attempts` has no foreign key to `jobs` (schema version 3): each way of deleting jobs
+/// (remove, clear the dead letter queue, purge) deletes their attempts with them.
+#[test]
+fn deleted_jobs_take_their_attempts_with_them() {
+    let Some(_) = database_url() else { return };
+    let pg = Pg::new();
+    let store = pg.pg();
+    for id in ["removed", "cleared", "purged"] {
+        let max_retries = if id == "purged" { 3 } else { 1 };
+        let job = NewJob::new("x").id(id).unwrap().max_retries(max_retries);
+        store.enqueue(job, now()).unwrap();
+    }
+    for job in store.claim("w", 3, LEASE, now()).unwrap() {
+        let lease = job.lease.unwrap();
+        if job.id.as_str() == "purged" {
+            store.complete(&lease, Default::default(), now()).unwrap();
+        } else {
+            store
+                .fail(&lease, Default::default(), now(), now())
+                .unwrap();
+        }
+    }
+    let attempts = || pg.count("SELECT count(*) FROM {s}.attempts");
+    assert_eq!(attempts(), 3);
+    let removed = crate::JobId::new("removed").unwrap();
+    assert_eq!(store.remove(&[removed], now()).unwrap().len(), 1);
+    assert_eq!(attempts(), 2, "the removed job's attempt goes with it");
+    assert_eq!(store.clear_dead(now()).unwrap(), 1);
+    assert_eq!(attempts(), 1, "the cleared dead job's attempt goes with it");
+    let later = now() + time::Duration::hours(1);
+    assert_eq!(store.purge_completed(later).unwrap(), 1);
+    assert_eq!(attempts(), 0, "the purged job's attempt goes with it");
 }
 
 /// What a job prints may hold NUL bytes, which PostgreSQL's `text` refuses: its output, live
