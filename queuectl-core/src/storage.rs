@@ -620,6 +620,16 @@ pub trait Storage: Send + Sync + Debug {
         self.wait_for_change(seen, timeout)
     }
 
+    /// Whether a settlement and a claim can run at once without one waiting for the other (a
+    /// database server reached through a pool of connections; default `false`). A worker pool
+    /// then records a large batch of results on a thread of its own while it claims for the
+    /// slots they free, each in a transaction of its own, instead of both in one
+    /// [`Storage::settle_and_claim_polling`]: the server works on both at once. A store that
+    /// writes one transaction at a time (a file) would only make them wait for each other.
+    fn writes_concurrently(&self) -> bool {
+        false
+    }
+
     /// Whether this handle refuses every change (opened read-only, or on files it cannot
     /// write): callers skip housekeeping writes such as recovery.
     fn is_read_only(&self) -> bool {

@@ -718,6 +718,71 @@ fn a_pool_that_cannot_record_results_gives_up_and_stops() {
     assert_eq!(job.state, JobState::Processing);
 }
 
+/// On a store that writes concurrently, finished jobs are recorded beside the claim that
+/// refills their slots, each in a transaction of its own. When recording fails and the claim
+/// works, the jobs claimed run while the results wait; the results are recorded once the
+/// store takes them again, and every job completes once.
+#[test]
+fn results_recorded_beside_a_claim_wait_for_the_store_while_the_claimed_jobs_run() {
+    let store = Arc::new(Faulty {
+        concurrent: true,
+        ..Faulty::default()
+    });
+    store.fail_settles.store(true, Ordering::SeqCst);
+    for i in 0..6 {
+        enqueue(&store.inner, &format!("j{i}"));
+    }
+    let (started_tx, started) = unbounded();
+    let executor = FnExecutor::new(move |job: &Job| {
+        let _ = started_tx.send(job.id.clone());
+        Ok(())
+    });
+    let pool = WorkerPool::builder(store.clone(), Arc::new(executor))
+        .workers(2)
+        .exit_when_idle(true)
+        .timings(Timings {
+            settle_retry: Duration::from_millis(20),
+            settle_attempts: 10_000,
+            settle_beside_claim_from: 1,
+            ..Default::default()
+        })
+        .start()
+        .unwrap();
+    events_until(pool.events(), |e| {
+        matches!(
+            e,
+            Event::StorageError {
+                op: "recording job results",
+                ..
+            }
+        )
+    });
+    // The first results are not recorded, yet more jobs start.
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < 3 {
+        let id = started
+            .recv_timeout(TIMEOUT)
+            .expect("a third job starts while results cannot be recorded");
+        seen.insert(id);
+    }
+    assert!(
+        store
+            .inner
+            .list(&Default::default())
+            .unwrap()
+            .iter()
+            .all(|job| job.state != JobState::Completed),
+        "no result was recorded yet"
+    );
+    store.fail_settles.store(false, Ordering::SeqCst);
+    let summary = within("the pool to finish", move || pool.join()).unwrap();
+    assert_eq!(summary.completed, 6);
+    for i in 0..6 {
+        let job = store.get(&JobId::new(format!("j{i}")).unwrap()).unwrap();
+        assert_eq!((job.state, job.attempts), (JobState::Completed, 1), "j{i}");
+    }
+}
+
 #[test]
 fn a_busy_pool_notices_a_stop_request_before_starting_more_work() {
     let store = store();

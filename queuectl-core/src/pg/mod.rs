@@ -1265,8 +1265,22 @@ impl Storage for PgStorage {
 
     fn settle(&self, settlements: Vec<Settlement>, now: Timestamp) -> Result<Vec<Result<Job>>> {
         self.write("record job results", |tx| {
-            Self::settle_in(tx, &settlements, now, &[]).map(|(settled, _)| settled)
+            // With the queues read, whether the settlements made room others wait for is
+            // known: only then (or when a job waits to run again) are idle workers woken.
+            tx.give_no_work();
+            let queues: [(&str, &[Param]); 1] = [(queries::CLAIMABLE_QUEUES, &[])];
+            let (settled, answers) = Self::settle_in(tx, &settlements, now, &queues)?;
+            match answers.into_iter().next() {
+                Some(rows) if !makes_awaited_room(&rows, &settled)? => {}
+                _ => tx.give_work(),
+            }
+            Ok(settled)
         })
+    }
+
+    /// Settlements and claims each take a pooled connection: the server runs them at once.
+    fn writes_concurrently(&self) -> bool {
+        true
     }
 
     fn settle_and_claim(

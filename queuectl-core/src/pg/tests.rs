@@ -579,6 +579,95 @@ fn a_silent_worker_on_another_host_loses_its_job_when_the_lease_runs_out() {
     assert_eq!(history[0].worker, "elsewhere-1");
 }
 
+/// A pool on PostgreSQL records finished jobs on its settling thread while it claims for the
+/// slots they free (`Storage::writes_concurrently`), each in a transaction of its own: with
+/// the finished jobs' rows locked by another transaction, their settlement waits, and the
+/// next jobs are claimed all the same. Once the lock goes, every job completes, each once.
+#[test]
+fn a_pool_claims_while_its_settlement_waits_for_a_lock() {
+    let Some(_) = database_url() else { return };
+    let pg = Pg::new();
+    let store = pg.store();
+    let wave = |name: &str, priority: i32| -> Vec<NewJob> {
+        (0..4)
+            .map(|i| {
+                let job = NewJob::new("x").id(format!("{name}{i}")).unwrap();
+                job.priority(priority)
+            })
+            .collect()
+    };
+    store.enqueue_batch(wave("first", 1), now()).unwrap();
+    store.enqueue_batch(wave("second", 0), now()).unwrap();
+    let (started_tx, started) = crossbeam_channel::unbounded();
+    let (gate, gate_rx) = crossbeam_channel::bounded::<()>(0);
+    let executor = crate::FnExecutor::new(move |job: &crate::Job| {
+        let _ = started_tx.send(job.id.to_string());
+        if job.id.as_str().starts_with("first") {
+            // Until the test drops its end.
+            let _ = gate_rx.recv_timeout(Duration::from_secs(30));
+        }
+        Ok(())
+    });
+    let pool = crate::WorkerPool::builder(pg.reopen().unwrap(), Arc::new(executor))
+        .workers(4)
+        .lease(Duration::from_secs(600))
+        .heartbeat_interval(Duration::from_secs(300))
+        .exit_when_idle(true)
+        .timings(crate::Timings {
+            settle_beside_claim_from: 1,
+            ..Default::default()
+        })
+        .start()
+        .unwrap();
+    for _ in 0..4 {
+        let id = started.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(
+            id.starts_with("first"),
+            "{id} started before the first wave"
+        );
+    }
+    let mut client = pg.client();
+    let mut lock = client.transaction().unwrap();
+    let locked = format!(
+        "SELECT seq FROM \"{}\".jobs WHERE id LIKE 'first%' FOR SHARE",
+        pg.schema
+    );
+    assert_eq!(lock.query(&locked, &[]).unwrap().len(), 4);
+    drop(gate);
+    let processing = |id: &str| store.get(&id.parse().unwrap()).unwrap().state;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(0..4).any(|i| processing(&format!("second{i}")) == crate::JobState::Processing) {
+        assert!(
+            Instant::now() < deadline,
+            "nothing of the second wave was claimed while the settlement waited"
+        );
+        store
+            .wait_for_change(store.change_version().unwrap(), Duration::from_millis(200))
+            .unwrap();
+    }
+    for i in 0..4 {
+        assert_eq!(
+            processing(&format!("first{i}")),
+            crate::JobState::Processing,
+            "first{i} was settled through the lock"
+        );
+    }
+    lock.rollback().unwrap();
+    let (done_tx, done) = crossbeam_channel::bounded(1);
+    std::thread::spawn(move || done_tx.send(pool.join()));
+    let summary = done
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the pool ends once the queue is empty")
+        .unwrap();
+    assert_eq!(summary.completed, 8);
+    for name in ["first", "second"] {
+        for i in 0..4 {
+            let job = store.get(&format!("{name}{i}").parse().unwrap()).unwrap();
+            assert_eq!((job.state, job.attempts), (crate::JobState::Completed, 1));
+        }
+    }
+}
+
 /// `sslmode=require` in the URL makes every connection (the pool's and the listener's)
 /// encrypted; without it they are plain.
 #[test]

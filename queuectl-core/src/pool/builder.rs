@@ -14,6 +14,7 @@ use super::dispatcher::Dispatcher;
 use super::events::{EventSink, PoolError};
 use super::recovery::hostname;
 use super::runner::{Assignment, Runner};
+use super::settle::Settler;
 use super::{WorkerPool, waker};
 
 const MAX_PREFETCH: usize = 1_000_000;
@@ -42,6 +43,12 @@ pub struct Timings {
     /// all of them (default 250 ms). An attempt's output is first recorded this long after its
     /// first output, so an attempt that ends sooner costs the store nothing more.
     pub live_output_every: Duration,
+    /// On a store that writes concurrently ([`Storage::writes_concurrently`]), a batch of at
+    /// least this many results that refills at least this many slots is recorded on the
+    /// settling thread while the dispatcher claims (default 16). Smaller turns cost the store
+    /// less as one transaction than as two: a shell drain at parallelism 2 settles one or two
+    /// results at a time.
+    pub settle_beside_claim_from: usize,
 }
 
 impl Default for Timings {
@@ -54,6 +61,7 @@ impl Default for Timings {
             stop_check_every: Duration::from_millis(50),
             waker_poll: Duration::from_millis(500),
             live_output_every: Duration::from_millis(250),
+            settle_beside_claim_from: 16,
         }
     }
 }
@@ -287,6 +295,18 @@ impl WorkerPoolBuilder {
         let (wake_tx, wake_rx) = crossbeam_channel::bounded(1);
         let (arm_tx, arm_rx) = crossbeam_channel::bounded(1);
         let (waker_stop, waker_done) = cancel_pair();
+        // The settling thread's ends, for a store that writes concurrently.
+        let (settler, settling) = if self.storage.writes_concurrently() {
+            let (requests_tx, requests_rx) = crossbeam_channel::bounded(1);
+            let (results_tx, results_rx) = crossbeam_channel::bounded(1);
+            let settler = Settler {
+                requests: requests_tx,
+                results: results_rx,
+            };
+            (Some(settler), Some((requests_rx, results_tx)))
+        } else {
+            (None, None)
+        };
 
         let mut threads: Vec<(&'static str, JoinHandle<()>)> = Vec::with_capacity(self.workers + 1);
         let spawned = (|| {
@@ -308,6 +328,13 @@ impl WorkerPoolBuilder {
                 waker::run(&*storage, &arm_rx, &wake_tx, &waker_done, poll)
             })?;
             threads.push(("waker", handle));
+            if let Some((requests, results)) = settling {
+                let storage = self.storage.clone();
+                let handle = spawn("queuectl-settle".into(), "settling", move || {
+                    super::settle::settle_on_request(&*storage, &requests, &results)
+                })?;
+                threads.push(("settling", handle));
+            }
             Ok(())
         })();
         drop(outcomes_tx);
@@ -324,6 +351,7 @@ impl WorkerPoolBuilder {
                 wake: wake_rx,
                 arm: arm_tx,
                 waker_stop,
+                settler,
             },
         );
         // Dropping the dispatcher closes the jobs channel and stops the waker: the started

@@ -23,6 +23,7 @@ use super::events::{Event, EventSink, PoolError, StopReason, Summary, error_chai
 use super::ledger::Ledger;
 use super::recovery::recover_abandoned;
 use super::runner::{Assignment, Finished};
+use super::settle::Settler;
 
 /// The dispatcher's ends of the pool's channels.
 pub(super) struct Channels {
@@ -34,6 +35,8 @@ pub(super) struct Channels {
     pub(super) wake: Receiver<()>,
     pub(super) arm: Sender<u64>,
     pub(super) waker_stop: Canceller,
+    /// The settling thread, if the store writes concurrently.
+    pub(super) settler: Option<Settler>,
 }
 
 pub(super) struct Stopping {
@@ -63,6 +66,8 @@ pub(super) struct Dispatcher {
     wake: Receiver<()>,
     arm: Sender<u64>,
     waker_stop: Canceller,
+    /// Records large batches of results while the dispatcher claims (`Storage::writes_concurrently`).
+    pub(super) settler: Option<Settler>,
     pub(super) events: EventSink,
     pub(super) ledger: Ledger,
     /// Outcomes received while waiting, settled by the next turn.
@@ -140,6 +145,7 @@ impl Dispatcher {
             wake: channels.wake,
             arm: channels.arm,
             waker_stop: channels.waker_stop,
+            settler: channels.settler,
             events,
             ledger: Ledger::default(),
             arrived: Vec::new(),
@@ -557,26 +563,35 @@ impl Dispatcher {
         }
         match self.storage.claim_jobs(&self.claim_request(free), now()) {
             Ok(claimed) => {
-                self.claim_failures = 0;
-                self.claim_retry_at = None;
+                self.claim_succeeded();
                 let count = claimed.len();
                 self.hand_out(claimed);
                 (free, count)
             }
             Err(error) => {
-                // Back off (doubling up to the maximum) instead of retrying at once: a failing
-                // store must not make the dispatcher spin.
-                let backoff = self
-                    .timings
-                    .settle_retry
-                    .saturating_mul(1 << self.claim_failures.min(5))
-                    .min(self.timings.claim_backoff_max);
-                self.claim_failures = self.claim_failures.saturating_add(1);
-                self.claim_retry_at = Instant::now().checked_add(backoff);
-                self.tolerate("claiming jobs", error);
+                self.claim_failed(error);
                 (free, 0)
             }
         }
+    }
+
+    /// Notes a claim that succeeded: the next one is not held back.
+    pub(super) fn claim_succeeded(&mut self) {
+        self.claim_failures = 0;
+        self.claim_retry_at = None;
+    }
+
+    /// Notes a claim that failed. Claims back off (doubling up to the maximum) instead of
+    /// retrying at once: a failing store must not make the dispatcher spin.
+    pub(super) fn claim_failed(&mut self, error: StorageError) {
+        let backoff = self
+            .timings
+            .settle_retry
+            .saturating_mul(1 << self.claim_failures.min(5))
+            .min(self.timings.claim_backoff_max);
+        self.claim_failures = self.claim_failures.saturating_add(1);
+        self.claim_retry_at = Instant::now().checked_add(backoff);
+        self.tolerate("claiming jobs", error);
     }
 
     /// A claim of up to `max` jobs of the queues this pool runs.
@@ -798,6 +813,7 @@ mod tests {
             wake,
             arm,
             waker_stop,
+            settler: None,
         };
         std::mem::forget(_control_tx);
         std::mem::forget(_wake_tx);

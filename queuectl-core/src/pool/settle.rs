@@ -1,5 +1,7 @@
 //! Settlement: finished attempts become settlements, recorded in one storage call per batch
-//! (which also refills the freed slots), and the results become events.
+//! (which also refills the freed slots), and the results become events. On a store that
+//! writes concurrently, a large batch is recorded on the settling thread while the
+//! dispatcher claims for the slots it frees ([`Storage::writes_concurrently`]).
 
 use std::time::{Duration, Instant};
 
@@ -7,12 +9,35 @@ use crate::backoff::BackoffPolicy;
 use crate::error::StorageError;
 use crate::executor::Status;
 use crate::job::{Job, JobState, Lease, Timestamp, later, now};
-use crate::storage::{AttemptReport, Settlement};
+use crate::storage::{AttemptReport, Polled, Settlement, Storage};
+
+use crossbeam_channel::{Receiver, Sender};
 
 use super::dispatcher::Dispatcher;
 use super::events::{Event, PoolError};
 use super::ledger::Finish;
 use super::runner::Finished;
+
+/// The dispatcher's ends of the settling thread's channels.
+#[derive(Debug)]
+pub(super) struct Settler {
+    pub(super) requests: Sender<(Vec<Settlement>, Timestamp)>,
+    pub(super) results: Receiver<crate::Result<Vec<Result<Job, StorageError>>>>,
+}
+
+/// The settling thread: records each batch it is given and sends back the results, until the
+/// dispatcher drops its end.
+pub(super) fn settle_on_request(
+    storage: &dyn Storage,
+    requests: &Receiver<(Vec<Settlement>, Timestamp)>,
+    results: &Sender<crate::Result<Vec<Result<Job, StorageError>>>>,
+) {
+    for (settlements, at) in requests {
+        if results.send(storage.settle(settlements, at)).is_err() {
+            return;
+        }
+    }
+}
 
 /// How an attempt ended, as the dispatcher reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,6 +136,28 @@ impl Dispatcher {
         // Unless a forced stop is under way, look for a stop request before refilling the
         // slots this batch frees: the store does, in the same call.
         let polling = !self.stopping.as_ref().is_some_and(|s| s.forced);
+        let beside_from = self.timings.settle_beside_claim_from;
+        if polling
+            && batch.len() >= beside_from
+            && want >= beside_from
+            && let Some(settler) = &self.settler
+        {
+            // The settling thread ends only once this end is dropped, or with a panic of the
+            // store, which the dispatcher then takes up as it would its own.
+            settler
+                .requests
+                .send((settlements, at))
+                .expect("the settling thread runs while the dispatcher does");
+            let claimed = self
+                .storage
+                .settle_and_claim_polling(Vec::new(), &request, at);
+            let settled = settler
+                .results
+                .recv()
+                .expect("the settling thread answers every batch");
+            self.settled_beside_claim(batch, ends, settled, claimed);
+            return;
+        }
         let settled = if polling {
             self.storage
                 .settle_and_claim_polling(settlements, &request, at)
@@ -127,6 +174,46 @@ impl Dispatcher {
                 return;
             }
         };
+        self.record_results(batch, ends, results);
+        self.hand_out(claimed);
+        self.after_poll(polled);
+    }
+
+    /// What a turn does with a batch recorded on the settling thread and the claim made
+    /// meanwhile. Each is a transaction of its own, so either may have failed alone: the
+    /// results are then tried again later, the claim backs off. Results are taken before
+    /// claimed jobs are handed out, so a job retried at once and claimed again meets its
+    /// settled attempt gone from the ledger.
+    fn settled_beside_claim(
+        &mut self,
+        batch: Vec<(Lease, Finished)>,
+        ends: Vec<Ended>,
+        settled: crate::Result<Vec<crate::Result<Job>>>,
+        claimed: crate::Result<Polled>,
+    ) {
+        match settled {
+            Ok(results) => self.record_results(batch, ends, results),
+            Err(error) => {
+                self.settle_failed(batch.into_iter().map(|(_, done)| done).collect(), error);
+            }
+        }
+        match claimed {
+            Ok(polled) => {
+                self.claim_succeeded();
+                self.hand_out(polled.claimed);
+                self.after_poll(Some(polled.poll));
+            }
+            Err(error) => self.claim_failed(error),
+        }
+    }
+
+    /// Takes the recorded results of `batch` off the ledger and reports them.
+    fn record_results(
+        &mut self,
+        batch: Vec<(Lease, Finished)>,
+        ends: Vec<Ended>,
+        results: Vec<crate::Result<Job>>,
+    ) {
         self.settle_failures = 0;
         for (((_, done), end), result) in batch.into_iter().zip(ends).zip(results) {
             if let Some(token) = done.token() {
@@ -134,7 +221,10 @@ impl Dispatcher {
             }
             self.report(end, &done, result);
         }
-        self.hand_out(claimed);
+    }
+
+    /// Acts on the stop request and version read before the slots were refilled, if read.
+    fn after_poll(&mut self, polled: Option<crate::Result<(u64, Option<crate::WorkerInfo>)>>) {
         match polled {
             Some(Ok((version, me))) => self.polled_before_refill(version, me),
             Some(Err(error)) => self.storage_error("looking for a stop request", &error),

@@ -95,7 +95,7 @@ pub struct Faulty {
     pub inner: queuectl_core::MemoryStorage,
     /// Claims fail with an I/O error.
     pub fail_claims: AtomicBool,
-    /// Settlements fail with an I/O error (results can never be recorded).
+    /// Settlements of any result fail with an I/O error (results can never be recorded).
     pub fail_settles: AtomicBool,
     /// How many claims were made.
     pub claims: AtomicUsize,
@@ -113,6 +113,9 @@ pub struct Faulty {
     pub deaf: bool,
     /// Another store to work on instead of `inner` ([`Faulty::over`]).
     pub over: Option<std::sync::Arc<dyn Storage>>,
+    /// What `writes_concurrently` says: a pool then records large batches of results
+    /// beside its claims.
+    pub concurrent: bool,
 }
 
 impl Faulty {
@@ -171,7 +174,9 @@ impl Storage for Faulty {
         self.store().extend_leases(leases, lease_for, at)
     }
     fn settle(&self, settlements: Vec<Settlement>, at: Timestamp) -> Result<Vec<Result<Job>>> {
-        if self.fail_settles.load(Ordering::SeqCst) {
+        // Nothing to record cannot fail (a claim through the default `settle_and_claim`
+        // settles nothing).
+        if self.fail_settles.load(Ordering::SeqCst) && !settlements.is_empty() {
             return Self::io_error();
         }
         self.store().settle(settlements, at)
@@ -277,6 +282,9 @@ impl Storage for Faulty {
             return self.store().change_version();
         }
         self.store().wait_for_change(seen, timeout)
+    }
+    fn writes_concurrently(&self) -> bool {
+        self.concurrent
     }
     fn wait_for_work(&self, seen: u64, timeout: Duration) -> Result<u64> {
         if let Some(waits) = &self.waits {
