@@ -236,6 +236,10 @@ pub struct PgStorage {
     listener: Listener,
     /// Whether the schema was found there and current ([`SchemaCheck`]).
     schema_checked: AtomicBool,
+    /// The settings as the last batch enqueued here read them: the next batch is built with
+    /// them and reads them in its insert's round trip instead of one of their own
+    /// (`Tx::insert_jobs`).
+    settings: parking_lot::Mutex<Option<Config>>,
 }
 
 impl PgStorage {
@@ -309,6 +313,7 @@ impl PgStorage {
             ),
             listener: Listener::poll_only(),
             schema_checked: AtomicBool::new(false),
+            settings: parking_lot::Mutex::new(None),
             create: options.create,
             connect_errors,
             connected: AtomicBool::new(false),
@@ -599,6 +604,10 @@ impl PgStorage {
                 Err(TxError::Db(e)) if is_conflict(&e) && conflicts < CONFLICT_RETRIES => {
                     conflicts += 1;
                 }
+                // Built with settings changed since: run again with the stored ones.
+                Err(TxError::Resettled(_)) if conflicts < CONFLICT_RETRIES => {
+                    conflicts += 1;
+                }
                 Err(e) => return Err(self.error(op, e)),
             }
         }
@@ -734,6 +743,10 @@ impl PgStorage {
             TxError::Storage(error) => return error,
             TxError::Db(error) | TxError::Unchecked(error) => (fault_of(&error), Box::new(error)),
             TxError::Decode(reason) => (DatabaseFault::Corrupt, reason.into()),
+            TxError::Resettled(_) => (
+                DatabaseFault::Other,
+                "the settings kept changing while the jobs were built".into(),
+            ),
         };
         StorageError::Postgres {
             op,
@@ -1150,7 +1163,15 @@ impl Storage for PgStorage {
         let generated = jobs.iter().all(|new| new.id.is_none());
         self.write("enqueue jobs", |tx| {
             rows::prepare_enqueue(tx, plain, generated, alone);
-            let config = rows::config(tx, false)?;
+            let known = if plain {
+                self.settings.lock().clone()
+            } else {
+                None
+            };
+            let config = match &known {
+                Some(config) => config.clone(),
+                None => rows::config(tx, false)?,
+            };
             if alone {
                 // One job with no key and no dependency, what a `queuectl enqueue` mostly
                 // adds: inserted, counted and committed in one round trip.
@@ -1170,8 +1191,15 @@ impl Storage for PgStorage {
                     .zip(&ids)
                     .map(|(new, id)| rules::new_job(new.clone(), id.clone(), 0, &[], &config, now))
                     .collect();
-                if let Some(id) = tx.insert_jobs(&mut created, generated, now)? {
+                let inserted = tx.insert_jobs(&mut created, generated, known.as_ref(), now);
+                if let Err(rows::TxError::Resettled(stored)) = &inserted {
+                    *self.settings.lock() = Some(stored.clone());
+                }
+                if let Some(id) = inserted? {
                     return Err(StorageError::AlreadyExists { id }.into());
+                }
+                if known.is_none() {
+                    *self.settings.lock() = Some(config);
                 }
                 return Ok(created
                     .into_iter()

@@ -45,6 +45,9 @@ pub(super) enum TxError {
     /// with PostgreSQL's error; nothing the transaction sent was applied. The handle creates
     /// or migrates the schema (or says why it cannot) and runs the transaction again.
     Unchecked(postgres::Error),
+    /// The settings a batch was built with ([`Tx::insert_jobs`]) are no longer the stored
+    /// ones, which are these: the transaction is rolled back and run again with them.
+    Resettled(Config),
 }
 
 impl From<postgres::Error> for TxError {
@@ -696,10 +699,15 @@ impl<'a> Tx<'a> {
     /// the way (taken in the store, or earlier in the batch), with nothing to keep: the
     /// caller rolls back. `generated`: every id was generated for this batch
     /// ([`INSERT_NEW_JOBS`]).
+    ///
+    /// With `built_with`, the settings the jobs were built with: they are read again in the
+    /// insert's round trip (not one of their own), and if they changed the insert is undone
+    /// with [`TxError::Resettled`].
     pub(super) fn insert_jobs(
         &mut self,
         jobs: &mut [Job],
         generated: bool,
+        built_with: Option<&Config>,
         now: Timestamp,
     ) -> TxResult<Option<JobId>> {
         debug_assert!(jobs.iter().all(|job| job.after.is_empty()));
@@ -716,7 +724,17 @@ impl<'a> Tx<'a> {
         } else {
             &INSERT_JOBS
         };
-        let inserted = self.db.query(insert, &params)?;
+        let inserted = match built_with {
+            None => self.db.query(insert, &params)?,
+            Some(assumed) => {
+                let [settings, inserted] = self.db.query_all([(CONFIG, &[]), (insert, &params)])?;
+                let stored = config_from(&settings)?;
+                if stored != *assumed {
+                    return Err(TxError::Resettled(stored));
+                }
+                inserted
+            }
+        };
         let mut seqs = HashMap::with_capacity(inserted.len());
         for row in &inserted {
             seqs.insert(row.try_get::<_, String>(1)?, row.try_get::<_, i64>(0)?);
@@ -1596,6 +1614,11 @@ pub(super) fn config(db: &mut Db, lock: bool) -> TxResult<Config> {
     // Without parameters: not prepared the first time ([`Db::send`]), so it goes with the
     // statements prepared ahead, not after them.
     let rows = db.query(sql, &[])?;
+    config_from(&rows)
+}
+
+/// The settings in the rows of [`CONFIG`].
+fn config_from(rows: &[Row]) -> TxResult<Config> {
     match rows.first().map(|row| row.try_get::<_, Option<&str>>(0)) {
         None | Some(Ok(None)) => Ok(Config::default()),
         Some(Ok(Some(json))) => serde_json::from_str(json)

@@ -579,6 +579,30 @@ fn a_silent_worker_on_another_host_loses_its_job_when_the_lease_runs_out() {
     assert_eq!(history[0].worker, "elsewhere-1");
 }
 
+/// A batch enqueued through a handle is built with the settings its previous batch read, and
+/// reads them again in its insert's round trip: settings changed through another handle in
+/// between apply to it all the same.
+#[test]
+fn a_batch_uses_settings_changed_since_the_handles_last_batch() {
+    let Some(_) = database_url() else { return };
+    let pg = Pg::new();
+    let store = pg.pg();
+    let batch = || vec![NewJob::new("x"), NewJob::new("x")];
+    let first = store.enqueue_batch(batch(), now()).unwrap();
+    assert!(first.iter().all(|job| job.max_retries == 3));
+    let other = pg.reopen().unwrap();
+    other
+        .update_config(&mut |config| config.set("max-retries", "7"))
+        .unwrap();
+    let second = store.enqueue_batch(batch(), now()).unwrap();
+    assert!(second.iter().all(|job| job.max_retries == 7), "{second:?}");
+    for job in &second {
+        assert_eq!(store.get(&job.id).unwrap().max_retries, 7);
+    }
+    let third = store.enqueue_batch(batch(), now()).unwrap();
+    assert!(third.iter().all(|job| job.max_retries == 7));
+}
+
 /// A pool on PostgreSQL records finished jobs on its settling thread while it claims for the
 /// slots they free (`Storage::writes_concurrently`), each in a transaction of its own: with
 /// the finished jobs' rows locked by another transaction, their settlement waits, and the
