@@ -720,8 +720,8 @@ fn a_pool_that_cannot_record_results_gives_up_and_stops() {
 
 /// On a store that writes concurrently, finished jobs are recorded beside the claim that
 /// refills their slots, each in a transaction of its own. When recording fails and the claim
-/// works, the jobs claimed run while the results wait; the results are recorded once the
-/// store takes them again, and every job completes once.
+/// works, the jobs claimed run while the results wait; no more are claimed until results are
+/// recorded again (turns are one transaction again); then every job completes once.
 #[test]
 fn results_recorded_beside_a_claim_wait_for_the_store_while_the_claimed_jobs_run() {
     let store = Arc::new(Faulty {
@@ -733,8 +733,14 @@ fn results_recorded_beside_a_claim_wait_for_the_store_while_the_claimed_jobs_run
         enqueue(&store.inner, &format!("j{i}"));
     }
     let (started_tx, started) = unbounded();
+    // Jobs after the first two wait until the test drops `gate`.
+    let (gate, gate_rx) = bounded::<()>(0);
+    let starts = std::sync::atomic::AtomicUsize::new(0);
     let executor = FnExecutor::new(move |job: &Job| {
         let _ = started_tx.send(job.id.clone());
+        if starts.fetch_add(1, Ordering::SeqCst) >= 2 {
+            let _ = gate_rx.recv_timeout(TIMEOUT);
+        }
         Ok(())
     });
     let pool = WorkerPool::builder(store.clone(), Arc::new(executor))
@@ -743,6 +749,7 @@ fn results_recorded_beside_a_claim_wait_for_the_store_while_the_claimed_jobs_run
         .timings(Timings {
             settle_retry: Duration::from_millis(20),
             settle_attempts: 10_000,
+            claim_backoff_max: Duration::from_millis(50),
             settle_beside_claim_from: 1,
             ..Default::default()
         })
@@ -765,6 +772,25 @@ fn results_recorded_beside_a_claim_wait_for_the_store_while_the_claimed_jobs_run
             .expect("a third job starts while results cannot be recorded");
         seen.insert(id);
     }
+    drop(gate);
+    let mut failures = 1;
+    events_until(pool.events(), |e| {
+        if matches!(
+            e,
+            Event::StorageError {
+                op: "recording job results",
+                ..
+            }
+        ) {
+            failures += 1;
+        }
+        failures == 5
+    });
+    assert_eq!(
+        store.settled_beside.load(Ordering::SeqCst),
+        1,
+        "results were recorded beside a claim again after a failure"
+    );
     assert!(
         store
             .inner

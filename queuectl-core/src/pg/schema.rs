@@ -235,7 +235,12 @@ ALTER TABLE {s}.changes ADD COLUMN work BIGINT NOT NULL DEFAULT 0;
 /// - `jobs_lease_worker` goes: each claim wrote an entry to it. A dead worker's jobs are
 ///   found through `jobs_lease_expiry`, which holds the running jobs only (as many as the
 ///   workers run at once).
+///
+/// Both tables are locked first, `jobs` before `attempts`, as a settlement of an older build
+/// takes them (its jobs' rows, then the attempt's insert): dropping the key alone would lock
+/// `attempts` and then `jobs`, and deadlock with it.
 const V3: &str = "
+LOCK TABLE {s}.jobs, {s}.attempts IN ACCESS EXCLUSIVE MODE;
 ALTER TABLE {s}.attempts DROP CONSTRAINT attempts_job_seq_fkey;
 DROP INDEX {s}.jobs_lease_worker;
 ";

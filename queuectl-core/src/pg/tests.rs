@@ -604,11 +604,12 @@ fn a_batch_uses_settings_changed_since_the_handles_last_batch() {
 }
 
 /// A pool on PostgreSQL records finished jobs on its settling thread while it claims for the
-/// slots they free (`Storage::writes_concurrently`), each in a transaction of its own: with
-/// the finished jobs' rows locked by another transaction, their settlement waits, and the
-/// next jobs are claimed all the same. Once the lock goes, every job completes, each once.
+/// slots they free (`Storage::writes_concurrently`), each in a transaction of its own. With
+/// `attempts` locked by another transaction, the settlement waits: the next jobs are claimed
+/// and run all the same, and their leases are renewed while it waits. Once the lock goes,
+/// every job completes, each once.
 #[test]
-fn a_pool_claims_while_its_settlement_waits_for_a_lock() {
+fn a_pool_claims_and_runs_while_its_settlement_waits_for_a_lock() {
     let Some(_) = database_url() else { return };
     let pg = Pg::new();
     let store = pg.store();
@@ -635,7 +636,7 @@ fn a_pool_claims_while_its_settlement_waits_for_a_lock() {
     let pool = crate::WorkerPool::builder(pg.reopen().unwrap(), Arc::new(executor))
         .workers(4)
         .lease(Duration::from_secs(600))
-        .heartbeat_interval(Duration::from_secs(300))
+        .heartbeat_interval(Duration::from_millis(100))
         .exit_when_idle(true)
         .timings(crate::Timings {
             settle_beside_claim_from: 1,
@@ -650,32 +651,49 @@ fn a_pool_claims_while_its_settlement_waits_for_a_lock() {
             "{id} started before the first wave"
         );
     }
+    // A settlement records attempts; claims and lease renewals do not.
     let mut client = pg.client();
     let mut lock = client.transaction().unwrap();
-    let locked = format!(
-        "SELECT seq FROM \"{}\".jobs WHERE id LIKE 'first%' FOR SHARE",
-        pg.schema
-    );
-    assert_eq!(lock.query(&locked, &[]).unwrap().len(), 4);
+    let attempts = format!("LOCK TABLE \"{}\".attempts IN SHARE MODE", pg.schema);
+    lock.batch_execute(&attempts).unwrap();
     drop(gate);
-    let processing = |id: &str| store.get(&id.parse().unwrap()).unwrap().state;
+    let second = loop {
+        let id = started
+            .recv_timeout(Duration::from_secs(10))
+            .expect("a job of the second wave starts while the settlement waits");
+        if id.starts_with("second") {
+            break id;
+        }
+    };
+    let lease = |id: &str| {
+        let job = store.get(&id.parse().unwrap()).unwrap();
+        job.lease.expect("leased").expires_at
+    };
+    let claimed_until = lease(&second);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !(0..4).any(|i| processing(&format!("second{i}")) == crate::JobState::Processing) {
+    while lease(&second) <= claimed_until {
         assert!(
             Instant::now() < deadline,
-            "nothing of the second wave was claimed while the settlement waited"
+            "the lease of {second} was not renewed while the settlement waited"
         );
         store
             .wait_for_change(store.change_version().unwrap(), Duration::from_millis(200))
             .unwrap();
     }
-    for i in 0..4 {
-        assert_eq!(
-            processing(&format!("first{i}")),
-            crate::JobState::Processing,
-            "first{i} was settled through the lock"
-        );
-    }
+    let states: Vec<_> = (0..4)
+        .map(|i| {
+            store
+                .get(&format!("first{i}").parse().unwrap())
+                .unwrap()
+                .state
+        })
+        .collect();
+    assert!(
+        states
+            .iter()
+            .all(|state| *state == crate::JobState::Processing),
+        "a first-wave job was settled through the lock: {states:?}"
+    );
     lock.rollback().unwrap();
     let (done_tx, done) = crossbeam_channel::bounded(1);
     std::thread::spawn(move || done_tx.send(pool.join()));
@@ -1517,6 +1535,82 @@ fn deleted_jobs_take_their_attempts_with_them() {
     let later = now() + time::Duration::hours(1);
     assert_eq!(store.purge_completed(later).unwrap(), 1);
     assert_eq!(attempts(), 0, "the purged job's attempt goes with it");
+}
+
+/// The migration to version 3 while a worker of an older build settles a job (its row locked,
+/// then an attempt inserted, which the foreign key checks against `jobs`): the migration waits
+/// for the settlement, which completes, instead of the two deadlocking.
+#[test]
+fn the_version_3_migration_waits_for_an_older_builds_settlement() {
+    let Some(_) = database_url() else { return };
+    let pg = Pg::unopened();
+    let quoted = format!("\"{}\"", pg.schema);
+    let v2 = [
+        super::schema::BOOTSTRAP,
+        super::schema::MIGRATIONS[0],
+        super::schema::MIGRATIONS[1],
+    ]
+    .map(|sql| sql.replace("{s}", &quoted))
+    .join(";");
+    let mut client = pg.client();
+    client
+        .batch_execute(&format!(
+            "{v2}; UPDATE {quoted}.schema_version SET version = 2; \
+             INSERT INTO {quoted}.jobs (id, command, state, attempts, max_retries, created_at, \
+             updated_at, priority, run_at, queue) \
+             VALUES ('j', 'x', 'processing', 1, 3, 0, 0, 0, 0, 'default')"
+        ))
+        .unwrap();
+    let mut settling = client.transaction().unwrap();
+    let seq: i64 = settling
+        .query_one(
+            &format!("SELECT seq FROM {quoted}.jobs WHERE id = 'j' FOR UPDATE"),
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let (url, schema) = (pg.url.clone(), pg.schema.clone());
+    let (migrated_tx, migrated) = crossbeam_channel::bounded(1);
+    std::thread::spawn(move || {
+        let options = PgOptions {
+            schema,
+            ..PgOptions::default()
+        };
+        let _ = migrated_tx.send(PgStorage::connect(&url, options).map(|_| ()));
+    });
+    // The migration is waiting for a lock the settlement holds.
+    let mut watcher = pg.client();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                 AND query LIKE '%DROP CONSTRAINT%'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the migration never waited");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    settling
+        .execute(
+            &format!(
+                "INSERT INTO {quoted}.attempts (job_seq, number, worker, started_at, outcome) \
+                 VALUES ($1, 1, 'w', 0, 'succeeded')"
+            ),
+            &[&seq],
+        )
+        .expect("the older build's settlement records its attempt");
+    settling.commit().unwrap();
+    migrated
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap()
+        .expect("the migration runs once the settlement has committed");
+    assert_eq!(stored_version(&pg), Some(PG_SCHEMA_VERSION as i32));
 }
 
 /// What a job prints may hold NUL bytes, which PostgreSQL's `text` refuses: its output, live

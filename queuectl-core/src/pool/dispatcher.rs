@@ -53,7 +53,7 @@ pub(super) struct Dispatcher {
     /// Jobs handed out at most: executor threads plus prefetch.
     pub(super) capacity: usize,
     pub(super) lease: Duration,
-    heartbeat_every: Duration,
+    pub(super) heartbeat_every: Duration,
     recovery_every: Duration,
     retention: Option<Duration>,
     exit_when_idle: bool,
@@ -82,7 +82,7 @@ pub(super) struct Dispatcher {
     claim_retry_at: Option<Instant>,
     pub(super) stopping: Option<Stopping>,
     pub(super) summary: Summary,
-    next_heartbeat: Instant,
+    pub(super) next_heartbeat: Instant,
     next_recovery: Instant,
     next_purge: Instant,
     /// When the new output of running attempts is recorded next (`None` while none runs).
@@ -624,7 +624,9 @@ impl Dispatcher {
     }
 
     /// Queues an assignment for the executors. Cannot block: the channel holds `capacity`
-    /// jobs and the ledger never holds more; cannot fail: `self.unstarted` keeps it open.
+    /// jobs and the ledger never holds more attempts that have not finished (a claim beside
+    /// a settlement that then fails leaves the ledger holding the batch's finished attempts
+    /// too, for a while); cannot fail: `self.unstarted` keeps it open.
     pub(super) fn start(&self, assignment: Assignment) {
         if let Some(jobs) = &self.jobs {
             let _ = jobs.send(assignment);
@@ -635,17 +637,7 @@ impl Dispatcher {
     /// An attempt whose lease was lost is cancelled at once: its job belongs to someone else.
     fn heartbeat(&mut self) {
         let at = now();
-        let leases = self.ledger.leases();
-        if !leases.is_empty() {
-            match self.storage.extend_leases(&leases, self.lease, at) {
-                Ok(lost) => {
-                    for id in lost {
-                        self.lose(&id);
-                    }
-                }
-                Err(error) => self.tolerate("renewing leases", error),
-            }
-        }
+        self.renew_leases_except(&[]);
         match self.storage.worker_heartbeat(&self.id, at) {
             Ok(true) => self.check_stop_request(),
             Ok(false) => {}
@@ -661,6 +653,29 @@ impl Dispatcher {
                 }
             }
             Err(error) => self.tolerate("heartbeating", error),
+        }
+    }
+
+    /// Renews the leases of this pool's attempts but those of the lease tokens `except` (a
+    /// batch being settled, whose rows its settlement holds); an attempt whose lease was lost
+    /// is cancelled at once.
+    pub(super) fn renew_leases_except(&mut self, except: &[u64]) {
+        let leases: Vec<_> = self
+            .ledger
+            .leases()
+            .into_iter()
+            .filter(|lease| !except.contains(&lease.token))
+            .collect();
+        if leases.is_empty() {
+            return;
+        }
+        match self.storage.extend_leases(&leases, self.lease, now()) {
+            Ok(lost) => {
+                for id in lost {
+                    self.lose(&id);
+                }
+            }
+            Err(error) => self.tolerate("renewing leases", error),
         }
     }
 

@@ -9,7 +9,7 @@ use crate::backoff::BackoffPolicy;
 use crate::error::StorageError;
 use crate::executor::Status;
 use crate::job::{Job, JobState, Lease, Timestamp, later, now};
-use crate::storage::{AttemptReport, Polled, Settlement, Storage};
+use crate::storage::{AttemptReport, Settlement, Storage};
 
 use crossbeam_channel::{Receiver, Sender};
 
@@ -137,25 +137,15 @@ impl Dispatcher {
         // slots this batch frees: the store does, in the same call.
         let polling = !self.stopping.as_ref().is_some_and(|s| s.forced);
         let beside_from = self.timings.settle_beside_claim_from;
+        // After a failed settlement, turns are one transaction again until one succeeds: a
+        // store that cannot take results gets no more jobs claimed beside them.
         if polling
             && batch.len() >= beside_from
             && want >= beside_from
-            && let Some(settler) = &self.settler
+            && self.settle_failures == 0
+            && self.settler.is_some()
         {
-            // The settling thread ends only once this end is dropped, or with a panic of the
-            // store, which the dispatcher then takes up as it would its own.
-            settler
-                .requests
-                .send((settlements, at))
-                .expect("the settling thread runs while the dispatcher does");
-            let claimed = self
-                .storage
-                .settle_and_claim_polling(Vec::new(), &request, at);
-            let settled = settler
-                .results
-                .recv()
-                .expect("the settling thread answers every batch");
-            self.settled_beside_claim(batch, ends, settled, claimed);
+            self.settle_beside_claim(batch, ends, settlements, &request, at);
             return;
         }
         let settled = if polling {
@@ -179,32 +169,75 @@ impl Dispatcher {
         self.after_poll(polled);
     }
 
-    /// What a turn does with a batch recorded on the settling thread and the claim made
-    /// meanwhile. Each is a transaction of its own, so either may have failed alone: the
-    /// results are then tried again later, the claim backs off. Results are taken before
-    /// claimed jobs are handed out, so a job retried at once and claimed again meets its
-    /// settled attempt gone from the ledger.
-    fn settled_beside_claim(
+    /// Records `settlements` (of `batch`) on the settling thread while this one polls and
+    /// claims for `request`, each in a transaction of its own, so either may fail alone: the
+    /// results are then tried again later, the claim backs off.
+    ///
+    /// The jobs claimed are handed out as soon as the claim returns, and the leases of what
+    /// runs are renewed while the settlement takes longer than a heartbeat (it may wait for
+    /// a lock): claimed jobs never wait unleased behind it. Only a job of the batch itself,
+    /// claimed again because its settlement retried it at once, waits for the results to be
+    /// taken off the ledger, so that it meets no earlier attempt of its own there.
+    fn settle_beside_claim(
         &mut self,
         batch: Vec<(Lease, Finished)>,
         ends: Vec<Ended>,
-        settled: crate::Result<Vec<crate::Result<Job>>>,
-        claimed: crate::Result<Polled>,
+        settlements: Vec<Settlement>,
+        request: &crate::ClaimRequest,
+        at: Timestamp,
     ) {
+        let Some(settler) = &self.settler else {
+            unreachable!("only called with a settling thread");
+        };
+        let results = settler.results.clone();
+        // The settling thread ends only once the dispatcher drops its end, or with a panic
+        // of the store, which the dispatcher then takes up as it would its own.
+        settler
+            .requests
+            .send((settlements, at))
+            .expect("the settling thread runs while the dispatcher does");
+        let mut again = Vec::new();
+        let mut poll = None;
+        match self
+            .storage
+            .settle_and_claim_polling(Vec::new(), request, at)
+        {
+            Ok(polled) => {
+                self.claim_succeeded();
+                let settling: std::collections::HashSet<&crate::JobId> =
+                    batch.iter().map(|(lease, _)| &lease.job_id).collect();
+                let (held_back, now): (Vec<Job>, Vec<Job>) = polled
+                    .claimed
+                    .into_iter()
+                    .partition(|job| settling.contains(&job.id));
+                again = held_back;
+                self.hand_out(now);
+                poll = Some(polled.poll);
+            }
+            Err(error) => self.claim_failed(error),
+        }
+        let settling: Vec<u64> = batch.iter().filter_map(|(_, done)| done.token()).collect();
+        let mut renew_at = self.next_heartbeat.max(Instant::now());
+        let settled = loop {
+            match results.recv_deadline(renew_at) {
+                Ok(settled) => break settled,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    self.renew_leases_except(&settling);
+                    renew_at = Instant::now() + self.heartbeat_every;
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                    panic!("the settling thread ended without answering")
+                }
+            }
+        };
         match settled {
             Ok(results) => self.record_results(batch, ends, results),
             Err(error) => {
                 self.settle_failed(batch.into_iter().map(|(_, done)| done).collect(), error);
             }
         }
-        match claimed {
-            Ok(polled) => {
-                self.claim_succeeded();
-                self.hand_out(polled.claimed);
-                self.after_poll(Some(polled.poll));
-            }
-            Err(error) => self.claim_failed(error),
-        }
+        self.hand_out(again);
+        self.after_poll(poll);
     }
 
     /// Takes the recorded results of `batch` off the ledger and reports them.

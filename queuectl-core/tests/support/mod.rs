@@ -95,7 +95,8 @@ pub struct Faulty {
     pub inner: queuectl_core::MemoryStorage,
     /// Claims fail with an I/O error.
     pub fail_claims: AtomicBool,
-    /// Settlements of any result fail with an I/O error (results can never be recorded).
+    /// Settlements of results fail with an I/O error (results can never be recorded); jobs
+    /// handed back without a result are taken.
     pub fail_settles: AtomicBool,
     /// How many claims were made.
     pub claims: AtomicUsize,
@@ -116,6 +117,8 @@ pub struct Faulty {
     /// What `writes_concurrently` says: a pool then records large batches of results
     /// beside its claims.
     pub concurrent: bool,
+    /// How many settlements of results were asked for on a pool's settling thread.
+    pub settled_beside: AtomicUsize,
 }
 
 impl Faulty {
@@ -174,9 +177,16 @@ impl Storage for Faulty {
         self.store().extend_leases(leases, lease_for, at)
     }
     fn settle(&self, settlements: Vec<Settlement>, at: Timestamp) -> Result<Vec<Result<Job>>> {
-        // Nothing to record cannot fail (a claim through the default `settle_and_claim`
-        // settles nothing).
-        if self.fail_settles.load(Ordering::SeqCst) && !settlements.is_empty() {
+        if !settlements.is_empty() && thread::current().name() == Some("queuectl-settle") {
+            self.settled_beside.fetch_add(1, Ordering::SeqCst);
+        }
+        // Only results fail: nothing to record (a claim through the default
+        // `settle_and_claim` settles nothing), or jobs handed back (what that default does
+        // with the jobs it claimed when the results failed), is taken.
+        let results = settlements
+            .iter()
+            .any(|s| !matches!(s, Settlement::Release { .. }));
+        if self.fail_settles.load(Ordering::SeqCst) && results {
             return Self::io_error();
         }
         self.store().settle(settlements, at)
