@@ -715,7 +715,12 @@ impl<'a> Tx<'a> {
             normalize(job);
         }
         let rows: Vec<[V; WRITTEN.len()]> = jobs.iter().map(|job| values(job, now)).collect();
-        let arrays: Vec<Array> = (0..WRITTEN.len())
+        debug_assert!(rows.iter().all(|row| {
+            (0..WRITTEN.len())
+                .filter(|&c| RUN_COLUMNS.contains(&WRITTEN[c].0))
+                .all(|c| row[c].is_null())
+        }));
+        let arrays: Vec<Array> = new_job_columns()
             .map(|column| Array::of(rows.iter().map(|row| &row[column])))
             .collect();
         let params: Vec<Param> = arrays.iter().map(Array::param).collect();
@@ -1141,9 +1146,9 @@ static INSERT_JOBS: LazyLock<String> =
 /// fifth of its time. Were an id taken all the same, the statement would fail, and the batch
 /// with it.
 static INSERT_NEW_JOBS: LazyLock<String> = LazyLock::new(|| {
-    let names: Vec<&str> = WRITTEN.iter().map(|(name, _)| *name).collect();
-    let arrays: Vec<String> = WRITTEN
-        .iter()
+    let columns = || new_job_columns().map(|c| WRITTEN[c]);
+    let names: Vec<&str> = columns().map(|(name, _)| name).collect();
+    let arrays: Vec<String> = columns()
         .enumerate()
         .map(|(i, (_, kind))| format!("${}::{kind}[]", i + 1))
         .collect();
@@ -1162,6 +1167,24 @@ static INSERT_ATTEMPTS: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
+/// The columns of a run ([`WRITTEN`] names), NULL in a new job of a batch insert (no unique
+/// key either): the insert leaves them out rather than send a column of NULLs each.
+const RUN_COLUMNS: [&str; 8] = [
+    "last_error",
+    "exit_code",
+    "started_at",
+    "finished_at",
+    "lease_worker",
+    "lease_token",
+    "lease_expires_at",
+    "unique_key",
+];
+
+/// The positions in [`WRITTEN`] of what a batch insert writes of a new job.
+fn new_job_columns() -> impl Iterator<Item = usize> {
+    (0..WRITTEN.len()).filter(|&c| !RUN_COLUMNS.contains(&WRITTEN[c].0))
+}
+
 /// One column's value as written.
 #[derive(Debug, Clone, PartialEq)]
 enum V {
@@ -1172,6 +1195,10 @@ enum V {
 }
 
 impl V {
+    fn is_null(&self) -> bool {
+        matches!(self, V::Big(None) | V::Int(None) | V::Text(None))
+    }
+
     fn param(&self) -> Param<'_> {
         match self {
             V::Big(v) => v,
