@@ -1306,9 +1306,10 @@ impl Storage for PgStorage {
         })
     }
 
-    /// Settlements and claims each take a pooled connection: the server runs them at once.
+    /// Settlements and claims each take a pooled connection, and the server runs them at
+    /// once: with two connections or more in the pool.
     fn writes_concurrently(&self) -> bool {
-        true
+        self.pool.max_size() >= 2
     }
 
     fn settle_and_claim(

@@ -603,6 +603,20 @@ fn a_batch_uses_settings_changed_since_the_handles_last_batch() {
     assert!(third.iter().all(|job| job.max_retries == 7));
 }
 
+/// A handle writes concurrently with two pooled connections or more, not with one: a
+/// settlement beside a claim would wait for the claim's connection.
+#[test]
+fn a_handle_of_one_connection_does_not_write_concurrently() {
+    let Some(_) = database_url() else { return };
+    let pg = Pg::new();
+    assert!(pg.pg().writes_concurrently(), "the default pool has 4");
+    let single = pg.connect(PgOptions {
+        pool_size: 1,
+        ..PgOptions::default()
+    });
+    assert!(!single.writes_concurrently());
+}
+
 /// A pool on PostgreSQL records finished jobs on its settling thread while it claims for the
 /// slots they free (`Storage::writes_concurrently`), each in a transaction of its own. With
 /// `attempts` locked by another transaction, the settlement waits: the next jobs are claimed

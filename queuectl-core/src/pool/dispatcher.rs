@@ -14,7 +14,7 @@ use crossbeam_channel::{Receiver, Sender, select};
 use crate::backoff::BackoffPolicy;
 use crate::error::StorageError;
 use crate::executor::Canceller;
-use crate::job::{JobId, JobState, now};
+use crate::job::{JobId, JobState, Lease, now};
 use crate::storage::{ClaimRequest, ListQuery, Storage, WorkerInfo};
 
 use super::Control;
@@ -637,7 +637,7 @@ impl Dispatcher {
     /// An attempt whose lease was lost is cancelled at once: its job belongs to someone else.
     fn heartbeat(&mut self) {
         let at = now();
-        self.renew_leases_except(&[]);
+        self.renew_leases_except(&[], &[]);
         match self.storage.worker_heartbeat(&self.id, at) {
             Ok(true) => self.check_stop_request(),
             Ok(false) => {}
@@ -657,26 +657,34 @@ impl Dispatcher {
     }
 
     /// Renews the leases of this pool's attempts but those of the lease tokens `except` (a
-    /// batch being settled, whose rows its settlement holds); an attempt whose lease was lost
-    /// is cancelled at once.
-    pub(super) fn renew_leases_except(&mut self, except: &[u64]) {
-        let leases: Vec<_> = self
+    /// batch being settled, whose rows its settlement holds), and the leases `also` of jobs
+    /// claimed and not handed out yet. An attempt whose lease was lost is cancelled at once;
+    /// the jobs of `also` whose lease was lost are returned.
+    pub(super) fn renew_leases_except(&mut self, except: &[u64], also: &[Lease]) -> Vec<JobId> {
+        let mut leases: Vec<_> = self
             .ledger
             .leases()
             .into_iter()
             .filter(|lease| !except.contains(&lease.token))
             .collect();
+        leases.extend_from_slice(also);
         if leases.is_empty() {
-            return;
+            return Vec::new();
         }
+        let mut lost_also = Vec::new();
         match self.storage.extend_leases(&leases, self.lease, now()) {
             Ok(lost) => {
                 for id in lost {
-                    self.lose(&id);
+                    if also.iter().any(|lease| lease.job_id == id) {
+                        lost_also.push(id);
+                    } else {
+                        self.lose(&id);
+                    }
                 }
             }
             Err(error) => self.tolerate("renewing leases", error),
         }
+        lost_also
     }
 
     /// Records running attempts' new output every [`Timings::live_output_every`] while any

@@ -173,11 +173,12 @@ impl Dispatcher {
     /// claims for `request`, each in a transaction of its own, so either may fail alone: the
     /// results are then tried again later, the claim backs off.
     ///
-    /// The jobs claimed are handed out as soon as the claim returns, and the leases of what
-    /// runs are renewed while the settlement takes longer than a heartbeat (it may wait for
-    /// a lock): claimed jobs never wait unleased behind it. Only a job of the batch itself,
-    /// claimed again because its settlement retried it at once, waits for the results to be
-    /// taken off the ledger, so that it meets no earlier attempt of its own there.
+    /// The jobs claimed are handed out as soon as the claim returns, and while the settlement
+    /// takes longer than half a heartbeat past the one due (it may wait for a lock) the
+    /// leases of everything else held are renewed: claimed jobs never wait unleased behind
+    /// it. Only a job of the batch itself, claimed again (its settlement retried it at once),
+    /// waits for the results to be taken off the ledger, so that it meets no earlier attempt
+    /// of its own there; its new lease is renewed meanwhile too.
     fn settle_beside_claim(
         &mut self,
         batch: Vec<(Lease, Finished)>,
@@ -217,12 +218,24 @@ impl Dispatcher {
             Err(error) => self.claim_failed(error),
         }
         let settling: Vec<u64> = batch.iter().filter_map(|(_, done)| done.token()).collect();
-        let mut renew_at = self.next_heartbeat.max(Instant::now());
+        // Half an interval after the heartbeat due: a settlement that answers by then goes
+        // without (the turn's own heartbeat follows), and no lease goes longer than one and a
+        // half intervals unrenewed.
+        let mut renew_at = self.next_heartbeat.max(Instant::now()) + self.heartbeat_every / 2;
         let settled = loop {
             match results.recv_deadline(renew_at) {
                 Ok(settled) => break settled,
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                    self.renew_leases_except(&settling);
+                    let waiting: Vec<Lease> =
+                        again.iter().filter_map(|job| job.lease.clone()).collect();
+                    let lost = self.renew_leases_except(&settling, &waiting);
+                    // Those are someone else's now: not to be started here (as a parked
+                    // attempt whose lease is lost, they count as lost).
+                    again.retain(|job| !lost.contains(&job.id));
+                    for job in lost {
+                        self.summary.lost += 1;
+                        self.emit(|| Event::LeaseLost { job });
+                    }
                     renew_at = Instant::now() + self.heartbeat_every;
                 }
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
