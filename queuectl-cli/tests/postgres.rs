@@ -24,12 +24,15 @@ impl Schema {
             println!("skipping: QUEUECTL_TEST_DATABASE_URL is not set");
             return None;
         };
+        // Tests of one process start at once: the clock alone does not tell them apart.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_nanos();
         let name = format!(
-            "queuectl_cli_{}_{}",
+            "queuectl_cli_{}_{n}_{}",
             std::process::id(),
             nanos % 1_000_000_000
         );
