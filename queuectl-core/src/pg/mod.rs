@@ -393,6 +393,11 @@ impl PgStorage {
                 }
                 .into());
             }
+            if (1..PG_SCHEMA_VERSION).contains(&found) {
+                // The tables an older build's writers take first, before any other a
+                // migration changes: see `schema::LOCK_FIRST`.
+                tx.batch_execute(&schema::LOCK_FIRST.replace("{s}", &self.quoted))?;
+            }
             for migration in &schema::MIGRATIONS[found as usize..] {
                 tx.batch_execute(&migration.replace("{s}", &self.quoted))?;
             }

@@ -11,6 +11,13 @@
 
 use std::sync::LazyLock;
 
+/// What a migration of a schema in use locks before anything else: `jobs`, then `attempts`,
+/// the order in which a settlement of any build takes them (its jobs' rows, then the attempt's
+/// insert) before the counts and the change counter it writes last. A migration that took
+/// another of these tables first (version 2 alters `changes`, version 3 drops the key between
+/// `attempts` and `jobs`) would deadlock with such a settlement.
+pub(super) const LOCK_FIRST: &str = "LOCK TABLE {s}.jobs, {s}.attempts IN ACCESS EXCLUSIVE MODE";
+
 /// Each migration, in order; migration `n` (1-based) brings `schema_version` from `n - 1` to
 /// `n`.
 pub(super) const MIGRATIONS: &[&str] = &[V1, V2, V3];
@@ -236,11 +243,9 @@ ALTER TABLE {s}.changes ADD COLUMN work BIGINT NOT NULL DEFAULT 0;
 ///   found through `jobs_lease_expiry`, which holds the running jobs only (as many as the
 ///   workers run at once).
 ///
-/// Both tables are locked first, `jobs` before `attempts`, as a settlement of an older build
-/// takes them (its jobs' rows, then the attempt's insert): dropping the key alone would lock
-/// `attempts` and then `jobs`, and deadlock with it.
+/// The migration runs after [`LOCK_FIRST`]: dropping the key alone would lock `attempts` and
+/// then `jobs`, and deadlock with a settlement of an older build.
 const V3: &str = "
-LOCK TABLE {s}.jobs, {s}.attempts IN ACCESS EXCLUSIVE MODE;
 ALTER TABLE {s}.attempts DROP CONSTRAINT attempts_job_seq_fkey;
 DROP INDEX {s}.jobs_lease_worker;
 ";

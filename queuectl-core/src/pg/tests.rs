@@ -1551,25 +1551,30 @@ fn deleted_jobs_take_their_attempts_with_them() {
     assert_eq!(attempts(), 0, "the purged job's attempt goes with it");
 }
 
-/// The migration to version 3 while a worker of an older build settles a job (its row locked,
-/// then an attempt inserted, which the foreign key checks against `jobs`): the migration waits
-/// for the settlement, which completes, instead of the two deadlocking.
+/// The migration of a schema of version 1 or 2 while a worker of that build settles a job (its
+/// row locked, then an attempt inserted, which the foreign key checks against `jobs`, then
+/// the change counter): the migration waits for the settlement, which completes, instead of
+/// the two deadlocking.
 #[test]
-fn the_version_3_migration_waits_for_an_older_builds_settlement() {
+fn a_migration_waits_for_an_older_builds_settlement() {
     let Some(_) = database_url() else { return };
+    for from in [1, 2] {
+        migrate_beside_a_settlement(from);
+    }
+}
+
+fn migrate_beside_a_settlement(from: usize) {
     let pg = Pg::unopened();
     let quoted = format!("\"{}\"", pg.schema);
-    let v2 = [
-        super::schema::BOOTSTRAP,
-        super::schema::MIGRATIONS[0],
-        super::schema::MIGRATIONS[1],
-    ]
-    .map(|sql| sql.replace("{s}", &quoted))
-    .join(";");
+    let older = std::iter::once(super::schema::BOOTSTRAP)
+        .chain(super::schema::MIGRATIONS[..from].iter().copied())
+        .map(|sql| sql.replace("{s}", &quoted))
+        .collect::<Vec<_>>()
+        .join(";");
     let mut client = pg.client();
     client
         .batch_execute(&format!(
-            "{v2}; UPDATE {quoted}.schema_version SET version = 2; \
+            "{older}; UPDATE {quoted}.schema_version SET version = {from}; \
              INSERT INTO {quoted}.jobs (id, command, state, attempts, max_retries, created_at, \
              updated_at, priority, run_at, queue) \
              VALUES ('j', 'x', 'processing', 1, 3, 0, 0, 0, 0, 'default')"
@@ -1599,15 +1604,18 @@ fn the_version_3_migration_waits_for_an_older_builds_settlement() {
         let waiting: i64 = watcher
             .query_one(
                 "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
-                 AND query LIKE '%DROP CONSTRAINT%'",
-                &[],
+                 AND pid <> pg_backend_pid() AND query LIKE '%' || $1 || '%'",
+                &[&pg.schema],
             )
             .unwrap()
             .get(0);
         if waiting > 0 {
             break;
         }
-        assert!(Instant::now() < deadline, "the migration never waited");
+        assert!(
+            Instant::now() < deadline,
+            "the migration from {from} never waited"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     settling
@@ -1619,12 +1627,22 @@ fn the_version_3_migration_waits_for_an_older_builds_settlement() {
             &[&seq],
         )
         .expect("the older build's settlement records its attempt");
+    settling
+        .execute(
+            &format!("UPDATE {quoted}.changes SET n = n + 1 WHERE stripe = 0"),
+            &[],
+        )
+        .expect("the older build's settlement counts its change");
     settling.commit().unwrap();
     migrated
         .recv_timeout(Duration::from_secs(30))
         .unwrap()
         .expect("the migration runs once the settlement has committed");
-    assert_eq!(stored_version(&pg), Some(PG_SCHEMA_VERSION as i32));
+    assert_eq!(
+        stored_version(&pg),
+        Some(PG_SCHEMA_VERSION as i32),
+        "from {from}"
+    );
 }
 
 /// What a job prints may hold NUL bytes, which PostgreSQL's `text` refuses: its output, live
