@@ -3,14 +3,14 @@
 //! writes concurrently, a large batch is recorded on the settling thread while the
 //! dispatcher claims for the slots it frees ([`Storage::writes_concurrently`]).
 
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use crate::backoff::BackoffPolicy;
 use crate::error::StorageError;
 use crate::executor::Status;
-use crate::job::{Job, JobState, Lease, Timestamp, later, now};
-use crate::storage::{AttemptReport, Settlement, Storage};
-
+use crate::job::{Job, JobId, JobState, Lease, Timestamp, later, now};
+use crate::storage::{AttemptReport, ClaimRequest, Settlement, Storage};
 use crossbeam_channel::{Receiver, Sender};
 
 use super::dispatcher::Dispatcher;
@@ -19,7 +19,7 @@ use super::ledger::Finish;
 use super::runner::Finished;
 
 /// The dispatcher's ends of the settling thread's channels.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(super) struct Settler {
     pub(super) requests: Sender<(Vec<Settlement>, Timestamp)>,
     pub(super) results: Receiver<crate::Result<Vec<Result<Job, StorageError>>>>,
@@ -143,9 +143,9 @@ impl Dispatcher {
             && batch.len() >= beside_from
             && want >= beside_from
             && self.settle_failures == 0
-            && self.settler.is_some()
+            && let Some(settler) = self.settler.clone()
         {
-            self.settle_beside_claim(batch, ends, settlements, &request, at);
+            self.settle_beside_claim(&settler, batch, ends, settlements, &request, at);
             return;
         }
         let settled = if polling {
@@ -181,16 +181,13 @@ impl Dispatcher {
     /// of its own there; its new lease is renewed meanwhile too.
     fn settle_beside_claim(
         &mut self,
+        settler: &Settler,
         batch: Vec<(Lease, Finished)>,
         ends: Vec<Ended>,
         settlements: Vec<Settlement>,
-        request: &crate::ClaimRequest,
+        request: &ClaimRequest,
         at: Timestamp,
     ) {
-        let Some(settler) = &self.settler else {
-            unreachable!("only called with a settling thread");
-        };
-        let results = settler.results.clone();
         // The settling thread ends only once the dispatcher drops its end, or with a panic
         // of the store, which the dispatcher then takes up as it would its own.
         settler
@@ -205,14 +202,14 @@ impl Dispatcher {
         {
             Ok(polled) => {
                 self.claim_succeeded();
-                let settling: std::collections::HashSet<&crate::JobId> =
+                let in_batch: HashSet<&JobId> =
                     batch.iter().map(|(lease, _)| &lease.job_id).collect();
-                let (held_back, now): (Vec<Job>, Vec<Job>) = polled
+                let (held_back, ready): (Vec<Job>, Vec<Job>) = polled
                     .claimed
                     .into_iter()
-                    .partition(|job| settling.contains(&job.id));
+                    .partition(|job| in_batch.contains(&job.id));
                 again = held_back;
-                self.hand_out(now);
+                self.hand_out(ready);
                 poll = Some(polled.poll);
             }
             Err(error) => self.claim_failed(error),
@@ -223,7 +220,7 @@ impl Dispatcher {
         // half intervals unrenewed.
         let mut renew_at = self.next_heartbeat.max(Instant::now()) + self.heartbeat_every / 2;
         let settled = loop {
-            match results.recv_deadline(renew_at) {
+            match settler.results.recv_deadline(renew_at) {
                 Ok(settled) => break settled,
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
                     let waiting: Vec<Lease> =
