@@ -805,9 +805,18 @@ pub fn config_round_trip(h: &dyn Harness) {
 pub fn a_settlement_that_polls_claims_nothing_once_a_stop_is_asked(h: &dyn Harness) {
     let store = h.store();
     store.register_worker(worker_info("w1")).unwrap();
+    let request = ClaimRequest::new("w1", 1, LEASE);
+    // A store that never held a job: no queue to claim from, the poll read all the same.
+    let empty = store.change_version().unwrap();
+    let polled = store
+        .settle_and_claim_polling(Vec::new(), &request, at(0))
+        .unwrap();
+    let (version, me) = polled.poll.unwrap();
+    assert_eq!(version, empty);
+    assert!(me.is_some_and(|w| !w.stop_requested));
+    assert!(polled.claimed.is_empty() && polled.settled.is_empty());
     let batch = (0..3).map(|_| NewJob::new("true")).collect();
     store.enqueue_batch(batch, at(0)).unwrap();
-    let request = ClaimRequest::new("w1", 1, LEASE);
     let complete = |job: &Job| Settlement::Complete {
         lease: job.lease.clone().unwrap(),
         report: AttemptReport::default(),

@@ -29,8 +29,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use postgres::Statement;
 use postgres::error::SqlState;
-use postgres::{Row, Statement};
 use scheduled_thread_pool::ScheduledThreadPool;
 
 use self::link::{ConnectError, Link, Param};
@@ -817,23 +817,26 @@ impl PgStorage {
     ) -> TxResult<Turn> {
         let worker: &str = &request.worker;
         let worker: [Param; 1] = [&worker];
-        let mut also: Vec<(&str, &[Param])> = Vec::with_capacity(2);
-        if polling {
-            also.push((queries::VERSION_AND_WORKER, &worker));
-        }
-        if request.max > 0 {
-            also.push((queries::CLAIMABLE_QUEUES, &[]));
+        let claiming = request.max > 0;
+        if claiming {
             // With the queues read, whether a settlement made room others wait for is known.
             tx.give_no_work();
         }
-        let (settled, answers) = Self::settle_in(tx, settlements, now, &also)?;
-        let mut answers = answers.into_iter();
+        // What is read with the lock, in one statement (see `VERSION_WORKER_AND_QUEUES`).
+        let also: &[(&str, &[Param])] = match (polling, claiming) {
+            (true, true) => &[(queries::VERSION_WORKER_AND_QUEUES, &worker)],
+            (true, false) => &[(queries::VERSION_AND_WORKER, &worker)],
+            (false, true) => &[(queries::CLAIMABLE_QUEUES, &[])],
+            (false, false) => &[],
+        };
+        let (settled, answers) = Self::settle_in(tx, settlements, now, also)?;
+        let rows = answers.into_iter().next().unwrap_or_default();
         let poll = if polling {
-            Some(match answers.next().as_deref() {
-                Some([row]) => {
+            Some(match rows.first() {
+                Some(row) => {
                     rows::polled(row).map_err(|e| self.error("read a worker's registration", e))
                 }
-                _ => return Err(TxError::Decode("the version was not read".to_owned())),
+                None => return Err(TxError::Decode("the version was not read".to_owned())),
             })
         } else {
             None
@@ -842,12 +845,15 @@ impl PgStorage {
             Some(poll) => request.unless_stopping(poll),
             None => request.clone(),
         };
-        let queues = answers.next();
-        if let Some(rows) = &queues
-            && makes_awaited_room(rows, &settled)?
-        {
-            tx.give_work();
-        }
+        let queues = if claiming {
+            let queues = rows::claimable_queues(&rows, if polling { 2 } else { 0 })?;
+            if makes_awaited_room(&queues, &settled) {
+                tx.give_work();
+            }
+            Some(queues)
+        } else {
+            None
+        };
         let claimed = Self::claim_in(tx, &request, now, queues)?;
         Ok(Turn {
             settled,
@@ -856,37 +862,34 @@ impl PgStorage {
         })
     }
 
-    /// Claims jobs for `request`. `queues` are the rows of [`queries::CLAIMABLE_QUEUES`] if
-    /// this transaction read them already; counts are only written at commit, so rows read
+    /// Claims jobs for `request`. `queues` are what [`queries::CLAIMABLE_QUEUES`] read if
+    /// this transaction read it already; counts are only written at commit, so rows read
     /// before this transaction's settlements are as good as rows read after them.
     fn claim_in(
         tx: &mut Tx,
         request: &ClaimRequest,
         now: Timestamp,
-        queues: Option<Vec<Row>>,
+        queues: Option<Vec<rows::QueueCounts>>,
     ) -> TxResult<Vec<Job>> {
         if request.max == 0 {
             return Ok(Vec::new());
         }
         // Index bookkeeping, not a change anyone sees: it does not count as one.
         tx.promote_due(now);
-        let rows = match queues {
-            Some(rows) => rows,
-            None => tx.query(queries::CLAIMABLE_QUEUES, &[])?,
+        let read = match queues {
+            Some(queues) => queues,
+            None => rows::claimable_queues(&tx.query(queries::CLAIMABLE_QUEUES, &[])?, 0)?,
         };
         let mut queues = Vec::new();
         // The counts as stored, plus what settlements earlier in this transaction changed.
-        for row in rows {
-            let name: String = row.try_get(0)?;
-            let waiting = row.try_get::<_, Option<i64>>(1)?.unwrap_or(0)
+        for queue in read {
+            let name = queue.name;
+            let waiting = queue.waiting
                 + tx.pending_count(&name, JobState::Pending)
                 + tx.pending_count(&name, JobState::Failed);
-            let running: i64 =
-                row.try_get::<_, i64>(2)? + tx.pending_count(&name, JobState::Processing);
-            let paused: bool = row.try_get(3)?;
-            let limit: i64 = row.try_get(4)?;
-            if waiting > 0 && !paused && request.takes(&name) {
-                queues.push((name, running, limit));
+            let running = queue.running + tx.pending_count(&name, JobState::Processing);
+            if waiting > 0 && !queue.paused && request.takes(&name) {
+                queues.push((name, running, queue.limit));
             }
         }
         // Claims of a limited queue follow one another: each locks the queue's settings, then
@@ -980,23 +983,17 @@ impl PgStorage {
     }
 }
 
-/// Whether one of the `settled` jobs ran in a queue with a limit, as `queues` (rows of
+/// Whether one of the `settled` jobs ran in a queue with a limit, as `queues` (read by
 /// [`queries::CLAIMABLE_QUEUES`]) tell: the room it left is work for whoever waits for it.
 /// Whether jobs wait there is not asked: one enqueued after the counts were read, by a
 /// transaction that woke a worker before this one freed the room, would be missed.
-fn makes_awaited_room(queues: &[Row], settled: &[Result<Job>]) -> TxResult<bool> {
-    for row in queues {
-        let name: &str = row.try_get(0)?;
-        let limit: i64 = row.try_get(4)?;
-        if limit > 0
+fn makes_awaited_room(queues: &[rows::QueueCounts], settled: &[Result<Job>]) -> bool {
+    queues.iter().any(|queue| {
+        queue.limit > 0
             && settled
                 .iter()
-                .any(|job| job.as_ref().is_ok_and(|job| job.queue == name))
-        {
-            return Ok(true);
-        }
-    }
-    Ok(false)
+                .any(|job| job.as_ref().is_ok_and(|job| job.queue == queue.name))
+    })
 }
 
 fn lost(lease: &Lease) -> StorageError {
@@ -1304,7 +1301,8 @@ impl Storage for PgStorage {
             let queues: [(&str, &[Param]); 1] = [(queries::CLAIMABLE_QUEUES, &[])];
             let (settled, answers) = Self::settle_in(tx, &settlements, now, &queues)?;
             match answers.into_iter().next() {
-                Some(rows) if !makes_awaited_room(&rows, &settled)? => {}
+                Some(rows) if !makes_awaited_room(&rows::claimable_queues(&rows, 0)?, &settled) => {
+                }
                 _ => tx.give_work(),
             }
             Ok(settled)

@@ -42,12 +42,20 @@ pub(super) const PROMOTE: &str = "WITH p AS (UPDATE {s}.jobs SET lane = 1 WHERE 
      RETURNING seq) UPDATE {s}.changes SET work = work + 1 WHERE stripe = $2 \
      AND EXISTS (SELECT FROM p) RETURNING pg_notify($3, '')";
 
-/// Per queue with jobs: waiting (pending or failed), running, and its settings.
-pub(super) const CLAIMABLE_QUEUES: &str = "SELECT c.queue, c.waiting::bigint, \
-     c.running::bigint, coalesce(q.paused, false), coalesce(q.max_running, 0) FROM \
-     (SELECT queue, sum(jobs) FILTER (WHERE state IN ('pending', 'failed')) AS waiting, \
-     coalesce(sum(jobs) FILTER (WHERE state = 'processing'), 0) AS running \
-     FROM {s}.counts GROUP BY queue) c LEFT JOIN {s}.queues q ON q.name = c.queue";
+/// The body of [`CLAIMABLE_QUEUES`], for the statements that include it.
+macro_rules! claimable_queues {
+    () => {
+        "SELECT c.queue, c.waiting::bigint AS waiting, c.running::bigint AS running, \
+         coalesce(q.paused, false) AS paused, coalesce(q.max_running, 0) AS max_running FROM \
+         (SELECT queue, sum(jobs) FILTER (WHERE state IN ('pending', 'failed')) AS waiting, \
+         coalesce(sum(jobs) FILTER (WHERE state = 'processing'), 0) AS running \
+         FROM {s}.counts GROUP BY queue) c LEFT JOIN {s}.queues q ON q.name = c.queue"
+    };
+}
+
+/// Per queue with jobs: waiting (pending or failed), running, and its settings
+/// (`rows::claimable_queues` reads the rows).
+pub(super) const CLAIMABLE_QUEUES: &str = claimable_queues!();
 
 /// Locks the settings of limited queues a claim takes from (in name order), so claims of
 /// one limited queue follow each other, each seeing what the one before committed.
@@ -207,11 +215,31 @@ macro_rules! version_of_changes {
 /// The store's version (see `version_of_changes`).
 pub(super) const VERSION: &str = concat!("SELECT ", version_of_changes!());
 
+/// The body of [`VERSION_AND_WORKER`], for the statements that include it.
+macro_rules! version_and_worker {
+    () => {
+        concat!(
+            "SELECT (SELECT ",
+            version_of_changes!(),
+            ") AS version, (SELECT info::text FROM {s}.workers WHERE id = $1) AS info"
+        )
+    };
+}
+
 /// [`VERSION`], and the registration of worker `$1` (`NULL`: none), in one statement.
-pub(super) const VERSION_AND_WORKER: &str = concat!(
-    "SELECT (SELECT ",
-    version_of_changes!(),
-    "), (SELECT info::text FROM {s}.workers WHERE id = $1)"
+pub(super) const VERSION_AND_WORKER: &str = version_and_worker!();
+
+/// [`VERSION_AND_WORKER`] and [`CLAIMABLE_QUEUES`] in one statement, for a worker's turn
+/// that asks both: a row per queue with jobs, each starting with the version and
+/// registration; one row of those and no queue (`NULL`s) when no queue has jobs. One
+/// statement less in every turn of a polling worker: each one the server runs costs it a
+/// flush of its answer, which is most of what a small statement costs it.
+pub(super) const VERSION_WORKER_AND_QUEUES: &str = concat!(
+    "SELECT p.version, p.info, c.* FROM (",
+    version_and_worker!(),
+    ") p LEFT JOIN (",
+    claimable_queues!(),
+    ") c ON true"
 );
 
 /// The part of a version that only changes that may give a worker something to do move.
