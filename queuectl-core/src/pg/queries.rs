@@ -135,15 +135,11 @@ pub(super) fn page(state: bool, queue: bool, newest_first: bool) -> String {
 /// After `SELECT J FROM {s}.jobs`: every dead job, locked.
 pub(super) const DEAD: &str = "WHERE state = 'dead' ORDER BY seq FOR UPDATE";
 
-/// Deletes the completed jobs that finished before `$1`, with their attempts (their output
-/// and edges go by cascade); returns each one's queue.
-pub(super) const PURGE: &str = "WITH d AS (DELETE FROM {s}.jobs WHERE seq IN (SELECT seq \
+/// Deletes the completed jobs that finished before `$1` (their attempts go by trigger, their
+/// output and edges by cascade); returns each one's queue.
+pub(super) const PURGE: &str = "DELETE FROM {s}.jobs WHERE seq IN (SELECT seq \
      FROM {s}.jobs WHERE state = 'completed' AND coalesce(finished_at, updated_at) < $1 \
-     FOR UPDATE SKIP LOCKED) RETURNING seq, queue), a AS (DELETE FROM {s}.attempts \
-     WHERE job_seq IN (SELECT seq FROM d)) SELECT queue FROM d";
-
-/// Deletes the attempts of the jobs `$1` (run with the jobs' own deletion).
-pub(super) const DELETE_ATTEMPTS: &str = "DELETE FROM {s}.attempts WHERE job_seq = ANY($1)";
+     FOR UPDATE SKIP LOCKED) RETURNING queue";
 
 /// The earliest due time after `$1` of a job waiting to run.
 pub(super) const NEXT_DUE: &str = "SELECT least(\

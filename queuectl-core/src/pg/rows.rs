@@ -972,7 +972,7 @@ impl<'a> Tx<'a> {
         Ok(())
     }
 
-    /// Deletes jobs with their attempts (their output and edges go by cascade). With
+    /// Deletes jobs; their attempts go by trigger, their output and edges by cascade. With
     /// `cancel_at`, the jobs blocked waiting for each are cancelled then (it can no longer
     /// complete); without, they count it as completed.
     pub(super) fn delete_jobs(
@@ -987,7 +987,6 @@ impl<'a> Tx<'a> {
         }
         let seqs: Vec<i64> = jobs.iter().map(|job| job.seq as i64).collect();
         self.write("DELETE FROM {s}.jobs WHERE seq = ANY($1)", &[&seqs])?;
-        self.write(queries::DELETE_ATTEMPTS, &[&seqs])?;
         for job in jobs {
             self.count(&job.queue, job.state, -1);
         }

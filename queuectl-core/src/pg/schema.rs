@@ -20,7 +20,7 @@ pub(super) const LOCK_FIRST: &str = "LOCK TABLE {s}.jobs, {s}.attempts IN ACCESS
 
 /// Each migration, in order; migration `n` (1-based) brings `schema_version` from `n - 1` to
 /// `n`.
-pub(super) const MIGRATIONS: &[&str] = &[V1, V2, V3];
+pub(super) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4];
 
 /// The schema version this build writes, and the newest it reads.
 pub const PG_SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -59,6 +59,7 @@ pub(super) const OURS: &[&str] = &[
     "meta",
     "changes",
     "live_output",
+    "delete_attempts_of_deleted_jobs",
 ];
 
 /// The names of what schema `$1` holds, but its indexes (which belong to its tables) and the
@@ -235,10 +236,9 @@ ALTER TABLE {s}.changes ADD COLUMN work BIGINT NOT NULL DEFAULT 0;
 /// Version 3: less written per job, for the same reads.
 ///
 /// - `attempts` no longer references `jobs`: the foreign key's check ran a query for every
-///   attempt recorded, about half the cost of its insert. A job's attempts are deleted with
-///   it by the statements that delete jobs (`queries::PURGE`, `Tx::delete_jobs`), and an
-///   attempt is only ever added by a settlement holding its job's row lock, so none is left
-///   without its job.
+///   attempt recorded, about half the cost of its insert. A job's attempts were deleted with
+///   it by this build's statements that delete jobs; an older build's, which counted on the
+///   key's cascade, left them behind ([`V4`] deletes them wherever jobs are deleted from).
 /// - `jobs_lease_worker` goes: each claim wrote an entry to it. A dead worker's jobs are
 ///   found through `jobs_lease_expiry`, which holds the running jobs only (as many as the
 ///   workers run at once).
@@ -248,4 +248,23 @@ ALTER TABLE {s}.changes ADD COLUMN work BIGINT NOT NULL DEFAULT 0;
 const V3: &str = "
 ALTER TABLE {s}.attempts DROP CONSTRAINT attempts_job_seq_fkey;
 DROP INDEX {s}.jobs_lease_worker;
+";
+
+/// Version 4: a job's attempts are deleted with it, whoever deletes it, as the foreign key
+/// that [`V3`] dropped had them: by a trigger that runs once per statement that deletes jobs
+/// (not per row, and not on inserts, which the key's check slowed). Version 3 left this to
+/// the statements of the build that migrated, so the purges of an older build still running
+/// left attempts without their job: the migration deletes those. An attempt is only ever
+/// added by a settlement holding its job's row lock, so none is added for a deleted job.
+const V4: &str = "
+CREATE FUNCTION {s}.delete_attempts_of_deleted_jobs() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM {s}.attempts WHERE job_seq IN (SELECT seq FROM deleted);
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER jobs_delete_attempts AFTER DELETE ON {s}.jobs
+    REFERENCING OLD TABLE AS deleted FOR EACH STATEMENT
+    EXECUTE FUNCTION {s}.delete_attempts_of_deleted_jobs();
+DELETE FROM {s}.attempts a WHERE NOT EXISTS (SELECT FROM {s}.jobs j WHERE j.seq = a.job_seq);
 ";

@@ -1563,14 +1563,20 @@ fn a_migration_waits_for_an_older_builds_settlement() {
     }
 }
 
+/// What makes schema `quoted` as a build of schema version `version` made it (its
+/// `schema_version` row still to be set).
+fn schema_at(version: usize, quoted: &str) -> String {
+    std::iter::once(super::schema::BOOTSTRAP)
+        .chain(super::schema::MIGRATIONS[..version].iter().copied())
+        .map(|sql| sql.replace("{s}", quoted))
+        .collect::<Vec<_>>()
+        .join(";")
+}
+
 fn migrate_beside_a_settlement(from: usize) {
     let pg = Pg::unopened();
     let quoted = format!("\"{}\"", pg.schema);
-    let older = std::iter::once(super::schema::BOOTSTRAP)
-        .chain(super::schema::MIGRATIONS[..from].iter().copied())
-        .map(|sql| sql.replace("{s}", &quoted))
-        .collect::<Vec<_>>()
-        .join(";");
+    let older = schema_at(from, &quoted);
     let mut client = pg.client();
     client
         .batch_execute(&format!(
@@ -1643,6 +1649,60 @@ fn migrate_beside_a_settlement(from: usize) {
         Some(PG_SCHEMA_VERSION as i32),
         "from {from}"
     );
+}
+
+/// From version 4 a job's attempts go with it whatever deletes it, as they did with the
+/// foreign key version 3 dropped: an older build's purge (a bare delete of jobs) leaves none
+/// behind, and the migration from version 3 deletes those such a purge left.
+#[test]
+fn attempts_go_with_their_job_whoever_deletes_it() {
+    let Some(_) = database_url() else { return };
+    let pg = Pg::unopened();
+    let quoted = format!("\"{}\"", pg.schema);
+    let version_3 = schema_at(3, &quoted);
+    let attempt = |job: &str| {
+        format!(
+            "INSERT INTO {quoted}.attempts (job_seq, number, worker, started_at, outcome) \
+             SELECT seq, 1, 'w', 0, 'failed' FROM {quoted}.jobs WHERE id = '{job}'"
+        )
+    };
+    let job = |id: &str| {
+        format!(
+            "INSERT INTO {quoted}.jobs (id, command, state, attempts, max_retries, \
+             created_at, updated_at, priority, run_at, queue) \
+             VALUES ('{id}', 'x', 'completed', 1, 3, 0, 0, 0, 0, 'default')"
+        )
+    };
+    pg.client()
+        .batch_execute(&format!(
+            "{version_3}; UPDATE {quoted}.schema_version SET version = 3; {}; {}; {}; {}; \
+             DELETE FROM {quoted}.jobs WHERE id = 'purged'",
+            job("kept"),
+            job("purged"),
+            attempt("kept"),
+            attempt("purged"),
+        ))
+        .unwrap();
+    let attempts = || pg.count("SELECT count(*) FROM {s}.attempts");
+    assert_eq!(attempts(), 2, "version 3 leaves the purged job's attempt");
+    let store = pg.connect(PgOptions::default());
+    assert_eq!(stored_version(&pg), Some(PG_SCHEMA_VERSION as i32));
+    assert_eq!(
+        attempts(),
+        1,
+        "the migration deletes the attempt left without its job"
+    );
+    assert_eq!(
+        store
+            .attempts(&crate::JobId::new("kept").unwrap())
+            .unwrap()
+            .len(),
+        1
+    );
+    pg.client()
+        .batch_execute(&format!("DELETE FROM {quoted}.jobs WHERE id = 'kept'"))
+        .unwrap();
+    assert_eq!(attempts(), 0, "a bare delete of the job takes its attempt");
 }
 
 /// What a job prints may hold NUL bytes, which PostgreSQL's `text` refuses: its output, live
