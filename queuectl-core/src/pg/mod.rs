@@ -846,7 +846,8 @@ impl PgStorage {
             None => request.clone(),
         };
         let queues = if claiming {
-            let queues = rows::claimable_queues(&rows, if polling { 2 } else { 0 })?;
+            let queues =
+                rows::claimable_queues(&rows, if polling { rows::POLLED_COLUMNS } else { 0 })?;
             if makes_awaited_room(&queues, &settled) {
                 tx.give_work();
             }
@@ -1300,10 +1301,12 @@ impl Storage for PgStorage {
             tx.give_no_work();
             let queues: [(&str, &[Param]); 1] = [(queries::CLAIMABLE_QUEUES, &[])];
             let (settled, answers) = Self::settle_in(tx, &settlements, now, &queues)?;
-            match answers.into_iter().next() {
-                Some(rows) if !makes_awaited_room(&rows::claimable_queues(&rows, 0)?, &settled) => {
-                }
-                _ => tx.give_work(),
+            let awaited = match answers.into_iter().next() {
+                Some(rows) => makes_awaited_room(&rows::claimable_queues(&rows, 0)?, &settled),
+                None => true,
+            };
+            if awaited {
+                tx.give_work();
             }
             Ok(settled)
         })

@@ -1698,6 +1698,9 @@ pub(super) fn claimable_queues(rows: &[Row], first: usize) -> TxResult<Vec<Queue
     Ok(queues)
 }
 
+/// How many columns [`polled`] reads: the version and the registration.
+pub(super) const POLLED_COLUMNS: usize = 2;
+
 /// The version and registration a row of [`queries::VERSION_AND_WORKER`] holds (or of
 /// [`queries::VERSION_WORKER_AND_QUEUES`], which starts with the same two columns).
 pub(super) fn polled(row: &Row) -> TxResult<(u64, Option<WorkerInfo>)> {
