@@ -20,7 +20,7 @@ pub(super) const LOCK_FIRST: &str = "LOCK TABLE {s}.jobs, {s}.attempts IN ACCESS
 
 /// Each migration, in order; migration `n` (1-based) brings `schema_version` from `n - 1` to
 /// `n`.
-pub(super) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4];
+pub(super) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5];
 
 /// The schema version this build writes, and the newest it reads.
 pub const PG_SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -267,4 +267,22 @@ CREATE TRIGGER jobs_delete_attempts AFTER DELETE ON {s}.jobs
     REFERENCING OLD TABLE AS deleted FOR EACH STATEMENT
     EXECUTE FUNCTION {s}.delete_attempts_of_deleted_jobs();
 DELETE FROM {s}.attempts a WHERE NOT EXISTS (SELECT FROM {s}.jobs j WHERE j.seq = a.job_seq);
+";
+
+/// Version 5: the trigger of [`V4`] finds `attempts` in the schema of the table it fires on
+/// (`TG_TABLE_SCHEMA`), not in the schema it was created in. A queue's schema may be renamed
+/// (and another queue made under the old name): written into the body, the old name had
+/// deletes in the renamed schema delete the attempts of the other queue's jobs of the same
+/// seqs. The seqs go as one array parameter, so a large purge passes them as values rather
+/// than joining the deleted rows whole. The trigger runs with the rights of whoever deletes
+/// the jobs, who then needs the right to delete from `attempts` too.
+const V5: &str = "
+CREATE OR REPLACE FUNCTION {s}.delete_attempts_of_deleted_jobs() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    EXECUTE format('DELETE FROM %I.attempts WHERE job_seq = ANY($1)', TG_TABLE_SCHEMA)
+        USING ARRAY(SELECT seq FROM deleted);
+    RETURN NULL;
+END
+$$;
 ";

@@ -1558,7 +1558,7 @@ fn deleted_jobs_take_their_attempts_with_them() {
 #[test]
 fn a_migration_waits_for_an_older_builds_settlement() {
     let Some(_) = database_url() else { return };
-    for from in [1, 2, 3] {
+    for from in [1, 2, 3, 4] {
         migrate_beside_a_settlement(from);
     }
 }
@@ -1703,6 +1703,65 @@ fn attempts_go_with_their_job_whoever_deletes_it() {
         .batch_execute(&format!("DELETE FROM {quoted}.jobs WHERE id = 'kept'"))
         .unwrap();
     assert_eq!(attempts(), 0, "a bare delete of the job takes its attempt");
+}
+
+/// A job that has failed for good once, with its one attempt recorded: what `clear_dead`
+/// deletes, attempt and all.
+fn dead_job_with_an_attempt(store: &PgStorage, id: &str) {
+    store
+        .enqueue(NewJob::new("x").id(id).unwrap().max_retries(1), now())
+        .unwrap();
+    let lease = store.claim("w", 1, LEASE, now()).unwrap()[0]
+        .lease
+        .clone()
+        .unwrap();
+    let failed = crate::Settlement::Fail {
+        lease,
+        report: crate::AttemptReport::default(),
+        retry_at: now(),
+    };
+    let settled = store.settle(vec![failed], now()).unwrap();
+    assert_eq!(settled[0].as_ref().unwrap().state, crate::JobState::Dead);
+    assert_eq!(
+        store
+            .attempts(&crate::JobId::new(id).unwrap())
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+/// A queue's schema may be renamed, and a new queue made under its old name: deleting jobs
+/// from the renamed one deletes their attempts there, and nothing of the other queue's, whose
+/// jobs have the same seqs.
+#[test]
+fn deletes_in_a_renamed_schema_keep_to_it() {
+    let Some(_) = database_url() else { return };
+    let renamed = Pg::unopened();
+    let first = Pg::unopened();
+    dead_job_with_an_attempt(&first.connect(PgOptions::default()), "old");
+    first
+        .client()
+        .batch_execute(&format!(
+            "ALTER SCHEMA \"{}\" RENAME TO \"{}\"",
+            first.schema, renamed.schema
+        ))
+        .unwrap();
+    let other = first.connect(PgOptions::default());
+    dead_job_with_an_attempt(&other, "new");
+    let seq = |pg: &Pg| pg.count("SELECT seq FROM {s}.jobs");
+    assert_eq!(seq(&first), seq(&renamed), "the two jobs have the same seq");
+    let store = renamed.connect(PgOptions::default());
+    assert_eq!(store.clear_dead(now()).unwrap(), 1);
+    assert_eq!(renamed.count("SELECT count(*) FROM {s}.attempts"), 0);
+    assert_eq!(
+        other
+            .attempts(&crate::JobId::new("new").unwrap())
+            .unwrap()
+            .len(),
+        1,
+        "the other queue keeps its job's attempt"
+    );
 }
 
 /// What a job prints may hold NUL bytes, which PostgreSQL's `text` refuses: its output, live
