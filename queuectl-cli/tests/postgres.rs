@@ -130,6 +130,8 @@ fn a_job_of_a_killed_worker_completes_on_another() {
 struct Server {
     dir: tempfile::TempDir,
     port: u16,
+    /// `-c name=value` settings the server starts with.
+    settings: Vec<String>,
 }
 
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
@@ -138,6 +140,13 @@ impl Server {
     /// A new server on a free port. Run as the `postgres` user when this process is root
     /// (PostgreSQL refuses to run as root), as this user otherwise.
     fn start() -> Self {
+        Self::start_with(&[], |_| {})
+    }
+
+    /// As [`Server::start`], with `settings` (`name=value`), and `prepare` given the data
+    /// directory once it is made, before the server starts. Files it writes there are handed
+    /// to the server's user.
+    fn start_with(settings: &[&str], prepare: impl FnOnce(&std::path::Path)) -> Self {
         assert!(
             std::path::Path::new(PG_BIN).join("initdb").exists(),
             "{PG_BIN}/initdb is missing: this machine's PostgreSQL (QUEUECTL_TEST_DATABASE_URL \
@@ -153,7 +162,11 @@ impl Server {
             .local_addr()
             .unwrap()
             .port();
-        let server = Self { dir, port };
+        let server = Self {
+            dir,
+            port,
+            settings: settings.iter().map(|s| format!("-c {s}")).collect(),
+        };
         server.as_postgres(&[
             "initdb",
             "-D",
@@ -163,6 +176,15 @@ impl Server {
             "-U",
             "postgres",
         ]);
+        let data = std::path::PathBuf::from(server.data());
+        prepare(&data);
+        if nix::unistd::Uid::effective().is_root() {
+            let postgres = nix::unistd::User::from_name("postgres").unwrap().unwrap();
+            for entry in std::fs::read_dir(&data).unwrap() {
+                let path = entry.unwrap().path();
+                nix::unistd::chown(&path, Some(postgres.uid), Some(postgres.gid)).unwrap();
+            }
+        }
         server.pg_ctl(&["start", "-w"]);
         server
     }
@@ -199,9 +221,10 @@ impl Server {
 
     fn pg_ctl(&self, args: &[&str]) {
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 {}",
             self.port,
-            self.dir.path().display()
+            self.dir.path().display(),
+            self.settings.join(" ")
         );
         let log = self.dir.path().join("log").display().to_string();
         let data = self.data();
@@ -645,4 +668,165 @@ fn a_worker_runs_one_thread_for_its_connection_pool() {
         !names.iter().any(|name| name.starts_with("r2d2")),
         "{names:?}"
     );
+}
+
+/// A certificate authority of a test's own.
+struct Ca {
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl Ca {
+    fn new(name: &str) -> Self {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let key = rcgen::KeyPair::generate().unwrap();
+        Self {
+            issuer: rcgen::CertifiedIssuer::self_signed(params, key).unwrap(),
+        }
+    }
+
+    /// The CA's own certificate (PEM).
+    fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// A server certificate for `name` and its key (PEM).
+    fn issue(&self, name: &str) -> (String, String) {
+        let params = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+/// The server's certificate is checked as the URL asks, with libpq's rules: on a server of
+/// the test's own that takes TLS connections only, with a certificate for `localhost` issued
+/// by a CA of the test's own. Every refusal fails the command at once, saying why.
+#[test]
+fn the_servers_certificate_is_checked_as_the_url_asks() {
+    if Schema::new().is_none() {
+        return;
+    }
+    let ca = Ca::new("queuectl test CA");
+    let another = Ca::new("another CA");
+    let (cert, key) = ca.issue("localhost");
+    let settings = [
+        "ssl=on",
+        "ssl_cert_file=server.crt",
+        "ssl_key_file=server.key",
+    ];
+    let server = Server::start_with(&settings, |data| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(data.join("server.crt"), &cert).unwrap();
+        let key_file = data.join("server.key");
+        std::fs::write(&key_file, &key).unwrap();
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\n\
+             hostssl all all ::1/128 trust\n",
+        )
+        .unwrap();
+    });
+    let q = Queue::new();
+    let roots = q.scratch("roots.pem");
+    std::fs::write(&roots, ca.pem()).unwrap();
+    let others = q.scratch("others.pem");
+    std::fs::write(&others, another.pem()).unwrap();
+    let empty_home = tempfile::tempdir().unwrap();
+    let home_with_root = tempfile::tempdir().unwrap();
+    std::fs::create_dir(home_with_root.path().join(".postgresql")).unwrap();
+    std::fs::write(home_with_root.path().join(".postgresql/root.crt"), ca.pem()).unwrap();
+    let url = |host: &str, query: &str| {
+        let query = query
+            .replace("ROOTS", &roots.display().to_string())
+            .replace("OTHERS", &others.display().to_string());
+        format!(
+            "postgres://postgres@{host}:{}/postgres?{query}",
+            server.port
+        )
+    };
+    let status = |url: &str, home: &std::path::Path, code: i32| {
+        q.on_database(["--database-url", url, "status", "--json"])
+            .env("HOME", home)
+            .status(code)
+            .run()
+    };
+    let connects = |url: &str, home: &std::path::Path| {
+        let out = status(url, home, 0);
+        assert_eq!(out.json()["total"], 0, "{url}: {}", out.stdout);
+    };
+    let refused = |url: &str, home: &std::path::Path, why: &[&str]| {
+        let out = status(url, home, 1);
+        assert!(out.stdout.is_empty(), "{url}: {}", out.stdout);
+        for words in why {
+            assert!(
+                out.stderr.contains(words),
+                "{url}: {words:?} in {}",
+                out.stderr
+            );
+        }
+    };
+    let empty = empty_home.path();
+    // The server takes no plain connection: each that succeeds below was encrypted.
+    refused(
+        &url("localhost", "sslmode=disable"),
+        empty,
+        &["takes only encrypted connections", "add sslmode=require"],
+    );
+    // `require` encrypts and checks nothing, unless a root certificate is given.
+    connects(&url("localhost", "sslmode=require"), empty);
+    connects(
+        &url("127.0.0.1", "sslmode=require&sslrootcert=ROOTS"),
+        empty,
+    );
+    refused(
+        &url("localhost", "sslmode=require&sslrootcert=OTHERS"),
+        empty,
+        &["TLS with the server could not be set up", "UnknownIssuer"],
+    );
+    // `verify-full` checks the issuer and the name; `verify-ca` the issuer alone.
+    connects(
+        &url("localhost", "sslmode=verify-full&sslrootcert=ROOTS"),
+        empty,
+    );
+    refused(
+        &url("127.0.0.1", "sslmode=verify-full&sslrootcert=ROOTS"),
+        empty,
+        &["TLS with the server", "not valid for name", "127.0.0.1"],
+    );
+    connects(
+        &url("127.0.0.1", "sslmode=verify-ca&sslrootcert=ROOTS"),
+        empty,
+    );
+    refused(
+        &url("127.0.0.1", "sslmode=verify-ca&sslrootcert=OTHERS"),
+        empty,
+        &["UnknownIssuer"],
+    );
+    // Without `sslrootcert`, the root certificate is `~/.postgresql/root.crt`.
+    connects(
+        &url("localhost", "sslmode=verify-full"),
+        home_with_root.path(),
+    );
+    refused(
+        &url("localhost", "sslmode=verify-full"),
+        empty,
+        &[
+            "sslmode=verify-full",
+            "sslrootcert=FILE",
+            ".postgresql/root.crt",
+        ],
+    );
+    // The key=value form reads the same.
+    let key_values = format!(
+        "host=localhost port={} user=postgres dbname=postgres sslmode=verify-full \
+         sslrootcert='{}'",
+        server.port,
+        roots.display()
+    );
+    connects(&key_values, empty);
 }

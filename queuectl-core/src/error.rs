@@ -226,6 +226,11 @@ pub enum DatabaseFault {
     Denied,
     /// The database URL is not one the client reads.
     BadUrl,
+    /// TLS with the server could not be set up as the URL asks (its certificate refused,
+    /// most often).
+    Tls,
+    /// The server takes only encrypted connections, and the URL asked for none.
+    NeedsTls,
     /// Anything else (the database's own message follows).
     Other,
 }
@@ -242,6 +247,8 @@ impl std::fmt::Display for DatabaseFault {
             DatabaseFault::Unreachable => "the database server cannot be reached (is it running, and are the address and credentials right?)",
             DatabaseFault::Denied => "the database refused the operation (check the user's privileges on the database and the schema)",
             DatabaseFault::BadUrl => "it is not a PostgreSQL connection URL (postgres://user@host:port/dbname, or key=value pairs)",
+            DatabaseFault::Tls => "TLS with the server could not be set up as the URL asks (for a refused certificate: check sslrootcert, and that the URL's host is a name the certificate bears)",
+            DatabaseFault::NeedsTls => "the server takes only encrypted connections from here: add sslmode=require, or a mode that checks its certificate, to the URL",
             DatabaseFault::Other => "the database reported an error",
         })
     }

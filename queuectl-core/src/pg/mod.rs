@@ -248,13 +248,17 @@ impl PgStorage {
     /// [`PgOptions::schema_check`] leaves that to the first operation), and starts listening
     /// for changes.
     pub fn connect(url: &str, options: PgOptions) -> Result<Self> {
-        let mut config: tokio_postgres::Config =
-            url.parse().map_err(|source| StorageError::Postgres {
-                op: "read the database URL",
-                database: "the database URL given".to_owned(),
-                fault: DatabaseFault::BadUrl,
-                source: Box::new(source),
-            })?;
+        let bad_url = |source: Box<dyn std::error::Error + Send + Sync>| StorageError::Postgres {
+            op: "read the database URL",
+            database: "the database URL given".to_owned(),
+            fault: DatabaseFault::BadUrl,
+            source,
+        };
+        let (rest, tls_wanted) = tls::split_url(url).map_err(|e| bad_url(e.into()))?;
+        let mut config: tokio_postgres::Config = rest.parse().map_err(|e| bad_url(Box::new(e)))?;
+        if tls_wanted.verifies() {
+            config.ssl_mode(tokio_postgres::config::SslMode::Require);
+        }
         // A `connect_timeout` in the URL is the caller's choice, as `PgOptions`' is.
         let connect_timeout = config
             .get_connect_timeout()
@@ -267,11 +271,11 @@ impl PgStorage {
         }
         let database = format!("{} (schema {})", describe(&config), options.schema);
         check_schema_name(&options.schema, &database)?;
-        let connector =
-            tls::Connector::for_config(&config).map_err(|source| StorageError::Postgres {
-                op: "set up TLS (sslmode=require)",
+        let connector = tls::Connector::for_url(&config, &tls_wanted, home_dir().as_deref())
+            .map_err(|source| StorageError::Postgres {
+                op: "set up TLS",
                 database: database.clone(),
-                fault: DatabaseFault::Other,
+                fault: DatabaseFault::Tls,
                 source: Box::new(source),
             })?;
         let connect_errors = ConnectErrors::default();
@@ -1031,6 +1035,13 @@ fn check_schema_name(name: &str, database: &str) -> Result<()> {
 }
 
 /// The database of `config` in words: `postgres://user@host:port/dbname`, never the password.
+/// The user's home directory, where libpq looks for `.postgresql/root.crt`.
+fn home_dir() -> Option<PathBuf> {
+    std::env::var_os("HOME")
+        .filter(|home| !home.is_empty())
+        .map(PathBuf::from)
+}
+
 fn describe(config: &tokio_postgres::Config) -> String {
     use tokio_postgres::config::Host;
     let hosts: Vec<String> = config
@@ -1096,12 +1107,23 @@ fn is_conflict(error: &postgres::Error) -> bool {
 
 /// A PostgreSQL error in words a user can act on.
 fn fault_of(error: &postgres::Error) -> DatabaseFault {
+    if tls::is_handshake_failure(error) {
+        return DatabaseFault::Tls;
+    }
     if is_connection_error(error) {
         return DatabaseFault::Unreachable;
     }
     let Some(code) = error.code() else {
         return DatabaseFault::Other;
     };
+    // pg_hba.conf has `hostssl` lines only for this client. The words are the server's (in
+    // English unless `lc_messages` says otherwise): without them, the refusal stays `Denied`.
+    let unencrypted = error
+        .as_db_error()
+        .is_some_and(|db| db.message().ends_with(", no encryption"));
+    if code == &SqlState::INVALID_AUTHORIZATION_SPECIFICATION && unencrypted {
+        return DatabaseFault::NeedsTls;
+    }
     if [SqlState::DISK_FULL, SqlState::OUT_OF_MEMORY].contains(code) {
         DatabaseFault::DiskFull
     } else if [SqlState::DATA_CORRUPTED, SqlState::INDEX_CORRUPTED].contains(code) {
