@@ -25,6 +25,12 @@ pub enum Access {
 
 pub fn access(command: &Command) -> Access {
     match command {
+        // Every queue: where there is no store there are no queues, and nothing to make.
+        Command::Queue(QueueCommand::Pause { names } | QueueCommand::Resume { names })
+            if names.is_empty() =>
+        {
+            Access::Read
+        }
         Command::Enqueue { .. }
         | Command::Worker(WorkerCommand::Start { .. })
         | Command::Config(ConfigCommand::Set { .. })

@@ -905,6 +905,17 @@ fn reading_a_missing_queue_shows_it_empty_and_creates_nothing() {
         "{}",
         out.stderr
     );
+    // Refused settings are refused before a store is made for them.
+    for (setting, says) in [
+        (["max-retries", "many"], "max-retries"),
+        (["no-such-key", "1"], "no-such-key"),
+    ] {
+        let out = q.cmd(["config", "set"]).args(setting).status(1).run();
+        assert!(out.stderr.contains(says), "{}", out.stderr);
+    }
+    // Every queue paused where there are none: nothing to change, nothing made.
+    let out = q.cmd(["queue", "pause"]).run();
+    assert!(out.stderr.contains("no queues yet"), "{}", out.stderr);
     assert!(!q.home().exists());
 }
 

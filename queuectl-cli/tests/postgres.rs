@@ -552,6 +552,13 @@ fn commands_on_a_missing_schema_create_nothing_but_enqueue() {
             out.stderr
         );
     }
+    let out = q
+        .on_database(db.args(&["config", "set", "max-retries", "many"]))
+        .status(1)
+        .run();
+    assert!(out.stderr.contains("max-retries"), "{}", out.stderr);
+    let out = q.on_database(db.args(&["queue", "resume"])).run();
+    assert!(out.stderr.contains("no queues yet"), "{}", out.stderr);
     assert!(!exists(), "nothing was created");
     q.on_database(db.args(&["enqueue", r#"{"id":"a","command":"true"}"#]))
         .run();

@@ -330,6 +330,12 @@ impl Config {
         Ok(format_value((setting(key)?.read)(&self.0)))
     }
 
+    /// Whether `config set KEY VALUE` would be accepted, whatever the settings are: a key and
+    /// value are checked on their own, so a command can refuse them before it opens a store.
+    pub fn check(key: &str, value: &str) -> Result<(), ConfigError> {
+        Config::default().set(key, value)
+    }
+
     /// Parses and validates `value`, then sets `key`. On error nothing changes.
     pub fn set(&mut self, key: &str, value: &str) -> Result<(), ConfigError> {
         let setting = setting(key)?;

@@ -20,7 +20,7 @@ use clap::CommandFactory;
 
 use queuectl_core::ListQuery;
 
-use crate::args::{Cli, Command, WorkerCommand};
+use crate::args::{Cli, Command, ConfigCommand, WorkerCommand};
 use crate::error::Result;
 use crate::store;
 
@@ -44,6 +44,9 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result {
         _ => None,
     };
     queue::check_names(&cli.command)?;
+    if let Command::Config(ConfigCommand::Set { key, value }) = &cli.command {
+        queuectl_core::Config::check(key, value)?;
+    }
     if let (Command::Enqueue { job, json }, Some(batch)) = (&cli.command, &mut jobs)
         && let Some(entries) = enqueue::hand_over(&target, batch)?
     {
