@@ -115,7 +115,8 @@ macro_rules! storage_conformance {
             live_output_under_a_stale_lease_is_refused_and_changes_nothing,
             live_output_is_capped_to_its_tail,
             live_output_does_not_leak_into_the_next_attempt,
-            settling_keeps_the_reported_output_not_the_live_one
+            settling_keeps_the_reported_output_not_the_live_one,
+            nul_bytes_in_output_become_sub_on_every_store
         );
     };
     (@cases $guard:block $make:expr; $($case:ident),* $(,)?) => {
@@ -1095,6 +1096,31 @@ pub fn output_is_capped_to_its_tail(h: &dyn Harness) {
     assert_eq!(kept.len(), MAX_OUTPUT - 1);
     assert!(kept.bytes().all(|b| b == b'y'));
     assert_eq!(done.output.as_deref(), Some(kept.as_str()));
+}
+
+/// A NUL byte in what a job printed, live or at its end, and in its attempt's error is kept
+/// as SUB (U+001A), one byte for one: the same text on every store, offsets unchanged.
+pub fn nul_bytes_in_output_become_sub_on_every_store(h: &dyn Harness) {
+    let store = h.store();
+    store.enqueue(job("a").max_retries(1), at(0)).unwrap();
+    let lease = claim_one(&*store, at(0)).lease.unwrap();
+    store.record_output(&[chunk(&lease, 0, "li\0ve")]).unwrap();
+    store.record_output(&[chunk(&lease, 5, "\0!")]).unwrap();
+    let live = store.output_since(&id("a"), 2).unwrap();
+    assert_eq!((live.offset, live.text.as_str()), (2, "\u{1a}ve\u{1a}!"));
+    let report = AttemptReport {
+        exit_code: Some(1),
+        output: Some("out\0put".to_owned()),
+        error: Some("said \0".to_owned()),
+        ..AttemptReport::default()
+    };
+    let dead = store.fail(&lease, report, at(1), at(1)).unwrap();
+    assert_eq!(dead.output.as_deref(), Some("out\u{1a}put"));
+    assert_eq!(dead.last_error.as_deref(), Some("said \u{1a}"));
+    assert_eq!(store.get(&id("a")).unwrap(), dead, "returned as stored");
+    let attempts = store.attempts(&id("a")).unwrap();
+    assert_eq!(attempts[0].output, dead.output);
+    assert_eq!(attempts[0].error, dead.last_error);
 }
 
 /// `counts` stays right through deletions, retries and recoveries.

@@ -320,12 +320,25 @@ pub(crate) fn append_output(end: u64, chunk: &OutputChunk) -> Option<Appended> {
         keep = keep.max(chunk.offset);
     }
     // Of the chunk, what is neither recorded already nor dropped at once.
-    let text = keep_from(&chunk.text, chunk.offset, keep.max(end)).to_owned();
+    let text = as_stored(keep_from(&chunk.text, chunk.offset, keep.max(end)).to_owned());
     Some(Appended {
         text,
         end: new_end,
         keep_from: keep,
     })
+}
+
+/// What every store keeps of text a job printed, and of the error its attempt reports: each
+/// NUL byte becomes SUB (U+001A, the ASCII substitute character), one byte for one, so that
+/// offsets into the output stay right. PostgreSQL's `text` cannot hold NUL, and a job's
+/// output is the same text on every store (as bytes that are not UTF-8 already became
+/// U+FFFD when the output was read).
+pub(crate) fn as_stored(text: String) -> String {
+    if text.contains('\0') {
+        text.replace('\0', "\u{1a}")
+    } else {
+        text
+    }
 }
 
 /// `text`, which starts at offset `start` of an attempt's output, without what comes before
@@ -396,16 +409,20 @@ pub(crate) fn settle(job: &mut Job, settlement: &Settlement, now: Timestamp) -> 
 /// Copies what an attempt produced onto the job (its summary of the last attempt) and the
 /// attempt record.
 fn record(job: &mut Job, attempt: &mut Attempt, report: &AttemptReport, now: Timestamp) {
-    let output = report.output.clone().map(|text| tail(text, MAX_OUTPUT));
+    let output = report
+        .output
+        .clone()
+        .map(|text| as_stored(tail(text, MAX_OUTPUT)));
+    let error = report.error.clone().map(as_stored);
     job.finished_at = Some(now);
     job.exit_code = report.exit_code;
     job.output = output.clone();
-    if report.error.is_some() {
-        job.last_error = report.error.clone();
+    if error.is_some() {
+        job.last_error = error.clone();
     }
     attempt.exit_code = report.exit_code;
     attempt.signal = report.signal;
-    attempt.error = report.error.clone();
+    attempt.error = error;
     attempt.output = output;
 }
 

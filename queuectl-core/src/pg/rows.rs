@@ -943,11 +943,9 @@ impl<'a> Tx<'a> {
     pub(super) fn append_output(&mut self, seq: u64, chunk: &OutputChunk) -> TxResult<()> {
         let seq = seq as i64;
         let end: Option<i64> = self.db.query(queries::LIVE_END, &[&seq])?[0].try_get(0)?;
-        let Some(mut appended) = rules::append_output(end.map_or(0, |end| end as u64), chunk)
-        else {
+        let Some(appended) = rules::append_output(end.map_or(0, |end| end as u64), chunk) else {
             return Ok(());
         };
-        appended.text = without_nul(appended.text);
         if appended.keep_from > 0 {
             let keep = stored_offset(appended.keep_from);
             self.write(queries::LIVE_DROP, &[&seq, &keep])?;
@@ -1322,21 +1320,12 @@ impl AttemptArrays {
     }
 }
 
-/// What PostgreSQL's `text` can hold of what a job printed: every NUL byte (which it refuses)
-/// becomes SUB (U+001A, the ASCII substitute character), one byte for one, so that offsets
-/// into the output stay right.
-fn without_nul(text: String) -> String {
-    if text.contains('\0') {
-        text.replace('\0', "\u{1a}")
-    } else {
-        text
-    }
-}
-
-/// [`without_nul`] in place, so that what an operation returns is what a later read returns.
+/// [`rules::as_stored`] in place: the rules apply it to what an attempt reports, and here it
+/// guards every text a settlement writes, since one NUL would fail the whole batch's
+/// statement, every time it was tried.
 fn storable(text: &mut Option<String>) {
     if let Some(t) = text.take() {
-        *text = Some(without_nul(t));
+        *text = Some(rules::as_stored(t));
     }
 }
 
