@@ -282,7 +282,10 @@ pub struct Job {
     pub finished_at: Option<Timestamp>,
     /// The lease, while `processing`.
     pub lease: Option<Lease>,
-    /// Enqueue order within the store (ties in priority and due time run in this order).
+    /// Enqueue order within the store (ties in priority and due time run in this order). An
+    /// order, not a count: on PostgreSQL an enqueue that was refused, or rolled back, still
+    /// takes its numbers from the sequence, so the seqs of the jobs stored may have gaps
+    /// where the embedded store's have none.
     pub seq: u64,
     /// Attempts started over the job's whole life: unlike `attempts`, `retry` does not reset
     /// it, so each attempt in the history has its own number.
