@@ -1407,6 +1407,34 @@ fn logs_follow_exits_1_when_the_job_does_not_complete() {
     worker.wait_for("[dead] job j");
 }
 
+/// A database URL that cannot be read is refused before anything is tried, saying what is
+/// wrong with it, in either form of the URL; the embedded store is left alone.
+#[test]
+fn an_unreadable_database_url_is_refused_with_its_fault() {
+    let q = Queue::new();
+    for (url, cause) in [
+        ("postgres://u@h:notaport/db", "`port`"),
+        ("host='h user=u", "not closed"),
+        ("postgres://u@h/db?sslrootcert=%ff", "not UTF-8"),
+    ] {
+        let out = q
+            .on_database(["--database-url", url, "enqueue", r#"{"command":"true"}"#])
+            .status(1)
+            .run();
+        assert!(
+            out.stderr.starts_with(
+                "error: could not read the connection settings in the database URL given: it \
+                 is not a PostgreSQL connection URL"
+            ),
+            "{url}: {}",
+            out.stderr
+        );
+        assert!(out.stderr.contains(cause), "{url}: {}", out.stderr);
+        assert!(out.stdout.is_empty());
+    }
+    assert!(!q.home().exists(), "nothing was created");
+}
+
 /// Flags that contradict each other are refused before anything is opened: `--home` with a
 /// database URL, and `--database-schema` with no database to put it in. The environment's
 /// settings are defaults a flag overrides, not a contradiction.

@@ -249,7 +249,7 @@ impl PgStorage {
     /// for changes.
     pub fn connect(url: &str, options: PgOptions) -> Result<Self> {
         let bad_url = |source: Box<dyn std::error::Error + Send + Sync>| StorageError::Postgres {
-            op: "read the database URL",
+            op: "read the connection settings",
             database: "the database URL given".to_owned(),
             fault: DatabaseFault::BadUrl,
             source,
