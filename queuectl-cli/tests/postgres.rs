@@ -700,12 +700,72 @@ impl Ca {
         self.issuer.pem()
     }
 
-    /// A server certificate for `name` and its key (PEM).
+    /// A certificate for `name` (a server's host, or a client's user: subject name and
+    /// common name) and its key (PEM).
     fn issue(&self, name: &str) -> (String, String) {
-        let params = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap();
+        let mut params = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         (cert.pem(), key.serialize_pem())
+    }
+}
+
+/// A throwaway server that takes TLS connections only, with a certificate for `localhost`
+/// issued by `ca`, which it also trusts for client certificates; `auth` is the method of
+/// every TCP connection (`trust`, or `cert` for a client certificate).
+fn tls_server(ca: &Ca, auth: &str) -> Server {
+    let (cert, key) = ca.issue("localhost");
+    let settings = [
+        "ssl=on",
+        "ssl_cert_file=server.crt",
+        "ssl_key_file=server.key",
+        "ssl_ca_file=ca.crt",
+    ];
+    Server::start_with(&settings, |data| {
+        std::fs::write(data.join("server.crt"), &cert).unwrap();
+        std::fs::write(data.join("ca.crt"), ca.pem()).unwrap();
+        write_private(&data.join("server.key"), &key);
+        let hba = format!(
+            "local all all trust\nhostssl all all 127.0.0.1/32 {auth}\n\
+             hostssl all all ::1/128 {auth}\n"
+        );
+        std::fs::write(data.join("pg_hba.conf"), hba).unwrap();
+    })
+}
+
+/// Writes a private key, readable by its owner alone.
+fn write_private(path: &std::path::Path, key: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, key).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// `status` on `url` (with `HOME` at `home`) succeeds, on an empty queue.
+fn connects(q: &Queue, url: &str, home: &std::path::Path) {
+    let out = q
+        .on_database(["--database-url", url, "status", "--json"])
+        .env("HOME", home)
+        .run();
+    assert_eq!(out.json()["total"], 0, "{url}: {}", out.stdout);
+}
+
+/// `status` on `url` (with `HOME` at `home`) fails, printing nothing, its error saying `why`.
+fn refused(q: &Queue, url: &str, home: &std::path::Path, why: &[&str]) {
+    let out = q
+        .on_database(["--database-url", url, "status", "--json"])
+        .env("HOME", home)
+        .status(1)
+        .run();
+    assert!(out.stdout.is_empty(), "{url}: {}", out.stdout);
+    for words in why {
+        assert!(
+            out.stderr.contains(words),
+            "{url}: {words:?} in {}",
+            out.stderr
+        );
     }
 }
 
@@ -719,25 +779,7 @@ fn the_servers_certificate_is_checked_as_the_url_asks() {
     }
     let ca = Ca::new("queuectl test CA");
     let another = Ca::new("another CA");
-    let (cert, key) = ca.issue("localhost");
-    let settings = [
-        "ssl=on",
-        "ssl_cert_file=server.crt",
-        "ssl_key_file=server.key",
-    ];
-    let server = Server::start_with(&settings, |data| {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::write(data.join("server.crt"), &cert).unwrap();
-        let key_file = data.join("server.key");
-        std::fs::write(&key_file, &key).unwrap();
-        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
-        std::fs::write(
-            data.join("pg_hba.conf"),
-            "local all all trust\nhostssl all all 127.0.0.1/32 trust\n\
-             hostssl all all ::1/128 trust\n",
-        )
-        .unwrap();
-    });
+    let server = tls_server(&ca, "trust");
     let q = Queue::new();
     let roots = q.scratch("roots.pem");
     std::fs::write(&roots, ca.pem()).unwrap();
@@ -756,27 +798,8 @@ fn the_servers_certificate_is_checked_as_the_url_asks() {
             server.port
         )
     };
-    let status = |url: &str, home: &std::path::Path, code: i32| {
-        q.on_database(["--database-url", url, "status", "--json"])
-            .env("HOME", home)
-            .status(code)
-            .run()
-    };
-    let connects = |url: &str, home: &std::path::Path| {
-        let out = status(url, home, 0);
-        assert_eq!(out.json()["total"], 0, "{url}: {}", out.stdout);
-    };
-    let refused = |url: &str, home: &std::path::Path, why: &[&str]| {
-        let out = status(url, home, 1);
-        assert!(out.stdout.is_empty(), "{url}: {}", out.stdout);
-        for words in why {
-            assert!(
-                out.stderr.contains(words),
-                "{url}: {words:?} in {}",
-                out.stderr
-            );
-        }
-    };
+    let connects = |url: &str, home: &std::path::Path| connects(&q, url, home);
+    let refused = |url: &str, home: &std::path::Path, why: &[&str]| refused(&q, url, home, why);
     let empty = empty_home.path();
     // The server takes no plain connection: each that succeeds below was encrypted.
     refused(
@@ -836,4 +859,92 @@ fn the_servers_certificate_is_checked_as_the_url_asks() {
         roots.display()
     );
     connects(&key_values, empty);
+}
+
+/// A server that wants a client certificate (`cert` authentication) gets the one the URL
+/// names (`sslcert`, `sslkey`) or the one at `~/.postgresql/postgresql.crt` and `.key`, as
+/// libpq sends them. A key that others can read, a certificate missing or without its key
+/// are refused before connecting; a connection without a certificate is refused by the
+/// server, and the error says why.
+#[test]
+fn a_client_certificate_is_presented_as_libpq_presents_it() {
+    if Schema::new().is_none() {
+        return;
+    }
+    let ca = Ca::new("queuectl test CA");
+    let another = Ca::new("another CA");
+    let server = tls_server(&ca, "cert");
+    let q = Queue::new();
+    let (cert, key) = ca.issue("postgres");
+    let (stranger, stranger_key) = another.issue("postgres");
+    let cert_file = q.scratch("client.crt");
+    std::fs::write(&cert_file, &cert).unwrap();
+    let key_file = q.scratch("client.key");
+    write_private(&key_file, &key);
+    let stranger_file = q.scratch("stranger.crt");
+    std::fs::write(&stranger_file, &stranger).unwrap();
+    let stranger_key_file = q.scratch("stranger.key");
+    write_private(&stranger_key_file, &stranger_key);
+    let exposed_key = q.scratch("exposed.key");
+    std::fs::write(&exposed_key, &key).unwrap();
+    let empty = tempfile::tempdir().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let dot = home.path().join(".postgresql");
+    std::fs::create_dir(&dot).unwrap();
+    std::fs::write(dot.join("postgresql.crt"), &cert).unwrap();
+    write_private(&dot.join("postgresql.key"), &key);
+    std::fs::write(dot.join("root.crt"), ca.pem()).unwrap();
+    let url = |query: String| {
+        format!(
+            "postgres://postgres@localhost:{}/postgres?sslmode=require{query}",
+            server.port
+        )
+    };
+    let with = |cert: &std::path::Path, key: &std::path::Path| {
+        url(format!(
+            "&sslcert={}&sslkey={}",
+            cert.display(),
+            key.display()
+        ))
+    };
+    let connects = |url: &str, home: &std::path::Path| connects(&q, url, home);
+    let refused = |url: &str, home: &std::path::Path, why: &[&str]| refused(&q, url, home, why);
+    let empty = empty.path();
+    refused(
+        &url(String::new()),
+        empty,
+        &["requires a valid client certificate"],
+    );
+    connects(&with(&cert_file, &key_file), empty);
+    // From home, with the server checked against the root there too.
+    let full = format!(
+        "postgres://postgres@localhost:{}/postgres?sslmode=verify-full",
+        server.port
+    );
+    connects(&full, home.path());
+    refused(
+        &with(&stranger_file, &stranger_key_file),
+        empty,
+        &["TLS with the server could not be set up"],
+    );
+    refused(
+        &with(&cert_file, &exposed_key),
+        empty,
+        &["can be read or written by others", "exposed.key"],
+    );
+    let missing = q.scratch("missing.crt");
+    refused(
+        &url(format!("&sslcert={}", missing.display())),
+        empty,
+        &["missing.crt does not exist"],
+    );
+    refused(
+        &url(format!("&sslcert={}", cert_file.display())),
+        empty,
+        &[
+            "has no private key",
+            ".postgresql/postgresql.key",
+            "sslkey=FILE",
+        ],
+    );
 }

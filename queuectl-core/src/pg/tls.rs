@@ -6,9 +6,10 @@
 //! `verify-ca` checks that the certificate was issued from the root; `verify-full` also that
 //! it names the host connected to. `sslrootcert=system` takes the system's trusted roots and
 //! implies `verify-full` (a weaker mode with it is refused). Without a mode, or with
-//! `prefer`, `allow` or `disable`, connections are plain. `tokio_postgres::Config` reads
-//! neither `sslrootcert` nor the verifying modes: [`split_url`] takes them out of the URL
-//! before it is parsed.
+//! `prefer`, `allow` or `disable`, connections are plain. A client certificate is presented
+//! from `sslcert` and `sslkey`, or `~/.postgresql/postgresql.crt` and `.key`.
+//! `tokio_postgres::Config` reads none of `sslrootcert`, `sslcert`, `sslkey` and the
+//! verifying modes: [`split_url`] takes them out of the URL before it is parsed.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,7 +19,7 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, RootCertStore};
 use tokio_postgres::config::SslMode;
 use tokio_postgres_rustls::MakeRustlsConnect;
@@ -80,8 +81,13 @@ impl Connector {
             .with_safe_default_protocol_versions()
             .map_err(TlsSetupError::Rustls)?
             .dangerous()
-            .with_custom_certificate_verifier(verifier)
-            .with_no_client_auth();
+            .with_custom_certificate_verifier(verifier);
+        let tls = match wanted.client_identity(home)? {
+            Some((chain, key)) => tls
+                .with_client_auth_cert(chain, key)
+                .map_err(TlsSetupError::Rustls)?,
+            None => tls.with_no_client_auth(),
+        };
         Ok(Connector::Tls(MakeRustlsConnect::new(tls)))
     }
 
@@ -223,6 +229,41 @@ pub(super) enum TlsSetupError {
         /// The file.
         path: PathBuf,
     },
+    /// A client certificate without its private key.
+    #[error(
+        "the client certificate {cert} has no private key at {key}: give its file with sslkey=FILE"
+    )]
+    NoKey {
+        /// The certificate's file.
+        cert: PathBuf,
+        /// Where the key was looked for.
+        key: PathBuf,
+    },
+    /// The client certificate named by `sslcert` is not there.
+    #[error("the client certificate sslcert={0} does not exist")]
+    NoClientCert(PathBuf),
+    /// The private key could not be read (or is encrypted, which is not supported).
+    #[error("could not read the private key in {path} (PEM, unencrypted): {source}")]
+    ReadKey {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: rustls::pki_types::pem::Error,
+    },
+    /// The private key can be read by others (libpq refuses it too).
+    #[error(
+        "the private key {0} can be read or written by others: make it u=rw (chmod 0600), or \
+         u=rw,g=r (0640) if root owns it"
+    )]
+    KeyExposed(PathBuf),
+    /// The private key's file could not be looked at.
+    #[error("could not look at the private key {path}: {source}")]
+    KeyMetadata {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
     /// None of the system's trusted root certificates could be loaded.
     #[error("could not load the system's root certificates (sslrootcert=system): {0}")]
     System(String),
@@ -238,6 +279,10 @@ pub(super) struct TlsWanted {
     pub(super) mode: Option<String>,
     /// `sslrootcert`, if given.
     pub(super) root_cert: Option<String>,
+    /// `sslcert`, if given: the client certificate (chain) to present.
+    pub(super) cert: Option<String>,
+    /// `sslkey`, if given: the client certificate's private key.
+    pub(super) key: Option<String>,
 }
 
 /// How a server's certificate is checked.
@@ -259,17 +304,27 @@ enum Roots {
 }
 
 impl Roots {
+    /// The certificates of a PEM file: at least one.
+    fn read_pem(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsSetupError> {
+        let certs = CertificateDer::pem_file_iter(path)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .map_err(|source| TlsSetupError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
+        if certs.is_empty() {
+            return Err(TlsSetupError::NoCertificate {
+                path: path.to_owned(),
+            });
+        }
+        Ok(certs)
+    }
+
     fn load(&self) -> Result<RootCertStore, TlsSetupError> {
         let mut store = RootCertStore::empty();
         match self {
             Roots::File(path) => {
-                let certs = CertificateDer::pem_file_iter(path)
-                    .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-                    .map_err(|source| TlsSetupError::Read {
-                        path: path.clone(),
-                        source,
-                    })?;
-                let (added, _) = store.add_parsable_certificates(certs);
+                let (added, _) = store.add_parsable_certificates(Self::read_pem(path)?);
                 if added == 0 {
                     return Err(TlsSetupError::NoCertificate { path: path.clone() });
                 }
@@ -340,6 +395,47 @@ impl TlsWanted {
         })
     }
 
+    /// The client certificate (chain) and private key to present: `sslcert` and `sslkey`, or
+    /// else `~/.postgresql/postgresql.crt` and `.key` when the certificate is there, as libpq
+    /// looks for them. A certificate named in the URL must exist (libpq would go on without
+    /// it, and the server's refusal would not say why), and so must the key of a certificate.
+    /// The key must not be open to others, as libpq requires.
+    fn client_identity(
+        &self,
+        home: Option<&Path>,
+    ) -> Result<Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>, TlsSetupError> {
+        let at_home = |name: &str| home.map(|home| home.join(".postgresql").join(name));
+        let cert = match &self.cert {
+            Some(cert) => {
+                let cert = PathBuf::from(cert);
+                if !cert.is_file() {
+                    return Err(TlsSetupError::NoClientCert(cert));
+                }
+                cert
+            }
+            None => match at_home("postgresql.crt").filter(|path| path.is_file()) {
+                Some(cert) => cert,
+                None => return Ok(None),
+            },
+        };
+        let key = match (&self.key, at_home("postgresql.key")) {
+            (Some(key), _) => PathBuf::from(key),
+            (None, Some(key)) => key,
+            (None, None) => PathBuf::from("~/.postgresql/postgresql.key"),
+        };
+        if !key.is_file() {
+            return Err(TlsSetupError::NoKey { cert, key });
+        }
+        check_key_access(&key)?;
+        let chain = Roots::read_pem(&cert)?;
+        let private =
+            PrivateKeyDer::from_pem_file(&key).map_err(|source| TlsSetupError::ReadKey {
+                path: key.clone(),
+                source,
+            })?;
+        Ok(Some((chain, private)))
+    }
+
     /// Whether a verifying mode was asked (`tokio_postgres` must then be told `require`).
     pub(super) fn verifies(&self) -> bool {
         matches!(self.mode.as_deref(), Some("verify-ca" | "verify-full"))
@@ -347,7 +443,28 @@ impl TlsWanted {
     }
 }
 
-/// Takes out of `url` what `tokio_postgres::Config` does not read: `sslrootcert`, and
+/// Refuses a private key that others may read or write, with libpq's rule: owned by this
+/// user, nothing for group or others; owned by root, the group may read it.
+fn check_key_access(key: &Path) -> Result<(), TlsSetupError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(key).map_err(|source| TlsSetupError::KeyMetadata {
+        path: key.to_owned(),
+        source,
+    })?;
+    let mode = meta.mode();
+    let exposed = if meta.uid() == nix::unistd::geteuid().as_raw() {
+        mode & 0o077 != 0
+    } else {
+        meta.uid() == 0 && mode & 0o037 != 0
+    };
+    if exposed {
+        return Err(TlsSetupError::KeyExposed(key.to_owned()));
+    }
+    Ok(())
+}
+
+/// Takes out of `url` what `tokio_postgres::Config` does not read: `sslrootcert`, `sslcert`,
+/// `sslkey`, and
 /// `sslmode` when it is `verify-ca` or `verify-full` (it reads the other modes, which stay).
 /// Both forms of a connection string are read: `postgres://…?key=value&…` and
 /// `key=value key='value' …`. Returns the rest, to be parsed, and what was taken.
@@ -400,6 +517,14 @@ impl TlsWanted {
         match key {
             "sslrootcert" => {
                 self.root_cert = Some(value()?);
+                Ok(true)
+            }
+            "sslcert" => {
+                self.cert = Some(value()?);
+                Ok(true)
+            }
+            "sslkey" => {
+                self.key = Some(value()?);
                 Ok(true)
             }
             "sslmode" => {
@@ -467,6 +592,7 @@ mod tests {
         TlsWanted {
             mode: mode.map(str::to_owned),
             root_cert: root.map(str::to_owned),
+            ..TlsWanted::default()
         }
     }
 
