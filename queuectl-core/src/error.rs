@@ -231,6 +231,11 @@ pub enum DatabaseFault {
     Tls,
     /// The server takes only encrypted connections, and the URL asked for none.
     NeedsTls,
+    /// The server did not let this user in (no such role, a wrong password, no `pg_hba.conf`
+    /// line for it).
+    LoginRefused,
+    /// The database named in the URL does not exist.
+    NoDatabase,
     /// Anything else (the database's own message follows).
     Other,
 }
@@ -248,6 +253,8 @@ impl std::fmt::Display for DatabaseFault {
             DatabaseFault::Denied => "the database refused the operation (check the user's privileges on the database and the schema)",
             DatabaseFault::BadUrl => "it is not a PostgreSQL connection URL (postgres://user@host:port/dbname, or key=value pairs)",
             DatabaseFault::Tls => "TLS with the server could not be set up as the URL asks (for a refused certificate: check sslrootcert, and that the URL's host is a name the certificate bears)",
+            DatabaseFault::LoginRefused => "the server did not let this user in (check the user name and password in the URL, and the server's pg_hba.conf)",
+            DatabaseFault::NoDatabase => "the database does not exist (check its name in the URL, or create it: createdb NAME)",
             DatabaseFault::NeedsTls => "the server takes only encrypted connections from here: add sslmode=require, or a mode that checks its certificate, to the URL",
             DatabaseFault::Other => "the database reported an error",
         })

@@ -1117,14 +1117,21 @@ fn fault_of(error: &postgres::Error) -> DatabaseFault {
         return DatabaseFault::Other;
     };
     // pg_hba.conf has `hostssl` lines only for this client. The words are the server's (in
-    // English unless `lc_messages` says otherwise): without them, the refusal stays `Denied`.
+    // English unless `lc_messages` says otherwise): without them, the refusal is the login's.
     let unencrypted = error
         .as_db_error()
         .is_some_and(|db| db.message().ends_with(", no encryption"));
+    let login = [
+        SqlState::INVALID_PASSWORD,
+        SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
+    ];
     if code == &SqlState::INVALID_AUTHORIZATION_SPECIFICATION && unencrypted {
-        return DatabaseFault::NeedsTls;
-    }
-    if [SqlState::DISK_FULL, SqlState::OUT_OF_MEMORY].contains(code) {
+        DatabaseFault::NeedsTls
+    } else if login.contains(code) {
+        DatabaseFault::LoginRefused
+    } else if code == &SqlState::INVALID_CATALOG_NAME {
+        DatabaseFault::NoDatabase
+    } else if [SqlState::DISK_FULL, SqlState::OUT_OF_MEMORY].contains(code) {
         DatabaseFault::DiskFull
     } else if [SqlState::DATA_CORRUPTED, SqlState::INDEX_CORRUPTED].contains(code) {
         DatabaseFault::Corrupt
@@ -1140,8 +1147,6 @@ fn fault_of(error: &postgres::Error) -> DatabaseFault {
     } else if [
         SqlState::INSUFFICIENT_PRIVILEGE,
         SqlState::READ_ONLY_SQL_TRANSACTION,
-        SqlState::INVALID_PASSWORD,
-        SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
     ]
     .contains(code)
     {

@@ -294,6 +294,33 @@ fn errors_name_the_database_without_its_password() {
     );
 }
 
+/// A database that does not exist and a user the server does not let in are told apart,
+/// each with what to check.
+#[test]
+fn a_missing_database_and_a_refused_login_say_which() {
+    let Some(url) = database_url() else { return };
+    let config: tokio_postgres::Config = url.parse().unwrap();
+    let Some(tokio_postgres::config::Host::Tcp(host)) = config.get_hosts().first() else {
+        println!("skipping: the test server is not reached over TCP");
+        return;
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let user = config.get_user().unwrap_or("postgres");
+    let fault = |url: String| match PgStorage::connect(&url, PgOptions::default()) {
+        Err(crate::StorageError::Postgres { fault, .. }) => fault,
+        other => panic!("{url}: {other:?}"),
+    };
+    let nosuch = format!("queuectl_nosuch_{:08x}", crate::job::random_u64() as u32);
+    assert_eq!(
+        fault(format!("postgres://{user}@{host}:{port}/{nosuch}")),
+        crate::DatabaseFault::NoDatabase
+    );
+    assert_eq!(
+        fault(format!("postgres://{nosuch}@{host}:{port}/postgres")),
+        crate::DatabaseFault::LoginRefused
+    );
+}
+
 mod plans {
     use super::super::{queries, rows};
     use super::*;
