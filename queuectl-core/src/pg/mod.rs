@@ -256,9 +256,6 @@ impl PgStorage {
         };
         let (rest, tls_wanted) = tls::split_url(url).map_err(|e| bad_url(e.into()))?;
         let mut config: tokio_postgres::Config = rest.parse().map_err(|e| bad_url(Box::new(e)))?;
-        if tls_wanted.verifies() {
-            config.ssl_mode(tokio_postgres::config::SslMode::Require);
-        }
         // A `connect_timeout` in the URL is the caller's choice, as `PgOptions`' is.
         let connect_timeout = config
             .get_connect_timeout()
@@ -271,7 +268,7 @@ impl PgStorage {
         }
         let database = format!("{} (schema {})", describe(&config), options.schema);
         check_schema_name(&options.schema, &database)?;
-        let connector = tls::Connector::for_url(&config, &tls_wanted, home_dir().as_deref())
+        let connector = tls::Connector::for_url(&mut config, &tls_wanted, home_dir().as_deref())
             .map_err(|source| StorageError::Postgres {
                 op: "set up TLS",
                 database: database.clone(),

@@ -48,13 +48,30 @@ impl std::fmt::Debug for Connector {
 
 impl Connector {
     /// The connector that `config`'s `sslmode` and what [`split_url`] took out of the URL
-    /// ask for. `home` is where `~/.postgresql/root.crt` is looked for.
+    /// ask for, and `config`'s `sslmode` set to match. `home` is where `~/.postgresql` is.
     pub(super) fn for_url(
-        config: &tokio_postgres::Config,
+        config: &mut tokio_postgres::Config,
         wanted: &TlsWanted,
         home: Option<&Path>,
     ) -> Result<Self, TlsSetupError> {
+        use tokio_postgres::config::Host;
+        let hosts = config.get_hosts();
+        let sockets_only =
+            !hosts.is_empty() && hosts.iter().all(|host| matches!(host, Host::Unix(_)));
+        let has_name = hosts.iter().any(|host| matches!(host, Host::Tcp(_)));
+        // As libpq: a Unix socket never carries TLS, whatever the URL asks.
+        if sockets_only {
+            config.ssl_mode(SslMode::Disable);
+            return Ok(Connector::Plain);
+        }
+        if wanted.verifies() {
+            // The parser never saw the mode: TLS it must be.
+            config.ssl_mode(SslMode::Require);
+        }
         let check = wanted.check(config.get_ssl_mode(), home)?;
+        if check != Check::Plain && !has_name {
+            return Err(TlsSetupError::NoHostName);
+        }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let verifier: Arc<dyn ServerCertVerifier> = match check {
             Check::Plain => return Ok(Connector::Plain),
@@ -120,6 +137,14 @@ impl Connector {
 /// Whether `error` is rustls refusing the handshake (a certificate it does not trust, most
 /// often), rather than the connection breaking.
 pub(super) fn is_handshake_failure(error: &postgres::Error) -> bool {
+    // `tokio_postgres` says so in words only (its error kinds are private): a server that
+    // does not offer TLS ends up here too.
+    if error
+        .to_string()
+        .starts_with("error performing TLS handshake")
+    {
+        return true;
+    }
     let mut source = std::error::Error::source(error);
     while let Some(cause) = source {
         // `io::Error::source` skips the error it wraps: look into it.
@@ -215,20 +240,30 @@ pub(super) enum TlsSetupError {
         /// The mode asked for.
         mode: String,
     },
-    /// The root certificates' file could not be read.
-    #[error("could not read the root certificates in {path}: {source}")]
+    /// A certificates' file could not be read.
+    #[error("could not read the {what} in {path}")]
     Read {
+        /// Which certificates: the root certificates, the client certificate.
+        what: &'static str,
         /// The file.
         path: PathBuf,
         /// The cause.
         source: rustls::pki_types::pem::Error,
     },
-    /// The root certificates' file holds none that can be used.
-    #[error("{path} holds no root certificate that can be used (PEM, BEGIN CERTIFICATE)")]
+    /// A certificates' file holds none that can be used.
+    #[error("{path} holds no {what} that can be used (PEM, BEGIN CERTIFICATE)")]
     NoCertificate {
+        /// Which certificates.
+        what: &'static str,
         /// The file.
         path: PathBuf,
     },
+    /// TLS over TCP without a host name (`hostaddr` alone).
+    #[error(
+        "TLS needs the server's host name: give it in the URL (postgres://NAME/… or host=NAME), \
+         with hostaddr if the name does not resolve"
+    )]
+    NoHostName,
     /// A client certificate without its private key.
     #[error(
         "the client certificate {cert} has no private key at {key}: give its file with sslkey=FILE"
@@ -243,7 +278,7 @@ pub(super) enum TlsSetupError {
     #[error("the client certificate sslcert={0} does not exist")]
     NoClientCert(PathBuf),
     /// The private key could not be read (or is encrypted, which is not supported).
-    #[error("could not read the private key in {path} (PEM, unencrypted): {source}")]
+    #[error("could not read the private key in {path} (PEM, unencrypted)")]
     ReadKey {
         /// The file.
         path: PathBuf,
@@ -257,7 +292,7 @@ pub(super) enum TlsSetupError {
     )]
     KeyExposed(PathBuf),
     /// The private key's file could not be looked at.
-    #[error("could not look at the private key {path}: {source}")]
+    #[error("could not look at the private key {path}")]
     KeyMetadata {
         /// The file.
         path: PathBuf,
@@ -304,16 +339,21 @@ enum Roots {
 }
 
 impl Roots {
-    /// The certificates of a PEM file: at least one.
-    fn read_pem(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsSetupError> {
+    /// The certificates of a PEM file (`what` they are, for errors): at least one.
+    fn read_pem(
+        path: &Path,
+        what: &'static str,
+    ) -> Result<Vec<CertificateDer<'static>>, TlsSetupError> {
         let certs = CertificateDer::pem_file_iter(path)
             .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
             .map_err(|source| TlsSetupError::Read {
+                what,
                 path: path.to_owned(),
                 source,
             })?;
         if certs.is_empty() {
             return Err(TlsSetupError::NoCertificate {
+                what,
                 path: path.to_owned(),
             });
         }
@@ -324,9 +364,13 @@ impl Roots {
         let mut store = RootCertStore::empty();
         match self {
             Roots::File(path) => {
-                let (added, _) = store.add_parsable_certificates(Self::read_pem(path)?);
+                let what = "root certificates";
+                let (added, _) = store.add_parsable_certificates(Self::read_pem(path, what)?);
                 if added == 0 {
-                    return Err(TlsSetupError::NoCertificate { path: path.clone() });
+                    return Err(TlsSetupError::NoCertificate {
+                        what,
+                        path: path.clone(),
+                    });
                 }
             }
             Roots::System => {
@@ -427,7 +471,7 @@ impl TlsWanted {
             return Err(TlsSetupError::NoKey { cert, key });
         }
         check_key_access(&key)?;
-        let chain = Roots::read_pem(&cert)?;
+        let chain = Roots::read_pem(&cert, "client certificate")?;
         let private =
             PrivateKeyDer::from_pem_file(&key).map_err(|source| TlsSetupError::ReadKey {
                 path: key.clone(),
@@ -443,24 +487,28 @@ impl TlsWanted {
     }
 }
 
-/// Refuses a private key that others may read or write, with libpq's rule: owned by this
-/// user, nothing for group or others; owned by root, the group may read it.
+/// Refuses a private key that others may read or write (libpq's rule, [`key_exposed`]).
 fn check_key_access(key: &Path) -> Result<(), TlsSetupError> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(key).map_err(|source| TlsSetupError::KeyMetadata {
         path: key.to_owned(),
         source,
     })?;
-    let mode = meta.mode();
-    let exposed = if meta.uid() == nix::unistd::geteuid().as_raw() {
-        mode & 0o077 != 0
-    } else {
-        meta.uid() == 0 && mode & 0o037 != 0
-    };
-    if exposed {
+    if key_exposed(meta.uid(), meta.mode()) {
         return Err(TlsSetupError::KeyExposed(key.to_owned()));
     }
     Ok(())
+}
+
+/// Whether a key file of owner `uid` and permissions `mode` is open to others, as libpq
+/// decides it: owned by root, the group may read it (a key shared with a group of services);
+/// owned by anyone else, nothing for group or others.
+fn key_exposed(uid: u32, mode: u32) -> bool {
+    if uid == 0 {
+        mode & 0o037 != 0
+    } else {
+        mode & 0o077 != 0
+    }
 }
 
 /// Takes out of `url` what `tokio_postgres::Config` does not read: `sslrootcert`, `sslcert`,
@@ -472,9 +520,19 @@ pub(super) fn split_url(url: &str) -> Result<(String, TlsWanted), String> {
     let mut wanted = TlsWanted::default();
     let is_url = url.starts_with("postgres://") || url.starts_with("postgresql://");
     if is_url {
-        let Some((base, query)) = url.split_once('?') else {
+        // As libpq reads a URL: credentials run to the first `@` or `/` after the scheme (a
+        // password may hold `?`), and the query starts at the first `?` after them.
+        let scheme_end = url.find("://").map_or(0, |at| at + 3);
+        let after_scheme = &url[scheme_end..];
+        let host_start = scheme_end
+            + match after_scheme.find(['@', '/']) {
+                Some(at) if after_scheme.as_bytes()[at] == b'@' => at + 1,
+                _ => 0,
+            };
+        let Some(query_start) = url[host_start..].find('?').map(|at| host_start + at) else {
             return Ok((url.to_owned(), wanted));
         };
+        let (base, query) = (&url[..query_start], &url[query_start + 1..]);
         let mut kept = Vec::new();
         for pair in query.split('&') {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -514,23 +572,31 @@ impl TlsWanted {
         key: &str,
         value: impl FnOnce() -> Result<String, String>,
     ) -> Result<bool, String> {
+        // As libpq: an empty value is no value (the default applies).
+        let given = |value: String| (!value.is_empty()).then_some(value);
         match key {
             "sslrootcert" => {
-                self.root_cert = Some(value()?);
+                self.root_cert = given(value()?);
                 Ok(true)
             }
             "sslcert" => {
-                self.cert = Some(value()?);
+                self.cert = given(value()?);
                 Ok(true)
             }
             "sslkey" => {
-                self.key = Some(value()?);
+                self.key = given(value()?);
                 Ok(true)
             }
             "sslmode" => {
-                let mode = value()?;
-                let ours = matches!(mode.as_str(), "verify-ca" | "verify-full");
-                self.mode = Some(mode);
+                let mode = given(value()?);
+                // `allow` (plain first, TLS only if the server insists) connects as `disable`
+                // here: the parser does not know it, and a server that insists says so
+                // (`DatabaseFault::NeedsTls`).
+                let ours = matches!(
+                    mode.as_deref(),
+                    Some("verify-ca" | "verify-full" | "allow") | None
+                );
+                self.mode = mode;
                 Ok(ours)
             }
             _ => Ok(false),
@@ -709,6 +775,76 @@ mod tests {
             none.path(),
         );
         assert!(matches!(weaker, Err(TlsSetupError::SystemNeedsFull { .. })));
+    }
+
+    #[test]
+    fn a_key_open_to_others_is_refused_as_libpq_refuses_it() {
+        // (owner, mode, refused)
+        for (uid, mode, refused) in [
+            (1000, 0o600, false),
+            (1000, 0o400, false),
+            (1000, 0o640, true),
+            (1000, 0o604, true),
+            (0, 0o600, false),
+            (0, 0o640, false),
+            (0, 0o660, true),
+            (0, 0o644, true),
+        ] {
+            assert_eq!(key_exposed(uid, mode), refused, "uid {uid}, mode {mode:o}");
+        }
+    }
+
+    #[test]
+    fn a_password_may_hold_a_question_mark_and_empty_values_are_none() {
+        let (rest, taken) = split("postgres://u:pa?ss@h/db?sslmode=verify-full&sslrootcert=/r.pem");
+        assert_eq!(rest, "postgres://u:pa?ss@h/db");
+        assert_eq!(taken, wanted(Some("verify-full"), Some("/r.pem")));
+        assert_eq!(
+            split("postgres://h/db?sslrootcert=&sslcert=&sslmode=").1,
+            TlsWanted::default()
+        );
+        // `allow` is ours to read: the parser does not know it, and it connects plain.
+        let (rest, taken) = split("postgres://h/db?sslmode=allow");
+        assert_eq!(
+            (rest.as_str(), taken.verifies()),
+            ("postgres://h/db", false)
+        );
+        let config: tokio_postgres::Config = rest.parse().unwrap();
+        let none = tempfile::tempdir().unwrap();
+        assert_eq!(
+            taken
+                .check(config.get_ssl_mode(), Some(none.path()))
+                .unwrap(),
+            Check::Plain
+        );
+    }
+
+    #[test]
+    fn sockets_connect_plain_and_tls_needs_a_host_name() {
+        let none = tempfile::tempdir().unwrap();
+        let connector = |url: &str| {
+            let (rest, taken) = split(url);
+            let mut config: tokio_postgres::Config = rest.parse().unwrap();
+            let connector = Connector::for_url(&mut config, &taken, Some(none.path()));
+            connector.map(|connector| (connector, config.get_ssl_mode()))
+        };
+        // No root certificate anywhere: over a socket it is not needed.
+        let socket = connector("host=/run/postgresql sslmode=verify-full user=u").unwrap();
+        assert!(matches!(socket, (Connector::Plain, SslMode::Disable)));
+        let socket = connector("postgres:///d?host=/run/postgresql&sslmode=require").unwrap();
+        assert!(matches!(socket, (Connector::Plain, SslMode::Disable)));
+        assert!(matches!(
+            connector("hostaddr=127.0.0.1 sslmode=require user=u"),
+            Err(TlsSetupError::NoHostName)
+        ));
+        assert!(matches!(
+            connector("host=h hostaddr=127.0.0.1 sslmode=verify-ca sslrootcert=/r.pem user=u"),
+            Err(TlsSetupError::Read { .. })
+        ));
+        assert!(matches!(
+            connector("host=h hostaddr=127.0.0.1 sslmode=require user=u"),
+            Ok((Connector::Tls(_), SslMode::Require))
+        ));
     }
 
     #[test]
