@@ -1020,6 +1020,11 @@ fn check_says_what_it_found() {
     assert!(out.stderr.contains("is damaged"), "{}", out.stderr);
     let report = q.cmd(["check", "--json"]).status(1).run().json();
     assert_eq!(report["ok"], false);
+    let path = db.display().to_string();
+    assert_eq!(
+        (&report["store"], &report["path"]),
+        (&path.clone().into(), &path.into())
+    );
     assert!(!report["problems"].as_array().unwrap().is_empty());
     let out = q.cmd(["list"]).status(1).run();
     assert!(

@@ -629,6 +629,7 @@ fn check_reports_on_the_queue_in_the_database() {
         report["database"].as_str().unwrap().contains(&db.name),
         "{report}"
     );
+    assert_eq!(report["store"], report["database"], "{report}");
     let mut client = postgres::Client::connect(&db.url, postgres::NoTls).unwrap();
     client
         .batch_execute(&format!(

@@ -41,6 +41,8 @@ pub fn run(target: &Target, json: bool, out: &mut dyn Write) -> Result {
     if json {
         #[derive(Serialize)]
         struct Check<'a> {
+            /// What was checked, in words, under the same key on every store.
+            store: &'a str,
             #[serde(flatten)]
             checked: &'a Checked,
             ok: bool,
@@ -49,6 +51,7 @@ pub fn run(target: &Target, json: bool, out: &mut dyn Write) -> Result {
         render::print_json(
             out,
             &Check {
+                store: &place,
                 checked: &checked,
                 ok: problems.is_empty(),
                 problems: &problems,
