@@ -19,6 +19,9 @@ pub enum Access {
     Create,
     /// It changes an existing store, and refuses when there is none.
     Change,
+    /// It changes an existing store; where there is none it has nothing to change, and finds
+    /// an empty queue as a read does (pausing every queue).
+    ChangeIfAny,
     /// It only reads: it never creates a store, and works on one it cannot write.
     Read,
 }
@@ -29,7 +32,7 @@ pub fn access(command: &Command) -> Access {
         Command::Queue(QueueCommand::Pause { names } | QueueCommand::Resume { names })
             if names.is_empty() =>
         {
-            Access::Read
+            Access::ChangeIfAny
         }
         Command::Enqueue { .. }
         | Command::Worker(WorkerCommand::Start { .. })
@@ -207,8 +210,9 @@ fn announce(store: &FileStorage) {
     }
 }
 
-/// Opens the store as the command needs it. A read finds an empty queue where there is no
-/// store yet (and says so), and falls back to reading a store it cannot write.
+/// Opens the store as the command needs it. A read, and a change of every queue, find an
+/// empty queue where there is no store yet (and say so); a read falls back to reading a store
+/// it cannot write.
 pub fn open(target: &Target, access: Access, waits: bool) -> Result<Arc<dyn Storage>> {
     let opened: std::result::Result<Arc<dyn Storage>, StorageError> = match target {
         Target::Database { url, schema } => {
@@ -220,7 +224,9 @@ pub fn open(target: &Target, access: Access, waits: bool) -> Result<Arc<dyn Stor
         }),
     };
     match opened {
-        Err(StorageError::NoStore { path }) if access == Access::Read => {
+        Err(StorageError::NoStore { path })
+            if matches!(access, Access::Read | Access::ChangeIfAny) =>
+        {
             say!("note: there is no queue at {} yet", path.display());
             Ok(Arc::new(MemoryStorage::new()))
         }

@@ -969,6 +969,14 @@ fn a_read_only_store_can_still_be_read() {
         on_a_read_only_mount(&q, "$Q --home \"$H\" enqueue '{\"command\":\"true\"}'").unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
     assert!(out.stderr.starts_with("error: "), "{}", out.stderr);
+    // A change of every queue is a change: refused with the store's own reason.
+    let out = on_a_read_only_mount(&q, "$Q --home \"$H\" queue pause").unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("could not open the store") && !out.stderr.contains("read-only"),
+        "{}",
+        out.stderr
+    );
     read_as_another_user(&q);
 }
 

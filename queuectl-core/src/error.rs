@@ -253,7 +253,7 @@ impl std::fmt::Display for DatabaseFault {
             DatabaseFault::Denied => "the database refused the operation (check the user's privileges on the database and the schema)",
             DatabaseFault::BadUrl => "it is not a PostgreSQL connection URL (postgres://user@host:port/dbname, or key=value pairs)",
             DatabaseFault::Tls => "TLS with the server could not be set up as the URL asks (the cause follows: a certificate refused by either side, a key or certificate file of ours, or a server without TLS)",
-            DatabaseFault::LoginRefused => "the server did not let this user in (check the user name and password in the URL, and the server's pg_hba.conf)",
+            DatabaseFault::LoginRefused => "the server did not let this user in (check the user name, the password or client certificate, and the server's pg_hba.conf)",
             DatabaseFault::NoDatabase => "the database does not exist (check its name in the URL, or create it: createdb NAME)",
             DatabaseFault::NeedsTls => "the server takes only encrypted connections from here: add sslmode=require, or a mode that checks its certificate, to the URL",
             DatabaseFault::Other => "the database reported an error",
