@@ -59,10 +59,10 @@ fn cut(text: &str, width: usize) -> String {
     }
 }
 
-/// One row per job.
+/// One row per job; nothing for no jobs (the caller says so on stderr: stdout carries data).
 pub fn job_table(jobs: &[Job]) -> String {
     if jobs.is_empty() {
-        return "no jobs\n".to_owned();
+        return String::new();
     }
     let mut rows = vec![[
         "ID".to_owned(),

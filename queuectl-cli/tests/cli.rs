@@ -668,7 +668,7 @@ fn closed_stdout_is_not_an_error() {
         .collect();
     q.cmd(["enqueue", "-"]).stdin(input).run();
 
-    for args in ["list", "list --json", "status", "dlq list"] {
+    for args in ["list", "list --json", "status", "dlq list --json"] {
         let status_file = q.scratch("status");
         let script = format!("{{ \"$0\" --home \"$1\" {args}; echo $? > \"$2\"; }} | head -1",);
         let out = support::run_sh(
@@ -892,6 +892,15 @@ fn reading_a_missing_queue_shows_it_empty_and_creates_nothing() {
     );
     let out = q.cmd(["show", "nope"]).status(1).run();
     assert!(out.stderr.contains("job nope not found"), "{}", out.stderr);
+    // No jobs is said on stderr: stdout, the data, is empty.
+    for (list, says) in [
+        (&["list"][..], "no jobs"),
+        (&["dlq", "list"], "the dead letter queue is empty"),
+    ] {
+        let out = q.cmd(list).run();
+        assert_eq!(out.stdout, "", "{list:?}");
+        assert!(out.stderr.contains(says), "{list:?}: {}", out.stderr);
+    }
     q.cmd(["config", "show"]).run();
     let out = q.cmd(["dlq", "retry", "x"]).status(1).run();
     assert!(

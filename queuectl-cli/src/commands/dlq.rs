@@ -16,6 +16,9 @@ pub fn run(store: &dyn Storage, command: DlqCommand, out: &mut dyn Write) -> Res
             if flag.json {
                 render::print_json(out, &dead)
             } else {
+                if dead.is_empty() {
+                    say!("the dead letter queue is empty");
+                }
                 Ok(out.write_all(render::job_table(&dead).as_bytes())?)
             }
         }

@@ -14,6 +14,9 @@ pub fn run(store: &dyn Storage, query: ListQuery, json: bool, out: &mut dyn Writ
     if json {
         render::print_json(out, &jobs)
     } else {
+        if jobs.is_empty() {
+            say!("no jobs");
+        }
         Ok(out.write_all(render::job_table(&jobs).as_bytes())?)
     }
 }
