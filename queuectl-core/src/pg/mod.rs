@@ -268,13 +268,15 @@ impl PgStorage {
         }
         let database = format!("{} (schema {})", describe(&config), options.schema);
         check_schema_name(&options.schema, &database)?;
-        let connector = tls::Connector::for_url(&mut config, &tls_wanted, home_dir().as_deref())
-            .map_err(|source| StorageError::Postgres {
-                op: "set up TLS",
-                database: database.clone(),
-                fault: DatabaseFault::Tls,
-                source: Box::new(source),
-            })?;
+        let connector =
+            tls::Connector::for_url(&mut config, &tls_wanted, tls::home_dir().as_deref()).map_err(
+                |source| StorageError::Postgres {
+                    op: "set up TLS",
+                    database: database.clone(),
+                    fault: DatabaseFault::Tls,
+                    source: Box::new(source),
+                },
+            )?;
         let connect_errors = ConnectErrors::default();
         let pool = r2d2::Pool::builder()
             // The pool's own threads open connections: a one-shot command, with a pool of one
@@ -1032,13 +1034,6 @@ fn check_schema_name(name: &str, database: &str) -> Result<()> {
 }
 
 /// The database of `config` in words: `postgres://user@host:port/dbname`, never the password.
-/// The user's home directory, where libpq looks for `.postgresql/root.crt`.
-fn home_dir() -> Option<PathBuf> {
-    std::env::var_os("HOME")
-        .filter(|home| !home.is_empty())
-        .map(PathBuf::from)
-}
-
 fn describe(config: &tokio_postgres::Config) -> String {
     use tokio_postgres::config::Host;
     let hosts: Vec<String> = config

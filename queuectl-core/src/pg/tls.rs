@@ -134,6 +134,13 @@ impl Connector {
     }
 }
 
+/// The user's home directory, where libpq looks for `.postgresql/`.
+pub(super) fn home_dir() -> Option<PathBuf> {
+    std::env::var_os("HOME")
+        .filter(|home| !home.is_empty())
+        .map(PathBuf::from)
+}
+
 /// Whether `error` is rustls refusing the handshake (a certificate it does not trust, most
 /// often), rather than the connection breaking.
 pub(super) fn is_handshake_failure(error: &postgres::Error) -> bool {
@@ -339,33 +346,12 @@ enum Roots {
 }
 
 impl Roots {
-    /// The certificates of a PEM file (`what` they are, for errors): at least one.
-    fn read_pem(
-        path: &Path,
-        what: &'static str,
-    ) -> Result<Vec<CertificateDer<'static>>, TlsSetupError> {
-        let certs = CertificateDer::pem_file_iter(path)
-            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-            .map_err(|source| TlsSetupError::Read {
-                what,
-                path: path.to_owned(),
-                source,
-            })?;
-        if certs.is_empty() {
-            return Err(TlsSetupError::NoCertificate {
-                what,
-                path: path.to_owned(),
-            });
-        }
-        Ok(certs)
-    }
-
     fn load(&self) -> Result<RootCertStore, TlsSetupError> {
         let mut store = RootCertStore::empty();
         match self {
             Roots::File(path) => {
                 let what = "root certificates";
-                let (added, _) = store.add_parsable_certificates(Self::read_pem(path, what)?);
+                let (added, _) = store.add_parsable_certificates(read_certificates(path, what)?);
                 if added == 0 {
                     return Err(TlsSetupError::NoCertificate {
                         what,
@@ -471,7 +457,7 @@ impl TlsWanted {
             return Err(TlsSetupError::NoKey { cert, key });
         }
         check_key_access(&key)?;
-        let chain = Roots::read_pem(&cert, "client certificate")?;
+        let chain = read_certificates(&cert, "client certificate")?;
         let private =
             PrivateKeyDer::from_pem_file(&key).map_err(|source| TlsSetupError::ReadKey {
                 path: key.clone(),
@@ -481,10 +467,31 @@ impl TlsWanted {
     }
 
     /// Whether a verifying mode was asked (`tokio_postgres` must then be told `require`).
-    pub(super) fn verifies(&self) -> bool {
+    fn verifies(&self) -> bool {
         matches!(self.mode.as_deref(), Some("verify-ca" | "verify-full"))
             || self.root_cert.as_deref() == Some("system")
     }
+}
+
+/// The certificates of a PEM file (`what` they are, for errors): at least one.
+fn read_certificates(
+    path: &Path,
+    what: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, TlsSetupError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|source| TlsSetupError::Read {
+            what,
+            path: path.to_owned(),
+            source,
+        })?;
+    if certs.is_empty() {
+        return Err(TlsSetupError::NoCertificate {
+            what,
+            path: path.to_owned(),
+        });
+    }
+    Ok(certs)
 }
 
 /// Refuses a private key that others may read or write (libpq's rule, [`key_exposed`]).
