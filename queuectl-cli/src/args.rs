@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use queuectl_core::JobState;
 use queuectl_core::config::MAX_WORKERS;
+use queuectl_core::{JobState, Prefetch};
 
 /// A background job queue: enqueue shell commands, run them on workers, retry failures with
 /// exponential backoff, and keep the ones that never succeed in a dead letter queue.
@@ -210,10 +210,13 @@ pub enum WorkerCommand {
         /// more (jobs scheduled for later stay queued).
         #[arg(long)]
         exit_when_idle: bool,
-        /// Claim up to this many jobs ahead of free workers: faster for many short jobs, but
-        /// those jobs wait for this process even if another worker is idle.
-        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=100_000))]
-        prefetch: u32,
+        /// Jobs claimed ahead of free workers: a number, or "auto": as many as the workers
+        /// start within 50 ms at the pace of the last jobs (at most 8 per worker), so short
+        /// jobs are claimed several at a time and jobs longer than that one per free worker.
+        /// Jobs claimed ahead wait for this process even if another worker is idle; jobs of a
+        /// queue with a limit are never claimed ahead.
+        #[arg(long, default_value = "auto", value_name = "N|auto")]
+        prefetch: Prefetch,
         /// Run only jobs of this queue (repeat for several) [default: every queue].
         #[arg(long = "queue", value_name = "NAME")]
         queues: Vec<String>,

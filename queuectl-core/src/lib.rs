@@ -64,7 +64,8 @@ pub use memory::MemoryStorage;
 #[cfg(feature = "postgres")]
 pub use pg::{PG_SCHEMA_VERSION, PgOptions, PgStorage, SchemaCheck};
 pub use pool::{
-    Event, PoolError, StopReason, Stopper, Summary, Timings, WorkerPool, WorkerPoolBuilder,
+    AUTO_PREFETCH_PER_THREAD, Event, PoolError, Prefetch, StopReason, Stopper, Summary, Timings,
+    WorkerPool, WorkerPoolBuilder,
 };
 
 pub use shell::ShellExecutor;

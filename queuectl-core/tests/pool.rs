@@ -1253,3 +1253,106 @@ fn pausing_a_queue_hands_back_its_jobs_claimed_ahead() {
         assert_eq!((job.state, job.attempts), (JobState::Pending, 0), "{id}");
     }
 }
+
+/// Jobs that report a run time (`paced <ms>`, without taking it) or block until released
+/// (`gate`), reporting their starts.
+#[derive(Debug)]
+struct Paced {
+    gate: Arc<Gate>,
+}
+
+impl Executor for Paced {
+    fn execute(&self, job: &Job, cancel: &CancelSignal) -> Result<Outcome, ExecutorError> {
+        match job.command.strip_prefix("paced ") {
+            Some(ms) => Ok(Outcome::succeeded(Duration::from_micros(
+                (ms.parse::<f64>().unwrap() * 1000.0) as u64,
+            ))),
+            None => self.gate.execute(job, cancel),
+        }
+    }
+}
+
+/// A store holding a paced job (priority 2) reporting `took_ms`, a gate job (priority 1),
+/// and `short` paced jobs of 0.1 ms after them; a pool of one thread on it, prefetching
+/// automatically within `window`.
+fn auto_prefetching(
+    took_ms: f64,
+    short: usize,
+    window: Duration,
+) -> (Arc<MemoryStorage>, WorkerPool, Receiver<JobId>, Sender<()>) {
+    let store = store();
+    let mut batch = vec![
+        NewJob::new(format!("paced {took_ms}"))
+            .id("first")
+            .unwrap()
+            .priority(2),
+        NewJob::new("gate").id("gate").unwrap().priority(1),
+    ];
+    batch.extend((0..short).map(|i| NewJob::new("paced 0.1").id(format!("s{i}")).unwrap()));
+    store.enqueue_batch(batch, now()).unwrap();
+    let (gate, started, release) = gate();
+    let pool = WorkerPool::builder(store.clone(), Arc::new(Paced { gate }))
+        .prefetch_auto()
+        .exit_when_idle(true)
+        .timings(Timings {
+            prefetch_window: window,
+            ..Timings::default()
+        })
+        .start()
+        .unwrap();
+    (store, pool, started, release)
+}
+
+#[test]
+fn automatic_prefetch_claims_ahead_after_short_attempts_only() {
+    // After an attempt of 1 ms, a window of an hour holds more than the most per thread.
+    let (store, pool, started, release) = auto_prefetching(1.0, 20, Duration::from_secs(3600));
+    assert_eq!(recv(&started).as_str(), "gate");
+    // The gate's claim took the most the thread may have ahead of it.
+    let ahead = queuectl_core::AUTO_PREFETCH_PER_THREAD;
+    assert_eq!(store.counts().unwrap().processing, 1 + ahead);
+    release.send(()).unwrap();
+    assert_eq!(
+        within("the pool to stop", move || pool.join())
+            .unwrap()
+            .completed,
+        22
+    );
+
+    // After an attempt of two hours, the same window holds none: one job at a time.
+    let (store, pool, started, release) = auto_prefetching(7.2e6, 20, Duration::from_secs(3600));
+    assert_eq!(recv(&started).as_str(), "gate");
+    assert_eq!(store.counts().unwrap().processing, 1);
+    release.send(()).unwrap();
+    assert_eq!(
+        within("the pool to stop", move || pool.join())
+            .unwrap()
+            .completed,
+        22
+    );
+}
+
+#[test]
+fn automatic_prefetch_hands_back_jobs_waiting_behind_a_long_attempt() {
+    // A window of 10 ms: the gate job, blocked, outlasts it.
+    let (store, pool, started, release) = auto_prefetching(0.1, 5, Duration::from_millis(10));
+    assert_eq!(recv(&started).as_str(), "gate");
+    let events = pool.events().clone();
+    events_until(&events, |e| matches!(e, Event::Released { .. }));
+    // Every job waiting behind it went back at once (one settlement, then an event per job),
+    // and nothing is claimed ahead again until an attempt has finished: they wait in the
+    // queue, uncharged, for a free thread here or elsewhere.
+    let counts = store.counts().unwrap();
+    assert_eq!((counts.processing, counts.pending), (1, 5));
+    let pending = store
+        .list(&queuectl_core::ListQuery::state(JobState::Pending))
+        .unwrap();
+    assert!(pending.iter().all(|j| j.attempts == 0));
+    release.send(()).unwrap();
+    let summary = within("the pool to stop", move || pool.join()).unwrap();
+    assert_eq!(summary.completed, 7);
+    let done = store
+        .list(&queuectl_core::ListQuery::state(JobState::Completed))
+        .unwrap();
+    assert!(done.iter().all(|j| j.attempts == 1), "each ran once");
+}

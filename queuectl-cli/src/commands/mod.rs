@@ -64,7 +64,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result {
             store::open_for_work(&target)?,
             count.map(usize::from),
             exit_when_idle,
-            prefetch as usize,
+            prefetch,
             queues,
             store::relay_key(&target),
         ),

@@ -63,7 +63,7 @@ fn summary(changed: &[QueueInfo], change: QueueChange, every: bool) -> String {
         QueueChange::Pause => {
             format!(
                 "paused {which}: no worker starts their jobs; running ones finish, and ones \
-                 claimed ahead with --prefetch go back to the queue"
+                 claimed ahead (--prefetch) go back to the queue"
             )
         }
         QueueChange::Resume => format!("resumed {which}"),

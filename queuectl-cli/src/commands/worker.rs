@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use queuectl_core::pool::{hostname, recover_abandoned};
 use queuectl_core::relay::{self, Relay};
-use queuectl_core::{Event, ShellExecutor, StopReason, Storage, WorkerPool, now};
+use queuectl_core::{Event, Prefetch, ShellExecutor, StopReason, Storage, WorkerPool, now};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
@@ -19,7 +19,7 @@ pub fn start(
     store: Arc<dyn Storage>,
     count: Option<usize>,
     exit_when_idle: bool,
-    prefetch: usize,
+    prefetch: Prefetch,
     queues: Vec<String>,
     relay_key: Option<String>,
 ) -> Result {
@@ -44,7 +44,7 @@ pub fn start(
         .config(&config)
         .workers(count.unwrap_or(config.worker_count()))
         .exit_when_idle(exit_when_idle)
-        .prefetch(prefetch)
+        .prefetching(prefetch)
         .queues(queues.iter().cloned())
         .start()?;
     // Enqueues on this machine hand their jobs to this worker's open connections rather than

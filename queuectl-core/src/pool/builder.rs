@@ -18,7 +18,52 @@ use super::settle::Settler;
 use super::{WorkerPool, waker};
 
 const MAX_PREFETCH: usize = 1_000_000;
+
+/// With [`Prefetch::Auto`], at most this many jobs per executor thread are claimed ahead.
+pub const AUTO_PREFETCH_PER_THREAD: usize = 8;
+
+/// How many jobs a pool claims ahead of its free executor threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prefetch {
+    /// Always this many (`0`: none, a job is claimed when a thread is free for it).
+    Fixed(usize),
+    /// As many as the threads would start within [`Timings::prefetch_window`] at the pace of
+    /// the attempts that finished lately (at most [`AUTO_PREFETCH_PER_THREAD`] per thread):
+    /// jobs that take milliseconds are claimed several at a time, so the store is asked once
+    /// for many of them; jobs that take longer than the window are claimed one per free
+    /// thread, so none waits here while another worker could run it. When no attempt has
+    /// finished for a window's time, the jobs claimed ahead go back to the queue. None is
+    /// claimed ahead before an attempt has finished, nor after such a hand-back until one
+    /// has.
+    Auto,
+}
 const MAX_LEASE: Duration = Duration::from_secs(7 * 24 * 3600);
+
+impl std::str::FromStr for Prefetch {
+    type Err = String;
+
+    /// `auto` or a number of jobs (at most 1,000,000).
+    fn from_str(text: &str) -> Result<Self, String> {
+        if text == "auto" {
+            return Ok(Self::Auto);
+        }
+        match text.parse::<usize>() {
+            Ok(jobs) if jobs <= MAX_PREFETCH => Ok(Self::Fixed(jobs)),
+            _ => Err(format!(
+                "expected \"auto\" or a number of jobs from 0 to {MAX_PREFETCH}, not {text:?}"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Prefetch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Fixed(jobs) => write!(f, "{jobs}"),
+            Self::Auto => f.write_str("auto"),
+        }
+    }
+}
 
 /// The pool's internal timings. The defaults suit production; tests shorten them so that no
 /// test waits on a production constant.
@@ -49,6 +94,10 @@ pub struct Timings {
     /// less as one transaction than as two: a shell drain at parallelism 2 settles one or two
     /// results at a time.
     pub settle_beside_claim_from: usize,
+    /// With [`Prefetch::Auto`], how long the jobs claimed ahead of the threads may keep
+    /// them busy at the pace of recent attempts (default 50 ms), and how long without a
+    /// finished attempt hands them back.
+    pub prefetch_window: Duration,
 }
 
 impl Default for Timings {
@@ -62,6 +111,7 @@ impl Default for Timings {
             waker_poll: Duration::from_millis(500),
             live_output_every: Duration::from_millis(250),
             settle_beside_claim_from: 16,
+            prefetch_window: Duration::from_millis(50),
         }
     }
 }
@@ -72,7 +122,7 @@ pub struct WorkerPoolBuilder {
     pub(super) storage: Arc<dyn Storage>,
     pub(super) executor: Arc<dyn Executor>,
     pub(super) workers: usize,
-    pub(super) prefetch: usize,
+    pub(super) prefetch: Prefetch,
     pub(super) backoff: Arc<dyn BackoffPolicy>,
     pub(super) lease: Duration,
     pub(super) heartbeat: Option<Duration>,
@@ -92,7 +142,7 @@ impl WorkerPoolBuilder {
             storage,
             executor,
             workers: 1,
-            prefetch: 0,
+            prefetch: Prefetch::Fixed(0),
             backoff: Arc::new(Config::default().backoff()),
             lease: Duration::from_secs(30),
             heartbeat: None,
@@ -131,10 +181,33 @@ impl WorkerPoolBuilder {
 
     /// Jobs claimed ahead of free executor threads (default 0). Prefetching saves a storage
     /// round trip per job for short jobs; its cost is that prefetched jobs wait for this pool
-    /// even when another worker is idle. A graceful stop hands unstarted jobs back.
+    /// even when another worker is idle. A graceful stop hands unstarted jobs back. Jobs of a
+    /// queue with a limit are never claimed ahead ([`ClaimRequest::ahead`]).
+    ///
+    /// [`ClaimRequest::ahead`]: crate::ClaimRequest::ahead
     pub fn prefetch(mut self, jobs: usize) -> Self {
-        self.prefetch = jobs;
+        self.prefetch = Prefetch::Fixed(jobs);
         self
+    }
+
+    /// Jobs claimed ahead as [`Prefetch::Auto`] adapts them to how long jobs run.
+    pub fn prefetch_auto(mut self) -> Self {
+        self.prefetch = Prefetch::Auto;
+        self
+    }
+
+    /// Jobs claimed ahead: a fixed number or [`Prefetch::Auto`].
+    pub fn prefetching(mut self, prefetch: Prefetch) -> Self {
+        self.prefetch = prefetch;
+        self
+    }
+
+    /// The most jobs ever claimed ahead.
+    pub(super) fn max_prefetch(&self) -> usize {
+        match self.prefetch {
+            Prefetch::Fixed(jobs) => jobs,
+            Prefetch::Auto => self.workers * AUTO_PREFETCH_PER_THREAD,
+        }
     }
 
     /// The backoff after failed attempts (default: `2 ^ attempts` seconds, capped at 1 hour).
@@ -216,7 +289,7 @@ impl WorkerPoolBuilder {
         if !WORKERS.contains(self.workers as f64) {
             return invalid(format!("workers must be {}", WORKERS.expected));
         }
-        if self.prefetch > MAX_PREFETCH {
+        if self.max_prefetch() > MAX_PREFETCH {
             return invalid("prefetch must be at most 1000000".into());
         }
         if self.lease.is_zero() || self.lease > MAX_LEASE {
@@ -288,7 +361,7 @@ impl WorkerPoolBuilder {
             })?;
 
         let (events, events_rx, dropped_events) = EventSink::new(self.event_capacity);
-        let capacity = self.workers + self.prefetch;
+        let capacity = self.workers + self.max_prefetch();
         let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<Assignment>(capacity);
         let (outcomes_tx, outcomes_rx) = crossbeam_channel::unbounded();
         let (control_tx, control_rx) = crossbeam_channel::unbounded();
@@ -400,4 +473,25 @@ fn spawn<T: Send + 'static>(
         .name(name)
         .spawn(f)
         .map_err(|source| PoolError::Spawn { what, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefetch_reads_auto_or_a_number_and_says_what_else_it_wants() {
+        assert_eq!("auto".parse(), Ok(Prefetch::Auto));
+        assert_eq!("0".parse(), Ok(Prefetch::Fixed(0)));
+        assert_eq!("1000000".parse(), Ok(Prefetch::Fixed(1_000_000)));
+        for bad in ["1000001", "-1", "", "Auto", "2.5"] {
+            let error = bad.parse::<Prefetch>().unwrap_err();
+            assert!(
+                error.contains("\"auto\" or a number of jobs"),
+                "{bad}: {error}"
+            );
+        }
+        assert_eq!(Prefetch::Auto.to_string(), "auto");
+        assert_eq!(Prefetch::Fixed(3).to_string(), "3");
+    }
 }

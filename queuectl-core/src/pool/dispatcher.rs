@@ -18,7 +18,7 @@ use crate::job::{JobId, JobState, Lease, now};
 use crate::storage::{ClaimRequest, ListQuery, Storage, WorkerInfo};
 
 use super::Control;
-use super::builder::{Timings, WorkerPoolBuilder};
+use super::builder::{AUTO_PREFETCH_PER_THREAD, Prefetch, Timings, WorkerPoolBuilder};
 use super::events::{Event, EventSink, PoolError, StopReason, Summary, error_chain};
 use super::ledger::Ledger;
 use super::recovery::recover_abandoned;
@@ -50,8 +50,9 @@ pub(super) struct Dispatcher {
     pub(super) id: String,
     info: WorkerInfo,
     workers: usize,
-    /// Jobs handed out at most: executor threads plus prefetch.
-    pub(super) capacity: usize,
+    prefetch: Prefetch,
+    /// How long attempts took lately (a moving average), for [`Prefetch::Auto`].
+    pace: Option<Duration>,
     pub(super) lease: Duration,
     pub(super) heartbeat_every: Duration,
     recovery_every: Duration,
@@ -128,7 +129,8 @@ impl Dispatcher {
             id,
             info,
             workers: builder.workers,
-            capacity: builder.workers + builder.prefetch,
+            prefetch: builder.prefetch,
+            pace: None,
             lease,
             heartbeat_every: builder.heartbeat.unwrap_or(lease / 3),
             recovery_every: builder
@@ -209,6 +211,7 @@ impl Dispatcher {
             return;
         }
         let now_instant = Instant::now();
+        self.hand_back_waiting(now_instant);
         if let Some(stopping) = &self.stopping
             && !stopping.forced
             && stopping.deadline.is_some_and(|d| now_instant >= d)
@@ -338,6 +341,7 @@ impl Dispatcher {
             self.lease_check_at,
             self.claim_retry_at,
             self.settle_at,
+            self.hand_back_at(),
             stop_check,
             self.stopping.as_ref().and_then(|s| s.deadline),
         ]
@@ -554,14 +558,67 @@ impl Dispatcher {
         self.emit(|| Event::Stopping { forced, reason });
     }
 
+    /// Jobs handed out at most: executor threads plus those claimed ahead of them.
+    pub(super) fn capacity(&self) -> usize {
+        let ahead = match self.prefetch {
+            Prefetch::Fixed(jobs) => jobs,
+            Prefetch::Auto => auto_prefetch(self.workers, self.pace, self.timings.prefetch_window),
+        };
+        self.workers + ahead
+    }
+
+    /// Takes the time an attempt ran into the pace of recent attempts.
+    pub(super) fn note_run_time(&mut self, took: Duration) {
+        self.pace = Some(match self.pace {
+            // A moving average that follows a change of jobs within a few attempts.
+            Some(pace) => pace.mul_f64(0.75) + took.mul_f64(0.25),
+            None => took,
+        });
+    }
+
+    /// With [`Prefetch::Auto`], hands back the jobs claimed ahead that no thread has started
+    /// once no attempt has finished for [`Timings::prefetch_window`]: the running ones are
+    /// longer than the pace said, and the jobs waiting behind them may run elsewhere. The
+    /// pace is forgotten: nothing more is claimed ahead until an attempt has finished again
+    /// (and then as its time says).
+    fn hand_back_waiting(&mut self, at: Instant) {
+        if self.prefetch != Prefetch::Auto || self.unstarted.is_empty() {
+            return;
+        }
+        let quiet = at.saturating_duration_since(self.last_settled);
+        if quiet < self.timings.prefetch_window {
+            return;
+        }
+        self.pace = None;
+        let handed_back: Vec<Finished> = self
+            .unstarted
+            .try_iter()
+            .map(|assignment| Finished::unstarted(assignment.job))
+            .collect();
+        if !handed_back.is_empty() {
+            self.unsettled.extend(handed_back);
+            self.settle_at = Some(at);
+        }
+    }
+
+    /// When [`Dispatcher::hand_back_waiting`] is due, if jobs claimed ahead wait.
+    fn hand_back_at(&self) -> Option<Instant> {
+        (self.prefetch == Prefetch::Auto && !self.unstarted.is_empty())
+            .then(|| self.last_settled + self.timings.prefetch_window)
+    }
+
     /// Claims jobs for free slots and hands them to executors. Returns how many it asked for
     /// and how many it got.
     fn claim(&mut self) -> (usize, usize) {
-        let free = self.capacity.saturating_sub(self.ledger.len());
+        let busy = self.ledger.len();
+        let free = self.capacity().saturating_sub(busy);
         if free == 0 {
             return (0, 0);
         }
-        match self.storage.claim_jobs(&self.claim_request(free), now()) {
+        match self
+            .storage
+            .claim_jobs(&self.claim_request(free, busy), now())
+        {
             Ok(claimed) => {
                 self.claim_succeeded();
                 let count = claimed.len();
@@ -594,13 +651,16 @@ impl Dispatcher {
         self.tolerate("claiming jobs", error);
     }
 
-    /// A claim of up to `max` jobs of the queues this pool runs.
-    pub(super) fn claim_request(&self, max: usize) -> ClaimRequest {
+    /// A claim of up to `max` jobs of the queues this pool runs, with `busy` jobs held that
+    /// will still run here: those beyond the threads free of them are claimed ahead.
+    pub(super) fn claim_request(&self, max: usize, busy: usize) -> ClaimRequest {
+        let free_threads = self.workers.saturating_sub(busy);
         ClaimRequest {
             worker: self.id.clone(),
             max,
             lease_for: self.lease,
             queues: self.info.queues.clone(),
+            ahead: max.saturating_sub(free_threads),
         }
     }
 
@@ -800,6 +860,20 @@ impl Dispatcher {
     }
 }
 
+/// How many jobs [`Prefetch::Auto`] claims ahead of `workers` threads: as many as they would
+/// start within `window` at one attempt per `pace`, at most [`AUTO_PREFETCH_PER_THREAD`] per
+/// thread; none before an attempt has finished (`pace` unknown).
+pub(super) fn auto_prefetch(workers: usize, pace: Option<Duration>, window: Duration) -> usize {
+    let Some(pace) = pace else { return 0 };
+    let most = workers.saturating_mul(AUTO_PREFETCH_PER_THREAD);
+    if pace.is_zero() {
+        return most;
+    }
+    // Saturating float-to-int conversion: a tiny pace gives `most`.
+    let within = (window.as_secs_f64() * workers as f64 / pace.as_secs_f64()) as usize;
+    within.min(most)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -890,5 +964,26 @@ mod tests {
         let until = Instant::now() + Duration::from_millis(20);
         dispatcher.wait(until);
         assert!(Instant::now() >= until, "the second wait returned early");
+    }
+
+    #[test]
+    fn automatic_prefetch_fills_the_window_at_the_pace_up_to_its_most() {
+        let ms = Duration::from_millis;
+        let window = ms(50);
+        assert_eq!(auto_prefetch(2, None, window), 0, "no pace known yet");
+        assert_eq!(auto_prefetch(2, Some(ms(10)), window), 10);
+        assert_eq!(auto_prefetch(1, Some(ms(30)), window), 1);
+        assert_eq!(
+            auto_prefetch(2, Some(ms(101)), window),
+            0,
+            "longer than the window"
+        );
+        let most = 2 * AUTO_PREFETCH_PER_THREAD;
+        assert_eq!(auto_prefetch(2, Some(ms(1)), window), most);
+        assert_eq!(auto_prefetch(2, Some(Duration::ZERO), window), most);
+        assert_eq!(
+            auto_prefetch(2, Some(Duration::from_nanos(1)), window),
+            most
+        );
     }
 }

@@ -34,7 +34,7 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
 
-pub use builder::{Timings, WorkerPoolBuilder};
+pub use builder::{AUTO_PREFETCH_PER_THREAD, Prefetch, Timings, WorkerPoolBuilder};
 pub use events::{Event, PoolError, StopReason, Summary, error_chain};
 pub use recovery::{hostname, is_dead, recover_abandoned};
 

@@ -121,9 +121,17 @@ impl Dispatcher {
             return;
         }
         self.last_settled = Instant::now();
+        for (_, done) in &batch {
+            // A stopped attempt (or one handed back unstarted) says nothing of the pace.
+            if let Ok(outcome) = &done.outcome
+                && outcome.status != Status::Cancelled
+            {
+                self.note_run_time(outcome.duration);
+            }
+        }
+        let busy = self.ledger.len().saturating_sub(batch.len());
         let want = if self.stopping.is_none() {
-            let busy = self.ledger.len().saturating_sub(batch.len());
-            self.capacity.saturating_sub(busy)
+            self.capacity().saturating_sub(busy)
         } else {
             0
         };
@@ -132,7 +140,7 @@ impl Dispatcher {
             .iter()
             .map(|(lease, done)| settlement(&*self.backoff, lease.clone(), done, at))
             .unzip();
-        let request = self.claim_request(want);
+        let request = self.claim_request(want, busy);
         // Unless a forced stop is under way, look for a stop request before refilling the
         // slots this batch frees: the store does, in the same call.
         let polling = !self.stopping.as_ref().is_some_and(|s| s.forced);
