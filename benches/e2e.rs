@@ -1,7 +1,8 @@
 //! End-to-end figures for the `queuectl` binary on the embedded file store, in one run:
 //!
-//! 1. shell drain: 1,000 `true` jobs through `worker start --count 2`, next to the raw rate of
-//!    running `sh -c true` two at a time on the same machine, and their ratio;
+//! 1. shell drain: 1,000 `true` jobs through `worker start --count 2` (with the default
+//!    `--prefetch auto`, and with `--prefetch 0`), next to the raw rate of running
+//!    `sh -c true` two at a time on the same machine, and their ratio;
 //! 2. CLI enqueue: median milliseconds per `queuectl enqueue` process;
 //! 3. pickup latency: enqueue in one process → the job starts in an idle worker process;
 //! 4. crash recovery: SIGKILL a worker mid-job → seconds until the job completes elsewhere;
@@ -15,7 +16,8 @@
 //!
 //! Run with `cargo bench -p queuectl-cli --bench e2e` (set `E2E_JOBS` to change the drain size,
 //! `E2E_DATABASE_URL=postgres://…` to run on PostgreSQL instead, a schema per figure; the drain
-//! is then also run in turns with the embedded store, side by side; `E2E_POOLER_URL`, a pooler
+//! is then also run in turns with the embedded store, side by side, with either prefetch;
+//! `E2E_POOLER_URL`, a pooler
 //! such as PgBouncer in front of the same database, adds the CLI's enqueue through it).
 
 use std::io::Write;
@@ -154,13 +156,13 @@ fn raw_shell_rate(jobs: usize) -> f64 {
     jobs as f64 / started.elapsed().as_secs_f64()
 }
 
-fn shell_drain(jobs: usize, prefetch: u32) -> f64 {
+fn shell_drain(jobs: usize, prefetch: &str) -> f64 {
     shell_drain_beside(jobs, prefetch, 0)
 }
 
 /// [`shell_drain`] with `idle` more worker processes (2 slots each) started first on a queue
 /// that gets no jobs: what they cost the drain while they wait.
-fn shell_drain_beside(jobs: usize, prefetch: u32, idle: usize) -> f64 {
+fn shell_drain_beside(jobs: usize, prefetch: &str, idle: usize) -> f64 {
     let home = tempfile::tempdir().expect("temp dir");
     let lines: String = (0..jobs).map(|_| "{\"command\":\"true\"}\n").collect();
     enqueue_many(home.path(), &lines);
@@ -170,7 +172,7 @@ fn shell_drain_beside(jobs: usize, prefetch: u32, idle: usize) -> f64 {
     let started = Instant::now();
     let status = queuectl(home.path())
         .args(["worker", "start", "--count", "2", "--exit-when-idle"])
-        .args(["--prefetch", &prefetch.to_string()])
+        .args(["--prefetch", prefetch])
         .stderr(Stdio::null())
         .status()
         .expect("worker");
@@ -380,34 +382,36 @@ fn main() {
     };
     println!("queuectl end-to-end figures on {store} ({jobs} jobs for the drain)");
     let raw = raw_shell_rate(jobs);
-    let drain = shell_drain(jobs, 0);
-    let prefetched = shell_drain(jobs, 2);
+    let drain = shell_drain(jobs, "auto");
+    let unprefetched = shell_drain(jobs, "0");
     println!("shell drain        {drain:>10.0} jobs/s");
     println!("raw sh -c true ×2  {raw:>10.0} jobs/s");
     println!("drain / raw        {:>10.2}", drain / raw);
     println!(
-        "with --prefetch 2  {prefetched:>10.0} jobs/s ({:.2} of raw)",
-        prefetched / raw
+        "with --prefetch 0  {unprefetched:>10.0} jobs/s ({:.2} of raw)",
+        unprefetched / raw
     );
     if database_url().is_some() {
         // Side by side with the embedded store, in turns, so that both meet the same machine.
-        let (mut here, mut embedded) = (Vec::new(), Vec::new());
-        for _ in 0..3 {
-            embedded.push(on_embedded(|| shell_drain(jobs, 0)));
-            here.push(shell_drain(jobs, 0));
+        for prefetch in ["auto", "0"] {
+            let (mut here, mut embedded) = (Vec::new(), Vec::new());
+            for _ in 0..3 {
+                embedded.push(on_embedded(|| shell_drain(jobs, prefetch)));
+                here.push(shell_drain(jobs, prefetch));
+            }
+            let (here, embedded) = (median(here), median(embedded));
+            println!(
+                "side by side, --prefetch {prefetch:<4} {here:>6.0} jobs/s here, {embedded:.0} on \
+                 the embedded store (median of 3 turns each): {:.2} of it",
+                here / embedded
+            );
         }
-        let (here, embedded) = (median(here), median(embedded));
-        println!(
-            "side by side       {here:>10.0} jobs/s here, {embedded:.0} on the embedded store \
-             (median of 3 turns each): {:.2} of it",
-            here / embedded
-        );
     }
     // Alone and beside idle workers, in turns.
     let (mut alone, mut beside) = (Vec::new(), Vec::new());
     for _ in 0..3 {
-        alone.push(shell_drain(jobs, 0));
-        beside.push(shell_drain_beside(jobs, 0, 3));
+        alone.push(shell_drain(jobs, "auto"));
+        beside.push(shell_drain_beside(jobs, "auto", 3));
     }
     let (alone, beside) = (median(alone), median(beside));
     println!(
