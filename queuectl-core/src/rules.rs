@@ -434,7 +434,10 @@ pub(crate) fn settle(job: &mut Job, settlement: &Settlement, now: Timestamp) -> 
         }
         Settlement::Release { .. } => {
             attempt.outcome = AttemptOutcome::Released;
-            attempt.error = Some("handed back by a forced shutdown".to_owned());
+            attempt.error = Some(
+                "handed back unfinished: a forced shutdown, or claimed ahead and never started"
+                    .to_owned(),
+            );
             job.state = JobState::Pending;
             job.attempts = job.attempts.saturating_sub(1);
             job.runs = job.runs.saturating_sub(1);

@@ -98,6 +98,11 @@ pub struct Timings {
     /// them busy at the pace of recent attempts (default 50 ms), and how long without a
     /// finished attempt hands them back.
     pub prefetch_window: Duration,
+    /// While every executor thread has a job claimed ahead waiting for it, results are
+    /// recorded up to this long after the first of them finished (default 10 ms; zero: at
+    /// once), or once they are half of what the pool holds, so that one transaction records
+    /// several and claims what replaces them. No thread waits for it: each has its next job.
+    pub settle_delay: Duration,
 }
 
 impl Default for Timings {
@@ -112,6 +117,7 @@ impl Default for Timings {
             live_output_every: Duration::from_millis(250),
             settle_beside_claim_from: 16,
             prefetch_window: Duration::from_millis(50),
+            settle_delay: Duration::from_millis(10),
         }
     }
 }

@@ -73,6 +73,8 @@ pub(super) struct Dispatcher {
     pub(super) ledger: Ledger,
     /// Outcomes received while waiting, settled by the next turn.
     pub(super) arrived: Vec<Finished>,
+    /// When the first of `arrived` came (see [`Dispatcher::defers_turn`]).
+    first_arrived: Option<Instant>,
     /// Results the store has not taken yet (it failed, or a stop just handed jobs back).
     pub(super) unsettled: Vec<Finished>,
     /// When to try `unsettled` again.
@@ -101,6 +103,8 @@ pub(super) struct Dispatcher {
     woken: bool,
     /// When results were last settled.
     pub(super) last_settled: Instant,
+    /// When jobs were last handed out.
+    last_claimed: Instant,
     /// A busy pool goes quiet (and is armed) then.
     quiet_at: Option<Instant>,
     /// When to look for lost leases again, after a change seen while that was throttled.
@@ -151,6 +155,7 @@ impl Dispatcher {
             events,
             ledger: Ledger::default(),
             arrived: Vec::new(),
+            first_arrived: None,
             unsettled: Vec::new(),
             settle_at: None,
             settle_failures: 0,
@@ -169,6 +174,7 @@ impl Dispatcher {
             last_lease_check: None,
             woken: false,
             last_settled: start,
+            last_claimed: start,
             quiet_at: None,
             lease_check_at: None,
             polled: None,
@@ -206,6 +212,10 @@ impl Dispatcher {
 
     /// One turn: see the [module docs](self).
     fn turn(&mut self) {
+        if self.defers_turn(Instant::now()) {
+            return;
+        }
+        self.first_arrived = None;
         self.settle_finished();
         if self.fatal.is_some() {
             return;
@@ -342,6 +352,8 @@ impl Dispatcher {
             self.claim_retry_at,
             self.settle_at,
             self.hand_back_at(),
+            self.first_arrived
+                .map(|first| first + self.timings.settle_delay),
             stop_check,
             self.stopping.as_ref().and_then(|s| s.deadline),
         ]
@@ -558,6 +570,27 @@ impl Dispatcher {
         self.emit(|| Event::Stopping { forced, reason });
     }
 
+    /// Whether this turn waits for more results ([`Timings::settle_delay`]): some have come,
+    /// every thread has a job claimed ahead waiting for it, fewer than half of what the pool
+    /// holds have finished, the first of them came less than the delay ago, and nothing else
+    /// is due (no stop, wake-up, retry or deadline).
+    pub(super) fn defers_turn(&mut self, at: Instant) -> bool {
+        self.arrived.extend(self.outcomes.try_iter());
+        if self.arrived.is_empty() {
+            return false;
+        }
+        let first = *self.first_arrived.get_or_insert(at);
+        let delay = self.timings.settle_delay;
+        !delay.is_zero()
+            && at < first + delay
+            && self.stopping.is_none()
+            && !self.woken
+            && self.unsettled.is_empty()
+            && self.unstarted.len() >= self.workers
+            && self.arrived.len() * 2 < self.ledger.len()
+            && self.next_deadline() > at
+    }
+
     /// Jobs handed out at most: executor threads plus those claimed ahead of them.
     pub(super) fn capacity(&self) -> usize {
         let ahead = match self.prefetch {
@@ -576,35 +609,45 @@ impl Dispatcher {
         });
     }
 
-    /// With [`Prefetch::Auto`], hands back the jobs claimed ahead that no thread has started
-    /// once no attempt has finished for [`Timings::prefetch_window`]: the running ones are
-    /// longer than the pace said, and the jobs waiting behind them may run elsewhere. The
-    /// pace is forgotten: nothing more is claimed ahead until an attempt has finished again
-    /// (and then as its time says).
+    /// With [`Prefetch::Auto`], hands back the jobs claimed ahead that wait behind running
+    /// ones once neither has an attempt finished nor a job been claimed for
+    /// [`Timings::prefetch_window`]: the running attempts are longer than the pace said, and
+    /// the jobs waiting behind them may run elsewhere. Jobs that threads free of work are
+    /// about to take stay. The pace is forgotten: nothing more is claimed ahead until an
+    /// attempt has finished again (and then as its time says).
     fn hand_back_waiting(&mut self, at: Instant) {
-        if self.prefetch != Prefetch::Auto || self.unstarted.is_empty() {
+        let Some(since) = self.hand_back_at() else {
+            return;
+        };
+        if at < since {
             return;
         }
-        let quiet = at.saturating_duration_since(self.last_settled);
-        if quiet < self.timings.prefetch_window {
-            return;
+        // Held and not waiting: running, or finished with results the store has yet to take.
+        let waiting: Vec<Assignment> = self.unstarted.try_iter().collect();
+        let running = self
+            .ledger
+            .len()
+            .saturating_sub(waiting.len() + self.unsettled.len());
+        let free_threads = self.workers.saturating_sub(running);
+        let mut handed_back = Vec::new();
+        for (i, assignment) in waiting.into_iter().enumerate() {
+            if i < free_threads {
+                self.start(assignment);
+            } else {
+                handed_back.push(Finished::unstarted(assignment.job));
+            }
         }
-        self.pace = None;
-        let handed_back: Vec<Finished> = self
-            .unstarted
-            .try_iter()
-            .map(|assignment| Finished::unstarted(assignment.job))
-            .collect();
         if !handed_back.is_empty() {
+            self.pace = None;
             self.unsettled.extend(handed_back);
             self.settle_at = Some(at);
         }
     }
 
-    /// When [`Dispatcher::hand_back_waiting`] is due, if jobs claimed ahead wait.
+    /// When [`Dispatcher::hand_back_waiting`] is due, if jobs claimed ahead may wait.
     fn hand_back_at(&self) -> Option<Instant> {
         (self.prefetch == Prefetch::Auto && !self.unstarted.is_empty())
-            .then(|| self.last_settled + self.timings.prefetch_window)
+            .then(|| self.last_settled.max(self.last_claimed) + self.timings.prefetch_window)
     }
 
     /// Claims jobs for free slots and hands them to executors. Returns how many it asked for
@@ -667,6 +710,9 @@ impl Dispatcher {
     /// Gives claimed jobs to the executors (or parks them behind a lost attempt of the same
     /// job that is still running here).
     pub(super) fn hand_out(&mut self, claimed: Vec<crate::Job>) {
+        if !claimed.is_empty() {
+            self.last_claimed = Instant::now();
+        }
         for job in claimed {
             self.emit(|| Event::Claimed {
                 job: job.id.clone(),
@@ -883,7 +929,7 @@ mod tests {
     fn dispatcher() -> (Dispatcher, crossbeam_channel::Sender<Finished>) {
         let store: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
         let builder = WorkerPoolBuilder::new(store, Arc::new(FnExecutor::new(|_| Ok(()))));
-        let (jobs, unstarted) = crossbeam_channel::bounded(1);
+        let (jobs, unstarted) = crossbeam_channel::bounded(8);
         let (outcomes_tx, outcomes) = crossbeam_channel::unbounded();
         let (_control_tx, control) = crossbeam_channel::unbounded();
         let (_wake_tx, wake) = crossbeam_channel::bounded(1);
@@ -985,5 +1031,81 @@ mod tests {
             auto_prefetch(2, Some(Duration::from_nanos(1)), window),
             most
         );
+    }
+
+    /// A job claimed for a free thread and not yet taken by it is never handed back, however
+    /// long ago anything was settled or claimed: only jobs waiting behind running ones go.
+    #[test]
+    fn a_job_claimed_for_a_free_thread_is_not_handed_back() {
+        use crate::storage::StorageExt;
+        let (mut dispatcher, _outcomes) = dispatcher();
+        dispatcher.prefetch = Prefetch::Auto;
+        dispatcher
+            .storage
+            .enqueue(crate::NewJob::new("x").id("j").unwrap(), now())
+            .unwrap();
+        assert_eq!(dispatcher.claim(), (1, 1));
+        let later = Instant::now() + dispatcher.timings.prefetch_window * 10;
+        dispatcher.hand_back_waiting(later);
+        assert!(dispatcher.unsettled.is_empty(), "handed back");
+        assert_eq!(dispatcher.unstarted.len(), 1, "still there for the thread");
+    }
+
+    /// A turn waits for more results only while every thread has a job waiting for it, fewer
+    /// than half of what is held have finished, the first result is younger than the delay,
+    /// and nothing else wants the dispatcher.
+    #[test]
+    fn results_wait_for_company_only_while_every_thread_has_its_next_job() {
+        use crate::storage::StorageExt;
+        let (mut dispatcher, outcomes) = dispatcher();
+        dispatcher.prefetch = Prefetch::Fixed(3);
+        let far = Instant::now() + Duration::from_secs(3600);
+        (dispatcher.next_recovery, dispatcher.next_purge) = (far, far);
+        let batch = (0..4)
+            .map(|i| crate::NewJob::new(format!("j{i}")))
+            .collect();
+        dispatcher.storage.enqueue_batch(batch, now()).unwrap();
+        assert_eq!(dispatcher.claim(), (4, 4));
+        // The one thread takes its first job and finishes it; three wait for it.
+        let first = dispatcher.unstarted.try_recv().unwrap();
+        let done = |assignment: Assignment| Finished {
+            job: assignment.job,
+            outcome: Ok(crate::Outcome::succeeded(Duration::from_millis(1))),
+        };
+        outcomes.send(done(first)).unwrap();
+        let at = Instant::now();
+        let delay = dispatcher.timings.settle_delay;
+        assert!(dispatcher.defers_turn(at), "one result of four held");
+        assert!(!dispatcher.defers_turn(at + delay), "the delay is over");
+        dispatcher.first_arrived = None;
+        dispatcher.woken = true;
+        assert!(
+            !dispatcher.defers_turn(at),
+            "woken by a change of the store"
+        );
+        dispatcher.woken = false;
+        dispatcher.first_arrived = None;
+        assert!(dispatcher.defers_turn(at));
+        // The thread takes its next job: two wait, two of four have finished.
+        let second = dispatcher.unstarted.try_recv().unwrap();
+        outcomes.send(done(second)).unwrap();
+        assert!(
+            !dispatcher.defers_turn(at),
+            "half of what is held has finished"
+        );
+        dispatcher.timings.settle_delay = Duration::ZERO;
+        dispatcher.arrived.pop();
+        dispatcher.first_arrived = None;
+        assert!(
+            !dispatcher.defers_turn(at),
+            "a delay of zero records at once"
+        );
+        dispatcher.timings.settle_delay = delay;
+        dispatcher.first_arrived = None;
+        assert!(dispatcher.defers_turn(at));
+        // The jobs waiting for the thread are gone (it took them, say): none is left.
+        let _taken: Vec<Assignment> = dispatcher.unstarted.try_iter().collect();
+        dispatcher.first_arrived = None;
+        assert!(!dispatcher.defers_turn(at), "no job waits for the thread");
     }
 }
