@@ -213,8 +213,8 @@ pub enum WorkerCommand {
         /// Jobs claimed ahead of free workers: a number, or "auto": as many as the workers
         /// start within 50 ms at the pace of the last jobs (at most 8 per worker), so short
         /// jobs are claimed several at a time and jobs longer than that one per free worker.
-        /// Jobs claimed ahead wait for this process even if another worker is idle; jobs of a
-        /// queue with a limit are never claimed ahead.
+        /// Jobs claimed ahead wait for this process even if another worker is idle, and count
+        /// as running under their queue's limit.
         #[arg(long, default_value = "auto", value_name = "N|auto")]
         prefetch: Prefetch,
         /// Run only jobs of this queue (repeat for several) [default: every queue].

@@ -96,7 +96,6 @@ macro_rules! storage_conformance {
             claims_take_only_the_queues_asked_for_in_claim_order,
             paused_queues_are_not_claimed_until_resumed,
             queue_limits_count_running_jobs_of_every_worker,
-            jobs_claimed_ahead_are_never_of_a_limited_queue,
             queues_report_their_counts_and_list_filters_by_queue,
             queue_changes_refuse_invalid_names,
             unique_keys_add_nothing_while_a_job_holds_them,
@@ -1893,39 +1892,6 @@ pub fn queue_limits_count_running_jobs_of_every_worker(h: &dyn Harness) {
         ["a3", "a4"]
     );
     assert_eq!(queue_of(&store.queues().unwrap(), "a").limit, 0);
-}
-
-/// Of a claim's jobs, those claimed ahead of free threads (`ClaimRequest::ahead`) never
-/// come from a queue with a limit: at most `max - ahead` of its jobs are limited ones, from
-/// all limited queues together, and the rest of the claim is filled from other queues in
-/// claim order. What it leaves is there for the next claim.
-pub fn jobs_claimed_ahead_are_never_of_a_limited_queue(h: &dyn Harness) {
-    let store = h.store();
-    let mut batch: Vec<NewJob> = (0..3)
-        .map(|i| in_queue(&format!("a{i}"), "a").priority(9))
-        .collect();
-    batch.extend((0..3).map(|i| in_queue(&format!("b{i}"), "b").priority(8)));
-    batch.extend((0..4).map(|i| job(&format!("d{i}"))));
-    store.enqueue_batch(batch, at(0)).unwrap();
-    store
-        .change_queues(Some(&names(&["a", "b"])), QueueChange::Limit(5))
-        .unwrap();
-    // Two threads free, three jobs ahead: two limited jobs in all, the first in claim order.
-    let request = ClaimRequest::new("w1", 5, LEASE).ahead(3);
-    assert_eq!(
-        ids(&store.claim_jobs(&request, at(1)).unwrap()),
-        ["a0", "a1", "d0", "d1", "d2"]
-    );
-    // Nothing free: only unlimited jobs, however many are asked for.
-    let ahead_only = ClaimRequest::new("w1", 2, LEASE).ahead(2);
-    assert_eq!(ids(&store.claim_jobs(&ahead_only, at(1)).unwrap()), ["d3"]);
-    // A claim for free threads takes the limited jobs left.
-    let other = h.reopen().unwrap_or_else(|| h.store());
-    assert_eq!(
-        ids(&other.claim("w2", 10, LEASE, at(2)).unwrap()),
-        ["a2", "b0", "b1", "b2"]
-    );
-    assert_eq!(other.counts().unwrap().processing, 10);
 }
 
 /// `queues` lists every queue with jobs or settings and its jobs per state; `list` filters by

@@ -14,7 +14,7 @@ use crate::job::{
     Attempt, AttemptOutcome, Job, JobId, JobState, Lease, MAX_OUTPUT, NewJob, Timestamp, later,
     random_u64, tail,
 };
-use crate::storage::{AttemptReport, ClaimRequest, OutputChunk, QueueChange, Settlement};
+use crate::storage::{AttemptReport, OutputChunk, QueueChange, Settlement};
 
 /// The record of a new job; `seq` is its place in enqueue order and `dependencies` the
 /// states of the jobs of `new.after` (checked by [`check_dependencies`]).
@@ -231,44 +231,6 @@ pub(crate) fn room_in_queue(limit: u32, running: usize, wanted: usize) -> usize 
     } else {
         (limit as usize).saturating_sub(running).min(wanted)
     }
-}
-
-/// How many jobs of a queue `request` may take, with `running` of its jobs processing under
-/// its `limit` (`0`: no limit): of a limited queue, only jobs for free executor threads
-/// ([`ClaimRequest::ahead`]).
-pub(crate) fn room_for(request: &ClaimRequest, limit: u32, running: usize) -> usize {
-    if limit == 0 {
-        request.max
-    } else {
-        room_in_queue(limit, running, request.for_free_threads())
-    }
-}
-
-/// Keeps the first jobs of `picked` (in claim order) that `request` may take: at most `max`,
-/// of which at most `max - ahead` from queues with a limit (`limited`). What is left out
-/// stays where it was. Returns whether anything was left out.
-pub(crate) fn keep_claimable<T>(
-    picked: &mut Vec<T>,
-    request: &ClaimRequest,
-    limited: impl Fn(&T) -> bool,
-) -> bool {
-    let before = picked.len();
-    let mut limited_left = request.for_free_threads();
-    let mut kept = 0;
-    picked.retain(|job| {
-        if kept == request.max {
-            return false;
-        }
-        if limited(job) {
-            if limited_left == 0 {
-                return false;
-            }
-            limited_left -= 1;
-        }
-        kept += 1;
-        true
-    });
-    picked.len() < before
 }
 
 /// Claims a due job for `worker`: it becomes `processing` under a fresh lease, with one more

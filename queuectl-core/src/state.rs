@@ -365,8 +365,7 @@ impl QueueState {
         }
         self.promote(now);
         // The first jobs of each queue the request may take, merged in claim order.
-        // With whether their queue has a limit.
-        let mut picked: Vec<(ReadyKey, bool)> = Vec::new();
+        let mut picked: Vec<ReadyKey> = Vec::new();
         for (queue, ready) in &self.index.ready {
             let settings = self.settings(queue);
             if !request.takes(queue) || settings.paused {
@@ -377,22 +376,21 @@ impl QueueState {
                 .queue_counts
                 .get(queue)
                 .map_or(0, |c| c[JobState::Processing.index()]);
-            let room = rules::room_for(request, settings.limit, running);
+            let room = rules::room_in_queue(settings.limit, running, request.max);
             // A job in `ready` was due at an earlier claim's `now`; with a `now` that went
             // backwards (another process's clock read) it may not be due yet: skip it.
             picked.extend(
                 ready
                     .iter()
                     .filter(|&&(_, run_at, _)| run_at <= now)
-                    .take(room)
-                    .map(|&key| (key, settings.limit > 0)),
+                    .take(room),
             );
         }
         picked.sort_unstable();
-        rules::keep_claimable(&mut picked, request, |&(_, limited)| limited);
+        picked.truncate(request.max);
         picked
             .into_iter()
-            .map(|((_, _, seq), _)| {
+            .map(|(_, _, seq)| {
                 self.update(seq, now, |job| {
                     rules::claim(job, &request.worker, request.lease_for, now)
                 })

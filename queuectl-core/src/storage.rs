@@ -94,10 +94,6 @@ pub struct ClaimRequest {
     pub lease_for: Duration,
     /// Only jobs of these queues; empty means every queue.
     pub queues: Vec<String>,
-    /// How many of the `max` jobs are claimed ahead of free executor threads (prefetch).
-    /// Jobs of a queue with a limit are claimed only for free threads, at most `max - ahead`
-    /// of them in all: a job claimed ahead would hold a place under the limit while it waits.
-    pub ahead: usize,
 }
 
 impl ClaimRequest {
@@ -108,20 +104,7 @@ impl ClaimRequest {
             max,
             lease_for,
             queues: Vec::new(),
-            ahead: 0,
         }
-    }
-
-    /// Of the `max` jobs, `ahead` are claimed ahead of free executor threads (see
-    /// [`ClaimRequest::ahead`]).
-    pub fn ahead(mut self, ahead: usize) -> Self {
-        self.ahead = ahead;
-        self
-    }
-
-    /// How many jobs of queues with a limit the request may take, in all.
-    pub fn for_free_threads(&self) -> usize {
-        self.max.saturating_sub(self.ahead)
     }
 
     /// Only jobs of `queues` (none: every queue).

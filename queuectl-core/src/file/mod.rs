@@ -21,7 +21,6 @@ mod watch;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashSet;
 use std::fmt;
 use std::fs;
 use std::io;
@@ -660,7 +659,6 @@ impl FileStorage {
         tx.flush_counts()?;
         let settings = rows::queue_settings(tx)?;
         let mut picked = Vec::new();
-        let mut limited = HashSet::new();
         let queues = tx
             .prepare_cached(queries::CLAIMABLE_QUEUES)?
             .query_map([], |row| {
@@ -676,12 +674,10 @@ impl FileStorage {
             if waiting == 0 || paused || !request.takes(&queue) {
                 continue;
             }
-            let room = rules::room_for(request, limit, usize::try_from(running).unwrap_or(0));
+            let room =
+                rules::room_in_queue(limit, usize::try_from(running).unwrap_or(0), request.max);
             if room == 0 {
                 continue;
-            }
-            if limit > 0 {
-                limited.insert(queue.clone());
             }
             let limit = i64::try_from(room).unwrap_or(i64::MAX);
             picked.extend(rows::select_jobs(
@@ -692,9 +688,7 @@ impl FileStorage {
         }
         // The first jobs of each queue, merged in claim order.
         picked.sort_unstable_by_key(|job| (std::cmp::Reverse(job.priority), job.run_at, job.seq));
-        rules::keep_claimable(&mut picked, request, |job: &Job| {
-            limited.contains(&job.queue)
-        });
+        picked.truncate(request.max);
         let mut claimed = Vec::with_capacity(picked.len());
         for old in picked {
             let mut job = old.clone();

@@ -898,10 +898,10 @@ impl PgStorage {
         }
         // Claims of a limited queue follow one another: each locks the queue's settings, then
         // counts what runs (what the claims before it committed included).
-        let limited: Vec<String> = queues
+        let limited: Vec<&str> = queues
             .iter()
             .filter(|(_, _, limit)| *limit > 0)
-            .map(|(name, _, _)| name.clone())
+            .map(|(name, _, _)| name.as_str())
             .collect();
         if !limited.is_empty() {
             // One round trip: the count runs after the lock was granted (its own snapshot).
@@ -934,10 +934,10 @@ impl PgStorage {
         let rooms: Vec<(String, i64)> = queues
             .into_iter()
             .filter_map(|(name, running, limit)| {
-                let room = rules::room_for(
-                    request,
+                let room = rules::room_in_queue(
                     u32::try_from(limit).unwrap_or(u32::MAX),
                     usize::try_from(running).unwrap_or(0),
+                    request.max,
                 );
                 (room > 0).then(|| (name, i64::try_from(room).unwrap_or(i64::MAX)))
             })
@@ -948,10 +948,11 @@ impl PgStorage {
         let mut picked = rows::pick_ready(tx, &rooms, now)?;
         // The first jobs of each queue, merged in claim order.
         picked.sort_unstable_by_key(|job| (std::cmp::Reverse(job.priority), job.run_at, job.seq));
-        if rules::keep_claimable(&mut picked, request, |job| limited.contains(&job.queue)) {
+        if picked.len() > request.max {
             // Jobs locked and not kept: a worker that skipped them while they were locked
             // must hear that they are still there.
             tx.give_work();
+            picked.truncate(request.max);
         }
         let mut pairs: Vec<(Job, Job)> = picked
             .into_iter()

@@ -19,6 +19,13 @@ use super::{WorkerPool, waker};
 
 const MAX_PREFETCH: usize = 1_000_000;
 
+/// The most jobs claimed ahead that [`Prefetch`]'s `FromStr` accepts (as `worker start
+/// --prefetch` did before it read `auto`): the channel that holds them is allocated whole.
+const MAX_PREFETCH_ARG: usize = 100_000;
+
+/// The longest [`Timings::prefetch_window`] and [`Timings::settle_delay`].
+const MAX_TIMING: Duration = Duration::from_secs(3600);
+
 /// With [`Prefetch::Auto`], at most this many jobs per executor thread are claimed ahead.
 pub const AUTO_PREFETCH_PER_THREAD: usize = 8;
 
@@ -42,15 +49,15 @@ const MAX_LEASE: Duration = Duration::from_secs(7 * 24 * 3600);
 impl std::str::FromStr for Prefetch {
     type Err = String;
 
-    /// `auto` or a number of jobs (at most 1,000,000).
+    /// `auto` or a number of jobs (at most 100,000).
     fn from_str(text: &str) -> Result<Self, String> {
         if text == "auto" {
             return Ok(Self::Auto);
         }
         match text.parse::<usize>() {
-            Ok(jobs) if jobs <= MAX_PREFETCH => Ok(Self::Fixed(jobs)),
+            Ok(jobs) if jobs <= MAX_PREFETCH_ARG => Ok(Self::Fixed(jobs)),
             _ => Err(format!(
-                "expected \"auto\" or a number of jobs from 0 to {MAX_PREFETCH}, not {text:?}"
+                "expected \"auto\" or a number of jobs from 0 to {MAX_PREFETCH_ARG}, not {text:?}"
             )),
         }
     }
@@ -187,10 +194,8 @@ impl WorkerPoolBuilder {
 
     /// Jobs claimed ahead of free executor threads (default 0). Prefetching saves a storage
     /// round trip per job for short jobs; its cost is that prefetched jobs wait for this pool
-    /// even when another worker is idle. A graceful stop hands unstarted jobs back. Jobs of a
-    /// queue with a limit are never claimed ahead ([`ClaimRequest::ahead`]).
-    ///
-    /// [`ClaimRequest::ahead`]: crate::ClaimRequest::ahead
+    /// even when another worker is idle (and count under their queue's limit meanwhile). A
+    /// graceful stop hands unstarted jobs back.
     pub fn prefetch(mut self, jobs: usize) -> Self {
         self.prefetch = Prefetch::Fixed(jobs);
         self
@@ -297,6 +302,11 @@ impl WorkerPoolBuilder {
         }
         if self.max_prefetch() > MAX_PREFETCH {
             return invalid("prefetch must be at most 1000000".into());
+        }
+        if self.timings.prefetch_window > MAX_TIMING || self.timings.settle_delay > MAX_TIMING {
+            return invalid(
+                "the prefetch window and the settle delay must be at most an hour".into(),
+            );
         }
         if self.lease.is_zero() || self.lease > MAX_LEASE {
             return invalid("the lease must be longer than zero and at most a week".into());
@@ -489,8 +499,8 @@ mod tests {
     fn prefetch_reads_auto_or_a_number_and_says_what_else_it_wants() {
         assert_eq!("auto".parse(), Ok(Prefetch::Auto));
         assert_eq!("0".parse(), Ok(Prefetch::Fixed(0)));
-        assert_eq!("1000000".parse(), Ok(Prefetch::Fixed(1_000_000)));
-        for bad in ["1000001", "-1", "", "Auto", "2.5"] {
+        assert_eq!("100000".parse(), Ok(Prefetch::Fixed(100_000)));
+        for bad in ["100001", "-1", "", "Auto", "2.5"] {
             let error = bad.parse::<Prefetch>().unwrap_err();
             assert!(
                 error.contains("\"auto\" or a number of jobs"),

@@ -604,7 +604,7 @@ impl Dispatcher {
     pub(super) fn note_run_time(&mut self, took: Duration) {
         self.pace = Some(match self.pace {
             // A moving average that follows a change of jobs within a few attempts.
-            Some(pace) => pace.mul_f64(0.75) + took.mul_f64(0.25),
+            Some(pace) => pace.mul_f64(0.75).saturating_add(took.mul_f64(0.25)),
             None => took,
         });
     }
@@ -653,15 +653,15 @@ impl Dispatcher {
     /// Claims jobs for free slots and hands them to executors. Returns how many it asked for
     /// and how many it got.
     fn claim(&mut self) -> (usize, usize) {
-        let busy = self.ledger.len();
-        let free = self.capacity().saturating_sub(busy);
+        let free = self.capacity().saturating_sub(self.ledger.len());
         if free == 0 {
+            // Nothing to claim: a retry due after a failed claim is moot (the slots were
+            // filled beside settlements meanwhile), and must not stay due, or every turn
+            // would return at once to try it.
+            self.claim_retry_at = None;
             return (0, 0);
         }
-        match self
-            .storage
-            .claim_jobs(&self.claim_request(free, busy), now())
-        {
+        match self.storage.claim_jobs(&self.claim_request(free), now()) {
             Ok(claimed) => {
                 self.claim_succeeded();
                 let count = claimed.len();
@@ -694,16 +694,13 @@ impl Dispatcher {
         self.tolerate("claiming jobs", error);
     }
 
-    /// A claim of up to `max` jobs of the queues this pool runs, with `busy` jobs held that
-    /// will still run here: those beyond the threads free of them are claimed ahead.
-    pub(super) fn claim_request(&self, max: usize, busy: usize) -> ClaimRequest {
-        let free_threads = self.workers.saturating_sub(busy);
+    /// A claim of up to `max` jobs of the queues this pool runs.
+    pub(super) fn claim_request(&self, max: usize) -> ClaimRequest {
         ClaimRequest {
             worker: self.id.clone(),
             max,
             lease_for: self.lease,
             queues: self.info.queues.clone(),
-            ahead: max.saturating_sub(free_threads),
         }
     }
 
@@ -911,6 +908,9 @@ impl Dispatcher {
 /// thread; none before an attempt has finished (`pace` unknown).
 pub(super) fn auto_prefetch(workers: usize, pace: Option<Duration>, window: Duration) -> usize {
     let Some(pace) = pace else { return 0 };
+    if window.is_zero() {
+        return 0;
+    }
     let most = workers.saturating_mul(AUTO_PREFETCH_PER_THREAD);
     if pace.is_zero() {
         return most;
@@ -1031,6 +1031,11 @@ mod tests {
             auto_prefetch(2, Some(Duration::from_nanos(1)), window),
             most
         );
+        assert_eq!(
+            auto_prefetch(2, Some(Duration::ZERO), Duration::ZERO),
+            0,
+            "no window"
+        );
     }
 
     /// A job claimed for a free thread and not yet taken by it is never handed back, however
@@ -1107,5 +1112,24 @@ mod tests {
         let _taken: Vec<Assignment> = dispatcher.unstarted.try_iter().collect();
         dispatcher.first_arrived = None;
         assert!(!dispatcher.defers_turn(at), "no job waits for the thread");
+    }
+
+    /// A claim retry that came due while the slots were full (filled beside settlements)
+    /// does not stay due: the dispatcher would otherwise return from every wait at once.
+    #[test]
+    fn a_due_claim_retry_with_full_slots_leaves_no_deadline_in_the_past() {
+        use crate::storage::StorageExt;
+        let (mut dispatcher, _outcomes) = dispatcher();
+        dispatcher
+            .storage
+            .enqueue(crate::NewJob::new("x").id("j").unwrap(), now())
+            .unwrap();
+        assert_eq!(dispatcher.claim(), (1, 1));
+        dispatcher.claim_retry_at = Some(Instant::now() - Duration::from_secs(1));
+        dispatcher.turn();
+        assert!(
+            dispatcher.next_deadline() > Instant::now(),
+            "a deadline in the past: the dispatcher would spin"
+        );
     }
 }

@@ -100,6 +100,14 @@ impl Dispatcher {
         if finished.is_empty() && !retry_due {
             return;
         }
+        for done in &finished {
+            // A stopped attempt (or one handed back unstarted) says nothing of the pace.
+            if let Ok(outcome) = &done.outcome
+                && outcome.status != Status::Cancelled
+            {
+                self.note_run_time(outcome.duration);
+            }
+        }
         let earlier = std::mem::take(&mut self.unsettled);
         let mut batch: Vec<(Lease, Finished)> = Vec::new();
         for done in earlier.into_iter().chain(finished) {
@@ -121,14 +129,6 @@ impl Dispatcher {
             return;
         }
         self.last_settled = Instant::now();
-        for (_, done) in &batch {
-            // A stopped attempt (or one handed back unstarted) says nothing of the pace.
-            if let Ok(outcome) = &done.outcome
-                && outcome.status != Status::Cancelled
-            {
-                self.note_run_time(outcome.duration);
-            }
-        }
         let busy = self.ledger.len().saturating_sub(batch.len());
         let want = if self.stopping.is_none() {
             self.capacity().saturating_sub(busy)
@@ -140,7 +140,7 @@ impl Dispatcher {
             .iter()
             .map(|(lease, done)| settlement(&*self.backoff, lease.clone(), done, at))
             .unzip();
-        let request = self.claim_request(want, busy);
+        let request = self.claim_request(want);
         // Unless a forced stop is under way, look for a stop request before refilling the
         // slots this batch frees: the store does, in the same call.
         let polling = !self.stopping.as_ref().is_some_and(|s| s.forced);
@@ -166,7 +166,13 @@ impl Dispatcher {
                 .map(|(settled, claimed)| (settled, claimed, None))
         };
         let (results, claimed, polled) = match settled {
-            Ok(settled) => settled,
+            Ok(settled) => {
+                if want > 0 {
+                    // The claim beside the settlement went through.
+                    self.claim_succeeded();
+                }
+                settled
+            }
             Err(error) => {
                 self.settle_failed(batch.into_iter().map(|(_, done)| done).collect(), error);
                 return;
