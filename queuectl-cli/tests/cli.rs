@@ -578,6 +578,12 @@ fn bad_input_is_refused_and_changes_nothing() {
             2,
             "--prefetch",
         ),
+        (
+            &["worker", "start", "--prefetch", "sometimes"],
+            None,
+            2,
+            "expected \"auto\" or a number of jobs from 0 to 100000",
+        ),
         (&["frobnicate"], None, 2, "frobnicate"),
         (&["show", "missing-id"], None, 1, "job missing-id not found"),
         (&["show", "../etc"], None, 1, "invalid job id"),

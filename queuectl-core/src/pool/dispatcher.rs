@@ -257,6 +257,8 @@ impl Dispatcher {
         self.due_at = None;
         self.quiet_at = None;
         if let Some(stopping) = &self.stopping {
+            // A stopping pool claims nothing: a retry of a failed claim must not stay due.
+            self.claim_retry_at = None;
             // A graceful stop may still be made forced by a stop request in storage
             // (`worker stop --force`).
             if !stopping.forced {
@@ -414,6 +416,8 @@ impl Dispatcher {
     /// finished jobs. `version` is the store version just read, if any.
     pub(super) fn poll_stop_request(&mut self, version: Option<u64>, throttled: bool) {
         if self.stopping.as_ref().is_some_and(|s| s.forced) {
+            // Nothing more to look for: a look left due must not stay a deadline.
+            self.stop_check_due = false;
             return;
         }
         if let Some(version) = version {
@@ -460,8 +464,10 @@ impl Dispatcher {
     /// Looks for lost leases when the store changed since the last look, at most every
     /// [`Timings::stop_check_every`].
     fn poll_leases(&mut self, version: Option<u64>) {
-        let Some(version) = version else { return };
+        // Due again only from what this look finds: with the version unread (a failing
+        // store) the next turn looks, instead of a deadline left in the past.
         self.lease_check_at = None;
+        let Some(version) = version else { return };
         match self.last_lease_check {
             Some((seen, _)) if seen == version => {}
             // Looked too recently: look again once the throttle allows. (The change that
@@ -632,6 +638,9 @@ impl Dispatcher {
         let mut handed_back = Vec::new();
         for (i, assignment) in waiting.into_iter().enumerate() {
             if i < free_threads {
+                // Handed out again: its wait counts from now, so this look is not due again
+                // at once (the dispatcher would spin until a thread took it).
+                self.last_claimed = at;
                 self.start(assignment);
             } else {
                 handed_back.push(Finished::unstarted(assignment.job));
@@ -1054,6 +1063,10 @@ mod tests {
         dispatcher.hand_back_waiting(later);
         assert!(dispatcher.unsettled.is_empty(), "handed back");
         assert_eq!(dispatcher.unstarted.len(), 1, "still there for the thread");
+        assert!(
+            dispatcher.hand_back_at().is_some_and(|at| at > later),
+            "the look stays due: the dispatcher would spin until a thread takes the job"
+        );
     }
 
     /// A turn waits for more results only while every thread has a job waiting for it, fewer
@@ -1127,6 +1140,52 @@ mod tests {
         assert_eq!(dispatcher.claim(), (1, 1));
         dispatcher.claim_retry_at = Some(Instant::now() - Duration::from_secs(1));
         dispatcher.turn();
+        assert!(
+            dispatcher.next_deadline() > Instant::now(),
+            "a deadline in the past: the dispatcher would spin"
+        );
+    }
+
+    /// A graceful stop with a claim retry due leaves no deadline in the past while its
+    /// running jobs finish.
+    #[test]
+    fn a_stop_with_a_due_claim_retry_leaves_no_deadline_in_the_past() {
+        use crate::storage::StorageExt;
+        let (mut dispatcher, _outcomes) = dispatcher();
+        dispatcher
+            .storage
+            .enqueue(crate::NewJob::new("x").id("j").unwrap(), now())
+            .unwrap();
+        assert_eq!(dispatcher.claim(), (1, 1));
+        // Its thread took it; it runs while the pool stops.
+        let _running = dispatcher.unstarted.try_recv().unwrap();
+        dispatcher.begin_stop(false, StopReason::Requested);
+        dispatcher.claim_retry_at = Some(Instant::now() - Duration::from_secs(1));
+        dispatcher.turn();
+        assert!(dispatcher.end().is_none(), "a job still runs");
+        assert!(
+            dispatcher.next_deadline() > Instant::now(),
+            "a deadline in the past: the dispatcher would spin"
+        );
+    }
+
+    /// A forced stop with a look for a stop request left due leaves no deadline in the past
+    /// while its cancelled jobs end.
+    #[test]
+    fn a_forced_stop_with_a_stop_check_due_leaves_no_deadline_in_the_past() {
+        use crate::storage::StorageExt;
+        let (mut dispatcher, _outcomes) = dispatcher();
+        dispatcher
+            .storage
+            .enqueue(crate::NewJob::new("x").id("j").unwrap(), now())
+            .unwrap();
+        assert_eq!(dispatcher.claim(), (1, 1));
+        let _running = dispatcher.unstarted.try_recv().unwrap();
+        dispatcher.begin_stop(true, StopReason::Requested);
+        dispatcher.stop_check_due = true;
+        dispatcher.last_stop_check = Some(Instant::now() - Duration::from_secs(1));
+        dispatcher.turn();
+        assert!(dispatcher.end().is_none(), "a job still runs");
         assert!(
             dispatcher.next_deadline() > Instant::now(),
             "a deadline in the past: the dispatcher would spin"
