@@ -1051,14 +1051,8 @@ mod tests {
     /// long ago anything was settled or claimed: only jobs waiting behind running ones go.
     #[test]
     fn a_job_claimed_for_a_free_thread_is_not_handed_back() {
-        use crate::storage::StorageExt;
-        let (mut dispatcher, _outcomes) = dispatcher();
+        let (mut dispatcher, _outcomes) = holding_one();
         dispatcher.prefetch = Prefetch::Auto;
-        dispatcher
-            .storage
-            .enqueue(crate::NewJob::new("x").id("j").unwrap(), now())
-            .unwrap();
-        assert_eq!(dispatcher.claim(), (1, 1));
         let later = Instant::now() + dispatcher.timings.prefetch_window * 10;
         dispatcher.hand_back_waiting(later);
         assert!(dispatcher.unsettled.is_empty(), "handed back");
@@ -1127,68 +1121,59 @@ mod tests {
         assert!(!dispatcher.defers_turn(at), "no job waits for the thread");
     }
 
-    /// A claim retry that came due while the slots were full (filled beside settlements)
-    /// does not stay due: the dispatcher would otherwise return from every wait at once.
-    #[test]
-    fn a_due_claim_retry_with_full_slots_leaves_no_deadline_in_the_past() {
+    /// A dispatcher of one thread holding one claimed job ("j"), still in the channel.
+    fn holding_one() -> (Dispatcher, crossbeam_channel::Sender<Finished>) {
         use crate::storage::StorageExt;
-        let (mut dispatcher, _outcomes) = dispatcher();
+        let (mut dispatcher, outcomes) = dispatcher();
         dispatcher
             .storage
             .enqueue(crate::NewJob::new("x").id("j").unwrap(), now())
             .unwrap();
         assert_eq!(dispatcher.claim(), (1, 1));
+        (dispatcher, outcomes)
+    }
+
+    /// Whether the dispatcher's next deadline is still ahead (one in the past makes every
+    /// wait return at once: a spin).
+    fn no_deadline_past(dispatcher: &Dispatcher) -> bool {
+        dispatcher.next_deadline() > Instant::now()
+    }
+
+    /// A claim retry that came due while the slots were full (filled beside settlements)
+    /// does not stay due: the dispatcher would otherwise return from every wait at once.
+    #[test]
+    fn a_due_claim_retry_with_full_slots_leaves_no_deadline_in_the_past() {
+        let (mut dispatcher, _outcomes) = holding_one();
         dispatcher.claim_retry_at = Some(Instant::now() - Duration::from_secs(1));
         dispatcher.turn();
-        assert!(
-            dispatcher.next_deadline() > Instant::now(),
-            "a deadline in the past: the dispatcher would spin"
-        );
+        assert!(no_deadline_past(&dispatcher));
     }
 
     /// A graceful stop with a claim retry due leaves no deadline in the past while its
     /// running jobs finish.
     #[test]
     fn a_stop_with_a_due_claim_retry_leaves_no_deadline_in_the_past() {
-        use crate::storage::StorageExt;
-        let (mut dispatcher, _outcomes) = dispatcher();
-        dispatcher
-            .storage
-            .enqueue(crate::NewJob::new("x").id("j").unwrap(), now())
-            .unwrap();
-        assert_eq!(dispatcher.claim(), (1, 1));
+        let (mut dispatcher, _outcomes) = holding_one();
         // Its thread took it; it runs while the pool stops.
         let _running = dispatcher.unstarted.try_recv().unwrap();
         dispatcher.begin_stop(false, StopReason::Requested);
         dispatcher.claim_retry_at = Some(Instant::now() - Duration::from_secs(1));
         dispatcher.turn();
         assert!(dispatcher.end().is_none(), "a job still runs");
-        assert!(
-            dispatcher.next_deadline() > Instant::now(),
-            "a deadline in the past: the dispatcher would spin"
-        );
+        assert!(no_deadline_past(&dispatcher));
     }
 
     /// A forced stop with a look for a stop request left due leaves no deadline in the past
     /// while its cancelled jobs end.
     #[test]
     fn a_forced_stop_with_a_stop_check_due_leaves_no_deadline_in_the_past() {
-        use crate::storage::StorageExt;
-        let (mut dispatcher, _outcomes) = dispatcher();
-        dispatcher
-            .storage
-            .enqueue(crate::NewJob::new("x").id("j").unwrap(), now())
-            .unwrap();
-        assert_eq!(dispatcher.claim(), (1, 1));
+        let (mut dispatcher, _outcomes) = holding_one();
         let _running = dispatcher.unstarted.try_recv().unwrap();
         dispatcher.begin_stop(true, StopReason::Requested);
         dispatcher.stop_check_due = true;
         dispatcher.last_stop_check = Some(Instant::now() - Duration::from_secs(1));
         dispatcher.turn();
         assert!(dispatcher.end().is_none(), "a job still runs");
-        assert!(
-            dispatcher.next_deadline() > Instant::now(),
-            "a deadline in the past: the dispatcher would spin"
-        );
+        assert!(no_deadline_past(&dispatcher));
     }
 }
