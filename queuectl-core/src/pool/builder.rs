@@ -18,6 +18,7 @@ use super::settle::Settler;
 use super::{WorkerPool, waker};
 
 const MAX_PREFETCH: usize = 1_000_000;
+const MAX_LEASE: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// The most jobs claimed ahead that [`Prefetch`]'s `FromStr` accepts (as `worker start
 /// --prefetch` did before it read `auto`): the channel that holds them is allocated whole.
@@ -39,12 +40,11 @@ pub enum Prefetch {
     /// jobs that take milliseconds are claimed several at a time, so the store is asked once
     /// for many of them; jobs that take longer than the window are claimed one per free
     /// thread, so none waits here while another worker could run it. When no attempt has
-    /// finished for a window's time, the jobs claimed ahead go back to the queue. None is
-    /// claimed ahead before an attempt has finished, nor after such a hand-back until one
-    /// has.
+    /// finished and no job been claimed for a window's time, the jobs waiting behind running
+    /// ones go back to the queue. None is claimed ahead before an attempt has finished, nor
+    /// after such a hand-back until one has.
     Auto,
 }
-const MAX_LEASE: Duration = Duration::from_secs(7 * 24 * 3600);
 
 impl std::str::FromStr for Prefetch {
     type Err = String;
@@ -59,15 +59,6 @@ impl std::str::FromStr for Prefetch {
             _ => Err(format!(
                 "expected \"auto\" or a number of jobs from 0 to {MAX_PREFETCH_ARG}, not {text:?}"
             )),
-        }
-    }
-}
-
-impl std::fmt::Display for Prefetch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Fixed(jobs) => write!(f, "{jobs}"),
-            Self::Auto => f.write_str("auto"),
         }
     }
 }
@@ -507,7 +498,5 @@ mod tests {
                 "{bad}: {error}"
             );
         }
-        assert_eq!(Prefetch::Auto.to_string(), "auto");
-        assert_eq!(Prefetch::Fixed(3).to_string(), "3");
     }
 }

@@ -18,7 +18,7 @@ use crate::job::{JobId, JobState, Lease, now};
 use crate::storage::{ClaimRequest, ListQuery, Storage, WorkerInfo};
 
 use super::Control;
-use super::builder::{AUTO_PREFETCH_PER_THREAD, Prefetch, Timings, WorkerPoolBuilder};
+use super::builder::{Prefetch, Timings, WorkerPoolBuilder};
 use super::events::{Event, EventSink, PoolError, StopReason, Summary, error_chain};
 use super::ledger::Ledger;
 use super::recovery::recover_abandoned;
@@ -51,6 +51,8 @@ pub(super) struct Dispatcher {
     info: WorkerInfo,
     workers: usize,
     prefetch: Prefetch,
+    /// The most jobs ever claimed ahead (what the jobs channel holds beyond the threads).
+    most_ahead: usize,
     /// How long attempts took lately (a moving average), for [`Prefetch::Auto`].
     pace: Option<Duration>,
     pub(super) lease: Duration,
@@ -134,6 +136,7 @@ impl Dispatcher {
             info,
             workers: builder.workers,
             prefetch: builder.prefetch,
+            most_ahead: builder.max_prefetch(),
             pace: None,
             lease,
             heartbeat_every: builder.heartbeat.unwrap_or(lease / 3),
@@ -601,7 +604,12 @@ impl Dispatcher {
     pub(super) fn capacity(&self) -> usize {
         let ahead = match self.prefetch {
             Prefetch::Fixed(jobs) => jobs,
-            Prefetch::Auto => auto_prefetch(self.workers, self.pace, self.timings.prefetch_window),
+            Prefetch::Auto => auto_prefetch(
+                self.workers,
+                self.pace,
+                self.timings.prefetch_window,
+                self.most_ahead,
+            ),
         };
         self.workers + ahead
     }
@@ -913,14 +921,19 @@ impl Dispatcher {
 }
 
 /// How many jobs [`Prefetch::Auto`] claims ahead of `workers` threads: as many as they would
-/// start within `window` at one attempt per `pace`, at most [`AUTO_PREFETCH_PER_THREAD`] per
-/// thread; none before an attempt has finished (`pace` unknown).
-pub(super) fn auto_prefetch(workers: usize, pace: Option<Duration>, window: Duration) -> usize {
+/// start within `window` at one attempt per `pace`, at most `most`
+/// ([`WorkerPoolBuilder::max_prefetch`]); none before an attempt has finished (`pace`
+/// unknown).
+pub(super) fn auto_prefetch(
+    workers: usize,
+    pace: Option<Duration>,
+    window: Duration,
+    most: usize,
+) -> usize {
     let Some(pace) = pace else { return 0 };
     if window.is_zero() {
         return 0;
     }
-    let most = workers.saturating_mul(AUTO_PREFETCH_PER_THREAD);
     if pace.is_zero() {
         return most;
     }
@@ -1025,23 +1038,17 @@ mod tests {
     fn automatic_prefetch_fills_the_window_at_the_pace_up_to_its_most() {
         let ms = Duration::from_millis;
         let window = ms(50);
-        assert_eq!(auto_prefetch(2, None, window), 0, "no pace known yet");
-        assert_eq!(auto_prefetch(2, Some(ms(10)), window), 10);
-        assert_eq!(auto_prefetch(1, Some(ms(30)), window), 1);
+        let most = 2 * crate::AUTO_PREFETCH_PER_THREAD;
+        let auto = |workers, pace| auto_prefetch(workers, pace, window, most);
+        assert_eq!(auto(2, None), 0, "no pace known yet");
+        assert_eq!(auto(2, Some(ms(10))), 10);
+        assert_eq!(auto(1, Some(ms(30))), 1);
+        assert_eq!(auto(2, Some(ms(101))), 0, "longer than the window");
+        assert_eq!(auto(2, Some(ms(1))), most);
+        assert_eq!(auto(2, Some(Duration::ZERO)), most);
+        assert_eq!(auto(2, Some(Duration::from_nanos(1))), most);
         assert_eq!(
-            auto_prefetch(2, Some(ms(101)), window),
-            0,
-            "longer than the window"
-        );
-        let most = 2 * AUTO_PREFETCH_PER_THREAD;
-        assert_eq!(auto_prefetch(2, Some(ms(1)), window), most);
-        assert_eq!(auto_prefetch(2, Some(Duration::ZERO), window), most);
-        assert_eq!(
-            auto_prefetch(2, Some(Duration::from_nanos(1)), window),
-            most
-        );
-        assert_eq!(
-            auto_prefetch(2, Some(Duration::ZERO), Duration::ZERO),
+            auto_prefetch(2, Some(Duration::ZERO), Duration::ZERO, most),
             0,
             "no window"
         );
@@ -1133,6 +1140,16 @@ mod tests {
         (dispatcher, outcomes)
     }
 
+    /// [`holding_one`] with its job taken by its thread (it runs), stopping.
+    fn stopping_with_one_running(
+        forced: bool,
+    ) -> (Dispatcher, crossbeam_channel::Sender<Finished>) {
+        let (mut dispatcher, outcomes) = holding_one();
+        dispatcher.unstarted.try_recv().unwrap();
+        dispatcher.begin_stop(forced, StopReason::Requested);
+        (dispatcher, outcomes)
+    }
+
     /// Whether the dispatcher's next deadline is still ahead (one in the past makes every
     /// wait return at once: a spin).
     fn no_deadline_past(dispatcher: &Dispatcher) -> bool {
@@ -1153,10 +1170,7 @@ mod tests {
     /// running jobs finish.
     #[test]
     fn a_stop_with_a_due_claim_retry_leaves_no_deadline_in_the_past() {
-        let (mut dispatcher, _outcomes) = holding_one();
-        // Its thread took it; it runs while the pool stops.
-        let _running = dispatcher.unstarted.try_recv().unwrap();
-        dispatcher.begin_stop(false, StopReason::Requested);
+        let (mut dispatcher, _outcomes) = stopping_with_one_running(false);
         dispatcher.claim_retry_at = Some(Instant::now() - Duration::from_secs(1));
         dispatcher.turn();
         assert!(dispatcher.end().is_none(), "a job still runs");
@@ -1167,9 +1181,7 @@ mod tests {
     /// while its cancelled jobs end.
     #[test]
     fn a_forced_stop_with_a_stop_check_due_leaves_no_deadline_in_the_past() {
-        let (mut dispatcher, _outcomes) = holding_one();
-        let _running = dispatcher.unstarted.try_recv().unwrap();
-        dispatcher.begin_stop(true, StopReason::Requested);
+        let (mut dispatcher, _outcomes) = stopping_with_one_running(true);
         dispatcher.stop_check_due = true;
         dispatcher.last_stop_check = Some(Instant::now() - Duration::from_secs(1));
         dispatcher.turn();
