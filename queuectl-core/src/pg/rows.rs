@@ -869,21 +869,7 @@ impl<'a> Tx<'a> {
                 .iter()
                 .map(|&c| Array::of(rows.iter().map(|(_, values)| &values[c])))
                 .collect();
-            let mut set = Vec::new();
-            let mut types = vec!["$1::bigint[]".to_owned()];
-            let mut names = vec!["seq"];
-            for (i, &c) in columns.iter().enumerate() {
-                let (name, kind) = WRITTEN[c];
-                set.push(format!("{name} = v.{name}"));
-                types.push(format!("${}::{kind}[]", i + 2));
-                names.push(name);
-            }
-            let sql = format!(
-                "UPDATE {{s}}.jobs AS j SET {} FROM unnest({}) AS v({}) WHERE j.seq = v.seq",
-                set.join(", "),
-                types.join(", "),
-                names.join(", ")
-            );
+            let sql = update_many_sql(&columns);
             // The rows are there and locked: the update changes them all.
             let mut params: Vec<Owned> = vec![Box::new(seqs)];
             params.extend(arrays.into_iter().map(Array::owned));
@@ -1097,6 +1083,46 @@ const WRITTEN: [(&str, &str); 22] = [
 
 /// Where `lane` is in [`WRITTEN`].
 const LANE: usize = 21;
+
+/// The update of `columns` ([`WRITTEN`] positions) of many jobs in one statement: `$1` the
+/// jobs' seqs, then a column array per column.
+pub(super) fn update_many_sql(columns: &[usize]) -> String {
+    let mut set = Vec::new();
+    let mut types = vec!["$1::bigint[]".to_owned()];
+    let mut names = vec!["seq"];
+    for (i, &c) in columns.iter().enumerate() {
+        let (name, kind) = WRITTEN[c];
+        set.push(format!("{name} = v.{name}"));
+        types.push(format!("${}::{kind}[]", i + 2));
+        names.push(name);
+    }
+    // `j.seq = ANY($1)` has the jobs found through their key: joined on `v.seq` alone, the
+    // planner (which cannot see how many rows `unnest` gives) scans the whole table and
+    // hashes it whenever that looks cheap, as on a table without statistics yet, and each
+    // batch then reads every job.
+    format!(
+        "UPDATE {{s}}.jobs AS j SET {} FROM unnest({}) AS v({}) \
+         WHERE j.seq = ANY($1) AND j.seq = v.seq",
+        set.join(", "),
+        types.join(", "),
+        names.join(", ")
+    )
+}
+
+/// [`update_many_sql`] of the columns named.
+#[cfg(test)]
+pub(super) fn update_many_sql_of(names: &[&str]) -> String {
+    let columns: Vec<usize> = names
+        .iter()
+        .map(|name| {
+            WRITTEN
+                .iter()
+                .position(|(written, _)| written == name)
+                .expect("a written column")
+        })
+        .collect();
+    update_many_sql(&columns)
+}
 
 static INSERT_JOB: LazyLock<String> = LazyLock::new(|| {
     let names: Vec<&str> = WRITTEN.iter().map(|(name, _)| *name).collect();

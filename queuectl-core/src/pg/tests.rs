@@ -533,6 +533,37 @@ mod plans {
         }
     }
 
+    /// A batch of jobs changed in one statement (a claim's, a settlement's) is found through
+    /// the key even where the table has no statistics yet: joined on the column arrays alone,
+    /// the planner scanned and hashed the whole table for every batch of a drain.
+    #[test]
+    fn batch_updates_read_the_key_before_statistics_exist() {
+        if database_url().is_none() {
+            return;
+        }
+        let pg = Pg::new();
+        let at = now();
+        let batch = (0..2_000).map(|_| NewJob::new("true")).collect();
+        pg.pg().enqueue_batch(batch, at).unwrap();
+        let mut client = pg.client();
+        let s = pg.schema.as_str();
+        let sql = rows::update_many_sql_of(&["state", "lane"]);
+        let seqs: Vec<i64> = (100..109).collect();
+        let states: Vec<String> = seqs.iter().map(|_| "processing".to_owned()).collect();
+        let lanes: Vec<Option<i32>> = seqs.iter().map(|_| None).collect();
+        assert_scans(
+            &sql,
+            &plan(&mut client, s, &sql, &[&seqs, &states, &lanes]),
+            "jobs_pkey",
+        );
+        client
+            .batch_execute("SET plan_cache_mode = force_generic_plan")
+            .unwrap();
+        let args = "'{100,101}', '{processing,processing}', '{NULL,NULL}'";
+        let generic = generic_plan(&mut client, s, "batch", &sql, args);
+        assert_scans(&sql, &generic, "jobs_pkey");
+    }
+
     fn assert_scans(sql: &str, plan: &str, index: &str) {
         assert!(
             (plan.contains(&format!("using {index} ")) || plan.contains(&format!("on {index} ")))
