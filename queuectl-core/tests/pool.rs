@@ -1306,7 +1306,8 @@ fn auto_prefetching(
 #[test]
 fn automatic_prefetch_claims_ahead_after_short_attempts_only() {
     // After an attempt of 1 ms, a window of an hour holds more than the most per thread.
-    let (store, pool, started, release) = auto_prefetching(1.0, 20, Duration::from_secs(3600));
+    let short = queuectl_core::AUTO_PREFETCH_PER_THREAD + 8;
+    let (store, pool, started, release) = auto_prefetching(1.0, short, Duration::from_secs(3600));
     assert_eq!(recv(&started).as_str(), "gate");
     // The gate's claim took the most the thread may have ahead of it.
     let ahead = queuectl_core::AUTO_PREFETCH_PER_THREAD;
@@ -1316,7 +1317,7 @@ fn automatic_prefetch_claims_ahead_after_short_attempts_only() {
         within("the pool to stop", move || pool.join())
             .unwrap()
             .completed,
-        22
+        short + 2
     );
 
     // After an attempt of two hours, the same window holds none: one job at a time.

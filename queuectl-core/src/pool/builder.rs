@@ -28,7 +28,7 @@ const MAX_PREFETCH_ARG: usize = 100_000;
 const MAX_TIMING: Duration = Duration::from_secs(3600);
 
 /// With [`Prefetch::Auto`], at most this many jobs per executor thread are claimed ahead.
-pub const AUTO_PREFETCH_PER_THREAD: usize = 8;
+pub const AUTO_PREFETCH_PER_THREAD: usize = 32;
 
 /// How many jobs a pool claims ahead of its free executor threads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,16 +88,17 @@ pub struct Timings {
     pub live_output_every: Duration,
     /// On a store that writes concurrently ([`Storage::writes_concurrently`]), a batch of at
     /// least this many results that refills at least this many slots is recorded on the
-    /// settling thread while the dispatcher claims (default 16). Smaller turns cost the store
-    /// less as one transaction than as two: a shell drain at parallelism 2 settles one or two
-    /// results at a time.
+    /// settling thread while the dispatcher claims (default 16), unless the jobs waiting to
+    /// start outlast a turn at the pace of recent attempts (then the threads have work while
+    /// one transaction records and claims, and one costs the store less than two). Smaller
+    /// turns cost the store less as one transaction than as two either way.
     pub settle_beside_claim_from: usize,
     /// With [`Prefetch::Auto`], how long the jobs claimed ahead of the threads may keep
     /// them busy at the pace of recent attempts (default 50 ms), and how long without a
     /// finished attempt hands them back.
     pub prefetch_window: Duration,
     /// While every executor thread has a job claimed ahead waiting for it, results are
-    /// recorded up to this long after the first of them finished (default 10 ms; zero: at
+    /// recorded up to this long after the first of them finished (default 20 ms; zero: at
     /// once), or once they are half of what the pool holds, so that one transaction records
     /// several and claims what replaces them. No thread waits for it: each has its next job.
     pub settle_delay: Duration,
@@ -115,7 +116,7 @@ impl Default for Timings {
             live_output_every: Duration::from_millis(250),
             settle_beside_claim_from: 16,
             prefetch_window: Duration::from_millis(50),
-            settle_delay: Duration::from_millis(10),
+            settle_delay: Duration::from_millis(20),
         }
     }
 }

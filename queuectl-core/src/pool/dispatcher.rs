@@ -55,6 +55,9 @@ pub(super) struct Dispatcher {
     most_ahead: usize,
     /// How long attempts took lately (a moving average), for [`Prefetch::Auto`].
     pace: Option<Duration>,
+    /// How long recording a turn's results and claiming took lately (a moving average), to
+    /// tell whether the jobs waiting to start outlast it ([`settles_beside`]).
+    turn_time: Option<Duration>,
     pub(super) lease: Duration,
     pub(super) heartbeat_every: Duration,
     recovery_every: Duration,
@@ -138,6 +141,7 @@ impl Dispatcher {
             prefetch: builder.prefetch,
             most_ahead: builder.max_prefetch(),
             pace: None,
+            turn_time: None,
             lease,
             heartbeat_every: builder.heartbeat.unwrap_or(lease / 3),
             recovery_every: builder
@@ -616,11 +620,22 @@ impl Dispatcher {
 
     /// Takes the time an attempt ran into the pace of recent attempts.
     pub(super) fn note_run_time(&mut self, took: Duration) {
-        self.pace = Some(match self.pace {
-            // A moving average that follows a change of jobs within a few attempts.
-            Some(pace) => pace.mul_f64(0.75).saturating_add(took.mul_f64(0.25)),
-            None => took,
-        });
+        self.pace = Some(moving_average(self.pace, took));
+    }
+
+    /// [`settles_beside`] for the jobs waiting to start now.
+    pub(super) fn settles_beside(&self) -> bool {
+        settles_beside(
+            self.unstarted.len(),
+            self.workers,
+            self.pace,
+            self.turn_time,
+        )
+    }
+
+    /// Takes the time a turn's settlement and claim took into [`Dispatcher::turn_time`].
+    pub(super) fn note_turn_time(&mut self, took: Duration) {
+        self.turn_time = Some(moving_average(self.turn_time, took));
     }
 
     /// With [`Prefetch::Auto`], hands back the jobs claimed ahead that wait behind running
@@ -920,6 +935,34 @@ impl Dispatcher {
     }
 }
 
+/// A moving average that follows a change within a few samples.
+fn moving_average(average: Option<Duration>, sample: Duration) -> Duration {
+    match average {
+        Some(average) => average.mul_f64(0.75).saturating_add(sample.mul_f64(0.25)),
+        None => sample,
+    }
+}
+
+/// Whether a turn's results are better recorded on the settling thread, in a transaction
+/// of their own beside the claim's, than with the claim in one: when the `unstarted` jobs
+/// (at one attempt per `pace` on `workers` threads) would run out before a turn that took
+/// `turn` ends, so that threads would wait for the claim. Otherwise the threads have work
+/// meanwhile, and one transaction costs the store (and the machine it shares with the
+/// jobs) less than two: a shell drain with jobs claimed ahead. With either time unknown,
+/// the threads are taken to be waiting (jobs that take no time, a first turn).
+pub(super) fn settles_beside(
+    unstarted: usize,
+    workers: usize,
+    pace: Option<Duration>,
+    turn: Option<Duration>,
+) -> bool {
+    let (Some(pace), Some(turn)) = (pace, turn) else {
+        return true;
+    };
+    let lasts = pace.mul_f64(unstarted as f64 / workers.max(1) as f64);
+    lasts < turn
+}
+
 /// How many jobs [`Prefetch::Auto`] claims ahead of `workers` threads: as many as they would
 /// start within `window` at one attempt per `pace`, at most `most`
 /// ([`WorkerPoolBuilder::max_prefetch`]); none before an attempt has finished (`pace`
@@ -1051,6 +1094,41 @@ mod tests {
             auto_prefetch(2, Some(Duration::ZERO), Duration::ZERO, most),
             0,
             "no window"
+        );
+    }
+
+    /// Results go beside the claim only while the jobs waiting to start would run out before
+    /// a turn ends; with either time unknown they go beside, as jobs that take no time want.
+    #[test]
+    fn results_go_beside_the_claim_only_when_threads_would_wait_for_it() {
+        let ms = Duration::from_millis;
+        assert!(
+            settles_beside(40, 2, None, Some(ms(3))),
+            "no pace known yet"
+        );
+        assert!(
+            settles_beside(40, 2, Some(ms(1)), None),
+            "no turn taken yet"
+        );
+        // 40 jobs of 1 ms on 2 threads last 20 ms: a 3 ms turn ends well before.
+        assert!(!settles_beside(40, 2, Some(ms(1)), Some(ms(3))));
+        assert!(
+            !settles_beside(6, 2, Some(ms(1)), Some(ms(3))),
+            "they last 3 ms"
+        );
+        assert!(
+            settles_beside(5, 2, Some(ms(1)), Some(ms(3))),
+            "they last 2.5 ms"
+        );
+        assert!(
+            settles_beside(0, 2, Some(ms(1)), Some(ms(3))),
+            "nothing waits"
+        );
+        // Jobs that take no time are run before any turn ends.
+        assert!(settles_beside(200, 2, Some(Duration::ZERO), Some(ms(1))));
+        assert!(
+            settles_beside(200, 0, Some(ms(1)), Some(ms(300))),
+            "no thread"
         );
     }
 

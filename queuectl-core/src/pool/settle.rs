@@ -147,13 +147,16 @@ impl Dispatcher {
         let beside_from = self.timings.settle_beside_claim_from;
         // After a failed settlement, turns are one transaction again until one succeeds: a
         // store that cannot take results gets no more jobs claimed beside them.
+        let began = Instant::now();
         if polling
             && batch.len() >= beside_from
             && want >= beside_from
             && self.settle_failures == 0
+            && self.settles_beside()
             && let Some(settler) = self.settler.clone()
         {
             self.settle_beside_claim(&settler, batch, ends, settlements, &request, at);
+            self.note_turn_time(began.elapsed());
             return;
         }
         let settled = if polling {
@@ -165,6 +168,9 @@ impl Dispatcher {
                 .settle_and_claim(settlements, &request, at)
                 .map(|(settled, claimed)| (settled, claimed, None))
         };
+        if want > 0 {
+            self.note_turn_time(began.elapsed());
+        }
         let (results, claimed, polled) = match settled {
             Ok(settled) => {
                 if want > 0 {
