@@ -503,11 +503,7 @@ mod plans {
         if database_url().is_none() {
             return;
         }
-        let pg = Pg::new();
-        let at = now();
-        let batch = (0..1_000).map(|_| NewJob::new("true")).collect();
-        pg.pg().enqueue_batch(batch, at).unwrap();
-        let mut client = pg.client();
+        let (pg, mut client, at) = without_statistics(1_000);
         let s = pg.schema.as_str();
         let us = crate::file::rows::micros(at);
         let (queues, rooms) = (vec!["default".to_owned()], vec![1i64]);
@@ -541,11 +537,7 @@ mod plans {
         if database_url().is_none() {
             return;
         }
-        let pg = Pg::new();
-        let at = now();
-        let batch = (0..2_000).map(|_| NewJob::new("true")).collect();
-        pg.pg().enqueue_batch(batch, at).unwrap();
-        let mut client = pg.client();
+        let (pg, mut client, _) = without_statistics(2_000);
         let s = pg.schema.as_str();
         let sql = rows::update_many_sql_of(&["state", "lane"]);
         let seqs: Vec<i64> = (100..109).collect();
@@ -562,6 +554,17 @@ mod plans {
         let args = "'{100,101}', '{processing,processing}', '{NULL,NULL}'";
         let generic = generic_plan(&mut client, s, "batch", &sql, args);
         assert_scans(&sql, &generic, "jobs_pkey");
+    }
+
+    /// A new schema holding `jobs` pending jobs, enqueued at the time returned, with no
+    /// statistics gathered yet, and a client on its server.
+    fn without_statistics(jobs: usize) -> (Pg, Client, crate::Timestamp) {
+        let pg = Pg::new();
+        let at = now();
+        let batch = (0..jobs).map(|_| NewJob::new("true")).collect();
+        pg.pg().enqueue_batch(batch, at).unwrap();
+        let client = pg.client();
+        (pg, client, at)
     }
 
     fn assert_scans(sql: &str, plan: &str, index: &str) {

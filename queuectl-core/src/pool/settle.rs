@@ -145,9 +145,9 @@ impl Dispatcher {
         // slots this batch frees: the store does, in the same call.
         let polling = !self.stopping.as_ref().is_some_and(|s| s.forced);
         let beside_from = self.timings.settle_beside_claim_from;
+        let began = Instant::now();
         // After a failed settlement, turns are one transaction again until one succeeds: a
         // store that cannot take results gets no more jobs claimed beside them.
-        let began = Instant::now();
         if polling
             && batch.len() >= beside_from
             && want >= beside_from
@@ -168,14 +168,12 @@ impl Dispatcher {
                 .settle_and_claim(settlements, &request, at)
                 .map(|(settled, claimed)| (settled, claimed, None))
         };
-        if want > 0 {
-            self.note_turn_time(began.elapsed());
-        }
         let (results, claimed, polled) = match settled {
             Ok(settled) => {
                 if want > 0 {
                     // The claim beside the settlement went through.
                     self.claim_succeeded();
+                    self.note_turn_time(began.elapsed());
                 }
                 settled
             }
