@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Config, Row, Statement};
 
 use super::tls::Connector;
@@ -59,6 +59,9 @@ pub(super) enum Step<'s> {
     /// A statement without parameters, not prepared, its rows wanted (one round trip with
     /// the others, where preparing it would cost one of its own).
     Unprepared(&'s str),
+    /// A statement not prepared, with its parameters and their types, its rows wanted: the
+    /// types given, the server needs not be asked for them first.
+    Typed(&'s str, Vec<(Param<'s>, Type)>),
 }
 
 /// The answer to one [`Step`].
@@ -207,6 +210,11 @@ impl Link {
                     Step::Unprepared(sql) => {
                         Box::pin(
                             async move { client.query_typed(sql, &[]).await.map(Answer::Rows) },
+                        )
+                    }
+                    Step::Typed(sql, params) => {
+                        Box::pin(
+                            async move { client.query_typed(sql, &params).await.map(Answer::Rows) },
                         )
                     }
                 }

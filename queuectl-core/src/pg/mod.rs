@@ -236,10 +236,10 @@ pub struct PgStorage {
     listener: Listener,
     /// Whether the schema was found there and current ([`SchemaCheck`]).
     schema_checked: AtomicBool,
-    /// The settings as the last batch enqueued here read them: the next batch is built with
-    /// them and reads them in its insert's round trip instead of one of their own
-    /// (`Tx::insert_jobs`).
-    settings: parking_lot::Mutex<Option<Config>>,
+    /// The settings as the last enqueue here found them: the next one is built with them
+    /// and checks them in its insert's round trip instead of reading them in one of its own
+    /// (`Tx::insert_jobs`, `Tx::insert_job_and_commit`).
+    settings: parking_lot::Mutex<Option<rows::Settings>>,
 }
 
 impl PgStorage {
@@ -1184,28 +1184,51 @@ impl Storage for PgStorage {
         let alone = jobs.len() == 1 && simple;
         let generated = jobs.iter().all(|new| new.id.is_none());
         self.write("enqueue jobs", |tx| {
-            rows::prepare_enqueue(tx, plain, generated, alone);
+            if alone {
+                // One job with no key and no dependency, what a `queuectl enqueue` mostly
+                // adds: built with the settings last seen here (a handle that saw none takes
+                // none to be stored, as on a new queue), then inserted if they are still
+                // the stored ones, counted and committed, in one round trip.
+                let assumed = self.settings.lock().clone().unwrap_or_default();
+                let mut job = rules::new_job(
+                    jobs[0].clone(),
+                    ids[0].clone(),
+                    0,
+                    &[],
+                    &assumed.config,
+                    now,
+                );
+                let keep = self.pool.max_size() >= 2;
+                let inserted = tx.insert_job_and_commit(&mut job, &assumed, keep, now);
+                if let Err(rows::TxError::Resettled(stored)) = &inserted {
+                    *self.settings.lock() = Some(stored.clone());
+                }
+                if !inserted? {
+                    return Err(StorageError::AlreadyExists { id: ids[0].clone() }.into());
+                }
+                *self.settings.lock() = Some(assumed);
+                return Ok(vec![Enqueued {
+                    job,
+                    duplicate: false,
+                }]);
+            }
+            rows::prepare_enqueue(tx, plain, generated);
             let known = if plain {
                 self.settings.lock().clone()
             } else {
                 None
             };
             let config = match &known {
-                Some(config) => config.clone(),
-                None => rows::config(tx, false)?,
-            };
-            if alone {
-                // One job with no key and no dependency, what a `queuectl enqueue` mostly
-                // adds: inserted, counted and committed in one round trip.
-                let mut job = rules::new_job(jobs[0].clone(), ids[0].clone(), 0, &[], &config, now);
-                if !tx.insert_job_and_commit(&mut job, now)? {
-                    return Err(StorageError::AlreadyExists { id: ids[0].clone() }.into());
+                Some(settings) => settings.config.clone(),
+                None => {
+                    let stored = rows::settings(tx, false)?;
+                    let config = stored.config.clone();
+                    if plain {
+                        *self.settings.lock() = Some(stored);
+                    }
+                    config
                 }
-                return Ok(vec![Enqueued {
-                    job,
-                    duplicate: false,
-                }]);
-            }
+            };
             if plain {
                 // No key to look up and no dependency to check: one statement for all.
                 let mut created: Vec<Job> = jobs
@@ -1219,9 +1242,6 @@ impl Storage for PgStorage {
                 }
                 if let Some(id) = inserted? {
                     return Err(StorageError::AlreadyExists { id }.into());
-                }
-                if known.is_none() {
-                    *self.settings.lock() = Some(config);
                 }
                 return Ok(created
                     .into_iter()

@@ -9,7 +9,7 @@ use std::sync::LazyLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use postgres::types::ToSql;
+use postgres::types::{ToSql, Type};
 use postgres::{Row, Statement};
 
 use super::link::{Answer, Link, Param, Step};
@@ -45,9 +45,10 @@ pub(super) enum TxError {
     /// with PostgreSQL's error; nothing the transaction sent was applied. The handle creates
     /// or migrates the schema (or says why it cannot) and runs the transaction again.
     Unchecked(postgres::Error),
-    /// The settings a batch was built with ([`Tx::insert_jobs`]) are no longer the stored
-    /// ones, which are these: the transaction is rolled back and run again with them.
-    Resettled(Config),
+    /// The settings a batch was built with ([`Tx::insert_jobs`], [`Tx::insert_job_and_commit`])
+    /// are no longer the stored ones, which are these: nothing was written, and the
+    /// transaction runs again with them.
+    Resettled(Settings),
 }
 
 impl From<postgres::Error> for TxError {
@@ -86,6 +87,8 @@ enum Last<'t, 'p> {
     Execute(&'t str, &'t [Param<'p>]),
     Simple(&'t str),
     Unprepared(&'t str),
+    /// Not prepared, with its parameters' types ([`Step::Typed`]).
+    Typed(&'t str, &'t [(Param<'p>, Type)]),
 }
 
 /// Statements on a pooled connection, with that connection's prepared statements: each
@@ -254,7 +257,7 @@ impl<'a> Db<'a> {
         let prepared = self.prepare(deferred.iter().map(|d| d.template.as_str()).chain(
             lasts.iter().filter_map(|last| match last {
                 Last::Query(template, _) | Last::Execute(template, _) => Some(*template),
-                Last::Simple(_) | Last::Unprepared(_) => None,
+                Last::Simple(_) | Last::Unprepared(_) | Last::Typed(..) => None,
             }),
         ));
         if let Err(e) = prepared {
@@ -270,7 +273,7 @@ impl<'a> Db<'a> {
         let unprepared: Vec<String> = lasts
             .iter()
             .filter_map(|last| match last {
-                Last::Unprepared(template) => Some(self.sql(template)),
+                Last::Unprepared(template) | Last::Typed(template, _) => Some(self.sql(template)),
                 _ => None,
             })
             .collect();
@@ -303,6 +306,10 @@ impl<'a> Db<'a> {
                 Last::Unprepared(_) => {
                     Step::Unprepared(unprepared.next().expect("one SQL per unprepared step"))
                 }
+                Last::Typed(_, params) => Step::Typed(
+                    unprepared.next().expect("one SQL per unprepared step"),
+                    params.to_vec(),
+                ),
             });
         }
         let (prepared, mut answers) = if ahead.is_empty() {
@@ -355,6 +362,11 @@ impl<'a> Db<'a> {
                 other => Err(TxError::Decode(format!("rows expected, got {other:?}"))),
             })
             .collect()
+    }
+
+    /// Whether this connection has prepared `template`.
+    fn has_prepared(&self, template: &str) -> bool {
+        self.statements.contains_key(template)
     }
 
     /// Has `templates`, which this transaction is going to run, prepared together with the
@@ -656,28 +668,44 @@ impl<'a> Tx<'a> {
         Ok(true)
     }
 
-    /// Inserts a new job with no unique key and no dependency and commits, in one round trip
-    /// ([`INSERT_JOB_AND_FINISH`], with what [`Tx::commit`] would write). Returns `false`
-    /// when its id was taken: then nothing was written. Nothing may have been written earlier
-    /// in the transaction (it is not counted).
+    /// Inserts a new job with no unique key and no dependency, built with `built_with`,
+    /// and commits, in one round trip with whatever waits to be sent (`BEGIN`, the schema
+    /// check): [`INSERT_JOB_AND_FINISH`], with what [`Tx::commit`] would write. Returns
+    /// `false` when its id was taken, and [`TxError::Resettled`] when the stored settings
+    /// are not `built_with`; either way nothing was written. Nothing may have been written
+    /// earlier in the transaction (it is not counted).
+    ///
+    /// Not prepared on this connection, the statement runs unprepared with its parameters'
+    /// types (preparing it would take a round trip of its own), and is prepared with it for
+    /// the next time if `keep`.
     pub(super) fn insert_job_and_commit(
         &mut self,
         job: &mut Job,
+        built_with: &Settings,
+        keep: bool,
         now: Timestamp,
     ) -> TxResult<bool> {
         debug_assert!(job.unique_key.is_none() && job.after.is_empty() && !self.changed);
         normalize(job);
         let values = values(job, now);
         let after: Vec<&str> = Vec::new();
-        let mut params: Vec<Param> = values.iter().map(V::param).collect();
-        params.push(&after);
-        params.push(&self.stripe);
+        let mut typed: Vec<(Param, Type)> = values.iter().map(|v| (v.param(), v.ty())).collect();
+        typed.push((&after, Type::TEXT_ARRAY));
+        typed.push((&self.stripe, Type::INT4));
         // A new job is work (`rows::INSERT_JOB_AND_FINISH` counts it as such).
-        params.push(&self.channels.work);
-        let answers = self.db.send(&[
-            Last::Query(&INSERT_JOB_AND_FINISH, &params),
-            Last::Simple("COMMIT"),
-        ]);
+        typed.push((&self.channels.work, Type::TEXT));
+        typed.push((&built_with.stored, Type::TEXT));
+        let params: Vec<Param> = typed.iter().map(|(param, _)| *param).collect();
+        let insert: &'static str = &INSERT_JOB_AND_FINISH;
+        let last = if self.db.has_prepared(insert) {
+            Last::Query(insert, &params)
+        } else {
+            if keep {
+                self.db.prepare_ahead(&[insert]);
+            }
+            Last::Typed(insert, &typed)
+        };
+        let answers = self.db.send(&[last, Last::Simple("COMMIT")]);
         // Ended once answered. After a failure, whether `COMMIT` was sent or not, the
         // transaction is rolled back when dropped (a rollback with none open only warns).
         self.db.open = answers.is_err();
@@ -685,13 +713,21 @@ impl<'a> Tx<'a> {
         let Some(Answer::Rows(rows)) = answers.first() else {
             return Err(TxError::Decode("rows expected from the insert".to_owned()));
         };
-        match rows.first() {
-            Some(row) => {
-                job.seq = row.try_get::<_, i64>(0)? as u64;
-                Ok(true)
-            }
-            None => Ok(false),
+        let [row] = &rows[..] else {
+            return Err(TxError::Decode(format!(
+                "one row expected from the insert, got {}",
+                rows.len()
+            )));
+        };
+        if let Some(seq) = row.try_get::<_, Option<i64>>(0)? {
+            job.seq = seq as u64;
+            return Ok(true);
         }
+        let stored: Option<String> = row.try_get(2)?;
+        if stored != built_with.stored {
+            return Err(TxError::Resettled(Settings::from_stored(stored)?));
+        }
+        Ok(false)
     }
 
     /// Inserts new jobs without dependencies in one statement (each job's `seq` is set).
@@ -707,7 +743,7 @@ impl<'a> Tx<'a> {
         &mut self,
         jobs: &mut [Job],
         generated: bool,
-        built_with: Option<&Config>,
+        built_with: Option<&Settings>,
         now: Timestamp,
     ) -> TxResult<Option<JobId>> {
         debug_assert!(jobs.iter().all(|job| job.after.is_empty()));
@@ -733,8 +769,8 @@ impl<'a> Tx<'a> {
             None => self.db.query(insert, &params)?,
             Some(assumed) => {
                 let [settings, inserted] = self.db.query_all([(CONFIG, &[]), (insert, &params)])?;
-                let stored = config_from(&settings)?;
-                if stored != *assumed {
+                let stored = settings_from(&settings)?;
+                if stored.config != assumed.config {
                     return Err(TxError::Resettled(stored));
                 }
                 inserted
@@ -1134,26 +1170,43 @@ static INSERT_JOB: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
-/// [`INSERT_JOB`] of a job with no unique key and no dependency, then what
-/// [`queries::FINISH`] does for it (its count, the change counter's stripe, the
-/// notification), all only if the row went in: returns its seq, or nothing when its id was
-/// taken. The same locking order as every writer: the job, the counter, the counts. (That
-/// order is PostgreSQL's way of running the statement: the main query reads `ins`, then the
-/// subquery on `b`, and `c`, read by nobody, runs last, as in [`queries::FINISH`]; were it
-/// ever otherwise, a deadlock is detected and the transaction runs again.)
-static INSERT_JOB_AND_FINISH: LazyLock<String> = LazyLock::new(|| {
+/// A job with no unique key and no dependency (the [`WRITTEN`] columns `$1`…, then
+/// `after_ids`), inserted if its id is free and the stored settings are still those it was
+/// built with (their text `$n+4`, null for none stored), then what [`queries::FINISH`] does
+/// for it (its count, the change counter's stripe `$n+2`, the notification on `$n+3`), all
+/// only if the row went in. Returns one row: the job's seq (null when it was not inserted)
+/// and the stored settings' text. The same locking order as every writer: the job, the
+/// counter, the counts. (That order is PostgreSQL's way of running the statement: the main
+/// query reads `ins`, then the subquery on `b`, and `c`, read by nobody, runs last, as in
+/// [`queries::FINISH`]; were it ever otherwise, a deadlock is detected and the transaction
+/// runs again.) Each parameter is cast to its column's type, so that the statement runs
+/// unprepared with the types given ([`Step::Typed`]) as well as prepared.
+pub(super) static INSERT_JOB_AND_FINISH: LazyLock<String> = LazyLock::new(|| {
     let n = WRITTEN.len();
+    let names: Vec<&str> = WRITTEN.iter().map(|(name, _)| *name).collect();
+    let values: Vec<String> = WRITTEN
+        .iter()
+        .enumerate()
+        .map(|(i, (_, kind))| format!("${}::{kind}", i + 1))
+        .collect();
     format!(
-        "WITH ins AS ({} RETURNING seq, queue, state), \
+        "WITH cfg AS (SELECT ({CONFIG}) AS value), \
+         ins AS (INSERT INTO {{s}}.jobs ({names}, after_ids) SELECT {values}, ${after}::text[] \
+         FROM cfg WHERE cfg.value IS NOT DISTINCT FROM ${settings}::text \
+         ON CONFLICT DO NOTHING RETURNING seq, queue, state), \
          c AS (INSERT INTO {{s}}.counts (queue, state, stripe, jobs) \
-         SELECT queue, state, ${stripe}, 1 FROM ins ON CONFLICT (queue, state, stripe) \
+         SELECT queue, state, ${stripe}::integer, 1 FROM ins ON CONFLICT (queue, state, stripe) \
          DO UPDATE SET jobs = {{s}}.counts.jobs + EXCLUDED.jobs), \
-         b AS (UPDATE {{s}}.changes SET n = n + 1, work = work + 1 WHERE stripe = ${stripe} \
-         AND EXISTS (SELECT FROM ins) RETURNING n) \
-         SELECT ins.seq, (SELECT count(pg_notify(${channel}, '')) FROM b) FROM ins",
-        INSERT_JOB.trim_end_matches(" RETURNING seq"),
+         b AS (UPDATE {{s}}.changes SET n = n + 1, work = work + 1 \
+         WHERE stripe = ${stripe}::integer AND EXISTS (SELECT FROM ins) RETURNING n) \
+         SELECT (SELECT seq FROM ins), (SELECT count(pg_notify(${channel}::text, '')) FROM b), \
+         cfg.value FROM cfg",
+        names = names.join(", "),
+        values = values.join(", "),
+        after = n + 1,
         stripe = n + 2,
         channel = n + 3,
+        settings = n + 4,
     )
 });
 
@@ -1232,6 +1285,16 @@ impl V {
             V::Int(v) => v,
             V::Text(v) => v,
             V::Bool(v) => v,
+        }
+    }
+
+    /// The type of the column it is written to.
+    fn ty(&self) -> Type {
+        match self {
+            V::Big(_) => Type::INT8,
+            V::Int(_) => Type::INT4,
+            V::Text(_) => Type::TEXT,
+            V::Bool(_) => Type::BOOL,
         }
     }
 
@@ -1632,13 +1695,9 @@ pub(super) fn live_output(db: &mut Db, seq: u64, offset: u64) -> TxResult<(u64, 
 
 /// Has what an enqueue runs prepared with its first statement: the insert (of one job at a
 /// time, or of a `plain` batch in one statement, `generated` if all its ids were) and the
-/// commit's counts, or for one job `alone` (no unique key, no dependency) the one statement
-/// that does both.
-pub(super) fn prepare_enqueue(db: &mut Db, plain: bool, generated: bool, alone: bool) {
-    if alone {
-        db.prepare_ahead(&[&INSERT_JOB_AND_FINISH]);
-        return;
-    }
+/// commit's counts. (One job alone goes in with one statement of its own:
+/// [`Tx::insert_job_and_commit`].)
+pub(super) fn prepare_enqueue(db: &mut Db, plain: bool, generated: bool) {
     let insert: &'static str = match (plain, generated) {
         (true, true) => &INSERT_NEW_JOBS,
         (true, false) => &INSERT_JOBS,
@@ -1649,8 +1708,33 @@ pub(super) fn prepare_enqueue(db: &mut Db, plain: bool, generated: bool, alone: 
 
 const CONFIG: &str = "SELECT value FROM {s}.meta WHERE key = 'config'";
 
+/// The settings as stored: the text of their row (`None` when none was ever stored, the
+/// default: [`Settings::default`]), and what it says.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(super) struct Settings {
+    pub(super) stored: Option<String>,
+    pub(super) config: Config,
+}
+
+impl Settings {
+    /// The settings whose row holds `stored`.
+    fn from_stored(stored: Option<String>) -> TxResult<Self> {
+        let config = match &stored {
+            None => Config::default(),
+            Some(json) => serde_json::from_str(json)
+                .map_err(|e| TxError::Decode(format!("stored settings are unreadable: {e}")))?,
+        };
+        Ok(Self { stored, config })
+    }
+}
+
 /// The stored settings (defaults when none were stored); with `lock`, locked for a change.
 pub(super) fn config(db: &mut Db, lock: bool) -> TxResult<Config> {
+    Ok(settings(db, lock)?.config)
+}
+
+/// [`config`], with the text it was read from.
+pub(super) fn settings(db: &mut Db, lock: bool) -> TxResult<Settings> {
     let sql = if lock {
         "SELECT value FROM {s}.meta WHERE key = 'config' FOR UPDATE"
     } else {
@@ -1659,17 +1743,16 @@ pub(super) fn config(db: &mut Db, lock: bool) -> TxResult<Config> {
     // Without parameters: not prepared the first time ([`Db::send`]), so it goes with the
     // statements prepared ahead, not after them.
     let rows = db.query(sql, &[])?;
-    config_from(&rows)
+    settings_from(&rows)
 }
 
 /// The settings in the rows of [`CONFIG`].
-fn config_from(rows: &[Row]) -> TxResult<Config> {
-    match rows.first().map(|row| row.try_get::<_, Option<&str>>(0)) {
-        None | Some(Ok(None)) => Ok(Config::default()),
-        Some(Ok(Some(json))) => serde_json::from_str(json)
-            .map_err(|e| TxError::Decode(format!("stored settings are unreadable: {e}"))),
-        Some(Err(e)) => Err(e.into()),
-    }
+fn settings_from(rows: &[Row]) -> TxResult<Settings> {
+    let stored = match rows.first() {
+        None => None,
+        Some(row) => row.try_get::<_, Option<String>>(0)?,
+    };
+    Settings::from_stored(stored)
 }
 
 /// The registered workers (`tail` after `FROM {s}.workers`), by id.
@@ -1872,5 +1955,35 @@ impl crate::ops::StoreTx for Tx<'_> {
 
     fn put_worker(&mut self, worker: &WorkerInfo) -> TxResult<()> {
         Tx::put_worker(self, worker)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The types a one-job insert gives its parameters when it runs unprepared are those of
+    /// the columns they are written to (a mismatch fails the statement, or, between integer
+    /// widths, has the server convert it).
+    #[test]
+    fn unprepared_values_have_their_columns_types() {
+        let job = rules::new_job(
+            crate::NewJob::new("true"),
+            JobId::generate(),
+            0,
+            &[],
+            &Config::default(),
+            crate::now(),
+        );
+        let by_name = |kind: &str| match kind {
+            "bigint" => Type::INT8,
+            "integer" => Type::INT4,
+            "text" => Type::TEXT,
+            "boolean" => Type::BOOL,
+            other => panic!("no type for {other}"),
+        };
+        for (value, (column, kind)) in values(&job, crate::now()).iter().zip(WRITTEN) {
+            assert_eq!(value.ty(), by_name(kind), "the type of {column}");
+        }
     }
 }

@@ -1327,29 +1327,117 @@ fn the_schema_check_aborts_what_is_sent_with_it() {
 }
 
 /// What a one-shot command's handle (one connection, the schema checked with the first use)
-/// costs in round trips after connecting: an enqueue of one job two (the check, the
-/// settings and the statements prepared ahead; then the insert with its commit), and a read
-/// of one statement without parameters one, prepared or not.
+/// costs in round trips after connecting: an enqueue of one job one (the check, the insert
+/// and its commit), and a read of one statement without parameters one, prepared or not.
 #[test]
 fn one_shot_operations_keep_their_round_trips() {
     if database_url().is_none() {
         return;
     }
     let pg = Pg::new();
-    let store = pg.connect(PgOptions {
-        pool_size: 1,
-        listen: false,
-        schema_check: SchemaCheck::WithFirstUse,
-        ..PgOptions::default()
-    });
+    let store = pg.connect(one_shot());
     let round_trips = || store.pool.get().unwrap().link.round_trips();
     store.enqueue(NewJob::new("true"), now()).unwrap();
-    assert_eq!(round_trips(), 2, "a one-job enqueue");
+    assert_eq!(round_trips(), 1, "a one-job enqueue");
     for turn in ["first", "second"] {
         let before = round_trips();
         assert_eq!(store.counts().unwrap().total(), 1);
         assert_eq!(round_trips() - before, 1, "the {turn} count of jobs");
     }
+}
+
+/// The options of a one-shot command's handle.
+fn one_shot() -> PgOptions {
+    PgOptions {
+        pool_size: 1,
+        listen: false,
+        schema_check: SchemaCheck::WithFirstUse,
+        ..PgOptions::default()
+    }
+}
+
+/// A one-job enqueue is built with the settings its handle last saw, none stored if it saw
+/// none, and goes in only if they are still the stored ones: a handle that guessed wrong,
+/// or whose settings another changed since, finds that out in the insert's round trip and
+/// builds the job again with the stored ones.
+#[test]
+fn a_one_job_enqueue_is_built_with_the_stored_settings_whoever_changed_them() {
+    if database_url().is_none() {
+        return;
+    }
+    let pg = Pg::new();
+    let other = pg.pg();
+    let set = |key: &str, value: &str| {
+        other
+            .update_config(&mut |config| config.set(key, value))
+            .unwrap();
+    };
+    set("max-retries", "5");
+    let store = pg.connect(one_shot());
+    let round_trips = || store.pool.get().unwrap().link.round_trips();
+    let first = store.enqueue(NewJob::new("true"), now()).unwrap();
+    assert_eq!(first.max_retries, 5, "built again with the stored settings");
+    assert_eq!(
+        round_trips(),
+        2,
+        "the guess of none stored, then the insert"
+    );
+    let second = store.enqueue(NewJob::new("true"), now()).unwrap();
+    assert_eq!(second.max_retries, 5);
+    assert_eq!(round_trips(), 3, "the settings seen last were right");
+    set("max-retries", "2");
+    set("job-timeout", "0");
+    let third = store.enqueue(NewJob::new("true"), now()).unwrap();
+    assert_eq!(
+        (third.max_retries, third.timeout),
+        (2, None),
+        "changed elsewhere"
+    );
+    let stored: Vec<(i64, Option<i64>)> = pg
+        .client()
+        .query(
+            &format!(
+                "SELECT max_retries, timeout_us FROM \"{}\".jobs ORDER BY seq",
+                pg.schema
+            ),
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert_eq!(
+        stored,
+        [(5, Some(30_000_000)), (5, Some(30_000_000)), (2, None)]
+    );
+    assert_eq!(store.counts().unwrap().total(), 3, "each counted once");
+}
+
+/// A handle of several connections, a long-lived one's, prepares the one-job insert with its
+/// first run on a connection and runs it prepared afterwards; a one-shot command's handle,
+/// which would run it once, does not prepare it.
+#[test]
+fn the_one_job_insert_is_prepared_by_handles_that_keep_their_connections() {
+    if database_url().is_none() {
+        return;
+    }
+    let pg = Pg::new();
+    for (pool_size, prepared) in [(1, false), (2, true)] {
+        let store = pg.connect(PgOptions {
+            pool_size,
+            ..one_shot()
+        });
+        let is_prepared = || {
+            let conn = store.pool.get().unwrap();
+            conn.statements
+                .contains_key(super::rows::INSERT_JOB_AND_FINISH.as_str())
+        };
+        let first = store.enqueue(NewJob::new("true"), now()).unwrap();
+        assert_eq!(is_prepared(), prepared, "with a pool of {pool_size}");
+        let second = store.enqueue(NewJob::new("true"), now()).unwrap();
+        assert!(second.seq > first.seq, "both went in");
+    }
+    assert_eq!(pg.pg().counts().unwrap().total(), 4);
 }
 
 /// Only changes that may give a worker something to do end a wait for work: a job claimed,
