@@ -203,6 +203,22 @@ impl r2d2::ManageConnection for Manager {
     }
 }
 
+/// Whether `stored` is the record `new` made when it was enqueued (whatever happened to it
+/// since): what the enqueue chose is the same, its creation time to the microsecond included.
+/// A store that sent an insert whose answer was lost recognises its own job by this.
+fn same_enqueue(stored: &Job, new: &Job) -> bool {
+    stored.id == new.id
+        && stored.command == new.command
+        && stored.created_at == new.created_at
+        && stored.queue == new.queue
+        && stored.priority == new.priority
+        && stored.run_at == new.run_at
+        && stored.max_retries == new.max_retries
+        && stored.timeout == new.timeout
+        && stored.unique_key == new.unique_key
+        && stored.after == new.after
+}
+
 /// A store in a PostgreSQL database, safe to share between threads, processes and machines.
 ///
 /// See the [module documentation](self) for the design.
@@ -591,9 +607,14 @@ impl PgStorage {
             let result = (|| {
                 let out = f(&mut tx);
                 // `BEGIN` goes with the first statement: a lost connection found before it
-                // came back means nothing of the transaction was applied.
+                // came back means nothing of the transaction was applied. `COMMIT` may go
+                // with the first statement too (when every other was deferred): once it is
+                // sent, a lost answer leaves the outcome unknown, not to be run again. (A
+                // statement that commits itself, `Tx::insert_job_and_commit`, is run again
+                // by an `f` that recognises what it added.)
                 began = tx.began();
                 let out = out?;
+                began = true;
                 tx.commit()?;
                 Ok(out)
             })();
@@ -1183,6 +1204,9 @@ impl Storage for PgStorage {
         let plain = jobs.len() > 1 && simple;
         let alone = jobs.len() == 1 && simple;
         let generated = jobs.iter().all(|new| new.id.is_none());
+        // Whether the one-job insert was sent before: its `COMMIT` goes in the same round
+        // trip, so when the connection was lost before the answer came, it may have gone in.
+        let sent = std::cell::Cell::new(false);
         self.write("enqueue jobs", |tx| {
             if alone {
                 // One job with no key and no dependency, what a `queuectl enqueue` mostly
@@ -1199,14 +1223,27 @@ impl Storage for PgStorage {
                     now,
                 );
                 let keep = self.pool.max_size() >= 2;
+                let again = sent.replace(true);
                 let inserted = tx.insert_job_and_commit(&mut job, &assumed, keep, now);
                 if let Err(rows::TxError::Resettled(stored)) = &inserted {
                     *self.settings.lock() = Some(stored.clone());
                 }
                 if !inserted? {
+                    // Sent again, the insert finds its id taken by the job the first send
+                    // added when that send's answer was lost: that job is this one.
+                    if again
+                        && let Some(stored) =
+                            rows::select_jobs(tx, queries::BY_ID, &[&job.id.as_str()])?.pop()
+                        && same_enqueue(&stored, &job)
+                    {
+                        return Ok(vec![Enqueued {
+                            job: stored,
+                            duplicate: false,
+                        }]);
+                    }
                     return Err(StorageError::AlreadyExists { id: ids[0].clone() }.into());
                 }
-                *self.settings.lock() = Some(assumed);
+                self.settings.lock().get_or_insert(assumed);
                 return Ok(vec![Enqueued {
                     job,
                     duplicate: false,

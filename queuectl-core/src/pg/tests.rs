@@ -1427,10 +1427,14 @@ fn the_one_job_insert_is_prepared_by_handles_that_keep_their_connections() {
             pool_size,
             ..one_shot()
         });
+        // Whichever connection the enqueue took (a slow connect may have had the pool open
+        // another).
         let is_prepared = || {
-            let conn = store.pool.get().unwrap();
-            conn.statements
-                .contains_key(super::rows::INSERT_JOB_AND_FINISH.as_str())
+            let conns: Vec<_> = (0..pool_size).map(|_| store.pool.get().unwrap()).collect();
+            conns.iter().any(|conn| {
+                conn.statements
+                    .contains_key(super::rows::INSERT_JOB_AND_FINISH.as_str())
+            })
         };
         let first = store.enqueue(NewJob::new("true"), now()).unwrap();
         assert_eq!(is_prepared(), prepared, "with a pool of {pool_size}");
@@ -2271,4 +2275,100 @@ fn a_server_that_never_answers_fails_the_connect_with_its_cause() {
         "{said}"
     );
     drop(silent);
+}
+
+/// A TCP link to the test server that, while armed, closes the connection in place of
+/// passing on the server's answer to a `COMMIT`: the transaction committed, and its client
+/// never hears so. It disarms itself when it did.
+struct LosesCommitAnswers {
+    url: String,
+    armed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl LosesCommitAnswers {
+    fn to_test_server() -> Self {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        let url = database_url().expect("the guard checked QUEUECTL_TEST_DATABASE_URL");
+        let config: postgres::Config = url.parse().unwrap();
+        let host = match &config.get_hosts()[0] {
+            postgres::config::Host::Tcp(host) => host.clone(),
+            other => panic!("a TCP host is needed for the link, not {other:?}"),
+        };
+        let upstream = format!("{host}:{}", config.get_ports().first().unwrap_or(&5432));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let armed = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let arming = armed.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(mut client) = client else { continue };
+                let mut server = std::net::TcpStream::connect(&upstream).unwrap();
+                let (mut to_server, mut from_server) =
+                    (server.try_clone().unwrap(), client.try_clone().unwrap());
+                std::thread::spawn(move || std::io::copy(&mut client, &mut to_server));
+                let armed = arming.clone();
+                std::thread::spawn(move || {
+                    let mut buffer = [0u8; 64 * 1024];
+                    loop {
+                        let n = match server.read(&mut buffer) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        let answers = &buffer[..n];
+                        let commit = answers.windows(7).any(|w| w == b"COMMIT\0");
+                        if commit && armed.swap(false, Ordering::SeqCst) {
+                            break;
+                        }
+                        if from_server.write_all(answers).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = server.shutdown(std::net::Shutdown::Both);
+                    let _ = from_server.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        let at = url.find('@').unwrap() + 1;
+        let end = at + url[at..].find('/').unwrap();
+        let url = format!("{}127.0.0.1:{port}{}", &url[..at], &url[end..]);
+        Self { url, armed }
+    }
+}
+
+/// A one-job enqueue whose commit went through but whose answer was lost with the
+/// connection runs again on a new one, finds its id taken by the job it added itself, and
+/// returns that job: the caller is not told that its own job's id is taken, nor is the job
+/// added twice. A job of the same id that another enqueue added is still refused.
+#[test]
+fn a_one_job_enqueue_whose_commit_answer_was_lost_returns_the_job_it_added() {
+    if database_url().is_none() {
+        return;
+    }
+    let pg = Pg::new();
+    let link = LosesCommitAnswers::to_test_server();
+    let store = PgStorage::connect(
+        &link.url,
+        PgOptions {
+            schema: pg.schema.clone(),
+            ..one_shot()
+        },
+    )
+    .unwrap();
+    for new in [NewJob::new("true"), NewJob::new("true").id("mine").unwrap()] {
+        link.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+        let job = store.enqueue(new, now()).unwrap();
+        assert!(
+            !link.armed.load(std::sync::atomic::Ordering::SeqCst),
+            "the answer to the commit was lost"
+        );
+        assert_eq!(pg.pg().get(&job.id).unwrap().seq, job.seq);
+    }
+    assert_eq!(pg.count("SELECT count(*) FROM {s}.jobs"), 2);
+    assert_eq!(pg.pg().counts().unwrap().total(), 2, "each counted once");
+    let again = store.enqueue(NewJob::new("true").id("mine").unwrap(), now());
+    assert!(
+        matches!(again, Err(crate::StorageError::AlreadyExists { .. })),
+        "{again:?}"
+    );
 }
