@@ -1029,8 +1029,11 @@ impl<'a> Tx<'a> {
     }
 
     /// Stores the settings.
+    /// Stores the settings (the defaults: none stored, so that a one-job enqueue built with
+    /// the defaults finds them as it assumed: [`Tx::insert_job_and_commit`]).
     pub(super) fn set_config(&mut self, config: &Config) -> TxResult<()> {
-        let json = serde_json::to_string(config).expect("settings serialise");
+        let json = (*config != Config::default())
+            .then(|| serde_json::to_string(config).expect("settings serialise"));
         self.write(
             "UPDATE {s}.meta SET value = $1 WHERE key = 'config'",
             &[&json],

@@ -1411,6 +1411,20 @@ fn a_one_job_enqueue_is_built_with_the_stored_settings_whoever_changed_them() {
         [(5, Some(30_000_000)), (5, Some(30_000_000)), (2, None)]
     );
     assert_eq!(store.counts().unwrap().total(), 3, "each counted once");
+    // Set back to the defaults, the settings are stored as none: as a new handle assumes.
+    set("max-retries", "3");
+    set("job-timeout", "30");
+    let fresh = pg.connect(one_shot());
+    let job = fresh.enqueue(NewJob::new("true"), now()).unwrap();
+    assert_eq!(
+        (job.max_retries, job.timeout),
+        (3, Some(Duration::from_secs(30)))
+    );
+    assert_eq!(
+        fresh.pool.get().unwrap().link.round_trips(),
+        1,
+        "the defaults, as assumed"
+    );
 }
 
 /// A handle of several connections, a long-lived one's, prepares the one-job insert with its
