@@ -78,14 +78,12 @@ impl Listener {
         }
     }
 
-    /// Connects and listens on `channels` before returning, so that no change committed after
-    /// this returns goes unheard.
-    pub(super) fn start(
-        config: &Config,
-        connector: &Connector,
-        channels: &Channels,
-    ) -> Result<Self, postgres::Error> {
-        let mut listener = Self::poll_only();
+    /// Starts connecting, on the listening thread, and listening on `channels`, while the
+    /// caller does what else it has to ([`Starting::listening`] waits for it). The store
+    /// opens its first pooled connection meanwhile: a server's start of the two new
+    /// processes goes on at once.
+    pub(super) fn start(config: &Config, connector: &Connector, channels: &Channels) -> Starting {
+        let listener = Self::poll_only();
         let stop_channel = format!(
             "queuectl_stop_{}_{:016x}",
             std::process::id(),
@@ -93,19 +91,37 @@ impl Listener {
         );
         let work = channels.work.clone();
         let channels = [work.clone(), channels.quiet.clone(), stop_channel.clone()];
-        let client = listen(config, connector, &channels)?;
         let shared = listener.shared.clone();
         let config = config.clone();
         let connector = connector.clone();
+        let (started, outcome) = crossbeam_channel::bounded(1);
         let thread = std::thread::Builder::new()
             .name("queuectl-pg-listen".into())
-            .spawn(move || run(client, &config, &connector, &channels, &work, &shared))
+            .spawn(move || {
+                let client = match listen(&config, &connector, &channels) {
+                    Ok(client) => client,
+                    Err(error) => {
+                        let _ = started.send(Err(error));
+                        return;
+                    }
+                };
+                // Nobody waits any more: the store failed to open.
+                if started.send(Ok(())).is_err() {
+                    return;
+                }
+                run(client, &config, &connector, &channels, &work, &shared)
+            })
             .expect("spawn the listening thread");
-        listener.running = Some(Running {
-            thread,
-            stop_channel,
-        });
-        Ok(listener)
+        Starting {
+            listener: Self {
+                running: Some(Running {
+                    thread,
+                    stop_channel,
+                }),
+                ..listener
+            },
+            outcome,
+        }
     }
 
     /// The number of notifications of the kind `heard` heard so far.
@@ -130,6 +146,23 @@ impl Listener {
             && notify(&stop_channel)
         {
             let _ = thread.join();
+        }
+    }
+}
+
+/// A [`Listener`] connecting.
+pub(super) struct Starting {
+    listener: Listener,
+    outcome: crossbeam_channel::Receiver<Result<(), postgres::Error>>,
+}
+
+impl Starting {
+    /// The listener, once it listens: no change committed after this returns goes unheard.
+    pub(super) fn listening(self) -> Result<Listener, postgres::Error> {
+        match self.outcome.recv() {
+            Ok(Ok(())) => Ok(self.listener),
+            Ok(Err(error)) => Err(error),
+            Err(_) => panic!("the listening thread ended without saying whether it listens"),
         }
     }
 }

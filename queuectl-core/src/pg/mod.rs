@@ -337,14 +337,19 @@ impl PgStorage {
             connect_errors,
             connected: AtomicBool::new(false),
         };
+        // The listening connection is opened while the pool's first one is.
+        let listening = options
+            .listen
+            .then(|| Listener::start(&config.into(), &connector, &store.channels));
         match options.schema_check {
             SchemaCheck::OnConnect => store.migrate()?,
             // Connected all the same: an unreachable server fails the connect, and what the
             // caller times after it (a job's creation) does not include connecting.
             SchemaCheck::WithFirstUse => drop(store.pooled("connect")?),
         }
-        if options.listen {
-            store.listener = Listener::start(&config.into(), &connector, &store.channels)
+        if let Some(listening) = listening {
+            store.listener = listening
+                .listening()
                 .map_err(|e| store.error("listen for changes", TxError::Db(e)))?;
         }
         Ok(store)
