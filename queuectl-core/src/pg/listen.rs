@@ -94,7 +94,9 @@ impl Listener {
         let shared = listener.shared.clone();
         let config = config.clone();
         let connector = connector.clone();
-        let (started, outcome) = crossbeam_channel::bounded(1);
+        // A rendezvous: once the store gave up waiting (it failed to open), the thread's
+        // word finds nobody, and it ends.
+        let (started, outcome) = crossbeam_channel::bounded(0);
         let thread = std::thread::Builder::new()
             .name("queuectl-pg-listen".into())
             .spawn(move || {
@@ -158,11 +160,19 @@ pub(super) struct Starting {
 
 impl Starting {
     /// The listener, once it listens: no change committed after this returns goes unheard.
-    pub(super) fn listening(self) -> Result<Listener, postgres::Error> {
+    pub(super) fn listening(mut self) -> Result<Listener, postgres::Error> {
         match self.outcome.recv() {
             Ok(Ok(())) => Ok(self.listener),
             Ok(Err(error)) => Err(error),
-            Err(_) => panic!("the listening thread ended without saying whether it listens"),
+            // Only a panic ends the thread without a word: pass it on.
+            Err(_) => {
+                if let Some(running) = self.listener.running.take()
+                    && let Err(panic) = running.thread.join()
+                {
+                    std::panic::resume_unwind(panic);
+                }
+                panic!("the listening thread ended without saying whether it listens")
+            }
         }
     }
 }

@@ -203,16 +203,16 @@ impl r2d2::ManageConnection for Manager {
     }
 }
 
-/// Whether `stored` is the record `new` made when it was enqueued (whatever happened to it
-/// since): what the enqueue chose is the same, its creation time to the microsecond included.
-/// A store that sent an insert whose answer was lost recognises its own job by this.
+/// Whether `stored` is the record `new` made when it was enqueued, whatever happened to it
+/// since (claimed, failed and due again, retried): what the enqueue chose and no transition
+/// changes is the same, its creation time to the microsecond included. A store that sent an
+/// insert whose answer was lost recognises its own job by this.
 fn same_enqueue(stored: &Job, new: &Job) -> bool {
     stored.id == new.id
         && stored.command == new.command
         && stored.created_at == new.created_at
         && stored.queue == new.queue
         && stored.priority == new.priority
-        && stored.run_at == new.run_at
         && stored.max_retries == new.max_retries
         && stored.timeout == new.timeout
         && stored.unique_key == new.unique_key
@@ -1209,9 +1209,9 @@ impl Storage for PgStorage {
         let plain = jobs.len() > 1 && simple;
         let alone = jobs.len() == 1 && simple;
         let generated = jobs.iter().all(|new| new.id.is_none());
-        // Whether the one-job insert was sent before: its `COMMIT` goes in the same round
-        // trip, so when the connection was lost before the answer came, it may have gone in.
-        let sent = std::cell::Cell::new(false);
+        // The jobs the one-job insert sent and lost the answer for: its `COMMIT` goes in the
+        // same round trip, so each may have gone in.
+        let unanswered: std::cell::RefCell<Vec<Job>> = std::cell::RefCell::new(Vec::new());
         self.write("enqueue jobs", |tx| {
             if alone {
                 // One job with no key and no dependency, what a `queuectl enqueue` mostly
@@ -1228,18 +1228,26 @@ impl Storage for PgStorage {
                     now,
                 );
                 let keep = self.pool.max_size() >= 2;
-                let again = sent.replace(true);
                 let inserted = tx.insert_job_and_commit(&mut job, &assumed, keep, now);
-                if let Err(rows::TxError::Resettled(stored)) = &inserted {
-                    *self.settings.lock() = Some(stored.clone());
+                match &inserted {
+                    Err(rows::TxError::Resettled(stored)) => {
+                        *self.settings.lock() = Some(stored.clone());
+                    }
+                    Err(rows::TxError::Db(error)) if is_connection_error(error) => {
+                        unanswered.borrow_mut().push(job.clone());
+                    }
+                    _ => {}
                 }
                 if !inserted? {
-                    // Sent again, the insert finds its id taken by the job the first send
-                    // added when that send's answer was lost: that job is this one.
-                    if again
+                    // Sent again, the insert finds its id taken: by the job a send whose
+                    // answer was lost added, if it is that job.
+                    if !unanswered.borrow().is_empty()
                         && let Some(stored) =
                             rows::select_jobs(tx, queries::BY_ID, &[&job.id.as_str()])?.pop()
-                        && same_enqueue(&stored, &job)
+                        && unanswered
+                            .borrow()
+                            .iter()
+                            .any(|sent| same_enqueue(&stored, sent))
                     {
                         return Ok(vec![Enqueued {
                             job: stored,

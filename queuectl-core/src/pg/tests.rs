@@ -2386,3 +2386,47 @@ fn a_one_job_enqueue_whose_commit_answer_was_lost_returns_the_job_it_added() {
         "{again:?}"
     );
 }
+
+/// A listening handle whose connect fails after its listening connection was made (here: no
+/// queue in the schema, and the handle may not create one) leaves no connection behind.
+#[test]
+fn a_failed_connect_leaves_no_listening_connection() {
+    if database_url().is_none() {
+        return;
+    }
+    let pg = Pg::unopened();
+    let Err(error) = PgStorage::connect(
+        &pg.url,
+        PgOptions {
+            schema: pg.schema.clone(),
+            create: false,
+            ..PgOptions::default()
+        },
+    ) else {
+        panic!("no queue there, and none to be made");
+    };
+    assert!(
+        matches!(error, crate::StorageError::NoStore { .. }),
+        "{error}"
+    );
+    let mut client = pg.client();
+    let listening = format!("LISTEN \"{}\";%", pg.schema);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE $1",
+                &[&listening],
+            )
+            .unwrap()
+            .get(0);
+        if left == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{left} listening connection(s) left after the failed connect"
+        );
+        std::thread::yield_now();
+    }
+}
