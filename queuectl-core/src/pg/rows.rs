@@ -1028,7 +1028,6 @@ impl<'a> Tx<'a> {
         Ok(queues.len())
     }
 
-    /// Stores the settings.
     /// Stores the settings (the defaults: none stored, so that a one-job enqueue built with
     /// the defaults finds them as it assumed: [`Tx::insert_job_and_commit`]).
     pub(super) fn set_config(&mut self, config: &Config) -> TxResult<()> {
